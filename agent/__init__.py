@@ -1,0 +1,31 @@
+"""edge-agent: run small language models on fleets of edge boxes."""
+
+from .engine import Completion, Engine, EngineOptions, Timings
+from .errors import (
+    AgentError,
+    ContextOverflowError,
+    GenerationError,
+    InvalidRequestError,
+    ModelConfigError,
+    ModelError,
+    ModelFileError,
+)
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError",
+    "Completion",
+    "ContextOverflowError",
+    "Engine",
+    "EngineOptions",
+    "GenerationError",
+    "InvalidRequestError",
+    "ModelConfigError",
+    "ModelError",
+    "ModelFileError",
+    "SamplingParams",
+    "Timings",
+    "__version__",
+]

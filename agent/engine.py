@@ -1,0 +1,332 @@
+"""The inference engine: a model folder, one onnxruntime session, and the generation loop.
+
+One request runs at a time (an edge box has a handful of cores and one model's
+worth of memory).  Per request: tokenize, prefill the whole prompt in one
+forward pass, then decode one token per pass with every buffer bound once
+through IOBinding — the KV cache (see ``kv_cache``), the token, the attention
+mask (a view of one preallocated row of ones) and the logits.  The only work
+per step besides the forward pass is choosing the token and detokenizing it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
+from .kv_cache import KVCache
+from .model_folder import ModelFolder
+from .sampling import Sampler, SamplingParams
+from .text_stream import IncrementalDecoder, StopFilter
+from .tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length", "canceled"]
+
+_ORT_TYPES: dict[str, npt.DTypeLike] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+}
+
+
+class EngineOptions(BaseModel):
+    """How the onnxruntime session is set up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 means one per physical core.")
+    spin: bool = Field(
+        False,
+        description=(
+            "Let worker threads busy-wait between operators. Off by default: it buys a "
+            "little decode speed but burns a core while the agent is idle."
+        ),
+    )
+
+
+class Timings(BaseModel):
+    """Where the time of one request went."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefill_ms: float = Field(description="Prompt forward pass, including picking the first token.")
+    decode_ms: float = Field(description="All later tokens.")
+    total_ms: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+class Completion(BaseModel):
+    """The outcome of one generation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_ids: list[int] = Field(description="Generated ids, without the eos id that ended them.")
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+def _default_threads() -> int:
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ImportError:  # pragma: no cover - psutil is a runtime dependency
+        cores = None
+    return max(1, cores or os.cpu_count() or 1)
+
+
+class Engine:
+    """Runs one model folder. Not thread-safe: one ``generate`` at a time."""
+
+    def __init__(self, path: str | Path, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.folder = ModelFolder(path)
+        self.tokenizer = Tokenizer(self.folder)
+        self.threads = self.options.threads or _default_threads()
+        self.session = self._open_session()
+        self._io = _GraphIO(self.folder, self.session)
+        self.eos_ids = frozenset(self.folder.eos_token_ids)
+        self.context_length = self.folder.context_length
+        # A row of ones long enough for any request; each step binds a prefix of it.
+        self._mask = np.ones(self.context_length, dtype=np.int64)
+        self._positions = np.arange(self.context_length, dtype=np.int64)
+        self._token = np.zeros((1, 1), dtype=np.int64)
+        self._step_logits = np.empty((1, 1, self._io.vocab), dtype=self._io.logits_dtype)
+
+    @property
+    def name(self) -> str:
+        """The model's name (its folder's)."""
+        return self.folder.name
+
+    def _open_session(self) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        spin = "1" if self.options.spin else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        try:
+            return ort.InferenceSession(
+                str(self.folder.onnx_path), sess_options=so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises untyped errors for bad files
+            raise ModelFileError(self.folder.onnx_path, f"onnxruntime cannot load it: {exc}") from exc
+
+    # -- prompts -----------------------------------------------------------------
+
+    def prompt_ids(
+        self, prompt: str | None = None, messages: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids for a plain ``prompt`` or for chat ``messages`` (exactly one of them)."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages")
+        if messages is not None:
+            return self.tokenizer.encode_chat(messages)
+        assert prompt is not None
+        return self.tokenizer.encode(prompt)
+
+    # -- generation ----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Completion:
+        """Generate after ``prompt_ids``.
+
+        ``on_text`` receives each piece of text as soon as it is final (whole
+        characters, never part of a stop string).  ``should_stop`` is polled
+        between tokens; when it returns true generation ends as ``canceled``.
+        """
+        params = params or SamplingParams()
+        ids = [int(i) for i in prompt_ids]
+        n_prompt = len(ids)
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty (no tokens)")
+        if any(i < 0 or i >= self._io.vocab for i in ids):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {self._io.vocab})")
+        if n_prompt >= self.context_length:
+            raise ContextOverflowError(n_prompt, self.context_length)
+        max_new = min(params.max_tokens, self.context_length - n_prompt)
+        # The last token is never fed back, so the cache needs one slot less than that.
+        cache = KVCache(
+            layers=self._io.layers,
+            kv_heads=self._io.kv_heads,
+            head_size=self._io.head_size,
+            capacity=n_prompt + max_new - 1 if max_new > 1 else n_prompt,
+            dtype=self._io.kv_dtype,
+        )
+        sampler = Sampler(params, self._io.vocab, ids)
+        decoder = IncrementalDecoder(self.tokenizer.decode)
+        stops = StopFilter(params.stop)
+        emit = on_text or (lambda _text: None)
+        eos_ids = frozenset() if params.ignore_eos else self.eos_ids
+
+        started = time.perf_counter()
+        binding = self.session.io_binding()
+        cache.bind(binding, self._io.past_names, self._io.present_names)
+
+        # Prefill: the whole prompt in one pass.
+        prompt = np.asarray([ids], dtype=np.int64)
+        logits = np.empty((1, self._io.prefill_logits_rows(n_prompt), self._io.vocab), self._io.logits_dtype)
+        self._bind_step(binding, prompt, past=0, logits=logits)
+        self.session.run_with_iobinding(binding)
+        token = sampler(logits[0, -1])
+        del logits, prompt
+        prefill_done = time.perf_counter()
+
+        generated: list[int] = []
+        finish: FinishReason = "length"
+        self._bind_step(binding, self._token, past=n_prompt, logits=self._step_logits)
+        while True:
+            if token in eos_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            piece = stops.push(decoder.push(token))
+            if piece:
+                emit(piece)
+            if stops.stopped:
+                finish = "stop"
+                break
+            if len(generated) >= max_new:
+                break
+            if should_stop is not None and should_stop():
+                finish = "canceled"
+                break
+            # Decode: feed the token just chosen at position n_prompt + len - 1.
+            self._token[0, 0] = token
+            total = n_prompt + len(generated)
+            self._bind_mask(binding, total, positions_from=total - 1)
+            self.session.run_with_iobinding(binding)
+            token = sampler(self._step_logits[0, -1])
+
+        if not stops.stopped:
+            tail = stops.push(decoder.flush())
+            tail += stops.flush()
+            if tail:
+                emit(tail)
+        finished = time.perf_counter()
+        decode_s = finished - prefill_done
+        prefill_s = prefill_done - started
+        return Completion(
+            token_ids=generated,
+            text=stops.released_text,
+            finish_reason=finish,
+            prompt_tokens=n_prompt,
+            completion_tokens=len(generated),
+            timings=Timings(
+                prefill_ms=prefill_s * 1e3,
+                decode_ms=decode_s * 1e3,
+                total_ms=(finished - started) * 1e3,
+                prefill_tokens_per_s=n_prompt / prefill_s if prefill_s > 0 else 0.0,
+                decode_tokens_per_s=(len(generated) - 1) / decode_s
+                if len(generated) > 1 and decode_s > 0
+                else 0.0,
+            ),
+        )
+
+    def _bind_step(
+        self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]
+    ) -> None:
+        io = self._io
+        binding.bind_input(io.input_ids, "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
+        binding.bind_output(io.logits, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        self._bind_mask(binding, past + ids.shape[1], positions_from=past)
+
+    def _bind_mask(self, binding: ort.IOBinding, total: int, *, positions_from: int) -> None:
+        io = self._io
+        binding.bind_input(io.attention_mask, "cpu", 0, np.int64, (1, total), self._mask.ctypes.data)
+        if io.position_ids is not None:
+            count = total - positions_from
+            ptr = self._positions.ctypes.data + positions_from * self._positions.itemsize
+            binding.bind_input(io.position_ids, "cpu", 0, np.int64, (1, count), ptr)
+
+
+class _GraphIO:
+    """Names, shapes and types of the graph's inputs and outputs, checked against the config."""
+
+    def __init__(self, folder: ModelFolder, session: ort.InferenceSession) -> None:
+        decoder = folder.config.model.decoder
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+
+        def need(names: dict[str, Any], name: str, kind: str) -> str:
+            if name not in names:
+                raise ModelConfigError(
+                    f"{folder.path}: genai_config.json names {kind} {name!r}, which {folder.onnx_path.name} lacks"
+                )
+            return name
+
+        self.layers = decoder.num_hidden_layers
+        self.kv_heads = decoder.num_key_value_heads
+        self.head_size = decoder.head_size
+        self.input_ids = need(inputs, decoder.inputs.input_ids, "input")
+        self.attention_mask = need(inputs, decoder.inputs.attention_mask, "input")
+        self.position_ids = (
+            need(inputs, decoder.inputs.position_ids, "input")
+            if decoder.inputs.position_ids and decoder.inputs.position_ids in inputs
+            else None
+        )
+        self.logits = need(outputs, decoder.outputs.logits, "output")
+        self.past_names = [
+            (
+                need(inputs, decoder.inputs.past_key_names % i, "input"),
+                need(inputs, decoder.inputs.past_value_names % i, "input"),
+            )
+            for i in range(self.layers)
+        ]
+        self.present_names = [
+            (
+                need(outputs, decoder.outputs.present_key_names % i, "output"),
+                need(outputs, decoder.outputs.present_value_names % i, "output"),
+            )
+            for i in range(self.layers)
+        ]
+        past = inputs[self.past_names[0][0]]
+        self.kv_dtype = _dtype(past.type, past.name)
+        kv_shape = past.shape
+        if isinstance(kv_shape[1], int) and kv_shape[1] != self.kv_heads:
+            raise ModelConfigError(
+                f"{folder.path}: num_key_value_heads is {self.kv_heads} but {past.name} has {kv_shape[1]} heads"
+            )
+        if isinstance(kv_shape[3], int) and kv_shape[3] != self.head_size:
+            raise ModelConfigError(
+                f"{folder.path}: head_size is {self.head_size} but {past.name} has {kv_shape[3]}"
+            )
+        out = outputs[self.logits]
+        self.logits_dtype = _dtype(out.type, out.name)
+        vocab = out.shape[-1]
+        self.vocab = vocab if isinstance(vocab, int) else folder.config.model.vocab_size
+        # Some exports compute logits for the last position only ("pruned" lm_head).
+        self._pruned_logits = out.shape[1] == 1
+
+    def prefill_logits_rows(self, prompt_tokens: int) -> int:
+        """Rows of logits the prefill pass returns."""
+        return 1 if self._pruned_logits else prompt_tokens
+
+
+def _dtype(ort_type: str, name: str) -> npt.DTypeLike:
+    try:
+        return _ORT_TYPES[ort_type]
+    except KeyError:
+        raise ModelConfigError(
+            f"{name} has element type {ort_type}, which the engine does not support"
+        ) from None

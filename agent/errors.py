@@ -1,0 +1,74 @@
+"""The agent's exceptions: one tree, so callers can catch as broadly as they need.
+
+    AgentError
+    ├── ModelError                 the model folder cannot be used
+    │   ├── ModelFileError         a file is missing, unreadable or corrupt (names the file)
+    │   └── ModelConfigError       genai_config.json is missing a field or has an unsupported one
+    └── GenerationError            a request cannot be run
+        ├── InvalidRequestError    a parameter is out of range or inconsistent
+        └── ContextOverflowError   the prompt does not fit in the model's context
+
+Foreign errors (onnxruntime, tokenizers, jinja2, json) are translated once, where
+they enter the agent, with ``raise ... from exc`` so the cause stays visible.
+Every error carries a stable machine-readable ``code`` for wire replies.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelError(AgentError):
+    """The model folder cannot be loaded."""
+
+    code = "model_error"
+
+
+class ModelFileError(ModelError):
+    """A file of the model folder is missing, unreadable or corrupt."""
+
+    code = "model_file"
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+
+
+class ModelConfigError(ModelError):
+    """``genai_config.json`` lacks a field the engine needs, or names an unsupported one."""
+
+    code = "model_config"
+
+
+class GenerationError(AgentError):
+    """A generation request cannot be run as asked."""
+
+    code = "generation_error"
+
+
+class InvalidRequestError(GenerationError):
+    """A request parameter is out of range or inconsistent."""
+
+    code = "invalid_request"
+
+
+class ContextOverflowError(GenerationError):
+    """The prompt (plus at least one new token) does not fit in the model's context."""
+
+    code = "context_overflow"
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"prompt has {prompt_tokens} tokens but the model's context holds "
+            f"{context_length} (prompt + at least 1 new token must fit)"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length

@@ -1,0 +1,57 @@
+"""The key/value cache: one buffer per request, shared by past and present.
+
+onnxruntime's GroupQueryAttention writes the new keys and values in place when
+its ``past_key`` input and ``present_key`` output are the same memory, so the
+cache is allocated once per request, bound to both sides through IOBinding, and
+never copied or concatenated between steps.
+
+The buffer is sized to what the request can use (prompt + new tokens, capped
+at the context), not to the full context: on a 4 GB box the difference between
+the two is often the difference between fitting and not.  ``numpy.empty`` maps
+the pages lazily, so memory is committed only as positions are written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+
+class KVCache:
+    """Per-layer key and value tensors ``[1, kv_heads, capacity, head_size]`` in one block."""
+
+    def __init__(
+        self,
+        *,
+        layers: int,
+        kv_heads: int,
+        head_size: int,
+        capacity: int,
+        dtype: npt.DTypeLike,
+    ) -> None:
+        self.capacity = capacity
+        self.dtype = np.dtype(dtype)
+        self._block = np.empty((layers, 2, 1, kv_heads, capacity, head_size), dtype=self.dtype)
+        self.shape = (1, kv_heads, capacity, head_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole cache in bytes (committed lazily, as it fills)."""
+        return int(self._block.nbytes)
+
+    def bind(
+        self,
+        binding: ort.IOBinding,
+        past_names: list[tuple[str, str]],
+        present_names: list[tuple[str, str]],
+    ) -> None:
+        """Bind layer ``i``'s past and present key/value to the same memory."""
+        for layer, ((past_k, past_v), (present_k, present_v)) in enumerate(
+            zip(past_names, present_names, strict=True)
+        ):
+            for slot, past, present in ((0, past_k, present_k), (1, past_v, present_v)):
+                view = self._block[layer, slot]
+                ptr = view.ctypes.data
+                binding.bind_input(past, "cpu", 0, self.dtype, self.shape, ptr)
+                binding.bind_output(present, "cpu", 0, self.dtype, self.shape, ptr)

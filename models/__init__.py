@@ -1,0 +1,11 @@
+"""Model tooling for edge-agent.
+
+Builds ONNX model folders (``genai_config.json``, ``model.onnx``, tokenizer files)
+with the onnxruntime-genai model builder:
+
+* :mod:`models.builder` -- shared wrapper around the builder (run it, check output).
+* :mod:`models.tokenizer` -- byte-level BPE tokenizer training and chat template.
+* :mod:`models.fixtures` -- tiny random-weight test fixtures for five families.
+* :mod:`models.convert` -- convert a local Hugging Face checkpoint folder.
+* :mod:`models.demo` -- train and export the small quickstart demo model.
+"""
