@@ -1,0 +1,24 @@
+"""Where the committed model fixtures live (built by ``python -m models.fixtures``).
+
+A missing fixture is a failure, never a skip: the tests exist to run them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "models" / "fixtures"
+FAMILIES = ("phi3", "llama", "mistral", "qwen2", "qwen3")
+PRECISIONS = ("int8", "int4")
+ALL_FIXTURES = [f"{family}-{precision}" for family in FAMILIES for precision in PRECISIONS]
+
+
+def fixture_path(name: str) -> Path:
+    """Path of a committed fixture model; fails loudly when it is absent."""
+    path = FIXTURES / name
+    if not (path / "genai_config.json").is_file():
+        pytest.fail(f"model fixture {path} is missing: run `python -m models.fixtures`")
+    return path

@@ -1,0 +1,65 @@
+"""The ``edge-agent`` command line, run as a user runs it: a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from agent import Engine, SamplingParams
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_generate_json_contract(phi3_dir: Path, phi3_engine: Engine) -> None:
+    proc = _cli("generate", str(phi3_dir), "The quick brown fox", "--max-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("token_ids", "text", "finish_reason", "prompt_tokens", "timings"):
+        assert key in out
+    expected = phi3_engine.generate(
+        phi3_engine.prompt_ids("The quick brown fox"), SamplingParams(max_tokens=12)
+    )
+    assert out["token_ids"] == expected.token_ids
+    assert out["text"] == expected.text
+    assert out["prompt_tokens"] == expected.prompt_tokens
+    assert set(out["timings"]) >= {"prefill_ms", "decode_tokens_per_s"}
+
+
+def test_generate_streams_text_to_stdout(phi3_dir: Path, phi3_engine: Engine) -> None:
+    proc = _cli("generate", str(phi3_dir), "Hello", "--max-tokens", "10", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    expected = phi3_engine.generate(phi3_engine.prompt_ids("Hello"), SamplingParams(max_tokens=10))
+    assert proc.stdout == expected.text + "\n"
+    assert "prompt tokens" in proc.stderr
+
+
+def test_generate_chat_and_seed(phi3_dir: Path) -> None:
+    args = ("generate", str(phi3_dir), "hi", "--chat", "--json", "--temperature", "0.9", "--seed", "5")
+    first, second = _cli(*args), _cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["token_ids"] == json.loads(second.stdout)["token_ids"]
+    assert json.loads(first.stdout)["prompt_tokens"] > 3  # the template wrapped the message
+
+
+def test_bench_json(phi3_dir: Path) -> None:
+    proc = _cli(
+        "bench", str(phi3_dir), "--prompt-tokens", "32", "--new-tokens", "16", "--repeat", "1", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["prompt_tokens"] == 32 and out["new_tokens"] == 16
+    assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] > 0 and out["peak_rss_mb"] > 0
+
+
+def test_errors_are_one_clear_line(tmp_path: Path, phi3_dir: Path) -> None:
+    missing = _cli("generate", str(tmp_path / "absent"), "x")
+    assert missing.returncode == 1
+    assert "model folder not found" in missing.stderr and "Traceback" not in missing.stderr
+    bad = _cli("generate", str(phi3_dir), "x", "--top-p", "2")
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
