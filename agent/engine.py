@@ -42,11 +42,14 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 means one per physical core.")
-    spin: bool = Field(
-        False,
+    spin_us: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
         description=(
-            "Let worker threads busy-wait between operators. Off by default: it buys a "
-            "little decode speed but burns a core while the agent is idle."
+            "How long idle worker threads busy-wait for the next operator, in microseconds "
+            "(0: never). A short spin keeps decode fast (the next token's work arrives within "
+            "microseconds) while a bounded one never burns cores between requests."
         ),
     )
 
@@ -116,9 +119,11 @@ class Engine:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        spin = "1" if self.options.spin else "0"
-        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        spin_us = self.options.spin_us
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us else "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if spin_us:
+            so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
         try:
             return ort.InferenceSession(
                 str(self.folder.onnx_path), sess_options=so, providers=["CPUExecutionProvider"]
