@@ -1,6 +1,8 @@
 """The agent's exceptions: one tree, so callers can catch as broadly as they need.
 
     AgentError
+    ├── ConfigError                the configuration file or environment is invalid (names the key)
+    ├── LinkError                  the broker connection cannot be set up or used
     ├── ModelError                 the model folder cannot be used
     │   ├── ModelFileError         a file is missing, unreadable or corrupt (names the file)
     │   └── ModelConfigError       genai_config.json is missing a field or has an unsupported one
@@ -24,6 +26,18 @@ class AgentError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid; the message names the key."""
+
+    code = "config"
+
+
+class LinkError(AgentError):
+    """The broker connection cannot be set up or used."""
+
+    code = "link"
 
 
 class ModelError(AgentError):

@@ -1,0 +1,139 @@
+"""The agent's configuration: one TOML file, every key overridable from the environment.
+
+``EDGE_AGENT_MQTT__HOST=broker.local`` overrides ``[mqtt] host``: the prefix is
+``EDGE_AGENT_`` and ``__`` separates a section from its key.  Values from the
+environment win over the file.  Every field has bounds and a description here,
+and nowhere else; an invalid value fails at start with the key named.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .engine import EngineOptions
+from .errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _topic_safe(value: str) -> str:
+    """Names that become MQTT topic levels: no wildcards, separators or '$' prefixes."""
+    if not _NAME.match(value):
+        raise ValueError("must be 1-64 of A-Z a-z 0-9 _ . - and start with a letter or digit")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Section):
+    """TLS towards the broker. Hostname verification stays on."""
+
+    ca: Path | None = Field(None, description="CA bundle that signs the broker's certificate.")
+    cert: Path | None = Field(None, description="Client certificate (per-device identity).")
+    key: Path | None = Field(None, description="Private key of the client certificate.")
+
+
+class MQTTConfig(_Section):
+    """How to reach the broker."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TLSConfig | None = Field(None, description="Set to connect with TLS.")
+    keepalive: int = Field(
+        30,
+        ge=5,
+        le=3600,
+        description="Seconds between pings; the broker declares the agent gone after 1.5x this.",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT version. Under 3.1.1 response topics and shared subscriptions are unavailable."
+    )
+    topic_prefix: str = Field("edge", description="First level of every topic.")
+    session_expiry_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        le=2**32 - 1,
+        description="How long the broker keeps the agent's session and queued jobs while it is offline.",
+    )
+
+    _prefix_ok = field_validator("topic_prefix")(_topic_safe)
+
+
+class ModelConfig(_Section):
+    """The model served when the store holds none yet."""
+
+    path: Path = Field(description="Model folder (genai_config.json, model.onnx, tokenizer.json).")
+
+
+class JobsConfig(_Section):
+    """Limits on what the agent accepts."""
+
+    max_queue: int = Field(64, ge=1, le=100_000, description="Jobs waiting beyond this are rejected as busy.")
+    max_payload_bytes: int = Field(
+        64 * 1024, ge=256, le=16 * 1024 * 1024, description="Larger messages are rejected unread."
+    )
+    max_tokens_limit: int = Field(
+        2048, ge=1, le=131072, description="Upper bound on a job's max_tokens."
+    )
+
+
+class AgentConfig(BaseSettings):
+    """Everything the daemon needs, from the TOML file and ``EDGE_AGENT_*`` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    device_id: str = Field(description="This box's name: a topic level, unique in the fleet.")
+    group: str | None = Field(None, description="Pool of boxes that share group jobs.")
+    state_dir: Path = Field(description="Where the job queue and model store live.")
+    mqtt: MQTTConfig = Field(default_factory=MQTTConfig)
+    model: ModelConfig
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+
+    _names_ok = field_validator("device_id", "group")(
+        lambda v: v if v is None else _topic_safe(v)
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file (passed as init values).
+        return (env_settings, init_settings)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate the TOML file at ``path`` (plus the environment)."""
+    path = Path(path)
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return AgentConfig(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc

@@ -1,0 +1,204 @@
+"""The durable job queue: SQLite in ``state_dir``, written before a job is acknowledged.
+
+A job moves ``queued → running → done``; its terminal result is stored with the
+job and stays until the broker has acknowledged its publication
+(``delivered``).  The database runs in WAL mode with ``synchronous=FULL`` so a
+committed transaction survives a power cut; every state change is one
+transaction, so a ``kill -9`` at any moment leaves either the state before or
+the state after it.
+
+On start, ``recover`` puts jobs that were ``running`` back in the queue (at
+most ``max_attempts`` times, so a job that kills the agent cannot loop
+forever) and returns the results still waiting for delivery.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+JobState = Literal["queued", "running", "done"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    request     TEXT NOT NULL,
+    reply_topic TEXT NOT NULL,
+    correlation BLOB,
+    received_at REAL NOT NULL,
+    deadline    REAL,
+    state       TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    result      TEXT,
+    delivered   INTEGER NOT NULL DEFAULT 0,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_undelivered ON jobs (delivered, state);
+"""
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    """One row of the queue."""
+
+    id: str
+    request: str
+    reply_topic: str
+    correlation: bytes | None
+    received_at: float
+    deadline: float | None
+    state: JobState
+    attempts: int
+    result: str | None
+    delivered: bool
+
+
+class JobStore:
+    """Thread-safe access to the queue database (one connection, one lock)."""
+
+    def __init__(self, path: str | Path, *, max_attempts: int = 3) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_attempts = max_attempts
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple[object, ...] = ()) -> StoredJob | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs {sql}", args).fetchone()
+        return _row(row) if row else None
+
+    def get(self, job_id: str) -> StoredJob | None:
+        """The job with this id, if known."""
+        with self._lock:
+            return self._one("WHERE id = ?", (job_id,))
+
+    def accept(
+        self,
+        job_id: str,
+        request: str,
+        reply_topic: str,
+        correlation: bytes | None,
+        *,
+        deadline: float | None,
+        received_at: float | None = None,
+    ) -> StoredJob | None:
+        """Queue a new job durably. Returns the existing job instead when the id is known."""
+        with self._lock:
+            existing = self._one("WHERE id = ?", (job_id,))
+            if existing is not None:
+                return existing
+            self._db.execute(
+                "INSERT INTO jobs (id, request, reply_topic, correlation, received_at, deadline, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued')",
+                (job_id, request, reply_topic, correlation, received_at or time.time(), deadline),
+            )
+            return None
+
+    def record(self, job_id: str, reply_topic: str, correlation: bytes | None, result: str) -> None:
+        """Store a terminal result for a job that never entered the queue (e.g. rejected)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO jobs (id, request, reply_topic, correlation, received_at, state,"
+                " result, finished_at) VALUES (?, '', ?, ?, ?, 'done', ?, ?)",
+                (job_id, reply_topic, correlation, time.time(), result, time.time()),
+            )
+
+    def queued_count(self) -> int:
+        """Jobs waiting or running."""
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state != 'done'").fetchone()
+            return int(count)
+
+    def claim_next(self) -> StoredJob | None:
+        """Mark the oldest queued job running and return it."""
+        with self._lock:
+            job = self._one("WHERE state = 'queued' ORDER BY seq LIMIT 1")
+            if job is None:
+                return None
+            self._db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1 WHERE id = ?", (job.id,)
+            )
+            return self._one("WHERE id = ?", (job.id,))
+
+    def finish(self, job_id: str, result: str) -> bool:
+        """Store the terminal result; False if the job already had one (it keeps the first)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state = 'done', result = ?, finished_at = ? WHERE id = ? AND state != 'done'",
+                (result, time.time(), job_id),
+            )
+            return cur.rowcount == 1
+
+    def mark_delivered(self, job_id: str) -> None:
+        """The broker acknowledged the result: it need not be sent again."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+
+    def undelivered(self) -> list[StoredJob]:
+        """Finished jobs whose result the broker has not acknowledged yet, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = 'done' AND delivered = 0 ORDER BY seq"
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+    def recover(self) -> list[StoredJob]:
+        """After a restart: requeue interrupted jobs, or give up on those tried too often.
+
+        Returns the interrupted jobs that ran out of attempts; the caller stores a
+        ``failed`` result for each.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = 'running' ORDER BY seq"
+            ).fetchall()
+            jobs = [_row(r) for r in rows]
+            self._db.execute(
+                "UPDATE jobs SET state = 'queued' WHERE state = 'running' AND attempts < ?",
+                (self.max_attempts,),
+            )
+            return [j for j in jobs if j.attempts >= self.max_attempts]
+
+    def prune(self, *, keep_s: float, keep_max: int) -> int:
+        """Forget delivered results older than ``keep_s`` or beyond the newest ``keep_max``."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM jobs WHERE state = 'done' AND delivered = 1 AND (finished_at < ? OR seq <"
+                " (SELECT COALESCE(MIN(seq), 0) FROM (SELECT seq FROM jobs WHERE state = 'done'"
+                " ORDER BY seq DESC LIMIT ?)))",
+                (time.time() - keep_s, keep_max),
+            )
+            return cur.rowcount
+
+
+_COLUMNS = "id, request, reply_topic, correlation, received_at, deadline, state, attempts, result, delivered"
+
+
+def _row(row: tuple[object, ...]) -> StoredJob:
+    (job_id, request, reply, corr, received, deadline, state, attempts, result, delivered) = row
+    return StoredJob(
+        id=str(job_id),
+        request=str(request),
+        reply_topic=str(reply),
+        correlation=bytes(corr) if isinstance(corr, bytes | bytearray | memoryview) else None,
+        received_at=float(received),  # type: ignore[arg-type]
+        deadline=float(deadline) if deadline is not None else None,  # type: ignore[arg-type]
+        state=state,  # type: ignore[arg-type]
+        attempts=int(attempts),  # type: ignore[call-overload]
+        result=str(result) if result is not None else None,
+        delivered=bool(delivered),
+    )

@@ -1,0 +1,142 @@
+"""The wire contract: topics and every message, as pydantic models.
+
+These models are the single source of truth for what travels over MQTT;
+``docs/protocol.md`` describes them for people.  Requests are untrusted: they
+are parsed strictly (unknown fields rejected, every number bounded).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JobStatus = Literal["succeeded", "failed", "rejected", "canceled", "expired"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Wire):
+    """One turn of a chat."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=1_000_000)
+
+
+JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+
+
+class JobRequest(_Wire):
+    """An inference job, as published to ``{prefix}/{device}/jobs`` or a group's jobs topic."""
+
+    id: JobId = Field(description="Caller-chosen id; a repeated id is answered from the stored result.")
+    prompt: str | None = Field(None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    max_tokens: int = Field(256, ge=1, le=131072)
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100000)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
+    stream: bool = False
+    expires_at: float | None = Field(None, ge=0, description="Unix time after which the job must not start.")
+    ttl_s: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Seconds from receipt to expiry.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.expires_at is not None and self.ttl_s is not None:
+            raise ValueError("give at most one of expires_at and ttl_s")
+        return self
+
+    def deadline(self, received_at: float) -> float | None:
+        """Unix time after which the job is expired, if it has one."""
+        if self.expires_at is not None:
+            return self.expires_at
+        if self.ttl_s is not None:
+            return received_at + self.ttl_s
+        return None
+
+
+class CancelRequest(_Wire):
+    """Published to ``{prefix}/{device}/jobs/cancel``."""
+
+    id: JobId
+
+
+class ErrorInfo(_Wire):
+    """Why a job did not succeed: a stable ``code`` and a message for people."""
+
+    code: str
+    message: str
+
+
+class Usage(_Wire):
+    """Token counts of one job."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ModelRef(_Wire):
+    """Which model answered."""
+
+    name: str
+    version: str | None = None
+
+
+class Chunk(_Wire):
+    """A piece of streamed text; ``seq`` counts from 0 with no gaps."""
+
+    type: Literal["chunk"] = "chunk"
+    id: str
+    seq: int
+    text: str
+
+
+class Result(_Wire):
+    """The one terminal reply to a job."""
+
+    type: Literal["result"] = "result"
+    id: str
+    status: JobStatus
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: dict[str, float] = Field(default_factory=dict)
+    model: ModelRef | None = None
+    error: ErrorInfo | None = None
+
+
+class Status(_Wire):
+    """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false."""
+
+    online: bool
+    device_id: str | None = None
+    group: str | None = None
+    agent_version: str | None = None
+    model: ModelRef | None = None
+    capabilities: list[str] = Field(default_factory=list)
+    since: float = Field(default_factory=time.time)
+
+
+class Topics:
+    """Every topic the agent uses, from the prefix, device id and group."""
+
+    def __init__(self, prefix: str, device_id: str, group: str | None) -> None:
+        base = f"{prefix}/{device_id}"
+        self.jobs = f"{base}/jobs"
+        self.cancel = f"{base}/jobs/cancel"
+        self.status = f"{base}/status"
+        self.results_prefix = f"{base}/results/"
+        self.group_jobs = f"{prefix}/groups/{group}/jobs" if group else None
+        self.shared_group_jobs = f"$share/{group}/{self.group_jobs}" if group else None
+
+    def result(self, job_id: str) -> str:
+        """Default reply topic of a job that names no response topic."""
+        return self.results_prefix + job_id
