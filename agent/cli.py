@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import statistics
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .config import load_config
 from .engine import Engine, EngineOptions
 from .errors import AgentError
 from .sampling import SamplingParams
@@ -59,7 +61,33 @@ def _parser() -> argparse.ArgumentParser:
         "--repeat", type=int, default=3, help="measured runs after one warm-up (median reported)"
     )
     bench.add_argument("--json", action="store_true")
+    run = sub.add_parser("run", help="run the daemon: take jobs over MQTT and answer them")
+    run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration file without starting")
+    check.add_argument("file", metavar="FILE")
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from .daemon import Agent
+
+    agent = Agent(load_config(args.config))
+    agent.install_signal_handlers()
+    agent.serve()
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: OK (device {config.device_id}, broker {config.mqtt.host}:{config.mqtt.port})")
+    return 0
 
 
 def _engine(args: argparse.Namespace) -> Engine:
@@ -141,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
-        return _bench(args)
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "run":
+            return _run(args)
+        return _config_check(args)
     except AgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 1

@@ -82,9 +82,7 @@ class JobsConfig(_Section):
     max_payload_bytes: int = Field(
         64 * 1024, ge=256, le=16 * 1024 * 1024, description="Larger messages are rejected unread."
     )
-    max_tokens_limit: int = Field(
-        2048, ge=1, le=131072, description="Upper bound on a job's max_tokens."
-    )
+    max_tokens_limit: int = Field(2048, ge=1, le=131072, description="Upper bound on a job's max_tokens.")
 
 
 class AgentConfig(BaseSettings):
@@ -102,9 +100,7 @@ class AgentConfig(BaseSettings):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
-    _names_ok = field_validator("device_id", "group")(
-        lambda v: v if v is None else _topic_safe(v)
-    )
+    _names_ok = field_validator("device_id", "group")(lambda v: v if v is None else _topic_safe(v))
 
     @classmethod
     def settings_customise_sources(

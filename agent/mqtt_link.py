@@ -19,6 +19,7 @@ Guarantees it gives the daemon:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -145,17 +146,17 @@ class MQTTLink:
                 properties=props,
             )
         except (OSError, ValueError) as exc:
-            raise LinkError(f"cannot start connecting to {self.config.host}:{self.config.port}: {exc}") from exc
+            raise LinkError(
+                f"cannot start connecting to {self.config.host}:{self.config.port}: {exc}"
+            ) from exc
         self._client.loop_start()
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Publish ``final`` (retained) if connected, then disconnect cleanly."""
         if final is not None and self.connected.is_set():
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
         self._client.disconnect()
         self._client.loop_stop()
 

@@ -41,7 +41,9 @@ class JobRequest(_Wire):
     top_k: int = Field(0, ge=0, le=100000)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=16)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=16
+    )
     stream: bool = False
     expires_at: float | None = Field(None, ge=0, description="Unix time after which the job must not start.")
     ttl_s: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Seconds from receipt to expiry.")

@@ -1,0 +1,428 @@
+"""The agent daemon: jobs in over MQTT, stored durably, answered by one worker.
+
+Threads and what they own:
+
+* paho's network thread (inside ``MQTTLink``) only queues events;
+* the intake loop (``serve``, the main thread) validates each message, stores
+  accepted jobs, acknowledges them, handles cancels and publish acks;
+* the worker thread runs the engine, one job at a time, and publishes chunks
+  and the terminal result.
+
+A job is acknowledged to the broker only after it is committed to the
+``JobStore``; its result stays stored until the broker acknowledges it.  So a
+``kill -9`` at any moment loses nothing: an unacknowledged job is redelivered,
+a stored one is resumed, an unacknowledged result is published again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import signal
+import threading
+import time
+from types import FrameType
+
+from pydantic import ValidationError
+
+from . import __version__
+from .config import AgentConfig
+from .engine import Engine
+from .errors import AgentError, ContextOverflowError, InvalidRequestError
+from .job_store import JobStore, StoredJob
+from .mqtt_link import Connected, Message, MQTTLink, Published
+from .protocol import (
+    CancelRequest,
+    Chunk,
+    ErrorInfo,
+    JobRequest,
+    JobStatus,
+    ModelRef,
+    Result,
+    Status,
+    Topics,
+    Usage,
+)
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# Only the head of an oversized or unparsable payload is searched for the job
+# id, so a hostile message costs bounded work.
+_ID_PATTERN = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:@-]{1,128})"')
+_JOB_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+_ID_SCAN_BYTES = 4096
+# On SIGTERM the running job may finish within this grace; past it, it is put
+# back in the queue and runs again after the restart. Below systemd's default
+# 90 s stop timeout with room for publishing and disconnecting.
+SHUTDOWN_GRACE_S = 20.0
+# Delivered results are kept this long (and at most this many) to answer
+# duplicates of a finished job from the store.
+_KEEP_RESULTS_S = 7 * 24 * 3600
+_KEEP_RESULTS_MAX = 10_000
+
+
+class Agent:
+    """One box's daemon. ``serve`` runs until ``shutdown`` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, config: AgentConfig, *, engine: Engine | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(config.state_dir / "jobs.sqlite3")
+        self.engine = engine or Engine(config.model.path, config.engine)
+        self.model = ModelRef(name=self.engine.name)
+        subscriptions = [self.topics.jobs, self.topics.cancel]
+        if self.topics.shared_group_jobs:
+            if config.mqtt.protocol == "5":
+                subscriptions.append(self.topics.shared_group_jobs)
+            else:
+                log.warning(
+                    "MQTT 3.1.1 has no shared subscriptions: group %s jobs are not served", config.group
+                )
+        will = (
+            self.topics.status,
+            Status(online=False, device_id=config.device_id).model_dump_json().encode(),
+        )
+        self.link = MQTTLink(
+            config.mqtt,
+            client_id=config.device_id,
+            subscriptions=subscriptions,
+            will=will,
+            # Let the broker drop absurd messages itself; oversized-but-sane ones
+            # still arrive and get a precise "payload_too_large" answer.
+            max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
+            on_connect=self._publish_status,
+        )
+        self._stopping = threading.Event()
+        self._shutdown_deadline: float | None = None
+        self._work = threading.Event()
+        self._cancel: set[str] = set()
+        self._running: str | None = None
+        self._lock = threading.Lock()  # guards _cancel, _running and _pending
+        self._pending: dict[int, str] = {}  # result publication mid -> job id
+        self._worker = threading.Thread(target=self._work_loop, name="edge-agent-worker", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until shut down: recover, connect, take jobs, answer them."""
+        for job in self.store.recover():
+            self._finish(
+                job,
+                self._result(
+                    job.id,
+                    "failed",
+                    error=("interrupted", "the agent stopped during this job too many times"),
+                ),
+            )
+        self._worker.start()
+        self.link.start()
+        self._work.set()
+        last_prune = 0.0
+        while not self._stopping.is_set():
+            try:
+                event = self.link.events.get(timeout=0.5)
+            except queue.Empty:
+                event = None
+            if isinstance(event, Message):
+                self._on_message(event)
+            elif isinstance(event, Published):
+                self._on_published(event.mid)
+            elif isinstance(event, Connected):
+                self._republish_undelivered()
+            if time.monotonic() - last_prune > 3600:
+                last_prune = time.monotonic()
+                self.store.prune(keep_s=_KEEP_RESULTS_S, keep_max=_KEEP_RESULTS_MAX)
+        self._worker.join(timeout=SHUTDOWN_GRACE_S + 5)
+        self._drain_acks(timeout=3.0)
+        offline = Status(online=False, device_id=self.config.device_id).model_dump_json().encode()
+        self.link.stop(final=(self.topics.status, offline))
+        self.store.close()
+
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop taking jobs; let the running one finish within ``grace_s``."""
+        self._shutdown_deadline = time.monotonic() + grace_s
+        self._stopping.set()
+        self._work.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT start a clean shutdown."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %s: shutting down", signum)
+            self.shutdown()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # -- intake (main thread) ------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        try:
+            if msg.topic == self.topics.cancel:
+                self._on_cancel(msg)
+            else:
+                self._on_job(msg)
+        except Exception:  # one bad message must never stop the intake
+            log.exception("unexpected error handling a message on %s", msg.topic)
+        self.link.ack(msg)
+
+    def _on_job(self, msg: Message) -> None:
+        limit = self.config.jobs.max_payload_bytes
+        if len(msg.payload) > limit:
+            self._reject_unreadable(
+                msg, "payload_too_large", f"payload is {len(msg.payload)} bytes; the limit is {limit}"
+            )
+            return
+        try:
+            data = json.loads(msg.payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._reject_unreadable(msg, "invalid_json", f"payload is not valid JSON: {exc}")
+            return
+        job_id = data.get("id") if isinstance(data, dict) else None
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+            log.warning("dropping a job without a readable id on %s", msg.topic)
+            return
+        reply = msg.response_topic or self.topics.result(job_id)
+        try:
+            request = JobRequest.model_validate(data)
+        except ValidationError as exc:
+            self._reply_now(job_id, reply, msg.correlation, "rejected", "invalid_request", _describe(exc))
+            return
+        known = self.store.get(job_id)
+        if known is not None:
+            if known.state == "done" and known.result is not None:
+                log.info("duplicate of finished job %s: re-sending its result", job_id)
+                self._publish_result(known.id, known.reply_topic, known.correlation, known.result)
+            return
+        now = time.time()
+        deadline = request.deadline(now)
+        if deadline is not None and deadline <= now:
+            self._reply_now(
+                job_id, reply, msg.correlation, "expired", "expired", "the job expired before it arrived"
+            )
+            return
+        if request.max_tokens > self.config.jobs.max_tokens_limit:
+            self._reply_now(
+                job_id,
+                reply,
+                msg.correlation,
+                "rejected",
+                "invalid_request",
+                f"max_tokens: {request.max_tokens} exceeds this agent's limit of {self.config.jobs.max_tokens_limit}",
+            )
+            return
+        if self.store.queued_count() >= self.config.jobs.max_queue:
+            self._reply_now(
+                job_id,
+                reply,
+                msg.correlation,
+                "rejected",
+                "busy",
+                f"the queue is full ({self.config.jobs.max_queue} jobs)",
+            )
+            return
+        self.store.accept(
+            job_id,
+            request.model_dump_json(exclude_none=True),
+            reply,
+            msg.correlation,
+            deadline=deadline,
+            received_at=now,
+        )
+        self._work.set()
+
+    def _on_cancel(self, msg: Message) -> None:
+        try:
+            cancel = CancelRequest.model_validate_json(msg.payload[:_ID_SCAN_BYTES])
+        except ValidationError as exc:
+            log.warning("ignoring an invalid cancel request: %s", _describe(exc))
+            return
+        job = self.store.get(cancel.id)
+        if job is None or job.state == "done":
+            return
+        with self._lock:
+            self._cancel.add(cancel.id)
+            running = self._running == cancel.id
+        if not running and job.state == "queued":
+            self._finish(
+                job, self._result(job.id, "canceled", error=("canceled", "canceled before it started"))
+            )
+
+    def _on_published(self, mid: int) -> None:
+        with self._lock:
+            job_id = self._pending.pop(mid, None)
+        if job_id is not None:
+            self.store.mark_delivered(job_id)
+
+    def _republish_undelivered(self) -> None:
+        with self._lock:
+            in_flight = set(self._pending.values())
+        for job in self.store.undelivered():
+            if job.id not in in_flight and job.result is not None:
+                self._publish_result(job.id, job.reply_topic, job.correlation, job.result)
+
+    def _reject_unreadable(self, msg: Message, code: str, message: str) -> None:
+        found = _ID_PATTERN.search(msg.payload[:_ID_SCAN_BYTES])
+        if found is None:
+            log.warning("dropping a message on %s with no readable id: %s", msg.topic, message)
+            return
+        job_id = found.group(1).decode()
+        reply = msg.response_topic or self.topics.result(job_id)
+        self._reply_now(job_id, reply, msg.correlation, "rejected", code, message)
+
+    def _reply_now(
+        self, job_id: str, reply: str, correlation: bytes | None, status: JobStatus, code: str, message: str
+    ) -> None:
+        """Answer a job that was never accepted (nothing is stored: a retry may succeed)."""
+        log.info("job %s %s: %s", job_id, status, message)
+        result = self._result(job_id, status, error=(code, message))
+        self.link.publish(reply, result.model_dump_json(exclude_none=True).encode(), correlation=correlation)
+
+    # -- worker thread ---------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while True:
+            self._work.wait(timeout=1.0)
+            self._work.clear()
+            while not self._stopping.is_set():
+                job = self.store.claim_next()
+                if job is None:
+                    break
+                self._run(job)
+            if self._stopping.is_set():
+                return
+
+    def _run(self, job: StoredJob) -> None:
+        with self._lock:
+            self._running = job.id
+        try:
+            result = self._execute(job)
+        except Exception as exc:  # the engine failing must not take the daemon down
+            log.exception("job %s failed", job.id)
+            result = self._result(job.id, "failed", error=("internal", f"{type(exc).__name__}: {exc}"))
+        with self._lock:
+            self._running = None
+            self._cancel.discard(job.id)
+        if result is None:  # checkpointed at shutdown: it runs again after the restart
+            return
+        self._finish(job, result)
+
+    def _execute(self, job: StoredJob) -> Result | None:
+        request = JobRequest.model_validate_json(job.request)
+        if job.deadline is not None and job.deadline <= time.time():
+            return self._result(
+                job.id, "expired", error=("expired", "the job expired while it waited in the queue")
+            )
+        try:
+            if request.messages is not None:
+                ids = self.engine.prompt_ids(messages=[m.model_dump() for m in request.messages])
+            else:
+                ids = self.engine.prompt_ids(request.prompt)
+            params = SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                repetition_penalty=request.repetition_penalty,
+                seed=request.seed,
+                stop=tuple(request.stop),
+            )
+        except InvalidRequestError as exc:
+            return self._result(job.id, "rejected", error=(exc.code, exc.message))
+        seq = 0
+
+        def on_text(text: str) -> None:
+            nonlocal seq
+            chunk = Chunk(id=job.id, seq=seq, text=text)
+            self.link.publish(job.reply_topic, chunk.model_dump_json().encode(), correlation=job.correlation)
+            seq += 1
+
+        checkpoint = False
+
+        def should_stop() -> bool:
+            nonlocal checkpoint
+            if self._shutdown_deadline is not None and time.monotonic() > self._shutdown_deadline:
+                checkpoint = True
+                return True
+            with self._lock:
+                return job.id in self._cancel
+
+        try:
+            completion = self.engine.generate(
+                ids, params, on_text=on_text if request.stream else None, should_stop=should_stop
+            )
+        except (ContextOverflowError, InvalidRequestError) as exc:
+            return self._result(job.id, "rejected", error=(exc.code, exc.message))
+        except AgentError as exc:
+            return self._result(job.id, "failed", error=(exc.code, exc.message))
+        if checkpoint:
+            return None
+        status: JobStatus = "canceled" if completion.finish_reason == "canceled" else "succeeded"
+        return Result(
+            id=job.id,
+            status=status,
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            usage=Usage(
+                prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
+            ),
+            timings=completion.timings.model_dump(),
+            model=self.model,
+            error=ErrorInfo(code="canceled", message="canceled while running")
+            if status == "canceled"
+            else None,
+        )
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _result(self, job_id: str, status: JobStatus, *, error: tuple[str, str]) -> Result:
+        return Result(
+            id=job_id, status=status, model=self.model, error=ErrorInfo(code=error[0], message=error[1])
+        )
+
+    def _finish(self, job: StoredJob, result: Result) -> None:
+        payload = result.model_dump_json(exclude_none=True)
+        if self.store.finish(job.id, payload):
+            self._publish_result(job.id, job.reply_topic, job.correlation, payload)
+
+    def _publish_result(self, job_id: str, reply: str, correlation: bytes | None, payload: str) -> None:
+        with self._lock:  # held across publish so the ack cannot overtake the bookkeeping
+            mid = self.link.publish(reply, payload.encode(), correlation=correlation)
+            self._pending[mid] = job_id
+
+    def _drain_acks(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if not self._pending:
+                    return
+            try:
+                event = self.link.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(event, Published):
+                self._on_published(event.mid)
+
+    def _publish_status(self) -> None:
+        status = Status(
+            online=True,
+            device_id=self.config.device_id,
+            group=self.config.group,
+            agent_version=__version__,
+            model=self.model,
+            capabilities=["generate", "stream", "chat", "cancel"],
+        )
+        self.link.publish(self.topics.status, status.model_dump_json().encode(), retain=True)
+
+
+def _describe(exc: ValidationError) -> str:
+    """A short, precise message naming each invalid field."""
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
