@@ -20,3 +20,45 @@ def phi3_dir() -> Path:
 def phi3_engine(phi3_dir: Path) -> Engine:
     """One engine on the Phi-3 fixture, shared by the tests of a session."""
     return Engine(phi3_dir)
+
+
+@pytest.fixture()
+def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A fresh mosquitto on a free port, stopped after the test."""
+    from tests._broker import Broker
+
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture()
+def caller(broker):  # type: ignore[no-untyped-def]
+    """A test-side MQTT client collecting replies under ``test/replies/#`` and ``edge/+/results/#``."""
+    from tests._mqtt_client import Caller
+
+    c = Caller(broker.host, broker.port, reply_filter="test/replies/#")
+    c.client.subscribe("edge/+/results/#", qos=1)
+    yield c
+    c.close()
+
+
+@pytest.fixture()
+def agents(broker, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory of daemon processes; all are stopped after the test."""
+    from tests._agent import AgentProcess
+
+    started: list[AgentProcess] = []
+
+    def make(model: Path | None = None, **kwargs) -> AgentProcess:  # type: ignore[no-untyped-def]
+        name = kwargs.get("device_id", "box-1")
+        agent = AgentProcess(
+            broker, tmp_path / f"agent-{name}-{len(started)}", model or fixture_path("phi3-int4"), **kwargs
+        )
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.stop()

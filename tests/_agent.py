@@ -1,0 +1,127 @@
+"""Run the real daemon (``edge-agent run``) as a child process for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests._broker import Broker
+
+
+class AgentProcess:
+    """An ``edge-agent run`` process with its own config and state dir."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        workdir: Path,
+        model: Path,
+        *,
+        device_id: str = "box-1",
+        group: str | None = None,
+        jobs: dict[str, Any] | None = None,
+        mqtt: dict[str, Any] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.device_id = device_id
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "agent.toml"
+        self.log = workdir / "agent.log"
+        lines = [f'device_id = "{device_id}"', f'state_dir = "{self.state_dir}"']
+        if group:
+            lines.append(f'group = "{group}"')
+        lines += [
+            "[model]",
+            f'path = "{model}"',
+            "[mqtt]",
+            f'host = "{broker.host}"',
+            f"port = {broker.port}",
+        ]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in (mqtt or {}).items()]
+        lines += ["[jobs]"] + [f"{k} = {json.dumps(v)}" for k, v in (jobs or {}).items()]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_online: bool = True) -> None:
+        """Start the daemon; by default wait until it announces itself online."""
+        watcher = _StatusWatcher(self.broker, self.device_id) if wait_online else None
+        started = time.time()
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config), "--log-level", "DEBUG"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if watcher is not None:
+            try:
+                watcher.wait_online(after=started - 1, proc=self.proc, log=self.log)
+            finally:
+                watcher.close()
+
+    def kill(self) -> None:
+        """``kill -9``: no chance to clean up."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, as systemd stops it; returns the exit code."""
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Make sure the process is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        """What the daemon logged so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class _StatusWatcher:
+    def __init__(self, broker: Broker, device_id: str) -> None:
+        self.statuses: list[dict[str, Any]] = []
+        self._event = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(f"edge/{device_id}/status", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        self.statuses.append(json.loads(msg.payload))
+        self._event.set()
+
+    def wait_online(
+        self, *, after: float, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30
+    ) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(s.get("online") and s.get("since", 0) >= after for s in self.statuses):
+                return
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited with {proc.returncode}:\n{log.read_text()}")
+            self._event.wait(0.1)
+            self._event.clear()
+        raise AssertionError(f"agent did not come online within {timeout} s:\n{log.read_text()}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

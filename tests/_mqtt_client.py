@@ -1,0 +1,102 @@
+"""A test-side MQTT client: publishes jobs the way callers do and collects replies."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+class Caller:
+    """Subscribes to ``reply_filter`` and files every reply by job id."""
+
+    def __init__(
+        self, host: str, port: int, reply_filter: str = "test/replies/#", *, mqtt5: bool = True
+    ) -> None:
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"caller-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
+        )
+        self.mqtt5 = mqtt5
+        self.replies: dict[str, list[dict[str, Any]]] = {}
+        self.raw: queue.Queue[tuple[str, bytes, bytes | None]] = queue.Queue()
+        self._cond = threading.Condition()
+        self.client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: self._subscribed.set()
+        self.client.connect(host, port)
+        self.client.loop_start()
+        self.client.subscribe(reply_filter, qos=1)
+        assert self._subscribed.wait(5), "caller could not subscribe"
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
+        self.raw.put((msg.topic, bytes(msg.payload), corr))
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(body, dict) and "id" in body:
+            body["_topic"] = msg.topic
+            body["_correlation"] = corr
+            with self._cond:
+                self.replies.setdefault(str(body["id"]), []).append(body)
+                self._cond.notify_all()
+
+    def send(
+        self,
+        topic: str,
+        payload: dict[str, Any] | bytes | str,
+        *,
+        response_topic: str | None = "test/replies/r",
+        correlation: bytes | None = None,
+        qos: int = 1,
+    ) -> None:
+        """Publish a job (a dict is sent as JSON) and wait until the broker has it."""
+        data = json.dumps(payload).encode() if isinstance(payload, dict) else payload
+        props = None
+        if self.mqtt5 and (response_topic or correlation):
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+        info = self.client.publish(topic, data, qos=qos, properties=props)
+        info.wait_for_publish(5)
+
+    def results(self, job_id: str) -> list[dict[str, Any]]:
+        """Terminal results received so far for ``job_id``."""
+        with self._cond:
+            return [r for r in self.replies.get(job_id, []) if r.get("type") == "result"]
+
+    def wait_result(self, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
+        """Block until a terminal result for ``job_id`` arrives; return it."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [r for r in self.replies.get(job_id, []) if r.get("type") == "result"]
+                if found:
+                    return found[0]
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no result for job {job_id} within {timeout} s")
+                self._cond.wait(left)
+
+    def chunks(self, job_id: str) -> list[dict[str, Any]]:
+        """Streamed chunks received for ``job_id``, in arrival order."""
+        with self._cond:
+            return [r for r in self.replies.get(job_id, []) if r.get("type") == "chunk"]

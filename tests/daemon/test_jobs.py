@@ -1,0 +1,167 @@
+"""Jobs over a real mosquitto, answered by a real ``edge-agent run`` process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+from agent import Engine, SamplingParams
+from tests._models import fixture_path
+
+JOBS = "edge/box-1/jobs"
+
+
+def test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation(broker, agents) -> None:  # type: ignore[no-untyped-def]
+    agents().start()
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            "-h",
+            broker.host,
+            "-p",
+            str(broker.port),
+            "-V",
+            "mqttv5",
+            "-t",
+            "cli/replies",
+            "-C",
+            "1",
+            "-W",
+            "30",
+            "-F",
+            "%D|%p",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # let the subscription land before the job is sent
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            broker.host,
+            "-p",
+            str(broker.port),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            JOBS,
+            "-m",
+            json.dumps({"id": "cli-1", "prompt": "The quick brown fox", "max_tokens": 12}),
+            "-D",
+            "publish",
+            "response-topic",
+            "cli/replies",
+            "-D",
+            "publish",
+            "correlation-data",
+            "corr-42",
+        ],
+        check=True,
+        timeout=10,
+    )
+    out, _ = sub.communicate(timeout=40)
+    correlation, _, payload = out.strip().partition("|")
+    assert correlation == "corr-42"
+    result = json.loads(payload)
+    engine = Engine(fixture_path("phi3-int4"))
+    expected = engine.generate(engine.prompt_ids("The quick brown fox"), SamplingParams(max_tokens=12))
+    assert result["type"] == "result" and result["id"] == "cli-1"
+    assert result["status"] == "succeeded"
+    assert result["text"] == expected.text
+    assert result["finish_reason"] == expected.finish_reason
+    assert result["usage"] == {
+        "prompt_tokens": expected.prompt_tokens,
+        "completion_tokens": expected.completion_tokens,
+    }
+    assert result["model"]["name"] == "phi3-int4"
+    assert result["timings"]["prefill_ms"] > 0
+
+
+def test_streamed_chunks_arrive_in_order_before_the_result(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agents().start()
+    caller.send(
+        JOBS, {"id": "s-1", "prompt": "Grüße aus Köln", "max_tokens": 60, "stream": True}, correlation=b"c1"
+    )
+    result = caller.wait_result("s-1")
+    replies = caller.replies["s-1"]
+    chunks = [r for r in replies if r["type"] == "chunk"]
+    assert replies[-1]["type"] == "result", "the result must come last"
+    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+    assert len(chunks) >= 2
+    assert "".join(c["text"] for c in chunks) == result["text"]
+    assert all(r["_correlation"] == b"c1" for r in replies)
+
+
+def test_chat_messages_job(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agents().start()
+    messages = [{"role": "user", "content": "hello"}]
+    caller.send(JOBS, {"id": "chat-1", "messages": messages, "max_tokens": 10})
+    result = caller.wait_result("chat-1")
+    engine = Engine(fixture_path("phi3-int4"))
+    expected = engine.generate(engine.prompt_ids(messages=messages), SamplingParams(max_tokens=10))
+    assert result["status"] == "succeeded" and result["text"] == expected.text
+
+
+def test_without_response_topic_replies_go_to_the_results_topic(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agents().start()
+    caller.send(JOBS, {"id": "plain-1", "prompt": "hi", "max_tokens": 4}, response_topic=None)
+    result = caller.wait_result("plain-1")
+    assert result["_topic"] == "edge/box-1/results/plain-1"
+
+
+def test_duplicate_id_is_not_run_again_and_gets_the_stored_result(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agent = agents()
+    agent.start()
+    caller.send(JOBS, {"id": "dup-1", "prompt": "The quick brown fox", "max_tokens": 8})
+    first = caller.wait_result("dup-1")
+    caller.send(JOBS, {"id": "dup-1", "prompt": "something else entirely", "max_tokens": 30})
+    deadline = time.monotonic() + 10
+    while len(caller.results("dup-1")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    results = caller.results("dup-1")
+    assert len(results) == 2
+    assert results[1]["text"] == first["text"] and results[1]["usage"] == first["usage"]
+    assert "duplicate of finished job dup-1" in agent.log_text()
+
+
+def test_expired_jobs(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agents().start()
+    caller.send(JOBS, {"id": "old-1", "prompt": "hi", "expires_at": time.time() - 5})
+    result = caller.wait_result("old-1")
+    assert result["status"] == "expired" and result["error"]["code"] == "expired"
+    caller.send(JOBS, {"id": "fresh-1", "prompt": "hi", "max_tokens": 3, "ttl_s": 60})
+    assert caller.wait_result("fresh-1")["status"] == "succeeded"
+
+
+def test_mqtt_311_mode_serves_jobs(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agents(mqtt={"protocol": "3.1.1"}).start()
+    from tests._mqtt_client import Caller
+
+    old = Caller(caller.client.host, caller.client.port, reply_filter="edge/box-1/results/#", mqtt5=False)
+    try:
+        old.send(JOBS, {"id": "v311-1", "prompt": "hi", "max_tokens": 5, "stream": True}, response_topic=None)
+        result = old.wait_result("v311-1")
+        assert result["status"] == "succeeded"
+        assert result["_topic"] == "edge/box-1/results/v311-1"
+    finally:
+        old.close()
+
+
+def test_sigterm_exits_cleanly_and_announces_offline(broker, agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agent = agents()
+    agent.start()
+    caller.client.subscribe("edge/box-1/status", qos=1)
+    caller.send(JOBS, {"id": "t-1", "prompt": "hi", "max_tokens": 5})
+    caller.wait_result("t-1")
+    assert agent.terminate() == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        statuses = [json.loads(p) for t, p, _ in list(caller.raw.queue) if t == "edge/box-1/status"]
+        if statuses and statuses[-1]["online"] is False:
+            break
+        time.sleep(0.05)
+    assert statuses and statuses[-1]["online"] is False
