@@ -161,6 +161,7 @@ class Agent:
     # -- intake (main thread) ------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:
+        log.debug("message on %s (%d bytes, mid %d)", msg.topic, len(msg.payload), msg.mid)
         try:
             if msg.topic == self.topics.cancel:
                 self._on_cancel(msg)

@@ -111,6 +111,40 @@ def build_fixture(family: str, precision: str, out_root: Path, tok: tokenizer.To
     return out_dir
 
 
+LONG_NAME = "llama-long"
+LONG_CONTEXT = 4096
+
+
+def build_long_fixture(out_root: Path, tok: tokenizer.Tokenizer) -> Path:
+    """Build ``llama-long``: a 4,096-token context and no eos under greedy decoding.
+
+    The rows of the eos ids in ``lm_head`` are zero, so their logit is exactly 0
+    while the best of the other random logits is always far above it: greedy
+    generation runs to ``max_tokens``.  Daemon tests use it for jobs that last
+    long enough to be canceled, killed or disconnected mid-stream.
+    """
+    out_dir = out_root / LONG_NAME
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    config = make_config("llama", tokenizer.vocab_size_padded(tok))
+    config.max_position_embeddings = LONG_CONTEXT
+    torch.manual_seed(SEED + 100)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for eos in EOS_IDS:
+            model.lm_head.weight[eos].zero_()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.BOS_ID, eos_token_id=EOS_IDS, pad_token_id=tokenizer.PAD_ID, do_sample=False
+    )
+    with tempfile.TemporaryDirectory(prefix="fixture-long-") as tmp:
+        hf_dir = Path(tmp) / "hf"
+        model.save_pretrained(str(hf_dir))
+        tokenizer.save(tok, hf_dir, LONG_CONTEXT)
+        builder.build(hf_dir, out_dir, "int8", quiet=True)
+    builder.set_eos(out_dir, EOS_IDS)
+    return out_dir
+
+
 def smoke_test(model_dir: Path, prompt: str = "The edge agent", steps: int = 30) -> list[int]:
     """Greedily generate ``steps`` tokens with onnxruntime-genai; return new token ids."""
     import onnxruntime_genai as og
@@ -134,12 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--precision", nargs="+", choices=builder.PRECISIONS, default=list(builder.PRECISIONS))
+    parser.add_argument(
+        "--precision", nargs="+", choices=builder.PRECISIONS, default=list(builder.PRECISIONS)
+    )
+    parser.add_argument(
+        "--long", action="store_true", help=f"build only {LONG_NAME} (daemon tests' slow model)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-genai smoke test")
     args = parser.parse_args(argv)
 
     tok = fixture_tokenizer()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.long:
+        out_dir = build_long_fixture(args.out, tok)
+        print(f"{out_dir.name:<14} {sum(p.stat().st_size for p in out_dir.iterdir()) / 1024:7.1f} KiB")
+        return 0
     for family in args.family:
         for precision in args.precision:
             out_dir = build_fixture(family, precision, args.out, tok)

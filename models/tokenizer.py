@@ -45,7 +45,7 @@ MULTILINGUAL_TEXT: tuple[str, ...] = (
     "Fußgänger überqueren die Brücke; Käse, Äpfel und Übungen sind gemütlich.",
     "こんにちは、世界。今日はいい天気ですね。",
     "エッジデバイスで小さな言語モデルを動かします。温度は二十五度です。",
-    "東京の駅で電車を待っています。ありがとうございます！",
+    "東京の駅で電車を待っています。ありがとうございます！",  # noqa: RUF001
     "Emoji test: 🙂 😀 🚀 🔥 👍 🎉 ❤️ 🌍 🤖 ✅ ⚠️ 📦",
     "Status: ok ✅, warning ⚠️, robot 🤖 says hi 👋 from the edge 🌍.",
     "Numbers 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14 -7 1e-3",

@@ -38,6 +38,10 @@ class Broker:
         self.conf.write_text(
             "\n".join(
                 [
+                    # As root, mosquitto would switch to its own user and could not
+                    # write this test's persistence and log files; as anyone else
+                    # this line is ignored.
+                    "user root",
                     f"listener {self.port} 127.0.0.1",
                     "allow_anonymous true",
                     "persistence true",

@@ -19,24 +19,45 @@ class Caller:
     """Subscribes to ``reply_filter`` and files every reply by job id."""
 
     def __init__(
-        self, host: str, port: int, reply_filter: str = "test/replies/#", *, mqtt5: bool = True
+        self, host: str, port: int, reply_filter: str | list[str] = "test/replies/#", *, mqtt5: bool = True
     ) -> None:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"caller-{uuid.uuid4().hex[:8]}",
             protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if mqtt5 else False,
         )
         self.mqtt5 = mqtt5
+        self.filters = [reply_filter] if isinstance(reply_filter, str) else list(reply_filter)
         self.replies: dict[str, list[dict[str, Any]]] = {}
         self.raw: queue.Queue[tuple[str, bytes, bytes | None]] = queue.Queue()
         self._cond = threading.Condition()
         self.client.on_message = self._on_message
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
-        self.client.connect(host, port)
+        # A persistent session that survives a broker restart, as a real caller's should.
+        self.connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *_a: self.connected.clear()
+        self.client.reconnect_delay_set(0.1, 1)
+        props = None
+        if mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        clean_start = False if mqtt5 else paho.MQTT_CLEAN_START_FIRST_ONLY
+        self.client.connect(host, port, clean_start=clean_start, properties=props)
         self.client.loop_start()
-        self.client.subscribe(reply_filter, qos=1)
         assert self._subscribed.wait(5), "caller could not subscribe"
+
+    def _on_connect(self, *_a: Any) -> None:
+        for topic_filter in self.filters:
+            self.client.subscribe(topic_filter, qos=1)
+        self.connected.set()
+
+    def subscribe(self, topic_filter: str) -> None:
+        """Add a filter (kept across reconnects)."""
+        self.filters.append(topic_filter)
+        self.client.subscribe(topic_filter, qos=1)
 
     def close(self) -> None:
         """Disconnect."""
@@ -75,6 +96,7 @@ class Caller:
                 props.ResponseTopic = response_topic
             if correlation:
                 props.CorrelationData = correlation
+        assert self.connected.wait(15), "caller not connected to the broker"
         info = self.client.publish(topic, data, qos=qos, properties=props)
         info.wait_for_publish(5)
 

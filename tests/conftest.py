@@ -38,8 +38,7 @@ def caller(broker):  # type: ignore[no-untyped-def]
     """A test-side MQTT client collecting replies under ``test/replies/#`` and ``edge/+/results/#``."""
     from tests._mqtt_client import Caller
 
-    c = Caller(broker.host, broker.port, reply_filter="test/replies/#")
-    c.client.subscribe("edge/+/results/#", qos=1)
+    c = Caller(broker.host, broker.port, reply_filter=["test/replies/#", "edge/+/results/#"])
     yield c
     c.close()
 

@@ -154,7 +154,7 @@ def test_mqtt_311_mode_serves_jobs(agents, caller) -> None:  # type: ignore[no-u
 def test_sigterm_exits_cleanly_and_announces_offline(broker, agents, caller) -> None:  # type: ignore[no-untyped-def]
     agent = agents()
     agent.start()
-    caller.client.subscribe("edge/box-1/status", qos=1)
+    caller.subscribe("edge/box-1/status")
     caller.send(JOBS, {"id": "t-1", "prompt": "hi", "max_tokens": 5})
     caller.wait_result("t-1")
     assert agent.terminate() == 0

@@ -1,0 +1,89 @@
+"""Convert a local Hugging Face checkpoint folder into an edge-agent model folder.
+
+Run as ``python -m models.convert HF_CHECKPOINT_DIR OUT_DIR --precision int8|int4
+[--block-size 32] [--accuracy-level 4] [--force]``. The input folder must hold
+``config.json``, the safetensors weights and the tokenizer files; nothing is
+downloaded. The onnxruntime-genai builder writes ``genai_config.json``,
+``model.onnx`` (+ ``model.onnx.data``) and the tokenizer files into ``OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from models import builder
+
+BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS: tuple[int, ...] = (1, 2, 3, 4)
+
+
+def check_input(hf_dir: Path) -> None:
+    """Raise ``SystemExit`` with a clear message if ``hf_dir`` is not a usable checkpoint."""
+    if not hf_dir.is_dir():
+        raise SystemExit(f"error: {hf_dir} is not a directory")
+    if not (hf_dir / "config.json").is_file():
+        raise SystemExit(f"error: {hf_dir} has no config.json")
+    if not any(hf_dir.glob("*.safetensors")) and not any(hf_dir.glob("*.bin")):
+        raise SystemExit(f"error: {hf_dir} has no *.safetensors (or *.bin) weights")
+    if not (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer.model").is_file():
+        raise SystemExit(f"error: {hf_dir} has no tokenizer.json / tokenizer.model")
+
+
+def prepare_output(out_dir: Path, force: bool) -> None:
+    """Create ``out_dir``; refuse a non-empty one unless ``force`` (then empty it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"error: {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise SystemExit(f"error: {out_dir} is not empty (use --force to overwrite)")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def convert(
+    hf_dir: Path,
+    out_dir: Path,
+    precision: str,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    force: bool = False,
+) -> list[Path]:
+    """Convert ``hf_dir`` into ``out_dir`` and return the files written."""
+    check_input(hf_dir)
+    prepare_output(out_dir, force)
+    options = {"block_size": block_size, "accuracy_level": accuracy_level, "hf_remote": False}
+    try:
+        return builder.build(hf_dir.resolve(), out_dir.resolve(), precision, options, quiet=True)
+    except builder.BuildError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("hf_dir", type=Path, metavar="HF_CHECKPOINT_DIR")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    parser.add_argument("--precision", choices=builder.PRECISIONS, required=True)
+    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32)
+    parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=4)
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+    args = parser.parse_args(argv)
+
+    print(f"converting {args.hf_dir} -> {args.out_dir} ({args.precision}) ...", file=sys.stderr)
+    convert(args.hf_dir, args.out_dir, args.precision, args.block_size, args.accuracy_level, args.force)
+    cfg = builder.check_output(args.out_dir)
+    model = cfg["model"]
+    print(f"wrote {args.out_dir}:")
+    print(builder.describe(args.out_dir))
+    print(
+        f"type={model['type']} layers={model['decoder']['num_hidden_layers']} "
+        f"vocab={model['vocab_size']} context={model['context_length']} eos={model['eos_token_id']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Nothing accepted is lost: cancel, kill -9, broker restarts, offline queues, shared load.
+
+These use the ``llama-long`` fixture, whose greedy output never hits eos, so a
+job runs exactly ``max_tokens`` tokens (4,000 take about two seconds here):
+long enough to be interrupted mid-stream on purpose.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from tests._models import fixture_path
+
+JOBS = "edge/box-1/jobs"
+LONG_LIMITS = {"max_tokens_limit": 4000}
+
+
+@pytest.fixture()
+def long_agent(agents):  # type: ignore[no-untyped-def]
+    agent = agents(fixture_path("llama-long"), jobs=LONG_LIMITS)
+    agent.start()
+    return agent
+
+
+def _wait_chunks(caller, job_id: str, n: int = 1, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while len(caller.chunks(job_id)) < n:
+        assert time.monotonic() < end, f"no chunk for {job_id}"
+        time.sleep(0.01)
+
+
+def _settle(caller, ids: list[str], timeout: float = 60) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]
+    """Wait for every job's result, then a little longer to catch any duplicate."""
+    for job_id in ids:
+        caller.wait_result(job_id, timeout=timeout)
+    time.sleep(1.0)
+    return {job_id: caller.results(job_id) for job_id in ids}
+
+
+def _assert_stream_complete(caller, job_id: str, result: dict) -> None:  # type: ignore[no-untyped-def]
+    by_seq = {c["seq"]: c["text"] for c in caller.chunks(job_id)}  # QoS 1 may repeat a chunk
+    assert sorted(by_seq) == list(range(len(by_seq))), "a chunk is missing"
+    assert "".join(by_seq[i] for i in range(len(by_seq))) == result["text"]
+
+
+def test_cancel_a_running_job(long_agent, caller) -> None:  # type: ignore[no-untyped-def]
+    caller.send(JOBS, {"id": "run-1", "prompt": "hello", "max_tokens": 4000, "stream": True})
+    _wait_chunks(caller, "run-1")
+    caller.send("edge/box-1/jobs/cancel", {"id": "run-1"})
+    result = caller.wait_result("run-1")
+    assert result["status"] == "canceled" and result["finish_reason"] == "canceled"
+    assert result["error"]["code"] == "canceled"
+    assert 0 < result["usage"]["completion_tokens"] < 4000
+
+
+def test_cancel_a_queued_job(long_agent, caller) -> None:  # type: ignore[no-untyped-def]
+    caller.send(JOBS, {"id": "first", "prompt": "hello", "max_tokens": 2000, "stream": True})
+    caller.send(JOBS, {"id": "second", "prompt": "hello", "max_tokens": 2000})
+    _wait_chunks(caller, "first")
+    caller.send("edge/box-1/jobs/cancel", {"id": "second"})
+    second = caller.wait_result("second")
+    assert second["status"] == "canceled" and "before it started" in second["error"]["message"]
+    assert caller.wait_result("first")["status"] == "succeeded"
+
+
+def test_kill_9_mid_job_then_restart_gives_exactly_one_result_per_job(long_agent, caller) -> None:  # type: ignore[no-untyped-def]
+    ids = [f"k-{i}" for i in range(4)]
+    for job_id in ids:
+        caller.send(JOBS, {"id": job_id, "prompt": "hello", "max_tokens": 600, "stream": True})
+    _wait_chunks(caller, "k-0", n=3)
+    long_agent.kill()
+    assert not caller.results("k-0"), "the kill must land mid-job for this test to mean anything"
+    long_agent.start()
+    results = _settle(caller, ids)
+    for job_id in ids:
+        assert len(results[job_id]) == 1, f"{job_id}: {len(results[job_id])} results"
+        assert results[job_id][0]["status"] == "succeeded"
+        assert results[job_id][0]["usage"]["completion_tokens"] == 600
+
+
+def test_broker_restart_mid_stream_loses_nothing(broker, long_agent, caller) -> None:  # type: ignore[no-untyped-def]
+    caller.send(JOBS, {"id": "br-1", "prompt": "hello", "max_tokens": 3000, "stream": True})
+    _wait_chunks(caller, "br-1", n=5)
+    broker.restart(down_s=0.5)
+    caller.send(JOBS, {"id": "br-2", "prompt": "hello", "max_tokens": 50, "stream": True})
+    results = _settle(caller, ["br-1", "br-2"])
+    for job_id, max_tokens in (("br-1", 3000), ("br-2", 50)):
+        assert len(results[job_id]) == 1
+        result = results[job_id][0]
+        assert result["status"] == "succeeded" and result["usage"]["completion_tokens"] == max_tokens
+        _assert_stream_complete(caller, job_id, result)
+
+
+def test_jobs_sent_while_the_agent_is_down_are_served_when_it_returns(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agent = agents()
+    agent.start()  # the first connection creates the persistent session
+    assert agent.terminate() == 0
+    ids = [f"off-{i}" for i in range(3)]
+    for job_id in ids:
+        caller.send(JOBS, {"id": job_id, "prompt": "hi", "max_tokens": 5})
+    time.sleep(0.5)
+    assert not any(caller.results(j) for j in ids)
+    agent.start()
+    results = _settle(caller, ids)
+    assert all(len(r) == 1 and r[0]["status"] == "succeeded" for r in results.values())
+
+
+def test_sigterm_finishes_the_running_job_before_exit(long_agent, caller) -> None:  # type: ignore[no-untyped-def]
+    caller.send(JOBS, {"id": "term-1", "prompt": "hello", "max_tokens": 1500, "stream": True})
+    _wait_chunks(caller, "term-1")
+    assert long_agent.terminate() == 0
+    result = caller.wait_result("term-1", timeout=5)
+    assert result["status"] == "succeeded" and result["usage"]["completion_tokens"] == 1500
+
+
+def test_group_jobs_spread_over_two_agents_by_shared_subscription(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    for name in ("box-a", "box-b"):
+        agents(fixture_path("llama-long"), device_id=name, group="pool", jobs=LONG_LIMITS).start()
+    ids = [f"g-{i}" for i in range(16)]
+    for job_id in ids:
+        caller.send(
+            "edge/groups/pool/jobs", {"id": job_id, "prompt": "hi", "max_tokens": 100}, response_topic=None
+        )
+    results = _settle(caller, ids)
+    served_by = collections.Counter()
+    for job_id in ids:
+        assert len(results[job_id]) == 1, f"{job_id} answered {len(results[job_id])} times"
+        served_by[results[job_id][0]["_topic"].split("/")[1]] += 1
+    assert set(served_by) == {"box-a", "box-b"}, served_by
