@@ -120,7 +120,9 @@ class JobStore:
     def queued_count(self) -> int:
         """Jobs waiting or running."""
         with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state != 'done'").fetchone()
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+            ).fetchone()
             return int(count)
 
     def claim_next(self) -> StoredJob | None:

@@ -1,0 +1,90 @@
+"""Configuration: TOML file, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.errors import ConfigError
+
+GOOD = """
+device_id = "box-7"
+group = "shop-3"
+state_dir = "/var/lib/edge-agent"
+[mqtt]
+host = "broker.local"
+port = 8883
+password = "s3cret"
+[model]
+path = "/opt/models/phi3"
+[jobs]
+max_queue = 10
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_and_defaults(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, GOOD))
+    assert config.device_id == "box-7" and config.group == "shop-3"
+    assert config.mqtt.host == "broker.local" and config.mqtt.port == 8883
+    assert config.mqtt.topic_prefix == "edge" and config.mqtt.protocol == "5"
+    assert config.jobs.max_queue == 10 and config.jobs.max_payload_bytes == 65536
+    assert "s3cret" not in repr(config), "secrets never show in logs"
+
+
+def test_environment_overrides_single_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_AGENT_MQTT__HOST", "10.0.0.9")
+    monkeypatch.setenv("EDGE_AGENT_JOBS__MAX_QUEUE", "99")
+    monkeypatch.setenv("EDGE_AGENT_DEVICE_ID", "box-env")
+    config = load_config(_write(tmp_path, GOOD))
+    assert config.mqtt.host == "10.0.0.9"
+    assert config.mqtt.port == 8883, "the file's other keys in the section survive"
+    assert config.jobs.max_queue == 99
+    assert config.device_id == "box-env"
+
+
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (("port = 8883", "port = 70000"), "mqtt.port"),
+        (('device_id = "box-7"', 'device_id = "box/7"'), "device_id"),
+        (("max_queue = 10", "max_queu = 10"), "jobs.max_queu"),
+        (('[model]\npath = "/opt/models/phi3"', ""), "model"),
+        (('host = "broker.local"', 'host = "b"\nprotocol = "4"'), "mqtt.protocol"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(_write(tmp_path, GOOD.replace(*edit)))
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "device_id = "))
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "config", "check", str(_write(tmp_path, GOOD))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert good.returncode == 0 and "OK" in good.stdout
+    bad = _write(tmp_path, GOOD.replace("port = 8883", "port = -1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "config", "check", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1 and "mqtt.port" in proc.stderr and "Traceback" not in proc.stderr
