@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   set up, then generate text with the bundled demo model
+#   make demo   set up, then run a broker, the agent on the demo model, and one streamed job
 #   make test   set up, then lint, type-check and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,11 +16,11 @@ $(BIN)/edge-agent: pyproject.toml
 setup: $(BIN)/edge-agent
 
 demo: setup
-	$(BIN)/edge-agent generate models/demo "The edge agent" --max-tokens 80
+	$(BIN)/python -m edge_fleet.quickstart "Is the device hot?"
 
 lint: setup
-	$(BIN)/ruff check agent tests models bench
-	$(BIN)/ruff format --check agent tests models bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: lint

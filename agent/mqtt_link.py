@@ -210,7 +210,10 @@ class MQTTLink:
     def _handle_disconnect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
         client.reconnect_delay_set(min_delay=random.uniform(*_BACKOFF_BASE), max_delay=_BACKOFF_MAX)  # type: ignore[arg-type]
-        log.warning("disconnected from broker: %s", reason)
+        if reason.is_failure:
+            log.warning("disconnected from broker: %s", reason)
+        else:
+            log.info("disconnected from broker")
 
     def _handle_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)

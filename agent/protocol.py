@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 JobStatus = Literal["succeeded", "failed", "rejected", "canceled", "expired"]
 
@@ -113,6 +113,11 @@ class Result(_Wire):
     timings: dict[str, float] = Field(default_factory=dict)
     model: ModelRef | None = None
     error: ErrorInfo | None = None
+
+
+Reply = Annotated[Chunk | Result, Field(discriminator="type")]
+#: Parses any reply a caller receives for a job: ``REPLY.validate_json(payload)``.
+REPLY: TypeAdapter[Chunk | Result] = TypeAdapter(Reply)
 
 
 class Status(_Wire):

@@ -1,0 +1,145 @@
+"""Submitting jobs to boxes over MQTT 5 request/response, streaming the answer back.
+
+Each ``Submitter`` listens on its own response topic; a job carries that topic
+and a fresh correlation id, so replies of concurrent jobs never mix.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
+
+
+class JobFailed(Exception):
+    """No result arrived in time, or the broker could not be reached."""
+
+
+class Submitter:
+    """A connected MQTT 5 client that sends jobs and collects their replies."""
+
+    def __init__(self, host: str, port: int, *, prefix: str = "edge", timeout: float = 10.0) -> None:
+        self.prefix = prefix
+        self._inbox: dict[bytes, queue.Queue[Chunk | Result]] = {}
+        self._lock = threading.Lock()
+        self._reply_topic = f"{prefix}/replies/{uuid.uuid4().hex}"
+        self._ready = threading.Event()
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edge-fleet-{uuid.uuid4().hex[:12]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = lambda *_a: self._ready.set()
+        self._client.on_message = self._on_message
+        try:
+            self._client.connect(host, port)
+        except OSError as exc:
+            raise JobFailed(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+        self._client.loop_start()
+        if not self._ready.wait(timeout):
+            self.close()
+            raise JobFailed(f"the broker at {host}:{port} did not accept the subscription in {timeout} s")
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Submitter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _on_connect(self, client: paho.Client, *_a: Any) -> None:
+        client.subscribe(self._reply_topic, qos=1)
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        correlation = getattr(getattr(msg, "properties", None), "CorrelationData", None)
+        with self._lock:
+            box = self._inbox.get(bytes(correlation or b""))
+        if box is None:
+            return
+        try:
+            reply = REPLY.validate_json(msg.payload)
+        except ValidationError:
+            return
+        box.put(reply)
+
+    def wait_online(self, device_id: str, timeout: float = 60.0) -> Status:
+        """Block until ``device_id`` announces itself online (its retained status)."""
+        online = threading.Event()
+        found: list[Status] = []
+        topic = f"{self.prefix}/{device_id}/status"
+
+        def on_status(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                status = Status.model_validate_json(msg.payload)
+            except ValidationError:
+                return
+            if status.online:
+                found.append(status)
+                online.set()
+
+        self._client.message_callback_add(topic, on_status)
+        self._client.subscribe(topic, qos=1)
+        try:
+            if not online.wait(timeout):
+                raise JobFailed(f"device {device_id} did not come online within {timeout:.0f} s")
+            return found[-1]
+        finally:
+            self._client.unsubscribe(topic)
+            self._client.message_callback_remove(topic)
+
+    def run(
+        self,
+        topic: str,
+        request: JobRequest,
+        *,
+        on_chunk: Callable[[Chunk], None] | None = None,
+        timeout: float = 300.0,
+    ) -> Result:
+        """Publish ``request`` to ``topic`` and wait for its result, passing chunks to ``on_chunk``."""
+        correlation = uuid.uuid4().bytes
+        box: queue.Queue[Chunk | Result] = queue.Queue()
+        with self._lock:
+            self._inbox[correlation] = box
+        try:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = self._reply_topic
+            props.CorrelationData = correlation
+            info = self._client.publish(
+                topic, request.model_dump_json(exclude_none=True).encode(), qos=1, properties=props
+            )
+            info.wait_for_publish(timeout=10)
+            seen: set[int] = set()
+            end = time.monotonic() + timeout
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise JobFailed(f"no result for job {request.id} within {timeout:.0f} s")
+                try:
+                    reply = box.get(timeout=left)
+                except queue.Empty:
+                    continue
+                if isinstance(reply, Result):
+                    return reply
+                if reply.seq not in seen:  # QoS 1 may deliver a chunk twice
+                    seen.add(reply.seq)
+                    if on_chunk is not None:
+                        on_chunk(reply)
+        finally:
+            with self._lock:
+                self._inbox.pop(correlation, None)
