@@ -84,6 +84,16 @@ class JobsConfig(_Section):
     )
     max_tokens_limit: int = Field(2048, ge=1, le=131072, description="Upper bound on a job's max_tokens.")
 
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0,
+        le=600,
+        description=(
+            "On SIGTERM the running job may finish within this time; past it, it is put back in "
+            "the queue and runs again after the restart. Keep it below systemd's TimeoutStopSec."
+        ),
+    )
+
 
 class AgentConfig(BaseSettings):
     """Everything the daemon needs, from the TOML file and ``EDGE_AGENT_*`` variables."""

@@ -54,10 +54,6 @@ log = logging.getLogger(__name__)
 _ID_PATTERN = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.:@-]{1,128})"')
 _JOB_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 _ID_SCAN_BYTES = 4096
-# On SIGTERM the running job may finish within this grace; past it, it is put
-# back in the queue and runs again after the restart. Below systemd's default
-# 90 s stop timeout with room for publishing and disconnecting.
-SHUTDOWN_GRACE_S = 20.0
 # Delivered results are kept this long (and at most this many) to answer
 # duplicates of a finished job from the store.
 _KEEP_RESULTS_S = 7 * 24 * 3600
@@ -136,14 +132,16 @@ class Agent:
             if time.monotonic() - last_prune > 3600:
                 last_prune = time.monotonic()
                 self.store.prune(keep_s=_KEEP_RESULTS_S, keep_max=_KEEP_RESULTS_MAX)
-        self._worker.join(timeout=SHUTDOWN_GRACE_S + 5)
+        self._worker.join(timeout=self.config.jobs.shutdown_grace_s + 5)
         self._drain_acks(timeout=3.0)
         offline = Status(online=False, device_id=self.config.device_id).model_dump_json().encode()
         self.link.stop(final=(self.topics.status, offline))
         self.store.close()
 
-    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-        """Stop taking jobs; let the running one finish within ``grace_s``."""
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop taking jobs; let the running one finish within ``grace_s`` (default: from config)."""
+        if grace_s is None:
+            grace_s = self.config.jobs.shutdown_grace_s
         self._shutdown_deadline = time.monotonic() + grace_s
         self._stopping.set()
         self._work.set()
@@ -249,6 +247,8 @@ class Agent:
             self._cancel.add(cancel.id)
             running = self._running == cancel.id
         if not running and job.state == "queued":
+            with self._lock:
+                self._cancel.discard(cancel.id)
             self._finish(
                 job, self._result(job.id, "canceled", error=("canceled", "canceled before it started"))
             )
@@ -309,6 +309,7 @@ class Agent:
             self._running = None
             self._cancel.discard(job.id)
         if result is None:  # checkpointed at shutdown: it runs again after the restart
+            self.store.requeue(job.id)
             return
         self._finish(job, result)
 

@@ -145,6 +145,15 @@ class JobStore:
             )
             return cur.rowcount == 1
 
+    def requeue(self, job_id: str) -> None:
+        """Put a running job back, as if it had not started (a checkpoint at shutdown)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0)"
+                " WHERE id = ? AND state = 'running'",
+                (job_id,),
+            )
+
     def mark_delivered(self, job_id: str) -> None:
         """The broker acknowledged the result: it need not be sent again."""
         with self._lock:

@@ -130,3 +130,27 @@ def test_group_jobs_spread_over_two_agents_by_shared_subscription(agents, caller
         assert len(results[job_id]) == 1, f"{job_id} answered {len(results[job_id])} times"
         served_by[results[job_id][0]["_topic"].split("/")[1]] += 1
     assert set(served_by) == {"box-a", "box-b"}, served_by
+
+
+def test_a_job_that_expires_while_queued_is_answered_expired(long_agent, caller) -> None:  # type: ignore[no-untyped-def]
+    caller.send(JOBS, {"id": "busy-1", "prompt": "hello", "max_tokens": 2000, "stream": True})
+    _wait_chunks(caller, "busy-1")
+    caller.send(JOBS, {"id": "short-ttl", "prompt": "hello", "max_tokens": 5, "ttl_s": 0.2})
+    result = caller.wait_result("short-ttl")
+    assert result["status"] == "expired" and "while it waited" in result["error"]["message"]
+    assert caller.wait_result("busy-1")["status"] == "succeeded"
+
+
+def test_sigterm_past_the_grace_checkpoints_the_job_and_it_runs_after_restart(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(fixture_path("llama-long"), jobs={**LONG_LIMITS, "shutdown_grace_s": 0.2})
+    agent.start()
+    caller.send(JOBS, {"id": "ckpt-1", "prompt": "hello", "max_tokens": 4000, "stream": True})
+    _wait_chunks(caller, "ckpt-1")
+    assert agent.terminate(timeout=15) == 0
+    time.sleep(0.5)
+    assert caller.results("ckpt-1") == [], "a checkpointed job has no result yet"
+    agent.start()
+    results = _settle(caller, ["ckpt-1"])
+    assert len(results["ckpt-1"]) == 1
+    assert results["ckpt-1"][0]["status"] == "succeeded"
+    assert results["ckpt-1"][0]["usage"]["completion_tokens"] == 4000

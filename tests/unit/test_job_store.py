@@ -70,3 +70,12 @@ def test_database_is_durable_wal(tmp_path: Path) -> None:
     _store(tmp_path)
     mode = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+def test_a_checkpointed_job_goes_back_without_using_an_attempt(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.accept("c", "{}", "r", None, deadline=None)
+    assert store.claim_next().attempts == 1  # type: ignore[union-attr]
+    store.requeue("c")
+    job = store.get("c")
+    assert job is not None and job.state == "queued" and job.attempts == 0
