@@ -1,0 +1,306 @@
+"""``edge-agent doctor``: can this box run the agent with its configuration?
+
+Each check gives ``ok``, ``warn`` (works, but slower or riskier than it
+should) or ``fail`` (the agent will not run well, or at all), with a one-line
+detail.  The checks: Python and onnxruntime versions, the CPU features the
+int4/int8 kernels use, memory against the model's needs, free disk, the
+temperature (and Raspberry Pi throttling), TCP reachability of the broker, and
+that the model loads and computes a token.
+
+Run it with the agent stopped: a running agent holds the model in memory, which
+the memory check would then count twice.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import psutil
+from pydantic import BaseModel, ConfigDict
+
+from .config import AgentConfig, MQTTConfig, load_config
+from .errors import AgentError
+from .model_folder import ModelFolder
+from .system_probe import SystemProbe
+from .telemetry import HealthThresholds, SystemReading
+
+CheckStatus = Literal["ok", "warn", "fail"]
+
+MIN_PYTHON = (3, 11)
+MIN_ONNXRUNTIME = (1, 26)
+#: Headroom over the weights' size for the session's own buffers and activations.
+WEIGHTS_OVERHEAD = 1.2
+#: Bytes per cached key/value element: the CPU exports keep the KV cache in float32.
+KV_BYTES = 4
+_MiB = 1024 * 1024
+_WARM_C = 10.0  # this close below max_temp_c is a warning
+
+
+class Check(BaseModel):
+    """The outcome of one check."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    status: CheckStatus
+    detail: str
+
+
+def run_checks(
+    config: AgentConfig | str | Path,
+    *,
+    thresholds: HealthThresholds | None = None,
+    broker_timeout_s: float = 3.0,
+) -> list[Check]:
+    """Every check, in order, for a configuration (or the path of its TOML file).
+
+    ``thresholds`` are the health limits the agent will run with (defaults if
+    None).  The host checks run even when the configuration is invalid.
+    """
+    checks = [check_python(), check_onnxruntime(), check_cpu()]
+    if not isinstance(config, AgentConfig):
+        try:
+            config = load_config(config)
+        except AgentError as exc:
+            return [*checks, Check(name="config", status="fail", detail=exc.message)]
+        checks.append(Check(name="config", status="ok", detail="valid"))
+    limits = thresholds or HealthThresholds()
+    reading = SystemProbe(config.state_dir).measure()
+    memory, fits = _memory(config, reading, limits)
+    checks += [memory, check_disk(config.state_dir, limits), *check_temperature(reading, limits)]
+    checks.append(check_broker(config.mqtt, timeout_s=broker_timeout_s))
+    if fits:
+        checks.append(check_model(config))
+    else:  # loading it could get the box's other processes killed
+        checks.append(Check(name="model", status="fail", detail="not loaded: not enough memory"))
+    return checks
+
+
+def worst(checks: list[Check]) -> CheckStatus:
+    """The most serious status among ``checks`` (``ok`` when empty)."""
+    statuses = {check.status for check in checks}
+    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
+
+
+def format_report(checks: list[Check]) -> str:
+    """The checks as aligned lines, then a summary line."""
+    width = max((len(check.name) for check in checks), default=0)
+    lines = [f"{check.status:<4}  {check.name:<{width}}  {check.detail}" for check in checks]
+    failed = sum(check.status == "fail" for check in checks)
+    warned = sum(check.status == "warn" for check in checks)
+    if failed or warned:
+        lines.append(f"{_count(failed, 'failure')}, {_count(warned, 'warning')}")
+    else:
+        lines.append(f"all {_count(len(checks), 'check')} passed")
+    return "\n".join(lines)
+
+
+# -- the checks ------------------------------------------------------------------------------
+
+
+def check_python() -> Check:
+    """The interpreter is one the agent supports."""
+    version = platform.python_version()
+    detail = f"{version} ({platform.python_implementation()}, {sys.executable})"
+    if sys.version_info[:2] < MIN_PYTHON:
+        return Check(name="python", status="fail", detail=f"{detail}: needs {_dotted(MIN_PYTHON)} or newer")
+    return Check(name="python", status="ok", detail=detail)
+
+
+def check_onnxruntime() -> Check:
+    """onnxruntime imports, is recent enough, and has its CPU execution provider."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return Check(name="onnxruntime", status="fail", detail=f"cannot import: {exc}")
+    version = str(ort.__version__)
+    if _version_tuple(version) < MIN_ONNXRUNTIME:
+        return Check(
+            name="onnxruntime", status="fail", detail=f"{version}: needs {_dotted(MIN_ONNXRUNTIME)} or newer"
+        )
+    if "CPUExecutionProvider" not in ort.get_available_providers():
+        return Check(name="onnxruntime", status="fail", detail=f"{version}: no CPUExecutionProvider")
+    return Check(name="onnxruntime", status="ok", detail=version)
+
+
+def check_cpu(cpuinfo: str | None = None, machine: str | None = None) -> Check:
+    """The SIMD features onnxruntime's int4/int8 matrix kernels use (from /proc/cpuinfo by default)."""
+    machine = machine or platform.machine()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            return Check(name="cpu", status="warn", detail=f"{machine}: /proc/cpuinfo unreadable: {exc}")
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+
+    def listing(names: dict[str, str]) -> str:
+        return ", ".join(f"{label} {'yes' if flag in flags else 'no'}" for flag, label in names.items())
+
+    if machine in ("aarch64", "arm64"):
+        detail = f"{machine}: " + listing({"asimd": "NEON", "asimddp": "dotprod", "i8mm": "i8mm"})
+        if "asimd" not in flags:
+            return Check(name="cpu", status="fail", detail=detail + " (onnxruntime's Arm kernels need NEON)")
+        if "asimddp" not in flags:
+            return Check(name="cpu", status="warn", detail=detail + " (int8 matmuls take a slower path)")
+        return Check(name="cpu", status="ok", detail=detail)
+    if machine in ("x86_64", "AMD64"):
+        detail = f"{machine}: " + listing(
+            {"avx2": "avx2", "avx512f": "avx512", "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni"}
+        )
+        if "avx2" not in flags:
+            return Check(name="cpu", status="warn", detail=detail + " (no AVX2: slow kernels)")
+        return Check(name="cpu", status="ok", detail=detail)
+    return Check(name="cpu", status="warn", detail=f"{machine}: not an architecture the agent is tested on")
+
+
+def model_memory_mb(folder: ModelFolder) -> tuple[float, float]:
+    """Estimated (weights, KV cache) memory of a model, in MiB.
+
+    Weights: the graph and its external data files, times ``WEIGHTS_OVERHEAD``.
+    KV cache: a request that fills the whole context, in float32.
+    """
+    files = [folder.onnx_path, *sorted(folder.path.glob("*.data"))]
+    weights = sum(path.stat().st_size for path in files if path.is_file()) * WEIGHTS_OVERHEAD
+    decoder = folder.config.model.decoder
+    kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size
+    kv *= folder.context_length * KV_BYTES
+    return round(weights / _MiB, 1), round(kv / _MiB, 1)
+
+
+def check_memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> Check:
+    """Available memory covers the model and still leaves the health margin."""
+    return _memory(config, reading, thresholds)[0]
+
+
+def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> tuple[Check, bool]:
+    """The memory check, and whether the model may be loaded (False only when it is known not to fit)."""
+    try:
+        folder = ModelFolder(config.model.path)
+    except AgentError as exc:
+        return Check(name="memory", status="fail", detail=f"cannot size the model: {exc.message}"), True
+    weights, kv = model_memory_mb(folder)
+    need = weights + kv
+    detail = f"model needs ~{need:.1f} MiB (weights {weights} + KV {kv} at {folder.context_length} tokens)"
+    available = reading.memory.available_mb
+    if available is None:
+        return Check(name="memory", status="warn", detail=f"{detail}; available memory unknown"), True
+    detail += f", {available} MiB available"
+    if available < need:
+        return Check(name="memory", status="fail", detail=detail), False
+    if available - need < thresholds.min_mem_available_mb:
+        margin = thresholds.min_mem_available_mb
+        return Check(
+            name="memory", status="warn", detail=f"{detail}: less than {margin} MiB would be left"
+        ), True
+    return Check(name="memory", status="ok", detail=detail), True
+
+
+def check_disk(state_dir: Path, thresholds: HealthThresholds) -> Check:
+    """Free space where the job queue and model store live (or will, before the first start)."""
+    where = state_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = psutil.disk_usage(str(where)).free // _MiB
+    except OSError as exc:
+        return Check(name="disk", status="warn", detail=f"{where}: {exc}")
+    detail = f"{free} MiB free at {where}"
+    if free < thresholds.min_disk_free_mb:
+        return Check(name="disk", status="fail", detail=f"{detail} (below {thresholds.min_disk_free_mb} MiB)")
+    return Check(name="disk", status="ok", detail=detail)
+
+
+def check_temperature(reading: SystemReading, thresholds: HealthThresholds) -> list[Check]:
+    """The SoC temperature against ``max_temp_c``; on a Raspberry Pi also the throttling flags."""
+    temp = reading.temperature
+    celsius = temp.soc_c if temp.soc_c is not None else temp.max_c
+    limit = thresholds.max_temp_c
+    if celsius is None:
+        checks = [Check(name="temperature", status="warn", detail="no temperature sensor is readable")]
+    else:
+        which = "SoC" if temp.soc_c is not None else "hottest sensor"
+        detail = f"{which} {celsius:.1f} °C (limit {limit:.0f} °C)"
+        status: CheckStatus = "fail" if celsius >= limit else "warn" if celsius >= limit - _WARM_C else "ok"
+        checks = [Check(name="temperature", status=status, detail=detail)]
+    throttling = reading.throttling
+    if throttling is not None:
+        now = [name for name, on in throttling.now.model_dump().items() if on]
+        past = [name for name, on in throttling.since_boot.model_dump().items() if on]
+        raw = f" ({throttling.raw})" if throttling.raw else ""
+        if now:
+            checks.append(Check(name="throttling", status="fail", detail=f"now: {', '.join(now)}{raw}"))
+        elif past:
+            checks.append(
+                Check(name="throttling", status="warn", detail=f"since boot: {', '.join(past)}{raw}")
+            )
+        else:
+            checks.append(Check(name="throttling", status="ok", detail=f"none{raw}"))
+    return checks
+
+
+def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
+    """A TCP connection to the broker opens within ``timeout_s`` (TLS and login are not tried).
+
+    The timeout bounds the connection, not the name lookup, which takes as long as the resolver does.
+    """
+    where = f"{mqtt.host}:{mqtt.port}"
+    started = time.perf_counter()
+    try:
+        with socket.create_connection((mqtt.host, mqtt.port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return Check(name="broker", status="fail", detail=f"{where} unreachable: {reason}")
+    elapsed_ms = (time.perf_counter() - started) * 1e3
+    return Check(name="broker", status="ok", detail=f"{where} reachable over TCP ({elapsed_ms:.0f} ms)")
+
+
+def check_model(config: AgentConfig) -> Check:
+    """The model loads with the configured engine options and computes one token."""
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    started = time.perf_counter()
+    try:
+        engine = Engine(config.model.path, config.engine)
+        loaded = time.perf_counter()
+        engine.generate(engine.prompt_ids("Hello"), SamplingParams(max_tokens=1))
+    except AgentError as exc:
+        return Check(name="model", status="fail", detail=exc.message)
+    except Exception as exc:  # anything else onnxruntime or numpy raise (e.g. MemoryError)
+        return Check(name="model", status="fail", detail=f"{type(exc).__name__}: {exc}")
+    first_ms = (time.perf_counter() - loaded) * 1e3
+    return Check(
+        name="model",
+        status="ok",
+        detail=(
+            f"{engine.name} loaded in {loaded - started:.1f} s, first token in {first_ms:.0f} ms "
+            f"({engine.threads} threads, context {engine.context_length})"
+        ),
+    )
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(str(v) for v in version)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
