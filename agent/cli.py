@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
+    doctor = sub.add_parser("doctor", help="check this box: versions, CPU features, memory, broker, model")
+    doctor.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a configuration file without starting")
@@ -82,6 +85,15 @@ def _run(args: argparse.Namespace) -> int:
     agent.install_signal_handlers()
     agent.serve()
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_report, run_checks, worst
+
+    config = load_config(args.config)
+    checks = run_checks(config, thresholds=config.health)
+    print(format_report(checks))
+    return 1 if worst(checks) == "fail" else 0
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -173,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _config_check(args)
     except AgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)

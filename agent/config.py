@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .engine import EngineOptions
 from .errors import ConfigError
+from .telemetry import HealthThresholds, TelemetryConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -109,6 +110,8 @@ class AgentConfig(BaseSettings):
     model: ModelConfig
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     engine: EngineOptions = Field(default_factory=EngineOptions)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    health: HealthThresholds = Field(default_factory=HealthThresholds)
 
     _names_ok = field_validator("device_id", "group")(lambda v: v if v is None else _topic_safe(v))
 

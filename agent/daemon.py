@@ -21,6 +21,7 @@ import logging
 import queue
 import re
 import signal
+import sqlite3
 import threading
 import time
 from types import FrameType
@@ -37,6 +38,7 @@ from .protocol import (
     CancelRequest,
     Chunk,
     ErrorInfo,
+    Health,
     JobRequest,
     JobStatus,
     ModelRef,
@@ -46,6 +48,9 @@ from .protocol import (
     Usage,
 )
 from .sampling import SamplingParams
+from .sd_notify import Notifier
+from .system_probe import SystemProbe
+from .telemetry import JobStats, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,15 @@ _ID_SCAN_BYTES = 4096
 # duplicates of a finished job from the store.
 _KEEP_RESULTS_S = 7 * 24 * 3600
 _KEEP_RESULTS_MAX = 10_000
+# A prefill pass gives no sign of life until it ends; on a Pi a long prompt can
+# take minutes (Phi-3-mini prefills at roughly 10-40 tok/s there), so the
+# watchdog allows this much silence per prompt token before it stops pinging.
+_PREFILL_ALLOWANCE_S_PER_TOKEN = 0.2
+# Until the broker is reached, ask systemd for this much more start time every
+# third of it: a box that boots before its broker must not be killed for that.
+_START_EXTENSION_S = 15.0
+# After a storage error, wait this long before touching the database again.
+_RETRY_S = 1.0
 
 
 class Agent:
@@ -100,6 +114,17 @@ class Agent:
         self._lock = threading.Lock()  # guards _cancel, _running and _pending
         self._pending: dict[int, str] = {}  # result publication mid -> job id
         self._worker = threading.Thread(target=self._work_loop, name="edge-agent-worker", daemon=True)
+        self.notifier = Notifier()
+        self.probe = SystemProbe(config.state_dir, sysfs=config.telemetry.sysfs_root)
+        self.job_stats = JobStats()
+        self._health: Health | None = None
+        self._ready = False
+        self._beat = time.monotonic()  # the worker's last sign of life
+        self._quiet_until = 0.0  # the worker may be silent until then (a long prefill)
+        self._next_telemetry = 0.0
+        self._next_watchdog = 0.0
+        self._next_extension = 0.0
+        self._retry: list[tuple[float, Message]] = []  # messages to handle again after a storage error
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -132,6 +157,8 @@ class Agent:
             if time.monotonic() - last_prune > 3600:
                 last_prune = time.monotonic()
                 self.store.prune(keep_s=_KEEP_RESULTS_S, keep_max=_KEEP_RESULTS_MAX)
+            self._tick()
+        self.notifier.stopping("finishing the running job, then disconnecting")
         self._worker.join(timeout=self.config.jobs.shutdown_grace_s + 5)
         self._drain_acks(timeout=3.0)
         offline = Status(online=False, device_id=self.config.device_id).model_dump_json().encode()
@@ -145,6 +172,73 @@ class Agent:
         self._shutdown_deadline = time.monotonic() + grace_s
         self._stopping.set()
         self._work.set()
+
+    # -- supervision: systemd notify, watchdog, telemetry ---------------------------
+
+    def _tick(self) -> None:
+        """Called from the intake loop at least twice a second."""
+        now = time.monotonic()
+        if self._retry:
+            due = [m for t, m in self._retry if t <= now]
+            self._retry = [(t, m) for t, m in self._retry if t > now]
+            for msg in due:
+                self._on_message(msg)
+        if not self._ready:
+            if self.link.connected.is_set():
+                self._ready = True
+                self.notifier.ready(self._status_line())
+            elif now >= self._next_extension:
+                self._next_extension = now + _START_EXTENSION_S / 3
+                self.notifier.extend_timeout(_START_EXTENSION_S)
+        interval = self.notifier.watchdog_interval_s
+        if interval is not None and now >= self._next_watchdog and self._healthy_loops(now, 2 * interval):
+            self._next_watchdog = now + interval
+            self.notifier.watchdog()
+        if now >= self._next_telemetry:
+            self._next_telemetry = now + self.config.telemetry.interval_s
+            self._publish_telemetry()
+
+    def _healthy_loops(self, now: float, patience_s: float) -> bool:
+        """The worker showed life recently (or is in a long prefill) and paho's thread runs."""
+        worker_ok = now - self._beat < patience_s or now < self._quiet_until
+        return worker_ok and self._worker.is_alive() and self.link.alive
+
+    def _publish_telemetry(self) -> None:
+        with self._lock:
+            backlog = len(self._pending)
+        message = self.probe.telemetry(
+            device_id=self.config.device_id,
+            interval_s=self.config.telemetry.interval_s,
+            thresholds=self.config.health,
+            jobs=self.job_stats.snapshot_and_reset(self.store.queued_count()),
+            model=ModelInfo(name=self.engine.name),
+            backlog=backlog,
+            previous=self._health,
+        )
+        changed = message.health != self._health
+        self._health = message.health
+        if changed and message.health is not None:
+            level = logging.WARNING if message.health.verdict == "degraded" else logging.INFO
+            log.log(level, "health: %s %s", message.health.verdict, ", ".join(message.health.reasons))
+        self.link.publish(self.topics.telemetry, message.model_dump_json().encode(), qos=0)
+        if changed and self._ready:
+            self._publish_status()
+        self.notifier.status(self._status_line())
+
+    def _shedding(self) -> bool:
+        return self._health is not None and self._health.overloaded
+
+    def _status_line(self) -> str:
+        with self._lock:
+            running = self._running
+        health: str = self._health.verdict if self._health is not None else "unknown"
+        if self._health is not None and self._health.reasons:
+            health += " (" + ", ".join(self._health.reasons) + ")"
+        link = "connected" if self.link.connected.is_set() else "broker unreachable"
+        return (
+            f"serving {self.engine.name}: {'1 running' if running else 'idle'}, "
+            f"{self.store.queued_count()} queued, health {health}, {link}"
+        )
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT start a clean shutdown."""
@@ -165,7 +259,13 @@ class Agent:
                 self._on_cancel(msg)
             else:
                 self._on_job(msg)
-        except Exception:  # one bad message must never stop the intake
+        except sqlite3.Error as exc:
+            # Storage trouble (a stalled or full SD card): not acknowledging means
+            # the broker still holds the job; try again shortly.
+            log.error("cannot store a message from %s (%s); retrying in %.0f s", msg.topic, exc, _RETRY_S)
+            self._retry.append((time.monotonic() + _RETRY_S, msg))
+            return
+        except Exception:  # a bug triggered by one odd message must not stop the intake
             log.exception("unexpected error handling a message on %s", msg.topic)
         self.link.ack(msg)
 
@@ -212,6 +312,18 @@ class Agent:
                 "rejected",
                 "invalid_request",
                 f"max_tokens: {request.max_tokens} exceeds this agent's limit of {self.config.jobs.max_tokens_limit}",
+            )
+            return
+        if self._shedding() and self.config.health.shed_load == "reject":
+            assert self._health is not None
+            reasons = ", ".join(self._health.reasons)
+            self._reply_now(
+                job_id,
+                reply,
+                msg.correlation,
+                "rejected",
+                "overloaded",
+                f"the box is shedding load ({reasons}); retry later or elsewhere",
             )
             return
         if self.store.queued_count() >= self.config.jobs.max_queue:
@@ -280,6 +392,7 @@ class Agent:
     ) -> None:
         """Answer a job that was never accepted (nothing is stored: a retry may succeed)."""
         log.info("job %s %s: %s", job_id, status, message)
+        self.job_stats.record(status)
         result = self._result(job_id, status, error=(code, message))
         self.link.publish(reply, result.model_dump_json(exclude_none=True).encode(), correlation=correlation)
 
@@ -289,11 +402,18 @@ class Agent:
         while True:
             self._work.wait(timeout=1.0)
             self._work.clear()
+            self._beat = time.monotonic()
             while not self._stopping.is_set():
-                job = self.store.claim_next()
-                if job is None:
-                    break
-                self._run(job)
+                if self._shedding() and self.config.health.shed_load == "queue":
+                    break  # jobs wait in the queue until the box recovers
+                try:
+                    job = self.store.claim_next()
+                    if job is None:
+                        break
+                    self._run(job)
+                except sqlite3.Error as exc:  # a stalled disk: no heartbeat until it recovers
+                    log.error("job store error in the worker: %s; retrying in %.0f s", exc, _RETRY_S)
+                    time.sleep(_RETRY_S)
             if self._stopping.is_set():
                 return
 
@@ -347,12 +467,14 @@ class Agent:
 
         def should_stop() -> bool:
             nonlocal checkpoint
+            self._beat = time.monotonic()
             if self._shutdown_deadline is not None and time.monotonic() > self._shutdown_deadline:
                 checkpoint = True
                 return True
             with self._lock:
                 return job.id in self._cancel
 
+        self._quiet_until = time.monotonic() + _PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
         try:
             completion = self.engine.generate(
                 ids, params, on_text=on_text if request.stream else None, should_stop=should_stop
@@ -389,6 +511,11 @@ class Agent:
     def _finish(self, job: StoredJob, result: Result) -> None:
         payload = result.model_dump_json(exclude_none=True)
         if self.store.finish(job.id, payload):
+            self.job_stats.record(
+                result.status,
+                latency_s=time.time() - job.received_at,
+                decode_tok_s=result.timings.get("decode_tokens_per_s"),
+            )
             self._publish_result(job.id, job.reply_topic, job.correlation, payload)
 
     def _publish_result(self, job_id: str, reply: str, correlation: bytes | None, payload: str) -> None:
@@ -417,6 +544,7 @@ class Agent:
             agent_version=__version__,
             model=self.model,
             capabilities=["generate", "stream", "chat", "cancel"],
+            health=self._health,
         )
         self.link.publish(self.topics.status, status.model_dump_json().encode(), retain=True)
 

@@ -160,6 +160,14 @@ class MQTTLink:
         self._client.disconnect()
         self._client.loop_stop()
 
+    @property
+    def alive(self) -> bool:
+        """Whether paho's network thread is running (the watchdog stops when it dies)."""
+        # paho exposes no public accessor for its loop thread; this is the one
+        # place that looks inside it.
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
     # -- traffic ---------------------------------------------------------------
 
     def subscribe_topics(self) -> None:

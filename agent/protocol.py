@@ -120,6 +120,23 @@ Reply = Annotated[Chunk | Result, Field(discriminator="type")]
 REPLY: TypeAdapter[Chunk | Result] = TypeAdapter(Reply)
 
 
+#: Why a box is ``degraded``.  ``hot`` and ``low_memory`` also make the agent shed load.
+HealthReason = Literal["hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog"]
+_SHEDDING_REASONS: frozenset[str] = frozenset({"hot", "low_memory"})
+
+
+class Health(_Wire):
+    """``ok``, or ``degraded`` with the reasons."""
+
+    verdict: Literal["ok", "degraded"]
+    reasons: list[HealthReason] = Field(default_factory=list)
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the agent should stop starting new jobs (too hot, or memory short)."""
+        return any(reason in _SHEDDING_REASONS for reason in self.reasons)
+
+
 class Status(_Wire):
     """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false."""
 
@@ -129,6 +146,7 @@ class Status(_Wire):
     agent_version: str | None = None
     model: ModelRef | None = None
     capabilities: list[str] = Field(default_factory=list)
+    health: Health | None = None
     since: float = Field(default_factory=time.time)
 
 
@@ -140,6 +158,7 @@ class Topics:
         self.jobs = f"{base}/jobs"
         self.cancel = f"{base}/jobs/cancel"
         self.status = f"{base}/status"
+        self.telemetry = f"{base}/telemetry"
         self.results_prefix = f"{base}/results/"
         self.group_jobs = f"{prefix}/groups/{group}/jobs" if group else None
         self.shared_group_jobs = f"$share/{group}/{self.group_jobs}" if group else None

@@ -17,10 +17,10 @@ from typing import TypeVar
 
 import psutil
 
+from .protocol import Health
 from .telemetry import (
     CPU,
     MAX_SENSORS,
-    Health,
     HealthThresholds,
     JobsTelemetry,
     Memory,

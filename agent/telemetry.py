@@ -17,15 +17,13 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import JobStatus
+from .protocol import Health, HealthReason, JobStatus
 
-#: Why a box is ``degraded``.  ``hot`` and ``low_memory`` also make the agent shed load.
-HealthReason = Literal["hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog"]
-_SHEDDING_REASONS: frozenset[HealthReason] = frozenset({"hot", "low_memory"})
 #: At most this many temperature sensors are reported (the hottest).
 MAX_SENSORS = 8
 
@@ -40,6 +38,13 @@ class TelemetryConfig(BaseModel):
 
     interval_s: float = Field(
         10.0, ge=1.0, le=3600.0, description="Seconds between telemetry messages (and health checks)."
+    )
+    sysfs_root: Path = Field(
+        Path("/sys"),
+        description=(
+            "Where sysfs is mounted. Only containers with a bind-mounted host sysfs, and tests that "
+            "simulate a thermal sensor on machines without one, change it."
+        ),
     )
 
 
@@ -171,18 +176,6 @@ class JobsTelemetry(_Part):
     latency_p50_s: float | None = Field(None, description="Median time from receipt to result.")
     latency_p95_s: float | None = None
     decode_tok_s: float | None = Field(None, description="Mean of the jobs' decode speeds, tokens/s.")
-
-
-class Health(_Part):
-    """``ok``, or ``degraded`` with the reasons."""
-
-    verdict: Literal["ok", "degraded"]
-    reasons: list[HealthReason] = Field(default_factory=list)
-
-    @property
-    def overloaded(self) -> bool:
-        """Whether the agent should stop starting new jobs (too hot, or memory short)."""
-        return any(reason in _SHEDDING_REASONS for reason in self.reasons)
 
 
 class SystemReading(_Part):

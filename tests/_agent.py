@@ -32,6 +32,8 @@ class AgentProcess:
         group: str | None = None,
         jobs: dict[str, Any] | None = None,
         mqtt: dict[str, Any] | None = None,
+        telemetry: dict[str, Any] | None = None,
+        health: dict[str, Any] | None = None,
     ) -> None:
         self.broker = broker
         self.device_id = device_id
@@ -52,10 +54,14 @@ class AgentProcess:
         ]
         lines += [f"{k} = {json.dumps(v)}" for k, v in (mqtt or {}).items()]
         lines += ["[jobs]"] + [f"{k} = {json.dumps(v)}" for k, v in (jobs or {}).items()]
+        # Telemetry every second so tests see it quickly (10 s in production).
+        telemetry = {"interval_s": 1.0, **(telemetry or {})}
+        lines += ["[telemetry]"] + [f"{k} = {json.dumps(v)}" for k, v in telemetry.items()]
+        lines += ["[health]"] + [f"{k} = {json.dumps(v)}" for k, v in (health or {}).items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait_online: bool = True) -> None:
+    def start(self, wait_online: bool = True, env: dict[str, str] | None = None) -> None:
         """Start the daemon; by default wait until it announces itself online."""
         watcher = _StatusWatcher(self.broker, self.device_id) if wait_online else None
         started = time.time()
@@ -64,7 +70,7 @@ class AgentProcess:
             [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config), "--log-level", "DEBUG"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         if watcher is not None:
             try:

@@ -14,10 +14,10 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
+from agent.protocol import Health
 from agent.system_probe import SystemProbe, decode_throttled
 from agent.telemetry import (
     CPU,
-    Health,
     HealthThresholds,
     JobCounts,
     JobStats,
