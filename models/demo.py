@@ -115,20 +115,12 @@ def train(model: LlamaForCausalLM, data: torch.Tensor, seconds: float, seed: int
 
 def sample(model_dir: Path, prompt: str, max_new: int = 40) -> str:
     """Greedy-decode ``max_new`` tokens after ``prompt`` with onnxruntime-genai."""
-    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
 
-    model = og.Model(str(model_dir))
-    tok = og.Tokenizer(model)
-    ids = tok.encode(prompt)
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + max_new)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    out: list[int] = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return tok.decode(out)
+    from models.fixtures import smoke_test
+
+    ids = smoke_test(model_dir, prompt, steps=max_new)
+    return str(Tokenizer.from_file(str(model_dir / "tokenizer.json")).decode(ids))
 
 
 def main(argv: list[str] | None = None) -> int:
