@@ -43,6 +43,8 @@ class Broker:
                     # this line is ignored.
                     "user root",
                     f"listener {self.port} 127.0.0.1",
+                    # Small MQTT packets must not wait for Nagle + delayed ACK (~40 ms each).
+                    "set_tcp_nodelay true",
                     "allow_anonymous true",
                     "persistence true",
                     f"persistence_location {workdir / 'data'}/",

@@ -14,6 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.mqtt_link import no_delay
+
 
 class Caller:
     """Subscribes to ``reply_filter`` and files every reply by job id."""
@@ -32,6 +34,7 @@ class Caller:
         self.replies: dict[str, list[dict[str, Any]]] = {}
         self.raw: queue.Queue[tuple[str, bytes, bytes | None]] = queue.Queue()
         self._cond = threading.Condition()
+        self.client.on_socket_open = no_delay
         self.client.on_message = self._on_message
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *_a: self._subscribed.set()

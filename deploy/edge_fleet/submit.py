@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
+from agent.mqtt_link import no_delay
 from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
 
 
@@ -40,6 +41,7 @@ class Submitter:
             client_id=f"edge-fleet-{uuid.uuid4().hex[:12]}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
+        self._client.on_socket_open = no_delay
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *_a: self._ready.set()
         self._client.on_message = self._on_message
