@@ -47,7 +47,6 @@ from .protocol import (
     Topics,
     Usage,
 )
-from .sampling import SamplingParams
 from .sd_notify import Notifier
 from .system_probe import SystemProbe
 from .telemetry import JobStats, ModelInfo
@@ -444,15 +443,7 @@ class Agent:
                 ids = self.engine.prompt_ids(messages=[m.model_dump() for m in request.messages])
             else:
                 ids = self.engine.prompt_ids(request.prompt)
-            params = SamplingParams(
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                repetition_penalty=request.repetition_penalty,
-                seed=request.seed,
-                stop=tuple(request.stop),
-            )
+            params = request.sampling_params()
         except InvalidRequestError as exc:
             return self._result(job.id, "rejected", error=(exc.code, exc.message))
         seq = 0

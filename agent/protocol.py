@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from .sampling import SamplingParams
+
 JobStatus = Literal["succeeded", "failed", "rejected", "canceled", "expired"]
 
 
@@ -55,6 +57,18 @@ class JobRequest(_Wire):
         if self.expires_at is not None and self.ttl_s is not None:
             raise ValueError("give at most one of expires_at and ttl_s")
         return self
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's parameters for this job."""
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=tuple(self.stop),
+        )
 
     def deadline(self, received_at: float) -> float | None:
         """Unix time after which the job is expired, if it has one."""
