@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint check-wheels bench
 
 $(BIN)/edge-agent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# Every runtime dependency must install on a 64-bit Arm box from wheels alone.
+check-wheels: setup
+	$(BIN)/python deploy/check_wheels.py
+
+test: lint check-wheels
 	$(BIN)/pytest -q
 
 bench: setup
