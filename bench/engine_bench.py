@@ -107,7 +107,7 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def run_engine(path: Path, prompt: list[int], new: int, threads: int, spin: bool = True) -> Runner:
-    """agent.Engine with its default options (``spin=False``: spin_us=0), driven as ``bench`` does."""
+    """agent.Engine with its default options (``spin=False``: no spinning), driven as ``bench`` does."""
     from agent.engine import Engine, EngineOptions
     from agent.sampling import SamplingParams
 
