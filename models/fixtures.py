@@ -145,6 +145,26 @@ def build_long_fixture(out_root: Path, tok: tokenizer.Tokenizer) -> Path:
     return out_dir
 
 
+PRUNED_NAME = "phi3-int4-pruned"
+
+
+def build_pruned_fixture(out_root: Path, tok: tokenizer.Tokenizer) -> Path:
+    """Build ``phi3-int4-pruned``: phi3-int4's weights exported with ``prune_lm_head``.
+
+    Its prompt pass returns logits for the last position only, the layout
+    ``models.convert`` writes by default; the engine must give the same tokens.
+    """
+    out_dir = out_root / PRUNED_NAME
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    with tempfile.TemporaryDirectory(prefix="fixture-pruned-") as tmp:
+        hf_dir = Path(tmp) / "hf"
+        make_checkpoint("phi3", hf_dir, tok)
+        builder.build(hf_dir, out_dir, "int4", {"prune_lm_head": True}, quiet=True)
+    builder.set_eos(out_dir, EOS_IDS)
+    return out_dir
+
+
 def smoke_test(model_dir: Path, prompt: str = "The edge agent", steps: int = 30) -> list[int]:
     """Greedily generate ``steps`` tokens with onnxruntime-genai; return new token ids."""
     import onnxruntime_genai as og
@@ -174,11 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--long", action="store_true", help=f"build only {LONG_NAME} (daemon tests' slow model)"
     )
+    parser.add_argument(
+        "--pruned", action="store_true", help=f"build only {PRUNED_NAME} (last-position logits)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-genai smoke test")
     args = parser.parse_args(argv)
 
     tok = fixture_tokenizer()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.pruned:
+        out_dir = build_pruned_fixture(args.out, tok)
+        print(f"{out_dir.name:<14} {sum(p.stat().st_size for p in out_dir.iterdir()) / 1024:7.1f} KiB")
+        return 0
     if args.long:
         out_dir = build_long_fixture(args.out, tok)
         print(f"{out_dir.name:<14} {sum(p.stat().st_size for p in out_dir.iterdir()) / 1024:7.1f} KiB")

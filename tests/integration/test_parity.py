@@ -64,3 +64,16 @@ def test_chat_prompt_matches_reference_template(name: str) -> None:
     assert engine.generate(ids, SamplingParams(max_tokens=24)).token_ids == _reference(
         reference, engine.eos_ids, ids, 24
     )
+
+
+def test_last_position_logits_export_gives_the_same_tokens() -> None:
+    # models.convert prunes the lm_head by default: the prompt pass returns one row of logits.
+    pruned_path = fixture_path("phi3-int4-pruned")
+    pruned, full = Engine(pruned_path), Engine(fixture_path("phi3-int4"))
+    assert pruned._io.prefill_logits_rows(50) == 1 and full._io.prefill_logits_rows(50) == 50
+    reference = og.Model(str(pruned_path))
+    for prompt in PROMPTS:
+        ids = pruned.prompt_ids(prompt)
+        ours = pruned.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
+        assert ours == full.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
+        assert ours == _reference(reference, pruned.eos_ids, ids, NEW_TOKENS)
