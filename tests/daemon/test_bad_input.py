@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests._models import fixture_path
 
 JOBS = "edge/box-1/jobs"
 
@@ -90,16 +94,16 @@ def test_messages_without_id_are_dropped_and_service_goes_on(served) -> None:  #
 
 
 def test_full_queue_answers_busy(agents, caller) -> None:  # type: ignore[no-untyped-def]
-    agent = agents(jobs={"max_queue": 2})
+    # llama-long runs every job to max_tokens (~0.6 s for 1,000 here), so the first job is
+    # certainly still running while the intake sees the other seven.
+    agent = agents(fixture_path("llama-long"), jobs={"max_queue": 2})
     agent.start()
-    import os
-    import signal
 
     # Freeze the agent so all jobs are waiting for it at once when it resumes.
     os.kill(agent.proc.pid, signal.SIGSTOP)
     try:
         for i in range(8):
-            caller.send(JOBS, {"id": f"q-{i}", "prompt": "The quick brown fox " * 8, "max_tokens": 200})
+            caller.send(JOBS, {"id": f"q-{i}", "prompt": "The quick brown fox", "max_tokens": 1000})
     finally:
         os.kill(agent.proc.pid, signal.SIGCONT)
     results = {f"q-{i}": caller.wait_result(f"q-{i}", timeout=60) for i in range(8)}
