@@ -6,11 +6,13 @@
     ├── ModelError                 the model folder cannot be used
     │   ├── ModelFileError         a file is missing, unreadable or corrupt (names the file)
     │   └── ModelConfigError       genai_config.json is missing a field or has an unsupported one
-    └── GenerationError            a request cannot be run
-        ├── InvalidRequestError    a parameter is out of range or inconsistent
-        └── ContextOverflowError   the prompt does not fit in the model's context
+    ├── GenerationError            a request cannot be run
+    │   ├── InvalidRequestError    a parameter is out of range or inconsistent
+    │   └── ContextOverflowError   the prompt does not fit in the model's context
+    └── UpdateError                a model update is refused or failed (``code`` says why)
+        └── SignatureError         a manifest's signature is missing, untrusted or wrong
 
-Foreign errors (onnxruntime, tokenizers, jinja2, json) are translated once, where
+Foreign errors (onnxruntime, tokenizers, jinja2, json, cryptography, urllib) are translated once, where
 they enter the agent, with ``raise ... from exc`` so the cause stays visible.
 Every error carries a stable machine-readable ``code`` for wire replies.
 """
@@ -86,3 +88,20 @@ class ContextOverflowError(GenerationError):
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+
+class UpdateError(AgentError):
+    """A model update is refused or failed; ``code`` is the reason reported in the model state."""
+
+    code = "update_failed"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class SignatureError(UpdateError):
+    """A manifest's signature is missing, made by an untrusted key, or does not verify."""
+
+    code = "bad_signature"

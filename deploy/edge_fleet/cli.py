@@ -1,0 +1,46 @@
+"""The ``edge-fleet`` command line: the operator's tool.
+
+Each command lives in the module named after what it does; a module adds its
+sub-commands in ``register`` and sets ``func`` on them.  Every command that
+talks to the broker takes the flags of ``broker.add_broker_args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.errors import AgentError
+
+from . import broker, releases
+
+#: Modules that add sub-commands, in the order ``--help`` lists them; each has ``register(sub)``.
+_COMMAND_MODULES = (releases,)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-fleet", description="Operate a fleet of edge-agent boxes.")
+    parser.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edge-fleet`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (AgentError, broker.FleetError) as exc:
+        print(f"edge-fleet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
