@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .engine import EngineOptions
-from .errors import ConfigError
+from .errors import ConfigError, SignatureError
+from .signing import PublicKey
 from .telemetry import HealthThresholds, TelemetryConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -71,9 +72,12 @@ class MQTTConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The model served when the store holds none yet."""
+    """The model served until an update installs one (and the last resort after a failed one)."""
 
     path: Path = Field(description="Model folder (genai_config.json, model.onnx, tokenizer.json).")
+    version: str | None = Field(
+        None, description="Its version, if known: updates must carry a higher one (semantic versions)."
+    )
 
 
 class JobsConfig(_Section):
@@ -96,6 +100,57 @@ class JobsConfig(_Section):
     )
 
 
+class UpdateConfig(_Section):
+    """``[update]``: over-the-air model updates (see ``updater``)."""
+
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Public keys whose signed releases this box installs, one OpenSSH line each "
+            "(edge-fleet keygen writes fleet.pub in this form). Empty: every update is refused."
+        ),
+    )
+    keep_versions: int = Field(
+        3, ge=2, le=20, description="Installed versions kept on disk (the active and previous included)."
+    )
+    bandwidth_kbps: int | None = Field(
+        None, ge=8, le=10_000_000, description="Cap on download speed, in kilobytes per second."
+    )
+    memory_reserve_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description=(
+            "Memory to keep free while a new model is loaded beside the old one; when that does not "
+            "fit, the old model is unloaded first (a short pause in service)."
+        ),
+    )
+    probation_jobs: int = Field(
+        5, ge=1, le=1000, description="The first jobs on a new model that may trigger an automatic rollback."
+    )
+    max_failed_jobs: int = Field(
+        2, ge=1, le=1000, description="This many failed jobs among the probation jobs roll the model back."
+    )
+    probation_s: float = Field(
+        3600.0, ge=1.0, le=30 * 24 * 3600, description="Probation ends after this long even with few jobs."
+    )
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_parse(cls, keys: list[str]) -> list[str]:
+        for index, key in enumerate(keys):
+            try:
+                PublicKey.from_line(key)
+            except SignatureError as exc:
+                raise ValueError(f"entry {index}: {exc.message}") from exc
+        return keys
+
+    def public_keys(self) -> list[PublicKey]:
+        """The trusted keys, parsed."""
+        return [PublicKey.from_line(k) for k in self.trusted_keys]
+
+
 class AgentConfig(BaseSettings):
     """Everything the daemon needs, from the TOML file and ``EDGE_AGENT_*`` variables."""
 
@@ -112,6 +167,7 @@ class AgentConfig(BaseSettings):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     health: HealthThresholds = Field(default_factory=HealthThresholds)
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
 
     _names_ok = field_validator("device_id", "group")(lambda v: v if v is None else _topic_safe(v))
 

@@ -24,13 +24,14 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from types import FrameType
 
 from pydantic import ValidationError
 
 from . import __version__
 from .config import AgentConfig
-from .engine import Engine
 from .errors import AgentError, ContextOverflowError, InvalidRequestError
 from .job_store import JobStore, StoredJob
 from .mqtt_link import Connected, Message, MQTTLink, Published
@@ -41,7 +42,7 @@ from .protocol import (
     Health,
     JobRequest,
     JobStatus,
-    ModelRef,
+    ModelState,
     Result,
     Status,
     Topics,
@@ -50,6 +51,7 @@ from .protocol import (
 from .sd_notify import Notifier
 from .system_probe import SystemProbe
 from .telemetry import JobStats, ModelInfo
+from .updater import Updater
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +78,17 @@ _RETRY_S = 1.0
 class Agent:
     """One box's daemon. ``serve`` runs until ``shutdown`` (or SIGTERM/SIGINT)."""
 
-    def __init__(self, config: AgentConfig, *, engine: Engine | None = None) -> None:
+    def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(config.state_dir / "jobs.sqlite3")
-        self.engine = engine or Engine(config.model.path, config.engine)
-        self.model = ModelRef(name=self.engine.name)
-        subscriptions = [self.topics.jobs, self.topics.cancel]
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
+        # Loads the active model (or falls back to the previous or configured one).
+        self.updater = Updater(config, publish=self._publish_model_state, between_jobs=self._between_jobs)
+        subscriptions = [self.topics.jobs, self.topics.cancel, self.topics.model_desired]
+        if self.topics.group_model_desired:
+            subscriptions.append(self.topics.group_model_desired)
         if self.topics.shared_group_jobs:
             if config.mqtt.protocol == "5":
                 subscriptions.append(self.topics.shared_group_jobs)
@@ -103,7 +108,7 @@ class Agent:
             # Let the broker drop absurd messages itself; oversized-but-sane ones
             # still arrive and get a precise "payload_too_large" answer.
             max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
-            on_connect=self._publish_status,
+            on_connect=self._on_connect,
         )
         self._stopping = threading.Event()
         self._shutdown_deadline: float | None = None
@@ -140,6 +145,7 @@ class Agent:
             )
         self._worker.start()
         self.link.start()
+        self.updater.start()
         self._work.set()
         last_prune = 0.0
         while not self._stopping.is_set():
@@ -158,6 +164,7 @@ class Agent:
                 self.store.prune(keep_s=_KEEP_RESULTS_S, keep_max=_KEEP_RESULTS_MAX)
             self._tick()
         self.notifier.stopping("finishing the running job, then disconnecting")
+        self.updater.stop()
         self._worker.join(timeout=self.config.jobs.shutdown_grace_s + 5)
         self._drain_acks(timeout=3.0)
         offline = Status(online=False, device_id=self.config.device_id).model_dump_json().encode()
@@ -205,12 +212,13 @@ class Agent:
     def _publish_telemetry(self) -> None:
         with self._lock:
             backlog = len(self._pending)
+        serving = self.updater.serving
         message = self.probe.telemetry(
             device_id=self.config.device_id,
             interval_s=self.config.telemetry.interval_s,
             thresholds=self.config.health,
             jobs=self.job_stats.snapshot_and_reset(self.store.queued_count()),
-            model=ModelInfo(name=self.engine.name),
+            model=ModelInfo(name=serving.ref.name, version=serving.ref.version, precision=serving.precision),
             backlog=backlog,
             previous=self._health,
         )
@@ -235,7 +243,7 @@ class Agent:
             health += " (" + ", ".join(self._health.reasons) + ")"
         link = "connected" if self.link.connected.is_set() else "broker unreachable"
         return (
-            f"serving {self.engine.name}: {'1 running' if running else 'idle'}, "
+            f"serving {self.updater.serving.ref.name}: {'1 running' if running else 'idle'}, "
             f"{self.store.queued_count()} queued, health {health}, {link}"
         )
 
@@ -256,6 +264,10 @@ class Agent:
         try:
             if msg.topic == self.topics.cancel:
                 self._on_cancel(msg)
+            elif msg.topic == self.topics.model_desired:
+                self.updater.offer("device", msg.payload)
+            elif msg.topic == self.topics.group_model_desired:
+                self.updater.offer("group", msg.payload)
             else:
                 self._on_job(msg)
         except sqlite3.Error as exc:
@@ -403,6 +415,7 @@ class Agent:
             self._work.clear()
             self._beat = time.monotonic()
             while not self._stopping.is_set():
+                self._run_tasks()
                 if self._shedding() and self.config.health.shed_load == "queue":
                     break  # jobs wait in the queue until the box recovers
                 try:
@@ -424,6 +437,8 @@ class Agent:
         except Exception as exc:  # the engine failing must not take the daemon down
             log.exception("job %s failed", job.id)
             result = self._result(job.id, "failed", error=("internal", f"{type(exc).__name__}: {exc}"))
+        # Jobs the model itself ran (not refused or expired before) count towards an update's probation.
+        ran_engine = result is not None and result.status in ("succeeded", "failed")
         with self._lock:
             self._running = None
             self._cancel.discard(job.id)
@@ -431,18 +446,23 @@ class Agent:
             self.store.requeue(job.id)
             return
         self._finish(job, result)
+        if ran_engine:
+            self.updater.job_finished(
+                result.status == "succeeded", result.error.message if result.error else None
+            )
 
     def _execute(self, job: StoredJob) -> Result | None:
         request = JobRequest.model_validate_json(job.request)
+        engine = self.updater.serving.engine
         if job.deadline is not None and job.deadline <= time.time():
             return self._result(
                 job.id, "expired", error=("expired", "the job expired while it waited in the queue")
             )
         try:
             if request.messages is not None:
-                ids = self.engine.prompt_ids(messages=[m.model_dump() for m in request.messages])
+                ids = engine.prompt_ids(messages=[m.model_dump() for m in request.messages])
             else:
-                ids = self.engine.prompt_ids(request.prompt)
+                ids = engine.prompt_ids(request.prompt)
             params = request.sampling_params()
         except InvalidRequestError as exc:
             return self._result(job.id, "rejected", error=(exc.code, exc.message))
@@ -467,7 +487,7 @@ class Agent:
 
         self._quiet_until = time.monotonic() + _PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
         try:
-            completion = self.engine.generate(
+            completion = engine.generate(
                 ids, params, on_text=on_text if request.stream else None, should_stop=should_stop
             )
         except (ContextOverflowError, InvalidRequestError) as exc:
@@ -486,17 +506,43 @@ class Agent:
                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
             ),
             timings=completion.timings.model_dump(),
-            model=self.model,
+            model=self.updater.serving.ref,
             error=ErrorInfo(code="canceled", message="canceled while running")
             if status == "canceled"
             else None,
         )
 
+    def _between_jobs(self, task: Callable[[], None]) -> Future[None]:
+        """Have the worker run ``task`` before it starts its next job (the model swaps this way)."""
+        future: Future[None] = Future()
+        self._tasks.put((task, future))
+        self._work.set()
+        return future
+
+    def _run_tasks(self) -> None:
+        while True:
+            try:
+                task, future = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                task()
+            except BaseException as exc:  # handed to the waiting updater, which reports it
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+            self._beat = time.monotonic()
+
     # -- results ---------------------------------------------------------------------------
 
     def _result(self, job_id: str, status: JobStatus, *, error: tuple[str, str]) -> Result:
         return Result(
-            id=job_id, status=status, model=self.model, error=ErrorInfo(code=error[0], message=error[1])
+            id=job_id,
+            status=status,
+            model=self.updater.serving.ref,
+            error=ErrorInfo(code=error[0], message=error[1]),
         )
 
     def _finish(self, job: StoredJob, result: Result) -> None:
@@ -527,13 +573,23 @@ class Agent:
             if isinstance(event, Published):
                 self._on_published(event.mid)
 
+    def _on_connect(self) -> None:
+        self._publish_status()
+        self._publish_model_state(self.updater.state())
+
+    def _publish_model_state(self, state: ModelState) -> None:
+        """Retained model state; the status carries the model too, so it follows a switch."""
+        self.link.publish(self.topics.model_state, state.model_dump_json().encode(), retain=True)
+        if self._ready:
+            self._publish_status()
+
     def _publish_status(self) -> None:
         status = Status(
             online=True,
             device_id=self.config.device_id,
             group=self.config.group,
             agent_version=__version__,
-            model=self.model,
+            model=self.updater.serving.ref,
             capabilities=["generate", "stream", "chat", "cancel"],
             health=self._health,
         )

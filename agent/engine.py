@@ -248,6 +248,48 @@ class Engine:
             ),
         )
 
+    def token_ranks(self, prompt_ids: Sequence[int], expected: Sequence[int]) -> list[int]:
+        """Feed ``expected`` after ``prompt_ids`` (teacher-forced) and return each token's rank.
+
+        Rank 0 means the model's own greedy choice at that step; rank 3 means
+        three tokens scored higher.  This checks a model against tokens
+        recorded elsewhere without demanding bit-identical arithmetic.
+        """
+        ids, forced = [int(i) for i in prompt_ids], [int(i) for i in expected]
+        if not ids or not forced:
+            raise InvalidRequestError("need at least one prompt token and one expected token")
+        if any(i < 0 or i >= self._io.vocab for i in ids + forced):
+            raise InvalidRequestError(f"token ids must lie in [0, {self._io.vocab})")
+        n_prompt = len(ids)
+        if n_prompt + len(forced) > self.context_length:
+            raise ContextOverflowError(n_prompt + len(forced) - 1, self.context_length)
+        cache = KVCache(
+            layers=self._io.layers,
+            kv_heads=self._io.kv_heads,
+            head_size=self._io.head_size,
+            capacity=n_prompt + len(forced) - 1,
+            dtype=self._io.kv_dtype,
+        )
+        binding = self.session.io_binding()
+        cache.bind(binding, self._io.past_names, self._io.present_names)
+        prompt = np.asarray([ids], dtype=np.int64)
+        logits = np.empty((1, self._io.prefill_logits_rows(n_prompt), self._io.vocab), self._io.logits_dtype)
+        self._bind_step(binding, prompt, past=0, logits=logits)
+        self.session.run_with_iobinding(binding)
+        row = logits[0, -1]
+        ranks: list[int] = []
+        self._bind_step(binding, self._token, past=n_prompt, logits=self._step_logits)
+        for step, token in enumerate(forced):
+            ranks.append(int(np.count_nonzero(row > row[token])))
+            if step == len(forced) - 1:
+                break
+            self._token[0, 0] = token
+            total = n_prompt + step + 1
+            self._bind_mask(binding, total, positions_from=total - 1)
+            self.session.run_with_iobinding(binding)
+            row = self._step_logits[0, -1]
+        return ranks
+
     def _bind_step(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]
     ) -> None:

@@ -10,7 +10,8 @@
     │   ├── InvalidRequestError    a parameter is out of range or inconsistent
     │   └── ContextOverflowError   the prompt does not fit in the model's context
     └── UpdateError                a model update is refused or failed (``code`` says why)
-        └── SignatureError         a manifest's signature is missing, untrusted or wrong
+        ├── SignatureError         a manifest's signature is missing, untrusted or wrong
+        └── DownloadError          a download broke off (network, server): it resumes later
 
 Foreign errors (onnxruntime, tokenizers, jinja2, json, cryptography, urllib) are translated once, where
 they enter the agent, with ``raise ... from exc`` so the cause stays visible.
@@ -105,3 +106,9 @@ class SignatureError(UpdateError):
     """A manifest's signature is missing, made by an untrusted key, or does not verify."""
 
     code = "bad_signature"
+
+
+class DownloadError(UpdateError):
+    """A download broke off or the server failed; what arrived is kept and the download resumes."""
+
+    code = "download_interrupted"

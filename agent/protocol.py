@@ -164,6 +164,32 @@ class Status(_Wire):
     since: float = Field(default_factory=time.time)
 
 
+#: Where a model update is.  ``failed``: refused or broken before it went live (the old model
+#: kept serving); ``rolled_back``: it went live, or was about to, and the agent went back.
+UpdatePhase = Literal["downloading", "verifying", "testing", "activating", "active", "failed", "rolled_back"]
+
+
+class UpdateStatus(_Wire):
+    """The last or current model update of a box."""
+
+    name: str
+    version: str
+    phase: UpdatePhase
+    progress: float | None = Field(None, ge=0.0, le=1.0, description="Share of the phase done.")
+    detail: str | None = Field(None, max_length=512, description="What else an operator should know.")
+    error: ErrorInfo | None = None
+    at: float = Field(default_factory=time.time, description="When this phase was reported.")
+
+
+class ModelState(_Wire):
+    """Retained at ``{prefix}/{device}/model/state``: what the box runs and how its update goes."""
+
+    device_id: str
+    active: ModelRef | None = None
+    previous: ModelRef | None = None
+    update: UpdateStatus | None = None
+
+
 class Topics:
     """Every topic the agent uses, from the prefix, device id and group."""
 
@@ -174,6 +200,9 @@ class Topics:
         self.status = f"{base}/status"
         self.telemetry = f"{base}/telemetry"
         self.results_prefix = f"{base}/results/"
+        self.model_desired = f"{base}/model/desired"
+        self.model_state = f"{base}/model/state"
+        self.group_model_desired = f"{prefix}/groups/{group}/model/desired" if group else None
         self.group_jobs = f"{prefix}/groups/{group}/jobs" if group else None
         self.shared_group_jobs = f"$share/{group}/{self.group_jobs}" if group else None
 

@@ -34,6 +34,8 @@ class AgentProcess:
         mqtt: dict[str, Any] | None = None,
         telemetry: dict[str, Any] | None = None,
         health: dict[str, Any] | None = None,
+        update: dict[str, Any] | None = None,
+        model_version: str | None = None,
     ) -> None:
         self.broker = broker
         self.device_id = device_id
@@ -48,6 +50,7 @@ class AgentProcess:
         lines += [
             "[model]",
             f'path = "{model}"',
+            *([f'version = "{model_version}"'] if model_version else []),
             "[mqtt]",
             f'host = "{broker.host}"',
             f"port = {broker.port}",
@@ -58,6 +61,7 @@ class AgentProcess:
         telemetry = {"interval_s": 1.0, **(telemetry or {})}
         lines += ["[telemetry]"] + [f"{k} = {json.dumps(v)}" for k, v in telemetry.items()]
         lines += ["[health]"] + [f"{k} = {json.dumps(v)}" for k, v in (health or {}).items()]
+        lines += ["[update]"] + [f"{k} = {json.dumps(v)}" for k, v in (update or {}).items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -32,6 +33,7 @@ class Caller:
         self.mqtt5 = mqtt5
         self.filters = [reply_filter] if isinstance(reply_filter, str) else list(reply_filter)
         self.replies: dict[str, list[dict[str, Any]]] = {}
+        self.model_states: dict[str, list[dict[str, Any]]] = {}  # device -> every model/state seen
         self.raw: queue.Queue[tuple[str, bytes, bytes | None]] = queue.Queue()
         self._cond = threading.Condition()
         self.client.on_socket_open = no_delay
@@ -74,7 +76,11 @@ class Caller:
             body = json.loads(msg.payload)
         except ValueError:
             return
-        if isinstance(body, dict) and "id" in body:
+        if msg.topic.endswith("/model/state") and isinstance(body, dict):
+            with self._cond:
+                self.model_states.setdefault(msg.topic.split("/")[1], []).append(body)
+                self._cond.notify_all()
+        elif isinstance(body, dict) and "id" in body:
             body["_topic"] = msg.topic
             body["_correlation"] = corr
             with self._cond:
@@ -125,3 +131,42 @@ class Caller:
         """Streamed chunks received for ``job_id``, in arrival order."""
         with self._cond:
             return [r for r in self.replies.get(job_id, []) if r.get("type") == "chunk"]
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish a retained message (empty: clear it) and wait until the broker has it."""
+        assert self.connected.wait(15), "caller not connected to the broker"
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(5)
+
+    def wait_model_state(
+        self,
+        device: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 30.0,
+        *,
+        since: int = 0,
+    ) -> dict[str, Any]:
+        """Block until ``device`` publishes a model state satisfying ``predicate`` (needs
+        ``edge/+/model/state`` in the reply filters); return it.  ``since`` skips the
+        states that ``state_count`` counted before."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            seen = since
+            while True:
+                states = self.model_states.get(device, [])
+                for state in states[seen:]:
+                    if predicate(state):
+                        return state
+                seen = len(states)
+                left = end - time.monotonic()
+                if left <= 0:
+                    last = states[-1] if states else None
+                    raise AssertionError(
+                        f"{device}: no matching model state within {timeout} s; last: {last}"
+                    )
+                self._cond.wait(left)
+
+    def state_count(self, device: str) -> int:
+        """How many model states ``device`` published so far (for ``wait_model_state(since=)``)."""
+        with self._cond:
+            return len(self.model_states.get(device, []))

@@ -61,3 +61,24 @@ def agents(broker, tmp_path: Path):  # type: ignore[no-untyped-def]
     yield make
     for agent in started:
         agent.stop()
+
+
+@pytest.fixture()
+def file_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real HTTP server (byte ranges, injectable drops) serving ``tmp_path/www``."""
+    from tests._http import FileServer
+
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def releases(file_server):  # type: ignore[no-untyped-def]
+    """Signed releases of the fixtures, served by ``file_server``, and the key that signs them."""
+    from agent import signing
+    from tests._releases import Releases
+
+    return Releases(file_server, signing.generate())

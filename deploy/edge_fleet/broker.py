@@ -54,9 +54,12 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
         "--broker", type=parse_address, default=("127.0.0.1", 1883), metavar="HOST:PORT", help="MQTT broker"
     )
     parser.add_argument("--topic-prefix", default="edge", help="first level of every topic (default: edge)")
-    parser.add_argument("--ca", type=Path, help="CA file: connect with TLS and verify the broker against it")
-    parser.add_argument("--cert", type=Path, help="client certificate (operator identity)")
-    parser.add_argument("--key", dest="cert_key", type=Path, help="private key of --cert")
+    # --tls-* rather than --key: release and rollback take --key for the signing key.
+    parser.add_argument(
+        "--tls-ca", type=Path, help="CA file: connect with TLS and verify the broker against it"
+    )
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (operator identity)")
+    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     parser.add_argument("--username")
     parser.add_argument("--password")
 
@@ -68,9 +71,9 @@ def options_from(args: argparse.Namespace) -> BrokerOptions:
         host=host,
         port=port,
         prefix=args.topic_prefix,
-        ca=args.ca,
-        cert=args.cert,
-        key=args.cert_key,
+        ca=args.tls_ca,
+        cert=args.tls_cert,
+        key=args.tls_key,
         username=args.username,
         password=args.password,
     )

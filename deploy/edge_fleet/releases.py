@@ -1,14 +1,38 @@
-"""Signed model releases: ``keygen``, ``release``, ``deploy``, ``rollback`` and ``status``."""
+"""Signed model releases: ``keygen``, ``release``, ``deploy``, ``rollback`` and ``status``.
+
+A release is a folder to serve over HTTP(S): the model's files and
+``manifest.json`` (see ``agent.manifest``).  ``deploy`` publishes a manifest as
+the retained desired state of a device or a group; boxes converge to it by
+themselves and report on ``{prefix}/{device}/model/state``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import shutil
+import sys
+import threading
+import time
+import urllib.parse
 from pathlib import Path
+from typing import Any
+
+import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+from tqdm import tqdm
 
 from agent import signing
+from agent.engine import Engine
+from agent.errors import UpdateError
+from agent.manifest import FileEntry, Manifest, SemVer, SmokeTest
+from agent.protocol import ModelState, Status
+from agent.sampling import SamplingParams
 
-from .broker import FleetError
+from .broker import FleetError, add_broker_args, connect, options_from
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,6 +43,60 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
     keygen.set_defaults(func=keygen_command)
+
+    release = sub.add_parser("release", help="hash, smoke-test and sign a model folder for serving")
+    release.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    release.add_argument("--name", required=True, help="model name (e.g. phi3-mini)")
+    release.add_argument("--version", required=True, help="semantic version, above what the boxes run")
+    release.add_argument("--base-url", required=True, help="where DIR will be served (http:// or https://)")
+    release.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="fleet.key")
+    release.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="gets the files and manifest.json"
+    )
+    release.add_argument("--precision", help="int4, int8, … (shown in telemetry)")
+    release.add_argument("--smoke-prompt", default="The device reports", help="prompt of the smoke test")
+    release.add_argument("--smoke-tokens", type=int, default=16, help="greedy tokens recorded (default 16)")
+    release.add_argument("--expires-days", type=float, default=30.0, help="boxes refuse it after this")
+    release.set_defaults(func=release_command)
+
+    deploy = sub.add_parser("deploy", help="make a release the desired model of a device or group")
+    deploy.add_argument("manifest", type=Path, nargs="?", metavar="MANIFEST", help="manifest.json")
+    _add_target(deploy)
+    deploy.add_argument(
+        "--clear",
+        action="store_true",
+        help="remove the desired state instead (a device then follows its group)",
+    )
+    add_broker_args(deploy)
+    deploy.set_defaults(func=deploy_command)
+
+    rollback = sub.add_parser("rollback", help="sign and deploy an explicit rollback to an earlier release")
+    rollback.add_argument(
+        "manifest", type=Path, metavar="MANIFEST", help="manifest.json of the release to go back to"
+    )
+    rollback.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="fleet.key")
+    rollback.add_argument("--expires-days", type=float, default=7.0, help="boxes refuse it after this")
+    _add_target(rollback)
+    add_broker_args(rollback)
+    rollback.set_defaults(func=rollback_command)
+
+    status = sub.add_parser("status", help="per device: online, active model, update phase")
+    status.add_argument("--group", help="only devices of this group")
+    status.add_argument("--json", action="store_true", help="one JSON object per device, for scripts")
+    status.add_argument(
+        "--wait", type=float, default=2.0, help="seconds to collect retained state (default 2)"
+    )
+    add_broker_args(status)
+    status.set_defaults(func=status_command)
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", help="one device id")
+    target.add_argument("--group", help="every device of a group (a device's own desired state wins)")
+
+
+# -- keys -------------------------------------------------------------------------------------
 
 
 def keygen_command(args: argparse.Namespace) -> int:
@@ -40,4 +118,284 @@ def keygen_command(args: argparse.Namespace) -> int:
     public_path.write_text(public.to_line() + "\n")
     print(f"wrote {private_path} (keep it secret) and {public_path}")
     print(f'add to each agent\'s config:\n[update]\ntrusted_keys = ["{public.to_line()}"]')
+    return 0
+
+
+def _private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        return signing.load_private(path.read_bytes())
+    except OSError as exc:
+        raise FleetError(f"cannot read the key {path}: {exc}") from exc
+
+
+# -- release ------------------------------------------------------------------------------------
+
+
+def release_command(args: argparse.Namespace) -> int:
+    """``edge-fleet release MODEL_DIR --name --version --base-url --key --out``."""
+    manifest = build_release(
+        args.model_dir,
+        args.out,
+        name=args.name,
+        version=args.version,
+        base_url=args.base_url,
+        key=_private_key(args.key),
+        precision=args.precision,
+        smoke_prompt=args.smoke_prompt,
+        smoke_tokens=args.smoke_tokens,
+        expires_days=args.expires_days,
+    )
+    print(
+        f"release {manifest.release_id}: {len(manifest.files)} files, {manifest.total_bytes / 2**20:.1f} MiB, "
+        f"~{manifest.memory_bytes / 2**20:.0f} MiB in memory, smoke test of "
+        f"{len(manifest.smoke_test.token_ids)} tokens, signed by {manifest.key_id}\n"
+        f"serve {args.out} at {args.base_url}; manifest: {args.out / 'manifest.json'}"
+    )
+    return 0
+
+
+def build_release(
+    source: Path,
+    out: Path,
+    *,
+    name: str,
+    version: str,
+    base_url: str,
+    key: Ed25519PrivateKey,
+    precision: str | None = None,
+    smoke_prompt: str = "The device reports",
+    smoke_tokens: int = 16,
+    expires_days: float = 30.0,
+) -> Manifest:
+    """Copy ``source`` to ``out`` with a signed ``manifest.json``; returns the manifest."""
+    try:
+        SemVer(version)
+    except ValueError as exc:
+        raise FleetError(str(exc)) from None
+    if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
+        raise FleetError(f"--base-url must be http:// or https://, not {base_url!r}")
+    files = _model_files(source)
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == source.resolve():
+        raise FleetError("--out must differ from MODEL_DIR")
+    entries = _copy_and_hash(source, files, out, base_url.rstrip("/"))
+    smoke, memory = _record_smoke_test(out, smoke_prompt, smoke_tokens)
+    now = int(time.time())
+    manifest = Manifest(
+        name=name,
+        version=version,
+        precision=precision,
+        files=entries,
+        memory_bytes=memory,
+        smoke_test=smoke,
+        created_at=now,
+        expires_at=now + int(expires_days * 86400),
+        key_id="0" * 16,
+    ).signed(key)
+    manifest.check_paths()
+    (out / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def _model_files(source: Path) -> list[str]:
+    if not (source / "genai_config.json").is_file():
+        raise FleetError(f"{source} is not a model folder (no genai_config.json)")
+    files = []
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        if path.is_symlink():
+            raise FleetError(f"{path} is a symlink: copy the file itself into the model folder")
+        if path.is_file():
+            files.append(relative)
+    return files
+
+
+def _copy_and_hash(source: Path, files: list[str], out: Path, base_url: str) -> list[FileEntry]:
+    total = sum((source / f).stat().st_size for f in files)
+    entries = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", disable=None) as bar:
+        for relative in files:
+            digest = hashlib.sha256()
+            target = out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with (source / relative).open("rb") as src, target.open("wb") as dst:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+                    bar.update(len(block))
+            url = f"{base_url}/{urllib.parse.quote(relative)}"
+            entries.append(
+                FileEntry(path=relative, size=target.stat().st_size, sha256=digest.hexdigest(), url=url)
+            )
+    return entries
+
+
+def _record_smoke_test(folder: Path, prompt: str, tokens: int) -> tuple[SmokeTest, int]:
+    """Greedy tokens of the released files, and the memory loading and running them took."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    engine = Engine(folder)
+    ids = engine.prompt_ids(prompt)
+    completion = engine.generate(ids, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    used = process.memory_info().rss - before
+    weights = sum(p.stat().st_size for p in folder.rglob("*.onnx*")) + sum(
+        p.stat().st_size for p in folder.rglob("*.data")
+    )
+    return SmokeTest(prompt=prompt, prompt_ids=ids, token_ids=completion.token_ids), max(used, weights)
+
+
+# -- deploy and rollback ---------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        return Manifest.parse(path.read_bytes())
+    except OSError as exc:
+        raise FleetError(f"cannot read {path}: {exc}") from exc
+    except UpdateError as exc:
+        raise FleetError(f"{path}: {exc.message}") from exc
+
+
+def _desired_topic(args: argparse.Namespace) -> str:
+    prefix = args.topic_prefix
+    return (
+        f"{prefix}/{args.device}/model/desired"
+        if args.device
+        else f"{prefix}/groups/{args.group}/model/desired"
+    )
+
+
+def _publish_retained(args: argparse.Namespace, topic: str, payload: bytes) -> None:
+    client = connect(options_from(args))
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout=10)
+        if not info.is_published():
+            raise FleetError(f"the broker did not acknowledge the publication to {topic}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    """``edge-fleet deploy MANIFEST (--device ID | --group G)``."""
+    topic = _desired_topic(args)
+    if args.clear:
+        _publish_retained(args, topic, b"")
+        print(f"cleared the desired model on {topic}")
+        return 0
+    if args.manifest is None:
+        raise FleetError("give a MANIFEST to deploy (or --clear)")
+    manifest = _read_manifest(args.manifest)
+    if not manifest.signature:
+        raise FleetError(f"{args.manifest} is not signed")
+    if manifest.expires_at <= time.time():
+        raise FleetError(f"{args.manifest} has expired: sign a new release")
+    try:
+        manifest.check_paths()
+    except UpdateError as exc:
+        raise FleetError(f"{args.manifest}: {exc.message}") from exc
+    _publish_retained(args, topic, manifest.model_dump_json().encode())
+    print(f"desired model of {args.device or 'group ' + args.group}: {manifest.release_id}")
+    return 0
+
+
+def rollback_command(args: argparse.Namespace) -> int:
+    """``edge-fleet rollback MANIFEST --key KEY (--device ID | --group G)``: an explicit, signed rollback."""
+    key = _private_key(args.key)
+    earlier = _read_manifest(args.manifest)
+    now = int(time.time())
+    manifest = earlier.model_copy(
+        update={"rollback": True, "created_at": now, "expires_at": now + int(args.expires_days * 86400)}
+    ).signed(key)
+    _publish_retained(args, _desired_topic(args), manifest.model_dump_json().encode())
+    print(f"rollback of {args.device or 'group ' + args.group} to {manifest.release_id} deployed")
+    return 0
+
+
+# -- status ------------------------------------------------------------------------------------------
+
+
+def collect_fleet(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Retained status and model state of every device, gathered for up to ``--wait`` seconds."""
+    prefix = args.topic_prefix
+    devices: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    last = [time.monotonic()]
+
+    def on_message(_c: object, _u: object, msg: Any) -> None:
+        parts = msg.topic.split("/")
+        try:
+            if len(parts) == 3 and parts[2] == "status":
+                value: Any = Status.model_validate_json(msg.payload)
+                key = "status"
+            elif len(parts) == 4 and parts[2:] == ["model", "state"]:
+                value = ModelState.model_validate_json(msg.payload)
+                key = "model"
+            else:
+                return
+        except ValidationError:
+            return  # not ours to judge here; the device's own log says more
+        with lock:
+            devices.setdefault(parts[1], {})[key] = value
+            last[0] = time.monotonic()
+
+    client = connect(options_from(args))
+    client.on_message = on_message
+    client.subscribe([(f"{prefix}/+/status", 1), (f"{prefix}/+/model/state", 1)])
+    end = time.monotonic() + args.wait
+    # Retained messages arrive in a burst right after subscribing: stop once it is over.
+    while time.monotonic() < end and not (devices and time.monotonic() - last[0] > 0.5):
+        time.sleep(0.05)
+    client.disconnect()
+    client.loop_stop()
+    rows = {}
+    for device, found in sorted(devices.items()):
+        status: Status | None = found.get("status")
+        state: ModelState | None = found.get("model")
+        if args.group and (status is None or status.group != args.group):
+            continue
+        active = state.active if state and state.active else (status.model if status else None)
+        update = state.update if state else None
+        rows[device] = {
+            "device": device,
+            "online": status.online if status else None,
+            "group": status.group if status else None,
+            "model": active.name if active else None,
+            "version": active.version if active else None,
+            "previous": state.previous.version if state and state.previous else None,
+            "update": update.model_dump(mode="json") if update else None,
+        }
+    return rows
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """``edge-fleet status [--group G] [--json]``."""
+    rows = collect_fleet(args)
+    if args.json:
+        for row in rows.values():
+            print(json.dumps(row))
+        return 0
+    if not rows:
+        print("no devices found")
+        return 0
+    header = f"{'DEVICE':<20} {'ONLINE':<6} {'MODEL':<16} {'VERSION':<10} {'UPDATE':<28} ERROR"
+    print(header)
+    width = shutil.get_terminal_size((120, 20)).columns
+    for row in rows.values():
+        update = row["update"] or {}
+        phase = ""
+        if update:
+            phase = f"{update['version']} {update['phase']}"
+            if update.get("progress") is not None and update["phase"] == "downloading":
+                phase += f" {update['progress']:.0%}"
+        error = update.get("error") or {}
+        line = (
+            f"{row['device']:<20} {'yes' if row['online'] else 'no':<6} {row['model'] or '-':<16} "
+            f"{row['version'] or '-':<10} {phase or '-':<28} "
+            f"{(error.get('code', '') + ': ' + error.get('message', '')) if error else ''}"
+        )
+        print(line[:width] if sys.stdout.isatty() else line)
     return 0

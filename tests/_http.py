@@ -1,0 +1,85 @@
+"""A real HTTP file server for the update tests: byte ranges, and faults on demand.
+
+``http.server`` serves files but ignores ``Range``; this handler honours
+``Range: bytes=N-`` (206 with ``Content-Range``, or 416 past the end) and can be
+told to drop the connection after a number of bytes, once per file, the way a
+flaky mobile link does.
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import threading
+from pathlib import Path
+
+_RANGE = re.compile(r"^bytes=(\d+)-$")
+
+
+class FileServer:
+    """Serves ``root`` on a free loopback port until ``stop``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.drop_after: dict[str, int] = {}  # path -> bytes to send before dropping, once
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.lstrip("/")
+                with server._lock:
+                    server.requests.append((path, self.headers.get("Range")))
+                    drop = server.drop_after.pop(path, None)
+                file = server.root / path
+                if not file.is_file():
+                    self.send_error(404)
+                    return
+                data = file.read_bytes()
+                start = 0
+                found = _RANGE.match(self.headers.get("Range") or "")
+                if found:
+                    start = int(found[1])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                body = data[start:]
+                if drop is not None:
+                    self.wfile.write(body[:drop])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def ranges_asked(self, path: str) -> list[str | None]:
+        """The Range headers of every request for ``path``."""
+        with self._lock:
+            return [r for p, r in self.requests if p == path]
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.httpd.shutdown()
+        self.httpd.server_close()

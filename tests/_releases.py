@@ -1,0 +1,67 @@
+"""Signed releases of the committed fixtures, served by a real HTTP server, for the update tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import signing
+from agent.manifest import Manifest
+from edge_fleet.releases import build_release
+from tests._http import FileServer
+from tests._models import fixture_path
+
+
+class Releases:
+    """Builds releases under the server's root: ``<name>-<version>/…`` and its manifest."""
+
+    def __init__(self, server: FileServer, key: Ed25519PrivateKey) -> None:
+        self.server = server
+        self.key = key
+        self.public_line = signing.PublicKey(key.public_key(), signing.key_id(key.public_key())).to_line()
+
+    def make(
+        self,
+        version: str,
+        *,
+        fixture: str = "llama-int4",
+        name: str = "assistant",
+        source: Path | None = None,
+    ) -> Manifest:
+        """A signed release of ``fixture`` (or the folder ``source``), served at once."""
+        folder = f"{name}-{version}"
+        return build_release(
+            source or fixture_path(fixture),
+            self.server.root / folder,
+            name=name,
+            version=version,
+            base_url=f"{self.server.base_url}/{folder}",
+            key=self.key,
+            precision="int4",
+            smoke_tokens=8,
+        )
+
+    def resign(self, manifest: Manifest, key: Ed25519PrivateKey | None = None, **changes: Any) -> Manifest:
+        """``manifest`` with ``changes``, signed again (by ``key``, default the fleet key)."""
+        return manifest.model_copy(update=changes).signed(key or self.key)
+
+    def copy_fixture(self, fixture: str, dest: Path) -> Path:
+        """A writable copy of a fixture folder, to break on purpose."""
+        shutil.copytree(fixture_path(fixture), dest)
+        return dest
+
+
+def payload(manifest: Manifest) -> bytes:
+    """The retained desired-state message for ``manifest``."""
+    return manifest.model_dump_json().encode()
+
+
+def tampered(manifest: Manifest, **changes: Any) -> bytes:
+    """``manifest`` changed after signing (the signature no longer matches)."""
+    data = json.loads(manifest.model_dump_json())
+    data.update(changes)
+    return json.dumps(data).encode()
