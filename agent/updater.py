@@ -56,6 +56,14 @@ _REMEMBER_REFUSED = 32
 Source = Literal["device", "group"]
 
 
+class _RolledBack(Exception):
+    """The old model was unloaded for the new one, which failed: the old one serves again."""
+
+    def __init__(self, cause: UpdateError) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+
+
 @dataclass
 class Serving:
     """The model the worker runs.  Only the worker thread replaces it."""
@@ -131,6 +139,14 @@ class Updater:
                 continue
             if release != pointer.active:
                 self.store.set_pointer(Pointer(active=release, previous=None))
+            status = self._status
+            if (
+                status is not None
+                and release == f"{status.name}@{status.version}"
+                and status.phase != "active"
+            ):
+                # A crash right after the switch: the switch stands, and so does the probation.
+                self._set_status(release, "active")
             return serving
         raise AssertionError("unreachable: the configured model either loads or raises")
 
@@ -218,6 +234,7 @@ class Updater:
             self.serving = self._open(None)
         self.store.set_pointer(Pointer(active=self.serving.release, previous=None))
         self._set_status(failed.release, "rolled_back", error=(code, message))
+        self._discard(failed.release)
 
     # -- the updater thread ---------------------------------------------------------------------
 
@@ -253,15 +270,19 @@ class Updater:
         try:
             manifest.check(self._trusted, active=self.serving.ref.version)
             self._apply(manifest)
+        except _RolledBack as back:
+            self._report_refusal(manifest, back.cause, phase="rolled_back")
+            self._discard(manifest.release_id)
         except UpdateError as exc:
             if exc.code in _RETRYABLE:
                 log.warning("update to %s: %s; retrying later", manifest.release_id, exc.message)
-                self._set_status(manifest.release_id, self._phase(), error=(exc.code, exc.message))
+                # A broken connection leaves the download going; a full disk stops it until
+                # space is freed (retried, since the operator cannot reach the box to say so).
+                phase: UpdatePhase = "downloading" if isinstance(exc, DownloadError) else "failed"
+                self._set_status(manifest.release_id, phase, error=(exc.code, exc.message))
                 return _RETRY_FIRST_S
             self._report_refusal(manifest, exc)
-            kept = (self.serving.release, self.store.pointer().previous)
-            if manifest.release_id not in kept and self.store.manifest(manifest.release_id) is not None:
-                self.store.remove(manifest.release_id)
+            self._discard(manifest.release_id)
         except Exception as exc:  # a bug must not stop updates for good, nor the agent
             log.exception("update to %s failed unexpectedly", manifest.release_id)
             self._report_refusal(manifest, UpdateError(f"{type(exc).__name__}: {exc}", code="internal"))
@@ -286,10 +307,11 @@ class Updater:
         path = self.store.path(release)
         available = psutil.virtual_memory().available
         both_fit = available - manifest.memory_bytes >= self.settings.memory_reserve_mb * 2**20
+        detail = None
         if both_fit:
             engine = self._load_and_test(path, manifest)
             failpoints.hit("testing")
-            self._on_worker(lambda: self._switch(manifest, engine, paused_s=None))
+            self._on_worker(lambda: self._switch(manifest, engine))
         else:
             log.warning(
                 "not enough memory for two models (%d MiB available, the new one needs %d MiB): "
@@ -297,8 +319,15 @@ class Updater:
                 available >> 20,
                 manifest.memory_bytes >> 20,
             )
+            started = time.monotonic()
             self._on_worker(lambda: self._replace_in_place(manifest, path))
+            detail = (
+                "not enough memory for both models: the old one was unloaded first "
+                f"({time.monotonic() - started:.1f} s without service)"
+            )
         self.store.collect_garbage(self.settings.keep_versions)
+        log.info("now serving %s", release)
+        self._set_status(release, "active", detail=detail)
 
     def _download(self, manifest: Manifest, staging: Path) -> None:
         release = manifest.release_id
@@ -373,7 +402,7 @@ class Updater:
 
     # -- worker thread: switching ---------------------------------------------------------------------
 
-    def _switch(self, manifest: Manifest, engine: Engine, *, paused_s: float | None) -> None:
+    def _switch(self, manifest: Manifest, engine: Engine) -> None:
         release = manifest.release_id
         self._set_status(release, "activating")
         old = self.serving
@@ -395,37 +424,35 @@ class Updater:
         )
         del old
         gc.collect()
-        detail = None
-        if paused_s is not None:
-            detail = f"not enough memory for both models: the old one was unloaded first ({paused_s:.1f} s without service)"
-        log.info("now serving %s", release)
-        self._set_status(release, "active", detail=detail)
 
     def _replace_in_place(self, manifest: Manifest, path: Path) -> None:
-        started = time.monotonic()
         old_release = self.serving.release
         del self.serving.engine
         gc.collect()
         try:
             engine = self._load_and_test(path, manifest)
-        except UpdateError:
+        except UpdateError as exc:
             self.serving = self._open(old_release)  # it loaded before; a failure here is a real fault
-            raise
+            raise _RolledBack(exc) from exc
         failpoints.hit("testing")
-        self._switch(manifest, engine, paused_s=time.monotonic() - started)
+        self._switch(manifest, engine)
 
     # -- reporting -------------------------------------------------------------------------------------
 
-    def _phase(self) -> UpdatePhase:
-        with self._lock:
-            return self._status.phase if self._status is not None else "downloading"
-
-    def _report_refusal(self, manifest: Manifest | None, exc: UpdateError) -> None:
+    def _report_refusal(
+        self, manifest: Manifest | None, exc: UpdateError, *, phase: UpdatePhase = "failed"
+    ) -> None:
         name = manifest.release_id if manifest else "?"
-        log.error("model update %s refused: %s (%s)", name, exc.message, exc.code)
+        log.error("model update %s %s: %s (%s)", name, phase, exc.message, exc.code)
         if manifest is not None:
             self._remember_refused(manifest.signature)
-        self._set_status(name, "failed", error=(exc.code, exc.message))
+        self._set_status(name, phase, error=(exc.code, exc.message))
+
+    def _discard(self, release: str) -> None:
+        """Delete a failed version, unless it is the active or previous one."""
+        kept = (self.serving.release, self.store.pointer().previous)
+        if release not in kept and self.store.manifest(release) is not None:
+            self.store.remove(release)
 
     def _refuse_release(self, release: str) -> None:
         manifest = self.store.manifest(release)

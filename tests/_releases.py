@@ -65,3 +65,18 @@ def tampered(manifest: Manifest, **changes: Any) -> bytes:
     data = json.loads(manifest.model_dump_json())
     data.update(changes)
     return json.dumps(data).encode()
+
+
+def replace_file(releases: Releases, manifest: Manifest, path: str, data: bytes) -> Manifest:
+    """Serve ``data`` as ``path`` of ``manifest`` and sign the manifest again to match it."""
+    import hashlib
+
+    folder = releases.server.root / f"{manifest.name}-{manifest.version}"
+    (folder / path).write_bytes(data)
+    files = [
+        f.model_copy(update={"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        if f.path == path
+        else f
+        for f in manifest.files
+    ]
+    return releases.resign(manifest, files=files)

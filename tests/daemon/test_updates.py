@@ -123,3 +123,269 @@ def test_offline_device_converges_when_it_comes_back(broker, caller, agents, rel
     agent.start()
     caller.wait_model_state("box-1", _active("2.0.0"))
     assert _job(caller, "j")["model"]["version"] == "2.0.0"
+
+
+def _refusals(releases, tmp_path: Path) -> dict[str, tuple[Any, str]]:  # type: ignore[no-untyped-def]
+    """Each way a release must be refused: (desired-state payload builder, expected code)."""
+    import time
+
+    from agent import signing
+    from tests._releases import replace_file, tampered
+
+    def good():  # type: ignore[no-untyped-def]
+        return releases.make("2.0.0")
+
+    def with_file(**changes: Any):  # type: ignore[no-untyped-def]
+        m = good()
+        files = [f.model_copy(update=changes) if f.path == "model.onnx.data" else f for f in m.files]
+        return payload(releases.resign(m, files=files))
+
+    def with_path(path: str):  # type: ignore[no-untyped-def]
+        m = good()
+        files = [*m.files, m.files[0].model_copy(update={"path": path})]
+        return payload(releases.resign(m, files=files))
+
+    def truncated():  # type: ignore[no-untyped-def]
+        m = good()
+        served = releases.server.root / "assistant-2.0.0" / "model.onnx.data"
+        served.write_bytes(served.read_bytes()[:1000])
+        return payload(m)
+
+    def broken_model():  # type: ignore[no-untyped-def]
+        return payload(replace_file(releases, good(), "model.onnx", b"\x08\x07not an onnx graph" * 100))
+
+    def wrong_smoke():  # type: ignore[no-untyped-def]
+        m = good()
+        smoke = m.smoke_test.model_copy(update={"token_ids": [(t + 7) % 448 for t in m.smoke_test.token_ids]})
+        return payload(releases.resign(m, smoke_test=smoke))
+
+    return {
+        "tampered": (lambda: tampered(good(), version="2.0.1"), "bad_signature"),
+        "unsigned": (lambda: tampered(good(), signature=""), "bad_signature"),
+        "untrusted key": (lambda: payload(releases.resign(good(), key=signing.generate())), "untrusted_key"),
+        "expired": (lambda: payload(releases.resign(good(), expires_at=int(time.time()) - 5)), "expired"),
+        "lower version": (lambda: payload(releases.make("0.9.0")), "downgrade"),
+        "same version": (lambda: payload(releases.make("1.0.0", name="other")), "downgrade"),
+        "size differs": (lambda: with_file(size=good().files[-1].size + 1), "size_mismatch"),
+        "sha256 differs": (lambda: with_file(sha256="0" * 64), "sha256_mismatch"),
+        "dot-dot path": (lambda: with_path("../escape.txt"), "unsafe_path"),
+        "nested dot-dot": (lambda: with_path("sub/../../escape.txt"), "unsafe_path"),
+        "absolute path": (lambda: with_path("/etc/escape.txt"), "unsafe_path"),
+        "truncated on the server": (truncated, "size_mismatch"),
+        "disk too small": (lambda: with_file(size=1 << 40), "disk_full"),
+        "model does not load": (broken_model, "model_load"),
+        "smoke test fails": (wrong_smoke, "smoke_test_failed"),
+        "not json": (lambda: b"{not json", "invalid_manifest"),
+    }
+
+
+REFUSALS = [
+    "tampered",
+    "unsigned",
+    "untrusted key",
+    "expired",
+    "lower version",
+    "same version",
+    "size differs",
+    "sha256 differs",
+    "dot-dot path",
+    "nested dot-dot",
+    "absolute path",
+    "truncated on the server",
+    "disk too small",
+    "model does not load",
+    "smoke test fails",
+    "not json",
+]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_bad_release_is_refused_reported_and_the_old_model_keeps_serving(  # type: ignore[no-untyped-def]
+    case: str, broker, caller, agents, releases, tmp_path: Path
+) -> None:
+    build, code = _refusals(releases, tmp_path)[case]
+    caller.subscribe("edge/+/model/state")
+    agent = agents(model_version="1.0.0", update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    caller.publish_retained(DESIRED, build())
+    state = caller.wait_model_state("box-1", lambda s: (s.get("update") or {}).get("phase") == "failed")
+    assert state["update"]["error"]["code"] == code, state
+    assert state["active"] == {"name": "phi3-int4", "version": "1.0.0"}
+    answer = _job(caller, "still-serving")
+    assert answer["status"] == "succeeded"
+    assert answer["model"] == {"name": "phi3-int4", "version": "1.0.0"}
+    store = agent.state_dir / "models"
+    assert not any((store / "versions").iterdir()), "a refused release must not stay installed"
+    assert not (tmp_path / "escape.txt").exists()
+    assert not any(p.name == "escape.txt" for p in store.rglob("*"))
+
+
+@pytest.mark.parametrize("phase", ["downloading", "verifying", "installed", "testing", "activating"])
+def test_kill_9_at_each_phase_restarts_into_a_working_model(
+    phase: str, broker, caller, agents, releases
+) -> None:  # type: ignore[no-untyped-def]
+    caller.subscribe("edge/+/model/state")
+    agent = agents(model_version="1.0.0", update={"trusted_keys": [releases.public_line]})
+    agent.start(env={"EDGE_AGENT_FAILPOINTS": phase})
+    caller.publish_retained(DESIRED, payload(releases.make("2.0.0")))
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=60) == -9, agent.log_text()
+    assert f"failpoint {phase}" in agent.log_text()
+
+    agent.start()
+    answer = _job(caller, "after-crash")
+    assert answer["status"] == "succeeded"
+    assert answer["model"]["version"] in ("1.0.0", "2.0.0")
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    assert _job(caller, "converged")["model"] == {"name": "assistant", "version": "2.0.0"}
+    store = agent.state_dir / "models"
+    assert [p.name for p in (store / "versions").iterdir()] == ["assistant@2.0.0"]
+    assert not any((store / "staging").iterdir())
+    if phase == "downloading":
+        # The second run resumed the file it was in the middle of.
+        assert any(
+            r and r != "bytes=0-" for r in releases.server.ranges_asked("assistant-2.0.0/model.onnx.data")
+        )
+
+
+def test_download_resumes_after_the_server_drops_the_connection(broker, caller, agents, releases) -> None:  # type: ignore[no-untyped-def]
+    caller.subscribe("edge/+/model/state")
+    manifest = releases.make("2.0.0")
+    data = next(f for f in manifest.files if f.path == "model.onnx.data")
+    releases.server.drop_after["assistant-2.0.0/model.onnx.data"] = data.size // 3
+    agent = agents(update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    caller.publish_retained(DESIRED, payload(manifest))
+    interrupted = caller.wait_model_state(
+        "box-1", lambda s: ((s.get("update") or {}).get("error") or {}).get("code") == "download_interrupted"
+    )
+    assert interrupted["update"]["phase"] == "downloading"
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    asked = releases.server.ranges_asked("assistant-2.0.0/model.onnx.data")
+    assert asked == [None, f"bytes={data.size // 3}-"]
+    assert _job(caller, "j")["model"]["version"] == "2.0.0"
+
+
+def _failed_with(code: str, phase: str):  # type: ignore[no-untyped-def]
+    return lambda s: (
+        (s.get("update") or {}).get("phase") == phase
+        and ((s.get("update") or {}).get("error") or {}).get("code") == code
+    )
+
+
+def test_short_of_memory_the_old_model_is_unloaded_first_and_restored_when_the_new_one_fails(  # type: ignore[no-untyped-def]
+    broker, caller, agents, releases
+) -> None:
+    caller.subscribe("edge/+/model/state")
+    # No box has a terabyte to spare: the agent must unload the old model before loading the new one.
+    agent = agents(
+        model_version="1.0.0", update={"trusted_keys": [releases.public_line], "memory_reserve_mb": 1 << 20}
+    )
+    agent.start()
+    good = releases.make("2.0.0")
+    smoke = good.smoke_test.model_copy(
+        update={"token_ids": [(t + 7) % 448 for t in good.smoke_test.token_ids]}
+    )
+    caller.publish_retained(DESIRED, payload(releases.resign(good, smoke_test=smoke)))
+    state = caller.wait_model_state("box-1", _failed_with("smoke_test_failed", "rolled_back"))
+    assert state["active"] == {"name": "phi3-int4", "version": "1.0.0"}
+    assert "unloading the old one first" in agent.log_text()
+    assert _job(caller, "restored")["model"] == {"name": "phi3-int4", "version": "1.0.0"}
+
+    # The same path with a good release: a short pause, reported, then the new model.
+    caller.publish_retained(DESIRED, payload(releases.make("2.1.0")))
+    state = caller.wait_model_state("box-1", _active("2.1.0"))
+    assert "old one was unloaded first" in state["update"]["detail"]
+    assert _job(caller, "new")["model"]["version"] == "2.1.0"
+
+
+def test_failing_first_jobs_roll_the_model_back_by_itself(
+    broker, caller, agents, releases, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # A release whose config promises more context than its rotary tables hold: its smoke
+    # test (a short prompt) passes, real jobs with long prompts fail inside onnxruntime.
+    folder = releases.copy_fixture("llama-int4", tmp_path / "overpromising")
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["context_length"] = 2048
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    caller.subscribe("edge/+/model/state")
+    agent = agents(
+        model_version="1.0.0",
+        update={"trusted_keys": [releases.public_line], "probation_jobs": 5, "max_failed_jobs": 2},
+    )
+    agent.start()
+    caller.publish_retained(DESIRED, payload(releases.make("2.0.0", source=folder)))
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    assert _job(caller, "short")["status"] == "succeeded"
+    long_prompt = "hello world " * 60
+    for job_id in ("long-1", "long-2"):
+        answer = _job(caller, job_id, prompt=long_prompt)
+        assert answer["status"] == "failed"
+        assert answer["model"]["version"] == "2.0.0"
+    state = caller.wait_model_state("box-1", _failed_with("probation_failed", "rolled_back"))
+    assert state["active"] == {"name": "phi3-int4", "version": "1.0.0"}
+    assert "2 of its first 3 jobs failed" in state["update"]["error"]["message"]
+    assert _job(caller, "long-3", prompt=long_prompt[:200])["model"]["version"] == "1.0.0"
+    # The bad release stays refused: a restart (which re-reads the retained desired state) keeps the old model.
+    agent.terminate()
+    agent.start()
+    assert _job(caller, "after-restart")["model"]["version"] == "1.0.0"
+    assert not (agent.state_dir / "models" / "versions" / "assistant@2.0.0").exists()
+
+
+def test_device_desired_state_wins_over_the_group(broker, caller, agents, releases) -> None:  # type: ignore[no-untyped-def]
+    caller.subscribe("edge/+/model/state")
+    settings = {"trusted_keys": [releases.public_line]}
+    box1 = agents(device_id="box-1", group="shop", update=settings)
+    box2 = agents(device_id="box-2", group="shop", update=settings)
+    box1.start()
+    box2.start()
+    caller.publish_retained(
+        "edge/groups/shop/model/desired", payload(releases.make("3.0.0", fixture="qwen2-int4"))
+    )
+    caller.publish_retained(DESIRED, payload(releases.make("2.0.0")))
+    caller.wait_model_state("box-2", _active("3.0.0"))
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    # Clearing the device's own desired state hands it back to its group.
+    done = _fleet("deploy", "--clear", "--device", "box-1", broker=broker)
+    assert done.returncode == 0, done.stderr
+    caller.wait_model_state("box-1", _active("3.0.0"))
+
+
+def test_old_versions_are_collected_and_an_explicit_rollback_reuses_the_kept_one(  # type: ignore[no-untyped-def]
+    broker, caller, agents, releases, tmp_path: Path
+) -> None:
+    from agent.signing import private_pem
+
+    caller.subscribe("edge/+/model/state")
+    agent = agents(update={"trusted_keys": [releases.public_line], "keep_versions": 2})
+    agent.start()
+    for version in ("2.0.0", "3.0.0", "4.0.0"):
+        caller.publish_retained(DESIRED, payload(releases.make(version)))
+        state = caller.wait_model_state("box-1", _active(version))
+    assert state["previous"] == {"name": "assistant", "version": "3.0.0"}
+    versions = agent.state_dir / "models" / "versions"
+    assert sorted(p.name for p in versions.iterdir()) == ["assistant@3.0.0", "assistant@4.0.0"]
+
+    # A plain release of 3.0.0 is a downgrade; the signed rollback release is not.
+    key = tmp_path / "fleet.key"
+    key.write_bytes(private_pem(releases.key))
+    requests = len(releases.server.requests)
+    seen = caller.state_count("box-1")
+    done = _fleet(
+        "rollback",
+        str(releases.server.root / "assistant-3.0.0" / "manifest.json"),
+        "--key",
+        str(key),
+        "--device",
+        "box-1",
+        broker=broker,
+    )
+    assert done.returncode == 0, done.stderr
+    state = caller.wait_model_state("box-1", _active("3.0.0"), since=seen)
+    assert state["previous"] == {"name": "assistant", "version": "4.0.0"}
+    assert len(releases.server.requests) == requests, "the kept version is reused, not downloaded"
+    assert _job(caller, "rolled")["model"] == {"name": "assistant", "version": "3.0.0"}
