@@ -23,6 +23,7 @@ class FileServer:
         self.root = root
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.drop_after: dict[str, int] = {}  # path -> bytes to send before dropping, once
+        self.honour_ranges = True  # False: behave like a server that always sends the whole file
         self._lock = threading.Lock()
         server = self
 
@@ -43,7 +44,7 @@ class FileServer:
                     return
                 data = file.read_bytes()
                 start = 0
-                found = _RANGE.match(self.headers.get("Range") or "")
+                found = _RANGE.match(self.headers.get("Range") or "") if server.honour_ranges else None
                 if found:
                     start = int(found[1])
                     if start >= len(data):

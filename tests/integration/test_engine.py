@@ -117,3 +117,14 @@ def test_requests_do_not_leak_state_into_each_other(phi3_engine: Engine) -> None
     again = phi3_engine.generate(short, SamplingParams(max_tokens=20, ignore_eos=True))
     assert again.token_ids == first.token_ids
     assert again.text == first.text
+
+
+def test_token_ranks_score_recorded_tokens_teacher_forced(phi3_engine: Engine) -> None:
+    ids = phi3_engine.prompt_ids("The box")
+    greedy = phi3_engine.generate(ids, SamplingParams(max_tokens=10, ignore_eos=True)).token_ids
+    assert phi3_engine.token_ranks(ids, greedy) == [0] * 10
+    # Tokens the model would never pick rank far down, at every step.
+    shifted = [(t + 7) % 448 for t in greedy]
+    assert all(rank > 5 for rank in phi3_engine.token_ranks(ids, shifted))
+    with pytest.raises(ContextOverflowError):
+        phi3_engine.token_ranks(ids, [1] * phi3_engine.context_length)

@@ -88,3 +88,14 @@ def test_config_check_command(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 1 and "mqtt.port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trusted_keys_must_be_openssh_ed25519_lines(tmp_path: Path) -> None:
+    from agent import signing
+
+    key = signing.generate()
+    line = signing.PublicKey(key.public_key(), signing.key_id(key.public_key())).to_line()
+    config = load_config(_write(tmp_path, GOOD + f'[update]\ntrusted_keys = ["{line}"]\n'))
+    assert [k.key_id for k in config.update.public_keys()] == [signing.key_id(key.public_key())]
+    with pytest.raises(ConfigError, match=r"update\.trusted_keys: .*entry 0: not an OpenSSH public key"):
+        load_config(_write(tmp_path, GOOD + '[update]\ntrusted_keys = ["ssh-ed25519 AAAA"]\n'))
