@@ -71,6 +71,9 @@ _PREFILL_ALLOWANCE_S_PER_TOKEN = 0.2
 # Until the broker is reached, ask systemd for this much more start time every
 # third of it: a box that boots before its broker must not be killed for that.
 _START_EXTENSION_S = 15.0
+# Swapping models (unload, load, smoke test) gives no sign of life either;
+# loading a 2 GB int4 model from an SD card takes tens of seconds on a Pi.
+_MODEL_SWAP_ALLOWANCE_S = 180.0
 # After a storage error, wait this long before touching the database again.
 _RETRY_S = 1.0
 
@@ -527,6 +530,7 @@ class Agent:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            self._quiet_until = time.monotonic() + _MODEL_SWAP_ALLOWANCE_S
             try:
                 task()
             except BaseException as exc:  # handed to the waiting updater, which reports it
@@ -534,6 +538,7 @@ class Agent:
             else:
                 future.set_result(None)
             self._beat = time.monotonic()
+            self._quiet_until = 0.0
 
     # -- results ---------------------------------------------------------------------------
 
