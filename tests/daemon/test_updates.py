@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent import Engine, SamplingParams
 from tests._models import fixture_path
@@ -127,8 +130,6 @@ def test_offline_device_converges_when_it_comes_back(broker, caller, agents, rel
 
 def _refusals(releases, tmp_path: Path) -> dict[str, tuple[Any, str]]:  # type: ignore[no-untyped-def]
     """Each way a release must be refused: (desired-state payload builder, expected code)."""
-    import time
-
     from agent import signing
     from tests._releases import replace_file, tampered
 
@@ -197,9 +198,6 @@ REFUSALS = [
     "smoke test fails",
     "not json",
 ]
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("case", REFUSALS)
@@ -389,3 +387,42 @@ def test_old_versions_are_collected_and_an_explicit_rollback_reuses_the_kept_one
     assert state["previous"] == {"name": "assistant", "version": "4.0.0"}
     assert len(releases.server.requests) == requests, "the kept version is reused, not downloaded"
     assert _job(caller, "rolled")["model"] == {"name": "assistant", "version": "3.0.0"}
+
+
+def test_the_running_job_finishes_on_the_old_model_and_the_switch_follows(
+    broker, caller, agents, releases
+) -> None:  # type: ignore[no-untyped-def]
+    caller.subscribe("edge/+/model/state")
+    # llama-long never stops early: 4,000 tokens take seconds, the update well under one.
+    agent = agents(
+        fixture_path("llama-long"),
+        model_version="1.0.0",
+        jobs={"max_tokens_limit": 4000},
+        update={"trusted_keys": [releases.public_line]},
+    )
+    agent.start()
+    caller.send("edge/box-1/jobs", {"id": "long", "prompt": "The box", "max_tokens": 4000, "stream": True})
+    deadline = time.monotonic() + 30
+    while not caller.chunks("long"):  # the job is running once its first chunk is out
+        assert time.monotonic() < deadline, "the long job did not start"
+        time.sleep(0.05)
+    caller.publish_retained(DESIRED, payload(releases.make("2.0.0")))
+    result = caller.wait_result("long", timeout=60)
+    assert result["status"] == "succeeded" and result["usage"]["completion_tokens"] == 4000
+    assert result["model"] == {"name": "llama-long", "version": "1.0.0"}
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    # In arrival order: the new model was tested while the job ran, and switched in only after it.
+    arrivals = []
+    while not caller.raw.empty():
+        topic, body, _corr = caller.raw.get()
+        arrivals.append((topic, json.loads(body) if body else {}))
+    done_at = next(
+        i for i, (_t, b) in enumerate(arrivals) if b.get("type") == "result" and b.get("id") == "long"
+    )
+    phases = {
+        (b.get("update") or {}).get("phase"): i
+        for i, (t, b) in enumerate(arrivals)
+        if t.endswith("/model/state")
+    }
+    assert phases["testing"] < done_at < phases["activating"], (phases, done_at)
+    assert _job(caller, "next")["model"] == {"name": "assistant", "version": "2.0.0"}
