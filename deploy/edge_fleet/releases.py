@@ -1,4 +1,4 @@
-"""Signed model releases: ``keygen``, ``release``, ``deploy``, ``rollback`` and ``status``.
+"""Signed model releases: ``keygen``, ``release``, ``deploy`` and ``rollback``.
 
 A release is a folder to serve over HTTP(S): the model's files and
 ``manifest.json`` (see ``agent.manifest``).  ``deploy`` publishes a manifest as
@@ -10,26 +10,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import shutil
-import sys
-import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
 
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ValidationError
 from tqdm import tqdm
 
 from agent import signing
 from agent.engine import Engine
 from agent.errors import UpdateError
 from agent.manifest import FileEntry, Manifest, SemVer, SmokeTest
-from agent.protocol import ModelState, Status
 from agent.sampling import SamplingParams
 
 from .broker import FleetError, add_broker_args, connect, options_from
@@ -79,15 +72,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_target(rollback)
     add_broker_args(rollback)
     rollback.set_defaults(func=rollback_command)
-
-    status = sub.add_parser("status", help="per device: online, active model, update phase")
-    status.add_argument("--group", help="only devices of this group")
-    status.add_argument("--json", action="store_true", help="one JSON object per device, for scripts")
-    status.add_argument(
-        "--wait", type=float, default=2.0, help="seconds to collect retained state (default 2)"
-    )
-    add_broker_args(status)
-    status.set_defaults(func=status_command)
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -312,90 +296,4 @@ def rollback_command(args: argparse.Namespace) -> int:
     ).signed(key)
     _publish_retained(args, _desired_topic(args), manifest.model_dump_json().encode())
     print(f"rollback of {args.device or 'group ' + args.group} to {manifest.release_id} deployed")
-    return 0
-
-
-# -- status ------------------------------------------------------------------------------------------
-
-
-def collect_fleet(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Retained status and model state of every device, gathered for up to ``--wait`` seconds."""
-    prefix = args.topic_prefix
-    devices: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
-    last = [time.monotonic()]
-
-    def on_message(_c: object, _u: object, msg: Any) -> None:
-        parts = msg.topic.split("/")
-        try:
-            if len(parts) == 3 and parts[2] == "status":
-                value: Any = Status.model_validate_json(msg.payload)
-                key = "status"
-            elif len(parts) == 4 and parts[2:] == ["model", "state"]:
-                value = ModelState.model_validate_json(msg.payload)
-                key = "model"
-            else:
-                return
-        except ValidationError:
-            return  # not ours to judge here; the device's own log says more
-        with lock:
-            devices.setdefault(parts[1], {})[key] = value
-            last[0] = time.monotonic()
-
-    client = connect(options_from(args))
-    client.on_message = on_message
-    client.subscribe([(f"{prefix}/+/status", 1), (f"{prefix}/+/model/state", 1)])
-    end = time.monotonic() + args.wait
-    # Retained messages arrive in a burst right after subscribing: stop once it is over.
-    while time.monotonic() < end and not (devices and time.monotonic() - last[0] > 0.5):
-        time.sleep(0.05)
-    client.disconnect()
-    client.loop_stop()
-    rows = {}
-    for device, found in sorted(devices.items()):
-        status: Status | None = found.get("status")
-        state: ModelState | None = found.get("model")
-        if args.group and (status is None or status.group != args.group):
-            continue
-        active = state.active if state and state.active else (status.model if status else None)
-        update = state.update if state else None
-        rows[device] = {
-            "device": device,
-            "online": status.online if status else None,
-            "group": status.group if status else None,
-            "model": active.name if active else None,
-            "version": active.version if active else None,
-            "previous": state.previous.version if state and state.previous else None,
-            "update": update.model_dump(mode="json") if update else None,
-        }
-    return rows
-
-
-def status_command(args: argparse.Namespace) -> int:
-    """``edge-fleet status [--group G] [--json]``."""
-    rows = collect_fleet(args)
-    if args.json:
-        for row in rows.values():
-            print(json.dumps(row))
-        return 0
-    if not rows:
-        print("no devices found")
-        return 0
-    header = f"{'DEVICE':<20} {'ONLINE':<6} {'MODEL':<16} {'VERSION':<10} {'UPDATE':<28} ERROR"
-    print(header)
-    width = shutil.get_terminal_size((120, 20)).columns
-    for row in rows.values():
-        update = row["update"] or {}
-        phase = ""
-        if update:
-            phase = f"{update['version']} {update['phase']}"
-            if update.get("progress") is not None and update["phase"] == "downloading":
-                phase += f" {update['progress']:.0%}"
-        error = update.get("error") or {}
-        line = (
-            f"{row['device']:<20} {'yes' if row['online'] else 'no':<6} {row['model'] or '-':<16} "
-            f"{row['version'] or '-':<10} {phase or '-':<28} "
-            f"{(error.get('code', '') + ': ' + error.get('message', '')) if error else ''}"
-        )
-        print(line[:width] if sys.stdout.isatty() else line)
     return 0

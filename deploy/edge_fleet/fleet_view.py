@@ -1,0 +1,158 @@
+"""The operator's model of the fleet, fed by the topics boxes publish.
+
+``FleetView.feed(topic, payload)`` takes every message of
+``{prefix}/+/status`` (retained), ``{prefix}/+/model/state`` (retained) and
+``{prefix}/+/telemetry``; ``rows`` flattens each device into one ``DeviceRow``
+for tables and JSON; ``summary`` counts them.  Messages that do not parse are
+counted and ignored: one broken box must not blind the operator to the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from agent.protocol import ModelState, Status
+from agent.telemetry import Telemetry
+
+Kind = Literal["status", "model", "telemetry"]
+
+
+@dataclass
+class Device:
+    """What is known of one device."""
+
+    device_id: str
+    status: Status | None = None
+    model: ModelState | None = None
+    telemetry: Telemetry | None = None
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One device, flattened: the columns of ``edge-fleet watch`` and ``status --json``."""
+
+    device: str
+    online: bool | None
+    group: str | None
+    health: str | None
+    model: str | None
+    version: str | None
+    previous: str | None
+    update_version: str | None
+    update_phase: str | None
+    update_progress: float | None
+    update_error: str | None
+    temp_c: float | None
+    mem_available_mb: int | None
+    queue: int | None
+    tok_s: float | None
+    last_seen: float
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class FleetView:
+    """Every device seen on the broker under ``prefix``."""
+
+    prefix: str = "edge"
+    devices: dict[str, Device] = field(default_factory=dict)
+    rejected: int = 0
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """The topic filters to subscribe to (QoS 1 for the retained ones)."""
+        p = self.prefix
+        return [(f"{p}/+/status", 1), (f"{p}/+/model/state", 1), (f"{p}/+/telemetry", 0)]
+
+    def feed(self, topic: str, payload: bytes) -> tuple[str, Kind] | None:
+        """Take one message; returns the device and what changed, or None if it was not for us."""
+        parts = topic.split("/")
+        if len(parts) < 3 or parts[0] != self.prefix or parts[1] == "groups":
+            return None
+        device_id, rest = parts[1], parts[2:]
+        kind: Kind
+        try:
+            if rest == ["status"]:
+                kind = "status"
+                value: Any = Status.model_validate_json(payload) if payload else None
+            elif rest == ["model", "state"]:
+                kind = "model"
+                value = ModelState.model_validate_json(payload) if payload else None
+            elif rest == ["telemetry"]:
+                kind = "telemetry"
+                value = Telemetry.model_validate_json(payload)
+            else:
+                return None
+        except ValidationError:
+            self.rejected += 1
+            return None
+        device = self.devices.get(device_id)
+        if device is None:
+            device = self.devices[device_id] = Device(device_id)
+        setattr(device, kind, value)
+        device.last_seen = time.time()
+        return device_id, kind
+
+    def row(self, device: Device) -> DeviceRow:
+        """One device, flattened."""
+        status, state, tele = device.status, device.model, device.telemetry
+        active = state.active if state and state.active else (status.model if status else None)
+        update = state.update if state else None
+        health = None
+        if status is not None and status.online is False:
+            health = None
+        elif tele is not None and tele.health is not None:
+            health = tele.health.verdict
+        elif status is not None and status.health is not None:
+            health = status.health.verdict
+        temp = None
+        if tele is not None:
+            temp = tele.temperature.soc_c if tele.temperature.soc_c is not None else tele.temperature.max_c
+        return DeviceRow(
+            device=device.device_id,
+            online=status.online if status else None,
+            group=status.group if status else None,
+            health=health,
+            model=active.name if active else None,
+            version=active.version if active else None,
+            previous=state.previous.version if state and state.previous else None,
+            update_version=update.version if update else None,
+            update_phase=update.phase if update else None,
+            update_progress=update.progress if update else None,
+            update_error=update.error.code if update and update.error else None,
+            temp_c=temp,
+            mem_available_mb=tele.memory.available_mb if tele else None,
+            queue=tele.jobs.queue_depth if tele else None,
+            tok_s=tele.jobs.decode_tok_s if tele else None,
+            last_seen=device.last_seen,
+        )
+
+    def rows(self, group: str | None = None) -> list[DeviceRow]:
+        """Every device (of ``group``), sorted by id."""
+        found = []
+        for device_id in sorted(self.devices):
+            device = self.devices[device_id]
+            if group is not None and (device.status is None or device.status.group != group):
+                continue
+            found.append(self.row(device))
+        return found
+
+    @staticmethod
+    def summary(rows: list[DeviceRow]) -> dict[str, int]:
+        """Counts for the header of the live view."""
+        phases = Counter(r.update_phase for r in rows)
+        return {
+            "devices": len(rows),
+            "online": sum(1 for r in rows if r.online),
+            "degraded": sum(1 for r in rows if r.health == "degraded"),
+            "updating": sum(phases[p] for p in ("downloading", "verifying", "testing", "activating")),
+            "failed": phases["failed"] + phases["rolled_back"],
+        }
