@@ -50,6 +50,7 @@ from .protocol import (
 from .sd_notify import Notifier
 from .system_probe import SystemProbe
 from .telemetry import JobStats, ModelInfo
+from .tls import certificate_expiry
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ _PREFILL_ALLOWANCE_S_PER_TOKEN = 0.2
 _START_EXTENSION_S = 15.0
 # After a storage error, wait this long before touching the database again.
 _RETRY_S = 1.0
+# A cancel request is {"id": "<at most 128 characters>"}: anything much larger is not one.
+_CANCEL_MAX_BYTES = 1024
+# A response topic is published to as given; it must be a plain topic name.
+_MAX_TOPIC_BYTES = 1024
 
 
 class Agent:
@@ -101,9 +106,13 @@ class Agent:
             subscriptions=subscriptions,
             will=will,
             # Let the broker drop absurd messages itself; oversized-but-sane ones
-            # still arrive and get a precise "payload_too_large" answer.
+            # still arrive (cut to their head) and get a precise "payload_too_large" answer.
             max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
             on_connect=self._publish_status,
+            payload_limits={
+                topic: config.jobs.max_payload_bytes for topic in subscriptions if topic != self.topics.cancel
+            }
+            | {self.topics.cancel: _CANCEL_MAX_BYTES},
         )
         self._stopping = threading.Event()
         self._shutdown_deadline: float | None = None
@@ -124,6 +133,11 @@ class Agent:
         self._next_watchdog = 0.0
         self._next_extension = 0.0
         self._retry: list[tuple[float, Message]] = []  # messages to handle again after a storage error
+        # The client certificate is loaded once, at start (as the TLS context is): its expiry is fixed.
+        tls = config.mqtt.tls
+        self._cert_expires_at = (
+            certificate_expiry(tls.cert).timestamp() if tls is not None and tls.cert is not None else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -213,6 +227,7 @@ class Agent:
             model=ModelInfo(name=self.engine.name),
             backlog=backlog,
             previous=self._health,
+            cert_expires_at=self._cert_expires_at,
         )
         changed = message.health != self._health
         self._health = message.health
@@ -270,9 +285,10 @@ class Agent:
 
     def _on_job(self, msg: Message) -> None:
         limit = self.config.jobs.max_payload_bytes
-        if len(msg.payload) > limit:
+        if msg.truncated or len(msg.payload) > limit:
+            size = max(msg.size, len(msg.payload))
             self._reject_unreadable(
-                msg, "payload_too_large", f"payload is {len(msg.payload)} bytes; the limit is {limit}"
+                msg, "payload_too_large", f"payload is {size} bytes; the limit is {limit}"
             )
             return
         try:
@@ -284,7 +300,18 @@ class Agent:
         if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
             log.warning("dropping a job without a readable id on %s", msg.topic)
             return
-        reply = msg.response_topic or self.topics.result(job_id)
+        reply = self._reply_topic(msg, job_id)
+        if msg.response_topic is not None and reply != msg.response_topic:
+            self._reply_now(
+                job_id,
+                reply,
+                msg.correlation,
+                "rejected",
+                "invalid_request",
+                "response topic: must be a topic name (no wildcards, no '$' start, at most "
+                f"{_MAX_TOPIC_BYTES} bytes)",
+            )
+            return
         try:
             request = JobRequest.model_validate(data)
         except ValidationError as exc:
@@ -346,6 +373,9 @@ class Agent:
         self._work.set()
 
     def _on_cancel(self, msg: Message) -> None:
+        if msg.truncated:
+            log.warning("ignoring a cancel request of %d bytes", msg.size)
+            return
         try:
             cancel = CancelRequest.model_validate_json(msg.payload[:_ID_SCAN_BYTES])
         except ValidationError as exc:
@@ -383,8 +413,15 @@ class Agent:
             log.warning("dropping a message on %s with no readable id: %s", msg.topic, message)
             return
         job_id = found.group(1).decode()
-        reply = msg.response_topic or self.topics.result(job_id)
+        reply = self._reply_topic(msg, job_id)
         self._reply_now(job_id, reply, msg.correlation, "rejected", code, message)
+
+    def _reply_topic(self, msg: Message, job_id: str) -> str:
+        """Where to answer: the caller's response topic if it is a valid topic name, else the default."""
+        topic = msg.response_topic
+        if topic is not None and _publishable(topic):
+            return topic
+        return self.topics.result(job_id)
 
     def _reply_now(
         self, job_id: str, reply: str, correlation: bytes | None, status: JobStatus, code: str, message: str
@@ -538,6 +575,15 @@ class Agent:
             health=self._health,
         )
         self.link.publish(self.topics.status, status.model_dump_json().encode(), retain=True)
+
+
+def _publishable(topic: str) -> bool:
+    """A topic name the agent may publish to: no wildcards, NUL, system ('$') level, or excess length."""
+    return (
+        0 < len(topic.encode()) <= _MAX_TOPIC_BYTES
+        and not topic.startswith("$")
+        and not any(ch in topic for ch in "+#\0")
+    )
 
 
 def _describe(exc: ValidationError) -> str:

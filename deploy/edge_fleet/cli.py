@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from agent import __version__
 from agent.errors import AgentError
 
-from . import broker, releases
+from . import broker, pki, releases
 
 #: Modules that add sub-commands, in the order ``--help`` lists them; each has ``register(sub)``.
-_COMMAND_MODULES = (releases,)
+_COMMAND_MODULES = (releases, pki)
 
 
 def _parser() -> argparse.ArgumentParser:

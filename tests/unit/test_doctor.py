@@ -57,7 +57,7 @@ def _config(tmp_path: Path, model: Path, port: int) -> AgentConfig:
         device_id="box-1",
         state_dir=tmp_path / "state",
         model=ModelConfig(path=model),
-        mqtt=MQTTConfig(host="127.0.0.1", port=port),
+        mqtt=MQTTConfig(host="127.0.0.1", port=port, allow_plaintext=True),
     )
 
 
@@ -92,7 +92,7 @@ def test_closed_port_fails_the_broker_check(tmp_path: Path, phi3_dir: Path, clos
 
 
 def test_unknown_host_fails() -> None:
-    check = check_broker(MQTTConfig(host="no-such-host.invalid", port=1883), timeout_s=2.0)
+    check = check_broker(MQTTConfig(host="no-such-host.invalid", port=1883, allow_plaintext=True), timeout_s=2.0)
     assert check.status == "fail" and "no-such-host.invalid:1883 unreachable" in check.detail
 
 
@@ -100,7 +100,7 @@ def test_config_file_path_and_invalid_file(tmp_path: Path, phi3_dir: Path, liste
     good = tmp_path / "agent.toml"
     good.write_text(
         f'device_id = "box-1"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[model]\npath = "{phi3_dir}"\n[mqtt]\nhost = "127.0.0.1"\nport = {listening}\n'
+        f'[model]\npath = "{phi3_dir}"\n[mqtt]\nhost = "127.0.0.1"\nport = {listening}\nallow_plaintext = true\n'
     )
     found = _by_name(run_checks(good))
     assert found["config"] == Check(name="config", status="ok", detail="valid")
