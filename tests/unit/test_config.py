@@ -127,5 +127,5 @@ def test_several_brokers_in_failover_order(tmp_path: Path, monkeypatch: pytest.M
 
 @pytest.mark.parametrize("name", ["operator", "groups", "replies"])
 def test_reserved_names_are_no_device_ids(tmp_path: Path, name: str) -> None:
-    with pytest.raises(ConfigError, match="device_id: .*reserved"):
+    with pytest.raises(ConfigError, match=r"device_id: .*reserved"):
         load_config(_write(tmp_path, GOOD.replace('device_id = "box-7"', f'device_id = "{name}"')))
