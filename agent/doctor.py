@@ -18,6 +18,7 @@ from __future__ import annotations
 import platform
 import socket
 import ssl
+import stat
 import sys
 import time
 from datetime import datetime
@@ -271,6 +272,17 @@ def check_tls(mqtt: MQTTConfig, now: datetime | None = None) -> list[Check]:
     for name, path in (("certificate", mqtt.tls.cert), ("ca certificate", mqtt.tls.ca)):
         if path is not None:
             checks.append(check_certificate(name, path, now))
+    if mqtt.tls.key is not None:
+        try:
+            mode = mqtt.tls.key.stat().st_mode
+        except OSError as exc:
+            checks.append(Check(name="key", status="fail", detail=f"{mqtt.tls.key}: {exc.strerror or exc}"))
+        else:
+            if mode & stat.S_IROTH:
+                detail = (
+                    f"{mqtt.tls.key} is readable by every user: chmod 0600 (or 0640 for the agent's group)"
+                )
+                checks.append(Check(name="key", status="warn", detail=detail))
     return checks
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import queue
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -23,6 +25,7 @@ from edge_fleet.submit import Submitter
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.protocol import JobRequest
+from agent.tls import certificate_expiry
 from tests._broker import EDGE_ACL, Broker
 from tests._pki import Fleet, Identity
 
@@ -285,8 +288,6 @@ def test_agent_over_tls_answers_edge_fleet_and_leaks_no_secret(
             topic, payload = watcher.messages.get(timeout=_WAIT_S)
             payloads.append(payload)
         telemetry = next(json.loads(p) for p in payloads if b'"type":"telemetry"' in p)
-        from agent.tls import certificate_expiry
-
         assert telemetry["cert_expires_at"] == certificate_expiry(identity.cert).timestamp()
         assert agent.terminate() == 0
         while True:  # the offline status published at shutdown
@@ -304,3 +305,35 @@ def test_agent_over_tls_answers_edge_fleet_and_leaks_no_secret(
     for where, text in haystacks.items():
         for secret in secrets:
             assert secret not in text, f"a secret appears in the {where}"
+
+
+def test_doctor_verifies_the_tls_handshake_and_the_certificates(
+    tls_broker: Broker, fleet: Fleet, agents
+) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(on=tls_broker, device_id="box-d")
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(agent.config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {
+        line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith(("ok", "warn", "fail"))
+    }
+    assert lines["broker"].startswith("ok") and "reachable TLS verified" in lines["broker"]
+    assert lines["certificate"].startswith("ok") and "days left" in lines["certificate"]
+    assert lines["tls"].startswith("ok")
+    # A broker whose certificate the box cannot verify (another CA) fails the handshake.
+    stranger = fleet.stranger("box-d")
+    other_ca = agent.config.read_text().replace(str(fleet.device("box-d").ca), str(stranger.cert))
+    agent.config.write_text(other_ca)
+    bad = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(agent.config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 1 and "TLS handshake failed" in bad.stdout, bad.stdout
