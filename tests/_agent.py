@@ -118,6 +118,8 @@ class _StatusWatcher:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
         if broker.client_identity is not None:
             broker.client_identity.configure(self.client)
+        if broker.client_login is not None:
+            self.client.username_pw_set(*broker.client_login)
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.subscribe(f"edge/{device_id}/status", qos=1)

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests._pki import Identity
+
 if TYPE_CHECKING:
-    from tests._pki import Fleet, Identity
+    from tests._pki import Fleet
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_CONF = REPO / "deploy" / "mosquitto" / "edge.conf"
@@ -39,9 +41,18 @@ class Broker:
 
     ``fleet``: run edge.conf with the fleet's broker certificate and ``acl`` (default: the
     shipped edge.acl); test clients then connect as ``client_identity`` (the operator).
+    ``passwords`` (user name to password) switches it to logins over TLS, as edge.conf
+    describes: no client certificates, a mosquitto_passwd file; test clients log in as
+    ``client_login`` (the operator).
     """
 
-    def __init__(self, workdir: Path, fleet: Fleet | None = None, acl: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        fleet: Fleet | None = None,
+        acl: Path | None = None,
+        passwords: dict[str, str] | None = None,
+    ) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             pytest.fail("mosquitto is not installed (CI installs it: apt-get install mosquitto)")
@@ -54,6 +65,7 @@ class Broker:
         (workdir / "data").mkdir(parents=True, exist_ok=True)
         self.fleet = fleet
         self.client_identity: Identity | None = fleet.operator if fleet else None
+        self.client_login: tuple[str, str] | None = None
         common = [
             # As root, mosquitto would switch to its own user and could not
             # write this test's persistence and log files; as anyone else
@@ -90,8 +102,25 @@ class Broker:
                 key = line.split(" ", 1)[0]
                 lines.append(local.pop(key) if key in _LOCAL_KEYS else line)
             assert not local, f"edge.conf lacks {sorted(local)}"
+            if passwords:
+                lines = self._with_passwords(lines, passwords)
+                self.client_identity = Identity("operator", fleet.ca, None, None)
+                self.client_login = ("operator", passwords["operator"])
         self.conf.write_text("\n".join([*common, *lines, ""]))
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _with_passwords(self, lines: list[str], passwords: dict[str, str]) -> list[str]:
+        """edge.conf turned to logins over TLS, the three edits its comment names."""
+        passwd = self.workdir / "edge.passwd"
+        passwd.touch(mode=0o600)
+        for user, password in passwords.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
+        edits = {
+            "require_certificate true": "require_certificate false",
+            "use_identity_as_username true": "use_identity_as_username false",
+        }
+        assert all(line in lines for line in edits), "edge.conf changed: update this test helper"
+        return [edits.get(line, line) for line in lines] + [f"password_file {passwd}"]
 
     def start(self) -> None:
         """Start mosquitto and wait until it accepts connections."""

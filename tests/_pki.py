@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
-
-from agent.tls import client_context
 from edge_fleet import pki
 from edge_fleet.cli import main as fleet
+
+from agent.tls import client_context
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,8 @@ class Identity:
 
     name: str
     ca: Path
-    cert: Path
-    key: Path
+    cert: Path | None  # None: TLS without a client certificate (a login instead)
+    key: Path | None
 
     def configure(self, client: paho.Client) -> None:
         """TLS with this identity on an unconnected paho client."""
@@ -28,7 +28,10 @@ class Identity:
 
     def toml(self) -> list[str]:
         """The agent's ``[mqtt.tls]`` section for this identity."""
-        return ["[mqtt.tls]", f'ca = "{self.ca}"', f'cert = "{self.cert}"', f'key = "{self.key}"']
+        lines = ["[mqtt.tls]", f'ca = "{self.ca}"']
+        if self.cert is not None:
+            lines += [f'cert = "{self.cert}"', f'key = "{self.key}"']
+        return lines
 
 
 class Fleet:

@@ -37,7 +37,14 @@ ACCEPTED = {"Success", "No matching subscribers"}
 class Probe:
     """A raw MQTT 5 client recording the broker's answers: connection, PUBACK codes, messages."""
 
-    def __init__(self, broker: Broker, identity: Identity | None, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        identity: Identity | None,
+        *,
+        name: str | None = None,
+        login: tuple[str, str] | None = None,
+    ) -> None:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=name or f"probe-{uuid.uuid4().hex[:8]}",
@@ -45,6 +52,8 @@ class Probe:
         )
         if identity is not None:
             identity.configure(self.client)
+        if login is not None:
+            self.client.username_pw_set(*login)
         self.outcomes: queue.Queue[str] = queue.Queue()
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.acks: dict[int, str] = {}
@@ -236,7 +245,7 @@ def test_untrusted_expired_and_missing_certificates_and_plain_tcp_are_refused(
     cases: list[tuple[str, Identity | None, str]] = [
         ("untrusted", fleet.stranger("box-a"), "certificate verify failed"),
         ("expired", fleet.expired("box-a"), "certificate verify failed"),
-        ("none", Identity("box-a", fleet.ca, None, None), "peer did not return a certificate"),  # type: ignore[arg-type]
+        ("none", Identity("box-a", fleet.ca, None, None), "peer did not return a certificate"),
         ("plain TCP", None, "wrong version number"),
     ]
     for what, identity, reason in cases:
@@ -337,3 +346,36 @@ def test_doctor_verifies_the_tls_handshake_and_the_certificates(
         check=False,
     )
     assert bad.returncode == 1 and "TLS handshake failed" in bad.stdout, bad.stdout
+
+
+def test_logins_over_tls_instead_of_certificates(tmp_path: Path, fleet: Fleet, agents) -> None:  # type: ignore[no-untyped-def]
+    passwords = {"operator": uuid.uuid4().hex, "box-p": uuid.uuid4().hex, "box-q": uuid.uuid4().hex}
+    broker = Broker(tmp_path / "login-broker", fleet, passwords=passwords)
+    broker.start()
+    ca_only = Identity("box-p", fleet.ca, None, None)
+    try:
+        wrong = Probe(broker, ca_only, login=("box-p", "not-the-password"))
+        try:
+            assert wrong.first_outcome().startswith("refused"), "a wrong password is refused"
+        finally:
+            wrong.close()
+        # The same ACL applies by user name: box-q cannot publish box-p's results.
+        q = Probe(broker, ca_only, login=("box-q", passwords["box-q"]))
+        try:
+            assert q.first_outcome() == "connected"
+            assert q.publish("edge/box-p/results/x") == "Not authorized"
+        finally:
+            q.close()
+        agent = agents(on=broker, device_id="box-p", mqtt={"username": "box-p"}, identity=ca_only)
+        agent.start(env={"EDGE_AGENT_MQTT__PASSWORD": passwords["box-p"]})
+        options = BrokerOptions(
+            broker.host, broker.port, ca=fleet.ca, username="operator", password=passwords["operator"]
+        )
+        with Submitter(options) as submitter:
+            result = submitter.run(
+                "edge/box-p/jobs", JobRequest(id="pw-1", prompt="hi", max_tokens=3), timeout=60
+            )
+        assert result.status == "succeeded"
+        assert passwords["box-p"] not in agent.log_text()
+    finally:
+        broker.stop()
