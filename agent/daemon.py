@@ -76,6 +76,9 @@ _RETRY_S = 1.0
 _CANCEL_MAX_BYTES = 1024
 # A response topic is published to as given; it must be a plain topic name.
 _MAX_TOPIC_BYTES = 1024
+_BAD_REPLY_TOPIC = (
+    f"response topic: must be a topic name (no wildcards, no '$' start, at most {_MAX_TOPIC_BYTES} bytes)"
+)
 
 
 class Agent:
@@ -302,15 +305,7 @@ class Agent:
             return
         reply = self._reply_topic(msg, job_id)
         if msg.response_topic is not None and reply != msg.response_topic:
-            self._reply_now(
-                job_id,
-                reply,
-                msg.correlation,
-                "rejected",
-                "invalid_request",
-                "response topic: must be a topic name (no wildcards, no '$' start, at most "
-                f"{_MAX_TOPIC_BYTES} bytes)",
-            )
+            self._reply_now(job_id, reply, msg.correlation, "rejected", "invalid_request", _BAD_REPLY_TOPIC)
             return
         try:
             request = JobRequest.model_validate(data)

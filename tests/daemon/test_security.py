@@ -316,17 +316,21 @@ def test_agent_over_tls_answers_edge_fleet_and_leaks_no_secret(
             assert secret not in text, f"a secret appears in the {where}"
 
 
-def test_doctor_verifies_the_tls_handshake_and_the_certificates(
-    tls_broker: Broker, fleet: Fleet, agents
-) -> None:  # type: ignore[no-untyped-def]
-    agent = agents(on=tls_broker, device_id="box-d")
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(agent.config)],
+def _doctor(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_doctor_verifies_the_tls_handshake_and_the_certificates(
+    tls_broker: Broker, fleet: Fleet, agents
+) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(on=tls_broker, device_id="box-d")
+    proc = _doctor(agent.config)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {
         line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith(("ok", "warn", "fail"))
@@ -338,13 +342,7 @@ def test_doctor_verifies_the_tls_handshake_and_the_certificates(
     stranger = fleet.stranger("box-d")
     other_ca = agent.config.read_text().replace(str(fleet.device("box-d").ca), str(stranger.cert))
     agent.config.write_text(other_ca)
-    bad = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(agent.config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = _doctor(agent.config)
     assert bad.returncode == 1 and "TLS handshake failed" in bad.stdout, bad.stdout
 
 
