@@ -21,6 +21,9 @@ def client_context(
     ca: Path | None = None, cert: Path | None = None, key: Path | None = None
 ) -> ssl.SSLContext:
     """A verifying client context; ``cert``/``key`` add a client certificate (the identity)."""
+    for path in (ca, cert, key):
+        if path is not None and not path.is_file():
+            raise LinkError(f"{path}: TLS file not found")
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -29,8 +32,6 @@ def client_context(
         context.verify_mode = ssl.CERT_REQUIRED
         if cert is not None:
             context.load_cert_chain(str(cert), str(key) if key else None)
-    except FileNotFoundError as exc:
-        raise LinkError(f"TLS file not found: {exc.filename}") from exc
     except (OSError, ssl.SSLError) as exc:
         # The message names the file at most, never its content.
         raise LinkError(f"cannot load the TLS files (ca {ca}, cert {cert}, key {key}): {exc}") from exc
