@@ -50,7 +50,7 @@ from .protocol import (
 from .sd_notify import Notifier
 from .system_probe import SystemProbe
 from .telemetry import JobStats, ModelInfo
-from .tls import certificate_expiry
+from .tls import CERT_WARN_DAYS, certificate_expiry, days_left
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ class Agent:
             self.topics.status,
             Status(online=False, device_id=config.device_id).model_dump_json().encode(),
         )
+        # Every other subscription gets the link's default limit (DEFAULT_PAYLOAD_LIMIT).
+        limits = {self.topics.jobs: config.jobs.max_payload_bytes, self.topics.cancel: _CANCEL_MAX_BYTES}
+        if self.topics.shared_group_jobs:
+            limits[self.topics.shared_group_jobs] = config.jobs.max_payload_bytes
         self.link = MQTTLink(
             config.mqtt,
             client_id=config.device_id,
@@ -112,10 +116,7 @@ class Agent:
             # still arrive (cut to their head) and get a precise "payload_too_large" answer.
             max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
             on_connect=self._publish_status,
-            payload_limits={
-                topic: config.jobs.max_payload_bytes for topic in subscriptions if topic != self.topics.cancel
-            }
-            | {self.topics.cancel: _CANCEL_MAX_BYTES},
+            payload_limits=limits,
         )
         self._stopping = threading.Event()
         self._shutdown_deadline: float | None = None
@@ -138,9 +139,17 @@ class Agent:
         self._retry: list[tuple[float, Message]] = []  # messages to handle again after a storage error
         # The client certificate is loaded once, at start (as the TLS context is): its expiry is fixed.
         tls = config.mqtt.tls
-        self._cert_expires_at = (
-            certificate_expiry(tls.cert).timestamp() if tls is not None and tls.cert is not None else None
-        )
+        self._cert_expires_at = None
+        if tls is not None and tls.cert is not None:
+            expiry = certificate_expiry(tls.cert)
+            self._cert_expires_at = expiry.timestamp()
+            left = days_left(expiry)
+            if left < 0:
+                log.error(
+                    "the client certificate %s expired on %s: the broker will refuse it", tls.cert, expiry
+                )
+            elif left < CERT_WARN_DAYS:
+                log.warning("the client certificate %s expires on %s: provision a new one", tls.cert, expiry)
 
     # -- lifecycle ---------------------------------------------------------------
 

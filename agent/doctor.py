@@ -33,7 +33,7 @@ from .errors import AgentError
 from .model_folder import ModelFolder
 from .system_probe import SystemProbe
 from .telemetry import HealthThresholds, SystemReading
-from .tls import certificate_expiry, client_context, days_left
+from .tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 
 CheckStatus = Literal["ok", "warn", "fail"]
 
@@ -45,8 +45,6 @@ WEIGHTS_OVERHEAD = 1.2
 KV_BYTES = 4
 _MiB = 1024 * 1024
 _WARM_C = 10.0  # this close below max_temp_c is a warning
-#: A certificate expiring within this many days is a warning: time to provision a new one.
-CERT_WARN_DAYS = 30
 
 
 class Check(BaseModel):

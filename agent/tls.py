@@ -16,6 +16,9 @@ from cryptography import x509
 
 from .errors import LinkError
 
+#: A certificate expiring within this many days is warned about (doctor, agent start): time to provision anew.
+CERT_WARN_DAYS = 30
+
 
 def client_context(
     ca: Path | None = None, cert: Path | None = None, key: Path | None = None

@@ -14,6 +14,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,17 @@ def test_logins_over_tls_instead_of_certificates(tmp_path: Path, fleet: Fleet, a
         assert passwords["box-p"] not in agent.log_text()
     finally:
         broker.stop()
+
+
+def test_an_agent_with_an_expired_certificate_says_so_and_is_refused(
+    tls_broker: Broker, fleet: Fleet, agents
+) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(on=tls_broker, device_id="box-x", identity=fleet.expired("box-x"))
+    agent.start(wait_online=False)
+    end = time.monotonic() + _WAIT_S
+    while "certificate verify failed" not in tls_broker.log.read_text():
+        assert time.monotonic() < end, "the broker never saw the agent's certificate"
+        time.sleep(0.05)
+    log = agent.log_text()
+    assert "expired on" in log and "the broker will refuse it" in log
+    assert "connected to" not in log
