@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import json
 import os
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import RESERVED_NAMES
+from agent.config import RESERVED_NAMES, TLS_PORT, parse_endpoint
 
 from .broker import FleetError
 
@@ -102,6 +103,18 @@ def ca_init_command(args: argparse.Namespace) -> int:
 def provision_command(args: argparse.Namespace) -> int:
     """``edge-fleet provision NAME --ca DIR --out OUT [--operator | --broker HOSTNAME]``."""
     name: str = args.name
+    device_only = [flag for flag in ("group", "endpoint", "acl") if getattr(args, flag)]
+    if (args.broker or args.operator) and device_only:
+        raise FleetError(f"--{', --'.join(device_only)}: only for a device")
+    if args.group and not _NAME.match(args.group):
+        raise FleetError(
+            f"{args.group!r}: a group is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit"
+        )
+    for endpoint in args.endpoint or []:
+        try:
+            parse_endpoint(endpoint, TLS_PORT)
+        except ValueError as exc:
+            raise FleetError(f"--endpoint {exc}") from None
     if args.broker:
         written = provision(
             name, args.ca, args.out, kind="broker", hosts=args.broker, days=args.days, force=args.force
@@ -247,26 +260,27 @@ def provision(
 
 def agent_toml(name: str, *, group: str | None, endpoints: list[str], install_dir: str, model: str) -> str:
     """A ready configuration for device ``name`` using the files ``provision`` wrote."""
+    # JSON strings are TOML basic strings: quotes and backslashes in a path stay escaped.
     lines = [
         "# Written by `edge-fleet provision`. Every key: agent/config.py (and README.md).",
-        f'device_id = "{name}"',
+        f"device_id = {json.dumps(name)}",
     ]
     if group:
-        lines.append(f'group = "{group}"')
+        lines.append(f"group = {json.dumps(group)}")
     lines += [
         'state_dir = "/var/lib/edge-agent"',
         "",
         "[model]",
-        f'path = "{model}"',
+        f"path = {json.dumps(model)}",
         "",
         "[mqtt]",
         "# Tried in order; when one fails the agent moves to the next.",
-        "brokers = [" + ", ".join(f'"{endpoint}"' for endpoint in endpoints) + "]",
+        f"brokers = {json.dumps(endpoints)}",
         "",
         "[mqtt.tls]",
-        f'ca = "{install_dir}/{CA_CERT}"',
-        f'cert = "{install_dir}/{name}.crt"',
-        f'key = "{install_dir}/{name}.key"',
+        f"ca = {json.dumps(f'{install_dir}/{CA_CERT}')}",
+        f"cert = {json.dumps(f'{install_dir}/{name}.crt')}",
+        f"key = {json.dumps(f'{install_dir}/{name}.key')}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -111,3 +111,25 @@ def test_group_lines_are_added_once_and_replaced(tmp_path: Path) -> None:
     assert text.count("user box-1\n") == 1 and "edge/groups/b/jobs" in text
     assert "topic read edge/groups/a/jobs" in text.split("# >>> device box-2")[1]
     assert "edge/groups/a/" not in text.split("# >>> device box-1")[1].split("# <<<")[0]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--operator", "--group", "g"],
+        ["--broker", "mq.lan", "--endpoint", "a:1"],
+        ["--endpoint", 'a"b'],
+        ["--group", "a/b"],
+    ],
+)
+def test_flags_that_do_not_fit_are_refused(ca: Path, tmp_path: Path, extra: list[str]) -> None:
+    assert fleet(["provision", "box-1", "--ca", str(ca), "--out", str(tmp_path / "o"), *extra]) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_odd_paths_stay_valid_toml(ca: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert (
+        fleet(["provision", "box-1", "--ca", str(ca), "--out", str(out), "--model", 'C:\\models\\"x"']) == 0
+    )
+    assert load_config(out / "agent.toml").model.path == Path('C:\\models\\"x"')
