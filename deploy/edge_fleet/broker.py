@@ -8,6 +8,7 @@ operator identity.  Plain TCP only with ``--plaintext``, and a warning.
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 import threading
@@ -92,11 +93,19 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
         help="MQTT broker (default 127.0.0.1, port 8883, or 1883 with --plaintext)",
     )
     parser.add_argument("--topic-prefix", default="edge", help="first level of every topic (default: edge)")
-    parser.add_argument("--ca", type=Path, help="CA file: connect with TLS and verify the broker against it")
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        help="CA file to verify the broker's certificate against (default: the system's CAs)",
+    )
     parser.add_argument("--cert", type=Path, help="client certificate (operator identity)")
     parser.add_argument("--key", dest="cert_key", type=Path, help="private key of --cert")
     parser.add_argument("--username")
-    parser.add_argument("--password", help="with --username: login over TLS")
+    parser.add_argument(
+        "--password",
+        default=os.environ.get("EDGE_FLEET_PASSWORD"),
+        help="with --username: login over TLS (default: $EDGE_FLEET_PASSWORD, which `ps` does not show)",
+    )
     parser.add_argument(
         "--plaintext",
         action="store_true",
