@@ -98,7 +98,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    print(f"{args.file}: OK (device {config.device_id}, broker {config.mqtt.host}:{config.mqtt.port})")
+    brokers = ", ".join(f"{host}:{port}" for host, port in config.mqtt.endpoints)
+    print(f"{args.file}: OK (device {config.device_id}, broker {brokers})")
     return 0
 
 

@@ -13,7 +13,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .engine import EngineOptions
@@ -36,21 +44,64 @@ class _Section(BaseModel):
 
 
 class TLSConfig(_Section):
-    """TLS towards the broker. Hostname verification stays on."""
+    """TLS towards the broker: TLS 1.2 or newer, the broker's certificate and host name always verified."""
 
-    ca: Path | None = Field(None, description="CA bundle that signs the broker's certificate.")
-    cert: Path | None = Field(None, description="Client certificate (per-device identity).")
-    key: Path | None = Field(None, description="Private key of the client certificate.")
+    ca: Path | None = Field(
+        None, description="CA bundle that signs the broker's certificate (the system's CAs when unset)."
+    )
+    cert: Path | None = Field(
+        None, description="Client certificate (per-device identity; its CN is the device id)."
+    )
+    key: Path | None = Field(None, description="Private key of the client certificate (mode 0600).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key, or neither")
+        return self
+
+
+#: Topic levels under the prefix that belong to the fleet, not to a device: no device may be named so.
+RESERVED_NAMES = frozenset({"groups", "replies", "operator"})
+_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
+#: The IANA ports of MQTT over TLS and plain MQTT: an endpoint without a port gets the one that fits.
+TLS_PORT, PLAIN_PORT = 8883, 1883
+
+
+def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[IPV6]:PORT`` as a (host, port) pair."""
+    found = _ENDPOINT.match(text.strip())
+    port = int(found.group("port")) if found and found.group("port") else default_port
+    if found is None or not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT with a port in 1-65535")
+    return found.group("v6") or found.group("host"), port
 
 
 class MQTTConfig(_Section):
-    """How to reach the broker."""
+    """How to reach the broker (or brokers, in the order they are tried)."""
 
-    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
-    port: int = Field(1883, ge=1, le=65535)
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address (single broker).")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Broker port; default 8883 with TLS, 1883 with allow_plaintext."
+    )
+    brokers: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Several brokers, tried in order: 'HOST:PORT' each. When the current one fails the agent "
+            "moves to the next (with backoff). Replaces host/port; give one form or the other."
+        ),
+    )
     username: str | None = None
     password: SecretStr | None = None
-    tls: TLSConfig | None = Field(None, description="Set to connect with TLS.")
+    tls: TLSConfig | None = Field(None, description="TLS settings; required unless allow_plaintext is true.")
+    allow_plaintext: bool = Field(
+        False,
+        description=(
+            "Connect over plain TCP, unencrypted and unauthenticated by certificate. Only for a broker on "
+            "the same machine or in a lab; the agent logs a warning at start. Excludes [mqtt.tls]."
+        ),
+    )
     keepalive: int = Field(
         30,
         ge=5,
@@ -69,6 +120,34 @@ class MQTTConfig(_Section):
     )
 
     _prefix_ok = field_validator("topic_prefix")(_topic_safe)
+
+    @field_validator("brokers")
+    @classmethod
+    def _endpoints_ok(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_endpoint(text, TLS_PORT)
+        return value
+
+    @model_validator(mode="after")
+    def _transport(self) -> MQTTConfig:
+        if self.tls is None and not self.allow_plaintext:
+            raise ValueError(
+                "no [mqtt.tls] section: configure TLS (ca, cert, key), or set allow_plaintext = true "
+                "to connect unencrypted (a broker on this machine or in a lab only)"
+            )
+        if self.tls is not None and self.allow_plaintext:
+            raise ValueError("allow_plaintext = true and [mqtt.tls] exclude each other: keep one")
+        if self.brokers and ({"host", "port"} & self.model_fields_set):
+            raise ValueError("give either host/port or brokers, not both")
+        return self
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Every broker as (host, port), in the order they are tried."""
+        default = PLAIN_PORT if self.allow_plaintext else TLS_PORT
+        if not self.brokers:
+            return [(self.host, self.port or default)]
+        return [parse_endpoint(text, default) for text in self.brokers]
 
 
 class ModelConfig(_Section):
@@ -170,6 +249,14 @@ class AgentConfig(BaseSettings):
     update: UpdateConfig = Field(default_factory=UpdateConfig)
 
     _names_ok = field_validator("device_id", "group")(lambda v: v if v is None else _topic_safe(v))
+
+    @field_validator("device_id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        # The ACL gives "operator" the whole tree, and groups/replies are fleet-wide levels.
+        if value in RESERVED_NAMES:
+            raise ValueError(f"{value!r} is reserved (one of {', '.join(sorted(RESERVED_NAMES))})")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -34,6 +34,7 @@ from . import __version__
 from .config import AgentConfig
 from .errors import AgentError, ContextOverflowError, InvalidRequestError
 from .job_store import JobStore, StoredJob
+from .manifest import MAX_MANIFEST_BYTES
 from .mqtt_link import Connected, Message, MQTTLink, Published
 from .protocol import (
     CancelRequest,
@@ -51,7 +52,8 @@ from .protocol import (
 from .sd_notify import Notifier
 from .system_probe import SystemProbe
 from .telemetry import JobStats, ModelInfo
-from .updater import Updater
+from .tls import CERT_WARN_DAYS, certificate_expiry, days_left
+from .updater import Source, Updater
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,13 @@ _START_EXTENSION_S = 15.0
 _MODEL_SWAP_ALLOWANCE_S = 180.0
 # After a storage error, wait this long before touching the database again.
 _RETRY_S = 1.0
+# A cancel request is {"id": "<at most 128 characters>"}: anything much larger is not one.
+_CANCEL_MAX_BYTES = 1024
+# A response topic is published to as given; it must be a plain topic name.
+_MAX_TOPIC_BYTES = 1024
+_BAD_REPLY_TOPIC = (
+    f"response topic: must be a topic name (no wildcards, no '$' start, at most {_MAX_TOPIC_BYTES} bytes)"
+)
 
 
 class Agent:
@@ -103,15 +112,23 @@ class Agent:
             self.topics.status,
             Status(online=False, device_id=config.device_id).model_dump_json().encode(),
         )
+        # Every other subscription gets the link's default limit (DEFAULT_PAYLOAD_LIMIT).
+        limits = {self.topics.jobs: config.jobs.max_payload_bytes, self.topics.cancel: _CANCEL_MAX_BYTES}
+        if self.topics.shared_group_jobs:
+            limits[self.topics.shared_group_jobs] = config.jobs.max_payload_bytes
+        for desired in (self.topics.model_desired, self.topics.group_model_desired):
+            if desired:
+                limits[desired] = MAX_MANIFEST_BYTES
         self.link = MQTTLink(
             config.mqtt,
             client_id=config.device_id,
             subscriptions=subscriptions,
             will=will,
             # Let the broker drop absurd messages itself; oversized-but-sane ones
-            # still arrive and get a precise "payload_too_large" answer.
+            # still arrive (cut to their head) and get a precise "payload_too_large" answer.
             max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
             on_connect=self._on_connect,
+            payload_limits=limits,
         )
         self._stopping = threading.Event()
         self._shutdown_deadline: float | None = None
@@ -132,6 +149,19 @@ class Agent:
         self._next_watchdog = 0.0
         self._next_extension = 0.0
         self._retry: list[tuple[float, Message]] = []  # messages to handle again after a storage error
+        # The client certificate is loaded once, at start (as the TLS context is): its expiry is fixed.
+        tls = config.mqtt.tls
+        self._cert_expires_at = None
+        if tls is not None and tls.cert is not None:
+            expiry = certificate_expiry(tls.cert)
+            self._cert_expires_at = expiry.timestamp()
+            left = days_left(expiry)
+            if left < 0:
+                log.error(
+                    "the client certificate %s expired on %s: the broker will refuse it", tls.cert, expiry
+                )
+            elif left < CERT_WARN_DAYS:
+                log.warning("the client certificate %s expires on %s: provision a new one", tls.cert, expiry)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -224,6 +254,7 @@ class Agent:
             model=ModelInfo(name=serving.ref.name, version=serving.ref.version, precision=serving.precision),
             backlog=backlog,
             previous=self._health,
+            cert_expires_at=self._cert_expires_at,
         )
         changed = message.health != self._health
         self._health = message.health
@@ -267,10 +298,14 @@ class Agent:
         try:
             if msg.topic == self.topics.cancel:
                 self._on_cancel(msg)
-            elif msg.topic == self.topics.model_desired:
-                self.updater.offer("device", msg.payload)
-            elif msg.topic == self.topics.group_model_desired:
-                self.updater.offer("group", msg.payload)
+            elif msg.topic in (self.topics.model_desired, self.topics.group_model_desired):
+                source: Source = "device" if msg.topic == self.topics.model_desired else "group"
+                if msg.truncated:
+                    self.updater.refuse_unread(
+                        f"manifest is {msg.size} bytes; the limit is {MAX_MANIFEST_BYTES}"
+                    )
+                else:
+                    self.updater.offer(source, msg.payload)
             else:
                 self._on_job(msg)
         except sqlite3.Error as exc:
@@ -285,9 +320,10 @@ class Agent:
 
     def _on_job(self, msg: Message) -> None:
         limit = self.config.jobs.max_payload_bytes
-        if len(msg.payload) > limit:
+        if msg.truncated or len(msg.payload) > limit:
+            size = max(msg.size, len(msg.payload))
             self._reject_unreadable(
-                msg, "payload_too_large", f"payload is {len(msg.payload)} bytes; the limit is {limit}"
+                msg, "payload_too_large", f"payload is {size} bytes; the limit is {limit}"
             )
             return
         try:
@@ -299,7 +335,10 @@ class Agent:
         if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
             log.warning("dropping a job without a readable id on %s", msg.topic)
             return
-        reply = msg.response_topic or self.topics.result(job_id)
+        reply = self._reply_topic(msg, job_id)
+        if msg.response_topic is not None and reply != msg.response_topic:
+            self._reply_now(job_id, reply, msg.correlation, "rejected", "invalid_request", _BAD_REPLY_TOPIC)
+            return
         try:
             request = JobRequest.model_validate(data)
         except ValidationError as exc:
@@ -361,6 +400,9 @@ class Agent:
         self._work.set()
 
     def _on_cancel(self, msg: Message) -> None:
+        if msg.truncated:
+            log.warning("ignoring a cancel request of %d bytes", msg.size)
+            return
         try:
             cancel = CancelRequest.model_validate_json(msg.payload[:_ID_SCAN_BYTES])
         except ValidationError as exc:
@@ -398,8 +440,15 @@ class Agent:
             log.warning("dropping a message on %s with no readable id: %s", msg.topic, message)
             return
         job_id = found.group(1).decode()
-        reply = msg.response_topic or self.topics.result(job_id)
+        reply = self._reply_topic(msg, job_id)
         self._reply_now(job_id, reply, msg.correlation, "rejected", code, message)
+
+    def _reply_topic(self, msg: Message, job_id: str) -> str:
+        """Where to answer: the caller's response topic if it is a valid topic name, else the default."""
+        topic = msg.response_topic
+        if topic is not None and _publishable(topic):
+            return topic
+        return self.topics.result(job_id)
 
     def _reply_now(
         self, job_id: str, reply: str, correlation: bytes | None, status: JobStatus, code: str, message: str
@@ -599,6 +648,15 @@ class Agent:
             health=self._health,
         )
         self.link.publish(self.topics.status, status.model_dump_json().encode(), retain=True)
+
+
+def _publishable(topic: str) -> bool:
+    """A topic name the agent may publish to: no wildcards, NUL, system ('$') level, or excess length."""
+    return (
+        0 < len(topic.encode()) <= _MAX_TOPIC_BYTES
+        and not topic.startswith("$")
+        and not any(ch in topic for ch in "+#\0")
+    )
 
 
 def _describe(exc: ValidationError) -> str:

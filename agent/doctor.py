@@ -4,8 +4,10 @@ Each check gives ``ok``, ``warn`` (works, but slower or riskier than it
 should) or ``fail`` (the agent will not run well, or at all), with a one-line
 detail.  The checks: Python and onnxruntime versions, the CPU features the
 int4/int8 kernels use, memory against the model's needs, free disk, the
-temperature (and Raspberry Pi throttling), TCP reachability of the broker, and
-that the model loads and computes a token.
+temperature (and Raspberry Pi throttling), the TLS setup (plain TCP is a
+warning; a client or CA certificate expiring within 30 days is a warning, an
+expired one a failure), reachability of every broker (with the TLS handshake
+when TLS is configured), and that the model loads and computes a token.
 
 Run it with the agent stopped: a running agent holds the model in memory, which
 the memory check would then count twice.
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import platform
 import socket
+import ssl
+import stat
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +33,7 @@ from .errors import AgentError
 from .model_folder import ModelFolder
 from .system_probe import SystemProbe
 from .telemetry import HealthThresholds, SystemReading
+from .tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 
 CheckStatus = Literal["ok", "warn", "fail"]
 
@@ -73,6 +79,7 @@ def run_checks(
     reading = SystemProbe(config.state_dir).measure()
     memory, fits = _memory(config, reading, limits)
     checks += [memory, check_disk(config.state_dir, limits), *check_temperature(reading, limits)]
+    checks += check_tls(config.mqtt)
     checks.append(check_broker(config.mqtt, timeout_s=broker_timeout_s))
     if fits:
         checks.append(check_model(config))
@@ -248,21 +255,86 @@ def check_temperature(reading: SystemReading, thresholds: HealthThresholds) -> l
     return checks
 
 
-def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
-    """A TCP connection to the broker opens within ``timeout_s`` (TLS and login are not tried).
+def check_tls(mqtt: MQTTConfig, now: datetime | None = None) -> list[Check]:
+    """How the link is protected, and how long the client and CA certificates stay valid."""
+    if mqtt.tls is None:
+        return [
+            Check(
+                name="tls",
+                status="warn",
+                detail="plain TCP (allow_plaintext = true): the link is neither encrypted nor authenticated",
+            )
+        ]
+    how = "client certificate" if mqtt.tls.cert else "no client certificate (username/password or none)"
+    checks = [Check(name="tls", status="ok", detail=f"TLS 1.2+, host name verified, {how}")]
+    for name, path in (("certificate", mqtt.tls.cert), ("ca certificate", mqtt.tls.ca)):
+        if path is not None:
+            checks.append(check_certificate(name, path, now))
+    if mqtt.tls.key is not None:
+        try:
+            mode = mqtt.tls.key.stat().st_mode
+        except OSError as exc:
+            checks.append(Check(name="key", status="fail", detail=f"{mqtt.tls.key}: {exc.strerror or exc}"))
+        else:
+            if mode & stat.S_IROTH:
+                detail = (
+                    f"{mqtt.tls.key} is readable by every user: chmod 0600 (or 0640 for the agent's group)"
+                )
+                checks.append(Check(name="key", status="warn", detail=detail))
+    return checks
 
-    The timeout bounds the connection, not the name lookup, which takes as long as the resolver does.
-    """
-    where = f"{mqtt.host}:{mqtt.port}"
-    started = time.perf_counter()
+
+def check_certificate(name: str, path: Path, now: datetime | None = None) -> Check:
+    """``fail`` once the certificate at ``path`` expired, ``warn`` within ``CERT_WARN_DAYS`` of it."""
     try:
-        with socket.create_connection((mqtt.host, mqtt.port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        return Check(name="broker", status="fail", detail=f"{where} unreachable: {reason}")
-    elapsed_ms = (time.perf_counter() - started) * 1e3
-    return Check(name="broker", status="ok", detail=f"{where} reachable over TCP ({elapsed_ms:.0f} ms)")
+        expiry = certificate_expiry(path)
+    except AgentError as exc:
+        return Check(name=name, status="fail", detail=exc.message)
+    left = days_left(expiry, now)
+    detail = f"{path} expires {expiry:%Y-%m-%d %H:%M} UTC"
+    if left < 0:
+        return Check(name=name, status="fail", detail=f"{detail}: expired {-left:.0f} days ago")
+    if left < CERT_WARN_DAYS:
+        return Check(name=name, status="warn", detail=f"{detail}: {left:.0f} days left, provision a new one")
+    return Check(name=name, status="ok", detail=f"{detail} ({left:.0f} days left)")
+
+
+def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
+    """Every configured broker accepts a TCP connection within ``timeout_s`` (and, with TLS, a
+    verified handshake; the MQTT login is not tried).
+
+    ``ok`` when all answer, ``warn`` when only some do (failover still has somewhere to go),
+    ``fail`` when none does.  The timeout bounds the connection, not the name lookup, which
+    takes as long as the resolver does.
+    """
+    context = None
+    if mqtt.tls is not None:
+        try:
+            context = client_context(mqtt.tls.ca, mqtt.tls.cert, mqtt.tls.key)
+        except AgentError as exc:
+            return Check(name="broker", status="fail", detail=exc.message)
+    details, reached = [], 0
+    for host, port in mqtt.endpoints:
+        where = f"{host}:{port}"
+        started = time.perf_counter()
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s) as sock:
+                if context is not None:
+                    with context.wrap_socket(sock, server_hostname=host):
+                        pass
+        except ssl.SSLError as exc:  # before OSError: it is one
+            details.append(f"{where} TLS handshake failed: {exc.reason or exc}")
+            continue
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            details.append(f"{where} unreachable: {reason}")
+            continue
+        reached += 1
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        how = "TLS verified" if context is not None else "over TCP"
+        details.append(f"{where} reachable {how} ({elapsed_ms:.0f} ms)")
+    status: CheckStatus = "ok" if reached == len(details) else "warn" if reached else "fail"
+    return Check(name="broker", status=status, detail="; ".join(details))
 
 
 def check_model(config: AgentConfig) -> Check:

@@ -14,7 +14,19 @@ Guarantees it gives the daemon:
 * reconnection with exponential backoff whose base is re-drawn at random on
   every disconnect, so a fleet does not reconnect in lock-step after a broker
   restart;
-* a Last Will, so the broker announces the box offline when it vanishes.
+* a Last Will, so the broker announces the box offline when it vanishes;
+* failover: with several brokers configured, a failed connection (refused,
+  unreachable, TLS rejected, or lost) moves the next attempt to the next
+  broker in the list, round-robin, under the same backoff.  A new broker
+  holds no session for the agent: the subscriptions are renewed on every
+  connect, and the daemon re-publishes every stored result that no broker
+  acknowledged (``Connected``), so accepted jobs are still answered;
+* a payload limit on every subscription: a message over the limit of the
+  subscription it came through reaches the daemon cut to its first
+  ``HEAD_BYTES`` bytes and flagged ``truncated``, never whole.
+
+TLS settings come from ``agent.tls.client_context`` (TLS 1.2+, verified host
+name); plain TCP only with ``allow_plaintext``, and a warning at start.
 """
 
 from __future__ import annotations
@@ -24,9 +36,8 @@ import logging
 import queue
 import random
 import socket
-import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +48,7 @@ from paho.mqtt.properties import Properties
 
 from .config import MQTTConfig
 from .errors import LinkError
+from .tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,10 @@ log = logging.getLogger(__name__)
 # that is coming back up under a whole fleet.
 _BACKOFF_BASE = (0.5, 1.5)
 _BACKOFF_MAX = 60
+#: Limit of a subscription given no limit of its own: a job or a manifest fits, a flood does not.
+DEFAULT_PAYLOAD_LIMIT = 64 * 1024
+#: What the daemon still sees of an oversized message: enough to find its id and answer it.
+HEAD_BYTES = 4096
 
 
 def no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
@@ -66,6 +82,8 @@ class Message:
     response_topic: str | None
     correlation: bytes | None
     generation: int  # which connection delivered it: acks go to that one only
+    size: int = 0  # the payload's size as received (payload may be cut: see truncated)
+    truncated: bool = False  # over its subscription's limit: payload holds only the first HEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -86,7 +104,11 @@ Event = Message | Published | Connected
 
 
 class MQTTLink:
-    """One broker connection, kept up until ``stop``."""
+    """One broker connection (to one of the configured brokers at a time), kept up until ``stop``.
+
+    ``payload_limits`` maps a subscription (as given in ``subscriptions``) to
+    its largest acceptable payload; the others get ``DEFAULT_PAYLOAD_LIMIT``.
+    """
 
     def __init__(
         self,
@@ -97,9 +119,17 @@ class MQTTLink:
         will: tuple[str, bytes] | None = None,
         max_packet_bytes: int | None = None,
         on_connect: Callable[[], None] | None = None,
+        payload_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.mqtt5 = config.protocol == "5"
+        self.endpoints = config.endpoints
+        self._current = 0  # index in endpoints of the broker being (or last) tried
+        self._failed = False  # the last attempt failed: the next one goes to the next broker
+        self._limits = [
+            (_without_share(topic), (payload_limits or {}).get(topic, DEFAULT_PAYLOAD_LIMIT))
+            for topic in subscriptions
+        ]
         self.events: queue.Queue[Event] = queue.Queue()
         self.connected = threading.Event()
         self._subscriptions = subscriptions
@@ -121,18 +151,14 @@ class MQTTLink:
             password = config.password.get_secret_value() if config.password else None
             client.username_pw_set(config.username, password)
         if config.tls is not None:
-            tls = config.tls
-            client.tls_set(
-                ca_certs=str(tls.ca) if tls.ca else None,
-                certfile=str(tls.cert) if tls.cert else None,
-                keyfile=str(tls.key) if tls.key else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            client.tls_set_context(client_context(config.tls.ca, config.tls.cert, config.tls.key))
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = no_delay
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_pre_connect = self._choose_endpoint
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
 
@@ -140,24 +166,28 @@ class MQTTLink:
 
     def start(self) -> None:
         """Connect in the background; reconnects by itself until ``stop``."""
+        if self.config.tls is None:
+            log.warning(
+                "connecting over plain TCP (allow_plaintext = true): the link is neither encrypted nor "
+                "authenticated; use TLS outside a lab"
+            )
         props = None
         if self.mqtt5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.config.session_expiry_s
             if self._max_packet:
                 props.MaximumPacketSize = self._max_packet
+        host, port = self.endpoints[0]
         try:
             self._client.connect_async(
-                self.config.host,
-                self.config.port,
+                host,
+                port,
                 keepalive=self.config.keepalive,
                 clean_start=False if self.mqtt5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
                 properties=props,
             )
         except (OSError, ValueError) as exc:
-            raise LinkError(
-                f"cannot start connecting to {self.config.host}:{self.config.port}: {exc}"
-            ) from exc
+            raise LinkError(f"cannot start connecting to {host}:{port}: {exc}") from exc
         self._client.loop_start()
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
@@ -168,6 +198,11 @@ class MQTTLink:
                 info.wait_for_publish(timeout)
         self._client.disconnect()
         self._client.loop_stop()
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """The broker currently connected to (or being tried)."""
+        return self.endpoints[self._current]
 
     @property
     def alive(self) -> bool:
@@ -212,42 +247,77 @@ class MQTTLink:
 
     # -- paho callbacks (network thread: hand over only) -------------------------
 
+    def _choose_endpoint(self, client: paho.Client, _u: Any) -> None:
+        """Before each (re)connection attempt: after a failure, aim at the next broker."""
+        if self._failed and len(self.endpoints) > 1:
+            self._current = (self._current + 1) % len(self.endpoints)
+            host, port = self.endpoints[self._current]
+            log.warning("failing over to broker %s:%s", host, port)
+            # paho's host/port setters refuse while a (re)connection is in progress,
+            # which is exactly when this hook runs; these are the fields they set.
+            client._host, client._port = host, port
+        self._failed = False
+
+    def _handle_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+        host, port = self.endpoint
+        log.warning("cannot connect to broker %s:%s", host, port)
+        self._failed = True
+
     def _handle_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            log.warning("broker refused the connection: %s", reason)
+            log.warning("broker %s:%s refused the connection: %s", *self.endpoint, reason)
+            self._failed = True
             return
         self._generation += 1
         self.subscribe_topics()
         self.connected.set()
-        log.info("connected to %s:%s", self.config.host, self.config.port)
+        log.info("connected to %s:%s", *self.endpoint)
         self.events.put(Connected(session_present=bool(flags.session_present)))
         if self._on_connect_hook is not None:
             self._on_connect_hook()
 
     def _handle_disconnect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
+        self._failed = True
         client.reconnect_delay_set(min_delay=random.uniform(*_BACKOFF_BASE), max_delay=_BACKOFF_MAX)  # type: ignore[arg-type]
         if reason.is_failure:
             log.warning("disconnected from broker: %s", reason)
         else:
             log.info("disconnected from broker")
 
+    def _limit(self, topic: str) -> int:
+        for topic_filter, limit in self._limits:
+            if paho.topic_matches_sub(topic_filter, topic):
+                return limit
+        return DEFAULT_PAYLOAD_LIMIT
+
     def _handle_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        size = len(msg.payload)
+        truncated = size > self._limit(msg.topic)
         props = getattr(msg, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         self.events.put(
             Message(
                 topic=msg.topic,
-                payload=bytes(msg.payload),
+                payload=bytes(msg.payload[:HEAD_BYTES] if truncated else msg.payload),
                 qos=msg.qos,
                 mid=msg.mid,
                 retain=bool(msg.retain),
                 response_topic=response_topic if isinstance(response_topic, str) else None,
                 correlation=bytes(correlation) if correlation is not None else None,
                 generation=self._generation,
+                size=size,
+                truncated=truncated,
             )
         )
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self.events.put(Published(mid=mid))
+
+
+def _without_share(topic_filter: str) -> str:
+    """The filter messages of a subscription match: ``$share/NAME/`` removed."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter

@@ -116,6 +116,7 @@ class SystemProbe:
         model: ModelInfo | None = None,
         backlog: int | None = None,
         previous: Health | None = None,
+        cert_expires_at: float | None = None,
     ) -> Telemetry:
         """A complete message: a fresh reading, the given agent figures, and its health verdict."""
         reading = self.measure()
@@ -127,6 +128,7 @@ class SystemProbe:
             model=model,
             jobs=jobs,
             broker_backlog=backlog,
+            cert_expires_at=cert_expires_at,
         )
         message.health = assess(message, thresholds, backlog, previous)
         return message

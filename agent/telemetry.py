@@ -205,6 +205,9 @@ class Telemetry(SystemReading, _Header):
     model: ModelInfo | None = None
     jobs: JobsTelemetry = Field(default_factory=JobsTelemetry)
     broker_backlog: int | None = Field(None, description="Publications the broker has not acknowledged yet.")
+    cert_expires_at: float | None = Field(
+        None, description="Unix time the agent's client certificate expires; null without one."
+    )
     health: Health | None = Field(None, description="Set by assess(); every published message carries it.")
 
 

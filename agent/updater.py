@@ -183,6 +183,11 @@ class Updater:
                 self._desired.pop(source, None)
         self._wake.set()
 
+    def refuse_unread(self, reason: str) -> None:
+        """A desired-state message too large to read: report it; the desired state stays as it was."""
+        log.error("model update refused unread: %s", reason)
+        self._set_status("?", "failed", error=("invalid_manifest", reason))
+
     def state(self) -> ModelState:
         """What to publish on ``model/state``."""
         previous = self.store.pointer().previous

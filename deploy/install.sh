@@ -93,7 +93,7 @@ else
   cat >"$tmp" <<EOF
 # edge-agent configuration. Every key, its bounds and its meaning: agent/config.py
 # in the source (and README.md). Any key can be overridden from the environment,
-# e.g. EDGE_AGENT_MQTT__HOST=broker.lan overrides [mqtt] host.
+# e.g. EDGE_AGENT_MQTT__BROKERS='["b.lan:8883"]' overrides [mqtt] brokers.
 device_id = "$device_id"
 state_dir = "$STATE_DIR"
 
@@ -102,12 +102,19 @@ state_dir = "$STATE_DIR"
 path = "$DEMO_MODEL"
 
 [mqtt]
-host = "127.0.0.1"                  # the broker
-port = 1883
+# The brokers, tried in order: when one fails the agent moves to the next.
+brokers = ["broker.lan:8883"]
+# Login over TLS instead of (or besides) a client certificate:
 # username = "$device_id"
 # password = "..."
-# [mqtt.tls]
-# ca = "$CONFIG_DIR/ca.crt"
+
+# TLS is required. Put the files of \`edge-fleet provision $device_id\` here (or use
+# the agent.toml it writes instead of this file). Plain TCP only for a broker on this
+# box or in a lab: remove this section and set allow_plaintext = true under [mqtt].
+[mqtt.tls]
+ca = "$CONFIG_DIR/ca.crt"
+cert = "$CONFIG_DIR/$device_id.crt"
+key = "$CONFIG_DIR/$device_id.key"
 EOF
   chown "root:$SERVICE_USER" "$tmp"
   chmod 0640 "$tmp"

@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests._broker import Broker
+from tests._pki import Identity
 
 
 class AgentProcess:
@@ -36,7 +37,13 @@ class AgentProcess:
         health: dict[str, Any] | None = None,
         update: dict[str, Any] | None = None,
         model_version: str | None = None,
+        identity: Identity | None = None,
     ) -> None:
+        """``mqtt`` keys override the section's; with ``brokers`` in it, host and port are left out.
+
+        Against a broker with a fleet the agent connects with TLS as ``identity`` (default: the
+        fleet's certificate for ``device_id``); otherwise over plain TCP, said explicitly.
+        """
         self.broker = broker
         self.device_id = device_id
         self.workdir = workdir
@@ -47,15 +54,20 @@ class AgentProcess:
         lines = [f'device_id = "{device_id}"', f'state_dir = "{self.state_dir}"']
         if group:
             lines.append(f'group = "{group}"')
-        lines += [
-            "[model]",
-            f'path = "{model}"',
-            *([f'version = "{model_version}"'] if model_version else []),
-            "[mqtt]",
-            f'host = "{broker.host}"',
-            f"port = {broker.port}",
-        ]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in (mqtt or {}).items()]
+        lines += ["[model]", f'path = "{model}"']
+        if model_version:
+            lines.append(f'version = "{model_version}"')
+        lines.append("[mqtt]")
+        mqtt = dict(mqtt or {})
+        if "brokers" not in mqtt:
+            mqtt = {"host": broker.host, "port": broker.port, **mqtt}
+        if identity is None and broker.fleet is not None:
+            identity = broker.fleet.device(device_id)
+        if identity is None:
+            mqtt.setdefault("allow_plaintext", True)
+        lines += [f"{k} = {json.dumps(v)}" for k, v in mqtt.items()]
+        if identity is not None:
+            lines += identity.toml()
         lines += ["[jobs]"] + [f"{k} = {json.dumps(v)}" for k, v in (jobs or {}).items()]
         # Telemetry every second so tests see it quickly (10 s in production).
         telemetry = {"interval_s": 1.0, **(telemetry or {})}
@@ -110,6 +122,10 @@ class _StatusWatcher:
         self.statuses: list[dict[str, Any]] = []
         self._event = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
+        if broker.client_identity is not None:
+            broker.client_identity.configure(self.client)
+        if broker.client_login is not None:
+            self.client.username_pw_set(*broker.client_login)
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.subscribe(f"edge/{device_id}/status", qos=1)

@@ -14,7 +14,9 @@ class SimulatedFleet:
     """``count`` simulated devices, connected until ``stop``."""
 
     def __init__(self, broker: Broker, count: int, **kwargs: Any) -> None:
-        self.sim = Simulator(BrokerOptions(host=broker.host, port=broker.port), count, **kwargs)
+        self.sim = Simulator(
+            BrokerOptions(host=broker.host, port=broker.port, plaintext=True), count, **kwargs
+        )
         self.ids = [d.device_id for d in self.sim.devices]
         ready = threading.Event()
         self._thread = threading.Thread(target=self.sim.run, kwargs={"ready": ready}, daemon=True)

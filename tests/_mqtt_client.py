@@ -16,14 +16,22 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.mqtt_link import no_delay
+from tests._pki import Identity
 
 
 class Caller:
     """Subscribes to ``reply_filter`` and files every reply by job id."""
 
     def __init__(
-        self, host: str, port: int, reply_filter: str | list[str] = "test/replies/#", *, mqtt5: bool = True
+        self,
+        host: str,
+        port: int,
+        reply_filter: str | list[str] = "test/replies/#",
+        *,
+        mqtt5: bool = True,
+        identity: Identity | None = None,
     ) -> None:
+        """``identity``: connect with TLS as that identity (a broker with a fleet needs one)."""
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"caller-{uuid.uuid4().hex[:8]}",
@@ -31,6 +39,8 @@ class Caller:
             clean_session=None if mqtt5 else False,
         )
         self.mqtt5 = mqtt5
+        if identity is not None:
+            identity.configure(self.client)
         self.filters = [reply_filter] if isinstance(reply_filter, str) else list(reply_filter)
         self.replies: dict[str, list[dict[str, Any]]] = {}
         self.model_states: dict[str, list[dict[str, Any]]] = {}  # device -> every model/state seen

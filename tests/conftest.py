@@ -34,6 +34,25 @@ def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
+def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A fleet CA with a broker (localhost, 127.0.0.1) and an operator identity, made by edge-fleet."""
+    from tests._pki import Fleet
+
+    return Fleet(tmp_path / "pki")
+
+
+@pytest.fixture()
+def tls_broker(tmp_path: Path, fleet):  # type: ignore[no-untyped-def]
+    """A mosquitto running the shipped edge.conf and edge.acl with the fleet's certificates."""
+    from tests._broker import Broker
+
+    b = Broker(tmp_path / "tls-broker", fleet)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture()
 def caller(broker):  # type: ignore[no-untyped-def]
     """A test-side MQTT client collecting replies under ``test/replies/#`` and ``edge/+/results/#``."""
     from tests._mqtt_client import Caller
@@ -50,10 +69,14 @@ def agents(broker, tmp_path: Path):  # type: ignore[no-untyped-def]
 
     started: list[AgentProcess] = []
 
-    def make(model: Path | None = None, **kwargs) -> AgentProcess:  # type: ignore[no-untyped-def]
+    def make(model: Path | None = None, *, on=None, **kwargs) -> AgentProcess:  # type: ignore[no-untyped-def]
+        """An agent on ``broker`` (or on the Broker ``on``)."""
         name = kwargs.get("device_id", "box-1")
         agent = AgentProcess(
-            broker, tmp_path / f"agent-{name}-{len(started)}", model or fixture_path("phi3-int4"), **kwargs
+            on or broker,
+            tmp_path / f"agent-{name}-{len(started)}",
+            model or fixture_path("phi3-int4"),
+            **kwargs,
         )
         started.append(agent)
         return agent

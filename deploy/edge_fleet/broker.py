@@ -1,9 +1,16 @@
-"""How ``edge-fleet`` commands reach the broker: shared flags and one connect function."""
+"""How ``edge-fleet`` commands reach the broker: shared flags and one connect function.
+
+TLS is the default: the broker's certificate is verified against ``--tls-ca``
+(or the system's CAs) and its host name checked; ``--tls-cert``/``--tls-key``
+present the operator identity.  Plain TCP only with ``--plaintext``, and a warning.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -13,7 +20,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.config import PLAIN_PORT, TLS_PORT
+from agent.errors import LinkError
 from agent.mqtt_link import no_delay
+from agent.tls import client_context
 
 
 class FleetError(Exception):
@@ -25,20 +35,45 @@ class BrokerOptions:
     """Where the broker is and how to authenticate to it."""
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int | None = None  # None: 8883 with TLS, 1883 with plaintext
     prefix: str = "edge"
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
     username: str | None = None
     password: str | None = None
+    plaintext: bool = False  # explicitly plain TCP: no TLS at all
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port), the port defaulted for the transport."""
+        return self.host, self.port or (PLAIN_PORT if self.plaintext else TLS_PORT)
+
+    def configure(self, client: paho.Client) -> None:
+        """Set TLS (or warn about plain TCP) and the login on an unconnected ``client``."""
+        if self.plaintext:
+            if self.ca or self.cert:
+                raise FleetError("--plaintext excludes --tls-ca/--tls-cert/--tls-key")
+            print(
+                "edge-fleet: warning: plain TCP (--plaintext): the link is neither encrypted nor authenticated",
+                file=sys.stderr,
+            )
+        else:
+            if (self.cert is None) != (self.key is None):
+                raise FleetError("give both --tls-cert and --tls-key, or neither")
+            try:
+                client.tls_set_context(client_context(self.ca, self.cert, self.key))
+            except LinkError as exc:
+                raise FleetError(exc.message) from exc
+        if self.username:
+            client.username_pw_set(self.username, self.password)
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``, port 1883) as a pair."""
+    """``HOST:PORT`` (or ``HOST``: port 0, meaning 8883 with TLS, 1883 with ``--plaintext``) as a pair."""
     host, sep, port = text.rpartition(":")
     if not sep:
-        return text, 1883
+        return text, 0
     try:
         number = int(port)
     except ValueError:
@@ -51,17 +86,32 @@ def parse_address(text: str) -> tuple[str, int]:
 def add_broker_args(parser: argparse.ArgumentParser) -> None:
     """The flags every command that talks to the broker takes."""
     parser.add_argument(
-        "--broker", type=parse_address, default=("127.0.0.1", 1883), metavar="HOST:PORT", help="MQTT broker"
+        "--broker",
+        type=parse_address,
+        default=("127.0.0.1", 0),
+        metavar="HOST:PORT",
+        help="MQTT broker (default 127.0.0.1, port 8883, or 1883 with --plaintext)",
     )
     parser.add_argument("--topic-prefix", default="edge", help="first level of every topic (default: edge)")
     # --tls-* rather than --key: release and rollback take --key for the signing key.
     parser.add_argument(
-        "--tls-ca", type=Path, help="CA file: connect with TLS and verify the broker against it"
+        "--tls-ca",
+        type=Path,
+        help="CA file to verify the broker's certificate against (default: the system's CAs)",
     )
     parser.add_argument("--tls-cert", type=Path, help="client certificate (operator identity)")
     parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     parser.add_argument("--username")
-    parser.add_argument("--password")
+    parser.add_argument(
+        "--password",
+        default=os.environ.get("EDGE_FLEET_PASSWORD"),
+        help="with --username: login over TLS (default: $EDGE_FLEET_PASSWORD, which `ps` does not show)",
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="plain TCP, no TLS: only for a broker on this machine or a lab",
+    )
 
 
 def options_from(args: argparse.Namespace) -> BrokerOptions:
@@ -69,13 +119,14 @@ def options_from(args: argparse.Namespace) -> BrokerOptions:
     host, port = args.broker
     return BrokerOptions(
         host=host,
-        port=port,
+        port=port or None,
         prefix=args.topic_prefix,
         ca=args.tls_ca,
         cert=args.tls_cert,
         key=args.tls_key,
         username=args.username,
         password=args.password,
+        plaintext=args.plaintext,
     )
 
 
@@ -87,15 +138,8 @@ def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float 
         protocol=MQTTProtocolVersion.MQTTv5,
     )
     client.on_socket_open = no_delay
-    if options.username:
-        client.username_pw_set(options.username, options.password)
-    if options.ca or options.cert:
-        client.tls_set(
-            ca_certs=str(options.ca) if options.ca else None,
-            certfile=str(options.cert) if options.cert else None,
-            keyfile=str(options.key) if options.key else None,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
+    options.configure(client)
+    host, port = options.address
     connected = threading.Event()
     refused: list[str] = []
 
@@ -106,12 +150,12 @@ def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float 
 
     client.on_connect = on_connect
     try:
-        client.connect(options.host, options.port)
+        client.connect(host, port)
     except (OSError, ssl.SSLError) as exc:
-        raise FleetError(f"cannot reach the broker at {options.host}:{options.port}: {exc}") from exc
+        raise FleetError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
     client.loop_start()
     if not connected.wait(timeout) or refused:
         client.loop_stop()
         why = refused[0] if refused else f"no answer within {timeout:.0f} s"
-        raise FleetError(f"the broker at {options.host}:{options.port} refused the connection: {why}")
+        raise FleetError(f"the broker at {host}:{port} refused the connection: {why}")
     return client

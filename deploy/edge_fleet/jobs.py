@@ -85,7 +85,7 @@ def submit_command(args: argparse.Namespace) -> int:
         else f"{options.prefix}/groups/{args.group}/jobs"
     )
     try:
-        with Submitter(options.host, options.port, prefix=options.prefix) as submitter:
+        with Submitter(options) as submitter:
             if args.file is None:
                 return _one(submitter, topic, args)
             return _many(submitter, topic, args)

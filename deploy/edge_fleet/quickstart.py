@@ -21,6 +21,7 @@ from pathlib import Path
 
 from agent.protocol import Chunk, JobRequest
 
+from .broker import BrokerOptions
 from .submit import JobFailed, Submitter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             (work / "agent.toml").write_text(
                 f'device_id = "demo-box"\nstate_dir = "{work / "state"}"\n'
                 f'[model]\npath = "{args.model.resolve()}"\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+                # A throw-away broker on loopback in a temporary folder: plain TCP, said explicitly
+                # (the agent warns about it at start).
+                "allow_plaintext = true\n"
             )
             agent = subprocess.Popen(
                 [
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
 
-            with Submitter("127.0.0.1", port) as submitter:
+            with Submitter(BrokerOptions("127.0.0.1", port, plaintext=True)) as submitter:
                 submitter.wait_online("demo-box")
                 result = submitter.run("edge/demo-box/jobs", request, on_chunk=show, timeout=120)
             print()

@@ -167,7 +167,9 @@ class SimulatedDevice:
             CallbackAPIVersion.VERSION2, client_id=device_id, protocol=MQTTProtocolVersion.MQTTv5
         )
         client = self.client
-        if sim.options.username:
+        if not sim.options.plaintext:
+            sim.options.configure(client)  # TLS and login, as every edge-fleet command
+        elif sim.options.username:
             client.username_pw_set(sim.options.username, sim.options.password)
         offline = Status(online=False, device_id=device_id, group=sim.group)
         client.will_set(self.topics["status"], offline.model_dump_json(), qos=1, retain=True)
@@ -181,7 +183,8 @@ class SimulatedDevice:
 
     def connect(self) -> None:
         """Open the connection (the loop completes the handshake)."""
-        self.client.connect(self.sim.options.host, self.sim.options.port, keepalive=60)
+        host, port = self.sim.options.address
+        self.client.connect(host, port, keepalive=60)
 
     def disconnect(self) -> None:
         """Leave cleanly: the retained status says offline."""

@@ -22,15 +22,23 @@ from pydantic import ValidationError
 from agent.mqtt_link import no_delay
 from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
 
+from .broker import BrokerOptions, FleetError
+
 
 class JobFailed(Exception):
     """No result arrived in time, or the broker could not be reached."""
 
 
 class Submitter:
-    """A connected MQTT 5 client that sends jobs and collects their replies."""
+    """A connected MQTT 5 client that sends jobs and collects their replies.
 
-    def __init__(self, host: str, port: int, *, prefix: str = "edge", timeout: float = 10.0) -> None:
+    ``broker`` says where and how to connect (TLS, identity: the same options as every
+    ``edge-fleet`` command).  Replies come back under ``{prefix}/replies/``, the one
+    subtree where the shipped ACL lets devices publish to topics a caller chose.
+    """
+
+    def __init__(self, broker: BrokerOptions, *, timeout: float = 10.0) -> None:
+        prefix = broker.prefix
         self.prefix = prefix
         self._inbox: dict[bytes, queue.Queue[Chunk | Result]] = {}
         self._lock = threading.Lock()
@@ -42,6 +50,11 @@ class Submitter:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         self._client.on_socket_open = no_delay
+        try:
+            broker.configure(self._client)
+        except FleetError as exc:
+            raise JobFailed(str(exc)) from exc
+        host, port = broker.address
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *_a: self._ready.set()
         self._client.on_message = self._on_message

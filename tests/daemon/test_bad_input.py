@@ -87,9 +87,20 @@ def test_messages_without_id_are_dropped_and_service_goes_on(served) -> None:  #
     ]:
         caller.send(JOBS, junk)
     caller.send("edge/box-1/jobs/cancel", b"not json")
+    caller.send("edge/box-1/jobs/cancel", b'{"id": "after-1", "pad": "' + b"x" * 5000 + b'"}')
     caller.send(JOBS, {"id": "after-1", "prompt": "hi", "max_tokens": 3})
     assert caller.wait_result("after-1")["status"] == "succeeded"
     assert set(caller.replies) == {"after-1"}, "junk without an id must not be answered"
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.parametrize("topic", ["test/replies/+", "test/#", "$SYS/x", "r" * 2000])
+def test_a_response_topic_that_is_no_topic_name_is_answered_on_the_results_topic(served, topic) -> None:  # type: ignore[no-untyped-def]
+    agent, caller = served
+    caller.send(JOBS, {"id": "rt-1", "prompt": "hi", "max_tokens": 3}, response_topic=topic)
+    error = _error(caller, "rt-1")
+    assert error["code"] == "invalid_request" and "response topic" in error["message"]
+    assert caller.wait_result("rt-1")["_topic"] == "edge/box-1/results/rt-1"
     assert agent.proc.poll() is None
 
 

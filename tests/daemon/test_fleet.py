@@ -42,7 +42,16 @@ def _manifest(tmp_path: Path, version: str = "2.0.0") -> Path:
 
 def _fleet_cmd(broker, *args: str, db: Path | None = None) -> list[str]:  # type: ignore[no-untyped-def]
     extra = ["--db", str(db)] if db is not None else []
-    return [sys.executable, "-m", "edge_fleet.cli", *args, *extra, "--broker", f"{broker.host}:{broker.port}"]
+    return [
+        sys.executable,
+        "-m",
+        "edge_fleet.cli",
+        *args,
+        *extra,
+        "--broker",
+        f"{broker.host}:{broker.port}",
+        "--plaintext",
+    ]
 
 
 def _run(

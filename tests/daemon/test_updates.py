@@ -19,7 +19,7 @@ DESIRED = "edge/box-1/model/desired"
 
 
 def _fleet(*args: str, broker: Any = None) -> subprocess.CompletedProcess[str]:
-    extra = ["--broker", f"{broker.host}:{broker.port}"] if broker is not None else []
+    extra = ["--broker", f"{broker.host}:{broker.port}", "--plaintext"] if broker is not None else []
     return subprocess.run(
         [sys.executable, "-m", "edge_fleet.cli", *args, *extra],
         capture_output=True,

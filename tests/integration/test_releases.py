@@ -66,7 +66,9 @@ def test_release_and_deploy_refuse_bad_input_with_a_message(tmp_path: Path) -> N
     (tmp_path / "unsigned.json").write_text(json.dumps(data))
     for name, message in (("expired.json", "expired"), ("unsigned.json", "not signed")):
         # Refused before any broker is contacted (port 9 has nothing listening).
-        done = _fleet("deploy", str(tmp_path / name), "--device", "b", "--broker", "127.0.0.1:9")
+        done = _fleet(
+            "deploy", str(tmp_path / name), "--device", "b", "--broker", "127.0.0.1:9", "--plaintext"
+        )
         assert done.returncode == 1 and message in done.stderr, done.stderr
     done = _fleet(
         "deploy", str(tmp_path / "good" / "manifest.json"), "--device", "b", "--broker", "127.0.0.1:9"

@@ -19,6 +19,8 @@ state_dir = "/var/lib/edge-agent"
 host = "broker.local"
 port = 8883
 password = "s3cret"
+[mqtt.tls]
+ca = "/etc/edge-agent/ca.crt"
 [model]
 path = "/opt/models/phi3"
 [jobs]
@@ -99,3 +101,42 @@ def test_trusted_keys_must_be_openssh_ed25519_lines(tmp_path: Path) -> None:
     assert [k.key_id for k in config.update.public_keys()] == [signing.key_id(key.public_key())]
     with pytest.raises(ConfigError, match=r"update\.trusted_keys: .*entry 0: not an OpenSSH public key"):
         load_config(_write(tmp_path, GOOD + '[update]\ntrusted_keys = ["ssh-ed25519 AAAA"]\n'))
+
+
+def _mqtt(tmp_path: Path, section: str) -> Path:
+    return _write(
+        tmp_path, f'device_id = "box-7"\nstate_dir = "/s"\n[model]\npath = "/m"\n[mqtt]\n{section}\n'
+    )
+
+
+def test_plain_tcp_only_when_the_config_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mqtt: .*no \[mqtt\.tls\] section.*allow_plaintext = true"):
+        load_config(_mqtt(tmp_path, 'host = "b"'))
+    plain = load_config(_mqtt(tmp_path, 'host = "b"\nallow_plaintext = true'))
+    assert plain.mqtt.tls is None and plain.mqtt.endpoints == [("b", 1883)]
+    tls = load_config(_mqtt(tmp_path, 'host = "b"\n[mqtt.tls]\nca = "/ca.crt"'))
+    assert tls.mqtt.endpoints == [("b", 8883)], "TLS defaults to the MQTT-over-TLS port"
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(_mqtt(tmp_path, 'allow_plaintext = true\n[mqtt.tls]\nca = "/ca.crt"'))
+    with pytest.raises(ConfigError, match="both cert and key"):
+        load_config(_mqtt(tmp_path, '[mqtt.tls]\ncert = "/box.crt"'))
+
+
+def test_several_brokers_in_failover_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(
+        _mqtt(tmp_path, 'brokers = ["a.lan:8884", "b.lan", "[fd00::1]:8883"]\n[mqtt.tls]\nca = "/ca.crt"')
+    )
+    assert config.mqtt.endpoints == [("a.lan", 8884), ("b.lan", 8883), ("fd00::1", 8883)]
+    with pytest.raises(ConfigError, match="either host/port or brokers"):
+        load_config(_mqtt(tmp_path, 'host = "x"\nbrokers = ["a:1"]\nallow_plaintext = true'))
+    with pytest.raises(ConfigError, match=r"mqtt\.brokers.*HOST:PORT"):
+        load_config(_mqtt(tmp_path, 'brokers = ["a:70000"]\nallow_plaintext = true'))
+    monkeypatch.setenv("EDGE_AGENT_MQTT__BROKERS", '["c:1", "d:2"]')
+    env = load_config(_mqtt(tmp_path, "allow_plaintext = true"))
+    assert env.mqtt.endpoints == [("c", 1), ("d", 2)]
+
+
+@pytest.mark.parametrize("name", ["operator", "groups", "replies"])
+def test_reserved_names_are_no_device_ids(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match=r"device_id: .*reserved"):
+        load_config(_write(tmp_path, GOOD.replace('device_id = "box-7"', f'device_id = "{name}"')))

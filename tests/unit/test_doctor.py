@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def _config(tmp_path: Path, model: Path, port: int) -> AgentConfig:
         device_id="box-1",
         state_dir=tmp_path / "state",
         model=ModelConfig(path=model),
-        mqtt=MQTTConfig(host="127.0.0.1", port=port),
+        mqtt=MQTTConfig(host="127.0.0.1", port=port, allow_plaintext=True),
     )
 
 
@@ -92,7 +93,9 @@ def test_closed_port_fails_the_broker_check(tmp_path: Path, phi3_dir: Path, clos
 
 
 def test_unknown_host_fails() -> None:
-    check = check_broker(MQTTConfig(host="no-such-host.invalid", port=1883), timeout_s=2.0)
+    check = check_broker(
+        MQTTConfig(host="no-such-host.invalid", port=1883, allow_plaintext=True), timeout_s=2.0
+    )
     assert check.status == "fail" and "no-such-host.invalid:1883 unreachable" in check.detail
 
 
@@ -100,7 +103,7 @@ def test_config_file_path_and_invalid_file(tmp_path: Path, phi3_dir: Path, liste
     good = tmp_path / "agent.toml"
     good.write_text(
         f'device_id = "box-1"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[model]\npath = "{phi3_dir}"\n[mqtt]\nhost = "127.0.0.1"\nport = {listening}\n'
+        f'[model]\npath = "{phi3_dir}"\n[mqtt]\nhost = "127.0.0.1"\nport = {listening}\nallow_plaintext = true\n'
     )
     found = _by_name(run_checks(good))
     assert found["config"] == Check(name="config", status="ok", detail="valid")
@@ -185,3 +188,26 @@ def test_report() -> None:
     ]
     assert worst(checks) == "fail" and worst(checks[:2]) == "warn" and worst(checks[:1]) == "ok"
     assert format_report(checks[:1]).splitlines()[-1] == "all 1 check passed"
+
+
+def test_certificate_expiry_warns_30_days_ahead_and_fails_once_expired(tmp_path: Path) -> None:
+    from agent.doctor import check_tls
+    from edge_fleet.pki import create_ca, provision
+
+    create_ca(tmp_path / "ca")
+    for days in (10, 100):
+        provision(f"box-{days}", tmp_path / "ca", tmp_path / "ids", days=days)
+    ids = tmp_path / "ids"
+
+    def tls(name: str) -> MQTTConfig:
+        return MQTTConfig(tls={"ca": ids / "ca.crt", "cert": ids / f"{name}.crt", "key": ids / f"{name}.key"})
+
+    found = _by_name(check_tls(tls("box-100")))
+    assert found["tls"].status == "ok" and found["ca certificate"].status == "ok"
+    assert found["certificate"].status == "ok" and "days left" in found["certificate"].detail
+    soon = _by_name(check_tls(tls("box-10")))["certificate"]
+    assert soon.status == "warn" and "provision a new one" in soon.detail
+    later = datetime.now(UTC) + timedelta(days=120)
+    assert _by_name(check_tls(tls("box-100"), now=later))["certificate"].status == "fail"
+    plain = check_tls(MQTTConfig(allow_plaintext=True))
+    assert [c.status for c in plain] == ["warn"] and "plain TCP" in plain[0].detail

@@ -1,0 +1,78 @@
+"""Certificates for the tests, made by the real ``edge-fleet ca init`` / ``provision`` commands."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from agent.tls import client_context
+from edge_fleet import pki
+from edge_fleet.cli import main as fleet
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One provisioned identity: the CA to trust, the certificate and its key."""
+
+    name: str
+    ca: Path
+    cert: Path | None  # None: TLS without a client certificate (a login instead)
+    key: Path | None
+
+    def configure(self, client: paho.Client) -> None:
+        """TLS with this identity on an unconnected paho client."""
+        client.tls_set_context(client_context(self.ca, self.cert, self.key))
+
+    def toml(self) -> list[str]:
+        """The agent's ``[mqtt.tls]`` section for this identity."""
+        lines = ["[mqtt.tls]", f'ca = "{self.ca}"']
+        if self.cert is not None:
+            lines += [f'cert = "{self.cert}"', f'key = "{self.key}"']
+        return lines
+
+
+class Fleet:
+    """A fleet CA in ``workdir`` and the identities issued by it (each once)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.ca_dir = workdir / "ca"
+        assert fleet(["ca", "init", "--out", str(self.ca_dir)]) == 0
+        self.ca = self.ca_dir / "ca.crt"
+        self.broker = self._issue("broker", ["--broker", "localhost", "--broker", "127.0.0.1"])
+        self.operator = self._issue("operator", ["--operator"])
+
+    def device(self, name: str) -> Identity:
+        """The identity of device ``name`` (provisioned on first use, with its agent.toml)."""
+        return self._issue(name, [])
+
+    def _issue(self, name: str, flags: list[str]) -> Identity:
+        out = self.workdir / "ids" / name
+        if not (out / f"{name}.crt").exists():
+            assert fleet(["provision", name, "--ca", str(self.ca_dir), "--out", str(out), *flags]) == 0
+        return Identity(name, out / "ca.crt", out / f"{name}.crt", out / f"{name}.key")
+
+    def expired(self, name: str) -> Identity:
+        """A device identity of the fleet CA whose certificate expired yesterday."""
+        out = self.workdir / "expired" / name
+        pki.provision(
+            name,
+            self.ca_dir,
+            out,
+            days=1,
+            not_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3),
+        )
+        return Identity(name, out / "ca.crt", out / f"{name}.crt", out / f"{name}.key")
+
+    def stranger(self, name: str) -> Identity:
+        """An identity named ``name`` from another CA that the broker does not trust."""
+        other = self.workdir / "other-ca"
+        if not (other / "ca.crt").exists():
+            pki.create_ca(other, name="someone else's CA")
+        out = self.workdir / "stranger" / name
+        pki.provision(name, other, out)
+        # It trusts the fleet's CA for the broker; only its own certificate is foreign.
+        return Identity(name, self.ca, out / f"{name}.crt", out / f"{name}.key")
