@@ -6,8 +6,8 @@
 #   .ci/arm64_emulated.sh --build-only  only build it, and print the command that runs its python
 #   .ci/arm64_emulated.sh PYTEST_ARGS…  run these tests emulated instead of the default subset
 #
-# The environment, under .cache/arm64/KEY/ (git-ignored; KEY hashes this script,
-# deploy/check_wheels.py and the dependency lists of pyproject.toml):
+# The environment, under .cache/arm64/KEY/ (git-ignored; KEY hashes how it is
+# built, deploy/check_wheels.py and the dependency lists of pyproject.toml):
 #   sysroot/  Debian 12's arm64 python3.11 and the libraries it needs, downloaded
 #             with a private apt state (the host's apt sources, architecture arm64;
 #             the host's dpkg never learns of arm64) and unpacked with dpkg -x,
@@ -22,9 +22,10 @@
 #
 # The default tests: every runtime dependency is installed and every agent module
 # imports; the engine's parity tests against onnxruntime-genai (both aarch64) on
-# every fixture family and precision; and a daemon smoke test: `edge-agent run`,
+# every fixture family and precision; `edge-agent generate --json` and
+# `edge-agent bench --json`; and a daemon smoke test: `edge-agent run`,
 # emulated, answering jobs through a mosquitto on the host.  No binfmt_misc is
-# needed: the tests start the daemon with EDGE_AGENT_TEST_PYTHON, the x86-64
+# needed: the tests start the daemon and the CLI with EDGE_AGENT_TEST_PYTHON, the x86-64
 # emulator command, and x86-64 programs (qemu, mosquitto) start natively from an
 # emulated process.  Anything missing fails the run; nothing is skipped.
 set -euo pipefail
@@ -43,6 +44,8 @@ TEST_EXTRAS=(pytest onnxruntime-genai)
 DEFAULT_TESTS=(
   tests/unit/test_dependencies.py
   tests/integration/test_parity.py
+  tests/integration/test_cli.py::test_generate_json_contract
+  tests/integration/test_cli.py::test_bench_json
   tests/daemon/test_jobs.py::test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation
   tests/daemon/test_jobs.py::test_streamed_chunks_arrive_in_order_before_the_result
   tests/daemon/test_jobs.py::test_sigterm_exits_cleanly_and_announces_offline
@@ -54,9 +57,13 @@ command -v apt-get >/dev/null || die "apt-get is missing (this script needs Debi
 command -v dpkg >/dev/null || die "dpkg is missing"
 [ -x "$HOST_PYTHON" ] || die "$HOST_PYTHON is missing: run make setup first"
 
+# What the environment is built from: the build functions (not the tests chosen), the
+# packages, deploy/check_wheels.py and pyproject's dependency lists.
 cache_key() {
   {
-    cat .ci/arm64_emulated.sh deploy/check_wheels.py
+    declare -f build build_sysroot write_cpuinfo
+    echo "${APT_PACKAGES[*]} ${TEST_EXTRAS[*]}"
+    cat deploy/check_wheels.py
     "$HOST_PYTHON" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(json.dumps([p["dependencies"], p["optional-dependencies"]["dev"]]))'
   } | sha256sum | cut -c1-16
 }

@@ -21,7 +21,7 @@ from tests._broker import Broker
 
 
 def agent_python() -> list[str]:
-    """The interpreter command the daemon runs with.
+    """The interpreter command the daemon and the command line run with in the tests.
 
     This interpreter, unless ``EDGE_AGENT_TEST_PYTHON`` names another: the
     emulated aarch64 run (``.ci/arm64_emulated.sh``) sets it to
