@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ModelFileError
 
-# TensorProto.DataType -> bits per element (STRING, 8, has no fixed size).
+# TensorProto.DataType -> bits per element (STRING, 8, has no fixed size: counted as 0).
 _ELEMENT_BITS = {
     1: 32,  # FLOAT
     2: 8,  # UINT8
@@ -145,9 +145,8 @@ def _tensor(buf: memoryview) -> Initializer:
             data_type = value
         elif number == 8:
             name = _text(value)
-    bits = _ELEMENT_BITS.get(data_type)
-    if bits is None:
-        raise _Malformed(f"initializer {name!r} has element type {data_type}, whose size is not fixed")
+    # STRING tensors have no fixed element size; a language model holds no weights as strings.
+    bits = _ELEMENT_BITS.get(data_type, 0)
     count = 1
     for dim in dims:
         count *= dim

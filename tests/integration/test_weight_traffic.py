@@ -7,6 +7,7 @@ token-embedding table and the rotary caches, of which one row is read per token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.errors import ModelFileError
@@ -88,13 +91,15 @@ def test_tied_embeddings_count_in_full_and_small_types_round_up(tmp_path: Path, 
     table = numpy_helper.from_array(np.zeros((10, 4), np.float16), "embed")  # also the lm_head
     norm = numpy_helper.from_array(np.ones(4, np.float32), "norm")
     packed = helper.make_tensor("int4", TensorProto.INT4, [3, 3], np.zeros(9, np.int8).tolist())
+    words = helper.make_tensor("words", TensorProto.STRING, [2], [b"no", b"size"])  # counted as 0
     nodes = [
         helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
         helper.make_node("Mul", ["h", "norm"], ["n"]),
         helper.make_node("MatMul", ["n", "embed"], ["logits"]),
         helper.make_node("Identity", ["int4"], ["unused"]),
+        helper.make_node("Identity", ["words"], ["unused_words"]),
     ]
-    traffic = model_weight_traffic(_save(tmp_path, nodes, [table, norm, packed], external))
+    traffic = model_weight_traffic(_save(tmp_path, nodes, [table, norm, packed, words], external))
     assert traffic.total_bytes == 80 + 16 + 5  # 9 int4 values take 5 bytes
     assert traffic.bytes_per_token == traffic.total_bytes and traffic.row_read_tensors == ()
 
@@ -154,3 +159,15 @@ def test_bench_refuses_a_bandwidth_that_is_not_positive() -> None:
         check=False,
     )
     assert proc.returncode == 1 and "--bandwidth-gbs must be positive" in proc.stderr
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=18_000), flip=st.integers(min_value=0, max_value=18_000))
+def test_a_damaged_file_gives_a_graph_or_a_model_file_error(tmp_path: Path, cut: int, flip: int) -> None:
+    data = bytearray((fixture_path("phi3-int4") / "model.onnx").read_bytes()[:cut])
+    if flip < len(data):
+        data[flip] ^= 0xFF
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(bytes(data))
+    with contextlib.suppress(ModelFileError):  # anything else escaping is the failure
+        read_graph(damaged)
