@@ -1,11 +1,12 @@
 # Two commands for a fresh machine:
 #   make demo   set up, then run a broker, the agent on the demo model, and one streamed job
 #   make test   set up, then lint, type-check and run the whole test suite
+#   make test-arm64  tests on an emulated aarch64 (Raspberry Pi 5) CPython; CI runs it after make test
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint check-wheels bench
+.PHONY: setup demo test test-arm64 lint check-wheels bench
 
 $(BIN)/edge-agent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,12 @@ check-wheels: setup
 
 test: lint check-wheels
 	$(BIN)/pytest -q
+
+# The runtime dependencies installed from aarch64 wheels alone and imported, the engine's
+# parity tests and a daemon smoke test, all run by an aarch64 CPython under qemu-user
+# (needs qemu-user-static; the environment is cached under .cache/arm64/).
+test-arm64: setup
+	HOST_PYTHON=$(BIN)/python bash .ci/arm64_emulated.sh
 
 bench: setup
 	$(BIN)/pip install -q -e ".[models]"

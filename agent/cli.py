@@ -20,6 +20,7 @@ from .config import load_config
 from .engine import Engine, EngineOptions
 from .errors import AgentError
 from .sampling import SamplingParams
+from .weight_traffic import model_weight_traffic
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +54,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
-    bench = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
+    bench = sub.add_parser(
+        "bench",
+        help="measure prefill and decode speed and peak memory; count the weights read per token",
+    )
     _add_engine_flags(bench)
     bench.add_argument("--prompt-tokens", type=int, default=64)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument(
         "--repeat", type=int, default=3, help="measured runs after one warm-up (median reported)"
+    )
+    bench.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        metavar="GB/S",
+        help=(
+            "memory read bandwidth of the target box in 10^9 bytes/s: also report the decode speed "
+            "it allows at most (weights read per token / bandwidth; a projection, not a measurement)"
+        ),
     )
     bench.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="run the daemon: take jobs over MQTT and answer them")
@@ -147,7 +161,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.prompt_tokens < 1 or args.new_tokens < 1 or args.repeat < 1:
         raise AgentError("--prompt-tokens, --new-tokens and --repeat must be at least 1")
+    if args.bandwidth_gbs is not None and not args.bandwidth_gbs > 0:
+        raise AgentError("--bandwidth-gbs must be positive")
     engine = _engine(args)
+    traffic = model_weight_traffic(engine.folder.onnx_path)
     # A fixed, ordinary-looking prompt: the encoded text repeated to the length asked.
     seed_ids = engine.tokenizer.encode(
         "The quick brown fox jumps over the lazy dog. ", add_special_tokens=False
@@ -165,14 +182,32 @@ def _bench(args: argparse.Namespace) -> int:
         "decode_tokens_per_s": statistics.median(r.timings.decode_tokens_per_s for r in runs),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    # Added fields (the ones above are a contract: never change or remove them).
+    decode = result["decode_tokens_per_s"]
+    result["weight_bytes_total"] = traffic.total_bytes
+    result["weight_bytes_per_token"] = traffic.bytes_per_token
+    result["weight_read_gbs"] = traffic.read_gbs(decode)
+    result["bandwidth_gbs"] = args.bandwidth_gbs
+    result["max_decode_tokens_per_s"] = (
+        traffic.max_tokens_per_s(args.bandwidth_gbs) if args.bandwidth_gbs is not None else None
+    )
     if args.json:
         print(json.dumps(result))
     else:
         print(
             f"{result['model']}: pp{args.prompt_tokens} {result['prefill_tokens_per_s']:.1f} tok/s | "
-            f"tg{result['new_tokens']} {result['decode_tokens_per_s']:.1f} tok/s | "
+            f"tg{result['new_tokens']} {decode:.1f} tok/s | "
             f"peak RSS {result['peak_rss_mb']:.0f} MB | {engine.threads} threads"
         )
+        print(
+            f"weights read per token: {traffic.bytes_per_token / 1e6:.3f} MB "
+            f"(of {traffic.total_bytes / 1e6:.3f} MB; {result['weight_read_gbs']:.2f} GB/s at this decode speed)"
+        )
+        if args.bandwidth_gbs is not None:
+            print(
+                f"projection: at {args.bandwidth_gbs:g} GB/s decode reaches at most "
+                f"{result['max_decode_tokens_per_s']:.1f} tok/s (a bound from memory traffic, not a measurement)"
+            )
     return 0
 
 

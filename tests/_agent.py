@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +19,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests._broker import Broker
 from tests._pki import Identity
+
+
+def agent_python() -> list[str]:
+    """The interpreter command the daemon and the command line run with in the tests.
+
+    This interpreter, unless ``EDGE_AGENT_TEST_PYTHON`` names another: the
+    emulated aarch64 run (``.ci/arm64_emulated.sh``) sets it to
+    ``qemu-aarch64-static -L SYSROOT SYSROOT/usr/bin/python3.11``, since an
+    emulated interpreter cannot start an aarch64 program itself without
+    binfmt_misc, but can start the (x86-64) emulator.
+    """
+    override = os.environ.get("EDGE_AGENT_TEST_PYTHON")
+    return shlex.split(override) if override else [sys.executable]
 
 
 class AgentProcess:
@@ -83,7 +97,7 @@ class AgentProcess:
         started = time.time()
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config), "--log-level", "DEBUG"],
+            [*agent_python(), "-m", "agent.cli", "run", "--config", str(self.config), "--log-level", "DEBUG"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

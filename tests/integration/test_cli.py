@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from agent import Engine, SamplingParams
+from tests._agent import agent_python
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=120, check=False
+        [*agent_python(), "-m", "agent.cli", *args], capture_output=True, text=True, timeout=120, check=False
     )
 
 
@@ -55,6 +55,8 @@ def test_bench_json(phi3_dir: Path) -> None:
     out = json.loads(proc.stdout)
     assert out["prompt_tokens"] == 32 and out["new_tokens"] == 16
     assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] > 0 and out["peak_rss_mb"] > 0
+    assert 0 < out["weight_bytes_per_token"] < out["weight_bytes_total"]
+    assert out["bandwidth_gbs"] is None and out["max_decode_tokens_per_s"] is None
 
 
 def test_errors_are_one_clear_line(tmp_path: Path, phi3_dir: Path) -> None:

@@ -1,5 +1,7 @@
 """deploy/install.sh: parses, passes shellcheck, and refuses bad arguments before touching the box.
 
+The CI scripts (.ci/run, .ci/arm64_emulated.sh) must parse and pass shellcheck too.
+
 The install itself (apt, a system user, /opt, /etc, systemctl) changes the
 machine, so the tests run only what stops before that.  A missing shellcheck
 is a failure, never a skip.
@@ -15,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "install.sh"
+SHELL_SCRIPTS = [SCRIPT, ROOT / ".ci" / "run", ROOT / ".ci" / "arm64_emulated.sh"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -23,17 +26,19 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_bash_parses_it() -> None:
-    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, check=False)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_bash_parses_it(script: Path) -> None:
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
 
 
-def test_shellcheck_is_clean() -> None:
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_is_clean(script: Path) -> None:
     tool = shutil.which("shellcheck")
     if tool is None:
         pytest.fail("shellcheck is missing: apt-get install shellcheck")
     proc = subprocess.run(
-        [tool, "--severity=style", str(SCRIPT)], capture_output=True, text=True, check=False
+        [tool, "--severity=style", str(script)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout
 

@@ -1,0 +1,22 @@
+"""CI (.ci/run) runs the emulated aarch64 step after the test suite and installs what it needs.
+
+That the CI scripts parse and pass shellcheck is checked in test_install_script.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_ci_runs_the_emulated_arm64_step_after_the_test_suite() -> None:
+    text = (ROOT / ".ci" / "run").read_text()
+    lines = text.splitlines()
+    assert lines.index("make test") < lines.index("make test-arm64")
+    assert "need_apt+=(qemu-user-static)" in text
+
+
+def test_make_test_arm64_runs_the_emulation_script() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "test-arm64: setup" in makefile and ".ci/arm64_emulated.sh" in makefile
