@@ -9,6 +9,7 @@ counted and ignored: one broken box must not blind the operator to the rest.
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,11 @@ from pydantic import ValidationError
 from agent.protocol import ModelState, Status
 from agent.telemetry import Telemetry
 
+from .broker import BrokerOptions, connect
+
 Kind = Literal["status", "model", "telemetry"]
+# Retained messages arrive in one burst right after subscribing; this much quiet ends it.
+_RETAINED_QUIET_S = 0.5
 
 
 @dataclass
@@ -107,12 +112,9 @@ class FleetView:
         active = state.active if state and state.active else (status.model if status else None)
         update = state.update if state else None
         health = None
-        if status is not None and status.online is False:
-            health = None
-        elif tele is not None and tele.health is not None:
-            health = tele.health.verdict
-        elif status is not None and status.health is not None:
-            health = status.health.verdict
+        if status is None or status.online:  # an offline box's last verdict is stale
+            verdict = tele.health if tele and tele.health else (status.health if status else None)
+            health = verdict.verdict if verdict else None
         temp = None
         if tele is not None:
             temp = tele.temperature.soc_c if tele.temperature.soc_c is not None else tele.temperature.max_c
@@ -156,3 +158,43 @@ class FleetView:
             "updating": sum(phases[p] for p in ("downloading", "verifying", "testing", "activating")),
             "failed": phases["failed"] + phases["rolled_back"],
         }
+
+
+class FleetFeed:
+    """A broker connection that fills a ``FleetView``; ``pump`` moves messages in on the caller's thread."""
+
+    def __init__(self, options: BrokerOptions, *, telemetry: bool) -> None:
+        self.view = FleetView(options.prefix)
+        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self.client = connect(options, name="edge-fleet")
+        self.client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, bytes(msg.payload)))
+        subscriptions = self.view.subscriptions()
+        if not telemetry:
+            subscriptions = [s for s in subscriptions if not s[0].endswith("/telemetry")]
+        self.client.subscribe(subscriptions)
+
+    def pump(self, wait: float) -> int:
+        """Feed what arrived (waiting up to ``wait`` for the first); returns how many."""
+        count = 0
+        try:
+            topic, payload = self._inbox.get(timeout=wait)
+            while True:
+                self.view.feed(topic, payload)
+                count += 1
+                topic, payload = self._inbox.get_nowait()
+        except queue.Empty:
+            return count
+
+    def settle(self, limit: float) -> None:
+        """Take in the retained burst after subscribing (until it pauses, or ``limit`` seconds)."""
+        start = last = time.monotonic()
+        while time.monotonic() - start < limit:
+            if self.pump(0.05):
+                last = time.monotonic()
+            elif self.view.devices and time.monotonic() - last > _RETAINED_QUIET_S:
+                return
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()

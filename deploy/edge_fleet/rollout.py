@@ -29,7 +29,6 @@ import fcntl
 import json
 import math
 import os
-import queue
 import sqlite3
 import sys
 import time
@@ -41,14 +40,13 @@ from typing import Any
 from agent.errors import UpdateError
 from agent.manifest import Manifest
 
-from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from
-from .fleet_view import FleetView
+from .broker import BrokerOptions, FleetError, add_broker_args, options_from
+from .fleet_view import FleetFeed
 
 # Targets move pending -> sent -> active | failed | timed_out (| canceled by abort).
 _FINISHED = ("active", "failed", "timed_out", "canceled")
 _FAILED = ("failed", "timed_out")
-# Retained statuses arrive in one burst after subscribing; this much quiet ends it.
-_DISCOVERY_QUIET_S = 0.5
+# Waiting longer than this for the retained statuses means the broker is struggling: go on.
 _DISCOVERY_MAX_S = 10.0
 
 _SCHEMA = """
@@ -247,18 +245,13 @@ class Controller:
     def __init__(self, store: RolloutStore, options: BrokerOptions, *, out: Any = sys.stdout) -> None:
         self.store = store
         self.options = options
-        self.view = FleetView(options.prefix)
         self.out = out
-        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-        self._client = connect(options, name="edge-fleet-rollout")
-        self._client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, bytes(msg.payload)))
-        p = options.prefix
-        self._client.subscribe([(f"{p}/+/status", 1), (f"{p}/+/model/state", 1)])
+        self.feed = FleetFeed(options, telemetry=False)
+        self.view = self.feed.view
 
     def close(self) -> None:
         """Disconnect."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.feed.close()
 
     def say(self, text: str) -> None:
         """Progress for the operator."""
@@ -266,13 +259,7 @@ class Controller:
 
     def discover(self) -> None:
         """Take in the retained burst of statuses and model states."""
-        start = last = time.monotonic()
-        while time.monotonic() - start < _DISCOVERY_MAX_S:
-            if not self._drain(0.05):
-                if time.monotonic() - last > _DISCOVERY_QUIET_S:
-                    return
-            else:
-                last = time.monotonic()
+        self.feed.settle(_DISCOVERY_MAX_S)
 
     def group_devices(self, group: str) -> list[str]:
         """Devices of ``group``: online ones first, then by id."""
@@ -280,22 +267,11 @@ class Controller:
         members.sort(key=lambda d: (not (d.status and d.status.online), d.device_id))
         return [d.device_id for d in members]
 
-    def _drain(self, wait: float) -> int:
-        count = 0
-        try:
-            topic, payload = self._inbox.get(timeout=wait)
-            while True:
-                self.view.feed(topic, payload)
-                count += 1
-                topic, payload = self._inbox.get_nowait()
-        except queue.Empty:
-            return count
-
     def _publish_desired(self, devices: list[str], payload: bytes) -> None:
         """Publish (retained) to every device at once, then wait for all the acknowledgements."""
         prefix = self.options.prefix
         sent = [
-            (d, self._client.publish(f"{prefix}/{d}/model/desired", payload, qos=1, retain=True))
+            (d, self.feed.client.publish(f"{prefix}/{d}/model/desired", payload, qos=1, retain=True))
             for d in devices
         ]
         for device, info in sent:
@@ -349,7 +325,7 @@ class Controller:
                 self.store.set_targets(rollout_id, dict.fromkeys(pending, ("sent", None)))
                 self.store.update(rollout_id, while_running=True, wave_started=time.time())
                 continue
-            self._drain(poll_s)
+            self.feed.pump(poll_s)
             changes: dict[str, tuple[str, str | None]] = {}
             for device, (w, state, _detail) in targets.items():
                 if w <= wave and state == "sent":

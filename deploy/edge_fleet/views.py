@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import select
 import shutil
 import sys
@@ -21,12 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .broker import BrokerOptions, add_broker_args, connect, options_from
-from .fleet_view import DeviceRow, FleetView
+from .broker import BrokerOptions, add_broker_args, options_from
+from .fleet_view import DeviceRow, FleetFeed, FleetView
 
 #: Sort keys of ``watch`` (``s`` cycles through them).
 SORT_KEYS = ("device", "health", "version", "phase", "temp", "mem", "queue", "tok_s")
-_RETAINED_QUIET_S = 0.5
 
 _HEALTH_ORDER = {"degraded": 0, None: 1, "ok": 2}
 
@@ -90,46 +88,6 @@ def render(
     if len(rows) > len(shown):
         lines.append(f"… {len(rows) - len(shown)} more (a taller terminal shows more)")
     return "\n".join(line[:width] for line in lines)
-
-
-class FleetFeed:
-    """A broker connection that fills a ``FleetView``; ``pump`` moves messages in on the caller's thread."""
-
-    def __init__(self, options: BrokerOptions, *, telemetry: bool) -> None:
-        self.view = FleetView(options.prefix)
-        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-        self._client = connect(options, name="edge-fleet-view")
-        self._client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, bytes(msg.payload)))
-        subscriptions = self.view.subscriptions()
-        if not telemetry:
-            subscriptions = [s for s in subscriptions if not s[0].endswith("/telemetry")]
-        self._client.subscribe(subscriptions)
-
-    def pump(self, wait: float) -> int:
-        """Feed what arrived (waiting up to ``wait`` for the first); returns how many."""
-        count = 0
-        try:
-            topic, payload = self._inbox.get(timeout=wait)
-            while True:
-                self.view.feed(topic, payload)
-                count += 1
-                topic, payload = self._inbox.get_nowait()
-        except queue.Empty:
-            return count
-
-    def settle(self, limit: float) -> None:
-        """Take in the retained burst after subscribing (until it pauses, or ``limit`` seconds)."""
-        start = last = time.monotonic()
-        while time.monotonic() - start < limit:
-            if self.pump(0.05):
-                last = time.monotonic()
-            elif self.view.devices and time.monotonic() - last > _RETAINED_QUIET_S:
-                return
-
-    def close(self) -> None:
-        """Disconnect."""
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def _screen() -> tuple[int, int]:
