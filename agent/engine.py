@@ -170,14 +170,6 @@ class Engine:
         if n_prompt >= self.context_length:
             raise ContextOverflowError(n_prompt, self.context_length)
         max_new = min(params.max_tokens, self.context_length - n_prompt)
-        # The last token is never fed back, so the cache needs one slot less than that.
-        cache = KVCache(
-            layers=self._io.layers,
-            kv_heads=self._io.kv_heads,
-            head_size=self._io.head_size,
-            capacity=n_prompt + max_new - 1 if max_new > 1 else n_prompt,
-            dtype=self._io.kv_dtype,
-        )
         sampler = Sampler(params, self._io.vocab, ids)
         decoder = IncrementalDecoder(self.tokenizer.decode)
         stops = StopFilter(params.stop)
@@ -185,21 +177,14 @@ class Engine:
         eos_ids = frozenset() if params.ignore_eos else self.eos_ids
 
         started = time.perf_counter()
-        binding = self.session.io_binding()
-        cache.bind(binding, self._io.past_names, self._io.present_names)
-
-        # Prefill: the whole prompt in one pass.
-        prompt = np.asarray([ids], dtype=np.int64)
-        logits = np.empty((1, self._io.prefill_logits_rows(n_prompt), self._io.vocab), self._io.logits_dtype)
-        self._bind_step(binding, prompt, past=0, logits=logits)
-        self.session.run_with_iobinding(binding)
-        token = sampler(logits[0, -1])
-        del logits, prompt
+        # The last token is never fed back, so the cache needs one slot less than that.
+        capacity = n_prompt + max_new - 1 if max_new > 1 else n_prompt
+        binding, _cache, last = self._prefill(ids, capacity)
+        token = sampler(last)
         prefill_done = time.perf_counter()
 
         generated: list[int] = []
         finish: FinishReason = "length"
-        self._bind_step(binding, self._token, past=n_prompt, logits=self._step_logits)
         while True:
             if token in eos_ids:
                 finish = "stop"
@@ -263,22 +248,8 @@ class Engine:
         n_prompt = len(ids)
         if n_prompt + len(forced) > self.context_length:
             raise ContextOverflowError(n_prompt + len(forced) - 1, self.context_length)
-        cache = KVCache(
-            layers=self._io.layers,
-            kv_heads=self._io.kv_heads,
-            head_size=self._io.head_size,
-            capacity=n_prompt + len(forced) - 1,
-            dtype=self._io.kv_dtype,
-        )
-        binding = self.session.io_binding()
-        cache.bind(binding, self._io.past_names, self._io.present_names)
-        prompt = np.asarray([ids], dtype=np.int64)
-        logits = np.empty((1, self._io.prefill_logits_rows(n_prompt), self._io.vocab), self._io.logits_dtype)
-        self._bind_step(binding, prompt, past=0, logits=logits)
-        self.session.run_with_iobinding(binding)
-        row = logits[0, -1]
+        binding, _cache, row = self._prefill(ids, n_prompt + len(forced) - 1)
         ranks: list[int] = []
-        self._bind_step(binding, self._token, past=n_prompt, logits=self._step_logits)
         for step, token in enumerate(forced):
             ranks.append(int(np.count_nonzero(row > row[token])))
             if step == len(forced) - 1:
@@ -289,6 +260,30 @@ class Engine:
             self.session.run_with_iobinding(binding)
             row = self._step_logits[0, -1]
         return ranks
+
+    def _prefill(self, ids: list[int], capacity: int) -> tuple[ort.IOBinding, KVCache, npt.NDArray[Any]]:
+        """The whole prompt in one pass, into a new cache of ``capacity`` positions.
+
+        Returns the binding, already set up for the first decode step; the cache,
+        which must stay referenced while the binding is used; and the logits of
+        the prompt's last position.
+        """
+        cache = KVCache(
+            layers=self._io.layers,
+            kv_heads=self._io.kv_heads,
+            head_size=self._io.head_size,
+            capacity=capacity,
+            dtype=self._io.kv_dtype,
+        )
+        binding = self.session.io_binding()
+        cache.bind(binding, self._io.past_names, self._io.present_names)
+        prompt = np.asarray([ids], dtype=np.int64)
+        logits = np.empty((1, self._io.prefill_logits_rows(len(ids)), self._io.vocab), self._io.logits_dtype)
+        self._bind_step(binding, prompt, past=0, logits=logits)
+        self.session.run_with_iobinding(binding)
+        last = logits[0, -1].copy()  # not a view: the prompt-sized logits are freed on return
+        self._bind_step(binding, self._token, past=len(ids), logits=self._step_logits)
+        return binding, cache, last
 
     def _bind_step(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]

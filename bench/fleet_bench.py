@@ -36,30 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from agent import signing  # noqa: E402
-from agent.manifest import FileEntry, Manifest, SmokeTest  # noqa: E402
 from tests._broker import Broker  # noqa: E402  (the same broker harness the tests use)
+from tests._releases import placeholder_release  # noqa: E402
 
 FLEET = [sys.executable, "-m", "edge_fleet.cli"]
-
-
-def _manifest(folder: Path, key: Ed25519PrivateKey, version: str) -> Path:
-    now = int(time.time())
-    manifest = Manifest(
-        name="assistant",
-        version=version,
-        files=[FileEntry(path="genai_config.json", size=2, sha256="0" * 64, url="http://127.0.0.1:9/g")],
-        memory_bytes=1,
-        smoke_test=SmokeTest(prompt="p", prompt_ids=[1], token_ids=[2]),
-        created_at=now,
-        expires_at=now + 3600,
-        key_id="0" * 16,
-    ).signed(key)
-    path = folder / f"manifest-{version}.json"
-    path.write_text(manifest.model_dump_json())
-    return path
 
 
 def _simulate(
@@ -115,7 +97,7 @@ def main() -> None:
             )
             db = work / "rollouts.sqlite3"
             done, wall, cpu = _run_timed(
-                [*FLEET, "rollout", str(_manifest(work, key, "2.0.0")), "--group", "bench", "--waves",
+                [*FLEET, "rollout", str(placeholder_release(key, "2.0.0", work)), "--group", "bench", "--waves",
                  "1%,10%,50%,100%", "--db", str(db), "--broker", f"{broker.host}:{broker.port}", "--plaintext"]
             )  # fmt: skip
             if done.returncode != 0:
@@ -162,7 +144,7 @@ def main() -> None:
                 broker, args.devices, "flaky", "flaky", trust, update_delay=args.delay, failure_rate=0.2
             )
             done, wall, _cpu = _run_timed(
-                [*FLEET, "rollout", str(_manifest(work, key, "3.0.0")), "--group", "flaky", "--waves",
+                [*FLEET, "rollout", str(placeholder_release(key, "3.0.0", work)), "--group", "flaky", "--waves",
                  "1%,10%,50%,100%", "--max-failure-rate", "0.1", "--db", str(db), "--broker",
                  f"{broker.host}:{broker.port}", "--plaintext"]
             )  # fmt: skip

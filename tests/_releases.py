@@ -80,3 +80,26 @@ def replace_file(releases: Releases, manifest: Manifest, path: str, data: bytes)
         for f in manifest.files
     ]
     return releases.resign(manifest, files=files)
+
+
+def placeholder_release(key: Ed25519PrivateKey, version: str, folder: Path) -> Path:
+    """A signed manifest with no real files, for simulated devices (which download nothing);
+    written to ``folder/manifest-VERSION.json``, whose path is returned."""
+    import time
+
+    from agent.manifest import FileEntry, SmokeTest
+
+    now = int(time.time())
+    manifest = Manifest(
+        name="assistant",
+        version=version,
+        files=[FileEntry(path="genai_config.json", size=2, sha256="0" * 64, url="http://127.0.0.1:9/g")],
+        memory_bytes=1,
+        smoke_test=SmokeTest(prompt="p", prompt_ids=[1], token_ids=[2]),
+        created_at=now,
+        expires_at=now + 3600,
+        key_id="0" * 16,
+    ).signed(key)
+    path = folder / f"manifest-{version}.json"
+    path.write_text(manifest.model_dump_json())
+    return path

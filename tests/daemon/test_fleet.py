@@ -15,29 +15,16 @@ from typing import Any
 import pytest
 
 from agent import Engine, SamplingParams, signing
-from agent.manifest import FileEntry, Manifest, SmokeTest
 from tests._fleet import SimulatedFleet
 from tests._models import ROOT
+from tests._releases import placeholder_release
 
 KEY = signing.generate()
 TRUST = [signing.PublicKey(KEY.public_key(), signing.key_id(KEY.public_key()))]
 
 
 def _manifest(tmp_path: Path, version: str = "2.0.0") -> Path:
-    now = int(time.time())
-    manifest = Manifest(
-        name="assistant",
-        version=version,
-        files=[FileEntry(path="genai_config.json", size=2, sha256="0" * 64, url="http://127.0.0.1:9/g")],
-        memory_bytes=1,
-        smoke_test=SmokeTest(prompt="p", prompt_ids=[1], token_ids=[2]),
-        created_at=now,
-        expires_at=now + 3600,
-        key_id="0" * 16,
-    ).signed(KEY)
-    path = tmp_path / f"manifest-{version}.json"
-    path.write_text(manifest.model_dump_json())
-    return path
+    return placeholder_release(KEY, version, tmp_path)
 
 
 def _fleet_cmd(broker, *args: str, db: Path | None = None) -> list[str]:  # type: ignore[no-untyped-def]
