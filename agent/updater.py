@@ -268,8 +268,10 @@ class Updater:
         except UpdateError as exc:
             self._report_refusal(None, exc)
             return None
-        if manifest.release_id == self.serving.release:
-            return None  # converged
+        if (manifest.name, manifest.version) == (self.serving.ref.name, self.serving.ref.version):
+            # Converged (also when the configured model is the desired release).
+            log.debug("the desired release %s is the one running", manifest.release_id)
+            return None
         if manifest.signature in self._record.get("refused", []):
             return None  # refused before: a new release is needed
         try:

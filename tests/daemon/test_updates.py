@@ -423,3 +423,24 @@ def test_the_running_job_finishes_on_the_old_model_and_the_switch_follows(
     }
     assert phases["testing"] < done_at < phases["activating"], (phases, done_at)
     assert _job(caller, "next")["model"] == {"name": "assistant", "version": "2.0.0"}
+
+
+def test_desiring_what_already_runs_is_quietly_converged(broker, caller, agents, releases) -> None:  # type: ignore[no-untyped-def]
+    # Boxes provisioned with 1.0.0 and a group desired state of 1.0.0: nothing to do, nothing to report.
+    caller.subscribe("edge/+/model/state")
+    agent = agents(model_version="1.0.0", update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    caller.publish_retained(DESIRED, payload(releases.make("1.0.0", fixture="phi3-int4", name="phi3-int4")))
+    deadline = time.monotonic() + 30
+    while "the desired release phi3-int4@1.0.0 is the one running" not in agent.log_text():
+        assert time.monotonic() < deadline, agent.log_text()
+        time.sleep(0.05)
+    caller.publish_retained(DESIRED, payload(releases.make("2.0.0")))
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    phases = [
+        (s["update"]["version"], s["update"]["phase"])
+        for s in caller.model_states["box-1"]
+        if s.get("update")
+    ]
+    assert ("1.0.0", "failed") not in phases
+    assert all(version == "2.0.0" for version, _phase in phases)
