@@ -158,3 +158,58 @@ class Broker:
         self.stop()
         time.sleep(down_s)
         self.start()
+
+
+class NatsBroker:
+    """A nats-server with its MQTT listener (MQTT 3.1.1 only; sessions and retained messages in
+    JetStream): the same agent, another broker.  CI installs nats-server; missing, it fails."""
+
+    fleet = None
+    client_identity = None
+    client_login = None
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        if not Path(binary).exists():
+            pytest.fail("nats-server is not installed (CI installs it: apt-get install nats-server)")
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "nats.log"
+        self.conf = workdir / "nats.conf"
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "server_name: edge-test",  # JetStream (which MQTT needs) wants a name
+                    f"listen: 127.0.0.1:{free_port()}",
+                    f'jetstream {{ store_dir: "{workdir / "js"}" }}',
+                    f"mqtt {{ listen: 127.0.0.1:{self.port} }}",
+                    "",
+                ]
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start nats-server and wait until its MQTT listener accepts connections."""
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf), "-l", str(self.log)])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"nats-server exited at start: {self.log.read_text() if self.log.exists() else ''}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("nats-server's MQTT listener did not open within 15 s")
+
+    def stop(self) -> None:
+        """Stop nats-server."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
