@@ -220,3 +220,24 @@ def test_submit_streams_an_answer_from_a_real_agent_and_reports_batch_latency(
     assert sorted(r["status"] for r in results) == ["succeeded"] * 3
     bad = _run(broker, "submit", "--device", "box-1", "hi", "--max-tokens", "0")
     assert bad.returncode == 1 and "max_tokens" in bad.stderr
+
+
+def test_rollout_to_real_agents_with_a_real_release(broker, agents, releases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings = {"trusted_keys": [releases.public_line]}
+    for name in ("till-1", "till-2", "till-3"):
+        agents(device_id=name, group="shop", model_version="1.0.0", update=settings).start()
+    releases.make("2.0.0")
+    manifest = releases.server.root / "assistant-2.0.0" / "manifest.json"
+    db = tmp_path / "rollouts.sqlite3"
+    done = _run(broker, "rollout", str(manifest), "--group", "shop", "--waves", "33%,100%", db=db)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _targets(db, "assistant@2.0.0/shop") == {
+        "till-1": (0, "active"),
+        "till-2": (1, "active"),
+        "till-3": (1, "active"),
+    }
+    status = _run(broker, "status", "--json", "--group", "shop")
+    rows = [json.loads(line) for line in status.stdout.splitlines()]
+    assert [(r["device"], r["version"], r["update_phase"]) for r in rows] == [
+        (name, "2.0.0", "active") for name in ("till-1", "till-2", "till-3")
+    ]
