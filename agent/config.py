@@ -196,6 +196,9 @@ class UpdateConfig(_Section):
     bandwidth_kbps: int | None = Field(
         None, ge=8, le=10_000_000, description="Cap on download speed, in kilobytes per second."
     )
+    ca: Path | None = Field(
+        None, description="CA bundle that signs the HTTPS release servers (default: the system's CAs)."
+    )
     memory_reserve_mb: int = Field(
         256,
         ge=0,

@@ -21,6 +21,7 @@ import hashlib
 import http.client
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -72,11 +73,13 @@ def fetch(
     on_bytes: Callable[[int], None] = lambda _n: None,
     rate: RateLimit | None = None,
     timeout_s: float = 30.0,
+    context: ssl.SSLContext | None = None,
 ) -> None:
     """Make ``dest`` hold exactly the file ``entry`` describes, downloading what is missing.
 
     ``on_bytes`` is told of every byte that counts towards the file, including
-    those a resumed download already had.
+    those a resumed download already had.  ``context`` verifies HTTPS servers
+    (default: the system's CAs).
     """
     part = dest.with_name(dest.name + ".part")
     if part.is_symlink() or dest.is_symlink():
@@ -94,7 +97,7 @@ def fetch(
                     digest.update(block)
     on_bytes(have)
     if have < entry.size:
-        have, digest = _download_rest(entry, part, have, digest, on_bytes, rate, timeout_s)
+        have, digest = _download_rest(entry, part, have, digest, on_bytes, rate, timeout_s, context)
     if digest.hexdigest() != entry.sha256:
         part.unlink()
         raise UpdateError(
@@ -112,13 +115,14 @@ def _download_rest(
     on_bytes: Callable[[int], None],
     rate: RateLimit | None,
     timeout_s: float,
+    context: ssl.SSLContext | None,
 ) -> tuple[int, hashlib._Hash]:
     headers = {"User-Agent": f"edge-agent/{__version__}", "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(entry.url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
+        response = urllib.request.urlopen(request, timeout=timeout_s, context=context)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             part.unlink()

@@ -34,10 +34,11 @@ from . import failpoints
 from .config import AgentConfig
 from .download import RateLimit, fetch, sha256_file
 from .engine import Engine
-from .errors import AgentError, DownloadError, ModelError, UpdateError
+from .errors import AgentError, DownloadError, LinkError, ModelError, UpdateError
 from .manifest import Manifest
 from .model_store import ModelStore, Pointer
 from .protocol import ErrorInfo, ModelRef, ModelState, UpdatePhase, UpdateStatus
+from .tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,10 @@ class Updater:
         last = 0.0
         crash_at = total // 2
         rate = RateLimit(self.settings.bandwidth_kbps * 1000) if self.settings.bandwidth_kbps else None
+        try:
+            context = client_context(self.settings.ca)  # TLS 1.2+, verified: as for the broker
+        except LinkError as exc:
+            raise UpdateError(f"[update] ca: {exc.message}", code="download_interrupted") from exc
         self._set_status(release, "downloading", progress=0.0)
 
         def on_bytes(count: int) -> None:
@@ -372,7 +377,7 @@ class Updater:
             if dest.exists():
                 on_bytes(entry.size)  # finished in an earlier run; verified below
                 continue
-            fetch(entry, dest, on_bytes=on_bytes, rate=rate)
+            fetch(entry, dest, on_bytes=on_bytes, rate=rate, context=context)
 
     def _superseded(self) -> bool:
         """Whether the desired release changed since this attempt began."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import re
+import ssl
 import threading
 from pathlib import Path
 
@@ -19,7 +20,8 @@ _RANGE = re.compile(r"^bytes=(\d+)-$")
 class FileServer:
     """Serves ``root`` on a free loopback port until ``stop``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: serve HTTPS with this (certificate, key)."""
         self.root = root
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.drop_after: dict[str, int] = {}  # path -> bytes to send before dropping, once
@@ -70,8 +72,12 @@ class FileServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
 

@@ -444,3 +444,26 @@ def test_desiring_what_already_runs_is_quietly_converged(broker, caller, agents,
     ]
     assert ("1.0.0", "failed") not in phases
     assert all(version == "2.0.0" for version, _phase in phases)
+
+
+def test_update_from_an_https_server_signed_by_a_private_ca(broker, caller, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from agent import signing
+    from tests._http import FileServer
+    from tests._pki import Fleet
+    from tests._releases import Releases
+
+    pki = Fleet(tmp_path / "pki")
+    assert pki.broker.cert is not None and pki.broker.key is not None
+    (tmp_path / "www").mkdir()
+    server = FileServer(tmp_path / "www", tls=(pki.broker.cert, pki.broker.key))
+    try:
+        releases = Releases(server, signing.generate())
+        caller.subscribe("edge/+/model/state")
+        agent = agents(update={"trusted_keys": [releases.public_line], "ca": str(pki.ca)})
+        agent.start()
+        caller.publish_retained(DESIRED, payload(releases.make("2.0.0")))
+        caller.wait_model_state("box-1", _active("2.0.0"))
+        assert server.base_url.startswith("https://")
+        assert server.ranges_asked("assistant-2.0.0/model.onnx.data") == [None]  # fetched over TLS, once
+    finally:
+        server.stop()

@@ -119,3 +119,24 @@ def test_the_bandwidth_cap_paces_the_download(file_server, tmp_path: Path, monke
     # last request is to be 3 s behind the start, less the real time the transfer took.
     assert 2.0 < slept[-1] <= 3.0
     assert slept == sorted(slept)
+
+
+def test_https_servers_are_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    from agent.tls import client_context
+    from tests._http import FileServer
+    from tests._pki import Fleet
+
+    pki = Fleet(tmp_path / "pki")
+    assert pki.broker.cert is not None and pki.broker.key is not None
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root, tls=(pki.broker.cert, pki.broker.key))
+    try:
+        entry = _entry(server)
+        assert entry.url.startswith("https://127.0.0.1:")
+        with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+            fetch(entry, tmp_path / "f.bin")  # the system's CAs do not know the fleet's CA
+        fetch(entry, tmp_path / "f.bin", context=client_context(pki.ca))
+        assert (tmp_path / "f.bin").read_bytes() == DATA
+    finally:
+        server.stop()
