@@ -44,31 +44,33 @@ class FileServer:
                 if not file.is_file():
                     self.send_error(404)
                     return
-                data = file.read_bytes()
+                size = file.stat().st_size
                 start = 0
                 found = _RANGE.match(self.headers.get("Range") or "") if server.honour_ranges else None
                 if found:
                     start = int(found[1])
-                    if start >= len(data):
+                    if start >= size:
                         self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Range", f"bytes */{size}")
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Content-Length", str(size - start))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
-                body = data[start:]
+                left = size - start if drop is None else min(drop, size - start)
+                with file.open("rb") as f:
+                    f.seek(start)
+                    while left > 0 and (block := f.read(min(left, 1 << 20))):
+                        self.wfile.write(block)
+                        left -= len(block)
                 if drop is not None:
-                    self.wfile.write(body[:drop])
                     self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
+                    self.close_connection = True  # mid-body: the client sees a short read
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
