@@ -467,3 +467,21 @@ def test_update_from_an_https_server_signed_by_a_private_ca(broker, caller, agen
         assert server.ranges_asked("assistant-2.0.0/model.onnx.data") == [None]  # fetched over TLS, once
     finally:
         server.stop()
+
+
+def test_an_installed_version_that_no_longer_loads_falls_back_at_start(
+    broker, caller, agents, releases
+) -> None:  # type: ignore[no-untyped-def]
+    caller.subscribe("edge/+/model/state")
+    agent = agents(model_version="1.0.0", update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    caller.publish_retained(DESIRED, payload(releases.make("2.0.0")))
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    agent.terminate()
+    # The SD card lost the file's content (a power cut while the box was writing nearby, say).
+    (agent.state_dir / "models" / "versions" / "assistant@2.0.0" / "model.onnx").write_bytes(b"\0" * 100)
+    seen = caller.state_count("box-1")
+    agent.start()
+    state = caller.wait_model_state("box-1", _failed_with("model_load", "rolled_back"), since=seen)
+    assert state["active"] == {"name": "phi3-int4", "version": "1.0.0"}
+    assert _job(caller, "fallback")["model"] == {"name": "phi3-int4", "version": "1.0.0"}
