@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from .config import AgentConfig, MQTTConfig, load_config
 from .errors import AgentError
 from .model_folder import ModelFolder
+from .model_store import ModelStore
 from .system_probe import SystemProbe
 from .telemetry import HealthThresholds, SystemReading
 from .tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
@@ -81,6 +82,7 @@ def run_checks(
     checks += [memory, check_disk(config.state_dir, limits), *check_temperature(reading, limits)]
     checks += check_tls(config.mqtt)
     checks.append(check_broker(config.mqtt, timeout_s=broker_timeout_s))
+    checks.append(check_updates(config))
     if fits:
         checks.append(check_model(config))
     else:  # loading it could get the box's other processes killed
@@ -192,7 +194,7 @@ def check_memory(config: AgentConfig, reading: SystemReading, thresholds: Health
 def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> tuple[Check, bool]:
     """The memory check, and whether the model may be loaded (False only when it is known not to fit)."""
     try:
-        folder = ModelFolder(config.model.path)
+        folder = ModelFolder(served_model(config))
     except AgentError as exc:
         return Check(name="memory", status="fail", detail=f"cannot size the model: {exc.message}"), True
     weights, kv = model_memory_mb(folder)
@@ -337,14 +339,51 @@ def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
     return Check(name="broker", status=status, detail="; ".join(details))
 
 
+def served_model(config: AgentConfig) -> Path:
+    """The folder the agent serves at start: the store's active version, else ``[model] path``."""
+    root = config.state_dir / "models"
+    if (root / "store.json").is_file():  # only then: the doctor must not create the agent's folders
+        store = ModelStore(root)
+        active = store.pointer().active
+        if active is not None:
+            return store.path(active)
+    return config.model.path
+
+
+def check_updates(config: AgentConfig) -> Check:
+    """Over-the-air updates: trusted keys, the installed versions and how the last update went."""
+    keys = len(config.update.trusted_keys)
+    if not keys:
+        return Check(name="updates", status="warn", detail="off: [update] trusted_keys is empty")
+    detail = f"{keys} trusted key{'s' if keys > 1 else ''}"
+    root = config.state_dir / "models"
+    if not (root / "store.json").is_file():
+        return Check(name="updates", status="ok", detail=f"{detail}; no update installed yet")
+    store = ModelStore(root)
+    pointer = store.pointer()
+    detail += f"; active {pointer.active or 'the configured model'}, previous {pointer.previous or 'none'}"
+    last = store.read_record().get("update") or {}
+    if last.get("phase") in ("failed", "rolled_back"):
+        error = last.get("error") or {}
+        return Check(
+            name="updates",
+            status="warn",
+            detail=f"{detail}; last update {last.get('name')}@{last.get('version')} {last['phase']}: "
+            f"{error.get('code')}: {error.get('message')}",
+        )
+    if last:
+        detail += f"; last update {last.get('name')}@{last.get('version')} {last.get('phase')}"
+    return Check(name="updates", status="ok", detail=detail)
+
+
 def check_model(config: AgentConfig) -> Check:
-    """The model loads with the configured engine options and computes one token."""
+    """The model the agent would serve loads with the configured engine options and computes one token."""
     from .engine import Engine
     from .sampling import SamplingParams
 
     started = time.perf_counter()
     try:
-        engine = Engine(config.model.path, config.engine)
+        engine = Engine(served_model(config), config.engine)
         loaded = time.perf_counter()
         engine.generate(engine.prompt_ids("Hello"), SamplingParams(max_tokens=1))
     except AgentError as exc:

@@ -211,3 +211,44 @@ def test_certificate_expiry_warns_30_days_ahead_and_fails_once_expired(tmp_path:
     assert _by_name(check_tls(tls("box-100"), now=later))["certificate"].status == "fail"
     plain = check_tls(MQTTConfig(allow_plaintext=True))
     assert [c.status for c in plain] == ["warn"] and "plain TCP" in plain[0].detail
+
+
+def test_updates_and_the_served_model_come_from_the_store(
+    tmp_path: Path, phi3_dir: Path, listening: int
+) -> None:
+    import time
+
+    from agent import signing
+    from agent.manifest import FileEntry, Manifest, SmokeTest
+    from agent.model_store import ModelStore, Pointer
+    from tests._models import fixture_path
+
+    config = _config(tmp_path, phi3_dir, listening)
+    found = _by_name(run_checks(config))
+    assert found["updates"].status == "warn" and "trusted_keys is empty" in found["updates"].detail
+
+    key = signing.generate()
+    line = signing.PublicKey(key.public_key(), signing.key_id(key.public_key())).to_line()
+    config = config.model_copy(update={"update": config.update.model_copy(update={"trusted_keys": [line]})})
+    assert _by_name(run_checks(config))["updates"].detail == "1 trusted key; no update installed yet"
+
+    # An installed update (llama) is what the agent serves, so it is what the doctor loads.
+    store = ModelStore(config.state_dir / "models")
+    now = int(time.time())
+    manifest = Manifest(
+        name="assistant", version="2.0.0",
+        files=[FileEntry(path="genai_config.json", size=1, sha256="0" * 64, url="http://h/g")],
+        memory_bytes=1, smoke_test=SmokeTest(prompt="p", prompt_ids=[1], token_ids=[1]),
+        created_at=now, expires_at=now + 60, key_id="0" * 16,
+    ).signed(key)  # fmt: skip
+    staged = store.staging(manifest)
+    shutil.copytree(fixture_path("llama-int4"), staged, dirs_exist_ok=True)
+    store.install(manifest)
+    store.set_pointer(Pointer(active="assistant@2.0.0"))
+    store.write_record({"update": {"name": "assistant", "version": "3.0.0", "phase": "rolled_back",
+                                   "error": {"code": "probation_failed", "message": "2 of its first 2 jobs failed"}}})  # fmt: skip
+    found = _by_name(run_checks(config))
+    assert found["model"].status == "ok" and found["model"].detail.startswith("assistant@2.0.0 loaded")
+    assert found["updates"].status == "warn"
+    assert "active assistant@2.0.0" in found["updates"].detail
+    assert "assistant@3.0.0 rolled_back: probation_failed" in found["updates"].detail
