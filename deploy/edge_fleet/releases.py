@@ -69,13 +69,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     rollback.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="fleet.key")
     rollback.add_argument("--expires-days", type=float, default=7.0, help="boxes refuse it after this")
-    _add_target(rollback)
+    rollback.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the signed rollback manifest here instead of deploying it (to roll it out in waves)",
+    )
+    _add_target(rollback, required=False)
     add_broker_args(rollback)
     rollback.set_defaults(func=rollback_command)
 
 
-def _add_target(parser: argparse.ArgumentParser) -> None:
-    target = parser.add_mutually_exclusive_group(required=True)
+def _add_target(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    target = parser.add_mutually_exclusive_group(required=required)
     target.add_argument("--device", help="one device id")
     target.add_argument("--group", help="every device of a group (a device's own desired state wins)")
 
@@ -287,13 +293,21 @@ def deploy_command(args: argparse.Namespace) -> int:
 
 
 def rollback_command(args: argparse.Namespace) -> int:
-    """``edge-fleet rollback MANIFEST --key KEY (--device ID | --group G)``: an explicit, signed rollback."""
+    """``edge-fleet rollback MANIFEST --key KEY (--device ID | --group G | --out FILE)``: an explicit,
+    signed rollback, deployed at once or written for ``edge-fleet rollout``."""
     key = _private_key(args.key)
     earlier = _read_manifest(args.manifest)
     now = int(time.time())
     manifest = earlier.model_copy(
         update={"rollback": True, "created_at": now, "expires_at": now + int(args.expires_days * 86400)}
     ).signed(key)
+    if args.out is not None:
+        args.out.write_text(manifest.model_dump_json(indent=2) + "\n")
+        print(f"rollback release to {manifest.release_id} written to {args.out}")
+        if not (args.device or args.group):
+            return 0
+    elif not (args.device or args.group):
+        raise FleetError("give --device or --group to deploy the rollback, or --out to write it")
     _publish_retained(args, _desired_topic(args), manifest.model_dump_json().encode())
     print(f"rollback of {args.device or 'group ' + args.group} to {manifest.release_id} deployed")
     return 0

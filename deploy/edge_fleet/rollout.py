@@ -81,6 +81,13 @@ class Rollout:
     reason: str | None
 
 
+def rollout_id_of(manifest: Manifest, group: str) -> str:
+    """``NAME@VERSION/GROUP``; a rollback release adds ``/rollback-SIGNED_AT`` (going back to a
+    version is a rollout of its own, apart from the one that once brought that version)."""
+    suffix = f"/rollback-{manifest.created_at}" if manifest.rollback else ""
+    return f"{manifest.release_id}/{group}{suffix}"
+
+
 def plan_waves(devices: list[str], percents: list[float], min_devices: int) -> list[list[str]]:
     """Split ``devices`` (in order) into waves reaching ``percents`` of them cumulatively,
     each wave at least ``min_devices`` strong (while devices remain)."""
@@ -135,7 +142,7 @@ class RolloutStore:
         rate: float,
     ) -> Rollout:
         """Record a new rollout and its wave plan."""
-        rollout_id = f"{manifest.release_id}/{group}"
+        rollout_id = rollout_id_of(manifest, group)
         now = time.time()
         with self.transaction() as db:
             db.execute(
@@ -449,7 +456,7 @@ def _start(store: RolloutStore, args: argparse.Namespace) -> int:
         raise FleetError(f"{args.target}: {exc.message}") from exc
     if not manifest.signature or manifest.expires_at <= time.time():
         raise FleetError(f"{args.target} is unsigned or expired: sign a new release")
-    existing = store.get(f"{manifest.release_id}/{args.group}")
+    existing = store.get(rollout_id_of(manifest, args.group))
     if existing is not None:
         if existing.manifest != manifest.model_dump_json().encode():
             raise FleetError(f"rollout {existing.id} exists with a different manifest; use a new version")

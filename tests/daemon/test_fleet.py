@@ -241,3 +241,33 @@ def test_rollout_to_real_agents_with_a_real_release(broker, agents, releases, tm
     assert [(r["device"], r["version"], r["update_phase"]) for r in rows] == [
         (name, "2.0.0", "active") for name in ("till-1", "till-2", "till-3")
     ]
+
+
+def test_a_rollback_release_rolls_out_in_waves_too(broker, fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from agent.signing import private_pem
+
+    sim = fleet(6, update_delay_s=0.2)
+    db = tmp_path / "rollouts.sqlite3"
+    first = _manifest(tmp_path, "1.5.0")
+    forward = _run(broker, "rollout", str(first), "--group", "shop", db=db)
+    assert forward.returncode == 0, forward.stdout + forward.stderr
+    assert (
+        _run(broker, "rollout", str(_manifest(tmp_path, "2.0.0")), "--group", "shop", db=db).returncode == 0
+    )
+    assert {d.active.version for d in sim.sim.devices} == {"2.0.0"}
+
+    key = tmp_path / "fleet.key"
+    key.write_bytes(private_pem(KEY))
+    back = tmp_path / "rollback.json"
+    written = _run(broker, "rollback", str(first), "--key", str(key), "--out", str(back))
+    assert written.returncode == 0 and back.exists(), written.stderr
+    done = _run(broker, "rollout", str(back), "--group", "shop", "--waves", "50%,100%", db=db)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {d.active.version for d in sim.sim.devices} == {"1.5.0"}
+    rollouts = [
+        json.loads(line) for line in _run(broker, "rollout", "status", "--json", db=db).stdout.splitlines()
+    ]
+    assert sorted(r["id"].split("/rollback-")[0] for r in rollouts) == [
+        "assistant@1.5.0/shop", "assistant@1.5.0/shop", "assistant@2.0.0/shop",
+    ]  # fmt: skip
+    assert all(r["state"] == "done" for r in rollouts)
