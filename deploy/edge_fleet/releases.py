@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tqdm import tqdm
 
 from agent import signing
 from agent.engine import Engine
@@ -205,6 +204,10 @@ def _model_files(source: Path) -> list[str]:
 def _copy_and_hash(source: Path, files: list[str], out: Path, base_url: str) -> list[FileEntry]:
     total = sum((source / f).stat().st_size for f in files)
     entries = []
+    try:
+        from tqdm import tqdm  # the operator's extra: boxes never run release
+    except ImportError:
+        raise FleetError("edge-fleet release needs the fleet extra: pip install 'edge-agent[fleet]'") from None
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", disable=None) as bar:
         for relative in files:
             digest = hashlib.sha256()
