@@ -3,6 +3,7 @@ and ``edge-fleet submit`` against a real agent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -271,3 +272,38 @@ def test_a_rollback_release_rolls_out_in_waves_too(broker, fleet, tmp_path: Path
         "assistant@1.5.0/shop", "assistant@1.5.0/shop", "assistant@2.0.0/shop",
     ]  # fmt: skip
     assert all(r["state"] == "done" for r in rollouts)
+
+
+def test_watch_in_a_terminal_sorts_on_keys_and_quits_on_q(broker, fleet) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import pty
+    import select as select_module
+
+    fleet(5, telemetry_interval_s=0.3)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: edge-fleet watch on a real terminal
+        os.execv(sys.executable, _fleet_cmd(broker, "watch", "--refresh", "0.2"))
+    screen = b""
+
+    def read_until(text: bytes, timeout: float = 20.0) -> None:
+        nonlocal screen
+        end = time.monotonic() + timeout
+        while text not in screen.split(b"\x1b[H\x1b[2J")[-1]:
+            assert time.monotonic() < end, f"{text!r} never shown; last: {screen[-800:]!r}"
+            if select_module.select([fd], [], [], 0.1)[0]:
+                screen += os.read(fd, 65536)
+
+    try:
+        read_until(b"sorted by device")
+        read_until(b"devices 5  online 5")
+        os.write(fd, b"s")
+        read_until(b"sorted by health")
+        os.write(fd, b"r")
+        read_until("sorted by health ↓".encode())
+        os.write(fd, b"q")
+        _pid, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
