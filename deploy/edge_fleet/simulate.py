@@ -26,6 +26,7 @@ import random
 import resource
 import selectors
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -169,7 +170,7 @@ class SimulatedDevice:
         client = self.client
         if not sim.options.plaintext:
             sim.options.configure(client)  # TLS and login, as every edge-fleet command
-        elif sim.options.username:
+        elif sim.options.username:  # (the plain-TCP warning is given once, by the command)
             client.username_pw_set(sim.options.username, sim.options.password)
         offline = Status(online=False, device_id=device_id, group=sim.group)
         client.will_set(self.topics["status"], offline.model_dump_json(), qos=1, retain=True)
@@ -383,8 +384,11 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.trust:
         with open(args.trust, encoding="utf-8") as f:
             trusted = [signing.PublicKey.from_line(f.read())]
+    options = options_from(args)
+    if options.plaintext:
+        print("edge-fleet: warning: plain TCP (--plaintext) for every simulated device", file=sys.stderr)
     sim = Simulator(
-        options_from(args),
+        options,
         args.devices,
         group=args.group,
         name_prefix=args.name_prefix,
