@@ -207,7 +207,9 @@ def _copy_and_hash(source: Path, files: list[str], out: Path, base_url: str) -> 
     try:
         from tqdm import tqdm  # the operator's extra: boxes never run release
     except ImportError:
-        raise FleetError("edge-fleet release needs the fleet extra: pip install 'edge-agent[fleet]'") from None
+        raise FleetError(
+            "edge-fleet release needs the fleet extra: pip install 'edge-agent[fleet]'"
+        ) from None
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", disable=None) as bar:
         for relative in files:
             digest = hashlib.sha256()

@@ -4,8 +4,9 @@
                        [--max-failure-rate R] [--min-devices N]
     edge-fleet rollout status [ID] | abort ID | resume ID
 
-The group's devices (from their retained status) are split into waves once,
-when the rollout starts (online devices first).  A wave publishes the
+The group's devices (from their retained status) are split into waves when
+the rollout starts (online devices first); devices that join the group later
+are added to the next wave (or, during the last one, sent the release at once).  A wave publishes the
 manifest as each of its devices' own retained desired state; the next wave
 starts when every device of the current one reports the release ``active`` or
 ``failed``, or when the wave timeout ends (devices silent by then count as
@@ -222,6 +223,15 @@ class RolloutStore:
                 (*fields.values(), time.time(), rollout_id),
             )
 
+    def add_targets(self, rollout_id: str, devices: list[str], wave: int) -> None:
+        """Add devices (that joined the group during the rollout) to a wave."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO targets VALUES (?,?,?,'pending',NULL,?)",
+                [(rollout_id, device, wave, now) for device in devices],
+            )
+
     def counts(self, rollout_id: str) -> dict[str, int]:
         """Targets by state."""
         rows = self.db.execute(
@@ -333,6 +343,17 @@ class Controller:
                 self.store.update(rollout_id, while_running=True, wave_started=time.time())
                 continue
             self.feed.pump(poll_s)
+            joined = [d for d in self.group_devices(rollout.group) if d not in targets]
+            if joined:
+                # Devices that joined the group meanwhile get the release too: with the next
+                # wave, or at once during the last one.
+                into = min(wave + 1, waves - 1)
+                self.store.add_targets(rollout_id, joined, into)
+                if into == wave:
+                    self._publish_desired(joined, payload)
+                    self.store.set_targets(rollout_id, dict.fromkeys(joined, ("sent", None)))
+                self.say(f"  {len(joined)} devices joined {rollout.group}: added to wave {into + 1}")
+                continue
             changes: dict[str, tuple[str, str | None]] = {}
             for device, (w, state, _detail) in targets.items():
                 if w <= wave and state == "sent":

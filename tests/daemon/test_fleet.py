@@ -307,3 +307,28 @@ def test_watch_in_a_terminal_sorts_on_keys_and_quits_on_q(broker, fleet) -> None
         os.close(fd)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_devices_joining_the_group_during_a_rollout_get_the_release(broker, fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fleet(4, update_delay_s=1.5)
+    db = tmp_path / "rollouts.sqlite3"
+    rollout_id = "assistant@2.0.0/shop"
+    controller = subprocess.Popen(
+        _fleet_cmd(
+            broker, "rollout", str(_manifest(tmp_path)), "--group", "shop", "--waves", "25%,50%,100%", db=db
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not any(s == "sent" for _w, s in (_targets(db, rollout_id) if db.exists() else {}).values()):
+        assert time.monotonic() < deadline, "the first wave was never sent"
+        time.sleep(0.05)
+    late = fleet(2, name_prefix="late", update_delay_s=0.2)  # installed while wave 1 runs
+    out, _ = controller.communicate(timeout=60)
+    assert controller.returncode == 0, out
+    targets = _targets(db, rollout_id)
+    assert targets["late-0000"] == (1, "active") and targets["late-0001"] == (1, "active")
+    assert "2 devices joined shop: added to wave 2" in out
+    assert all(d.active.version == "2.0.0" for d in late.sim.devices)
