@@ -150,6 +150,11 @@ def provision_command(args: argparse.Namespace) -> int:
                 )
     for path in written:
         print(f"wrote {path}")
+    if args.operator:
+        out = args.out
+        print(
+            f"edge-fleet flags: --tls-ca {out / 'ca.crt'} --tls-cert {out / f'{name}.crt'} --tls-key {out / f'{name}.key'}"
+        )
     return 0
 
 
