@@ -60,6 +60,21 @@ def _rollout_state(db: Path, rollout: str) -> tuple[str, int] | None:
     return None if row is None else (row[0], row[1])
 
 
+def _start_rollout(broker, db: Path, rollout_id: str, manifest: Path, waves: str) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    """``edge-fleet rollout`` to group shop in the background, returned once its first wave is sent."""
+    controller = subprocess.Popen(
+        _fleet_cmd(broker, "rollout", str(manifest), "--group", "shop", "--waves", waves, db=db),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not any(s == "sent" for _w, s in (_targets(db, rollout_id) if db.exists() else {}).values()):
+        assert time.monotonic() < deadline, "the first wave was never sent"
+        time.sleep(0.05)
+    return controller
+
+
 @pytest.fixture()
 def fleet(broker):  # type: ignore[no-untyped-def]
     """Factory of simulated fleets on the test's broker, stopped after the test."""
@@ -124,18 +139,7 @@ def test_abort_withdraws_unfinished_devices_and_resume_continues(
     fleet(6, update_delay_s=30.0)  # slow enough that the abort lands mid-wave
     db = tmp_path / "rollouts.sqlite3"
     rollout_id = "assistant@2.0.0/shop"
-    controller = subprocess.Popen(
-        _fleet_cmd(
-            broker, "rollout", str(_manifest(tmp_path)), "--group", "shop", "--waves", "50%,100%", db=db
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not any(s == "sent" for _w, s in (_targets(db, rollout_id) if db.exists() else {}).values()):
-        assert time.monotonic() < deadline, "the first wave was never sent"
-        time.sleep(0.1)
+    controller = _start_rollout(broker, db, rollout_id, _manifest(tmp_path), "50%,100%")
     aborted = _run(broker, "rollout", "abort", rollout_id, db=db)
     assert aborted.returncode == 0, aborted.stderr
     assert controller.wait(timeout=30) == 2
@@ -313,18 +317,7 @@ def test_devices_joining_the_group_during_a_rollout_get_the_release(broker, flee
     fleet(4, update_delay_s=1.5)
     db = tmp_path / "rollouts.sqlite3"
     rollout_id = "assistant@2.0.0/shop"
-    controller = subprocess.Popen(
-        _fleet_cmd(
-            broker, "rollout", str(_manifest(tmp_path)), "--group", "shop", "--waves", "25%,50%,100%", db=db
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not any(s == "sent" for _w, s in (_targets(db, rollout_id) if db.exists() else {}).values()):
-        assert time.monotonic() < deadline, "the first wave was never sent"
-        time.sleep(0.05)
+    controller = _start_rollout(broker, db, rollout_id, _manifest(tmp_path), "25%,50%,100%")
     late = fleet(2, name_prefix="late", update_delay_s=0.2)  # installed while wave 1 runs
     out, _ = controller.communicate(timeout=60)
     assert controller.returncode == 0, out
