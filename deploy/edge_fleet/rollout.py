@@ -352,7 +352,7 @@ class Controller:
                 if into == wave:
                     self._publish_desired(joined, payload)
                     self.store.set_targets(rollout_id, dict.fromkeys(joined, ("sent", None)))
-                self.say(f"  {len(joined)} devices joined {rollout.group}: added to wave {into + 1}")
+                self.say(f"  {', '.join(joined)} joined {rollout.group}: added to wave {into + 1}")
                 continue
             changes: dict[str, tuple[str, str | None]] = {}
             for device, (w, state, _detail) in targets.items():
