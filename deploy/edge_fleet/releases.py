@@ -235,9 +235,8 @@ def _record_smoke_test(folder: Path, prompt: str, tokens: int) -> tuple[SmokeTes
     ids = engine.prompt_ids(prompt)
     completion = engine.generate(ids, SamplingParams(max_tokens=tokens, ignore_eos=True))
     used = process.memory_info().rss - before
-    weights = sum(p.stat().st_size for p in folder.rglob("*.onnx*")) + sum(
-        p.stat().st_size for p in folder.rglob("*.data")
-    )
+    # model.onnx and its external data (model.onnx.data), each counted once.
+    weights = sum(p.stat().st_size for p in folder.rglob("*") if ".onnx" in p.name or p.suffix == ".data")
     return SmokeTest(prompt=prompt, prompt_ids=ids, token_ids=completion.token_ids), max(used, weights)
 
 
@@ -251,6 +250,20 @@ def _read_manifest(path: Path) -> Manifest:
         raise FleetError(f"cannot read {path}: {exc}") from exc
     except UpdateError as exc:
         raise FleetError(f"{path}: {exc.message}") from exc
+
+
+def read_deployable(path: Path) -> Manifest:
+    """A manifest that boxes could accept: signed, not expired, every path inside its folder."""
+    manifest = _read_manifest(path)
+    if not manifest.signature:
+        raise FleetError(f"{path} is not signed")
+    if manifest.expires_at <= time.time():
+        raise FleetError(f"{path} has expired: sign a new release")
+    try:
+        manifest.check_paths()
+    except UpdateError as exc:
+        raise FleetError(f"{path}: {exc.message}") from exc
+    return manifest
 
 
 def _desired_topic(args: argparse.Namespace) -> str:
@@ -283,15 +296,7 @@ def deploy_command(args: argparse.Namespace) -> int:
         return 0
     if args.manifest is None:
         raise FleetError("give a MANIFEST to deploy (or --clear)")
-    manifest = _read_manifest(args.manifest)
-    if not manifest.signature:
-        raise FleetError(f"{args.manifest} is not signed")
-    if manifest.expires_at <= time.time():
-        raise FleetError(f"{args.manifest} has expired: sign a new release")
-    try:
-        manifest.check_paths()
-    except UpdateError as exc:
-        raise FleetError(f"{args.manifest}: {exc.message}") from exc
+    manifest = read_deployable(args.manifest)
     _publish_retained(args, topic, manifest.model_dump_json().encode())
     print(f"desired model of {args.device or 'group ' + args.group}: {manifest.release_id}")
     return 0

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import UpdateError
 from agent.manifest import Manifest
 
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from
 from .fleet_view import FleetFeed
+from .releases import read_deployable
 
 # Targets move pending -> sent -> active | failed | timed_out (| canceled by abort).
 _FINISHED = ("active", "failed", "timed_out", "canceled")
@@ -468,15 +468,7 @@ def _start(store: RolloutStore, args: argparse.Namespace) -> int:
         raise FleetError("rollout MANIFEST needs --group")
     if not 0 <= args.max_failure_rate <= 1:
         raise FleetError("--max-failure-rate must lie in [0, 1]")
-    try:
-        manifest = Manifest.parse(Path(args.target).read_bytes())
-        manifest.check_paths()
-    except OSError as exc:
-        raise FleetError(f"cannot read {args.target}: {exc}") from exc
-    except UpdateError as exc:
-        raise FleetError(f"{args.target}: {exc.message}") from exc
-    if not manifest.signature or manifest.expires_at <= time.time():
-        raise FleetError(f"{args.target} is unsigned or expired: sign a new release")
+    manifest = read_deployable(Path(args.target))
     existing = store.get(rollout_id_of(manifest, args.group))
     if existing is not None:
         if existing.manifest != manifest.model_dump_json().encode():
