@@ -15,12 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .config import load_config
-from .engine import Engine, EngineOptions
-from .errors import AgentError
-from .sampling import SamplingParams
-from .weight_traffic import model_weight_traffic
+from agent import __version__
+from agent.config import load_config
+from agent.engine.engine import Engine, EngineOptions
+from agent.engine.sampling import SamplingParams
+from agent.engine.weight_traffic import model_weight_traffic
+from agent.errors import AgentError
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from .daemon import Agent
+    from agent.daemon import Agent
 
     agent = Agent(load_config(args.config))
     agent.install_signal_handlers()
@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .doctor import format_report, run_checks, worst
+    from agent.doctor import format_report, run_checks, worst
 
     config = load_config(args.config)
     checks = run_checks(config, thresholds=config.health)

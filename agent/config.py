@@ -24,10 +24,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .engine import EngineOptions
-from .errors import ConfigError, SignatureError
-from .signing import PublicKey
-from .telemetry import HealthThresholds, TelemetryConfig
+from agent.engine.engine import EngineOptions
+from agent.errors import ConfigError, SignatureError
+from agent.health.telemetry import HealthThresholds, TelemetryConfig
+from agent.updates.signing import PublicKey
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

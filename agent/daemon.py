@@ -30,13 +30,16 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from . import __version__
-from .config import AgentConfig
-from .errors import AgentError, ContextOverflowError, InvalidRequestError
-from .job_store import JobStore, StoredJob
-from .manifest import MAX_MANIFEST_BYTES
-from .mqtt_link import Connected, Message, MQTTLink, Published
-from .protocol import (
+from agent import __version__
+from agent.config import AgentConfig
+from agent.errors import AgentError, ContextOverflowError, InvalidRequestError
+from agent.health.probe import SystemProbe
+from agent.health.sd_notify import Notifier
+from agent.health.telemetry import JobStats, ModelInfo
+from agent.jobs.store import JobStore, StoredJob
+from agent.link.mqtt import Connected, Message, MQTTLink, Published
+from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, days_left
+from agent.protocol import (
     CancelRequest,
     Chunk,
     ErrorInfo,
@@ -49,11 +52,8 @@ from .protocol import (
     Topics,
     Usage,
 )
-from .sd_notify import Notifier
-from .system_probe import SystemProbe
-from .telemetry import JobStats, ModelInfo
-from .tls import CERT_WARN_DAYS, certificate_expiry, days_left
-from .updater import Source, Updater
+from agent.updates.manifest import MAX_MANIFEST_BYTES
+from agent.updates.updater import Source, Updater
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,13 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, ConfigDict
 
-from .config import AgentConfig, MQTTConfig, load_config
-from .errors import AgentError
-from .model_folder import ModelFolder
-from .model_store import ModelStore
-from .system_probe import SystemProbe
-from .telemetry import HealthThresholds, SystemReading
-from .tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
+from agent.config import AgentConfig, MQTTConfig, load_config
+from agent.engine.model_folder import ModelFolder
+from agent.errors import AgentError
+from agent.health.probe import SystemProbe
+from agent.health.telemetry import HealthThresholds, SystemReading
+from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
+from agent.updates.store import ModelStore
 
 CheckStatus = Literal["ok", "warn", "fail"]
 
@@ -378,8 +378,8 @@ def check_updates(config: AgentConfig) -> Check:
 
 def check_model(config: AgentConfig) -> Check:
     """The model the agent would serve loads with the configured engine options and computes one token."""
-    from .engine import Engine
-    from .sampling import SamplingParams
+    from agent.engine.engine import Engine
+    from agent.engine.sampling import SamplingParams
 
     started = time.perf_counter()
     try:

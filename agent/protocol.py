@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from .sampling import SamplingParams
+from agent.engine.sampling import SamplingParams
 
 JobStatus = Literal["succeeded", "failed", "rejected", "canceled", "expired"]
 

@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.mqtt_link import no_delay  # noqa: E402
+from agent.link.mqtt import no_delay  # noqa: E402
 from tests._agent import AgentProcess  # noqa: E402  (the same process harness the tests use)
 from tests._broker import Broker  # noqa: E402
 

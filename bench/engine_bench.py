@@ -108,8 +108,8 @@ def prompt_ids(n: int) -> list[int]:
 
 def run_engine(path: Path, prompt: list[int], new: int, threads: int, spin: bool = True) -> Runner:
     """agent.Engine with its default options (``spin=False``: no spinning), driven as ``bench`` does."""
-    from agent.engine import Engine, EngineOptions
-    from agent.sampling import SamplingParams
+    from agent.engine.engine import Engine, EngineOptions
+    from agent.engine.sampling import SamplingParams
 
     engine = Engine(path, EngineOptions(threads=threads, **({} if spin else {"spin_us": 0})))
     params = SamplingParams(max_tokens=new, ignore_eos=True)
@@ -156,8 +156,8 @@ class BareLoop:
     def __init__(self, path: Path, prompt: list[int], new: int, threads: int) -> None:
         import onnxruntime as ort
 
-        from agent.engine import EngineOptions
-        from agent.model_folder import ModelFolder
+        from agent.engine.engine import EngineOptions
+        from agent.engine.model_folder import ModelFolder
 
         self.dec = dec = ModelFolder(path).config.model.decoder
         so = ort.SessionOptions()  # the engine's values: keep in step with Engine._open_session

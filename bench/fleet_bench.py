@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-from agent import signing  # noqa: E402
+from agent.updates import signing  # noqa: E402
 from tests._broker import Broker  # noqa: E402  (the same broker harness the tests use)
 from tests._releases import placeholder_release  # noqa: E402
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from agent.tls import client_context
+from agent.link.tls import client_context
 from edge_fleet import pki
 from edge_fleet.cli import main as fleet
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import signing
-from agent.manifest import Manifest
+from agent.updates import signing
+from agent.updates.manifest import Manifest
 from edge_fleet.releases import build_release
 from tests._http import FileServer
 from tests._models import fixture_path
@@ -87,7 +87,7 @@ def placeholder_release(key: Ed25519PrivateKey, version: str, folder: Path) -> P
     written to ``folder/manifest-VERSION.json``, whose path is returned."""
     import time
 
-    from agent.manifest import FileEntry, SmokeTest
+    from agent.updates.manifest import FileEntry, SmokeTest
 
     now = int(time.time())
     manifest = Manifest(

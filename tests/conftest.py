@@ -101,7 +101,7 @@ def file_server(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def releases(file_server):  # type: ignore[no-untyped-def]
     """Signed releases of the fixtures, served by ``file_server``, and the key that signs them."""
-    from agent import signing
+    from agent.updates import signing
     from tests._releases import Releases
 
     return Releases(file_server, signing.generate())

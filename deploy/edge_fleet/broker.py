@@ -22,8 +22,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import PLAIN_PORT, TLS_PORT
 from agent.errors import LinkError
-from agent.mqtt_link import no_delay
-from agent.tls import client_context
+from agent.link.mqtt import no_delay
+from agent.link.tls import client_context
 
 
 class FleetError(Exception):

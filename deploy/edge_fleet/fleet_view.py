@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from agent.health.telemetry import Telemetry
 from agent.protocol import ModelState, Status
-from agent.telemetry import Telemetry
 
 from .broker import BrokerOptions, connect
 

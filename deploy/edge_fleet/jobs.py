@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agent.health.telemetry import percentile
 from agent.protocol import Chunk, JobRequest, Result
-from agent.telemetry import percentile
 
 from .broker import FleetError, add_broker_args, options_from
 from .submit import JobFailed, Submitter

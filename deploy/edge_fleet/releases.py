@@ -1,7 +1,7 @@
 """Signed model releases: ``keygen``, ``release``, ``deploy`` and ``rollback``.
 
 A release is a folder to serve over HTTP(S): the model's files and
-``manifest.json`` (see ``agent.manifest``).  ``deploy`` publishes a manifest as
+``manifest.json`` (see ``agent.updates.manifest``).  ``deploy`` publishes a manifest as
 the retained desired state of a device or a group; boxes converge to it by
 themselves and report on ``{prefix}/{device}/model/state``.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import signing
-from agent.engine import Engine
+from agent.engine.engine import Engine
+from agent.engine.sampling import SamplingParams
 from agent.errors import UpdateError
-from agent.manifest import FileEntry, Manifest, SemVer, SmokeTest
-from agent.sampling import SamplingParams
+from agent.updates import signing
+from agent.updates.manifest import FileEntry, Manifest, SemVer, SmokeTest
 
 from .broker import FleetError, add_broker_args, connect, options_from
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.manifest import Manifest
+from agent.updates.manifest import Manifest
 
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from
 from .fleet_view import FleetFeed

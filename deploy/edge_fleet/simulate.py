@@ -37,11 +37,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import signing
 from agent.errors import UpdateError
-from agent.manifest import Manifest
+from agent.health.telemetry import CPU, JobsTelemetry, Memory, ModelInfo, Telemetry, Temperature
 from agent.protocol import ErrorInfo, Health, ModelRef, ModelState, Result, Status, UpdatePhase, UpdateStatus
-from agent.telemetry import CPU, JobsTelemetry, Memory, ModelInfo, Telemetry, Temperature
+from agent.updates import signing
+from agent.updates.manifest import Manifest
 
 from .broker import BrokerOptions, add_broker_args, options_from
 

@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
-from agent.mqtt_link import no_delay
+from agent.link.mqtt import no_delay
 from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
 
 from .broker import BrokerOptions, FleetError

@@ -22,8 +22,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from agent.link.tls import certificate_expiry
 from agent.protocol import JobRequest
-from agent.tls import certificate_expiry
 from edge_fleet.broker import BrokerOptions
 from edge_fleet.cli import main as fleet_cli
 from edge_fleet.submit import Submitter

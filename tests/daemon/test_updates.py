@@ -127,7 +127,7 @@ def test_offline_device_converges_when_it_comes_back(broker, caller, agents, rel
 
 def _refusals(releases, tmp_path: Path) -> dict[str, tuple[Any, str]]:  # type: ignore[no-untyped-def]
     """Each way a release must be refused: (desired-state payload builder, expected code)."""
-    from agent import signing
+    from agent.updates import signing
     from tests._releases import replace_file, tampered
 
     def good():  # type: ignore[no-untyped-def]
@@ -353,7 +353,7 @@ def test_device_desired_state_wins_over_the_group(broker, caller, agents, releas
 def test_old_versions_are_collected_and_an_explicit_rollback_reuses_the_kept_one(  # type: ignore[no-untyped-def]
     broker, caller, agents, releases, tmp_path: Path
 ) -> None:
-    from agent.signing import private_pem
+    from agent.updates.signing import private_pem
 
     caller.subscribe("edge/+/model/state")
     agent = agents(update={"trusted_keys": [releases.public_line], "keep_versions": 2})
@@ -447,7 +447,7 @@ def test_desiring_what_already_runs_is_quietly_converged(broker, caller, agents,
 
 
 def test_update_from_an_https_server_signed_by_a_private_ca(broker, caller, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from agent import signing
+    from agent.updates import signing
     from tests._http import FileServer
     from tests._pki import Fleet
     from tests._releases import Releases

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.download import RateLimit, fetch
 from agent.errors import DownloadError, UpdateError
-from agent.manifest import FileEntry
+from agent.updates.download import RateLimit, fetch
+from agent.updates.manifest import FileEntry
 
 DATA = os.urandom(300_000)
 
@@ -112,7 +112,7 @@ def test_a_symlink_where_the_part_goes_is_refused(file_server, tmp_path: Path) -
 
 def test_the_bandwidth_cap_paces_the_download(file_server, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     slept: list[float] = []
-    monkeypatch.setattr("agent.download.time.sleep", slept.append)
+    monkeypatch.setattr("agent.updates.download.time.sleep", slept.append)
     fetch(_entry(file_server), tmp_path / "f.bin", rate=RateLimit(100_000))
     assert (tmp_path / "f.bin").read_bytes() == DATA
     # 300 kB at 100 kB/s: with the clock standing still (sleep is replaced), the limiter's
@@ -122,7 +122,7 @@ def test_the_bandwidth_cap_paces_the_download(file_server, tmp_path: Path, monke
 
 
 def test_https_servers_are_verified_against_the_configured_ca(tmp_path: Path) -> None:
-    from agent.tls import client_context
+    from agent.link.tls import client_context
     from tests._http import FileServer
     from tests._pki import Fleet
 

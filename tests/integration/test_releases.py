@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent import Engine, SamplingParams, signing
-from agent.manifest import Manifest
+from agent import Engine, SamplingParams
+from agent.updates import signing
+from agent.updates.manifest import Manifest
 from tests._models import fixture_path
 
 

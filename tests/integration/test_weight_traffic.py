@@ -1,4 +1,4 @@
-"""Weights read per generated token: ``agent.onnx_graph`` against the ``onnx`` package, and ``bench``.
+"""Weights read per generated token: ``agent.engine.onnx_graph`` against the ``onnx`` package, and ``bench``.
 
 The figure must agree with what the model files hold, counted independently
 here with ``onnx`` (a dev dependency): every initializer's bytes, less the
@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.engine.onnx_graph import read_graph
+from agent.engine.weight_traffic import model_weight_traffic
 from agent.errors import ModelFileError
-from agent.onnx_graph import read_graph
-from agent.weight_traffic import model_weight_traffic
 from tests._models import ALL_FIXTURES, ROOT, fixture_path
 
 MODELS = [*ALL_FIXTURES, "phi3-int4-pruned", "llama-long"]

@@ -93,7 +93,7 @@ def test_config_check_command(tmp_path: Path) -> None:
 
 
 def test_trusted_keys_must_be_openssh_ed25519_lines(tmp_path: Path) -> None:
-    from agent import signing
+    from agent.updates import signing
 
     key = signing.generate()
     line = signing.PublicKey(key.public_key(), signing.key_id(key.public_key())).to_line()

@@ -13,9 +13,9 @@ import pytest
 
 from agent.config import AgentConfig, ModelConfig, MQTTConfig
 from agent.doctor import Check, check_broker, check_cpu, format_report, model_memory_mb, run_checks, worst
-from agent.model_folder import ModelFolder
-from agent.system_probe import SystemProbe
-from agent.telemetry import HealthThresholds
+from agent.engine.model_folder import ModelFolder
+from agent.health.probe import SystemProbe
+from agent.health.telemetry import HealthThresholds
 
 # /proc/cpuinfo heads of real boards.
 PI5_CPUINFO = """processor\t: 0
@@ -218,9 +218,9 @@ def test_updates_and_the_served_model_come_from_the_store(
 ) -> None:
     import time
 
-    from agent import signing
-    from agent.manifest import FileEntry, Manifest, SmokeTest
-    from agent.model_store import ModelStore, Pointer
+    from agent.updates import signing
+    from agent.updates.manifest import FileEntry, Manifest, SmokeTest
+    from agent.updates.store import ModelStore, Pointer
     from tests._models import fixture_path
 
     config = _config(tmp_path, phi3_dir, listening)

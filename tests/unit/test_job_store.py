@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from agent.job_store import JobStore
+from agent.jobs.store import JobStore
 
 
 def _store(tmp_path: Path, **kw) -> JobStore:  # type: ignore[no-untyped-def]

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from agent import signing
 from agent.errors import SignatureError, UpdateError
-from agent.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SemVer, SmokeTest
+from agent.updates import signing
+from agent.updates.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SemVer, SmokeTest
 
 KEY = signing.generate()
 TRUSTED = [signing.PublicKey(KEY.public_key(), signing.key_id(KEY.public_key()))]

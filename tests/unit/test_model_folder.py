@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import Engine, ModelConfigError, ModelFileError
-from agent.model_folder import ModelFolder
+from agent.engine.model_folder import ModelFolder
 from tests._models import fixture_path
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import signing
 from agent.errors import UpdateError
-from agent.manifest import FileEntry, Manifest, SmokeTest
-from agent.model_store import ModelStore, Pointer
+from agent.updates import signing
+from agent.updates.manifest import FileEntry, Manifest, SmokeTest
+from agent.updates.store import ModelStore, Pointer
 
 KEY = signing.generate()
 

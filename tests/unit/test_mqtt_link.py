@@ -8,7 +8,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from agent.config import MQTTConfig
-from agent.mqtt_link import DEFAULT_PAYLOAD_LIMIT, HEAD_BYTES, Message, MQTTLink
+from agent.link.mqtt import DEFAULT_PAYLOAD_LIMIT, HEAD_BYTES, Message, MQTTLink
 
 
 def _link(**mqtt: object) -> MQTTLink:

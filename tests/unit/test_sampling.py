@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from agent.sampling import Sampler, SamplingParams
+from agent.engine.sampling import Sampler, SamplingParams
 
 
 def _logits(seed: int = 0, vocab: int = 1000) -> np.ndarray:

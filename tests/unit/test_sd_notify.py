@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sd_notify import Notifier
+from agent.health.sd_notify import Notifier
 
 
 class Receiver:
@@ -117,7 +117,7 @@ def test_watchdog_interval(tmp_path: Path, env: dict[str, str], interval: float 
 
 
 def test_unsupported_address_disables(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.sd_notify"):
+    with caplog.at_level(logging.WARNING, logger="agent.health.sd_notify"):
         notifier = Notifier({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not notifier.enabled and not notifier.ready()
     assert "vsock:2:1234" in caplog.text
@@ -125,7 +125,7 @@ def test_unsupported_address_disables(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_send_errors_never_raise_and_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
-    with caplog.at_level(logging.DEBUG, logger="agent.sd_notify"):
+    with caplog.at_level(logging.DEBUG, logger="agent.health.sd_notify"):
         assert not notifier.ready()
         assert not notifier.watchdog()
         assert not notifier.status("still here")

@@ -122,8 +122,8 @@ try:
 except OSError:
     pass
 from agent import Engine, SamplingParams
-from agent.job_store import JobStore
-from agent.system_probe import SystemProbe
+from agent.jobs.store import JobStore
+from agent.health.probe import SystemProbe
 engine = Engine({str(fixture_path("phi3-int4"))!r})
 chat = engine.prompt_ids(messages=[{{"role": "user", "content": "Is the device hot?"}}])
 done = engine.generate(chat, SamplingParams(max_tokens=8, temperature=0.7, seed=1))

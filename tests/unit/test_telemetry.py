@@ -14,9 +14,8 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
-from agent.protocol import Health
-from agent.system_probe import SystemProbe, decode_throttled
-from agent.telemetry import (
+from agent.health.probe import SystemProbe, decode_throttled
+from agent.health.telemetry import (
     CPU,
     HealthThresholds,
     JobCounts,
@@ -32,6 +31,7 @@ from agent.telemetry import (
     assess,
     percentile,
 )
+from agent.protocol import Health
 
 MiB = 1024 * 1024
 DEFAULTS = HealthThresholds()

@@ -7,9 +7,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.model_folder import ModelFolder
-from agent.text_stream import IncrementalDecoder, StopFilter
-from agent.tokenizer import Tokenizer
+from agent.engine.model_folder import ModelFolder
+from agent.engine.text_stream import IncrementalDecoder, StopFilter
+from agent.engine.tokenizer import Tokenizer
 from tests._models import fixture_path
 
 _TOKENIZER = Tokenizer(ModelFolder(fixture_path("phi3-int4")))

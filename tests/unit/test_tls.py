@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import LinkError
-from agent.tls import client_context
+from agent.link.tls import client_context
 from edge_fleet.broker import BrokerOptions, add_broker_args, options_from
 from edge_fleet.pki import create_ca, provision
 

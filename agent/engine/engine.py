@@ -21,12 +21,12 @@ import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
-from .kv_cache import KVCache
-from .model_folder import ModelFolder
-from .sampling import Sampler, SamplingParams
-from .text_stream import IncrementalDecoder, StopFilter
-from .tokenizer import Tokenizer
+from agent.engine.kv_cache import KVCache
+from agent.engine.model_folder import ModelFolder
+from agent.engine.sampling import Sampler, SamplingParams
+from agent.engine.text_stream import IncrementalDecoder, StopFilter
+from agent.engine.tokenizer import Tokenizer
+from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
 
 FinishReason = Literal["stop", "length", "canceled"]
 

@@ -16,7 +16,7 @@ import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelFileError
+from agent.errors import ModelFileError
 
 # TensorProto.DataType -> bits per element (STRING, 8, has no fixed size: counted as 0).
 _ELEMENT_BITS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from .errors import LinkError
+from agent.errors import LinkError
 
 #: A certificate expiring within this many days is warned about (doctor, agent start): time to provision anew.
 CERT_WARN_DAYS = 30

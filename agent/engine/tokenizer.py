@@ -15,8 +15,8 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import InvalidRequestError, ModelConfigError, ModelFileError
-from .model_folder import ModelFolder
+from agent.engine.model_folder import ModelFolder
+from agent.errors import InvalidRequestError, ModelConfigError, ModelFileError
 
 
 class Tokenizer:

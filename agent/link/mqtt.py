@@ -25,7 +25,7 @@ Guarantees it gives the daemon:
   subscription it came through reaches the daemon cut to its first
   ``HEAD_BYTES`` bytes and flagged ``truncated``, never whole.
 
-TLS settings come from ``agent.tls.client_context`` (TLS 1.2+, verified host
+TLS settings come from ``agent.link.tls.client_context`` (TLS 1.2+, verified host
 name); plain TCP only with ``allow_plaintext``, and a warning at start.
 """
 
@@ -46,9 +46,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import MQTTConfig
-from .errors import LinkError
-from .tls import client_context
+from agent.config import MQTTConfig
+from agent.errors import LinkError
+from agent.link.tls import client_context
 
 log = logging.getLogger(__name__)
 

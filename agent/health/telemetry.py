@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import Health, HealthReason, JobStatus
+from agent.protocol import Health, HealthReason, JobStatus
 
 #: At most this many temperature sensors are reported (the hottest).
 MAX_SENSORS = 8

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .onnx_graph import Graph, read_graph
+from agent.engine.onnx_graph import Graph, read_graph
 
 # (op_type, input index) pairs whose tensor is read one row per token.
 _ROW_READS = {

@@ -24,8 +24,8 @@ from typing import Annotated, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import signing
-from .errors import UpdateError
+from agent.errors import UpdateError
+from agent.updates import signing
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
@@ -124,7 +124,9 @@ class Manifest(_Signed):
     smoke_test: SmokeTest
     created_at: int = Field(ge=0, description="Unix time (seconds) of signing.")
     expires_at: int = Field(ge=0, description="Unix time after which boxes refuse to start installing it.")
-    key_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="Id of the signing key (see agent.signing).")
+    key_id: str = Field(
+        pattern=r"^[0-9a-f]{16}$", description="Id of the signing key (see agent.updates.signing)."
+    )
     signature: str = Field("", max_length=256, description="Base64 Ed25519 signature of the canonical form.")
 
     _version_ok = field_validator("version")(_semver)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UpdateError
-from .manifest import Manifest
+from agent.errors import UpdateError
+from agent.updates.manifest import Manifest
 
 RELEASE_FILE = "release.json"
 

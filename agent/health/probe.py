@@ -17,8 +17,7 @@ from typing import TypeVar
 
 import psutil
 
-from .protocol import Health
-from .telemetry import (
+from agent.health.telemetry import (
     CPU,
     MAX_SENSORS,
     HealthThresholds,
@@ -33,6 +32,7 @@ from .telemetry import (
     Throttling,
     assess,
 )
+from agent.protocol import Health
 
 _MiB = 1024 * 1024
 _T = TypeVar("_T")

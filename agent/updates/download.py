@@ -28,9 +28,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
-from .errors import DownloadError, UpdateError
-from .manifest import FileEntry
+from agent import __version__
+from agent.errors import DownloadError, UpdateError
+from agent.updates.manifest import FileEntry
 
 _CHUNK = 64 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")

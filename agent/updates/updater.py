@@ -30,15 +30,15 @@ from typing import Any, Literal
 
 import psutil
 
-from . import failpoints
-from .config import AgentConfig
-from .download import RateLimit, fetch, sha256_file
-from .engine import Engine
-from .errors import AgentError, DownloadError, LinkError, ModelError, UpdateError
-from .manifest import Manifest
-from .model_store import ModelStore, Pointer
-from .protocol import ErrorInfo, ModelRef, ModelState, UpdatePhase, UpdateStatus
-from .tls import client_context
+from agent import failpoints
+from agent.config import AgentConfig
+from agent.engine.engine import Engine
+from agent.errors import AgentError, DownloadError, LinkError, ModelError, UpdateError
+from agent.link.tls import client_context
+from agent.protocol import ErrorInfo, ModelRef, ModelState, UpdatePhase, UpdateStatus
+from agent.updates.download import RateLimit, fetch, sha256_file
+from agent.updates.manifest import Manifest
+from agent.updates.store import ModelStore, Pointer
 
 log = logging.getLogger(__name__)
 

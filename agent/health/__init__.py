@@ -1,0 +1,1 @@
+"""Health: telemetry models and thresholds, system readings (``probe``), systemd notification."""

@@ -1,0 +1,1 @@
+"""Jobs: the durable queue (``store``) that makes every job answered exactly once."""
