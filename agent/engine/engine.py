@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.engine.kv_cache import KVCache
 from agent.engine.model_folder import ModelFolder
 from agent.engine.sampling import Sampler, SamplingParams
+from agent.engine.speculate import Speculator
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
 from agent.engine.tokenizer import Tokenizer
 from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
@@ -52,6 +53,17 @@ class EngineOptions(BaseModel):
             "microseconds) while a bounded one never burns cores between requests."
         ),
     )
+    speculate: bool = Field(
+        False,
+        description=(
+            "Prompt-lookup speculative decoding (see agent.engine.speculate): same tokens, "
+            "fewer passes when the output copies spans of the prompt."
+        ),
+    )
+    speculate_max_k: int = Field(8, ge=1, le=32, description="Most draft tokens verified in one pass.")
+    max_batch: int = Field(
+        1, ge=1, le=64, description="Most sequences decoded together in one pass (see agent.engine.batch)."
+    )
 
 
 class Timings(BaseModel):
@@ -77,6 +89,8 @@ class Completion(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    drafted_tokens: int = Field(0, description="Draft tokens verified (speculative decoding).")
+    accepted_tokens: int = Field(0, description="Draft tokens the model agreed with.")
 
 
 def _default_threads() -> int:
@@ -183,6 +197,8 @@ class Engine:
         token = sampler(last)
         prefill_done = time.perf_counter()
 
+        spec = self._speculator(ids, binding, sampler)
+        ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
         generated: list[int] = []
         finish: FinishReason = "length"
         while True:
@@ -201,9 +217,16 @@ class Engine:
             if should_stop is not None and should_stop():
                 finish = "canceled"
                 break
+            total = n_prompt + len(generated)
+            if ahead:
+                token = ahead.pop(0)
+                continue
+            if spec is not None:
+                room = min(capacity - total, max_new - len(generated) - 1)
+                token, *ahead = spec.step(token, total - 1, room)
+                continue
             # Decode: feed the token just chosen at position n_prompt + len - 1.
             self._token[0, 0] = token
-            total = n_prompt + len(generated)
             self._bind_mask(binding, total, positions_from=total - 1)
             self.session.run_with_iobinding(binding)
             token = sampler(self._step_logits[0, -1])
@@ -222,6 +245,8 @@ class Engine:
             finish_reason=finish,
             prompt_tokens=n_prompt,
             completion_tokens=len(generated),
+            drafted_tokens=spec.drafted if spec else 0,
+            accepted_tokens=spec.accepted if spec else 0,
             timings=Timings(
                 prefill_ms=prefill_s * 1e3,
                 decode_ms=decode_s * 1e3,
@@ -231,6 +256,24 @@ class Engine:
                 if len(generated) > 1 and decode_s > 0
                 else 0.0,
             ),
+        )
+
+    def _speculator(self, ids: list[int], binding: ort.IOBinding, sampler: Sampler) -> Speculator | None:
+        """A draft-and-verify stepper for this request, or None when speculation is off."""
+        if not self.options.speculate or self._io.prefill_logits_rows(2) == 1:
+            return None  # an export with last-position logits only cannot verify drafts
+
+        def forward(new: npt.NDArray[np.int64], past: int, logits: npt.NDArray[Any]) -> None:
+            self._bind_step(binding, new, past=past, logits=logits)
+            self.session.run_with_iobinding(binding)
+
+        return Speculator(
+            forward,
+            sampler,
+            ids,
+            vocab=self._io.vocab,
+            logits_dtype=self._io.logits_dtype,
+            max_k=self.options.speculate_max_k,
         )
 
     def token_ranks(self, prompt_ids: Sequence[int], expected: Sequence[int]) -> list[int]:
