@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
             "it allows at most (weights read per token / bandwidth; a projection, not a measurement)"
         ),
     )
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="decode N jobs together (continuous batching); reports aggregate and per-job speed",
+    )
+    bench.add_argument(
+        "--speculate",
+        action="store_true",
+        help="prompt-lookup speculative decoding; reports drafted and accepted tokens",
+    )
     bench.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="run the daemon: take jobs over MQTT and answer them")
     run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
@@ -118,7 +130,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> Engine:
-    return Engine(args.model_dir, EngineOptions(threads=args.threads))
+    speculate = bool(getattr(args, "speculate", False))
+    return Engine(args.model_dir, EngineOptions(threads=args.threads, speculate=speculate))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -163,6 +176,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise AgentError("--prompt-tokens, --new-tokens and --repeat must be at least 1")
     if args.bandwidth_gbs is not None and not args.bandwidth_gbs > 0:
         raise AgentError("--bandwidth-gbs must be positive")
+    if not 1 <= args.concurrency <= 64:
+        raise AgentError("--concurrency must lie in [1, 64]")
+    if args.concurrency > 1 and args.speculate:
+        raise AgentError("--speculate and --concurrency > 1 do not combine (a batch row feeds one token)")
     engine = _engine(args)
     traffic = model_weight_traffic(engine.folder.onnx_path)
     # A fixed, ordinary-looking prompt: the encoded text repeated to the length asked.
@@ -172,6 +189,8 @@ def _bench(args: argparse.Namespace) -> int:
     ids = (seed_ids * (args.prompt_tokens // max(1, len(seed_ids)) + 1))[: args.prompt_tokens]
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     engine.generate(ids, params)  # warm-up: first-run allocations and prepacking
+    if args.concurrency > 1:
+        return _bench_batch(args, engine, ids, params)
     runs = [engine.generate(ids, params) for _ in range(args.repeat)]
     result: dict[str, Any] = {
         "model": engine.name,
@@ -191,6 +210,13 @@ def _bench(args: argparse.Namespace) -> int:
     result["max_decode_tokens_per_s"] = (
         traffic.max_tokens_per_s(args.bandwidth_gbs) if args.bandwidth_gbs is not None else None
     )
+    result["concurrency"] = 1
+    result["speculate"] = args.speculate
+    result["drafted_tokens"] = sum(r.drafted_tokens for r in runs)
+    result["accepted_tokens"] = sum(r.accepted_tokens for r in runs)
+    result["acceptance_rate"] = (
+        result["accepted_tokens"] / result["drafted_tokens"] if result["drafted_tokens"] else None
+    )
     if args.json:
         print(json.dumps(result))
     else:
@@ -203,11 +229,53 @@ def _bench(args: argparse.Namespace) -> int:
             f"weights read per token: {traffic.bytes_per_token / 1e6:.3f} MB "
             f"(of {traffic.total_bytes / 1e6:.3f} MB; {result['weight_read_gbs']:.2f} GB/s at this decode speed)"
         )
+        if args.speculate:
+            rate = result["acceptance_rate"]
+            print(
+                f"speculation: {result['accepted_tokens']} of {result['drafted_tokens']} drafted tokens accepted"
+                + (f" ({rate:.0%})" if rate is not None else " (nothing to copy: no drafts)")
+            )
         if args.bandwidth_gbs is not None:
             print(
                 f"projection: at {args.bandwidth_gbs:g} GB/s decode reaches at most "
                 f"{result['max_decode_tokens_per_s']:.1f} tok/s (a bound from memory traffic, not a measurement)"
             )
+    return 0
+
+
+def _bench_batch(args: argparse.Namespace, engine: Engine, ids: list[int], params: SamplingParams) -> int:
+    """``bench --concurrency N``: N jobs of the same length (different text) decoded together."""
+    from agent.engine.batch import Batcher
+
+    aggregate: list[float] = []
+    per_job: list[float] = []
+    for _ in range(args.repeat):
+        batcher = Batcher(engine, max_batch=args.concurrency, slot_tokens=len(ids) + args.new_tokens)
+        # Each job starts at another offset of the prompt so that no two rows are the same sequence.
+        jobs = [
+            batcher.submit(ids[j % len(ids) :] + ids[: j % len(ids)], params) for j in range(args.concurrency)
+        ]
+        batcher.run()
+        aggregate.append(batcher.rows / batcher.decode_seconds if batcher.decode_seconds else 0.0)
+        per_job += [j.completion.timings.decode_tokens_per_s for j in jobs if j.completion is not None]
+    result = {
+        "model": engine.name,
+        "threads": engine.threads,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "concurrency": args.concurrency,
+        "aggregate_decode_tokens_per_s": statistics.median(aggregate),
+        "decode_tokens_per_s": statistics.median(per_job),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{engine.name}: {args.concurrency} jobs together | aggregate decode "
+            f"{result['aggregate_decode_tokens_per_s']:.1f} tok/s | per job {result['decode_tokens_per_s']:.1f} tok/s | "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB | {engine.threads} threads"
+        )
     return 0
 
 

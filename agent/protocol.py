@@ -97,6 +97,8 @@ class Usage(_Wire):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    drafted_tokens: int = Field(0, ge=0, description="Draft tokens verified by speculative decoding.")
+    accepted_tokens: int = Field(0, ge=0, description="Of those, the ones the model agreed with.")
 
 
 class ModelRef(_Wire):

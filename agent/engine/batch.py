@@ -138,6 +138,7 @@ class Batcher:
         self._queue: deque[BatchJob] = deque()
         self.passes = 0  # batched decode passes
         self.rows = 0  # sequences decoded over all passes (occupancy = rows / passes / max_batch)
+        self.decode_seconds = 0.0  # time in batched decode passes
 
     # -- public surface --------------------------------------------------------
 
@@ -305,7 +306,9 @@ class Batcher:
         binding.bind_output(
             io.logits, "cpu", 0, self._logits.dtype, (rows, 1, io.vocab), self._logits.ctypes.data
         )
+        started = time.perf_counter()
         engine.session.run_with_iobinding(binding)
+        self.decode_seconds += time.perf_counter() - started
         self.passes += 1
         self.rows += len(running)
         for job in running:
