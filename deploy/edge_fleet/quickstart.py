@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.protocol import Chunk, JobRequest
+from agent.protocol import ChatMessage, Chunk, JobRequest
 
 from .broker import BrokerOptions
 from .submit import JobFailed, Submitter
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"> {args.prompt}", file=sys.stderr)
             request = JobRequest(
                 id="quickstart-1",
-                messages=[{"role": "user", "content": args.prompt}],
+                messages=[ChatMessage(role="user", content=args.prompt)],
                 max_tokens=args.max_tokens,
                 stream=True,
             )
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"job {result.status}: {result.error}", file=sys.stderr)
                 return 1
             t = result.timings
+            speed = f"prefill {t.prefill_ms:.1f} ms, decode {t.decode_tokens_per_s:.0f} tok/s, " if t else ""
             print(
-                f"[{result.usage.completion_tokens} tokens, prefill {t.get('prefill_ms', 0):.1f} ms, "
-                f"decode {t.get('decode_tokens_per_s', 0):.0f} tok/s, finish: {result.finish_reason}]",
+                f"[{result.usage.completion_tokens} tokens, {speed}finish: {result.finish_reason}]",
                 file=sys.stderr,
             )
             return 0

@@ -140,3 +140,28 @@ def test_several_brokers_in_failover_order(tmp_path: Path, monkeypatch: pytest.M
 def test_reserved_names_are_no_device_ids(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match=r"device_id: .*reserved"):
         load_config(_write(tmp_path, GOOD.replace('device_id = "box-7"', f'device_id = "{name}"')))
+
+
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (('device_id = "box-7"', 'device_id = "box-7\\n"'), "device_id"),
+        (('group = "shop-3"', 'group = "shop-3\\n"'), "group"),
+        (("port = 8883", 'port = 8883\ntopic_prefix = "edge\\n"'), "mqtt.topic_prefix"),
+        (('device_id = "box-7"', 'device_id = "\\nbox-7"'), "device_id"),
+    ],
+    ids=["device_id", "group", "topic_prefix", "leading"],
+)
+def test_names_refuse_a_trailing_newline(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+    """``re.match(...$)`` matches before a final newline: "box\\n" would become a topic level."""
+    assert load_config(_write(tmp_path, GOOD)).device_id == "box-7", "positive control"
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*must be 1-64"):
+        load_config(_write(tmp_path, GOOD.replace(*edit)))
+
+
+def test_a_name_from_the_environment_is_checked_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT_DEVICE_ID", "box-env\n")
+    with pytest.raises(ConfigError, match="device_id"):
+        load_config(_write(tmp_path, GOOD))
