@@ -8,6 +8,7 @@ and nowhere else; an invalid value fails at start with the key named.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -355,3 +356,71 @@ def load_config(path: str | Path) -> AgentConfig:
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"{path}: {problems}") from exc
+
+
+def _unreadable(path: Path, *, folder: bool) -> str | None:
+    """Why ``path`` cannot be read as a file (or listed as a folder), or None when it can."""
+    try:
+        if folder:
+            if not path.is_dir():
+                return "does not exist" if not path.exists() else "is not a folder"
+            next(path.iterdir(), None)
+        else:
+            with path.open("rb") as handle:
+                handle.read(1)
+    except FileNotFoundError:
+        return "does not exist"
+    except IsADirectoryError:
+        return "is a folder, not a file"
+    except PermissionError:
+        return "is not readable by this user"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    return None
+
+
+def check_files(config: AgentConfig) -> list[str]:
+    """Every file and folder ``config`` names that this box lacks or cannot read: one line each.
+
+    Each line names the key, the path and the fix.  ``edge-agent config check``
+    prints them (and fails); the agent itself would only fail later, at connect
+    or model load.  ``state_dir`` must be a folder or creatable; the others must
+    exist and be readable by the user running the check (run it as the
+    service's user: root reads every file).
+    """
+    named: list[tuple[str, Path | None, bool, str]] = [
+        ("model.path", config.model.path, True, "copy a model folder there or point [model] path at one"),
+        ("telemetry.sysfs_root", config.telemetry.sysfs_root, True, "fix [telemetry] sysfs_root"),
+        (
+            "update.ca",
+            config.update.ca,
+            False,
+            "copy the release servers' CA bundle there or fix [update] ca",
+        ),
+    ]
+    tls = config.mqtt.tls
+    if tls is not None:
+        fix = "copy it there (edge-fleet provision writes ca.crt, NAME.crt, NAME.key) or fix [mqtt.tls] {}"
+        named += [
+            (f"mqtt.tls.{key}", getattr(tls, key), False, fix.format(key)) for key in ("ca", "cert", "key")
+        ]
+    problems = []
+    for key, path, folder, fix in named:
+        why = None if path is None else _unreadable(path, folder=folder)
+        if why is not None:
+            problems.append(f"{key}: {path} {why}: {fix}")
+    if config.model.path.is_dir() and _unreadable(config.model.path / "genai_config.json", folder=False):
+        problems.append(
+            f"model.path: {config.model.path} has no readable genai_config.json: point [model] path at a "
+            "model folder (genai_config.json, model.onnx, tokenizer.json)"
+        )
+    existing = config.state_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.append(f"state_dir: {existing} is not a folder: fix state_dir")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(
+            f"state_dir: {existing} is not writable by this user: chown it to the service's user or fix state_dir"
+        )
+    return problems
