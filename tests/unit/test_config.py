@@ -113,7 +113,11 @@ def _mkdir(path: Path) -> None:
 @pytest.mark.parametrize(
     "damage,key,says",
     [
-        (lambda d: (d / "model" / "genai_config.json").unlink(), "model.path", "no readable genai_config.json"),
+        (
+            lambda d: (d / "model" / "genai_config.json").unlink(),
+            "model.path",
+            "no readable genai_config.json",
+        ),
         (lambda d: (d / "ca.crt").unlink(), "mqtt.tls.ca", "does not exist"),
         (lambda d: ((d / "ca.crt").unlink(), _mkdir(d / "ca.crt")), "mqtt.tls.ca", "is a folder"),
         (lambda d: (d / "box.key").unlink(), "mqtt.tls.key", "does not exist"),
