@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
     parser.add_argument("--max-tokens", type=int, default=120)
     args = parser.parse_args(argv)
+    if not (args.model / "genai_config.json").is_file():
+        # The demo model ships with the source checkout (models/demo), not with the wheel.
+        print(
+            f"quickstart: {args.model} is no model folder (no genai_config.json): pass --model DIR, or run "
+            "`make demo` in a clone of edge-agent, which has the demo model in models/demo",
+            file=sys.stderr,
+        )
+        return 2
 
     with tempfile.TemporaryDirectory(prefix="edge-quickstart-") as tmp:
         work = Path(tmp)
