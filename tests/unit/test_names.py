@@ -74,3 +74,17 @@ def test_provision_refuses_a_name_with_a_newline(ca: Path, tmp_path: Path, args:
     assert not out.exists() or not any(out.iterdir())
     clean = [a.strip() for a in args]
     assert fleet(["provision", *clean, "--ca", str(ca), "--out", str(tmp_path / "ok")]) == 0, "control"
+
+
+@pytest.mark.parametrize("field", ["key_id", "sha256"])
+def test_pydantic_patterns_end_at_the_end_of_the_text(field: str) -> None:
+    """pydantic matches ``pattern`` with Rust's regex, whose ``$`` (unlike Python's) takes no final newline."""
+    good = _manifest()
+    data = good.model_dump(mode="json")
+    target = data["files"][0] if field == "sha256" else data
+    target[field] += "\n"
+    with pytest.raises(UpdateError) as err:
+        Manifest.parse(json.dumps(data).encode())
+    assert err.value.code == "invalid_manifest"
+    target[field] = target[field].rstrip("\n")
+    assert Manifest.parse(json.dumps(data).encode()).key_id == good.key_id, "positive control"
