@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_bench import _cpu_seconds, ensure_models, machine, prompt_ids  # noqa: E402
+from engine_bench import _cpu_seconds, ensure_models, machine, prompt_ids
 
 
 def _others(fn: Any) -> tuple[Any, float]:

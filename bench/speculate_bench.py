@@ -33,8 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batch_bench import verify_cost  # noqa: E402
-from engine_bench import _cpu_seconds, ensure_models, machine, prompt_ids  # noqa: E402
+from batch_bench import verify_cost
+from engine_bench import _cpu_seconds, ensure_models, machine, prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY_MODEL = ROOT / "models" / "copy"
