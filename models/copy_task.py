@@ -89,20 +89,24 @@ def _record(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _line(fields: list[tuple[str, str]]) -> str:
-    return " ".join(f'{k}="{v}"' if " " in v else f"{k}={v}" for k, v in fields)
+    return " |".join(f" {k}: {v}" for k, v in fields)
 
 
 def job(rng: random.Random, kind: str | None = None) -> tuple[str, str]:
-    """One generated job: (prompt, answer).  The answer copies spans of the prompt."""
+    """One generated job: (prompt, answer).  The answer copies spans of the prompt.
+
+    Every copied word has a space before it in the prompt and in the answer, so a
+    span is the same tokens in both (byte-level BPE folds the space into the word).
+    """
     kind = kind or rng.choice(KINDS)
     fields = _record(rng)
     if kind == "extract":
         key, value = rng.choice(fields)
-        return f"record: {_line(fields)}\nextract {key}:\n", value
+        return f"record:{_line(fields)}\nextract{' ' + key}:", f" {value}"
     if kind == "reformat":
-        return f"record: {_line(fields)}\nreformat:\n", "\n".join(f"{k}: {v}" for k, v in fields)
+        return f"record:{_line(fields)}\nreformat:", "".join(f"\n- {k}: {v}" for k, v in fields)
     message = " ".join(_value(rng, "msg") for _ in range(rng.randint(1, 3)))
-    return f"message: {message}\nquote:\n", message
+    return f"message: {message}\nquote:", f" {message}"
 
 
 def documents(count: int, seed: int) -> list[str]:
@@ -117,19 +121,19 @@ def check(generate: Callable[[str], str], count: int = 60, seed: int = 99) -> di
     scores: dict[str, float] = {}
     for kind in KINDS:
         jobs = [job(rng, kind) for _ in range(count // len(KINDS))]
-        scores[kind] = sum(generate(p).strip() == a for p, a in jobs) / len(jobs)
+        scores[kind] = sum(generate(p).strip() == a.strip() for p, a in jobs) / len(jobs)
     return scores
 
 
 LAYERS = 2
-HIDDEN = 64
-HEADS = 4  # head size 16: the CPU attention kernel needs a multiple of 16
-INTERMEDIATE = 192
+HIDDEN = 128
+HEADS = 4  # head size 32: the CPU attention kernel needs a multiple of 16
+INTERMEDIATE = 256
 BATCH = 16
-SEQ_LEN = 96
+SEQ_LEN = 128
 
 
-def make_config() -> Any:
+def make_config(heads: int = HEADS) -> Any:
     """The copy model's Llama config (the demo's, smaller)."""
     from models import demo
 
@@ -139,8 +143,8 @@ def make_config() -> Any:
     config.num_hidden_layers = LAYERS
     config.hidden_size = HIDDEN
     config.intermediate_size = INTERMEDIATE
-    config.num_attention_heads = HEADS
-    config.head_dim = HIDDEN // HEADS
+    config.num_attention_heads = heads
+    config.head_dim = HIDDEN // heads
     return config
 
 
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=HEADS, help="attention heads (head size 128/heads)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = tokenizer.train_bpe(documents(5_000, args.seed), VOCAB, min_frequency=2)
     if tok.get_vocab_size() != VOCAB:
         raise SystemExit(f"tokenizer has {tok.get_vocab_size()} tokens, expected {VOCAB}")
-    model = LlamaForCausalLM(make_config())
+    model = LlamaForCausalLM(make_config(args.heads))
     print(f"model: {sum(p.numel() for p in model.parameters()):,d} parameters")
     started = time.monotonic()
     stats = train(model, tok, args.steps, args.seed)
