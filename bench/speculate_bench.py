@@ -7,6 +7,9 @@ Workloads (greedy; plain and speculative engines alternate, same threads):
 * ``copy`` -- the trained copy model (``models/copy``, ``python -m models.copy_task``)
   on quote and reformat jobs, whose answers are spans of their prompts;
 * ``extract`` -- the same model on extraction jobs (short answers);
+* ``recite`` -- the quickstart demo model (``models/demo``), whose training text it
+  knows by heart, asked to repeat that text, which its prompt holds: a trained model
+  whose output copies its prompt, without the copy model;
 * ``nothing-to-copy`` -- the Phi-3-mini-shaped 4-layer int4 model (random weights,
   engine_bench's) on a prompt with no repeats: drafts are rare and always refused,
   so this measures what speculation costs when it cannot help.
@@ -62,7 +65,17 @@ def workload(kind: str, engine: Any, count: int) -> list[tuple[list[int], int]]:
     from models.copy_task import job
 
     if kind == "nothing-to-copy":
-        return [(prompt_ids(64)[j:] + prompt_ids(j + 1)[:0], 48) for j in range(count)]
+        return [(prompt_ids(64 + j)[j:], 48) for j in range(count)]
+    if kind == "recite":
+        from models.demo_corpus import EDGE_TEXT
+
+        lines = EDGE_TEXT.splitlines()
+        out = []
+        for j in range(count):
+            start = " ".join(lines[j % len(lines)].split()[:4])
+            text = f"Here is a text:\n{EDGE_TEXT}\nThe same text again:\n{start}"
+            out.append((engine.prompt_ids(text), 120))
+        return out
     rng = random.Random(7)
     kinds = ["quote", "reformat"] if kind == "copy" else ["extract"]
     out = []
@@ -125,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     edge = ensure_models(["int4"])["int4"]
     sizes = _pass_sizes()
     report: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    for kind, path in (("copy", COPY_MODEL), ("extract", COPY_MODEL), ("nothing-to-copy", edge)):
+    demo = ROOT / "models" / "demo"
+    for kind, path in (
+        ("copy", COPY_MODEL),
+        ("extract", COPY_MODEL),
+        ("recite", demo),
+        ("nothing-to-copy", edge),
+    ):
         print(f"{kind} on {path.name} ...", file=sys.stderr, flush=True)
         r = report[kind] = measure(kind, path, args, sizes)
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
