@@ -127,6 +127,7 @@ class Result(_Wire):
     timings: dict[str, float] = Field(default_factory=dict)
     model: ModelRef | None = None
     error: ErrorInfo | None = None
+    device_id: str | None = Field(None, description="The box that answered (absent from older agents).")
 
 
 Reply = Annotated[Chunk | Result, Field(discriminator="type")]
@@ -135,7 +136,9 @@ REPLY: TypeAdapter[Chunk | Result] = TypeAdapter(Reply)
 
 
 #: Why a box is ``degraded``.  ``hot`` and ``low_memory`` also make the agent shed load.
-HealthReason = Literal["hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog"]
+HealthReason = Literal[
+    "hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog", "storage"
+]
 _SHEDDING_REASONS: frozenset[str] = frozenset({"hot", "low_memory"})
 
 

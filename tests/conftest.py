@@ -54,10 +54,10 @@ def tls_broker(tmp_path: Path, fleet):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def caller(broker):  # type: ignore[no-untyped-def]
-    """A test-side MQTT client collecting replies under ``test/replies/#`` and ``edge/+/results/#``."""
+    """A test-side MQTT client collecting replies under ``edge/replies/#`` and ``edge/+/results/#``."""
     from tests._mqtt_client import Caller
 
-    c = Caller(broker.host, broker.port, reply_filter=["test/replies/#", "edge/+/results/#"])
+    c = Caller(broker.host, broker.port, reply_filter=["edge/replies/#", "edge/+/results/#"])
     yield c
     c.close()
 
