@@ -105,3 +105,13 @@ def releases(file_server):  # type: ignore[no-untyped-def]
     from tests._releases import Releases
 
     return Releases(file_server, signing.generate())
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 4 MiB tmpfs (real ENOSPC when filled with dd), unmounted after the test."""
+    from tests._disk import SmallDisk
+
+    disk = SmallDisk(tmp_path / "small")
+    yield disk
+    disk.close()
