@@ -95,13 +95,22 @@ class AgentProcess:
         """Start the daemon; by default wait until it announces itself online."""
         watcher = _StatusWatcher(self.broker, self.device_id) if wait_online else None
         started = time.time()
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [*agent_python(), "-m", "agent.cli", "run", "--config", str(self.config), "--log-level", "DEBUG"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
+        with self.log.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [
+                    *agent_python(),
+                    "-m",
+                    "agent.cli",
+                    "run",
+                    "--config",
+                    str(self.config),
+                    "--log-level",
+                    "DEBUG",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
         if watcher is not None:
             try:
                 watcher.wait_online(after=started - 1, proc=self.proc, log=self.log)

@@ -1,4 +1,11 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the test tiers.
+
+A test is ``e2e`` when it starts real processes: everything under
+``tests/daemon/`` (real ``edge-agent run`` processes on a real mosquitto), any
+test using a broker or agent fixture, and the modules in ``_E2E_MODULES`` that
+run the command line or other programs as subprocesses.  The rest is the fast
+tier: ``pytest -m "not e2e"``.
+"""
 
 from __future__ import annotations
 
@@ -115,3 +122,25 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     disk = SmallDisk(tmp_path / "small")
     yield disk
     disk.close()
+
+
+_E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller"})
+_E2E_MODULES = frozenset(
+    {
+        "tests/integration/test_cli.py",
+        "tests/integration/test_releases.py",
+        "tests/unit/test_install_script.py",
+        "tests/unit/test_systemd_unit.py",
+        "tests/unit/test_ci_scripts.py",
+    }
+)
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the real-process tests ``e2e`` (see the module docstring)."""
+    for item in items:
+        where = Path(str(item.fspath)).resolve().relative_to(_ROOT).as_posix()
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if where.startswith("tests/daemon/") or where in _E2E_MODULES or fixtures & _E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
