@@ -388,3 +388,29 @@ def corrupt_copies(path: str | Path) -> list[Path]:
     except OSError:
         return []
     return sorted(found)
+
+
+def inspect_file(path: str | Path) -> tuple[int, int]:
+    """Read-only look at a job database: (jobs queued or running, results kept).
+
+    Raises ``CorruptStoreError`` when the agent would move it aside at start, and
+    ``sqlite3.Error`` when it cannot be read at all.  Writes nothing.
+    """
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        missing = sorted(_SCHEMA_COLUMNS - columns)
+        if missing:
+            raise CorruptStoreError(f"the jobs table lacks column(s) {', '.join(missing)}")
+        problems = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise CorruptStoreError("integrity check: " + "; ".join(problems[:3]).replace("\n", " "))
+        (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()
+        (done,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()
+        return int(waiting), int(done)
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            raise CorruptStoreError(str(exc)) from exc
+        raise
+    finally:
+        db.close()
