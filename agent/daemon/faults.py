@@ -34,14 +34,15 @@ class StorageFaults:
         self._every = log_every_s
         self._lock = threading.Lock()
         self._since: float | None = None  # when the current run of failures began
-        self._last_log = 0.0
-        self._unlogged = 0
-        self._run = 0
+        self._last_log = -float("inf")
+        self._unlogged = 0  # errors not reported in a log line yet
+        self._run = 0  # errors in the current run
+        self._run_logged = False
         self.total = 0  # every storage error since start (telemetry)
 
     @property
     def failing(self) -> bool:
-        """Whether the last storage operation failed."""
+        """Whether storage failed since the last successful write."""
         with self._lock:
             return self._since is not None
 
@@ -51,43 +52,44 @@ class StorageFaults:
         with self._lock:
             self.total += 1
             self._run += 1
+            self._unlogged += 1
             if self._since is None:
                 self._since = now
-                self._last_log = now
+            if now - self._last_log < self._every:
+                return
+            if self._unlogged == 1:
                 log.error(
                     "job store error while %s: %s; retrying with backoff (repeats are summed up every %.0f s)",
                     what,
                     exc,
                     self._every,
                 )
-                return
-            self._unlogged += 1
-            if now - self._last_log >= self._every:
+            else:
                 log.error(
-                    "job store still failing after %.0f s: %d more errors (last while %s: %s)",
-                    now - self._since,
+                    "job store failing: %d errors in the last %.0f s (last while %s: %s)",
                     self._unlogged,
+                    min(now - self._last_log, now - self._since),
                     what,
                     exc,
                 )
-                self._last_log = now
-                self._unlogged = 0
+            self._last_log = now
+            self._unlogged = 0
+            self._run_logged = True
 
     def ok(self) -> None:
-        """A storage operation succeeded: log the recovery if there was trouble."""
+        """A write succeeded: storage works (logged when a failure had been logged)."""
         if self._since is None:  # the common case, without the lock
             return
         with self._lock:
             if self._since is None:
                 return
-            log.warning(
-                "job store works again after %.1f s and %d errors",
-                self._clock() - self._since,
-                self._run,
-            )
+            if self._run_logged:
+                log.warning(
+                    "job store works again after %.1f s and %d errors", self._clock() - self._since, self._run
+                )
             self._since = None
             self._run = 0
-            self._unlogged = 0
+            self._run_logged = False
 
 
 class Backoff:

@@ -121,7 +121,8 @@ class Inbox:
         except Exception:  # a bug triggered by one odd message must not stop the intake
             log.exception("unexpected error handling a message on %s", msg.topic)
         else:
-            self.faults.ok()
+            if isinstance(decision, intake.Accept | intake.Cancel):  # a write went through
+                self.faults.ok()
             self._backoff.reset()
         self._ack(msg)
 

@@ -130,7 +130,7 @@ class Outbox:
         except sqlite3.Error as exc:
             self._failed("reading results to re-publish", exc)
             return
-        self._succeeded()
+        self._backoff.reset()
         self._republish = False
         with self._lock:
             in_flight = {job_id for job_id, _ack in self._pending.values()}
