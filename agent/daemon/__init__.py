@@ -11,9 +11,11 @@ module            owning thread          what it holds
 ``outbox``        none (a lock)          pending results by message id, their ack futures,
                                          re-publication after reconnects
 ``worker``        ``edge-agent-worker``  claim, run, finish, requeue; model swaps between jobs
+``outcome``       none (pure)            a run's result, and whether a failure is the model's
 ``supervisor``    intake (main thread)   health, telemetry, systemd watchdog and status line,
                                          the retained status
 ``faults``        none (a lock)          storage errors: counted, logged sparingly, backoff
+``results``       none (pure)            error results and the one log line per job
 ``agent``         main thread            ``Agent``: builds and wires them, runs the loop
 ================  =====================  ==================================================
 

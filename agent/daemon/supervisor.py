@@ -22,7 +22,8 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.daemon.faults import StorageFaults
 from agent.daemon.outbox import Outbox
-from agent.daemon.worker import Models, Worker
+from agent.daemon.outcome import Models
+from agent.daemon.worker import Worker
 from agent.health.probe import SystemProbe
 from agent.health.sd_notify import Notifier
 from agent.health.telemetry import JobStats, ModelInfo

@@ -28,22 +28,17 @@ import queue
 import sqlite3
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
 
 from agent.daemon.faults import Backoff, StorageFaults
 from agent.daemon.outbox import Outbox
+from agent.daemon.outcome import Models, Outcome, blame
 from agent.daemon.results import error_result, log_job
 from agent.errors import AgentError, ContextOverflowError, InvalidRequestError, LinkError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
-from agent.protocol import Chunk, ErrorInfo, JobRequest, JobStatus, ModelRef, Result, Usage
-
-if TYPE_CHECKING:
-    from agent.engine.engine import Engine
+from agent.protocol import Chunk, ErrorInfo, JobRequest, JobStatus, Result, Usage
 
 log = logging.getLogger(__name__)
 
@@ -54,53 +49,6 @@ _PREFILL_ALLOWANCE_S_PER_TOKEN = 0.2
 # Swapping models (unload, load, smoke test) gives no sign of life either;
 # loading a 2 GB int4 model from an SD card takes tens of seconds on a Pi.
 _MODEL_SWAP_ALLOWANCE_S = 180.0
-
-
-class ServedModel(Protocol):
-    """The model the worker runs now."""
-
-    @property
-    def engine(self) -> Engine: ...
-    @property
-    def ref(self) -> ModelRef: ...
-
-
-class Models(Protocol):
-    """Where the served model comes from (the ``Updater``) and where probation is counted."""
-
-    @property
-    def serving(self) -> ServedModel: ...
-
-    def job_finished(self, succeeded: bool, error: str | None = None) -> None: ...
-
-
-#: How a finished job counts towards a new model's probation.
-Probation = Literal["success", "failure", "none"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What ``run`` made of a job: its result and how it counts towards probation."""
-
-    result: Result
-    probation: Probation = "none"
-
-
-def blame(exc: BaseException, request: JobRequest) -> Probation:
-    """Whether an unexpected error in a job counts against the model.
-
-    An error raised inside the sampler on a request with non-default sampling
-    parameters is the request's doing (extreme temperatures or penalties): it
-    fails that job but never rolls back a release.  Anything else unexpected
-    (onnxruntime failing, a sampler error on plain greedy decoding) is the
-    model's.
-    """
-    plain = request.temperature == 0.0 and request.repetition_penalty == 1.0
-    in_sampler = any(
-        frame.filename.replace("\\", "/").endswith("agent/engine/sampling.py")
-        for frame in traceback.extract_tb(exc.__traceback__)
-    )
-    return "none" if in_sampler and not plain else "failure"
 
 
 class Worker:

@@ -83,12 +83,12 @@ def test_the_watchdog_is_fed_only_while_the_worker_shows_life(tmp_path: Path, ph
         now = time.monotonic()
         supervisor.tick(now)
         assert b"WATCHDOG=1" in systemd.received(), "positive control: a working agent is pinged"
-        worker.beat, worker.quiet_until = now - 60, 0.0  # as if stuck in one engine call for a minute
-        assert not supervisor.working(now, 2.0)
-        supervisor.tick(now + 1.5)
+        later = now + 60  # a minute on, with no heartbeat since (as if stuck in one engine call)
+        assert not supervisor.working(later, 2.0)
+        supervisor.tick(later)
         assert b"WATCHDOG=1" not in systemd.received()
-        worker.quiet_until = now + 100  # ... unless it announced a long prefill
-        supervisor.tick(now + 3.0)
+        worker.quiet_until = later + 100  # ... unless it announced a long prefill
+        supervisor.tick(later + 1.5)
         assert b"WATCHDOG=1" in systemd.received()
     finally:
         worker.stop(0)

@@ -11,7 +11,8 @@ import pytest
 
 from agent.daemon.faults import StorageFaults
 from agent.daemon.outbox import Outbox
-from agent.daemon.worker import Outcome, Worker
+from agent.daemon.outcome import Outcome
+from agent.daemon.worker import Worker
 from agent.engine.engine import Engine
 from agent.engine.sampling import Sampler
 from agent.errors import ModelError
