@@ -93,6 +93,8 @@ def test_the_watchdog_is_fed_only_while_the_worker_shows_life(tmp_path: Path, ph
     finally:
         worker.stop(0)
         worker.join(5)
+        supervisor.notifier.close()
+        systemd.sock.close()
     assert not supervisor.working(time.monotonic(), 1e9), "a dead worker thread is never healthy"
 
 
