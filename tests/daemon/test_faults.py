@@ -43,8 +43,8 @@ def mounts():  # type: ignore[no-untyped-def]
         disk.close()
 
 
-def _store_error_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if " ERROR " in line and "job store" in line]
+def _error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " ERROR " in line or " CRITICAL " in line]
 
 
 def test_a_disk_that_fills_while_jobs_stream_in_loses_nothing_and_the_agent_lives(
@@ -68,8 +68,8 @@ def test_a_disk_that_fills_while_jobs_stream_in_loses_nothing_and_the_agent_live
     try:
         wait_until(lambda: len(sent) > 50, what="jobs flowing")
         disk.fill()
-        wait_until(lambda: _store_error_lines(agent.log_text()), what="the agent meeting the full disk")
-        time.sleep(3)  # jobs keep coming while the disk is full
+        wait_until(lambda: "disk is full" in agent.log_text(), what="the agent meeting the full disk")
+        time.sleep(6)  # jobs keep coming while the disk is full
         assert agent.proc.poll() is None, agent.log_text()[-3000:]
         disk.free()
         time.sleep(1)
@@ -88,7 +88,7 @@ def test_a_disk_that_fills_while_jobs_stream_in_loses_nothing_and_the_agent_live
     assert agent.proc.poll() is None
     log = agent.log_text()
     assert "Traceback" not in log
-    assert len(_store_error_lines(log)) <= 3, "storage errors are summed up, not logged one by one"
+    assert len(_error_lines(log)) <= 3, _error_lines(log)[:10]  # summed up, not one line per error
     assert "job store works again" in log
 
 
@@ -101,9 +101,7 @@ def test_a_disk_that_fills_while_jobs_run_leaves_no_job_stuck(agents, caller, mo
         caller.send(JOBS, {"id": job_id, "prompt": "hello", "max_tokens": 100})
     wait_until(lambda: caller.results("r-0"), what="the first result")
     disk.fill()
-    wait_until(
-        lambda: _store_error_lines(agent.log_text()), timeout=60, what="the agent meeting the full disk"
-    )
+    wait_until(lambda: "disk is full" in agent.log_text(), timeout=60, what="the agent meeting the full disk")
     time.sleep(4)
     disk.free()
     results = {job_id: caller.wait_result(job_id, timeout=120) for job_id in ids}
@@ -116,7 +114,7 @@ def test_a_disk_that_fills_while_jobs_run_leaves_no_job_stuck(agents, caller, mo
     assert db.execute("SELECT COUNT(*) FROM jobs WHERE state != 'done'").fetchone() == (0,)
     db.close()
     log = agent.log_text()
-    assert "Traceback" not in log and len(_store_error_lines(log)) <= 3
+    assert "Traceback" not in log and len(_error_lines(log)) <= 3, _error_lines(log)[:10]
 
 
 def _garbage(p: Path) -> None:
