@@ -2,8 +2,8 @@
 
 A test is ``e2e`` when it starts real processes: everything under
 ``tests/daemon/`` (real ``edge-agent run`` processes on a real mosquitto), any
-test using a broker or agent fixture, and the modules in ``_E2E_MODULES`` that
-run the command line or other programs as subprocesses.  The rest is the fast
+test using a broker or agent fixture, and the modules in ``_E2E_MODULES`` and tests
+in ``_E2E_TESTS`` that run the command line or other programs as subprocesses.  The rest is the fast
 tier: ``pytest -m "not e2e"``.
 """
 
@@ -134,6 +134,14 @@ _E2E_MODULES = frozenset(
         "tests/unit/test_ci_scripts.py",
     }
 )
+# Single tests elsewhere that run the command line as a subprocess.
+_E2E_TESTS = frozenset(
+    {
+        "tests/unit/test_config.py::test_config_check_command",
+        "tests/integration/test_weight_traffic.py::test_bench_json_reports_weights_per_token_and_the_projection",
+        "tests/integration/test_weight_traffic.py::test_bench_refuses_a_bandwidth_that_is_not_positive",
+    }
+)
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -142,5 +150,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         where = Path(str(item.fspath)).resolve().relative_to(_ROOT).as_posix()
         fixtures = set(getattr(item, "fixturenames", ()))
-        if where.startswith("tests/daemon/") or where in _E2E_MODULES or fixtures & _E2E_FIXTURES:
+        test = f"{where}::{getattr(item, 'originalname', item.name)}"
+        if (
+            where.startswith("tests/daemon/")
+            or where in _E2E_MODULES
+            or test in _E2E_TESTS
+            or fixtures & _E2E_FIXTURES
+        ):
             item.add_marker(pytest.mark.e2e)

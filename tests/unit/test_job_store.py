@@ -92,9 +92,14 @@ def test_a_checkpointed_job_goes_back_without_using_an_attempt(tmp_path: Path) -
 def _filled(path: Path) -> Path:
     store, moved = open_store(path)
     assert moved is None
-    for i in range(200):
-        store.accept(f"j{i}", "x" * 300, "r/t", None, deadline=None)
     store.close()
+    db = sqlite3.connect(path)  # one transaction: 200 jobs over a dozen pages
+    with db:
+        db.executemany(
+            "INSERT INTO jobs (id, request, reply_topic, received_at, state) VALUES (?, ?, 'r/t', 0, 'queued')",
+            [(f"j{i}", "x" * 300) for i in range(200)],
+        )
+    db.close()
     return path
 
 
