@@ -132,6 +132,7 @@ def test_send_errors_never_raise_and_warn_once(tmp_path: Path, caplog: pytest.Lo
         assert not notifier.ready()
         assert not notifier.watchdog()
         assert not notifier.status("still here")
+    notifier.close()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "nobody-listens" in warnings[0].getMessage()
 
