@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError
 
 from agent.link.mqtt import Message
-from agent.protocol import CancelRequest, JobRequest, JobStatus, Topics
+from agent.protocol import CancelRequest, JobErrorCode, JobRequest, JobStatus, Topics
 
 # Only the head of an oversized or unparsable payload is searched for the job
 # id, so a hostile message costs bounded work.
@@ -103,7 +103,7 @@ class Reply:
     reply_topic: str
     correlation: bytes | None
     status: JobStatus
-    code: str
+    code: JobErrorCode
     message: str
 
 
@@ -201,7 +201,7 @@ class _Climb:
     reply_topic: str = ""
     request: JobRequest | None = field(default=None)
 
-    def reply(self, code: str, message: str, status: JobStatus = "rejected") -> Reply:
+    def reply(self, code: JobErrorCode, message: str, status: JobStatus = "rejected") -> Reply:
         """An error answer to this job, on its reply topic (or the default one)."""
         job_id = self.job_id
         reply_topic = self.reply_topic or self.rules.topics.result(job_id)
@@ -355,7 +355,7 @@ def _valid_id(value: object) -> bool:
     return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
 
 
-def _unreadable(job: _Climb, code: str, message: str) -> Decision:
+def _unreadable(job: _Climb, code: JobErrorCode, message: str) -> Decision:
     """Answer a payload that cannot be read, if its head shows an id; else drop it."""
     found = _ID_PATTERN.search(job.msg.payload[:_ID_SCAN_BYTES])
     if found is None:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from agent.protocol import ErrorInfo, JobStatus, ModelRef, Result
+from agent.protocol import ErrorInfo, JobErrorCode, JobStatus, ModelRef, Result
 
 log = logging.getLogger("agent.daemon.jobs")
 
 
 def error_result(
-    job_id: str, status: JobStatus, code: str, message: str, *, model: ModelRef | None, device_id: str
+    job_id: str,
+    status: JobStatus,
+    code: JobErrorCode,
+    message: str,
+    *,
+    model: ModelRef | None,
+    device_id: str,
 ) -> Result:
     """A result without text: the job did not succeed, ``code`` says why."""
     return Result(

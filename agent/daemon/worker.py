@@ -35,10 +35,10 @@ from agent.daemon.faults import Backoff, StorageFaults
 from agent.daemon.outbox import Outbox
 from agent.daemon.outcome import Models, Outcome, blame
 from agent.daemon.results import error_result, log_job
-from agent.errors import AgentError, ContextOverflowError, InvalidRequestError, LinkError
+from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, LinkError, ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
-from agent.protocol import Chunk, ErrorInfo, JobRequest, JobStatus, Result, Usage
+from agent.protocol import Chunk, ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,9 @@ class Worker:
         result = outcome.result
         elapsed = time.time() - job.received_at
         self.stats.record(
-            result.status, latency_s=elapsed, decode_tok_s=result.timings.get("decode_tokens_per_s")
+            result.status,
+            latency_s=elapsed,
+            decode_tok_s=result.timings.decode_tokens_per_s if result.timings else None,
         )
         log_job(result, elapsed)
         self.outbox.send_result(
@@ -315,7 +317,7 @@ class Worker:
             )
         except (ContextOverflowError, InvalidRequestError) as exc:
             return Outcome(self._error(job.id, "rejected", exc.code, exc.message))
-        except AgentError as exc:  # the engine says the model failed
+        except (ModelError, GenerationError) as exc:  # the engine says the model failed
             return Outcome(self._error(job.id, "failed", exc.code, exc.message), "failure")
         except Exception as exc:  # the engine failing must not take the daemon down
             log.exception("job %s failed", job.id)
@@ -334,7 +336,7 @@ class Worker:
             usage=Usage(
                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
             ),
-            timings=completion.timings.model_dump(),
+            timings=completion.timings,
             model=serving.ref,
             device_id=self.device_id,
             error=ErrorInfo(code="canceled", message="canceled while running")
@@ -343,7 +345,7 @@ class Worker:
         )
         return Outcome(result, "success" if status == "succeeded" else "none")
 
-    def _error(self, job_id: str, status: JobStatus, code: str, message: str) -> Result:
+    def _error(self, job_id: str, status: JobStatus, code: JobErrorCode, message: str) -> Result:
         return error_result(
             job_id, status, code, message, model=self.models.serving.ref, device_id=self.device_id
         )
