@@ -130,6 +130,12 @@ class JobsTelemetry(_Part):
     batch_occupancy: float | None = Field(
         None, description="Mean share of the batch's slots busy per decode pass; null without batching."
     )
+    store_errors: int = Field(
+        0, description="Job store errors (a full or failing disk) since the agent started."
+    )
+    store_resets: int = Field(
+        0, description="Corrupt job databases moved aside in state_dir (and not deleted since)."
+    )
 
 
 class SystemReading(_Part):
