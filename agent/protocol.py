@@ -151,8 +151,10 @@ class Usage(_Wire):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    drafted_tokens: int = Field(0, ge=0, description="Draft tokens verified by speculative decoding.")
-    accepted_tokens: int = Field(0, ge=0, description="Of those, the ones the model agreed with.")
+    drafted_tokens: int | None = Field(
+        None, ge=0, description="Draft tokens verified by speculative decoding; absent when none were."
+    )
+    accepted_tokens: int | None = Field(None, ge=0, description="Of those, the ones the model agreed with.")
 
 
 class Timings(_Wire):

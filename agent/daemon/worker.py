@@ -339,8 +339,8 @@ class Worker:
             usage=Usage(
                 prompt_tokens=completion.prompt_tokens,
                 completion_tokens=completion.completion_tokens,
-                drafted_tokens=completion.drafted_tokens,
-                accepted_tokens=completion.accepted_tokens,
+                drafted_tokens=completion.drafted_tokens or None,
+                accepted_tokens=completion.accepted_tokens if completion.drafted_tokens else None,
             ),
             timings=completion.timings,
             model=self.models.serving.ref,

@@ -114,3 +114,11 @@ def test_telemetry_reports_batch_occupancy(batch_agent, caller) -> None:  # type
         lambda: occupancy() is not None, timeout=20, interval=0.1, what="telemetry with batch occupancy"
     )
     assert 0.25 < (occupancy() or 0.0) <= 1.0
+
+
+def test_a_speculating_agent_reports_drafted_and_accepted_tokens(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agents(fixture_path("llama-long"), engine={"speculate": True}).start()
+    caller.send(JOBS, {"id": "s-1", "prompt": "a b a b a b a b a b", "max_tokens": 200})
+    usage = caller.wait_result("s-1", timeout=60)["usage"]
+    assert usage["completion_tokens"] == 200
+    assert usage["drafted_tokens"] >= 1 and 0 <= usage["accepted_tokens"] <= usage["drafted_tokens"]
