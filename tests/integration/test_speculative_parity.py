@@ -7,14 +7,12 @@ models can turn such a difference into one quantization step (up to ~0.15 in a
 logit on the tiny fixtures).  So on random-weight fixtures, whose top two logits
 are often within a few tenths, every emitted token is checked against plain
 greedy decoding of the same prefix (one-token passes, teacher-forced): it must
-be the arg-max, or within ``NEAR_TIE`` of it.  On the trained copy model, whose
-choices are clear, the outputs must be identical.  The verification rule itself
+be the arg-max, or within ``NEAR_TIE`` of it.  On a trained model, whose choices
+are clear, the outputs must be identical.  The verification rule itself
 is checked exactly, with exact arithmetic, in tests/unit/test_speculate.py.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -36,7 +34,6 @@ TEXTS = [
     "1 2 3 4 5 6",
     "the the the",
 ]
-COPY_MODEL = ROOT / "models" / "copy"
 
 
 def _plain_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> list[npt.NDArray[np.float32]]:
@@ -101,32 +98,24 @@ def test_last_position_logits_exports_do_not_speculate() -> None:
     )
 
 
-def _copy_model() -> Path:
-    if not (COPY_MODEL / "genai_config.json").is_file():
-        pytest.fail(f"{COPY_MODEL} is missing: run `python -m models.copy_task`")
-    return COPY_MODEL
+def test_a_trained_model_reciting_its_prompt_speculates_exactly_and_saves_passes() -> None:
+    # The demo model knows its training text by heart; asked to repeat it from its prompt,
+    # its output copies the prompt: drafts are accepted, and choices are clear (trained weights).
+    from models.demo_corpus import EDGE_TEXT
 
-
-@pytest.mark.parametrize("kind", ["extract", "reformat", "quote"])
-def test_copy_jobs_speculate_exactly_and_save_passes(kind: str) -> None:
-    import random
-
-    from models.copy_task import job
-
-    path = _copy_model()
+    path = ROOT / "models" / "demo"
     plain = Engine(path, EngineOptions(threads=1))
     spec = Engine(path, EngineOptions(threads=1, speculate=True))
-    rng = random.Random(5)
-    drafted = accepted = tokens = correct = 0
-    for _ in range(6):
-        prompt, answer = job(rng, kind)
-        ids = [1, *plain.tokenizer.encode(prompt, add_special_tokens=False)]
-        want = plain.generate(ids, SamplingParams(max_tokens=120))
-        got = spec.generate(ids, SamplingParams(max_tokens=120))
-        assert got.token_ids == want.token_ids
+    lines = EDGE_TEXT.splitlines()
+    drafted = accepted = tokens = 0
+    for line in lines[:6]:
+        start = " ".join(line.split()[:4])
+        ids = plain.prompt_ids(f"Here is a text:\n{EDGE_TEXT}\nThe same text again:\n{start}")
+        want = plain.generate(ids, SamplingParams(max_tokens=100))
+        got = spec.generate(ids, SamplingParams(max_tokens=100))
+        assert got.token_ids == want.token_ids and got.text == want.text
         drafted += got.drafted_tokens
         accepted += got.accepted_tokens
         tokens += got.completion_tokens
-        correct += got.text.strip() == answer
-    assert correct >= 3, "the copy model no longer does its task"
-    assert accepted >= 0.5 * drafted > 0
+    assert tokens >= 100, "the demo model stopped at once: nothing was compared"
+    assert accepted >= 0.25 * drafted > 0
