@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the models tool (models/ has an __init__)
 
 from batch_bench import verify_cost
 from engine_bench import _cpu_seconds, ensure_models, machine, prompt_ids
@@ -62,8 +63,6 @@ def _pass_sizes() -> Counter[int]:
 
 def workload(kind: str, engine: Any, count: int) -> list[tuple[list[int], int]]:
     """(prompt ids, max new tokens) for ``count`` jobs."""
-    from models.copy_task import job
-
     if kind == "nothing-to-copy":
         return [(prompt_ids(64 + j)[j:], 48) for j in range(count)]
     if kind == "recite":
@@ -76,6 +75,8 @@ def workload(kind: str, engine: Any, count: int) -> list[tuple[list[int], int]]:
             text = f"Here is a text:\n{EDGE_TEXT}\nThe same text again:\n{start}"
             out.append((engine.prompt_ids(text), 120))
         return out
+    from models.copy_task import job
+
     rng = random.Random(7)
     kinds = ["quote", "reformat"] if kind == "copy" else ["extract"]
     out = []
