@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from agent.engine.engine import EngineOptions
 from agent.errors import ConfigError, SignatureError
 from agent.health.telemetry import HealthThresholds, TelemetryConfig
+from agent.params import MaxTokens
 from agent.updates.signing import PublicKey
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -166,7 +167,7 @@ class JobsConfig(_Section):
     max_payload_bytes: int = Field(
         64 * 1024, ge=256, le=16 * 1024 * 1024, description="Larger messages are rejected unread."
     )
-    max_tokens_limit: int = Field(2048, ge=1, le=131072, description="Upper bound on a job's max_tokens.")
+    max_tokens_limit: MaxTokens = Field(2048, description="Upper bound on a job's max_tokens.")
 
     shutdown_grace_s: float = Field(
         20.0,
