@@ -9,8 +9,11 @@ on the old model).  The first jobs on the new model are a probation: too many
 failures and the agent goes back by itself.  Every phase is reported, retained,
 on ``model/state``.
 
-What survives a crash: the store (see ``model_store``), partial downloads
-(resumed), the update record (last status, probation, refused releases).  At
+Which releases a box takes is decided in ``policy`` (versions ordered within a
+model name, another name only when the release says it replaces the running
+one).  What survives a crash: the store (see ``store``), partial downloads
+(resumed), the update record (``record``: last status, probation, refused
+releases).  At
 start the agent serves the active version, or falls back to the previous one,
 or to the configured model, whichever loads first.
 """
@@ -26,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import psutil
 
@@ -37,7 +40,9 @@ from agent.errors import AgentError, DownloadError, LinkError, ModelError, Updat
 from agent.link.tls import client_context
 from agent.protocol import ErrorInfo, ModelRef, ModelState, UpdatePhase, UpdateStatus
 from agent.updates.download import RateLimit, fetch, sha256_file
-from agent.updates.manifest import Manifest
+from agent.updates.manifest import FileKey, Manifest
+from agent.updates.policy import Converged, Install, Refuse, RefusedBefore, Running, decide
+from agent.updates.record import REMEMBERED, Probation, UpdateRecord
 from agent.updates.store import ModelStore, Pointer
 
 log = logging.getLogger(__name__)
@@ -50,9 +55,6 @@ _RETRY_MAX_S = 600.0
 _RETRYABLE = frozenset({"download_interrupted", "disk_full"})
 # Progress is published at most this often (a retained message per update).
 _PROGRESS_EVERY_S = 1.0
-# Refused releases remembered (by signature) so that a retained bad manifest is
-# not retried at every reconnect.
-_REMEMBER_REFUSED = 32
 
 Source = Literal["device", "group"]
 
@@ -113,9 +115,10 @@ class Updater:
         self._trusted = self.settings.public_keys()
         self._lock = threading.Lock()  # guards _desired, _record and _status
         self._desired: dict[Source, bytes] = {}
-        self._record: dict[str, Any] = self.store.read_record()
-        status = self._record.get("update")
-        self._status: UpdateStatus | None = UpdateStatus.model_validate(status) if status else None
+        self._record: UpdateRecord = self.store.read_record()
+        self._status: UpdateStatus | None = self._record.update
+        # The configured model's files, hashed once per desired manifest of its name and version.
+        self._configured_files: dict[str, frozenset[FileKey]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edge-agent-updater", daemon=True)
@@ -206,23 +209,20 @@ class Updater:
     def job_finished(self, succeeded: bool, error: str | None = None) -> None:
         """Count a job the engine ran (worker thread); may roll the model back."""
         with self._lock:
-            probation = self._record.get("probation")
-            if not probation or probation.get("release") != self.serving.release:
+            probation = self._record.probation
+            if probation is None or probation.release != self.serving.release:
                 return
-            probation["jobs"] += 1
+            probation.jobs += 1
             if not succeeded:
-                probation["failures"] += 1
-                probation["last_error"] = (error or "")[:200]
-            over = probation["jobs"] >= self.settings.probation_jobs or time.time() > probation["until"]
-            failed = probation["failures"] >= self.settings.max_failed_jobs
+                probation.failures += 1
+                probation.last_error = (error or "")[:200]
+            over = probation.jobs >= self.settings.probation_jobs or time.time() > probation.until
+            failed = probation.failures >= self.settings.max_failed_jobs
             if failed or over:
-                del self._record["probation"]
+                self._record.probation = None
             self.store.write_record(self._record)
         if failed:
-            message = (
-                f"{probation['failures']} of its first {probation['jobs']} jobs failed "
-                f"(last: {probation['last_error']})"
-            )
+            message = f"{probation.failures} of its first {probation.jobs} jobs failed (last: {probation.last_error})"
             log.error("model %s on probation: %s; rolling back", self.serving.release, message)
             self._rollback("probation_failed", message)
 
@@ -269,14 +269,26 @@ class Updater:
         except UpdateError as exc:
             self._report_refusal(None, exc)
             return None
-        if (manifest.name, manifest.version) == (self.serving.ref.name, self.serving.ref.version):
-            # Converged (also when the configured model is the desired release).
+        with self._lock:
+            refused = list(self._record.refused)
+        decision = decide(
+            manifest,
+            running=self._running(manifest),
+            installed=self.store.manifest(manifest.release_id),
+            trusted=self._trusted,
+            refused=refused,
+            now=time.time(),
+        )
+        if isinstance(decision, Converged):
             log.debug("the desired release %s is the one running", manifest.release_id)
             return None
-        if manifest.signature in self._record.get("refused", []):
+        if isinstance(decision, RefusedBefore):
             return None  # refused before: a new release is needed
+        if isinstance(decision, Refuse):
+            self._report_refusal(manifest, UpdateError(decision.message, code=decision.code))
+            return None
+        assert isinstance(decision, Install)
         try:
-            manifest.check(self._trusted, active=self.serving.ref.version)
             self._apply(manifest)
         except _RolledBack as back:
             self._report_refusal(manifest, back.cause, phase="rolled_back")
@@ -295,6 +307,37 @@ class Updater:
             log.exception("update to %s failed unexpectedly", manifest.release_id)
             self._report_refusal(manifest, UpdateError(f"{type(exc).__name__}: {exc}", code="internal"))
         return None
+
+    def _running(self, manifest: Manifest) -> Running:
+        """What runs, for ``policy.decide``; its files only when ``manifest`` has its name and version."""
+        ref = self.serving.ref
+        files = None
+        if (manifest.name, manifest.version) == (ref.name, ref.version):
+            if self.serving.release is not None:
+                stored = self.store.manifest(self.serving.release)
+                files = stored.file_keys if stored is not None else frozenset()
+            else:
+                files = self._configured_model_files(manifest)
+        return Running(name=ref.name, version=ref.version, files=files)
+
+    def _configured_model_files(self, manifest: Manifest) -> frozenset[FileKey]:
+        """The configured model's files that ``manifest`` names, as they are on disk."""
+        cached = self._configured_files.get(manifest.digest)
+        if cached is not None:
+            return cached
+        found: set[FileKey] = set()
+        try:
+            manifest.check_paths()  # nothing outside the model folder is read
+            for entry in manifest.files:
+                path = self.config.model.path / entry.path
+                # A size that differs needs no hashing; a missing file is simply not found.
+                if path.is_file() and path.stat().st_size == entry.size:
+                    digest, size = sha256_file(path)
+                    found.add((entry.path, size, digest))
+        except (UpdateError, OSError) as exc:
+            log.warning("cannot compare the configured model with %s: %s", manifest.release_id, exc)
+        self._configured_files = {manifest.digest: frozenset(found)}
+        return self._configured_files[manifest.digest]
 
     def _apply(self, manifest: Manifest) -> None:
         release = manifest.release_id
@@ -422,12 +465,7 @@ class Updater:
             # Recorded before the pointer moves: a crash right after the switch still
             # finds the probation, and one before it finds a probation for a version
             # that is not active (ignored).
-            self._record["probation"] = {
-                "release": release,
-                "until": time.time() + self.settings.probation_s,
-                "jobs": 0,
-                "failures": 0,
-            }
+            self._record.probation = Probation(release=release, until=time.time() + self.settings.probation_s)
             self.store.write_record(self._record)
         self.store.set_pointer(Pointer(active=release, previous=old.release))
         failpoints.hit("activating")
@@ -455,9 +493,19 @@ class Updater:
         self, manifest: Manifest | None, exc: UpdateError, *, phase: UpdatePhase = "failed"
     ) -> None:
         name = manifest.release_id if manifest else "?"
+        status = self._status
+        if (
+            status is not None
+            and (f"{status.name}@{status.version}", status.phase) == (name, phase)
+            and status.error is not None
+            and (status.error.code, status.error.message) == (exc.code, exc.message[:500])
+        ):
+            # The same refusal again (a refusal not remembered, re-offered at a reconnect): said already.
+            log.debug("model update %s still refused: %s", name, exc.code)
+            return
         log.error("model update %s %s: %s (%s)", name, phase, exc.message, exc.code)
-        if manifest is not None:
-            self._remember_refused(manifest.signature)
+        if manifest is not None and exc.code in REMEMBERED:
+            self._remember_refused(manifest.digest)
         self._set_status(name, phase, error=(exc.code, exc.message))
 
     def _discard(self, release: str) -> None:
@@ -469,12 +517,11 @@ class Updater:
     def _refuse_release(self, release: str) -> None:
         manifest = self.store.manifest(release)
         if manifest is not None:
-            self._remember_refused(manifest.signature)
+            self._remember_refused(manifest.digest)
 
-    def _remember_refused(self, signature: str) -> None:
+    def _remember_refused(self, digest: str) -> None:
         with self._lock:
-            refused = [s for s in self._record.get("refused", []) if s != signature]
-            self._record["refused"] = [*refused, signature][-_REMEMBER_REFUSED:]
+            self._record.remember_refused(digest)
             self.store.write_record(self._record)
 
     def _set_status(
@@ -498,7 +545,7 @@ class Updater:
         with self._lock:
             self._status = status
             if phase != "downloading" or progress in (None, 0.0):  # progress ticks are not worth an fsync
-                self._record["update"] = status.model_dump()
+                self._record.update = status
                 self.store.write_record(self._record)
         if self._started:
             self._publish(self.state())
