@@ -155,8 +155,17 @@ class ModelConfig(_Section):
     """The model served until an update installs one (and the last resort after a failed one)."""
 
     path: Path = Field(description="Model folder (genai_config.json, model.onnx, tokenizer.json).")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description=(
+            "Its model name, as releases name it (default: the folder's name). A release of another "
+            "name replaces it only when signed with --replace-model NAME."
+        ),
+    )
     version: str | None = Field(
-        None, description="Its version, if known: updates must carry a higher one (semantic versions)."
+        None,
+        description="Its version, if known: updates of the same name must carry a higher one (semantic versions).",
     )
 
 

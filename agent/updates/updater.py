@@ -157,7 +157,8 @@ class Updater:
     def _open(self, release: str | None) -> Serving:
         if release is None:
             engine = Engine(self.config.model.path, self.config.engine)
-            return Serving(engine, ModelRef(name=engine.name, version=self.config.model.version), None)
+            name = self.config.model.name or engine.name
+            return Serving(engine, ModelRef(name=name, version=self.config.model.version), None)
         manifest = self.store.manifest(release)
         if manifest is None:
             raise ModelError(f"{release} is not installed")
