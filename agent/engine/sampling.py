@@ -20,9 +20,10 @@ from agent.params import SamplingParams
 
 __all__ = ["Sampler", "SamplingParams"]
 
-# Tokens more than e^40 less likely than the best cannot be drawn at float64 precision;
-# dropping them first keeps the sort below small.
+# Tokens more than e^40 less likely than the best cannot be drawn at float64 precision.
 _NEGLIGIBLE = -40.0
+# top_p sorts this many of the likeliest candidates first (then 16 times more, as needed).
+_FIRST_SORTED = 256
 
 
 class Sampler:
@@ -43,7 +44,6 @@ class Sampler:
             token = int(np.argmax(logits))  # the common path: no copy
         else:
             scores = logits.astype(np.float64)  # a copy, wide enough that no scaling overflows
-            scores[np.isnan(scores)] = -np.inf
             if self._penalize:
                 self._apply_repetition_penalty(scores)
             token = int(np.argmax(scores)) if params.greedy else self._sample(scores)
@@ -59,25 +59,55 @@ class Sampler:
     def _sample(self, scores: npt.NDArray[np.float64]) -> int:
         params = self.params
         best = scores.max()
+        if np.isnan(best):  # a broken model's NaN logits: never drawn
+            scores[np.isnan(scores)] = -np.inf
+            best = scores.max()
         if np.isfinite(best):
             # Relative to the best (0 for it, at most 0 for the rest), then scaled: a small
             # temperature sends the others towards -inf, never the best above 0.
+            scaled = scores
+            scaled -= best
             with np.errstate(over="ignore"):  # only below the admitted temperatures: -inf is right
-                scaled = (scores - best) / params.temperature
+                scaled /= params.temperature
         else:
             # Some logits are +inf (they alone count), or every one is -inf or NaN (a broken
             # model: all count alike). Either way the ties at the top share the draw.
             scaled = np.where(scores == best, 0.0, -np.inf)
-        candidates = np.flatnonzero(scaled > _NEGLIGIBLE)  # never empty: the best scores 0
-        if 0 < params.top_k < candidates.shape[0]:
-            part = np.argpartition(scaled[candidates], -params.top_k)[-params.top_k :]
-            candidates = candidates[part]
-        # Sort candidates by descending score; ties broken by id for determinism.
-        order = np.lexsort((candidates, -scaled[candidates]))
-        candidates = candidates[order]
-        probs = np.exp(scaled[candidates])  # the first is exp(0) = 1, so the sum is at least 1
-        probs /= probs.sum()
+        # Never empty: the best scores 0, and is among the top k.
+        if 0 < params.top_k < scaled.shape[0]:
+            candidates = np.argpartition(scaled, -params.top_k)[-params.top_k :]
+            candidates = np.sort(candidates[scaled[candidates] > _NEGLIGIBLE])
+        else:
+            candidates = np.flatnonzero(scaled > _NEGLIGIBLE)
+        scores = scaled[candidates]
+        weights = np.exp(scores)  # the best's is exp(0) = 1, so the sum is at least 1
         if params.top_p < 1.0:
-            keep = min(candidates.shape[0], int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1)
-            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        return int(candidates[self._rng.choice(candidates.shape[0], p=probs)])
+            keep = _nucleus(scores, candidates, weights, params.top_p)
+            candidates, weights = candidates[keep], weights[keep]
+        # Candidates in id order (or by descending score after top_p): the same seed, the same draw.
+        return int(candidates[self._rng.choice(candidates.shape[0], p=weights / weights.sum())])
+
+
+def _nucleus(
+    scores: npt.NDArray[np.float64],
+    ids: npt.NDArray[np.intp],
+    weights: npt.NDArray[np.float64],
+    top_p: float,
+) -> npt.NDArray[np.intp]:
+    """Positions of the smallest set of likeliest candidates holding ``top_p`` of the mass.
+
+    Ordered by descending score, ties by id.  Only the likeliest few are sorted, more only when
+    they hold too little mass: a full sort of a 150k vocabulary costs more than a decode step
+    of a small model on a Raspberry Pi.
+    """
+    total = weights.sum()
+    count = scores.shape[0]
+    size = min(count, _FIRST_SORTED)
+    while True:
+        part = np.argpartition(-scores, size - 1)[:size] if size < count else np.arange(count)
+        order = part[np.lexsort((ids[part], -scores[part]))]
+        mass = np.cumsum(weights[order]) / total
+        if size == count or mass[-1] >= top_p:
+            keep = min(order.shape[0], int(np.searchsorted(mass, top_p)) + 1)
+            return order[:keep]
+        size = min(count, size * 16)

@@ -249,3 +249,25 @@ def test_the_bounds_module_is_light() -> None:
     code = "import sys, agent.params, agent.protocol; print(sorted(m for m in ('numpy', 'onnxruntime', 'tokenizers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=st.integers(1, 6000),
+    spread=st.floats(0.01, 30.0),
+    top_p=st.floats(1e-6, 0.999999),
+    seed=st.integers(0, 2**16),
+)
+def test_top_p_sorting_only_the_likeliest_keeps_what_a_full_sort_keeps(
+    vocab: int, spread: float, top_p: float, seed: int
+) -> None:
+    from agent.engine.sampling import _nucleus
+
+    scores = -np.abs(np.random.default_rng(seed).normal(size=vocab)) * spread
+    scores[0] = 0.0
+    ids = np.arange(vocab)
+    weights = np.exp(scores)
+    order = np.lexsort((ids, -scores))  # the reference: everything sorted
+    mass = np.cumsum(weights[order]) / weights.sum()
+    expected = order[: min(vocab, int(np.searchsorted(mass, top_p)) + 1)]
+    assert _nucleus(scores, ids, weights, top_p).tolist() == expected.tolist()
