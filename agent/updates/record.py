@@ -12,34 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.protocol import UpdateStatus
+from agent.protocol import UpdateErrorCode, UpdateStatus
 from agent.updates.manifest import Sha256
 
 log = logging.getLogger(__name__)
 
-#: Every error code of a model update, as reported in ``model/state`` (see docs/protocol.md).
-UpdateCode = Literal[
-    "invalid_manifest",
-    "bad_signature",
-    "untrusted_key",
-    "expired",
-    "downgrade",
-    "other_model",
-    "version_conflict",
-    "unsafe_path",
-    "size_mismatch",
-    "sha256_mismatch",
-    "disk_full",
-    "download_interrupted",
-    "model_load",
-    "smoke_test_failed",
-    "probation_failed",
-    "internal",
-]
+#: Every error code of a model update, as reported in ``model/state`` (the wire's Literal;
+#: docs/protocol.md has the table).
+UpdateCode = UpdateErrorCode
 UPDATE_CODES: frozenset[str] = frozenset(get_args(UpdateCode))
 
 #: Refusals remembered by the manifest's digest: those the manifest itself earns whatever the box,
@@ -56,6 +40,7 @@ REMEMBERED: frozenset[UpdateCode] = frozenset(
         "model_load",
         "smoke_test_failed",
         "probation_failed",
+        "update_failed",
         "internal",
     }
 )
