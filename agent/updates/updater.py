@@ -21,6 +21,7 @@ or to the configured model, whichever loads first.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import gc
 import logging
 import random
@@ -221,7 +222,7 @@ class Updater:
             failed = probation.failures >= self.settings.max_failed_jobs
             if failed or over:
                 self._record.probation = None
-            self.store.write_record(self._record)
+            self._save_record()
         if failed:
             message = f"{probation.failures} of its first {probation.jobs} jobs failed (last: {probation.last_error})"
             log.error("model %s on probation: %s; rolling back", self.serving.release, message)
@@ -248,7 +249,11 @@ class Updater:
     def _loop(self) -> None:
         delay = _RETRY_FIRST_S
         while not self._stop.is_set():
-            retry_in = self._converge_once()
+            try:
+                retry_in = self._converge_once()
+            except Exception:  # nothing may end this thread: updates would stop for good
+                log.exception("the updater failed; retrying")
+                retry_in = _RETRY_FIRST_S
             if retry_in is None:
                 delay = _RETRY_FIRST_S
                 self._wake.wait()
@@ -304,6 +309,12 @@ class Updater:
                 return _RETRY_FIRST_S
             self._report_refusal(manifest, exc)
             self._discard(manifest.release_id)
+        except OSError as exc:
+            # The box's storage, not the release: retried with backoff, never remembered.
+            code: UpdateErrorCode = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "internal"
+            log.warning("update to %s: storage: %s; retrying later", manifest.release_id, exc)
+            self._set_status(manifest.release_id, "failed", error=(code, f"storage: {exc}"))
+            return _RETRY_FIRST_S
         except Exception as exc:  # a bug must not stop updates for good, nor the agent
             log.exception("update to %s failed unexpectedly", manifest.release_id)
             self._report_refusal(manifest, UpdateError(f"{type(exc).__name__}: {exc}", code="internal"))
@@ -467,7 +478,7 @@ class Updater:
             # finds the probation, and one before it finds a probation for a version
             # that is not active (ignored).
             self._record.probation = Probation(release=release, until=time.time() + self.settings.probation_s)
-            self.store.write_record(self._record)
+            self._save_record()
         self.store.set_pointer(Pointer(active=release, previous=old.release))
         failpoints.hit("activating")
         self.serving = Serving(
@@ -509,6 +520,14 @@ class Updater:
             self._remember_refused(manifest.digest)
         self._set_status(name, phase, error=(exc.code, exc.message))
 
+    def _save_record(self) -> None:
+        """Write the update record (the caller holds the lock); a storage error is logged, not raised."""
+        try:
+            self.store.write_record(self._record)
+        except OSError as exc:
+            # What is lost: at worst a remembered refusal or a probation count after a crash.
+            log.warning("cannot write the update record %s: %s", self.store.record_file, exc)
+
     def _discard(self, release: str) -> None:
         """Delete a failed version, unless it is the active or previous one."""
         kept = (self.serving.release, self.store.pointer().previous)
@@ -523,7 +542,7 @@ class Updater:
     def _remember_refused(self, digest: str) -> None:
         with self._lock:
             self._record.remember_refused(digest)
-            self.store.write_record(self._record)
+            self._save_record()
 
     def _set_status(
         self,
@@ -547,7 +566,7 @@ class Updater:
             self._status = status
             if phase != "downloading" or progress in (None, 0.0):  # progress ticks are not worth an fsync
                 self._record.update = status
-                self.store.write_record(self._record)
+                self._save_record()
         if self._started:
             self._publish(self.state())
 

@@ -97,3 +97,29 @@ def test_refusals_are_remembered_only_when_the_manifest_earns_them(
     again, _ = _updater(tmp_path, releases, version="1.0.0")
     assert again.serving.ref.version == "2.0.0"
     assert again.store.read_record().refused == [broken.digest]
+
+
+def test_a_full_disk_is_retried_never_remembered_and_never_ends_the_updater(
+    tmp_path: Path, releases: Releases, monkeypatch: Any
+) -> None:
+    import errno
+
+    updater, _states = _updater(tmp_path, releases, version="1.0.0")
+    genuine = releases.make("2.0.0")
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The record cannot be written and the install cannot complete: both are the box's fault.
+    monkeypatch.setattr(updater.store, "write_record", full)
+    monkeypatch.setattr(updater.store, "install", full)
+    updater.offer("device", payload(genuine))
+    assert updater._converge_once() is not None  # retry later
+    state = updater.state()
+    assert state.update is not None and state.update.error is not None
+    assert (state.update.phase, state.update.error.code) == ("failed", "disk_full")
+    assert updater.serving.ref.version == "1.0.0"
+    monkeypatch.undo()
+    assert updater._converge_once() is None  # space is back: the same release goes through
+    assert updater.serving.ref.version == "2.0.0"
+    assert updater.store.read_record().refused == []
