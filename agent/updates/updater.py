@@ -505,6 +505,8 @@ class Updater:
         self, manifest: Manifest | None, exc: UpdateError, *, phase: UpdatePhase = "failed"
     ) -> None:
         name = manifest.release_id if manifest else "?"
+        if manifest is not None and exc.code in REMEMBERED:
+            self._remember_refused(manifest.digest)
         status = self._status
         if (
             status is not None
@@ -512,12 +514,11 @@ class Updater:
             and status.error is not None
             and (status.error.code, status.error.message) == (exc.code, exc.message[:500])
         ):
-            # The same refusal again (a refusal not remembered, re-offered at a reconnect): said already.
+            # The same refusal again (one not remembered, re-offered at a reconnect; or another
+            # manifest of the same release failing the same way): said already.
             log.debug("model update %s still refused: %s", name, exc.code)
             return
         log.error("model update %s %s: %s (%s)", name, phase, exc.message, exc.code)
-        if manifest is not None and exc.code in REMEMBERED:
-            self._remember_refused(manifest.digest)
         self._set_status(name, phase, error=(exc.code, exc.message))
 
     def _save_record(self) -> None:

@@ -123,3 +123,19 @@ def test_a_full_disk_is_retried_never_remembered_and_never_ends_the_updater(
     assert updater._converge_once() is None  # space is back: the same release goes through
     assert updater.serving.ref.version == "2.0.0"
     assert updater.store.read_record().refused == []
+
+
+def test_a_second_manifest_failing_the_same_way_is_remembered_too(tmp_path: Path, releases: Releases) -> None:
+    updater, _states = _updater(tmp_path, releases, version="1.0.0")
+    genuine = releases.make("2.0.0")
+    smoke = genuine.smoke_test.model_copy(
+        update={"token_ids": [(t + 7) % 448 for t in genuine.smoke_test.token_ids]}
+    )
+    first = releases.resign(genuine, smoke_test=smoke)
+    second = releases.resign(genuine, smoke_test=smoke, expires_at=genuine.expires_at + 60)  # re-signed
+    assert _code(_offer(updater, payload(first))) == "smoke_test_failed"
+    assert _code(_offer(updater, payload(second))) == "smoke_test_failed"
+    assert updater.store.read_record().refused == [first.digest, second.digest]
+    fetched = len(releases.server.requests)
+    _offer(updater, payload(second))  # a reconnect
+    assert len(releases.server.requests) == fetched
