@@ -37,10 +37,9 @@ import psutil
 from agent import failpoints
 from agent.config import AgentConfig
 from agent.engine.engine import Engine
-from agent.errors import AgentError, DownloadError, LinkError, ModelError, UpdateError
-from agent.link.tls import client_context
+from agent.errors import AgentError, DownloadError, ModelError, UpdateError
 from agent.protocol import ErrorInfo, ModelRef, ModelState, UpdateErrorCode, UpdatePhase, UpdateStatus
-from agent.updates.download import RateLimit, fetch, sha256_file
+from agent.updates.install import download_and_install, files_on_disk, smoke_test
 from agent.updates.manifest import FileKey, Manifest
 from agent.updates.policy import Converged, Install, Refuse, RefusedBefore, Running, decide
 from agent.updates.record import REMEMBERED, Probation, UpdateRecord
@@ -54,8 +53,6 @@ log = logging.getLogger(__name__)
 _RETRY_FIRST_S = 2.0
 _RETRY_MAX_S = 600.0
 _RETRYABLE = frozenset({"download_interrupted", "disk_full"})
-# Progress is published at most this often (a retained message per update).
-_PROGRESS_EVERY_S = 1.0
 
 Source = Literal["device", "group"]
 
@@ -76,26 +73,6 @@ class Serving:
     ref: ModelRef
     release: str | None  # its id in the store; None: the configured model
     precision: str | None = None
-
-
-def smoke_test(engine: Engine, manifest: Manifest) -> None:
-    """Check the recorded tokens rank within ``top_k`` at every step (teacher-forced)."""
-    test = manifest.smoke_test
-    ids = engine.prompt_ids(test.prompt)
-    if ids != test.prompt_ids:
-        raise UpdateError(
-            "smoke test: the tokenizer splits the prompt differently than at release",
-            code="smoke_test_failed",
-        )
-    ranks = engine.token_ranks(ids, test.token_ids)
-    bad = [(step, rank) for step, rank in enumerate(ranks) if rank >= test.top_k]
-    if bad:
-        step, rank = bad[0]
-        raise UpdateError(
-            f"smoke test: {len(bad)} of {len(ranks)} recorded tokens fall outside the top {test.top_k} "
-            f"(first at step {step}, rank {rank})",
-            code="smoke_test_failed",
-        )
 
 
 class Updater:
@@ -337,34 +314,25 @@ class Updater:
         cached = self._configured_files.get(manifest.digest)
         if cached is not None:
             return cached
-        found: set[FileKey] = set()
         try:
-            manifest.check_paths()  # nothing outside the model folder is read
-            for entry in manifest.files:
-                path = self.config.model.path / entry.path
-                # A size that differs needs no hashing; a missing file is simply not found.
-                if path.is_file() and path.stat().st_size == entry.size:
-                    digest, size = sha256_file(path)
-                    found.add((entry.path, size, digest))
+            found = files_on_disk(self.config.model.path, manifest)
         except (UpdateError, OSError) as exc:
             log.warning("cannot compare the configured model with %s: %s", manifest.release_id, exc)
-        self._configured_files = {manifest.digest: frozenset(found)}
+            found = frozenset()
+        self._configured_files = {manifest.digest: found}
         return self._configured_files[manifest.digest]
 
     def _apply(self, manifest: Manifest) -> None:
         release = manifest.release_id
         if self.store.manifest(release) is None:
-            staging = self.store.staging(manifest)
-            self.store.discard_staging(keep=release)
-            self._download(manifest, staging)
-            self._set_status(release, "verifying", progress=0.0)
-            for entry in manifest.files:
-                digest, size = sha256_file(staging / entry.path)
-                if (digest, size) != (entry.sha256, entry.size):
-                    (staging / entry.path).unlink()
-                    raise UpdateError(f"{entry.path}: changed on disk after download", code="sha256_mismatch")
-            failpoints.hit("verifying")
-            self.store.install(manifest)
+            download_and_install(
+                self.store,
+                manifest,
+                self.settings,
+                min_free_bytes=self.config.health.min_disk_free_mb * 2**20,
+                report=lambda phase, progress: self._set_status(release, phase, progress=progress),
+                cancelled=lambda: self._stop.is_set() or self._superseded(),
+            )
         failpoints.hit("installed")
         self._set_status(release, "testing")
         path = self.store.path(release)
@@ -391,48 +359,6 @@ class Updater:
         self.store.collect_garbage(self.settings.keep_versions)
         log.info("now serving %s", release)
         self._set_status(release, "active", detail=detail)
-
-    def _download(self, manifest: Manifest, staging: Path) -> None:
-        release = manifest.release_id
-        needed = sum(
-            f.size - _have(staging / f.path) for f in manifest.files if not (staging / f.path).exists()
-        )
-        free = self.store.free_bytes()
-        margin = self.config.health.min_disk_free_mb * 2**20
-        if needed + margin > free:
-            raise UpdateError(
-                f"needs {needed >> 20} MiB plus {margin >> 20} MiB to spare; {free >> 20} MiB are free",
-                code="disk_full",
-            )
-        total = max(1, manifest.total_bytes)
-        done = 0
-        last = 0.0
-        crash_at = total // 2
-        rate = RateLimit(self.settings.bandwidth_kbps * 1000) if self.settings.bandwidth_kbps else None
-        try:
-            context = client_context(self.settings.ca)  # TLS 1.2+, verified: as for the broker
-        except LinkError as exc:
-            raise UpdateError(f"[update] ca: {exc.message}", code="download_interrupted") from exc
-        self._set_status(release, "downloading", progress=0.0)
-
-        def on_bytes(count: int) -> None:
-            nonlocal done, last
-            done += count
-            if done >= crash_at:
-                failpoints.hit("downloading")
-            now = time.monotonic()
-            if now - last >= _PROGRESS_EVERY_S:
-                last = now
-                self._set_status(release, "downloading", progress=min(1.0, done / total))
-            if self._stop.is_set() or self._superseded():
-                raise DownloadError("the download was stopped (shutdown, or a new desired release)")
-
-        for entry in manifest.files:
-            dest = self.store.target(staging, entry.path)
-            if dest.exists():
-                on_bytes(entry.size)  # finished in an earlier run; verified below
-                continue
-            fetch(entry, dest, on_bytes=on_bytes, rate=rate, context=context)
 
     def _superseded(self) -> bool:
         """Whether the desired release changed since this attempt began."""
@@ -570,8 +496,3 @@ class Updater:
                 self._save_record()
         if self._started:
             self._publish(self.state())
-
-
-def _have(path: Path) -> int:
-    part = path.with_name(path.name + ".part")
-    return part.stat().st_size if part.exists() else 0
