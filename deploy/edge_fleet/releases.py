@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release = sub.add_parser("release", help="hash, smoke-test and sign a model folder for serving")
     release.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     release.add_argument("--name", required=True, help="model name (e.g. phi3-mini)")
-    release.add_argument("--version", required=True, help="semantic version, above what the boxes run")
+    release.add_argument(
+        "--version", required=True, help="semantic version, above what the boxes run of this model"
+    )
     release.add_argument("--base-url", required=True, help="where DIR will be served (http:// or https://)")
     release.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="fleet.key")
     release.add_argument(
