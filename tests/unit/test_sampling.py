@@ -271,3 +271,14 @@ def test_top_p_sorting_only_the_likeliest_keeps_what_a_full_sort_keeps(
     mass = np.cumsum(weights[order]) / weights.sum()
     expected = order[: min(vocab, int(np.searchsorted(mass, top_p)) + 1)]
     assert _nucleus(scores, ids, weights, top_p).tolist() == expected.tolist()
+
+
+def test_the_protocol_document_states_the_bounds_params_defines() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in doc.splitlines() if line.startswith("| `")}
+    assert f"{P.TEMPERATURE_MIN:g}–{P.TEMPERATURE_MAX:g}" in rows["temperature"]
+    assert f"{P.REPETITION_PENALTY_MIN:g}–{P.REPETITION_PENALTY_MAX:g}" in rows["repetition_penalty"]
+    assert f"0–{P.TOP_K_MAX:,}" in rows["top_k"]
+    assert f"up to {P.STOP_MAX} of 1–{P.STOP_LENGTH_MAX}" in rows["stop"]
