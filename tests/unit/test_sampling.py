@@ -276,9 +276,10 @@ def test_top_p_sorting_only_the_likeliest_keeps_what_a_full_sort_keeps(
 def test_the_protocol_document_states_the_bounds_params_defines() -> None:
     from pathlib import Path
 
+    dash = "\u2013"  # the document's ranges use an en dash
     doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
     rows = {line.split("|")[1].strip(" `"): line for line in doc.splitlines() if line.startswith("| `")}
-    assert f"{P.TEMPERATURE_MIN:g}–{P.TEMPERATURE_MAX:g}" in rows["temperature"]
-    assert f"{P.REPETITION_PENALTY_MIN:g}–{P.REPETITION_PENALTY_MAX:g}" in rows["repetition_penalty"]
-    assert f"0–{P.TOP_K_MAX:,}" in rows["top_k"]
-    assert f"up to {P.STOP_MAX} of 1–{P.STOP_LENGTH_MAX}" in rows["stop"]
+    assert f"{P.TEMPERATURE_MIN:g}{dash}{P.TEMPERATURE_MAX:g}" in rows["temperature"]
+    assert f"{P.REPETITION_PENALTY_MIN:g}{dash}{P.REPETITION_PENALTY_MAX:g}" in rows["repetition_penalty"]
+    assert f"0{dash}{P.TOP_K_MAX:,}" in rows["top_k"]
+    assert f"up to {P.STOP_MAX} of 1{dash}{P.STOP_LENGTH_MAX}" in rows["stop"]
