@@ -124,28 +124,60 @@ def test_console_scripts(wheel: Path) -> None:
     )
 
 
-def test_the_installed_quickstart_says_where_the_demo_model_is(wheel: Path, tmp_path: Path) -> None:
-    """The demo model ships with a clone, not the wheel: an installed quickstart says so, it does not crash."""
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of an interpreter that imports the packages from the installed wheel."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
         check=True,
         timeout=120,
     )
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    # PYTHONPATH comes before the editable install's finder: the wheel's copy is imported.
+    return {**os.environ, "PYTHONPATH": str(target)}
+
+
+def test_every_module_imports_from_the_installed_wheel(installed: dict[str, str]) -> None:
+    """Before, the wheel held agent/ and edge_fleet/ without their subpackages: deploy/install.sh broke."""
+    probe = (
+        "import importlib, pkgutil, agent, edge_fleet\n"
+        "for package in (agent, edge_fleet):\n"
+        "    for m in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
+        "        module = importlib.import_module(m.name)\n"
+        f"        assert module.__file__.startswith({installed['PYTHONPATH']!r}), module.__file__\n"
+        "        print(m.name)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=installed,
+        cwd=installed["PYTHONPATH"],  # not the checkout: "-c" puts the working directory on the path
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    imported = set(proc.stdout.split())
+    assert {"agent.engine.engine", "agent.jobs.store", "agent.cli", "edge_fleet.cli"} <= imported, imported
+
+
+def test_the_installed_quickstart_says_where_the_demo_model_is(installed: dict[str, str]) -> None:
+    """The demo model ships with a clone, not the wheel: an installed quickstart says so, it does not crash."""
     where = subprocess.run(
         [sys.executable, "-c", "import edge_fleet.quickstart as q; print(q.__file__)"],
         capture_output=True,
         text=True,
-        env=env,
+        env=installed,
+        cwd=installed["PYTHONPATH"],
         check=True,
     )
-    assert where.stdout.startswith(str(target)), "the wheel's copy runs, not the source tree's"
+    assert where.stdout.startswith(installed["PYTHONPATH"]), "the wheel's copy runs, not the source tree's"
     proc = subprocess.run(
         [sys.executable, "-m", "edge_fleet.quickstart"],
         capture_output=True,
         text=True,
-        env=env,
+        env=installed,
+        cwd=installed["PYTHONPATH"],
         timeout=60,
         check=False,
     )
