@@ -12,6 +12,8 @@ from agent.updates.manifest import Manifest
 from agent.updates.policy import Install, Running
 from tests.unit.test_update_policy import KEY, _code, _decide, _release
 
+pytestmark = pytest.mark.e2e  # runs edge-fleet as a subprocess
+
 
 def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -242,6 +242,7 @@ def test_wire_integers_are_integers(value: object) -> None:
         JobRequest.model_validate({"id": "j", "prompt": "x", "temperature": "0.5"})
 
 
+@pytest.mark.e2e  # a subprocess: a fresh interpreter shows what importing loads
 def test_the_bounds_module_is_light() -> None:
     import subprocess
     import sys
