@@ -19,6 +19,7 @@ from agent.daemon.intake import CANCEL_MAX_BYTES, Rules
 from agent.daemon.outbox import Outbox
 from agent.daemon.supervisor import Supervisor, offline_status
 from agent.daemon.worker import Worker
+from agent.errors import StorageError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
@@ -141,6 +142,8 @@ class Agent:
         self.link.start()
         self.updater.start()
         while not self._stopping.is_set():
+            if self.faults.corrupt is not None:
+                self.shutdown()  # the damaged file is moved aside by the next start (systemd restarts us)
             try:
                 event = self.link.events.get(timeout=0.5)
             except queue.Empty:
@@ -151,6 +154,11 @@ class Agent:
             except Exception:  # telemetry or systemd trouble must not stop the intake
                 log.exception("supervision tick failed")
         self._finish()
+        if self.faults.corrupt is not None:
+            raise StorageError(
+                f"job database {self.store.path} became corrupt ({self.faults.corrupt}): start again to move "
+                "it aside (systemd does so by itself)"
+            )
 
     def _finish(self) -> None:
         self.supervisor.notifier.stopping("finishing the running job, then disconnecting")
