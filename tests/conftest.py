@@ -132,8 +132,8 @@ _E2E_MODULES = frozenset(
         "tests/unit/test_install_script.py",
         "tests/unit/test_systemd_unit.py",
         "tests/unit/test_ci_scripts.py",
-        "tests/unit/test_light_imports.py",
-        "tests/unit/test_packaging.py",
+        "tests/unit/test_light_imports.py",  # fresh interpreters, one per check
+        "tests/unit/test_packaging.py",  # pip builds and installs the wheel
     }
 )
 # Single tests elsewhere that run the command line as a subprocess.
