@@ -11,9 +11,14 @@ Guarantees it gives the daemon:
 * manual acknowledgement: a QoS 1 job is acknowledged only when the daemon
   calls ``ack`` after storing it, so a crash before that means redelivery;
 * re-subscription and the ``on_connect`` hook on every (re)connect;
-* reconnection with exponential backoff whose base is re-drawn at random on
-  every disconnect, so a fleet does not reconnect in lock-step after a broker
-  restart;
+* reconnection with exponential backoff and jitter (``backoff.Backoff``),
+  reset only after a connection stayed up, so a fleet does not reconnect in
+  lock-step after a broker restart and a broker that keeps dropping the box is
+  not hammered; every refusal and disconnection is logged with its reason code
+  in words and what to do about it;
+* the client certificate and key are read again before a reconnection when
+  their files changed (``edge-fleet renew``): a renewed certificate is used
+  without a restart, and jobs wait in the session meanwhile;
 * a Last Will, so the broker announces the box offline when it vanishes;
 * failover: with several brokers configured, a failed connection (refused,
   unreachable, TLS rejected, or lost) moves the next attempt to the next
@@ -34,9 +39,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,14 +53,14 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MQTTConfig
 from agent.errors import LinkError
-from agent.link.tls import client_context
+from agent.link.backoff import Backoff
+from agent.link.reasons import explain
+from agent.link.tls import certificate_expiry, client_context
 
 log = logging.getLogger(__name__)
 
-# Reconnect backoff: the first retry comes after 0.5-1.5 s (random per
-# disconnect), doubling up to a minute — quick after a blip, gentle on a broker
-# that is coming back up under a whole fleet.
-_BACKOFF_BASE = (0.5, 1.5)
+# Reconnect backoff: the first retry comes after 0.5-1 s, doubling up to a minute —
+# quick after a blip, gentle on a broker that is coming back up under a whole fleet.
 _BACKOFF_MAX = 60
 #: Limit of a subscription given no limit of its own: a job or a manifest fits, a flood does not.
 DEFAULT_PAYLOAD_LIMIT = 64 * 1024
@@ -146,12 +151,15 @@ class MQTTLink:
         client.manual_ack_set(True)
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(0)  # unbounded: results wait for the broker
+        self.backoff = Backoff(max_s=_BACKOFF_MAX)
         client.reconnect_delay_set(min_delay=1, max_delay=_BACKOFF_MAX)
+        self._tls_stamp: tuple[float, ...] = ()
         if config.username:
             password = config.password.get_secret_value() if config.password else None
             client.username_pw_set(config.username, password)
         if config.tls is not None:
             client.tls_set_context(client_context(config.tls.ca, config.tls.cert, config.tls.key))
+            self._tls_stamp = self._tls_files_stamp()
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = no_delay
@@ -161,6 +169,8 @@ class MQTTLink:
         client.on_pre_connect = self._choose_endpoint
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        self._pending_subscriptions: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -217,7 +227,9 @@ class MQTTLink:
     def subscribe_topics(self) -> None:
         """(Re)subscribe to every topic at QoS 1."""
         for topic in self._subscriptions:
-            self._client.subscribe(topic, qos=1)
+            _rc, mid = self._client.subscribe(topic, qos=1)
+            if mid is not None:
+                self._pending_subscriptions[mid] = topic
 
     def ack(self, message: Message) -> None:
         """Acknowledge a received QoS 1 message (after it was stored)."""
@@ -247,8 +259,42 @@ class MQTTLink:
 
     # -- paho callbacks (network thread: hand over only) -------------------------
 
+    def _tls_files_stamp(self) -> tuple[float, ...]:
+        tls = self.config.tls
+        paths = [p for p in (tls.ca, tls.cert, tls.key) if p is not None] if tls else []
+        try:
+            return tuple(p.stat().st_mtime_ns for p in paths)
+        except OSError:
+            return ()
+
+    def _reload_tls(self, client: paho.Client) -> None:
+        """Use the certificate files anew if they changed since they were loaded (a renewal)."""
+        tls = self.config.tls
+        stamp = self._tls_files_stamp()
+        if tls is None or not stamp or stamp == self._tls_stamp:
+            return
+        try:
+            context = client_context(tls.ca, tls.cert, tls.key)
+        except LinkError as exc:
+            # Half-copied files, or a key that does not match: keep the identity that worked.
+            log.warning("the TLS files changed but do not load (%s); still using the previous ones", exc)
+            return
+        self._tls_stamp = stamp
+        # paho offers no setter once TLS is configured; the context is read at each connect.
+        client._ssl_context = context
+        expiry = f", valid until {certificate_expiry(tls.cert):%Y-%m-%d}" if tls.cert else ""
+        log.info("loaded the renewed TLS files (%s%s)", tls.cert or tls.ca, expiry)
+
+    def _retry_later(self, client: paho.Client) -> None:
+        """Set paho's wait before its next attempt to the backoff's next delay."""
+        delay = self.backoff.next_delay()
+        # Equal bounds: paho then waits exactly this long (its own doubling never starts).
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        log.info("next connection attempt in %.1f s", delay)
+
     def _choose_endpoint(self, client: paho.Client, _u: Any) -> None:
-        """Before each (re)connection attempt: after a failure, aim at the next broker."""
+        """Before each (re)connection attempt: new TLS files if renewed; after a failure, the next broker."""
+        self._reload_tls(client)
         if self._failed and len(self.endpoints) > 1:
             self._current = (self._current + 1) % len(self.endpoints)
             host, port = self.endpoints[self._current]
@@ -258,16 +304,25 @@ class MQTTLink:
             client._host, client._port = host, port
         self._failed = False
 
-    def _handle_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+    def _handle_connect_fail(self, client: paho.Client, _u: Any) -> None:
         host, port = self.endpoint
-        log.warning("cannot connect to broker %s:%s", host, port)
+        log.warning(
+            "cannot connect to broker %s:%s (no TCP connection, or the TLS handshake failed: "
+            "`edge-agent doctor` says which)",
+            host,
+            port,
+        )
         self._failed = True
+        self._retry_later(client)
 
     def _handle_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            log.warning("broker %s:%s refused the connection: %s", *self.endpoint, reason)
+            log.warning(
+                "broker %s:%s refused the connection: %s", *self.endpoint, explain(str(reason), "connack")
+            )
             self._failed = True
             return
+        self.backoff.connected(time.monotonic())
         self._generation += 1
         self.subscribe_topics()
         self.connected.set()
@@ -279,11 +334,12 @@ class MQTTLink:
     def _handle_disconnect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
         self._failed = True
-        client.reconnect_delay_set(min_delay=random.uniform(*_BACKOFF_BASE), max_delay=_BACKOFF_MAX)  # type: ignore[arg-type]
+        self.backoff.disconnected(time.monotonic())
         if reason.is_failure:
-            log.warning("disconnected from broker: %s", reason)
+            log.warning("disconnected from broker: %s", explain(str(reason), "disconnect"))
         else:
             log.info("disconnected from broker")
+        self._retry_later(client)
 
     def _limit(self, topic: str) -> int:
         for topic_filter, limit in self._limits:
@@ -311,6 +367,14 @@ class MQTTLink:
                 truncated=truncated,
             )
         )
+
+    def _handle_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        topic = self._pending_subscriptions.pop(mid, "?")
+        for reason in reasons:
+            if getattr(reason, "is_failure", False):
+                log.error(
+                    "the broker refused the subscription to %s: %s", topic, explain(str(reason), "suback")
+                )
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self.events.put(Published(mid=mid))
