@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from agent.link.mqtt import no_delay
 from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
 
-from .broker import BrokerOptions, FleetError, refusal
+from .broker import BrokerOptions, FleetError, connection_error, refusal
 
 
 class JobFailed(Exception):
@@ -64,9 +64,21 @@ class Submitter:
         try:
             self._client.connect(host, port)
         except OSError as exc:
-            raise JobFailed(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+            raise JobFailed(str(connection_error(broker, exc))) from exc
+        dropped: list[bool] = []
+
+        def on_disconnect(*_a: Any) -> None:
+            dropped.append(True)
+            self._ready.set()
+
+        self._client.on_disconnect = on_disconnect
         self._client.loop_start()
-        if not self._ready.wait(timeout):
+        answered = self._ready.wait(timeout)
+        self._client.on_disconnect = None
+        if dropped:  # closed before the subscription was answered: the broker refused this client
+            self.close()
+            raise JobFailed(str(connection_error(broker, None)))
+        if not answered:
             self.close()
             raise JobFailed(f"the broker at {host}:{port} did not accept the subscription in {timeout} s")
         if self._refused:

@@ -23,6 +23,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.link.tls import certificate_expiry
 from agent.protocol import JobRequest
@@ -48,7 +50,9 @@ class Probe:
         name: str | None = None,
         login: tuple[str, str] | None = None,
         port: int | None = None,
+        resume: bool = False,
     ) -> None:
+        """``resume``: clean start off with a one-hour session expiry, as an agent connects."""
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=name or f"probe-{uuid.uuid4().hex[:8]}",
@@ -81,7 +85,11 @@ class Probe:
             is_operator = identity is not None and identity == broker.client_identity
             port = broker.operator_port if is_operator else broker.port
         try:
-            self.client.connect(broker.host, port)
+            props = None
+            if resume:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 3600
+            self.client.connect(broker.host, port, clean_start=not resume, properties=props)
         except OSError as exc:  # the TLS handshake failed before any MQTT was spoken
             self.outcomes.put(f"failed: {exc}")
             return
