@@ -129,6 +129,7 @@ class Agent:
             max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
             on_connect=self._on_connect,
             payload_limits=limits,
+            subscriptions_file=config.state_dir / "subscriptions.json",
         )
         self._stopping = threading.Event()
         self._shutdown_deadline: float | None = None

@@ -26,6 +26,10 @@ Guarantees it gives the daemon:
   holds no session for the agent: the subscriptions are renewed on every
   connect, and the daemon re-publishes every stored result that no broker
   acknowledged (``Connected``), so accepted jobs are still answered;
+* subscriptions the agent no longer wants (its group changed) are removed
+  from its persistent session on connect (``subscriptions_file`` remembers
+  the last set): a stale shared subscription would otherwise keep drawing
+  the old group's jobs, which the broker then refuses to deliver — lost;
 * a payload limit on every subscription: a message over the limit of the
   subscription it came through reaches the daemon cut to its first
   ``HEAD_BYTES`` bytes and flagged ``truncated``, never whole.
@@ -37,13 +41,16 @@ name); plain TCP only with ``allow_plaintext``, and a warning at start.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -125,6 +132,7 @@ class MQTTLink:
         max_packet_bytes: int | None = None,
         on_connect: Callable[[], None] | None = None,
         payload_limits: Mapping[str, int] | None = None,
+        subscriptions_file: Path | None = None,
     ) -> None:
         self.config = config
         self.mqtt5 = config.protocol == "5"
@@ -138,6 +146,8 @@ class MQTTLink:
         self.events: queue.Queue[Event] = queue.Queue()
         self.connected = threading.Event()
         self._subscriptions = subscriptions
+        self._subscriptions_file = subscriptions_file
+        self._unsubscribing: set[int] = set()
         self._on_connect_hook = on_connect
         self._generation = 0
         self._max_packet = max_packet_bytes
@@ -170,6 +180,7 @@ class MQTTLink:
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
+        client.on_unsubscribe = self._handle_unsubscribe
         self._pending_subscriptions: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
@@ -223,6 +234,39 @@ class MQTTLink:
         return thread is not None and thread.is_alive()
 
     # -- traffic ---------------------------------------------------------------
+
+    def _drop_stale_subscriptions(self) -> None:
+        """Unsubscribe from what an earlier configuration subscribed to, and remember the current set."""
+        path = self._subscriptions_file
+        if path is None:
+            return
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = []
+        self._unsubscribing.clear()
+        if isinstance(previous, list):
+            for topic in previous:
+                if isinstance(topic, str) and topic not in self._subscriptions:
+                    log.info("leaving %s (no longer in the configuration)", topic)
+                    _rc, mid = self._client.unsubscribe(topic)
+                    if mid is not None:
+                        self._unsubscribing.add(mid)
+        if not self._unsubscribing:
+            self._record_subscriptions()
+
+    def _record_subscriptions(self) -> None:
+        """Remember the current set (once the broker confirmed every stale one is gone)."""
+        path = self._subscriptions_file
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._subscriptions))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot record the subscriptions in %s: %s", path, exc)
 
     def subscribe_topics(self) -> None:
         """(Re)subscribe to every topic at QoS 1."""
@@ -324,6 +368,7 @@ class MQTTLink:
             return
         self.backoff.connected(time.monotonic())
         self._generation += 1
+        self._drop_stale_subscriptions()
         self.subscribe_topics()
         self.connected.set()
         log.info("connected to %s:%s", *self.endpoint)
@@ -375,6 +420,12 @@ class MQTTLink:
                 log.error(
                     "the broker refused the subscription to %s: %s", topic, explain(str(reason), "suback")
                 )
+
+    def _handle_unsubscribe(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        if mid in self._unsubscribing:
+            self._unsubscribing.discard(mid)
+            if not self._unsubscribing:
+                self._record_subscriptions()
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self.events.put(Published(mid=mid))

@@ -160,6 +160,22 @@ def test_a_device_provisioned_and_moved_while_the_broker_runs(
             ]
         finally:
             probe.close()
+        # The box follows (its agent.toml now says g3). Its session still held g2's shared
+        # subscription, which would keep drawing half of g2's jobs only to have the broker refuse
+        # their delivery: the agent leaves it. Another member of g2 then answers 10/10.
+        assert agent.terminate() == 0
+        moved = agents(on=tls_broker, device_id="box-n", group="g3", identity=identity)
+        moved.workdir, moved.state_dir = agent.workdir, agent.state_dir
+        moved.config.write_text(agent.config.read_text().replace('group = "g2"', 'group = "g3"'))
+        moved.start()
+        assert "leaving $share/g2/edge/groups/g2/jobs" in moved.log_text()
+        fleet.device("box-m", group="g2")
+        member = agents(on=tls_broker, device_id="box-m", group="g2")
+        member.start()
+        jobs = [f"g2-after-{i}" for i in range(10)]
+        for job_id in jobs:
+            caller.send("edge/groups/g2/jobs", _job(job_id), response_topic=REPLIES)
+        assert _answered(caller, jobs) == 10
     finally:
         caller.close()
 
