@@ -16,10 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests._broker import Broker
 from tests._models import fixture_path
 from tests._mqtt_client import Caller
 from tests._pki import Fleet
+
+pytestmark = pytest.mark.e2e
 
 JOBS = "edge/box-1/jobs"
 REPLIES = "edge/replies/failover"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -33,6 +34,8 @@ from edge_fleet.cli import main as fleet_cli
 from edge_fleet.submit import Submitter
 from tests._broker import Broker
 from tests._pki import Fleet, Identity
+
+pytestmark = pytest.mark.e2e
 
 _WAIT_S = 15.0  # generous: the machine is shared; every wait ends on an event, not on time
 #: PUBACK reasons of an accepted publication (0x10: accepted, nobody subscribed).
