@@ -414,3 +414,28 @@ def _listening(port: int) -> bool:
 
 
 _ = queue  # imported for type hints in helpers of other test modules
+
+
+def test_a_box_the_broker_keeps_dropping_backs_off_and_says_why(
+    tls_broker: Broker, fleet: Fleet, agents
+) -> None:  # type: ignore[no-untyped-def]
+    # Another CA's certificate: the TLS handshake completes on the box's side, then the broker
+    # drops the connection — each time. The agent must not retry once a second forever.
+    agent = agents(on=tls_broker, device_id="box-x", identity=fleet.stranger("box-x"))
+    agent.start(wait_online=False)
+
+    def delays() -> list[float]:
+        marker = "next connection attempt in "
+        return [
+            float(line.split(marker)[1].split(" s")[0])
+            for line in agent.log_text().splitlines()
+            if marker in line
+        ]
+
+    _wait_for(lambda: len(delays()) >= 5, "the agent did not retry", timeout=90)
+    waits = delays()[:5]
+    for n, wait in enumerate(waits):
+        assert 2**n / 2 <= wait <= 2**n, waits  # 0.5-1, 1-2, 2-4, 4-8, 8-16 s: doubling, jittered
+    log = agent.log_text()
+    assert "cannot connect to broker" in log or "the connection was lost or closed by the broker" in log
+    assert "connected to 127.0.0.1" not in log
