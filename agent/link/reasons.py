@@ -28,7 +28,8 @@ _HINTS: dict[tuple[Stage, str], str] = {
     ("disconnect", "Not authorized"): "the broker revoked this identity's rights (edge-fleet revoke?)",
     ("disconnect", "Administrative action"): "an operator disconnected this identity (revoked or moved)",
     ("disconnect", "Unspecified error"): (
-        "the connection was lost or closed by the broker (a revoked identity is closed this way too)"
+        "the connection was lost, or the broker closed it: a certificate it does not accept (another "
+        "CA, expired) is dropped this way; `edge-agent doctor` says which"
     ),
     ("disconnect", "Keep alive timeout"): "the broker heard nothing within the keepalive: network trouble",
     ("disconnect", "Server shutting down"): "the broker is restarting",
@@ -44,4 +45,4 @@ _HINTS: dict[tuple[Stage, str], str] = {
 def explain(reason: str, stage: Stage) -> str:
     """``reason`` (paho's name of a reason code) followed by its cause and fix, when known."""
     hint = _HINTS.get((stage, reason))
-    return f"{reason} ({hint})" if hint else reason
+    return f"{reason}: {hint}" if hint else reason
