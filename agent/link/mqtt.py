@@ -170,6 +170,11 @@ class MQTTLink:
         if config.tls is not None:
             client.tls_set_context(client_context(config.tls.ca, config.tls.cert, config.tls.key))
             self._tls_stamp = self._tls_files_stamp()
+        #: When the client certificate in use expires (None: no client certificate); a renewal
+        #: loaded before a reconnection updates it.
+        self.cert_expiry = (
+            certificate_expiry(config.tls.cert) if config.tls is not None and config.tls.cert else None
+        )
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = no_delay
@@ -324,6 +329,8 @@ class MQTTLink:
             log.warning("the TLS files changed but do not load (%s); still using the previous ones", exc)
             return
         self._tls_stamp = stamp
+        if tls.cert is not None:
+            self.cert_expiry = certificate_expiry(tls.cert)
         # paho offers no setter once TLS is configured; the context is read at each connect.
         client._ssl_context = context
         expiry = f", valid until {certificate_expiry(tls.cert):%Y-%m-%d}" if tls.cert else ""

@@ -129,8 +129,10 @@ class DynSec:
         self._answered = threading.Condition()
         self._subscribed = threading.Event()
         self._refused: list[str] = []
+        self._dropped: list[str] = []
         self.client: paho.Client = connect(options, name="edge-fleet-admin", timeout=self.TIMEOUT_S)
         self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.subscribe(RESPONSE, qos=1)
         if not self._subscribed.wait(self.TIMEOUT_S) or self._refused:
@@ -158,6 +160,11 @@ class DynSec:
         self._refused = [str(r) for r in reasons if r.is_failure]
         self._subscribed.set()
 
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        with self._answered:
+            self._dropped.append(str(reason))
+            self._answered.notify_all()
+
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         try:
             responses = json.loads(msg.payload).get("responses", [])
@@ -176,7 +183,16 @@ class DynSec:
             self._responses.clear()
         info = self.client.publish(CONTROL, json.dumps({"commands": list(commands)}), qos=1)
         with self._answered:
-            if not self._answered.wait_for(lambda: len(self._responses) >= len(commands), self.TIMEOUT_S):
+            done = self._answered.wait_for(
+                lambda: len(self._responses) >= len(commands) or bool(self._dropped), self.TIMEOUT_S
+            )
+            if self._dropped and len(self._responses) < len(commands):
+                raise FleetError(
+                    f"the broker closed the identity connection ({self._dropped[0]}): the devices' listener "
+                    "allows one connection per identity, so another identity command as the same operator "
+                    "probably ran at the same time; run this one again (it is safe to repeat)"
+                )
+            if not done:
                 raise FleetError(
                     f"the broker did not answer the dynamic-security request within {self.TIMEOUT_S:.0f} s "
                     f"(is the plugin loaded on {self.options.host}:{self.options.address[1]}?)"
