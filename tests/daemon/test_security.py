@@ -155,8 +155,9 @@ def test_a_device_reads_and_writes_only_its_own_topics(tls_broker: Broker, fleet
             "edge/box-b/model/desired",
             "edge/#",
             "edge/+/jobs",
+            "$CONTROL/dynamic-security/#",
             "edge/box-a/jobs",
-        ) == [*["Not authorized"] * 5, "Granted QoS 1"]
+        ) == [*["Not authorized"] * 6, "Granted QoS 1"]
         assert b.subscribe("edge/box-b/jobs") == ["Granted QoS 1"]
         assert operator.subscribe("edge/#") == ["Granted QoS 1"]
         for topic in ("edge/box-b/jobs", "edge/box-b/jobs/cancel", "edge/box-b/model/desired"):
@@ -192,6 +193,7 @@ def test_a_device_reads_and_writes_only_its_own_topics(tls_broker: Broker, fleet
             "edge/groups/pool/model/desired",
             "edge/groups/pool/jobs",
             "other/topic",
+            "$CONTROL/dynamic-security/v1",  # the authorization API itself
         ):
             assert a.publish(topic, retain=topic.endswith("desired")) == "Not authorized", topic
         assert a.publish("edge/box-a/telemetry", b"marker") == "Success"
