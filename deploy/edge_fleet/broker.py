@@ -88,7 +88,7 @@ class BrokerOptions:
     """Where the broker is and how to authenticate to it."""
 
     host: str = "127.0.0.1"
-    port: int | None = None  # None: 8883 with TLS, 1883 with plaintext
+    port: int | None = None  # None: 8884 (the operators' listener) with TLS, 1883 with plaintext
     prefix: str = "edge"
     ca: Path | None = None
     cert: Path | None = None
@@ -123,7 +123,7 @@ class BrokerOptions:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``: port 0, meaning 8883 with TLS, 1883 with ``--plaintext``) as a pair."""
+    """``HOST:PORT`` (or ``HOST``: port 0, meaning 8884 with TLS, 1883 with ``--plaintext``) as a pair."""
     host, sep, port = text.rpartition(":")
     if not sep:
         return text, 0
