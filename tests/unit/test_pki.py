@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import stat
 from pathlib import Path
 
@@ -156,9 +157,17 @@ def test_renew_swaps_in_a_new_pair_for_the_same_name(ca: Path, tmp_path: Path) -
     assert fleet(["renew", "box-x", "--ca", str(ca), "--out", str(out)]) == 1, "nothing to renew"
 
 
-def test_broker_init_writes_a_setup_debian_can_include(ca: Path, tmp_path: Path) -> None:
+def test_broker_init_writes_a_setup_debian_can_include(
+    ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "mq"
     assert fleet(["broker", "init", "--ca", str(ca), "--hostname", "mq.lan", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"mosquitto -c {out / 'mosquitto.conf'}" in printed, "the exact start command"
+    if os.geteuid() == 0:
+        # pytest's folders are 0700: the user mosquitto could not read the files, and is told so.
+        assert "is not searchable by the user mosquitto" in printed
+        assert stat.S_IMODE((out / "certs" / "broker.key").stat().st_mode) == 0o640
     snippet = (out / "conf.d" / "edge.conf").read_text()
     assert "persistence_location" not in snippet, "Debian's stock mosquitto.conf sets it already"
     for line in ("per_listener_settings true", "autosave_interval 5", "use_username_as_clientid true"):
