@@ -70,6 +70,22 @@ def test_the_broker_runs_as_the_mosquitto_user_from_broker_inits_files(tls_broke
     assert "autosave_interval 5" in (tls_broker.setup / "conf.d" / "edge.conf").read_text()  # type: ignore[operator]
 
 
+def test_operators_tools_keep_many_connections_as_one_identity(tls_broker: Broker, fleet: Fleet) -> None:
+    # `watch` beside `rollout` beside `submit`: the same operator certificate, three connections.
+    tools = [Probe(tls_broker, fleet.operator) for _ in range(3)]
+    try:
+        assert [t.first_outcome() for t in tools] == ["connected"] * 3
+        assert all(t.subscribe("edge/+/status") == [GRANTED] for t in tools)
+        assert tools[0].publish("edge/box-z/status", b"{}") == "Success"
+        for tool in tools:
+            topic, _payload = tool.messages.get(timeout=_WAIT_S)
+            assert topic == "edge/box-z/status"
+        assert all(t.outcomes.empty() for t in tools), "none of them was disconnected"
+    finally:
+        for tool in tools:
+            tool.close()
+
+
 def test_an_impostor_cannot_take_a_devices_client_id_session_or_queued_jobs(
     tls_broker: Broker, fleet: Fleet, agents
 ) -> None:  # type: ignore[no-untyped-def]
