@@ -224,4 +224,28 @@ def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float 
         who = f" {identity_of(options)}" if refused else ""
         raise FleetError(f"the broker at {host}:{port} refused the connection{who}: {why}")
     client.on_disconnect = None
+    _report_refusals(client, options)
     return client
+
+
+def _report_refusals(client: paho.Client, options: BrokerOptions) -> None:
+    """Say at once, on stderr, when the broker refuses a subscription or a publication.
+
+    A command that installs its own ``on_subscribe``/``on_publish`` replaces these; the others
+    would otherwise wait for messages the broker will never send.
+    """
+
+    def on_subscribe(_c: object, _u: object, mid: int, reasons: list[ReasonCode], _p: object) -> None:
+        for reason in reasons:
+            if reason.is_failure:
+                print(
+                    f"edge-fleet: {refusal(options, f'subscription {mid}', reason)}",
+                    file=sys.stderr,
+                )
+
+    def on_publish(_c: object, _u: object, _mid: int, reason: ReasonCode, _p: object) -> None:
+        if reason.is_failure:
+            print(f"edge-fleet: {refusal(options, 'publishing', reason)}", file=sys.stderr)
+
+    client.on_subscribe = on_subscribe
+    client.on_publish = on_publish

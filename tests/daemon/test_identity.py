@@ -314,6 +314,9 @@ def test_edge_fleet_names_the_refused_identity_at_once(
     err = capsys.readouterr().err
     assert code == 1 and "not authorized as box-f" in err, err
     assert time.monotonic() - started < 60, "said at once, not after the 300 s result timeout"
+    # A view that subscribes: the refusal is printed, not an empty fleet shown in silence.
+    fleet_cli(["status", *flags, "--tls-cert", str(device.cert), "--tls-key", str(device.key)])
+    assert "not authorized as box-f" in capsys.readouterr().err
     # No --tls-ca: the verify failure names the flag.
     op = fleet.operator
     base = ["submit", "--device", "box-f", "hi", "--broker", f"{tls_broker.host}:{tls_broker.operator_port}"]
