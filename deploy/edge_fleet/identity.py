@@ -76,13 +76,10 @@ def move_command(args: argparse.Namespace) -> int:
         pki.check_name(group, "a group")
     with DynSec(admin_options(args)) as api:
         left = api.set_group(args.name, group, args.topic_prefix)
-    was = f" (left {', '.join(left)})" if left else ""
+    was = f" (left {', '.join(left)}; disconnected so that it subscribes again)" if left else ""
     now = f"group {group}" if group else "no group"
-    print(
-        f"{args.name}: {now}{was}; set group = {group!r} in its agent.toml too"
-        if group
-        else f"{args.name}: {now}{was}"
-    )
+    edit = f'group = "{group}"' if group else "no group line"
+    print(f"{args.name}: {now}{was}; its agent.toml needs {edit} too (then restart the agent)")
     return 0
 
 
