@@ -23,9 +23,10 @@ class Backoff:
 
     first_s: float = 1.0
     max_s: float = 60.0
-    #: A connection that stayed up this long resets the backoff (a minute: longer than a
-    #: keepalive round, shorter than the longest delay).
-    stable_s: float = 60.0
+    #: A connection that stayed up this long resets the backoff: long enough that a broker
+    #: dropping the box right after CONNACK (or after its first SUBSCRIBE) does not count as
+    #: recovery, short enough that brokers restarted a few times in a row are rejoined quickly.
+    stable_s: float = 10.0
     rng: random.Random = field(default_factory=random.Random)
     failures: int = 0
     _up_since: float | None = None
