@@ -41,15 +41,14 @@ name); plain TCP only with ``allow_plaintext``, and a warning at start.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,8 @@ from agent.config import MQTTConfig
 from agent.errors import LinkError
 from agent.link.backoff import Backoff
 from agent.link.reasons import explain
-from agent.link.tls import certificate_expiry, client_context
+from agent.link.subscriptions import SubscriptionRecord
+from agent.link.tls import TLSFiles, client_context
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class MQTTLink:
         self.events: queue.Queue[Event] = queue.Queue()
         self.connected = threading.Event()
         self._subscriptions = subscriptions
-        self._subscriptions_file = subscriptions_file
+        self._record = SubscriptionRecord(subscriptions_file) if subscriptions_file else None
         self._unsubscribing: set[int] = set()
         self._on_connect_hook = on_connect
         self._generation = 0
@@ -163,18 +163,12 @@ class MQTTLink:
         client.max_queued_messages_set(0)  # unbounded: results wait for the broker
         self.backoff = Backoff(max_s=_BACKOFF_MAX)
         client.reconnect_delay_set(min_delay=1, max_delay=_BACKOFF_MAX)
-        self._tls_stamp: tuple[float, ...] = ()
         if config.username:
             password = config.password.get_secret_value() if config.password else None
             client.username_pw_set(config.username, password)
         if config.tls is not None:
             client.tls_set_context(client_context(config.tls.ca, config.tls.cert, config.tls.key))
-            self._tls_stamp = self._tls_files_stamp()
-        #: When the client certificate in use expires (None: no client certificate); a renewal
-        #: loaded before a reconnection updates it.
-        self.cert_expiry = (
-            certificate_expiry(config.tls.cert) if config.tls is not None and config.tls.cert else None
-        )
+        self._tls_files = TLSFiles(config.tls.ca, config.tls.cert, config.tls.key) if config.tls else None
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = no_delay
@@ -231,6 +225,11 @@ class MQTTLink:
         return self.endpoints[self._current]
 
     @property
+    def cert_expiry(self) -> datetime | None:
+        """When the client certificate in use expires (a renewal loaded on reconnection updates it)."""
+        return self._tls_files.cert_expiry if self._tls_files is not None else None
+
+    @property
     def alive(self) -> bool:
         """Whether paho's network thread is running (the watchdog stops when it dies)."""
         # paho exposes no public accessor for its loop thread; this is the one
@@ -241,37 +240,18 @@ class MQTTLink:
     # -- traffic ---------------------------------------------------------------
 
     def _drop_stale_subscriptions(self) -> None:
-        """Unsubscribe from what an earlier configuration subscribed to, and remember the current set."""
-        path = self._subscriptions_file
-        if path is None:
+        """Unsubscribe from what an earlier configuration subscribed to; remember the current set
+        once the broker confirmed (so a connection lost meanwhile retries next time)."""
+        if self._record is None:
             return
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = []
         self._unsubscribing.clear()
-        if isinstance(previous, list):
-            for topic in previous:
-                if isinstance(topic, str) and topic not in self._subscriptions:
-                    log.info("leaving %s (no longer in the configuration)", topic)
-                    _rc, mid = self._client.unsubscribe(topic)
-                    if mid is not None:
-                        self._unsubscribing.add(mid)
+        for topic in self._record.stale(self._subscriptions):
+            log.info("leaving %s (no longer in the configuration)", topic)
+            _rc, mid = self._client.unsubscribe(topic)
+            if mid is not None:
+                self._unsubscribing.add(mid)
         if not self._unsubscribing:
-            self._record_subscriptions()
-
-    def _record_subscriptions(self) -> None:
-        """Remember the current set (once the broker confirmed every stale one is gone)."""
-        path = self._subscriptions_file
-        if path is None:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._subscriptions))
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("cannot record the subscriptions in %s: %s", path, exc)
+            self._record.save(self._subscriptions)
 
     def subscribe_topics(self) -> None:
         """(Re)subscribe to every topic at QoS 1."""
@@ -308,34 +288,6 @@ class MQTTLink:
 
     # -- paho callbacks (network thread: hand over only) -------------------------
 
-    def _tls_files_stamp(self) -> tuple[float, ...]:
-        tls = self.config.tls
-        paths = [p for p in (tls.ca, tls.cert, tls.key) if p is not None] if tls else []
-        try:
-            return tuple(p.stat().st_mtime_ns for p in paths)
-        except OSError:
-            return ()
-
-    def _reload_tls(self, client: paho.Client) -> None:
-        """Use the certificate files anew if they changed since they were loaded (a renewal)."""
-        tls = self.config.tls
-        stamp = self._tls_files_stamp()
-        if tls is None or not stamp or stamp == self._tls_stamp:
-            return
-        try:
-            context = client_context(tls.ca, tls.cert, tls.key)
-        except LinkError as exc:
-            # Half-copied files, or a key that does not match: keep the identity that worked.
-            log.warning("the TLS files changed but do not load (%s); still using the previous ones", exc)
-            return
-        self._tls_stamp = stamp
-        if tls.cert is not None:
-            self.cert_expiry = certificate_expiry(tls.cert)
-        # paho offers no setter once TLS is configured; the context is read at each connect.
-        client._ssl_context = context
-        expiry = f", valid until {certificate_expiry(tls.cert):%Y-%m-%d}" if tls.cert else ""
-        log.info("loaded the renewed TLS files (%s%s)", tls.cert or tls.ca, expiry)
-
     def _retry_later(self, client: paho.Client) -> None:
         """Set paho's wait before its next attempt to the backoff's next delay."""
         delay = self.backoff.next_delay()
@@ -345,7 +297,11 @@ class MQTTLink:
 
     def _choose_endpoint(self, client: paho.Client, _u: Any) -> None:
         """Before each (re)connection attempt: new TLS files if renewed; after a failure, the next broker."""
-        self._reload_tls(client)
+        if self._tls_files is not None:
+            renewed = self._tls_files.reloaded()
+            if renewed is not None:
+                # paho offers no setter once TLS is configured; the context is read at each connect.
+                client._ssl_context = renewed
         if self._failed and len(self.endpoints) > 1:
             self._current = (self._current + 1) % len(self.endpoints)
             host, port = self.endpoints[self._current]
@@ -431,8 +387,8 @@ class MQTTLink:
     def _handle_unsubscribe(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         if mid in self._unsubscribing:
             self._unsubscribing.discard(mid)
-            if not self._unsubscribing:
-                self._record_subscriptions()
+            if not self._unsubscribing and self._record is not None:
+                self._record.save(self._subscriptions)
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self.events.put(Published(mid=mid))
