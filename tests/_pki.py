@@ -53,6 +53,8 @@ class Fleet:
         assert fleet(["ca", "init", "--out", str(self.ca_dir)]) == 0
         self.ca = self.ca_dir / "ca.crt"
         self.operator = self._issue("operator", ["--operator"])
+        # A server certificate for localhost (the tests' HTTPS servers; `broker init` makes its own).
+        self.broker = self._issue("broker", ["--broker", "localhost", "--broker", "127.0.0.1"])
         self.brokers: list[Broker] = []
         self.registered: dict[str, str | None] = {}
 
