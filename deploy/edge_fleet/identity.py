@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from agent.link.tls import certificate_expiry
+
 from . import pki
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from, parse_address
 from .dynsec import DynSec
@@ -132,9 +134,12 @@ def renew_command(args: argparse.Namespace) -> int:
     cert, key = args.out / f"{name}.crt", args.out / f"{name}.key"
     if not cert.exists():
         raise FleetError(f"{cert}: no certificate to renew (issue one with `edge-fleet provision {name}`)")
+    before = certificate_expiry(cert)
     renew(name, args.ca, args.out, days=args.days)
+    after = certificate_expiry(cert)
     print(
-        f"renewed {cert} and {key}: the agent uses them from its next connection (restart it to use them now)"
+        f"renewed {cert} and {key} (valid until {after:%Y-%m-%d}, was {before:%Y-%m-%d}): copy them over the "
+        "box's files; the agent uses them from its next connection (restart it to use them now)"
     )
     return 0
 
