@@ -91,7 +91,23 @@ def init_command(args: argparse.Namespace) -> int:
     """``edge-fleet broker init --ca DIR --hostname HOST --out DIR``."""
     out: Path = args.out.resolve()
     operators = args.operator or [pki.OPERATOR]
-    written = init(
+    try:
+        written = _init_from(args, out, operators)
+    except OSError as exc:
+        raise FleetError(
+            f"{exc.filename or out}: {exc.strerror or exc} — run `broker init` as root (sudo) for a folder "
+            "like /etc/mosquitto/edge, or choose another --out"
+        ) from exc
+    for path in written:
+        print(f"wrote {path}")
+    for warning in traversal_problems(out) + ownership_problems(out):
+        print(f"warning: {warning}")
+    _print_next_steps(args, out, operators)
+    return 0
+
+
+def _init_from(args: argparse.Namespace, out: Path, operators: list[str]) -> list[Path]:
+    return init(
         args.ca,
         out,
         hosts=args.hostname,
@@ -103,10 +119,9 @@ def init_command(args: argparse.Namespace) -> int:
         plugin=args.plugin,
         force=args.force,
     )
-    for path in written:
-        print(f"wrote {path}")
-    for warning in traversal_problems(out):
-        print(f"warning: {warning}")
+
+
+def _print_next_steps(args: argparse.Namespace, out: Path, operators: list[str]) -> None:
     host = args.hostname[0]
     print(
         f"\nstart it:   mosquitto -c {out / 'mosquitto.conf'}\n"
@@ -118,7 +133,6 @@ def init_command(args: argparse.Namespace) -> int:
         f"  edge-fleet ... --broker {host}:{args.operator_port} --tls-ca OPDIR/ca.crt "
         f"--tls-cert OPDIR/{operators[0]}.crt --tls-key OPDIR/{operators[0]}.key"
     )
-    return 0
 
 
 def find_plugin(given: Path | None) -> Path:
@@ -298,3 +312,19 @@ def traversal_problems(out: Path) -> list[str]:
                 f"its files (chmod o+x {folder}, or choose --out under /etc/mosquitto)"
             )
     return problems
+
+
+def ownership_problems(out: Path) -> list[str]:
+    """Written by someone other than root: a mosquitto started as root (which then becomes the
+    user mosquitto) could not read the key nor write its data."""
+    if os.geteuid() == 0:
+        return []
+    try:
+        pwd.getpwnam(MOSQUITTO_USER)
+    except KeyError:
+        return []
+    return [
+        f"not run as root: {out / 'certs' / 'broker.key'} is yours, mode 0600. Start mosquitto as this "
+        f"user (it then stays this user), or run `broker init` as root so the user {MOSQUITTO_USER} "
+        "can read it when mosquitto is started as root"
+    ]
