@@ -199,3 +199,21 @@ def test_odd_paths_stay_valid_toml(ca: Path, tmp_path: Path) -> None:
         fleet(["provision", "box-1", "--ca", str(ca), "--out", str(out), "--model", 'C:\\models\\"x"']) == 0
     )
     assert load_config(out / "agent.toml").model.path == Path('C:\\models\\"x"')
+
+
+def test_the_link_loads_a_renewal_and_keeps_its_identity_when_the_new_files_are_broken(
+    ca: Path, tmp_path: Path
+) -> None:
+    from agent.link.tls import TLSFiles
+
+    out = tmp_path / "box-t"
+    assert fleet(["provision", "box-t", "--ca", str(ca), "--out", str(out)]) == 0
+    files = TLSFiles(out / "ca.crt", out / "box-t.crt", out / "box-t.key")
+    first = files.cert_expiry
+    assert files.reloaded() is None, "nothing changed"
+    renew("box-t", ca, out, days=30)
+    assert files.reloaded() is not None and files.cert_expiry is not None
+    assert first is not None and files.cert_expiry < first, "the new certificate is the one in use"
+    # A half-copied key (bad luck during the copy to the box): the working pair stays in use.
+    (out / "box-t.key").write_text("-----BEGIN PRIVATE KEY-----\ntruncated")
+    assert files.reloaded() is None
