@@ -42,7 +42,8 @@ OPERATORS_FILE = "operators.txt"
 #: The default operator identity (`edge-fleet broker init` registers it as an administrator).
 OPERATOR = "operator"
 # Same rule as the agent's device_id: the name becomes a topic level and an ACL user.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched with fullmatch: ``re.match(...$)`` takes "box\n", whose ACL line stops mosquitto starting.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Ten years for the CA (replacing it means re-provisioning the fleet), about one for identities
 # (a stolen box's certificate stops working by itself; the doctor warns 30 days ahead).
 CA_DAYS, IDENTITY_DAYS = 3650, 397
@@ -311,7 +312,7 @@ def provision(
 
 def check_name(name: str, what: str = "a name") -> None:
     """Refuse a name that cannot be a topic level and an MQTT user name."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise FleetError(f"{name!r}: {what} is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
 
 
