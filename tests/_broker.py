@@ -59,7 +59,9 @@ class Broker:
     (``client_identity``) to ``operator_port``.
     """
 
-    def __init__(self, workdir: Path, fleet: Fleet | None = None) -> None:
+    def __init__(self, workdir: Path, fleet: Fleet | None = None, *, device_logins: bool = False) -> None:
+        """``device_logins``: `broker init --device-logins` (devices log in with passwords; the
+        fleet's devices are then not registered automatically: provision them with --login)."""
         self.binary = mosquitto_binary()
         self.workdir = workdir
         self.port = free_port()
@@ -116,12 +118,14 @@ class Broker:
                     str(self.operator_port),
                     "--bind",
                     "127.0.0.1",
+                    *(["--device-logins"] if device_logins else []),
                 ]
             )
             assert code == 0, "edge-fleet broker init failed"
             self.conf = self.setup / "mosquitto.conf"
             self.log = self.setup / "log" / "mosquitto.log"
-            fleet.brokers.append(self)
+            if not device_logins:
+                fleet.brokers.append(self)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -24,7 +24,10 @@ Pure rule builders are apart from ``DynSec``, the one class that talks to the br
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -94,8 +97,24 @@ def admin_acls() -> list[dict[str, Any]]:
     ]
 
 
-def initial_state(operators: Iterable[str]) -> dict[str, Any]:
-    """A fresh ``dynamic-security.json``: everything denied, ``operators`` may administer."""
+#: PBKDF2 rounds of a stored password (the plugin reads the count from each record).
+PASSWORD_ROUNDS = 10_000
+
+
+def password_record(password: str) -> dict[str, Any]:
+    """The plugin's stored form of ``password``: PBKDF2-HMAC-SHA512, a 12-byte salt, base64."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PASSWORD_ROUNDS, dklen=64)
+    return {
+        "salt": base64.b64encode(salt).decode(),
+        "password": base64.b64encode(digest).decode(),
+        "iterations": PASSWORD_ROUNDS,
+    }
+
+
+def initial_state(operators: Iterable[str], passwords: dict[str, str] | None = None) -> dict[str, Any]:
+    """A fresh ``dynamic-security.json``: everything denied, ``operators`` may administer
+    (logging in with ``passwords[name]`` when given: the devices' listener without certificates)."""
     return {
         "defaultACLAccess": {
             "publishClientSend": False,
@@ -104,7 +123,12 @@ def initial_state(operators: Iterable[str]) -> dict[str, Any]:
             "unsubscribe": True,
         },
         "clients": [
-            {"username": name, "textname": "edge-fleet operator", "roles": [{"rolename": ADMIN_ROLE}]}
+            {
+                "username": name,
+                "textname": "edge-fleet operator",
+                "roles": [{"rolename": ADMIN_ROLE}],
+                **(password_record(passwords[name]) if passwords and name in passwords else {}),
+            }
             for name in operators
         ],
         "groups": [],
@@ -224,8 +248,12 @@ class DynSec:
             allow=["already exists", "already in"],
         )
 
-    def add_device(self, name: str, group: str | None, prefix: str) -> None:
-        """Register device ``name`` (its role, its group): its certificate works at once."""
+    def add_device(self, name: str, group: str | None, prefix: str, password: str | None = None) -> None:
+        """Register device ``name`` (its role, its group): its certificate works at once.
+
+        ``password``: the device logs in with it (a broker set up with ``--device-logins``); the
+        plugin then also binds the login to the client id ``name``.
+        """
         existing = self.get_client(name)
         if existing is not None and any(r.get("rolename") == ADMIN_ROLE for r in existing.get("roles", [])):
             raise FleetError(f"{name!r} is an operator on this broker; choose another device name")
@@ -233,6 +261,7 @@ class DynSec:
             {"command": "createRole", "rolename": device_role(name), "acls": device_acls(name, prefix)},
             allow=["already exists"],
         )
+        login = {"password": password, "clientid": name} if password is not None else {}
         if existing is None:
             self.run(
                 {
@@ -240,6 +269,7 @@ class DynSec:
                     "username": name,
                     "textname": "edge-agent device",
                     "roles": [{"rolename": device_role(name)}],
+                    **login,
                 }
             )
         else:
@@ -249,6 +279,9 @@ class DynSec:
                 {"command": "enableClient", "username": name},
                 allow=["already"],
             )
+            if password is not None:
+                self.run({"command": "setClientPassword", "username": name, "password": password})
+                self.run({"command": "setClientId", "username": name, "clientid": name})
         self.set_group(name, group, prefix)
 
     def set_group(self, name: str, group: str | None, prefix: str) -> list[str]:

@@ -96,8 +96,11 @@ def revoke_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_device(args: argparse.Namespace, name: str, group: str | None) -> None:
-    """``provision NAME --live HOST[:PORT]``: make the new certificate work on the running broker."""
+def register_device(
+    args: argparse.Namespace, name: str, group: str | None, *, password: str | None = None
+) -> None:
+    """``provision NAME --live HOST[:PORT]``: make the new certificate (or login) work on the
+    running broker."""
     host, port = args.live
     options = BrokerOptions(
         host=host,
@@ -106,9 +109,11 @@ def register_device(args: argparse.Namespace, name: str, group: str | None) -> N
         ca=args.tls_ca,
         cert=args.tls_cert,
         key=args.tls_key,
+        username=args.username,
+        password=args.password,
     )
     with DynSec(options) as api:
-        api.add_device(name, group, args.topic_prefix)
+        api.add_device(name, group, args.topic_prefix, password=password)
     where = f" and group {group}" if group else ""
     print(f"registered {name}{where} on the broker at {host}:{options.address[1]}")
 
@@ -126,6 +131,18 @@ def add_live_args(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--tls-cert", type=Path, help="with --live: an operator certificate")
     live.add_argument("--tls-key", type=Path, help="with --live: its key")
     live.add_argument("--topic-prefix", default="edge", help="first level of every topic (default: edge)")
+    live.add_argument(
+        "--login",
+        action="store_true",
+        help="with --live, on a broker set up with `broker init --device-logins`: the device logs in "
+        "with a new random password (written into its agent.toml, mode 0600)",
+    )
+    live.add_argument("--username", help="with --live: the operator's login (`--device-logins` brokers)")
+    live.add_argument(
+        "--password",
+        default=os.environ.get("EDGE_FLEET_PASSWORD"),
+        help="with --username (default: $EDGE_FLEET_PASSWORD; broker init wrote it to operator-NAME.password)",
+    )
 
 
 def renew_command(args: argparse.Namespace) -> int:

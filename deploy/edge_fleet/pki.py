@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -126,7 +127,9 @@ def ca_init_command(args: argparse.Namespace) -> int:
 def provision_command(args: argparse.Namespace) -> int:
     """``edge-fleet provision NAME --ca DIR --out OUT [--operator | --broker HOSTNAME]``."""
     name: str = args.name
-    device_only = [flag for flag in ("group", "endpoint", "live", "trusted_key") if getattr(args, flag)]
+    device_only = [
+        flag for flag in ("group", "endpoint", "live", "trusted_key", "login") if getattr(args, flag)
+    ]
     if (args.broker or args.operator) and device_only:
         raise FleetError(f"--{', --'.join(device_only)}: only for a device")
     if args.group:
@@ -151,7 +154,13 @@ def provision_command(args: argparse.Namespace) -> int:
         toml = args.out / "agent.toml"
         _refuse_overwrite([toml], args.force)
         keys = [_read_public_key(path) for path in args.trusted_key or []]
+        if args.login and not args.live:
+            raise FleetError("--login needs --live: the password is registered on the running broker")
+        login = secrets.token_urlsafe(24) if args.login else None
         written = provision(name, args.ca, args.out, kind="device", days=args.days, force=args.force)
+        # With a login the file holds a secret: readable by its owner only, from the start.
+        toml.touch(mode=0o600 if login else 0o644)
+        toml.chmod(0o600 if login else 0o644)
         toml.write_text(
             agent_toml(
                 name,
@@ -161,6 +170,7 @@ def provision_command(args: argparse.Namespace) -> int:
                 model=args.model,
                 state_dir=args.state_dir,
                 trusted_keys=keys,
+                login=login,
             )
         )
         written.append(toml)
@@ -171,7 +181,7 @@ def provision_command(args: argparse.Namespace) -> int:
         if args.live:
             from .identity import register_device
 
-            register_device(args, name, args.group)
+            register_device(args, name, args.group, password=login)
         else:
             print(
                 f"note: the broker does not know {name} yet: run `edge-fleet provision {name} ... --live` "
@@ -357,8 +367,10 @@ def agent_toml(
     model: str,
     state_dir: str = "/var/lib/edge-agent",
     trusted_keys: list[str] | None = None,
+    login: str | None = None,
 ) -> str:
-    """A ready configuration for device ``name`` using the files ``provision`` wrote."""
+    """A ready configuration for device ``name`` using the files ``provision`` wrote
+    (``login``: its password on a broker whose devices log in, instead of its certificate)."""
     # JSON strings are TOML basic strings: quotes and backslashes in a path stay escaped.
     lines = [
         "# Written by `edge-fleet provision`. Every key: agent/config.py (and README.md).",
@@ -375,11 +387,16 @@ def agent_toml(
         "[mqtt]",
         "# Tried in order; when one fails the agent moves to the next.",
         f"brokers = {json.dumps(endpoints)}",
-        "",
-        "[mqtt.tls]",
-        f"ca = {json.dumps(f'{install_dir}/{CA_CERT}')}",
-        f"cert = {json.dumps(f'{install_dir}/{name}.crt')}",
-        f"key = {json.dumps(f'{install_dir}/{name}.key')}",
+    ]
+    if login:
+        lines += [f"username = {json.dumps(name)}", f"password = {json.dumps(login)}"]
+    lines += ["", "[mqtt.tls]", f"ca = {json.dumps(f'{install_dir}/{CA_CERT}')}"]
+    if not login:
+        lines += [
+            f"cert = {json.dumps(f'{install_dir}/{name}.crt')}",
+            f"key = {json.dumps(f'{install_dir}/{name}.key')}",
+        ]
+    lines += [
         "",
         "[update]",
         "# Releases signed by these keys (edge-fleet keygen's fleet.pub) are installed.",

@@ -34,6 +34,7 @@ import grp
 import json
 import os
 import pwd
+import secrets
 import stat
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     init.add_argument("--topic-prefix", default="edge", help="first level of every topic (default: edge)")
     init.add_argument("--plugin", type=Path, help="mosquitto_dynamic_security.so (default: found)")
+    init.add_argument(
+        "--device-logins",
+        action="store_true",
+        help="devices log in with a user name and password (provision --login) instead of a client "
+        "certificate; operators keep theirs",
+    )
     init.add_argument("--force", action="store_true", help="rewrite an existing setup (keeps data/)")
     init.set_defaults(func=init_command)
 
@@ -118,6 +125,7 @@ def _init_from(args: argparse.Namespace, out: Path, operators: list[str]) -> lis
         prefix=args.topic_prefix,
         plugin=args.plugin,
         force=args.force,
+        device_logins=args.device_logins,
     )
 
 
@@ -162,8 +170,14 @@ def init(
     prefix: str = "edge",
     plugin: Path | None = None,
     force: bool = False,
+    device_logins: bool = False,
 ) -> list[Path]:
-    """Write the setup into ``out``; returns the files written."""
+    """Write the setup into ``out``; returns the files written.
+
+    ``device_logins``: the devices' listener takes logins (checked by the plugin, each bound to
+    its client id) instead of certificates; each operator's password for the identity commands
+    there goes to ``out/operator-NAME.password`` (0600).
+    """
     operators = operators or [pki.OPERATOR]
     for name in operators:
         pki.check_name(name)
@@ -195,11 +209,29 @@ def init(
     if state.exists():
         print(f"kept {state} (the live authorization state)")
     else:
-        state.write_text(json.dumps(dynsec.initial_state(operators), indent=2) + "\n")
+        passwords: dict[str, str] = {}
+        if device_logins:
+            for name in operators:
+                passwords[name] = secrets.token_urlsafe(24)
+                secret = out / f"operator-{name}.password"
+                fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(passwords[name] + "\n")
+                written.append(secret)
+        state.write_text(json.dumps(dynsec.initial_state(operators, passwords), indent=2) + "\n")
         written.append(state)
     snippet = conf_d / "edge.conf"
     snippet.write_text(
-        listeners_conf(certs, data, acl, plugin_path, port=port, operator_port=operator_port, bind=bind)
+        listeners_conf(
+            certs,
+            data,
+            acl,
+            plugin_path,
+            port=port,
+            operator_port=operator_port,
+            bind=bind,
+            device_logins=device_logins,
+        )
     )
     conf.write_text(main_conf(out))
     written += [acl, snippet, conf]
@@ -229,6 +261,7 @@ def listeners_conf(
     port: int,
     operator_port: int,
     bind: str | None,
+    device_logins: bool = False,
 ) -> str:
     """The two listeners; no ``persistence_location``, so Debian's stock file can include it."""
     where = f" {bind}" if bind else ""
@@ -238,6 +271,24 @@ keyfile {certs / "broker.key"}
 tls_version tlsv1.2
 require_certificate true
 use_identity_as_username true
+allow_anonymous false"""
+    devices = f"""\
+# A fleet certificate's CN is the user name AND the client id: a certificate can only
+# ever hold its own session. Authorization (checked at SUBSCRIBE and at delivery) is the
+# dynamic-security plugin's state, changed live by `edge-fleet provision/move/revoke`.
+# Operators' certificates are accepted here only for those identity commands.
+listener {port}{where}
+cafile {certs / "clients-ca.crt"}
+{tls}"""
+    if device_logins:
+        devices = f"""\
+# Devices log in with a user name and password, checked by the dynamic-security plugin
+# (which binds each login to its client id and refuses a disabled client at CONNECT);
+# the user name is also the client id, so a login can only hold its own session.
+listener {port}{where}
+certfile {certs / "broker.crt"}
+keyfile {certs / "broker.key"}
+tls_version tlsv1.2
 allow_anonymous false"""
     return f"""\
 # Written by `edge-fleet broker init`: an edge-agent fleet on mosquitto 2.0.
@@ -258,13 +309,7 @@ max_packet_size 1048576
 set_tcp_nodelay true
 
 # -- devices ----------------------------------------------------------------------
-# A fleet certificate's CN is the user name AND the client id: a certificate can only
-# ever hold its own session. Authorization (checked at SUBSCRIBE and at delivery) is the
-# dynamic-security plugin's state, changed live by `edge-fleet provision/move/revoke`.
-# Operators' certificates are accepted here only for those identity commands.
-listener {port}{where}
-cafile {certs / "clients-ca.crt"}
-{tls}
+{devices}
 use_username_as_clientid true
 plugin {plugin}
 plugin_opt_config_file {data / "dynamic-security.json"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import queue
+import stat
 import subprocess
 import sys
 import threading
@@ -386,6 +387,62 @@ def test_doctor_verifies_the_tls_handshake_and_the_certificates(
     agent.config.write_text(other_ca)
     bad = _doctor(agent.config)
     assert bad.returncode == 1 and "TLS handshake failed" in bad.stdout, bad.stdout
+
+
+def test_device_logins_instead_of_certificates(tmp_path: Path, fleet: Fleet, agents) -> None:  # type: ignore[no-untyped-def]
+    broker = Broker(tmp_path / "login-broker", fleet, device_logins=True)
+    broker.start()
+    assert broker.setup is not None
+    admin = (broker.setup / "operator-operator.password").read_text().strip()
+    passwords = {}
+    try:
+        for name in ("box-p", "box-q"):
+            out = tmp_path / name
+            args = ["provision", name, "--ca", str(fleet.ca_dir), "--out", str(out), "--login"]
+            live = ["--live", f"{broker.host}:{broker.port}", "--tls-ca", str(fleet.ca)]
+            assert fleet_cli([*args, *live, "--username", "operator", "--password", admin]) == 0
+            toml = (out / "agent.toml").read_text()
+            assert stat.S_IMODE((out / "agent.toml").stat().st_mode) == 0o600, "it holds a secret"
+            passwords[name] = next(
+                line.split('"')[1] for line in toml.splitlines() if line.startswith("password = ")
+            )
+        ca_only = Identity("box-p", fleet.ca, None, None)
+        wrong = Probe(broker, ca_only, login=("box-p", "not-the-password"))
+        try:
+            assert wrong.first_outcome().startswith("refused"), "a wrong password is refused"
+        finally:
+            wrong.close()
+        # Each login holds only its own session and its own topics.
+        q = Probe(broker, ca_only, login=("box-q", passwords["box-q"]), name="box-p")
+        try:
+            assert q.first_outcome() in ("connected", "refused: Not authorized")
+            if q.outcomes.empty():
+                assert q.publish("edge/box-p/results/x") == "Not authorized"
+        finally:
+            q.close()
+        agent = agents(on=broker, device_id="box-p", mqtt={"username": "box-p"}, identity=ca_only)
+        agent.start(env={"EDGE_AGENT_MQTT__PASSWORD": passwords["box-p"]})
+        options = BrokerOptions(
+            broker.host, broker.operator_port, ca=fleet.ca, cert=fleet.operator.cert, key=fleet.operator.key
+        )
+        with Submitter(options) as submitter:
+            result = submitter.run(
+                "edge/box-p/jobs", JobRequest(id="pw-1", prompt="hi", max_tokens=3), timeout=60
+            )
+        assert result.status == "succeeded"
+        assert "disconnected from broker" not in agent.log_text(), "the box-p login by box-q changed nothing"
+        assert passwords["box-p"] not in agent.log_text()
+        # With logins, a revoked device is refused at CONNECT.
+        flags = ["--broker", f"{broker.host}:{broker.operator_port}", "--admin-port", str(broker.port)]
+        creds = ["--tls-ca", str(fleet.ca), "--username", "operator", "--password", admin]
+        assert fleet_cli(["revoke", "box-p", *flags, *creds]) == 0
+        again = Probe(broker, ca_only, login=("box-p", passwords["box-p"]))
+        try:
+            assert again.first_outcome().startswith("refused")
+        finally:
+            again.close()
+    finally:
+        broker.cleanup()
 
 
 def test_an_agent_with_an_expired_certificate_says_so_and_is_refused(
