@@ -56,17 +56,21 @@ def _operator(broker: Broker, fleet: Fleet) -> Caller:
     return Caller(broker.host, broker.operator_port, REPLIES, identity=fleet.operator)
 
 
-def test_the_broker_runs_as_the_mosquitto_user_from_broker_inits_files(tls_broker: Broker) -> None:
-    assert tls_broker.proc is not None
+def _user_of(pid: int) -> str:
+    import pwd
+
     uid = next(
         int(line.split()[1])
-        for line in Path(f"/proc/{tls_broker.proc.pid}/status").read_text().splitlines()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         if line.startswith("Uid:")
     )
-    if os.geteuid() == 0:
-        import pwd
+    return pwd.getpwuid(uid).pw_name
 
-        assert pwd.getpwuid(uid).pw_name == "mosquitto", "started as root, it dropped privileges"
+
+def test_the_broker_runs_as_the_mosquitto_user_from_broker_inits_files(tls_broker: Broker) -> None:
+    assert tls_broker.proc is not None
+    if os.geteuid() == 0:
+        assert _user_of(tls_broker.proc.pid) == "mosquitto", "started as root, it dropped privileges"
     assert "autosave_interval 5" in (tls_broker.setup / "conf.d" / "edge.conf").read_text()  # type: ignore[operator]
 
 
@@ -388,6 +392,8 @@ def test_the_documented_debian_setup_works_as_typed_and_keeps_state_across_a_cra
         broker.host, broker.port, broker.operator_port = "127.0.0.1", port, operator_port
         broker.client_identity = fleet.operator
         proc = start()
+        if os.geteuid() == 0:
+            assert _user_of(proc.pid) == "mosquitto", "started as root, it runs as the user mosquitto"
         from tests._pki import Fleet as _Fleet
 
         _Fleet.register_on(fleet, broker, "box-a", None)
