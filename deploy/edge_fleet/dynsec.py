@@ -238,6 +238,12 @@ class DynSec:
         client = response.get("data", {}).get("client")
         return client if isinstance(client, dict) else None
 
+    def list_clients(self) -> list[dict[str, Any]]:
+        """Every client the plugin holds (devices and operators)."""
+        (response,) = self.run({"command": "listClients", "verbose": True, "count": -1})
+        clients = response.get("data", {}).get("clients", [])
+        return [c for c in clients if isinstance(c, dict)]
+
     def ensure_group(self, group: str, prefix: str) -> None:
         """Create group ``group`` and its role if missing (idempotent)."""
         role = group_role(group)

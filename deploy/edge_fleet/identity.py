@@ -15,6 +15,7 @@ revoked device stays revoked: renewing gives it a certificate, not its rights.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from dataclasses import replace
@@ -24,7 +25,7 @@ from agent.link.tls import certificate_expiry
 
 from . import pki
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from, parse_address
-from .dynsec import DynSec
+from .dynsec import ADMIN_ROLE, DynSec
 from .setup import DEVICE_PORT
 
 
@@ -42,6 +43,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke.add_argument("name", metavar="NAME")
     _admin_args(revoke)
     revoke.set_defaults(func=revoke_command)
+
+    listing = sub.add_parser("identities", help="who the running broker knows: devices, groups, operators")
+    listing.add_argument("--json", action="store_true", help="one JSON object per identity")
+    _admin_args(listing)
+    listing.set_defaults(func=identities_command)
 
     renew = sub.add_parser(
         "renew", help="a new certificate (and key) for a device before the old one expires"
@@ -93,6 +99,27 @@ def revoke_command(args: argparse.Namespace) -> int:
         f"revoked {args.name}: disconnected, and every subscription and publication of its certificate "
         "is refused from now on"
     )
+    return 0
+
+
+def identities_command(args: argparse.Namespace) -> int:
+    """``edge-fleet identities``: every client of the broker's authorization state."""
+    with DynSec(admin_options(args)) as api:
+        clients = api.list_clients()
+    rows = []
+    for client in sorted(clients, key=lambda c: str(c.get("username", ""))):
+        roles = [r.get("rolename", "") for r in client.get("roles", [])]
+        groups = [g.get("groupname", "").removeprefix("group-") for g in client.get("groups", [])]
+        kind = "operator" if ADMIN_ROLE in roles else "device"
+        state = "revoked" if client.get("disabled") or not roles else "active"
+        rows.append({"name": client.get("username"), "kind": kind, "group": ",".join(groups), "state": state})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'NAME':<24} {'KIND':<9} {'GROUP':<16} STATE")
+    for row in rows:
+        print(f"{row['name']:<24} {row['kind']:<9} {row['group'] or '-':<16} {row['state']}")
     return 0
 
 

@@ -9,6 +9,7 @@ the real device answers every job.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -213,6 +214,10 @@ def test_a_revoked_device_is_cut_off_at_once_and_cannot_come_back(
         assert _answered(caller, ["before"]) == 1
         assert fleet_cli(["revoke", "box-r", *tls_broker.admin_flags()]) == 0
         assert "revoked box-r" in capsys.readouterr().out
+        assert fleet_cli(["identities", "--json", *tls_broker.admin_flags()]) == 0
+        rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+        assert rows["box-r"]["state"] == "revoked" and rows["box-c"]["state"] == "active"
+        assert rows["operator"]["kind"] == "operator"
         _wait_for(
             lambda: "disconnected from broker" in revoked.log_text(), "the revoked box was not disconnected"
         )
