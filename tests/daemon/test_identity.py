@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -441,9 +440,6 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-_ = queue  # imported for type hints in helpers of other test modules
 
 
 def test_a_box_the_broker_keeps_dropping_backs_off_and_says_why(
