@@ -128,21 +128,21 @@ def register_device(
 ) -> None:
     """``provision NAME --live HOST[:PORT]``: make the new certificate (or login) work on the
     running broker."""
-    host, port = args.live
-    options = BrokerOptions(
-        host=host,
-        port=port or DEVICE_PORT,
-        prefix=args.topic_prefix,
-        ca=args.tls_ca,
-        cert=args.tls_cert,
-        key=args.tls_key,
-        username=args.username,
-        password=args.password,
-    )
-    with DynSec(options) as api:
-        api.add_device(name, group, args.topic_prefix, password=password)
-    where = f" and group {group}" if group else ""
-    print(f"registered {name}{where} on the broker at {host}:{options.address[1]}")
+    for host, port in args.live:
+        options = BrokerOptions(
+            host=host,
+            port=port or DEVICE_PORT,
+            prefix=args.topic_prefix,
+            ca=args.tls_ca,
+            cert=args.tls_cert,
+            key=args.tls_key,
+            username=args.username,
+            password=args.password,
+        )
+        with DynSec(options) as api:
+            api.add_device(name, group, args.topic_prefix, password=password)
+        where = f" and group {group}" if group else ""
+        print(f"registered {name}{where} on the broker at {host}:{options.address[1]}")
 
 
 def add_live_args(parser: argparse.ArgumentParser) -> None:
@@ -151,8 +151,10 @@ def add_live_args(parser: argparse.ArgumentParser) -> None:
     live.add_argument(
         "--live",
         type=parse_address,
+        action="append",
         metavar="HOST[:PORT]",
-        help=f"the broker's devices' listener (port default {DEVICE_PORT}): register the device there",
+        help=f"the broker's devices' listener (port default {DEVICE_PORT}): register the device there "
+        "(repeat for each broker of a bridged pair)",
     )
     live.add_argument("--tls-ca", type=Path, help="with --live: the CA to verify the broker against")
     live.add_argument("--tls-cert", type=Path, help="with --live: an operator certificate")
