@@ -112,4 +112,7 @@ def try_login(
     finally:
         client.disconnect()
         client.loop_stop()
+        sock = client.socket()
+        if sock is not None:  # a connection the broker dropped is otherwise left open
+            sock.close()
     return report

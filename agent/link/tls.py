@@ -23,6 +23,22 @@ log = logging.getLogger(__name__)
 CERT_WARN_DAYS = 30
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails.
+
+    paho wraps the TCP socket and runs the handshake without closing the socket when that
+    fails (a foreign CA, a refused client certificate): every retry would leak a descriptor
+    until the garbage collector found it.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 def client_context(
     ca: Path | None = None, cert: Path | None = None, key: Path | None = None
 ) -> ssl.SSLContext:
@@ -36,6 +52,7 @@ def client_context(
         # create_default_context already sets both; stated again because nothing may weaken them.
         context.check_hostname = True
         context.verify_mode = ssl.CERT_REQUIRED
+        context.sslsocket_class = _ClosingSSLSocket
         if cert is not None:
             context.load_cert_chain(str(cert), str(key) if key else None)
     except (OSError, ssl.SSLError) as exc:

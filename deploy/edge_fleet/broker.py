@@ -216,16 +216,26 @@ def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float 
     client.loop_start()
     answered = connected.wait(timeout)
     if dropped:
-        client.loop_stop()
+        release(client)
         raise connection_error(options, None)
     if not answered or refused:
-        client.loop_stop()
+        release(client)
         why = refused[0] if refused else f"no answer within {timeout:.0f} s"
         who = f" {identity_of(options)}" if refused else ""
         raise FleetError(f"the broker at {host}:{port} refused the connection{who}: {why}")
     client.on_disconnect = None
     _report_refusals(client, options)
     return client
+
+
+def release(client: paho.Client) -> None:
+    """Disconnect, stop the network loop and close the socket (a refused or dropped connection
+    leaves it open to paho otherwise)."""
+    client.disconnect()
+    client.loop_stop()
+    sock = client.socket()
+    if sock is not None:
+        sock.close()
 
 
 def _report_refusals(client: paho.Client, options: BrokerOptions) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .broker import BrokerOptions, FleetError, connect
+from .broker import BrokerOptions, FleetError, connect, release
 
 CONTROL = "$CONTROL/dynamic-security/v1"
 RESPONSE = f"{CONTROL}/response"
@@ -177,8 +177,7 @@ class DynSec:
 
     def close(self) -> None:
         """Disconnect."""
-        self.client.disconnect()
-        self.client.loop_stop()
+        release(self.client)
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
         self._refused = [str(r) for r in reasons if r.is_failure]

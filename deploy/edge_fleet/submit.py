@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from agent.link.mqtt import no_delay
 from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
 
-from .broker import BrokerOptions, FleetError, connection_error, refusal
+from .broker import BrokerOptions, FleetError, connection_error, refusal, release
 
 
 class JobFailed(Exception):
@@ -95,8 +95,7 @@ class Submitter:
 
     def close(self) -> None:
         """Disconnect."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        release(self._client)
 
     def __enter__(self) -> Submitter:
         return self

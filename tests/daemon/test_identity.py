@@ -382,14 +382,16 @@ def test_the_documented_debian_setup_works_as_typed_and_keeps_state_across_a_cra
 
         def start() -> subprocess.Popen[bytes]:
             started = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(etc / "mosquitto.conf")], stderr=subprocess.PIPE
+                [mosquitto_binary(), "-c", str(etc / "mosquitto.conf")], stderr=subprocess.DEVNULL
             )
             broker.proc = started
             try:
                 _wait_for(lambda: _listening(port) and _listening(operator_port), "mosquitto did not start")
             except AssertionError:
                 started.kill()
-                raise AssertionError(started.communicate()[1].decode()) from None
+                started.wait(10)
+                log = root / "var/log/mosquitto/mosquitto.log"
+                raise AssertionError(log.read_text() if log.exists() else "no log") from None
             return started
 
         broker = Broker.__new__(Broker)  # the Probe helper needs host, ports and identity only
