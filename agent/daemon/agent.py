@@ -79,6 +79,7 @@ class Agent:
             max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
             on_connect=self._on_connect,
             payload_limits=limits,
+            subscriptions_file=config.state_dir / "subscriptions.json",
         )
         self.outbox = Outbox(self.link, self.store, self.faults)
         self.worker = Worker(
