@@ -151,9 +151,8 @@ class Controller:
             by_digest.setdefault(targets[device].digest if device in targets else None, []).append(device)
         for digest, group in by_digest.items():
             _manifest, payload = self._load(rollout, digest)
-            assign(
-                self.assignments, self.feed.client, self.options.prefix, "device", group, payload, rollout.id
-            )
+            origin = f"rollout {rollout.id}"
+            assign(self.assignments, self.feed.client, self.options.prefix, "device", group, payload, origin)
         # Marked after the broker has them all: a crash in between publishes them again,
         # which is harmless (the same retained message).
         self.store.set_targets(rollout.id, dict.fromkeys(devices, (state, None)))

@@ -128,7 +128,7 @@ def test_rollout_halts_in_the_first_wave_that_crosses_the_failure_threshold(
         "--max-failure-rate", "0.15", db=db,
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "HALTED — 1 of 5 devices in waves 1-1 failed (limit 15%)" in done.stdout
+    assert "HALTED — 1 of 5 devices in wave 1 failed (limit 15%)" in done.stdout
     assert _rollout_state(db, "assistant@2.0.0/shop") == ("halted", 0)
     targets = _targets(db, "assistant@2.0.0/shop")
     assert targets["sim-0003"] == (0, "failed")
