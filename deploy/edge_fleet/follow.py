@@ -23,7 +23,9 @@ def outcome(view: FleetView, device: str, name: str, version: str) -> Outcome | 
     mine = update is not None and (update.name, update.version) == (name, version)
     if mine and update is not None and update.phase in ("failed", "rolled_back"):
         why = f"{update.error.code}: {update.error.message}" if update.error else "no reason given"
-        return "failed", f"{update.phase} — {why}"
+        return "failed", why + (
+            " (it went live, then the box rolled back)" if update.phase == "rolled_back" else ""
+        )
     return None
 
 

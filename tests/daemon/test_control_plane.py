@@ -153,14 +153,14 @@ def test_rollout_status_keeps_tracking_after_a_halt(broker, fleet, tmp_path: Pat
     db = Path(os.environ["EDGE_FLEET_DB"])  # the one every command here uses
     halted = _run(broker, "rollout", str(_manifest(tmp_path)), "--group", "shop", "--waves", "100%", db=db)
     assert halted.returncode == 2 and "HALTED" in halted.stdout, halted.stdout
-    assert "fast-0000: failed — failed — smoke_test_failed: simulated failure" in halted.stdout
+    assert "fast-0000: failed — smoke_test_failed: simulated failure" in halted.stdout
     deadline = time.monotonic() + 30
     while not all(d.active.version == "2.0.0" for d in slow.sim.devices):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     [row] = _json_lines(_run(broker, "rollout", "status", "--json", db=db).stdout)
     assert row["state"] == "halted" and row["targets"] == {"active": 2, "failed": 1}, row
-    assert row["failures"] == {"fast-0000": "failed: failed — smoke_test_failed: simulated failure"}
+    assert row["failures"] == {"fast-0000": "failed: smoke_test_failed: simulated failure"}
     text = _run(broker, "rollout", "status", db=db).stdout
     assert "2 active, 1 failed" in text and "fast-0000: failed" in text
 
@@ -327,7 +327,7 @@ def test_reports_json_profile_and_a_closed_pipe(broker, fleet, tmp_path: Path) -
     )
     assert (
         deploy.returncode == 1
-        and "sim-0001: failed — failed — smoke_test_failed: simulated failure" in deploy.stdout
+        and "sim-0001: failed — smoke_test_failed: simulated failure" in deploy.stdout
     )
     one = subprocess.run(
         [sys.executable, "-m", "edge_fleet.cli", "status", "--device", "sim-0001"],
