@@ -1,4 +1,4 @@
-"""Fleet operations at scale: 1,000 simulated devices on one mosquitto.
+"""Fleet operations at scale: 1,000 (or --devices N) simulated devices on one mosquitto.
 
 Run as ``python bench/fleet_bench.py [--devices 1000] [--delay 2] [--watch-s 60]``.
 
