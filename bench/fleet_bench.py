@@ -1,6 +1,10 @@
 """Fleet operations at scale: 1,000 (or --devices N) simulated devices on one mosquitto.
 
-Run as ``python bench/fleet_bench.py [--devices 1000] [--delay 2] [--watch-s 60]``.
+Run as ``python bench/fleet_bench.py [--devices 1000] [--delay 2] [--watch-s 60] [--quick]``.
+
+0. **Inventory**: ``edge-fleet devices`` reads every retained status into the
+   state file and lists it (wall, CPU, peak RSS); after the rollout,
+   ``edge-fleet status`` (the one-shot table) likewise.  ``--quick`` stops there.
 
 1. **Rollout**: ``edge-fleet rollout`` over 1%,10%,50%,100% waves of
    ``--devices`` simulated devices whose updates take ``--delay`` s (±20 %).
