@@ -39,7 +39,17 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import UpdateError
 from agent.health.telemetry import CPU, JobsTelemetry, Memory, ModelInfo, Telemetry, Temperature
-from agent.protocol import ErrorInfo, Health, ModelRef, ModelState, Result, Status, UpdatePhase, UpdateStatus
+from agent.protocol import (
+    ErrorInfo,
+    Health,
+    ModelRef,
+    ModelState,
+    Result,
+    Status,
+    UpdateErrorCode,
+    UpdatePhase,
+    UpdateStatus,
+)
 from agent.updates import signing
 from agent.updates.manifest import Manifest
 
@@ -280,7 +290,7 @@ class SimulatedDevice:
         phase: UpdatePhase,
         *,
         progress: float | None = None,
-        error: tuple[str, str] | None = None,
+        error: tuple[UpdateErrorCode, str] | None = None,
     ) -> None:
         self.update = UpdateStatus(
             name=name,
@@ -325,8 +335,15 @@ class SimulatedDevice:
 
         def answer() -> None:
             # (device_id: with the agents' protocol that names the device that answered)
-            named = {"device_id": self.device_id} if "device_id" in Result.model_fields else {}
-            result = Result(id=job_id, status="succeeded", text="(simulated)", model=self.active, **named)
+            fields: dict[str, Any] = {
+                "id": job_id,
+                "status": "succeeded",
+                "text": "(simulated)",
+                "model": self.active,
+            }
+            if "device_id" in Result.model_fields:
+                fields["device_id"] = self.device_id
+            result = Result.model_validate(fields)
             out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if correlation is not None:
                 out.CorrelationData = correlation

@@ -326,8 +326,7 @@ def test_reports_json_profile_and_a_closed_pipe(broker, fleet, tmp_path: Path) -
         broker, "deploy", str(_manifest(tmp_path)), "--device", "sim-0001", "--wait", "--wait-timeout", "20"
     )
     assert (
-        deploy.returncode == 1
-        and "sim-0001: failed — smoke_test_failed: simulated failure" in deploy.stdout
+        deploy.returncode == 1 and "sim-0001: failed — smoke_test_failed: simulated failure" in deploy.stdout
     )
     one = subprocess.run(
         [sys.executable, "-m", "edge_fleet.cli", "status", "--device", "sim-0001"],
