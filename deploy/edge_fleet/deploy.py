@@ -109,6 +109,11 @@ def _publish(args: argparse.Namespace, manifest: Manifest | None, *, what: str) 
         feed.settle(DISCOVERY_MAX_S)
         inventory.observe(feed.view.devices.values())
         followers = [target]
+        if kind == "device" and inventory.get(target) is None:
+            print(
+                f"note: device {target} is unknown (not in the inventory, no retained status on the broker): "
+                "it gets this desired state when it first connects; check the name (`edge-fleet devices`)"
+            )
         if kind == "group":
             members = set(inventory.members(target)) | {
                 d.device_id

@@ -121,7 +121,8 @@ class Inventory:
                 "agent_version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9) "
                 "ON CONFLICT(id) DO UPDATE SET grp = COALESCE(excluded.grp, grp), "
                 "first_seen = COALESCE(first_seen, excluded.first_seen), "
-                "last_seen = COALESCE(excluded.last_seen, last_seen, excluded.first_seen), "
+                # Offline when first seen: its status's time is the best guess of when it was last there.
+                "last_seen = COALESCE(excluded.last_seen, last_seen, excluded.offline_since, excluded.first_seen), "
                 "online = COALESCE(excluded.online, online), "
                 "offline_since = CASE WHEN excluded.online = 1 THEN NULL "
                 "  ELSE COALESCE(offline_since, excluded.offline_since) END, "
