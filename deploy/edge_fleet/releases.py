@@ -128,12 +128,13 @@ def build_release(
     smoke_prompt: str = "The device reports",
     smoke_tokens: int = 16,
     expires_days: float = 30.0,
-    force: bool = False,
+    force: bool = True,
 ) -> Manifest:
     """Copy ``source`` to ``out`` with a signed ``manifest.json``; returns the manifest.
 
     The release is built in a hidden folder beside ``out`` and renamed into place at the end: a
-    failure leaves nothing behind, and an existing release in ``out`` is replaced only with ``force``."""
+    failure leaves nothing behind.  An existing ``out`` is replaced only with ``force`` (the
+    command line passes ``--force``, default off; scripts rebuilding a release keep the default)."""
     try:
         SemVer(version)
     except ValueError as exc:
