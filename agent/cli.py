@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tokenize PROMPT as is; by default it is a user message in the model's chat template, if it has one",
     )
-    gen.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
+    gen.add_argument(
+        "--chat", action="store_true", help=argparse.SUPPRESS
+    )  # the default now; kept for scripts
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     bench = sub.add_parser(
