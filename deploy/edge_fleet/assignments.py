@@ -28,7 +28,7 @@ from agent.updates.manifest import Manifest
 
 from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from
 from .output import table
-from .state import add_db_arg, open_db, transaction
+from .state import add_db_arg, default_db, open_db, transaction
 
 Kind = Literal["device", "group"]
 
@@ -223,6 +223,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def reconcile_command(args: argparse.Namespace) -> int:
     """``edge-fleet reconcile``."""
     store = Assignments.open(args.db)
+    if not store.current():
+        raise FleetError(
+            f"no assignment is recorded in {args.db or default_db()}: nothing to publish "
+            "(is this the state file deploy and rollout wrote? see --db and the profile's db)"
+        )
     counts = reconcile(store, options_from(args))
     if args.json:
         print(json.dumps(counts))
