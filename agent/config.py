@@ -167,6 +167,16 @@ class JobsConfig(_Section):
         64 * 1024, ge=256, le=16 * 1024 * 1024, description="Larger messages are rejected unread."
     )
     max_tokens_limit: int = Field(2048, ge=1, le=131072, description="Upper bound on a job's max_tokens.")
+    reply_topic_prefix: str | None = Field(
+        None,
+        min_length=2,
+        max_length=256,
+        pattern=r"^[^$+#\x00][^+#\x00]*/$",
+        description=(
+            "Response topics must start with this (a topic subtree ending in '/'); others are refused "
+            "with invalid_request. Default: '{topic_prefix}/replies/', the subtree the shipped ACL opens."
+        ),
+    )
 
     shutdown_grace_s: float = Field(
         20.0,

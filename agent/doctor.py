@@ -7,7 +7,8 @@ int4/int8 kernels use, memory against the model's needs, free disk, the
 temperature (and Raspberry Pi throttling), the TLS setup (plain TCP is a
 warning; a client or CA certificate expiring within 30 days is a warning, an
 expired one a failure), reachability of every broker (with the TLS handshake
-when TLS is configured), and that the model loads and computes a token.
+when TLS is configured), and that the model loads and computes a token; the job database (intact,
+writable, or moved aside as corrupt by the agent).
 
 Run it with the agent stopped: a running agent holds the model in memory, which
 the memory check would then count twice.
@@ -79,7 +80,8 @@ def run_checks(
     limits = thresholds or HealthThresholds()
     reading = SystemProbe(config.state_dir).measure()
     memory, fits = _memory(config, reading, limits)
-    checks += [memory, check_disk(config.state_dir, limits), *check_temperature(reading, limits)]
+    checks += [memory, check_disk(config.state_dir, limits), check_job_store(config.state_dir)]
+    checks += check_temperature(reading, limits)
     checks += check_tls(config.mqtt)
     checks.append(check_broker(config.mqtt, timeout_s=broker_timeout_s))
     checks.append(check_updates(config))
@@ -227,6 +229,56 @@ def check_disk(state_dir: Path, thresholds: HealthThresholds) -> Check:
     if free < thresholds.min_disk_free_mb:
         return Check(name="disk", status="fail", detail=f"{detail} (below {thresholds.min_disk_free_mb} MiB)")
     return Check(name="disk", status="ok", detail=detail)
+
+
+def check_job_store(state_dir: Path) -> Check:
+    """The job queue: state_dir writable, the database intact, no corrupt one moved aside unseen."""
+    import sqlite3
+    import tempfile
+
+    from agent.jobs.store import CorruptStoreError, corrupt_copies, inspect_file
+
+    name, path = "job store", state_dir / "jobs.sqlite3"
+    if not state_dir.exists():
+        return Check(
+            name=name, status="ok", detail=f"{state_dir} does not exist yet (created at first start)"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=state_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return Check(
+            name=name,
+            status="fail",
+            detail=f"state_dir {state_dir} is not writable ({exc.strerror}): make it writable by the agent's user",
+        )
+    if path.is_dir():
+        return Check(name=name, status="fail", detail=f"{path} is a directory: move it away")
+    moved = corrupt_copies(path)
+    if path.exists():
+        try:
+            waiting, kept = inspect_file(path)
+        except CorruptStoreError as exc:
+            return Check(
+                name=name,
+                status="fail",
+                detail=f"{path} is corrupt ({exc.message}): the agent will move it aside and start with an empty queue",
+            )
+        except sqlite3.Error as exc:
+            return Check(name=name, status="fail", detail=f"{path}: {exc}")
+        detail = f"{waiting} jobs waiting, {kept} results kept"
+    else:
+        detail = "no database yet (created at first start)"
+    if moved:
+        return Check(
+            name=name,
+            status="warn",
+            detail=(
+                f"{detail}; the job database was CORRUPT and moved to {moved[-1]} (the queue restarted empty): "
+                "inspect it, then delete it to clear this warning"
+            ),
+        )
+    return Check(name=name, status="ok", detail=detail)
 
 
 def check_temperature(reading: SystemReading, thresholds: HealthThresholds) -> list[Check]:

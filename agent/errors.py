@@ -3,6 +3,7 @@
     AgentError
     ├── ConfigError                the configuration file or environment is invalid (names the key)
     ├── LinkError                  the broker connection cannot be set up or used
+    ├── StorageError               state_dir or the job database cannot be used (names the path and the fix)
     ├── ModelError                 the model folder cannot be used
     │   ├── ModelFileError         a file is missing, unreadable or corrupt (names the file)
     │   └── ModelConfigError       genai_config.json is missing a field or has an unsupported one
@@ -46,6 +47,12 @@ class LinkError(AgentError):
     """The broker connection cannot be set up or used."""
 
     code = "link"
+
+
+class StorageError(AgentError):
+    """``state_dir`` or the job database cannot be used; the message names the path and the fix."""
+
+    code = "storage"
 
 
 class ModelError(AgentError):

@@ -191,6 +191,7 @@ class Result(_Wire):
     timings: Timings | None = Field(None, description="Set when the engine ran the job.")
     model: ModelRef | None = None
     error: ErrorInfo | None = None
+    device_id: str | None = Field(None, description="The box that answered (absent from older agents).")
 
 
 Reply = Annotated[Chunk | Result, Field(discriminator="type")]
@@ -199,7 +200,9 @@ REPLY: TypeAdapter[Chunk | Result] = TypeAdapter(Reply)
 
 
 #: Why a box is ``degraded``.  ``hot`` and ``low_memory`` also make the agent shed load.
-HealthReason = Literal["hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog"]
+HealthReason = Literal[
+    "hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog", "storage"
+]
 _SHEDDING_REASONS: frozenset[str] = frozenset({"hot", "low_memory"})
 
 

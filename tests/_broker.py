@@ -144,6 +144,7 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._close_pipes()
         self.proc = None
 
     def stop(self) -> None:
@@ -151,7 +152,12 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+        self._close_pipes()
         self.proc = None
+
+    def _close_pipes(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def restart(self, down_s: float = 0.5) -> None:
         """Stop, stay down ``down_s`` seconds, start again on the same port."""
