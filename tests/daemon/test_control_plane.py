@@ -283,7 +283,10 @@ def test_submit_says_at_once_that_a_device_is_unknown_or_offline(broker, fleet, 
     # Positive control: an online device answers, and the result names the model that answered.
     online = _run(broker, "submit", "--device", "sim-0000", "hi", "--json")
     assert online.returncode == 0, online.stderr
-    assert json.loads(online.stdout)["model"] == {"name": "sim", "version": "1.0.0"}
+    answered = json.loads(online.stdout)
+    assert answered["model"] == {"name": "sim", "version": "1.0.0"} and answered["device_id"] == "sim-0000"
+    text = _run(broker, "submit", "--device", "sim-0000", "hi")
+    assert text.returncode == 0 and "answered by sim-0000 (sim@1.0.0)" in text.stderr, text.stderr
     assert "is offline" not in online.stderr and "unknown" not in online.stderr
 
 
