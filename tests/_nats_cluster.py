@@ -66,7 +66,7 @@ class NatsNode:
         self.proc = subprocess.Popen(
             [binary, "-c", str(self.conf), "-l", str(self.log)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # it logs to self.log
         )
 
     def kill(self) -> None:

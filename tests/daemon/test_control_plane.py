@@ -171,7 +171,7 @@ def test_an_aborted_rollout_is_final(broker, fleet, tmp_path: Path) -> None:  # 
     rollout_id = "assistant@2.0.0/shop"
     controller = _start_rollout(broker, db, rollout_id, _manifest(tmp_path), "50%,100%")
     assert _run(broker, "rollout", "abort", rollout_id, db=db).returncode == 0
-    controller.wait(timeout=30)
+    controller.communicate(timeout=30)
     resumed = _run(broker, "rollout", "resume", rollout_id, db=db)
     assert resumed.returncode == 1 and "abort is final" in resumed.stderr, resumed.stdout + resumed.stderr
     # Positive control: the first wave's devices were sent it; the second wave's never were.

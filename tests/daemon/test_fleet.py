@@ -146,7 +146,8 @@ def test_abort_withdraws_unfinished_devices_and_resume_continues(
     controller = _start_rollout(broker, db, rollout_id, _manifest(tmp_path), "50%,100%")
     aborted = _run(broker, "rollout", "abort", rollout_id, db=db)
     assert aborted.returncode == 0, aborted.stderr
-    assert controller.wait(timeout=30) == 2
+    controller.communicate(timeout=30)
+    assert controller.returncode == 2
     targets = _targets(db, rollout_id)
     assert sorted(s for _w, s in targets.values()) == ["canceled"] * 3 + ["pending"] * 3
     # The withdrawn devices' desired state is cleared on the broker (an empty retained message).
