@@ -36,7 +36,7 @@ from agent.errors import (
 
 if TYPE_CHECKING:
     from agent.engine.engine import Completion, Engine, EngineOptions, Timings
-    from agent.engine.sampling import SamplingParams
+    from agent.params import SamplingParams
 
 __version__ = "0.1.0"
 
@@ -45,7 +45,7 @@ _LAZY = {
     "Engine": "agent.engine.engine",
     "EngineOptions": "agent.engine.engine",
     "Timings": "agent.engine.engine",
-    "SamplingParams": "agent.engine.sampling",
+    "SamplingParams": "agent.params",
 }
 
 

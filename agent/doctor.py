@@ -414,17 +414,16 @@ def check_updates(config: AgentConfig) -> Check:
     store = ModelStore(root)
     pointer = store.pointer()
     detail += f"; active {pointer.active or 'the configured model'}, previous {pointer.previous or 'none'}"
-    last = store.read_record().get("update") or {}
-    if last.get("phase") in ("failed", "rolled_back"):
-        error = last.get("error") or {}
+    last = store.read_record().update
+    if last is not None and last.phase in ("failed", "rolled_back"):
+        error = f"{last.error.code}: {last.error.message}" if last.error else "no error recorded"
         return Check(
             name="updates",
             status="warn",
-            detail=f"{detail}; last update {last.get('name')}@{last.get('version')} {last['phase']}: "
-            f"{error.get('code')}: {error.get('message')}",
+            detail=f"{detail}; last update {last.name}@{last.version} {last.phase}: {error}",
         )
-    if last:
-        detail += f"; last update {last.get('name')}@{last.get('version')} {last.get('phase')}"
+    if last is not None:
+        detail += f"; last update {last.name}@{last.version} {last.phase}"
     return Check(name="updates", status="ok", detail=detail)
 
 

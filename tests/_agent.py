@@ -34,6 +34,12 @@ def agent_python() -> list[str]:
     return shlex.split(override) if override else [sys.executable]
 
 
+#: How long an agent may take to come online: importing onnxruntime and loading the model. An
+#: emulated aarch64 interpreter (``EDGE_AGENT_TEST_PYTHON``) takes about 5 s for the imports alone on
+#: an idle host, and 40 s and more on a busy one (seen at a load of 12 on 2 cores).
+ONLINE_S = 300.0 if os.environ.get("EDGE_AGENT_TEST_PYTHON") else 30.0
+
+
 class AgentProcess:
     """An ``edge-agent run`` process with its own config and state dir."""
 
@@ -157,7 +163,7 @@ class _StatusWatcher:
         self.statuses.append(json.loads(msg.payload))
 
     def wait_online(
-        self, *, after: float, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30
+        self, *, after: float, proc: subprocess.Popen[bytes], log: Path, timeout: float = ONLINE_S
     ) -> None:
         def online() -> bool:
             if proc.poll() is not None:

@@ -132,12 +132,15 @@ _E2E_MODULES = frozenset(
         "tests/unit/test_install_script.py",
         "tests/unit/test_systemd_unit.py",
         "tests/unit/test_ci_scripts.py",
+        "tests/unit/test_light_imports.py",  # fresh interpreters, one per check
+        "tests/unit/test_packaging.py",  # pip builds and installs the wheel
     }
 )
 # Single tests elsewhere that run the command line as a subprocess.
 _E2E_TESTS = frozenset(
     {
         "tests/unit/test_config.py::test_config_check_command",
+        "tests/unit/test_config.py::test_config_check_names_a_missing_model_folder_and_every_other_problem",
         "tests/integration/test_weight_traffic.py::test_bench_json_reports_weights_per_token_and_the_projection",
         "tests/integration/test_weight_traffic.py::test_bench_refuses_a_bandwidth_that_is_not_positive",
     }

@@ -18,7 +18,7 @@ from .broker import FleetError, add_broker_args, options_from
 from .fleet_view import FleetFeed
 from .follow import follow
 from .inventory import DISCOVERY_MAX_S, Inventory
-from .releases import load_private_key, read_deployable, read_manifest, sign_rollback
+from .releases import add_replace_model, load_private_key, read_deployable, read_manifest, sign_rollback
 from .rollout_store import names
 from .state import add_db_arg, open_db
 
@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="write the signed rollback manifest here instead of deploying it (to roll it out in waves)",
     )
+    add_replace_model(rollback)
     _add_target(rollback, required=False)
     _add_common(rollback)
     rollback.set_defaults(func=rollback_command)
@@ -87,7 +88,9 @@ def deploy_command(args: argparse.Namespace) -> int:
 def rollback_command(args: argparse.Namespace) -> int:
     """``edge-fleet rollback MANIFEST --key KEY (--device ID | --group G | --out FILE)``: an explicit,
     signed rollback, deployed at once or written for ``edge-fleet rollout``."""
-    manifest = sign_rollback(read_manifest(args.manifest), load_private_key(args.key), args.expires_days)
+    manifest = sign_rollback(
+        read_manifest(args.manifest), load_private_key(args.key), args.expires_days, args.replace_model
+    )
     if args.out is not None:
         args.out.write_text(manifest.model_dump_json(indent=2) + "\n")
         print(f"rollback release to {manifest.release_id} written to {args.out}")

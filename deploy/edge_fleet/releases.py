@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -49,7 +51,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release.add_argument("--smoke-tokens", type=int, default=16, help="greedy tokens recorded (default 16)")
     release.add_argument("--expires-days", type=float, default=30.0, help="boxes refuse it after this")
     release.add_argument("--force", action="store_true", help="replace an existing release in --out")
+    add_replace_model(release)
     release.set_defaults(func=release_command)
+
+
+def add_replace_model(parser: argparse.ArgumentParser) -> None:
+    """``--replace-model NAME`` (release and rollback): an explicit, signed switch of model."""
+    parser.add_argument(
+        "--replace-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "boxes running model NAME may switch to this release (repeatable). Versions are ordered "
+            "within a model name: without this, a box running another model refuses it (other_model)"
+        ),
+    )
+
+
+def replaces_of(names: list[str], release_name: str) -> tuple[str, ...]:
+    """The checked, de-duplicated ``replaces`` of a release named ``release_name``."""
+    for name in names:
+        if not _MODEL_NAME.fullmatch(name) or name == release_name:
+            raise FleetError(
+                f"--replace-model {name!r}: give the name of another model (1-64 of A-Z a-z 0-9 _ . -)"
+            )
+    return tuple(dict.fromkeys(names))
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -106,6 +136,7 @@ def release_command(args: argparse.Namespace) -> int:
         smoke_tokens=args.smoke_tokens,
         expires_days=args.expires_days,
         force=args.force,
+        replaces=args.replace_model,
     )
     print(
         f"release {manifest.release_id}: {len(manifest.files)} files, {manifest.total_bytes / 2**20:.1f} MiB, "
@@ -129,12 +160,15 @@ def build_release(
     smoke_tokens: int = 16,
     expires_days: float = 30.0,
     force: bool = True,
+    replaces: Sequence[str] = (),
 ) -> Manifest:
     """Copy ``source`` to ``out`` with a signed ``manifest.json``; returns the manifest.
 
     The release is built in a hidden folder beside ``out`` and renamed into place at the end: a
     failure leaves nothing behind.  An existing ``out`` is replaced only with ``force`` (the
-    command line passes ``--force``, default off; scripts rebuilding a release keep the default)."""
+    command line passes ``--force``, default off; scripts rebuilding a release keep the default).
+    ``replaces``: other model names boxes may switch from to this release (signed)."""
+    replacing = replaces_of(list(replaces), name)
     try:
         SemVer(version)
     except ValueError as exc:
@@ -165,6 +199,7 @@ def build_release(
             smoke_prompt,
             smoke_tokens,
             expires_days,
+            replacing,
         )
         if out.exists():
             shutil.rmtree(out)
@@ -187,6 +222,7 @@ def _build(
     smoke_prompt: str,
     smoke_tokens: int,
     expires_days: float,
+    replacing: tuple[str, ...],
 ) -> Manifest:
     entries = _copy_and_hash(source, files, out, base_url.rstrip("/"))
     smoke, memory = _record_smoke_test(out, smoke_prompt, smoke_tokens)
@@ -194,6 +230,7 @@ def _build(
     manifest = Manifest(
         name=name,
         version=version,
+        replaces=replacing,
         precision=precision,
         files=entries,
         memory_bytes=memory,
@@ -292,9 +329,18 @@ def read_deployable(path: Path) -> Manifest:
     return manifest
 
 
-def sign_rollback(earlier: Manifest, key: Ed25519PrivateKey, expires_days: float) -> Manifest:
-    """``earlier`` signed again as an explicit rollback release (boxes accept it below their version)."""
+def sign_rollback(
+    earlier: Manifest, key: Ed25519PrivateKey, expires_days: float, replace_models: Sequence[str] = ()
+) -> Manifest:
+    """``earlier`` signed again as an explicit rollback release (boxes accept it below their version);
+    ``replace_models``: models boxes may be running now, to switch back from (added to its ``replaces``)."""
     now = int(time.time())
+    replaces = replaces_of([*earlier.replaces, *replace_models], earlier.name)
     return earlier.model_copy(
-        update={"rollback": True, "created_at": now, "expires_at": now + int(expires_days * 86400)}
+        update={
+            "rollback": True,
+            "replaces": replaces,
+            "created_at": now,
+            "expires_at": now + int(expires_days * 86400),
+        }
     ).signed(key)

@@ -261,8 +261,10 @@ def _rollback(store: RolloutStore, rollout: Rollout, args: argparse.Namespace) -
     key = load_private_key(args.key)
     digests = {}
     signed = {}
+    # Going back may mean going back to another model: the boxes run the rollout's now.
+    current = Manifest.parse(rollout.manifest).name
     for release, earlier in manifests.items():
-        back = sign_rollback(earlier, key, args.expires_days)
+        back = sign_rollback(earlier, key, args.expires_days, [current] if current != earlier.name else [])
         signed[release] = back
         digests[release] = assignments.remember(back.model_dump_json().encode())
     order = sorted((d for d in touched if d not in unknown), key=lambda d: (touched[d].wave, d))

@@ -136,7 +136,7 @@ class _ModelFault(Engine):
     [
         # a request's own sampling parameters: fails that job, never counts against the model
         (_SamplerFault, {"temperature": 0.7}, "failed", []),
-        (_SamplerFault, {"temperature": 1.0, "repetition_penalty": 1e-3}, "failed", []),
+        (_SamplerFault, {"temperature": 1.0, "repetition_penalty": 0.5}, "failed", []),
         # the same fault on plain greedy decoding can only be the model's
         (_SamplerFault, {}, "failed", [False]),
         (_ModelFault, {"temperature": 0.7}, "failed", [False]),
