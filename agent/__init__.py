@@ -35,16 +35,18 @@ from agent.errors import (
 )
 
 if TYPE_CHECKING:
-    from agent.engine.engine import Completion, Engine, EngineOptions, Timings
+    from agent.config import EngineOptions
+    from agent.engine.engine import Completion, Engine
     from agent.params import SamplingParams
+    from agent.protocol import Timings
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Completion": "agent.engine.engine",
     "Engine": "agent.engine.engine",
-    "EngineOptions": "agent.engine.engine",
-    "Timings": "agent.engine.engine",
+    "EngineOptions": "agent.config",
+    "Timings": "agent.protocol",
     "SamplingParams": "agent.params",
 }
 

@@ -7,8 +7,9 @@ int4/int8 kernels use, memory against the model's needs, free disk, the
 temperature (and Raspberry Pi throttling), the TLS setup (plain TCP is a
 warning; a client or CA certificate expiring within 30 days is a warning, an
 expired one a failure), reachability of every broker (with the TLS handshake
-when TLS is configured), and that the model loads and computes a token; the job database (intact,
-writable, or moved aside as corrupt by the agent).
+when TLS is configured), a real MQTT login with the box's identity whose
+subscriptions (own and group topics) the broker must grant, that the model loads and computes a
+token, and the job database (intact, writable, or moved aside as corrupt by the agent).
 
 Run it with the agent stopped: a running agent holds the model in memory, which
 the memory check would then count twice.
@@ -34,7 +35,9 @@ from agent.engine.model_folder import ModelFolder
 from agent.errors import AgentError
 from agent.health.probe import SystemProbe
 from agent.health.telemetry import HealthThresholds, SystemReading
+from agent.link.login import try_login
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
+from agent.protocol import Topics
 from agent.updates.store import ModelStore
 
 CheckStatus = Literal["ok", "warn", "fail"]
@@ -83,7 +86,10 @@ def run_checks(
     checks += [memory, check_disk(config.state_dir, limits), check_job_store(config.state_dir)]
     checks += check_temperature(reading, limits)
     checks += check_tls(config.mqtt)
-    checks.append(check_broker(config.mqtt, timeout_s=broker_timeout_s))
+    broker = check_broker(config.mqtt, timeout_s=broker_timeout_s)
+    checks.append(broker)
+    if broker.status != "fail":
+        checks.append(check_login(config, timeout_s=max(broker_timeout_s, 5.0)))
     checks.append(check_updates(config))
     if fits:
         checks.append(check_model(config))
@@ -389,6 +395,41 @@ def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
         details.append(f"{where} reachable {how} ({elapsed_ms:.0f} ms)")
     status: CheckStatus = "ok" if reached == len(details) else "warn" if reached else "fail"
     return Check(name="broker", status=status, detail="; ".join(details))
+
+
+def agent_subscriptions(config: AgentConfig) -> list[str]:
+    """The topic filters the daemon subscribes to with this configuration."""
+    topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
+    filters = [topics.jobs, topics.cancel, topics.model_desired]
+    if topics.group_model_desired:
+        filters.append(topics.group_model_desired)
+    if topics.shared_group_jobs and config.mqtt.protocol == "5":
+        filters.append(topics.shared_group_jobs)
+    return filters
+
+
+def check_login(config: AgentConfig, *, timeout_s: float = 5.0) -> Check:
+    """An MQTT CONNECT as the box on each broker, and a SUBSCRIBE to every topic the agent needs.
+
+    ``fail`` names the refusal (CONNACK or SUBACK reason, in words, with the fix) on any broker.
+    """
+    wanted = agent_subscriptions(config)
+    details, failed = [], False
+    for host, port in config.mqtt.endpoints:
+        report = try_login(config.mqtt, config.device_id, (host, port), wanted, timeout_s=timeout_s)
+        where = f"{host}:{port}"
+        if report.problem:
+            failed = True
+            details.append(f"{where} as {config.device_id}: {report.problem}")
+        elif report.refused:
+            failed = True
+            refused = "; ".join(f"{topic} refused: {why}" for topic, why in report.refused.items())
+            details.append(f"{where} as {config.device_id}: {refused}")
+        else:
+            details.append(
+                f"{where} login as {config.device_id} accepted, {len(report.granted)} subscriptions granted"
+            )
+    return Check(name="login", status="fail" if failed else "ok", detail="; ".join(details))
 
 
 def served_model(config: AgentConfig) -> Path:

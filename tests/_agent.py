@@ -155,7 +155,7 @@ class _StatusWatcher:
         if broker.client_login is not None:
             self.client.username_pw_set(*broker.client_login)
         self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(broker.host, broker.operator_port)
         self.client.subscribe(f"edge/{device_id}/status", qos=1)
         self.client.loop_start()
 

@@ -50,13 +50,13 @@ def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def tls_broker(tmp_path: Path, fleet):  # type: ignore[no-untyped-def]
-    """A mosquitto running the shipped edge.conf and edge.acl with the fleet's certificates."""
+    """A mosquitto running what `edge-fleet broker init` writes for the fleet's CA."""
     from tests._broker import Broker
 
     b = Broker(tmp_path / "tls-broker", fleet)
     b.start()
     yield b
-    b.stop()
+    b.cleanup()
 
 
 @pytest.fixture()

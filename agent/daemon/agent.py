@@ -8,17 +8,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from types import FrameType
 
 from agent import __version__
 from agent.config import AgentConfig
 from agent.daemon.faults import StorageFaults
-from agent.daemon.inbox import Inbox
-from agent.daemon.intake import CANCEL_MAX_BYTES, Rules
+from agent.daemon.inbox import Inbox, rules_for
+from agent.daemon.intake import CANCEL_MAX_BYTES
 from agent.daemon.outbox import Outbox
 from agent.daemon.supervisor import Supervisor, offline_status
 from agent.daemon.worker import Worker
+from agent.errors import StorageError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
@@ -35,6 +35,9 @@ UpdaterFactory = Callable[..., Updater]
 class Agent:
     """One box's daemon. ``serve`` runs until ``shutdown`` (or SIGTERM/SIGINT)."""
 
+    worker: Worker
+    supervisor: Supervisor
+
     def __init__(self, config: AgentConfig, *, updater_factory: UpdaterFactory = Updater) -> None:
         """Open the job store (a corrupt one is moved aside), load the model, set up the link.
 
@@ -47,7 +50,9 @@ class Agent:
         self.stats = JobStats()
         # Loads the active model (or falls back to the previous or configured one).
         self.updater = updater_factory(
-            config, publish=self._publish_model_state, between_jobs=self._between_jobs
+            config,
+            publish=self._publish_model_state,
+            between_jobs=lambda task: self.worker.between_jobs(task),
         )
         subscriptions = [topics.jobs, topics.cancel, topics.model_desired]
         # Every other subscription gets the link's default limit (DEFAULT_PAYLOAD_LIMIT).
@@ -74,6 +79,7 @@ class Agent:
             max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
             on_connect=self._on_connect,
             payload_limits=limits,
+            subscriptions_file=config.state_dir / "subscriptions.json",
         )
         self.outbox = Outbox(self.link, self.store, self.faults)
         self.worker = Worker(
@@ -83,7 +89,7 @@ class Agent:
             device_id=config.device_id,
             stats=self.stats,
             faults=self.faults,
-            publish_chunk=lambda topic, payload, corr: self._publish(topic, payload, corr),
+            publish_chunk=lambda topic, payload, corr: self.link.publish(topic, payload, correlation=corr),
             hold=lambda: self.supervisor.holding(),
         )
         self.supervisor = Supervisor(
@@ -97,16 +103,8 @@ class Agent:
             stats=self.stats,
             faults=self.faults,
         )
-        reply_prefix = config.jobs.reply_topic_prefix or f"{config.mqtt.topic_prefix}/replies/"
         self.inbox = Inbox(
-            Rules(
-                topics=topics,
-                reply_prefix=reply_prefix,
-                max_payload_bytes=config.jobs.max_payload_bytes,
-                max_tokens_limit=config.jobs.max_tokens_limit,
-                max_queue=config.jobs.max_queue,
-                max_manifest_bytes=MAX_MANIFEST_BYTES,
-            ),
+            rules_for(config, topics),
             store=self.store,
             outbox=self.outbox,
             worker=self.worker,
@@ -141,6 +139,8 @@ class Agent:
         self.link.start()
         self.updater.start()
         while not self._stopping.is_set():
+            if self.faults.corrupt is not None:
+                self.shutdown()  # the damaged file is moved aside by the next start (systemd restarts us)
             try:
                 event = self.link.events.get(timeout=0.5)
             except queue.Empty:
@@ -151,6 +151,11 @@ class Agent:
             except Exception:  # telemetry or systemd trouble must not stop the intake
                 log.exception("supervision tick failed")
         self._finish()
+        if self.faults.corrupt is not None:
+            raise StorageError(
+                f"job database {self.store.path} became corrupt ({self.faults.corrupt}): start again to move "
+                "it aside (systemd does so by itself)"
+            )
 
     def _finish(self) -> None:
         self.supervisor.notifier.stopping("finishing the running job, then disconnecting")
@@ -186,12 +191,6 @@ class Agent:
                 continue
             if isinstance(event, Published):
                 self.outbox.acked(event.mid)
-
-    def _between_jobs(self, task: Callable[[], None]) -> Future[None]:
-        return self.worker.between_jobs(task)
-
-    def _publish(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
-        self.link.publish(topic, payload, correlation=correlation)
 
     def _on_connect(self) -> None:
         """Paho's thread, on every connect: presence and model state, retained."""

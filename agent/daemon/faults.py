@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from agent.jobs.store import is_corruption
+
 log = logging.getLogger(__name__)
 
 #: A failing disk is reported at most this often (with the count since the last report).
@@ -39,6 +41,7 @@ class StorageFaults:
         self._run = 0  # errors in the current run
         self._run_logged = False
         self.total = 0  # every storage error since start (telemetry)
+        self.corrupt: str | None = None  # SQLite found the database damaged while running: why
 
     @property
     def failing(self) -> bool:
@@ -49,6 +52,9 @@ class StorageFaults:
     def failed(self, what: str, exc: BaseException) -> None:
         """Count one failed storage operation (``what`` the agent was doing)."""
         now = self._clock()
+        if self.corrupt is None and is_corruption(exc):
+            self.corrupt = f"{what}: {exc}"
+            log.critical("JOB DATABASE CORRUPT while %s: %s; the agent restarts to move it aside", what, exc)
         with self._lock:
             self.total += 1
             self._run += 1

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Literal, Protocol
 
+from agent.config import AgentConfig
 from agent.daemon import intake
 from agent.daemon.faults import Backoff, StorageFaults
 from agent.daemon.intake import Decision, KnownJob, Rules
@@ -26,9 +27,22 @@ from agent.daemon.worker import Worker
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
 from agent.link.mqtt import Connected, Event, Message, Published
-from agent.protocol import ModelRef
+from agent.protocol import ModelRef, Topics
+from agent.updates.manifest import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
+
+
+def rules_for(config: AgentConfig, topics: Topics) -> Rules:
+    """The admission rules a configuration sets (response topics under ``{prefix}/replies/`` by default)."""
+    return Rules(
+        topics=topics,
+        reply_prefix=config.jobs.reply_topic_prefix or f"{config.mqtt.topic_prefix}/replies/",
+        max_payload_bytes=config.jobs.max_payload_bytes,
+        max_tokens_limit=config.jobs.max_tokens_limit,
+        max_queue=config.jobs.max_queue,
+        max_manifest_bytes=MAX_MANIFEST_BYTES,
+    )
 
 
 class Updates(Protocol):

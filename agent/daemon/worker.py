@@ -63,7 +63,7 @@ class Worker:
         device_id: str,
         stats: JobStats,
         faults: StorageFaults,
-        publish_chunk: Callable[[str, bytes, bytes | None], None],
+        publish_chunk: Callable[[str, bytes, bytes | None], object],
         hold: Callable[[], bool] = lambda: False,
     ) -> None:
         """``publish_chunk(topic, payload, correlation)`` streams; ``hold()`` true: start no job now."""

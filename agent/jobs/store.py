@@ -279,6 +279,11 @@ class CorruptStoreError(StorageError):
 _CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"})
 
 
+def is_corruption(exc: BaseException) -> bool:
+    """Whether SQLite says the database file itself is damaged (not full, locked or unwritable)."""
+    return isinstance(exc, sqlite3.Error) and _is_corruption(exc)
+
+
 def _is_corruption(exc: sqlite3.Error) -> bool:
     name = getattr(exc, "sqlite_errorname", "") or ""
     if name in _CORRUPT or name.startswith("SQLITE_CORRUPT"):

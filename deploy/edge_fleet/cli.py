@@ -15,10 +15,35 @@ from collections.abc import Sequence
 from agent import __version__
 from agent.errors import AgentError
 
-from . import assignments, broker, deploy, inventory, jobs, pki, releases, rollout_cmd, simulate, views
+from . import (
+    assignments,
+    broker,
+    deploy,
+    identity,
+    inventory,
+    jobs,
+    pki,
+    releases,
+    rollout_cmd,
+    setup,
+    simulate,
+    views,
+)
 
 #: Modules that add sub-commands, in the order ``--help`` lists them; each has ``register(sub)``.
-_COMMAND_MODULES = (jobs, views, inventory, releases, deploy, rollout_cmd, assignments, simulate, pki)
+_COMMAND_MODULES = (
+    jobs,
+    views,
+    inventory,
+    releases,
+    deploy,
+    rollout_cmd,
+    assignments,
+    simulate,
+    pki,
+    identity,
+    setup,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -112,6 +112,8 @@ def _check_target(submitter: Submitter, args: argparse.Namespace) -> None:
     prefix = submitter.prefix
     if args.device:
         found = submitter.statuses(f"{prefix}/{args.device}/status")
+        if found is None:
+            return  # this identity may not read statuses: the job itself will tell
         known = Inventory.open(args.db).get(args.device) if found == [] else None
         if not found and known is None:
             raise FleetError(
@@ -135,7 +137,10 @@ def _check_target(submitter: Submitter, args: argparse.Namespace) -> None:
                 flush=True,
             )
         return
-    statuses = [s for s in submitter.statuses(f"{prefix}/+/status") if s.group == args.group]
+    seen = submitter.statuses(f"{prefix}/+/status")
+    if seen is None:
+        return
+    statuses = [s for s in seen if s.group == args.group]
     members = set(Inventory.open(args.db).members(args.group)) | {
         s.device_id for s in statuses if s.device_id
     }

@@ -119,7 +119,7 @@ def test_the_profile_then_variables_then_flags(tmp_path: Path, monkeypatch: pyte
     assert options.address == ("mq.lan", 8884) and options.prefix == "fleet"
     assert options.ca == tmp_path / "edge-fleet" / "ca.crt" and not options.plaintext
     monkeypatch.setenv("EDGE_FLEET_BROKER", "other.lan")
-    assert _options([]).address == ("other.lan", 8883)
+    assert _options([]).address == ("other.lan", 8884)  # the operators port
     assert _options(["--broker", "cli.lan:1", "--plaintext"]).address == ("cli.lan", 1)
     assert _options(["--plaintext"]).ca is None
     monkeypatch.setenv("EDGE_FLEET_PLAINTEXT", "1")

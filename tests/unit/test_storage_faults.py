@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from pathlib import Path
 
 import pytest
 
+from agent.config import AgentConfig
+from agent.daemon import Agent
 from agent.daemon.faults import Backoff, StorageFaults
+from agent.errors import StorageError
 
 
 def test_a_burst_of_errors_gives_one_line_then_one_summary_per_interval(
@@ -51,3 +55,47 @@ def test_backoff_doubles_to_a_cap_and_resets() -> None:
     assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
     backoff.reset()
     assert backoff.next() == 0.05
+
+
+def _real_corruption_error(tmp_path: Path) -> sqlite3.DatabaseError:
+    bad = tmp_path / "not-a-db"
+    bad.write_bytes(b"garbage" * 1000)
+    db = sqlite3.connect(bad)
+    try:
+        db.execute("SELECT * FROM sqlite_master").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return exc
+    finally:
+        db.close()
+    raise AssertionError("SQLite read garbage as a database")
+
+
+def test_corruption_at_run_time_is_flagged_but_a_full_disk_is_not(tmp_path: Path) -> None:
+    faults = StorageFaults()
+    faults.failed("claiming a job", sqlite3.OperationalError("database or disk is full"))
+    assert faults.corrupt is None, "positive control below: a full disk is no corruption"
+    faults.failed("claiming a job", _real_corruption_error(tmp_path))
+    assert faults.corrupt is not None and "not a database" in faults.corrupt
+
+
+def test_an_agent_whose_database_breaks_while_running_stops_with_one_error(
+    tmp_path: Path, phi3_dir: Path
+) -> None:
+    config = AgentConfig(
+        device_id="box-1",
+        state_dir=tmp_path / "state",
+        model={"path": str(phi3_dir)},
+        mqtt={
+            "allow_plaintext": True,
+            "port": 9,
+        },  # nothing listens: the agent keeps trying in the background
+    )
+    agent = Agent(config)
+    agent.faults.failed("claiming a job", _real_corruption_error(tmp_path))
+    with pytest.raises(StorageError, match="became corrupt") as caught:
+        agent.serve()
+    assert str(config.state_dir / "jobs.sqlite3") in caught.value.message
+    # The next start moves nothing aside here (the file itself is intact): it simply serves again.
+    again = Agent(config)
+    assert again.store_moved is None and not again.faults.corrupt
+    again.store.close()
