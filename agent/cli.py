@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         help="stop string (repeatable)",
     )
     gen.add_argument(
-        "--chat", action="store_true", help="treat PROMPT as a user message and apply the chat template"
+        "--raw",
+        action="store_true",
+        help="tokenize PROMPT as is; by default it is a user message in the model's chat template, if it has one",
     )
+    gen.add_argument(
+        "--chat", action="store_true", help=argparse.SUPPRESS
+    )  # the default now; kept for scripts
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     bench = sub.add_parser(
@@ -166,7 +171,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     engine = _engine(args)
-    if args.chat:
+    if args.chat or (not args.raw and engine.tokenizer.has_chat_template):
         ids = engine.prompt_ids(messages=[{"role": "user", "content": args.prompt}])
     else:
         ids = engine.prompt_ids(args.prompt)
