@@ -270,8 +270,9 @@ class EngineOptions(_Section):
     speculate: bool = Field(
         False,
         description=(
-            "Prompt-lookup speculative decoding (see agent.engine.speculate): the same tokens, "
-            "fewer passes when the output copies spans of the prompt."
+            "Prompt-lookup speculative decoding (see agent.engine.speculate): fewer passes when the "
+            "output copies spans of the prompt; the same tokens as plain decoding except where two "
+            "candidates tie within the float rounding of a multi-token pass."
         ),
     )
     speculate_max_k: int = Field(8, ge=1, le=32, description="Most draft tokens verified in one pass.")
