@@ -33,6 +33,7 @@ class NatsNode:
         self.name = name
         self.host = "127.0.0.1"
         self.port = free_port()  # MQTT: what agents and edge-fleet use
+        self.operator_port = self.port  # (one listener: operators and devices alike)
         self.client_port = free_port()
         self.cluster_port = free_port()
         self.http_port = free_port()
