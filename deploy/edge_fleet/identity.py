@@ -82,8 +82,9 @@ def move_command(args: argparse.Namespace) -> int:
     group = None if args.no_group else args.group
     if group is not None:
         pki.check_name(group, "a group")
-    with DynSec(admin_options(args)) as api:
-        left = api.set_group(args.name, group, args.topic_prefix)
+    options = admin_options(args)  # the prefix too: flag, else profile, else "edge"
+    with DynSec(options) as api:
+        left = api.set_group(args.name, group, options.prefix)
     was = f" (left {', '.join(left)}; disconnected so that it subscribes again)" if left else ""
     now = f"group {group}" if group else "no group"
     edit = f'group = "{group}"' if group else "no group line"
