@@ -35,7 +35,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, ContextOverflowError, InvalidRequestError
 from agent.health.probe import SystemProbe
 from agent.health.sd_notify import Notifier
-from agent.health.telemetry import JobStats, ModelInfo
+from agent.health.telemetry import JobStats, ModelInfo, PrefixCacheTelemetry
 from agent.jobs.store import JobStore, StoredJob
 from agent.link.mqtt import Connected, Message, MQTTLink, Published
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, days_left
@@ -251,7 +251,12 @@ class Agent:
             interval_s=self.config.telemetry.interval_s,
             thresholds=self.config.health,
             jobs=self.job_stats.snapshot_and_reset(self.store.queued_count()),
-            model=ModelInfo(name=serving.ref.name, version=serving.ref.version, precision=serving.precision),
+            model=ModelInfo(
+                name=serving.ref.name,
+                version=serving.ref.version,
+                precision=serving.precision,
+                prefix_cache=PrefixCacheTelemetry.of(serving.engine.prefix_cache_stats()),
+            ),
             backlog=backlog,
             previous=self._health,
             cert_expires_at=self._cert_expires_at,
@@ -555,7 +560,9 @@ class Agent:
             text=completion.text,
             finish_reason=completion.finish_reason,
             usage=Usage(
-                prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                cached_tokens=completion.cached_tokens,
             ),
             timings=completion.timings.model_dump(),
             model=self.updater.serving.ref,

@@ -97,6 +97,7 @@ class Usage(_Wire):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = Field(0, description="Prompt tokens served from the prefix cache, not computed.")
 
 
 class ModelRef(_Wire):

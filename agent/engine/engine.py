@@ -401,7 +401,7 @@ class Engine:
             capacity=capacity,
             dtype=io.kv_dtype,
         )
-        done = self._cached_tokens = self._restore_prefix(ids, cache)
+        done = done_before = self._cached_tokens = self._restore_prefix(ids, cache)
         if on_prefill is not None:
             on_prefill(done, n)
         binding = self.session.io_binding()
@@ -412,7 +412,7 @@ class Engine:
         logits = np.empty((1, io.prefill_logits_rows(longest), io.vocab), io.logits_dtype)
         prompt = np.asarray([ids], dtype=np.int64)
         for begin, stop in chunks:
-            if should_stop is not None and should_stop():
+            if begin > done_before and should_stop is not None and should_stop():  # between chunks
                 raise _PrefillCanceled
             rows = io.prefill_logits_rows(stop - begin)
             self._bind_step(binding, prompt[:, begin:stop], past=begin, logits=logits[:, :rows])

@@ -22,12 +22,14 @@ def plan_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
     """``[start, end)`` as consecutive ``(begin, stop)`` chunks of at most ``chunk`` positions.
 
     No chunk has a single row unless the whole range is one position: a one-row
-    tail borrows a row from the chunk before it.
+    tail borrows a row from the chunk before it (so with ``chunk == 2`` the last
+    chunk may have three rows).
     """
     if chunk < 2:
         raise ValueError("the prefill chunk must be at least 2 tokens")
     chunks = list(itertools.pairwise([*range(start, end, chunk), end]))
     if len(chunks) > 1 and chunks[-1][1] - chunks[-1][0] == 1:
         (a, b), (_, d) = chunks[-2], chunks[-1]
-        chunks[-2:] = [(a, b - 1), (b - 1, d)]
+        # Borrow a row from the chunk before; with 2-row chunks, merge into a 3-row one instead.
+        chunks[-2:] = [(a, b - 1), (b - 1, d)] if b - a > 2 else [(a, d)]
     return chunks

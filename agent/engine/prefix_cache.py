@@ -114,6 +114,7 @@ class PrefixCache:
     ) -> None:
         if block_tokens < 2:
             raise ValueError("block_tokens must be at least 2")
+        self.identity = identity
         self.block_tokens = block_tokens
         self.budget_bytes = budget_bytes
         self.root = root_key(identity)
