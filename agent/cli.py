@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
             "it allows at most (weights read per token / bandwidth; a projection, not a measurement)"
         ),
     )
+    bench.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "also measure the prefix cache: N shared instruction tokens before the --prompt-tokens "
+            "input, first cold, then warm with a new input each run (time to first token)"
+        ),
+    )
     bench.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="run the daemon: take jobs over MQTT and answer them")
     run.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
@@ -117,8 +127,8 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine(args: argparse.Namespace) -> Engine:
-    return Engine(args.model_dir, EngineOptions(threads=args.threads))
+def _engine(args: argparse.Namespace, **options: Any) -> Engine:
+    return Engine(args.model_dir, EngineOptions(threads=args.threads, **options))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -163,7 +173,11 @@ def _bench(args: argparse.Namespace) -> int:
         raise AgentError("--prompt-tokens, --new-tokens and --repeat must be at least 1")
     if args.bandwidth_gbs is not None and not args.bandwidth_gbs > 0:
         raise AgentError("--bandwidth-gbs must be positive")
-    engine = _engine(args)
+    if args.prefix_tokens < 0:
+        raise AgentError("--prefix-tokens must be 0 or more")
+    # Repeated prompts would hit the prefix cache: the speed figures are cold ones, so it is off
+    # unless --prefix-tokens asks to measure it.
+    engine = _engine(args, **({} if args.prefix_tokens else {"prefix_cache_mb": 0}))
     traffic = model_weight_traffic(engine.folder.onnx_path)
     # A fixed, ordinary-looking prompt: the encoded text repeated to the length asked.
     seed_ids = engine.tokenizer.encode(
@@ -191,6 +205,8 @@ def _bench(args: argparse.Namespace) -> int:
     result["max_decode_tokens_per_s"] = (
         traffic.max_tokens_per_s(args.bandwidth_gbs) if args.bandwidth_gbs is not None else None
     )
+    if args.prefix_tokens:
+        result |= _bench_prefix(engine, seed_ids, args)
     if args.json:
         print(json.dumps(result))
     else:
@@ -208,7 +224,46 @@ def _bench(args: argparse.Namespace) -> int:
                 f"projection: at {args.bandwidth_gbs:g} GB/s decode reaches at most "
                 f"{result['max_decode_tokens_per_s']:.1f} tok/s (a bound from memory traffic, not a measurement)"
             )
+        if args.prefix_tokens:
+            print(
+                f"prefix cache: {args.prefix_tokens}-token instruction + {args.prompt_tokens}-token input: "
+                f"time to first token cold {result['ttft_cold_ms']:.1f} ms, warm {result['ttft_warm_ms']:.1f} ms "
+                f"({100 * result['warm_vs_cold']:.1f} % of cold; {result['cached_tokens']} tokens cached)"
+            )
     return 0
+
+
+def _bench_prefix(engine: Engine, seed_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Time to first token for a shared instruction + a new input each run: cold once, then warm."""
+    if engine.prefix_cache is None:
+        raise AgentError("--prefix-tokens needs the prefix cache: [engine] prefix_cache_mb must be above 0")
+    n = args.prefix_tokens + args.prompt_tokens
+    if n >= engine.context_length:
+        raise AgentError(
+            f"--prefix-tokens + --prompt-tokens must stay below the context ({engine.context_length})"
+        )
+    # The instruction: the seed text from its 2nd token on, so it differs from the speed runs' prompt.
+    instruction: list[int] = (
+        (seed_ids[1:] or seed_ids) * (args.prefix_tokens // max(1, len(seed_ids) - 1) + 1)
+    )[: args.prefix_tokens]
+
+    def job(run: int) -> list[int]:  # a new input each run: the instruction is the only shared part
+        rotated: list[int] = seed_ids[run % len(seed_ids) :] + seed_ids[: run % len(seed_ids)]
+        tokens: int = args.prompt_tokens
+        return instruction + (rotated * (tokens // len(rotated) + 1))[:tokens]
+
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    engine.prefix_cache.clear()
+    cold = engine.generate(job(0), params)
+    warm = [engine.generate(job(run), params) for run in range(1, args.repeat + 1)]
+    warm_ms = statistics.median(w.timings.prefill_ms for w in warm)
+    return {
+        "prefix_tokens": args.prefix_tokens,
+        "ttft_cold_ms": cold.timings.prefill_ms,
+        "ttft_warm_ms": warm_ms,
+        "warm_vs_cold": warm_ms / cold.timings.prefill_ms,
+        "cached_tokens": min(w.cached_tokens for w in warm),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
