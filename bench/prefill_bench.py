@@ -22,6 +22,7 @@ Parts (each measurement in a fresh subprocess, one run after a warm-up):
   after a restart, the state saved with ``save_state`` (what its server's slot
   save/restore does); onnxruntime-genai keeps nothing across requests.
 - ``prefill``: cold prefill tokens/s at each ``--prompts`` length.
+- ``chunks``: cold prefill tokens/s of 1,024 tokens for several chunk sizes.
 - ``rss``: peak RSS of a 4,096-token prompt, chunked vs one pass.
 - ``blocks``: warm time to first token for several cache block sizes.
 
@@ -274,7 +275,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         n = spec["tokens"]
         ids = prompt_ids(n)
         if runner.startswith("engine"):
-            run = engine_runner(Path(spec["model"]), threads, prefix_cache_mb=0)
+            chunk = {"prefill_chunk_tokens": spec["chunk"]} if "chunk" in spec else {}
+            run = engine_runner(Path(spec["model"]), threads, prefix_cache_mb=0, **chunk)
         elif runner == "llama":
             run = llama_runner(Path(spec["model"]), threads, n + 16)
         elif runner == "genai":
@@ -286,7 +288,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return {"seconds": seconds, "tok_s": n / seconds, "other_cores": other, "peak_rss_mb": _peak_rss_mb()}
     if part == "rss":
         n = spec["tokens"]
-        run = engine_runner(Path(spec["model"]), threads, prefix_cache_mb=0, prefill_chunk_tokens=spec["chunk"])
+        run = engine_runner(
+            Path(spec["model"]), threads, prefix_cache_mb=0, prefill_chunk_tokens=spec["chunk"]
+        )
         seconds, other = _other_cores(lambda: run(prompt_ids(n)))
         return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "other_cores": other}
     if part in ("ttft", "blocks"):
@@ -296,7 +300,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             options: dict[str, Any] = {"cache_dir": spec["cache_dir"]}  # the default budget (256 MiB)
             if "block" in spec:
                 options["prefix_block_tokens"] = spec["block"]
-            loaded, _ = _other_cores(lambda: None)
             t0 = time.perf_counter()
             run = engine_runner(model, threads, **options)
             load_s = time.perf_counter() - t0
@@ -343,7 +346,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run ``spec`` in a fresh interpreter; its JSON result or the error."""
-    print(f"  {spec['part']} {spec['runner']} {spec.get('tokens', spec.get('stage', ''))}", file=sys.stderr, flush=True)
+    print(
+        f"  {spec['part']} {spec['runner']} {spec.get('tokens', spec.get('stage', ''))}",
+        file=sys.stderr,
+        flush=True,
+    )
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=BENCH_DIR.parent)
     if proc.returncode != 0:
@@ -359,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", nargs="+", type=int, default=[512, 1024, 4096])
-    parser.add_argument("--parts", nargs="+", default=["ttft", "prefill", "rss", "blocks"])
+    parser.add_argument("--parts", nargs="+", default=["ttft", "prefill", "chunks", "rss", "blocks"])
     parser.add_argument("--engine-variant", default="int4-pruned", choices=list(VARIANTS))
     parser.add_argument("--also-variants", nargs="*", default=["int4"], choices=list(VARIANTS))
     parser.add_argument("--gguf", default="Q4_0")
@@ -374,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(BENCH_DIR.parent))
     variant = ensure_onnx(args.engine_variant)
     others = {v: ensure_onnx(v) for v in args.also_variants}
-    gguf = ensure_gguf(args.gguf, args.llama_src) if args.llama_src or gguf_path(args.gguf).is_file() else None
+    gguf = (
+        ensure_gguf(args.gguf, args.llama_src) if args.llama_src or gguf_path(args.gguf).is_file() else None
+    )
     common = {"threads": args.threads}
     report: dict[str, Any] = {"machine": _machine(), "threads": args.threads, "model": SHAPE, "results": {}}
     res = report["results"]
@@ -386,7 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 cache_dir = Path(tmp) / runner
                 cache_dir.mkdir()
-                spec = {**common, "part": "ttft", "runner": runner, "model": str(model), "cache_dir": str(cache_dir)}
+                spec = {
+                    **common,
+                    "part": "ttft",
+                    "runner": runner,
+                    "model": str(model),
+                    "cache_dir": str(cache_dir),
+                }
                 row = measure({**spec, "stage": "first"})
                 if runner != "genai" and "error" not in row:
                     row |= measure({**spec, "stage": "restart"})
@@ -407,11 +422,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         {**common, "part": "prefill", "runner": "engine", "model": str(path), "tokens": n}
                     )
             res["prefill"] = rows
+        if "chunks" in args.parts:
+            res["chunks"] = {
+                str(chunk): measure(
+                    {
+                        **common,
+                        "part": "prefill",
+                        "runner": "engine",
+                        "model": str(variant),
+                        "tokens": 1024,
+                        "chunk": chunk,
+                    }
+                )
+                for chunk in (128, 256, 512, 1024)
+            }
         if "rss" in args.parts:
             res["rss"] = {
                 f"chunk {chunk}": measure(
-                    {**common, "part": "rss", "runner": "engine", "model": str(others.get("int4", variant)),
-                     "tokens": 4096, "chunk": chunk}
+                    {
+                        **common,
+                        "part": "rss",
+                        "runner": "engine",
+                        "model": str(others.get("int4", variant)),
+                        "tokens": 4096,
+                        "chunk": chunk,
+                    }
                 )
                 for chunk in (512, 65536)
             }
@@ -421,8 +456,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_dir = Path(tmp) / f"blocks-{block}"
                 cache_dir.mkdir()
                 rows[str(block)] = measure(
-                    {**common, "part": "blocks", "runner": "engine", "model": str(variant), "stage": "first",
-                     "cache_dir": str(cache_dir), "block": block}
+                    {
+                        **common,
+                        "part": "blocks",
+                        "runner": "engine",
+                        "model": str(variant),
+                        "stage": "first",
+                        "cache_dir": str(cache_dir),
+                        "block": block,
+                    }
                 )
             res["blocks"] = rows
     text = markdown(report)
@@ -473,8 +515,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if "ttft" in res:
-        out += ["| runner | cold s | warm (memory) s | warm (restart, disk) s | warm/cold | other cores |",
-                "|---|---:|---:|---:|---:|---:|"]
+        out += [
+            "| runner | cold s | warm (memory) s | warm (restart, disk) s | warm/cold | other cores |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for runner, row in res["ttft"].items():
             if "error" in row:
                 out.append(f"| {runner} | error: {row['error'][-200:]} | | | | |")
@@ -486,8 +530,10 @@ def markdown(report: dict[str, Any]) -> str:
             )
         out.append("")
     if "prefill" in res:
-        out += ["| runner@prompt | prefill s | tok/s | vs llama.cpp | peak RSS MB | other cores |",
-                "|---|---:|---:|---:|---:|---:|"]
+        out += [
+            "| runner@prompt | prefill s | tok/s | vs llama.cpp | peak RSS MB | other cores |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for key, row in res["prefill"].items():
             if "error" in row:
                 out.append(f"| {key} | error: {row['error'][-200:]} | | | | |")
@@ -499,6 +545,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['peak_rss_mb'], digits=0)} | {_fmt(row['other_cores'])} |"
             )
         out.append("")
+    if "chunks" in res:
+        out += ["| prefill chunk (1,024 tokens) | tok/s | other cores |", "|---:|---:|---:|"]
+        for chunk, row in res["chunks"].items():
+            out.append(f"| {chunk} | {_fmt(row.get('tok_s'), digits=1)} | {_fmt(row.get('other_cores'))} |")
+        out.append("")
     if "rss" in res:
         out += ["| 4,096-token prompt | peak RSS MB | prefill s |", "|---|---:|---:|"]
         for key, row in res["rss"].items():
@@ -508,7 +559,9 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["| block tokens | cached of 1,032 | warm s | cold s |", "|---:|---:|---:|---:|"]
         for block, row in res["blocks"].items():
             cached = INSTRUCTION_TOKENS // int(block) * int(block)
-            out.append(f"| {block} | {cached} | {_fmt(row.get('warm'), digits=3)} | {_fmt(row.get('cold'))} |")
+            out.append(
+                f"| {block} | {cached} | {_fmt(row.get('warm'), digits=3)} | {_fmt(row.get('cold'))} |"
+            )
     return "\n".join(out)
 
 
