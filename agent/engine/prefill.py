@@ -1,6 +1,6 @@
 """How a prompt is prefilled: which positions come from the cache and how the rest is chunked.
 
-Pure decisions, no onnxruntime: the engine runs the plan.
+The chunk plan is a pure decision, no onnxruntime: the engine runs it.
 
 onnxruntime's GroupQueryAttention takes a chunk of any length after a non-empty
 past in the same shared past/present buffer (``seqlens_k`` and
@@ -16,6 +16,12 @@ the same bits, and a hit never changes a token.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+
+import numpy as np
+
+from agent.engine.prefix_cache import PrefixCache
+from agent.engine.prefix_store import DiskBlockStore, model_identity
 
 
 def plan_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
@@ -33,3 +39,34 @@ def plan_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
         # Borrow a row from the chunk before; with 2-row chunks, merge into a 3-row one instead.
         chunks[-2:] = [(a, b - 1), (b - 1, d)] if b - a > 2 else [(a, d)]
     return chunks
+
+
+def open_prefix_cache(
+    model_dir: Path,
+    *,
+    directory: Path | None,
+    memory_mb: int,
+    disk_mb: int,
+    block_tokens: int,
+    block_shape: tuple[int, ...],
+    dtype: np.dtype[np.generic],
+    threads: int,
+) -> PrefixCache | None:
+    """The engine's prefix cache (None when ``memory_mb`` is 0), on disk too when ``directory`` is given.
+
+    On disk, blocks are keyed by the model's identity: hashing the model's files
+    reads them once (they were just read to load the session, so mostly from the
+    page cache).
+    """
+    if memory_mb <= 0:
+        return None
+    store = None
+    identity = f"memory:{model_dir.resolve()}"
+    if directory is not None and disk_mb > 0:
+        identity = model_identity([p for p in model_dir.iterdir() if p.is_file()], threads)
+        store = DiskBlockStore(
+            directory, identity, block_shape=block_shape, dtype=dtype, budget_bytes=disk_mb << 20
+        )
+    return PrefixCache(
+        identity=identity, block_tokens=block_tokens, budget_bytes=memory_mb << 20, store=store
+    )
