@@ -372,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gguf", default="Q4_0")
     parser.add_argument("--llama-src", type=Path, default=None, help="vendor/llama.cpp of the sdist")
     parser.add_argument("--prefill-runners", nargs="+", default=["engine", "llama", "bare", "genai"])
+    parser.add_argument("--chunks", nargs="+", type=int, default=[256, 512, 1024])
+    parser.add_argument(
+        "--blocks-model", type=Path, default=None, help="model of the blocks part (default: the engine's)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -387,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = {"threads": args.threads}
     report: dict[str, Any] = {"machine": _machine(), "threads": args.threads, "model": SHAPE, "results": {}}
     res = report["results"]
+    if args.blocks_model is not None:
+        report["blocks_model"] = str(args.blocks_model)
     with tempfile.TemporaryDirectory(prefix="prefill-bench-") as tmp:
         if "ttft" in args.parts:
             rows = {}
@@ -434,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "chunk": chunk,
                     }
                 )
-                for chunk in (128, 256, 512, 1024)
+                for chunk in args.chunks
             }
         if "rss" in args.parts:
             res["rss"] = {
@@ -460,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         **common,
                         "part": "blocks",
                         "runner": "engine",
-                        "model": str(variant),
+                        "model": str(args.blocks_model or variant),
                         "stage": "first",
                         "cache_dir": str(cache_dir),
                         "block": block,
