@@ -308,7 +308,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 run.engine.prefix_cache.clear()  # type: ignore[attr-defined]
                 cold, other_c = _other_cores(lambda: run(job(0)))
                 warm, other_w = _other_cores(lambda: run(job(1)))
-                return {"cold": cold, "warm": warm, "other_cores": max(other_c, other_w), "load_s": load_s}
+                stats = run.engine.prefix_cache_stats()  # type: ignore[attr-defined]
+                return {
+                    "cold": cold,
+                    "warm": warm,
+                    "other_cores": max(other_c, other_w),
+                    "load_s": load_s,
+                    "cache_bytes": stats.bytes,
+                    "cache_budget_bytes": stats.budget_bytes,
+                    "cache_entries": stats.entries,
+                    "peak_rss_mb": _peak_rss_mb(),
+                }
             warm, other = _other_cores(lambda: run(job(2)))
             return {"restart": warm, "other_cores": other, "load_s": load_s}
         if runner == "llama":
