@@ -532,8 +532,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if "ttft" in res:
         out += [
-            "| runner | cold s | warm (memory) s | warm (restart, disk) s | warm/cold | other cores |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| runner | cold s | warm (memory) s | warm (restart, disk) s | warm/cold | other cores | cache MiB / budget |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for runner, row in res["ttft"].items():
             if "error" in row:
@@ -542,7 +542,12 @@ def markdown(report: dict[str, Any]) -> str:
             ratio = row["warm"] / row["cold"] if row.get("cold") else None
             out.append(
                 f"| {runner} | {_fmt(row.get('cold'))} | {_fmt(row.get('warm'), digits=3)} | "
-                f"{_fmt(row.get('restart'), digits=3)} | {_fmt(ratio, 100, 1)} % | {_fmt(row.get('other_cores'))} |"
+                f"{_fmt(row.get('restart'), digits=3)} | {_fmt(ratio, 100, 1)} % | {_fmt(row.get('other_cores'))} | "
+                + (
+                    f"{row['cache_bytes'] / 2**20:.0f} / {row['cache_budget_bytes'] / 2**20:.0f} |"
+                    if "cache_bytes" in row
+                    else "n/a |"
+                )
             )
         out.append("")
     if "prefill" in res:
