@@ -74,7 +74,7 @@ class EngineOptions(BaseModel):
         description="Disk for prefixes kept across restarts, MiB (used when the engine has a cache directory).",
     )
     prefix_block_tokens: int = Field(
-        32,
+        16,
         ge=2,
         le=4096,
         description="Granularity of the prefix cache: prefixes are reused in blocks this long.",
