@@ -18,7 +18,7 @@
 #   site/     the runtime dependencies, installed by `pip install --target` from
 #             manylinux aarch64 wheels alone (deploy/check_wheels.py --target),
 #             plus pytest and onnxruntime-genai (the parity reference) from the
-#             dev extra.
+#             test extra.
 #
 # The default tests: every runtime dependency is installed and every agent module
 # imports; the engine's parity tests against onnxruntime-genai (both aarch64) on
@@ -71,7 +71,7 @@ cache_key() {
     declare -f build build_sysroot write_cpuinfo
     echo "${APT_PACKAGES[*]} ${TEST_EXTRAS[*]}"
     cat deploy/check_wheels.py
-    "$HOST_PYTHON" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(json.dumps([p["dependencies"], p["optional-dependencies"]["dev"]]))'
+    "$HOST_PYTHON" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(json.dumps([p["dependencies"], p["optional-dependencies"]["test"]]))'
   } | sha256sum | cut -c1-16
 }
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__
-from agent.config import load_config
+from agent.config import check_files, load_config
 from agent.engine.engine import Engine, EngineOptions
 from agent.engine.sampling import SamplingParams
 from agent.engine.weight_traffic import model_weight_traffic
@@ -122,6 +122,11 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
+    problems = check_files(config)
+    for problem in problems:
+        print(f"edge-agent: {args.file}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     brokers = ", ".join(f"{host}:{port}" for host, port in config.mqtt.endpoints)
     print(f"{args.file}: OK (device {config.device_id}, broker {brokers})")
     return 0

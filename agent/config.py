@@ -8,6 +8,7 @@ and nowhere else; an invalid value fails at start with the key named.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -24,17 +25,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from agent.engine.engine import EngineOptions
 from agent.errors import ConfigError, SignatureError
-from agent.health.telemetry import HealthThresholds, TelemetryConfig
 from agent.updates.signing import PublicKey
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched with fullmatch: ``re.match(...$)`` would accept a trailing newline ("box\n").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _topic_safe(value: str) -> str:
     """Names that become MQTT topic levels: no wildcards, separators or '$' prefixes."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError("must be 1-64 of A-Z a-z 0-9 _ . - and start with a letter or digit")
     return value
 
@@ -63,14 +63,14 @@ class TLSConfig(_Section):
 
 #: Topic levels under the prefix that belong to the fleet, not to a device: no device may be named so.
 RESERVED_NAMES = frozenset({"groups", "replies", "operator"})
-_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
+_ENDPOINT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?")
 #: The IANA ports of MQTT over TLS and plain MQTT: an endpoint without a port gets the one that fits.
 TLS_PORT, PLAIN_PORT = 8883, 1883
 
 
 def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
     """``HOST``, ``HOST:PORT`` or ``[IPV6]:PORT`` as a (host, port) pair."""
-    found = _ENDPOINT.match(text.strip())
+    found = _ENDPOINT.fullmatch(text.strip())
     port = int(found.group("port")) if found and found.group("port") else default_port
     if found is None or not 1 <= port <= 65535:
         raise ValueError(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT with a port in 1-65535")
@@ -233,6 +233,101 @@ class UpdateConfig(_Section):
         return [PublicKey.from_line(k) for k in self.trusted_keys]
 
 
+class EngineOptions(_Section):
+    """How the onnxruntime session is set up."""
+
+    threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 means one per physical core.")
+    spin_us: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
+        description=(
+            "How long idle worker threads busy-wait for the next operator, in microseconds "
+            "(0: never). A short spin keeps decode fast (the next token's work arrives within "
+            "microseconds) while a bounded one never burns cores between requests."
+        ),
+    )
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        le=1_048_576,
+        description=(
+            "Memory for the keys and values of recent prompt prefixes, MiB (0: no prefix cache). "
+            "256 MiB holds about 4,000 tokens of a Llama-3.2-1B or 340 of Phi-3-mini (float32 KV): "
+            "affordable beside a 2.3 GB int4 model on a 4 GB box."
+        ),
+    )
+    prefix_cache_disk_mb: int = Field(
+        1024,
+        ge=0,
+        le=1_048_576,
+        description="Disk for prefixes kept across restarts (under state_dir/prefix_cache), MiB.",
+    )
+    prefix_block_tokens: int = Field(
+        16,
+        ge=2,
+        le=4096,
+        description="Granularity of the prefix cache: prefixes are reused in blocks this long.",
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=2,
+        le=65_536,
+        description=(
+            "Longest prefill pass: a long prompt is prefilled in chunks this long, which bounds "
+            "its memory and lets cancellation act between chunks."
+        ),
+    )
+
+
+class TelemetryConfig(_Section):
+    """``[telemetry]``: how often the agent reports."""
+
+    interval_s: float = Field(
+        10.0, ge=1.0, le=3600.0, description="Seconds between telemetry messages (and health checks)."
+    )
+    sysfs_root: Path = Field(
+        Path("/sys"),
+        description=(
+            "Where sysfs is mounted. Only containers with a bind-mounted host sysfs, and tests that "
+            "simulate a thermal sensor on machines without one, change it."
+        ),
+    )
+
+
+class HealthThresholds(_Section):
+    """``[health]``: when the box counts as degraded, and what the agent does about it."""
+
+    max_temp_c: float = Field(
+        80.0,
+        ge=30.0,
+        le=125.0,
+        description="At or above this SoC temperature the box is hot (a Raspberry Pi throttles at 80-85).",
+    )
+    temp_hysteresis_c: float = Field(
+        5.0, ge=0.0, le=30.0, description="A hot box counts as cool again only this far below max_temp_c."
+    )
+    min_mem_available_mb: int = Field(
+        200, ge=0, le=1 << 20, description="Below this much available memory (MiB) memory is low."
+    )
+    mem_hysteresis_mb: int = Field(
+        50, ge=0, le=1 << 20, description="Low memory ends only this far above min_mem_available_mb."
+    )
+    min_disk_free_mb: int = Field(
+        500, ge=0, le=1 << 30, description="Below this much free space (MiB) in state_dir disk is low."
+    )
+    max_backlog: int = Field(
+        1000, ge=1, le=10_000_000, description="More unacknowledged publications than this is a backlog."
+    )
+    shed_load: Literal["reject", "queue"] = Field(
+        "reject",
+        description=(
+            "While hot or short of memory: 'reject' answers new jobs at once with code 'overloaded' "
+            "(a caller can go elsewhere); 'queue' stores them and starts none until the box recovers."
+        ),
+    )
+
+
 class AgentConfig(BaseSettings):
     """Everything the daemon needs, from the TOML file and ``EDGE_AGENT_*`` variables."""
 
@@ -292,3 +387,71 @@ def load_config(path: str | Path) -> AgentConfig:
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"{path}: {problems}") from exc
+
+
+def _unreadable(path: Path, *, folder: bool) -> str | None:
+    """Why ``path`` cannot be read as a file (or listed as a folder), or None when it can."""
+    try:
+        if folder:
+            if not path.is_dir():
+                return "does not exist" if not path.exists() else "is not a folder"
+            next(path.iterdir(), None)
+        else:
+            with path.open("rb") as handle:
+                handle.read(1)
+    except FileNotFoundError:
+        return "does not exist"
+    except IsADirectoryError:
+        return "is a folder, not a file"
+    except PermissionError:
+        return "is not readable by this user"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    return None
+
+
+def check_files(config: AgentConfig) -> list[str]:
+    """Every file and folder ``config`` names that this box lacks or cannot read: one line each.
+
+    Each line names the key, the path and the fix.  ``edge-agent config check``
+    prints them (and fails); the agent itself would only fail later, at connect
+    or model load.  ``state_dir`` must be a folder or creatable; the others must
+    exist and be readable by the user running the check (run it as the
+    service's user: root reads every file).
+    """
+    named: list[tuple[str, Path | None, bool, str]] = [
+        ("model.path", config.model.path, True, "copy a model folder there or point [model] path at one"),
+        ("telemetry.sysfs_root", config.telemetry.sysfs_root, True, "fix [telemetry] sysfs_root"),
+        (
+            "update.ca",
+            config.update.ca,
+            False,
+            "copy the release servers' CA bundle there or fix [update] ca",
+        ),
+    ]
+    tls = config.mqtt.tls
+    if tls is not None:
+        fix = "copy it there (edge-fleet provision writes ca.crt, NAME.crt, NAME.key) or fix [mqtt.tls] {}"
+        named += [
+            (f"mqtt.tls.{key}", getattr(tls, key), False, fix.format(key)) for key in ("ca", "cert", "key")
+        ]
+    problems = []
+    for key, path, folder, fix in named:
+        why = None if path is None else _unreadable(path, folder=folder)
+        if why is not None:
+            problems.append(f"{key}: {path} {why}: {fix}")
+    if config.model.path.is_dir() and _unreadable(config.model.path / "genai_config.json", folder=False):
+        problems.append(
+            f"model.path: {config.model.path} has no readable genai_config.json: point [model] path at a "
+            "model folder (genai_config.json, model.onnx, tokenizer.json)"
+        )
+    existing = config.state_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.append(f"state_dir: {existing} is not a folder: fix state_dir")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(
+            f"state_dir: {existing} is not writable by this user: chown it to the service's user or fix state_dir"
+        )
+    return problems

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.errors import AgentError, ContextOverflowError, InvalidRequestError
+from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from agent.health.probe import SystemProbe
 from agent.health.sd_notify import Notifier
 from agent.health.telemetry import JobStats, ModelInfo, PrefixCacheTelemetry
@@ -44,6 +44,7 @@ from agent.protocol import (
     Chunk,
     ErrorInfo,
     Health,
+    JobErrorCode,
     JobRequest,
     JobStatus,
     ModelState,
@@ -439,7 +440,7 @@ class Agent:
             if job.id not in in_flight and job.result is not None:
                 self._publish_result(job.id, job.reply_topic, job.correlation, job.result)
 
-    def _reject_unreadable(self, msg: Message, code: str, message: str) -> None:
+    def _reject_unreadable(self, msg: Message, code: JobErrorCode, message: str) -> None:
         found = _ID_PATTERN.search(msg.payload[:_ID_SCAN_BYTES])
         if found is None:
             log.warning("dropping a message on %s with no readable id: %s", msg.topic, message)
@@ -456,7 +457,13 @@ class Agent:
         return self.topics.result(job_id)
 
     def _reply_now(
-        self, job_id: str, reply: str, correlation: bytes | None, status: JobStatus, code: str, message: str
+        self,
+        job_id: str,
+        reply: str,
+        correlation: bytes | None,
+        status: JobStatus,
+        code: JobErrorCode,
+        message: str,
     ) -> None:
         """Answer a job that was never accepted (nothing is stored: a retry may succeed)."""
         log.info("job %s %s: %s", job_id, status, message)
@@ -549,7 +556,7 @@ class Agent:
             )
         except (ContextOverflowError, InvalidRequestError) as exc:
             return self._result(job.id, "rejected", error=(exc.code, exc.message))
-        except AgentError as exc:
+        except (ModelError, GenerationError) as exc:
             return self._result(job.id, "failed", error=(exc.code, exc.message))
         if checkpoint:
             return None
@@ -564,7 +571,7 @@ class Agent:
                 completion_tokens=completion.completion_tokens,
                 cached_tokens=completion.cached_tokens,
             ),
-            timings=completion.timings.model_dump(),
+            timings=completion.timings,
             model=self.updater.serving.ref,
             error=ErrorInfo(code="canceled", message="canceled while running")
             if status == "canceled"
@@ -598,7 +605,7 @@ class Agent:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _result(self, job_id: str, status: JobStatus, *, error: tuple[str, str]) -> Result:
+    def _result(self, job_id: str, status: JobStatus, *, error: tuple[JobErrorCode, str]) -> Result:
         return Result(
             id=job_id,
             status=status,
@@ -612,7 +619,7 @@ class Agent:
             self.job_stats.record(
                 result.status,
                 latency_s=time.time() - job.received_at,
-                decode_tok_s=result.timings.get("decode_tokens_per_s"),
+                decode_tok_s=result.timings.decode_tokens_per_s if result.timings else None,
             )
             self._publish_result(job.id, job.reply_topic, job.correlation, payload)
 

@@ -20,6 +20,11 @@ Every error carries a stable machine-readable ``code`` for wire replies.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.protocol import JobErrorCode, UpdateErrorCode
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
@@ -46,13 +51,13 @@ class LinkError(AgentError):
 class ModelError(AgentError):
     """The model folder cannot be loaded."""
 
-    code = "model_error"
+    code: JobErrorCode = "model_error"
 
 
 class ModelFileError(ModelError):
     """A file of the model folder is missing, unreadable or corrupt."""
 
-    code = "model_file"
+    code: JobErrorCode = "model_file"
 
     def __init__(self, path: object, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
@@ -62,25 +67,25 @@ class ModelFileError(ModelError):
 class ModelConfigError(ModelError):
     """``genai_config.json`` lacks a field the engine needs, or names an unsupported one."""
 
-    code = "model_config"
+    code: JobErrorCode = "model_config"
 
 
 class GenerationError(AgentError):
     """A generation request cannot be run as asked."""
 
-    code = "generation_error"
+    code: JobErrorCode = "generation_error"
 
 
 class InvalidRequestError(GenerationError):
     """A request parameter is out of range or inconsistent."""
 
-    code = "invalid_request"
+    code: JobErrorCode = "invalid_request"
 
 
 class ContextOverflowError(GenerationError):
     """The prompt (plus at least one new token) does not fit in the model's context."""
 
-    code = "context_overflow"
+    code: JobErrorCode = "context_overflow"
 
     def __init__(self, prompt_tokens: int, context_length: int) -> None:
         super().__init__(
@@ -94,9 +99,9 @@ class ContextOverflowError(GenerationError):
 class UpdateError(AgentError):
     """A model update is refused or failed; ``code`` is the reason reported in the model state."""
 
-    code = "update_failed"
+    code: UpdateErrorCode = "update_failed"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: UpdateErrorCode | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -105,10 +110,10 @@ class UpdateError(AgentError):
 class SignatureError(UpdateError):
     """A manifest's signature is missing, made by an untrusted key, or does not verify."""
 
-    code = "bad_signature"
+    code: UpdateErrorCode = "bad_signature"
 
 
 class DownloadError(UpdateError):
     """A download broke off or the server failed; what arrived is kept and the download resumes."""
 
-    code = "download_interrupted"
+    code: UpdateErrorCode = "download_interrupted"

@@ -1,24 +1,74 @@
 """The wire contract: topics and every message, as pydantic models.
 
 These models are the single source of truth for what travels over MQTT;
-``docs/protocol.md`` describes them for people.  Requests are untrusted: they
-are parsed strictly (unknown fields rejected, every number bounded).
+``docs/protocol.md`` describes them for people (a test checks that the two
+list the same finish reasons and error codes).  Requests are untrusted: they
+are parsed strictly (unknown fields rejected, every number bounded, no
+coercion: ``"3"``, ``true`` and ``3.0`` are not integers).
+
+This module is a light leaf: it imports pydantic and nothing that loads
+onnxruntime, numpy or tokenizers, so ``edge-fleet`` can use it cheaply.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from agent.engine.sampling import SamplingParams
+if TYPE_CHECKING:  # the engine's sampling module loads numpy: only the conversion needs it
+    from agent.engine.sampling import SamplingParams
 
 JobStatus = Literal["succeeded", "failed", "rejected", "canceled", "expired"]
+#: Why generation ended: eos or a stop string, ``max_tokens`` or the context end, a cancel.
+FinishReason = Literal["stop", "length", "canceled"]
+
+#: Codes of a job's error (``Result.error.code``); ``docs/protocol.md`` has the table.
+JobErrorCode = Literal[
+    "invalid_json",
+    "payload_too_large",
+    "invalid_request",
+    "duplicate_id",
+    "context_overflow",
+    "busy",
+    "expired",
+    "canceled",
+    "interrupted",
+    "overloaded",
+    "internal",
+    "generation_error",
+    "model_error",
+    "model_file",
+    "model_config",
+]
+#: Codes of a refused or failed model update (``UpdateStatus.error.code``).
+UpdateErrorCode = Literal[
+    "invalid_manifest",
+    "bad_signature",
+    "untrusted_key",
+    "expired",
+    "downgrade",
+    "other_model",
+    "version_conflict",
+    "unsafe_path",
+    "size_mismatch",
+    "sha256_mismatch",
+    "disk_full",
+    "download_interrupted",
+    "model_load",
+    "smoke_test_failed",
+    "probation_failed",
+    "update_failed",
+    "internal",
+]
+ErrorCode = JobErrorCode | UpdateErrorCode
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion from the wire ("3" is not 3, true is not 1, 3.0 is not an int); a float
+    # field still takes an integer, as JSON does not tell 1 from 1.0.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ChatMessage(_Wire):
@@ -28,6 +78,8 @@ class ChatMessage(_Wire):
     content: str = Field(max_length=1_000_000)
 
 
+# pydantic matches ``pattern`` with Rust's regex, where ``$`` is the end of the text (a trailing
+# newline does not match, unlike Python's ``re``); a test pins that.
 JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
 
 
@@ -60,6 +112,8 @@ class JobRequest(_Wire):
 
     def sampling_params(self) -> SamplingParams:
         """The engine's parameters for this job."""
+        from agent.engine.sampling import SamplingParams
+
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
@@ -88,7 +142,7 @@ class CancelRequest(_Wire):
 class ErrorInfo(_Wire):
     """Why a job did not succeed: a stable ``code`` and a message for people."""
 
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -98,6 +152,19 @@ class Usage(_Wire):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = Field(0, description="Prompt tokens served from the prefix cache, not computed.")
+
+
+class Timings(_Wire):
+    """Where the time of one request went (the engine measures it; a result carries it)."""
+
+    prefill_ms: float = Field(
+        description="Prompt forward passes actually run (cached positions are copied, not computed), "
+        "including picking the first token."
+    )
+    decode_ms: float = Field(description="All later tokens.")
+    total_ms: float
+    prefill_tokens_per_s: float = Field(description="Prompt tokens computed (not cached) per second.")
+    decode_tokens_per_s: float
 
 
 class ModelRef(_Wire):
@@ -123,9 +190,9 @@ class Result(_Wire):
     id: str
     status: JobStatus
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     usage: Usage = Field(default_factory=Usage)
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: Timings | None = Field(None, description="Set when the engine ran the job.")
     model: ModelRef | None = None
     error: ErrorInfo | None = None
 

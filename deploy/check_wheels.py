@@ -9,7 +9,7 @@ what a Raspberry Pi OS (bookworm, glibc 2.36) box would install.  Exits
 non-zero, naming the package, when any of them would need building from source.
 
 With ``--target DIR`` pip installs them into DIR instead (still wheels only,
-still for aarch64), together with the ``dev`` extra's requirements named by
+still for aarch64), together with the ``test`` extra's requirements named by
 ``--with``: the emulated aarch64 test run (``.ci/arm64_emulated.sh``) puts DIR
 on an emulated interpreter's path and so proves that the wheels also load.
 """
@@ -40,15 +40,15 @@ def _name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", head).lower()
 
 
-def dev_requirements(names: list[str]) -> list[str]:
-    """The ``dev`` extra's requirement strings for ``names``; an unknown name is an error."""
+def test_requirements(names: list[str]) -> list[str]:
+    """The ``test`` extra's requirement strings for ``names``; an unknown name is an error."""
     extras = _project()["optional-dependencies"]
     assert isinstance(extras, dict)
-    dev = {_name(r): r for r in extras["dev"]}
-    missing = [n for n in names if _name(n) not in dev]
+    test = {_name(r): r for r in extras["test"]}
+    missing = [n for n in names if _name(n) not in test]
     if missing:
-        raise SystemExit(f"check_wheels: not in the dev extra: {', '.join(missing)}")
-    return [dev[_name(n)] for n in names]
+        raise SystemExit(f"check_wheels: not in the test extra: {', '.join(missing)}")
+    return [test[_name(n)] for n in names]
 
 
 def _pip_platform_args(python_version: str) -> list[str]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME",
-        help="also install this requirement of the dev extra (with --target; repeatable)",
+        help="also install this requirement of the test extra (with --target; repeatable)",
     )
     args = parser.parse_args(argv)
     deps = _project()["dependencies"]
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target is not None:
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--target", str(args.target)]
         cmd += _pip_platform_args(args.python_version)
-        proc = subprocess.run([*cmd, *deps, *dev_requirements(args.also)], check=False)
+        proc = subprocess.run([*cmd, *deps, *test_requirements(args.also)], check=False)
         if proc.returncode != 0:
             print("check_wheels: the aarch64 wheels did not install (see above)", file=sys.stderr)
             return 1

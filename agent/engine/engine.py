@@ -17,13 +17,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.config import EngineOptions as EngineOptions
 from agent.engine.kv_cache import KVCache
 from agent.engine.model_folder import ModelFolder
 from agent.engine.prefill import open_prefix_cache, plan_chunks
@@ -32,77 +33,13 @@ from agent.engine.sampling import Sampler, SamplingParams
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
 from agent.engine.tokenizer import Tokenizer
 from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
-
-FinishReason = Literal["stop", "length", "canceled"]
+from agent.protocol import FinishReason as FinishReason
+from agent.protocol import Timings as Timings
 
 _ORT_TYPES: dict[str, npt.DTypeLike] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
 }
-
-
-class EngineOptions(BaseModel):
-    """How the onnxruntime session is set up."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 means one per physical core.")
-    spin_us: int = Field(
-        1000,
-        ge=0,
-        le=100_000,
-        description=(
-            "How long idle worker threads busy-wait for the next operator, in microseconds "
-            "(0: never). A short spin keeps decode fast (the next token's work arrives within "
-            "microseconds) while a bounded one never burns cores between requests."
-        ),
-    )
-    prefix_cache_mb: int = Field(
-        256,
-        ge=0,
-        le=1_048_576,
-        description=(
-            "Memory for the keys and values of recent prompt prefixes, MiB (0: no prefix cache). "
-            "256 MiB holds about 4,000 tokens of a Llama-3.2-1B or 340 of Phi-3-mini (float32 KV): affordable "
-            "beside a 2.3 GB int4 model on a 4 GB box."
-        ),
-    )
-    prefix_cache_disk_mb: int = Field(
-        1024,
-        ge=0,
-        le=1_048_576,
-        description="Disk for prefixes kept across restarts, MiB (used when the engine has a cache directory).",
-    )
-    prefix_block_tokens: int = Field(
-        16,
-        ge=2,
-        le=4096,
-        description="Granularity of the prefix cache: prefixes are reused in blocks this long.",
-    )
-    prefill_chunk_tokens: int = Field(
-        512,
-        ge=2,
-        le=65_536,
-        description=(
-            "Longest prefill pass: a long prompt is prefilled in chunks this long, which bounds "
-            "its memory and lets cancellation act between chunks."
-        ),
-    )
-
-
-class Timings(BaseModel):
-    """Where the time of one request went."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prefill_ms: float = Field(
-        description="Prompt forward passes actually run (cached positions are copied, not computed), "
-        "including picking the first token."
-    )
-    decode_ms: float = Field(description="All later tokens.")
-    total_ms: float
-    prefill_tokens_per_s: float = Field(description="Prompt tokens computed (not cached) per second.")
-    decode_tokens_per_s: float
 
 
 class Completion(BaseModel):

@@ -33,7 +33,7 @@ from agent.errors import DownloadError, UpdateError
 from agent.updates.manifest import FileEntry
 
 _CHUNK = 64 * 1024
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class RateLimit:
@@ -137,7 +137,7 @@ def _download_rest(
     with response:
         start = have
         if have and response.status == 206:
-            found = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            found = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
             if found is None or int(found[1]) != have:
                 raise DownloadError(f"{entry.path}: the server answered a resume with the wrong range")
         else:  # 200: the server ignored the range (or none was asked) and sends everything

@@ -27,12 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.errors import UpdateError
 from agent.updates import signing
 
+# Both matched with fullmatch: ``re.match(...$)`` would accept a trailing newline ("1.0.0\n").
 _SEMVER = re.compile(
-    r"^(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
+    r"(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
-    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
 )
-_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 #: A manifest larger than this is refused unread.
 MAX_MANIFEST_BYTES = 64 * 1024
 
@@ -42,7 +43,7 @@ class SemVer:
     """A semantic version (2.0.0), ordered by its precedence rules; build metadata is ignored."""
 
     def __init__(self, text: str) -> None:
-        found = _SEMVER.match(text)
+        found = _SEMVER.fullmatch(text)
         if found is None:
             raise ValueError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH[-pre][+build])")
         self.text = text
@@ -74,7 +75,8 @@ def _semver(value: str) -> str:
 
 
 class _Signed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: the canonical form has only integers, so "3", 3.0 and true are not sizes or token ids.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256.")]
@@ -204,7 +206,7 @@ class Manifest(_Signed):
         for entry in self.files:
             path = PurePosixPath(entry.path)
             parts = entry.path.split("/")
-            if path.is_absolute() or "\\" in entry.path or not all(_PATH_PART.match(p) for p in parts):
+            if path.is_absolute() or "\\" in entry.path or not all(_PATH_PART.fullmatch(p) for p in parts):
                 raise UpdateError(
                     f"file path {entry.path!r} escapes the version directory or has unsafe characters",
                     code="unsafe_path",

@@ -35,7 +35,7 @@ from agent.config import AgentConfig
 from agent.engine.engine import Engine
 from agent.errors import AgentError, DownloadError, LinkError, ModelError, UpdateError
 from agent.link.tls import client_context
-from agent.protocol import ErrorInfo, ModelRef, ModelState, UpdatePhase, UpdateStatus
+from agent.protocol import ErrorInfo, ModelRef, ModelState, UpdateErrorCode, UpdatePhase, UpdateStatus
 from agent.updates.download import RateLimit, fetch, sha256_file
 from agent.updates.manifest import Manifest
 from agent.updates.store import ModelStore, Pointer
@@ -234,7 +234,7 @@ class Updater:
             log.error("model %s on probation: %s; rolling back", self.serving.release, message)
             self._rollback("probation_failed", message)
 
-    def _rollback(self, code: str, message: str) -> None:
+    def _rollback(self, code: UpdateErrorCode, message: str) -> None:
         """Go back to the previous version (worker thread, between jobs)."""
         failed = self.serving
         pointer = self.store.pointer()
@@ -492,7 +492,7 @@ class Updater:
         *,
         progress: float | None = None,
         detail: str | None = None,
-        error: tuple[str, str] | None = None,
+        error: tuple[UpdateErrorCode, str] | None = None,
     ) -> None:
         name, _, version = release.partition("@")
         status = UpdateStatus(

@@ -34,7 +34,8 @@ CA_CERT, CA_KEY = "ca.crt", "ca.key"
 #: The name the shipped ACL (deploy/mosquitto/edge.acl) gives operator rights to.
 OPERATOR = "operator"
 # Same rule as the agent's device_id: the name becomes a topic level and an ACL user.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched with fullmatch: ``re.match(...$)`` takes "box\n", whose ACL line stops mosquitto starting.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Ten years for the CA (replacing it means re-provisioning the fleet), about one for identities
 # (a stolen box's certificate stops working by itself; the doctor warns 30 days ahead).
 CA_DAYS, IDENTITY_DAYS = 3650, 397
@@ -106,7 +107,7 @@ def provision_command(args: argparse.Namespace) -> int:
     device_only = [flag for flag in ("group", "endpoint", "acl") if getattr(args, flag)]
     if (args.broker or args.operator) and device_only:
         raise FleetError(f"--{', --'.join(device_only)}: only for a device")
-    if args.group and not _NAME.match(args.group):
+    if args.group and not _NAME.fullmatch(args.group):
         raise FleetError(
             f"{args.group!r}: a group is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit"
         )
@@ -217,7 +218,7 @@ def provision(
     ``out/ca.crt``.  ``kind`` is ``device``, ``operator`` or ``broker`` (server certificate for
     ``hosts``).  ``not_before`` (default: now) lets tests make certificates that already expired.
     """
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise FleetError(f"{name!r}: a name is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
     if kind == "device" and name in RESERVED_NAMES:
         raise FleetError(f"{name!r} cannot be a device: it is reserved ({', '.join(sorted(RESERVED_NAMES))})")

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.protocol import Chunk, JobRequest
+from agent.protocol import ChatMessage, Chunk, JobRequest
 
 from .broker import BrokerOptions
 from .submit import JobFailed, Submitter
@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
     parser.add_argument("--max-tokens", type=int, default=120)
     args = parser.parse_args(argv)
+    if not (args.model / "genai_config.json").is_file():
+        # The demo model ships with the source checkout (models/demo), not with the wheel.
+        print(
+            f"quickstart: {args.model} is no model folder (no genai_config.json): pass --model DIR, or run "
+            "`make demo` in a clone of edge-agent, which has the demo model in models/demo",
+            file=sys.stderr,
+        )
+        return 2
 
     with tempfile.TemporaryDirectory(prefix="edge-quickstart-") as tmp:
         work = Path(tmp)
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"> {args.prompt}", file=sys.stderr)
             request = JobRequest(
                 id="quickstart-1",
-                messages=[{"role": "user", "content": args.prompt}],
+                messages=[ChatMessage(role="user", content=args.prompt)],
                 max_tokens=args.max_tokens,
                 stream=True,
             )
@@ -124,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"job {result.status}: {result.error}", file=sys.stderr)
                 return 1
             t = result.timings
+            speed = f"prefill {t.prefill_ms:.1f} ms, decode {t.decode_tokens_per_s:.0f} tok/s, " if t else ""
             print(
-                f"[{result.usage.completion_tokens} tokens, prefill {t.get('prefill_ms', 0):.1f} ms, "
-                f"decode {t.get('decode_tokens_per_s', 0):.0f} tok/s, finish: {result.finish_reason}]",
+                f"[{result.usage.completion_tokens} tokens, {speed}finish: {result.finish_reason}]",
                 file=sys.stderr,
             )
             return 0

@@ -18,8 +18,6 @@ from pathlib import Path
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.engine.engine import Engine
-from agent.engine.sampling import SamplingParams
 from agent.errors import UpdateError
 from agent.updates import signing
 from agent.updates.manifest import FileEntry, Manifest, SemVer, SmokeTest
@@ -229,6 +227,11 @@ def _copy_and_hash(source: Path, files: list[str], out: Path, base_url: str) -> 
 
 def _record_smoke_test(folder: Path, prompt: str, tokens: int) -> tuple[SmokeTest, int]:
     """Greedy tokens of the released files, and the memory loading and running them took."""
+    # The engine loads onnxruntime, numpy and tokenizers: only this command needs them, so
+    # every other edge-fleet command starts without (tests/unit/test_dependencies.py).
+    from agent.engine.engine import Engine
+    from agent.engine.sampling import SamplingParams
+
     process = psutil.Process()
     before = process.memory_info().rss
     engine = Engine(folder)

@@ -39,7 +39,17 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import UpdateError
 from agent.health.telemetry import CPU, JobsTelemetry, Memory, ModelInfo, Telemetry, Temperature
-from agent.protocol import ErrorInfo, Health, ModelRef, ModelState, Result, Status, UpdatePhase, UpdateStatus
+from agent.protocol import (
+    ErrorInfo,
+    Health,
+    ModelRef,
+    ModelState,
+    Result,
+    Status,
+    UpdateErrorCode,
+    UpdatePhase,
+    UpdateStatus,
+)
 from agent.updates import signing
 from agent.updates.manifest import Manifest
 
@@ -280,7 +290,7 @@ class SimulatedDevice:
         phase: UpdatePhase,
         *,
         progress: float | None = None,
-        error: tuple[str, str] | None = None,
+        error: tuple[UpdateErrorCode, str] | None = None,
     ) -> None:
         self.update = UpdateStatus(
             name=name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,22 +75,80 @@ def test_not_toml(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "device_id = "))
 
 
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _present(tmp_path: Path) -> str:
+    """GOOD with every file it names present: a model folder, a CA bundle, a client pair."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "genai_config.json").write_text("{}")
+    for name in ("ca.crt", "box.crt", "box.key"):
+        (tmp_path / name).write_text("x")
+    return (
+        GOOD.replace("/opt/models/phi3", str(tmp_path / "model"))
+        .replace("/var/lib/edge-agent", str(tmp_path / "state"))
+        .replace("/etc/edge-agent/ca.crt", str(tmp_path / "ca.crt"))
+        .replace("[model]", f'cert = "{tmp_path / "box.crt"}"\nkey = "{tmp_path / "box.key"}"\n[model]')
+    )
+
+
 def test_config_check_command(tmp_path: Path) -> None:
-    good = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "config", "check", str(_write(tmp_path, GOOD))],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert good.returncode == 0 and "OK" in good.stdout
-    bad = _write(tmp_path, GOOD.replace("port = 8883", "port = -1"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "config", "check", str(bad)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    present = _present(tmp_path)
+    good = _check(_write(tmp_path, present))
+    assert good.returncode == 0 and "OK" in good.stdout, good.stderr
+    proc = _check(_write(tmp_path, present.replace("port = 8883", "port = -1")))
     assert proc.returncode == 1 and "mqtt.port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    "damage,key,says",
+    [
+        (
+            lambda d: (d / "model" / "genai_config.json").unlink(),
+            "model.path",
+            "no readable genai_config.json",
+        ),
+        (lambda d: (d / "ca.crt").unlink(), "mqtt.tls.ca", "does not exist"),
+        (lambda d: ((d / "ca.crt").unlink(), _mkdir(d / "ca.crt")), "mqtt.tls.ca", "is a folder"),
+        (lambda d: (d / "box.key").unlink(), "mqtt.tls.key", "does not exist"),
+        (lambda d: (d / "box.crt").unlink(), "mqtt.tls.cert", "does not exist"),
+        (lambda d: (d / "state").write_text("a file"), "state_dir", "is not a folder"),
+    ],
+    ids=["genai_config", "ca", "ca_folder", "key", "cert", "state_dir"],
+)
+def test_config_check_fails_on_a_file_it_names_but_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any, key: str, says: str
+) -> None:
+    """Before: ``config check`` printed OK with a missing model folder or CA file."""
+    from agent.cli import main
+
+    config = str(_write(tmp_path, _present(tmp_path)))
+    assert main(["config", "check", config]) == 0, "positive control"
+    damage(tmp_path)
+    capsys.readouterr()
+    assert main(["config", "check", config]) == 1
+    out, err = capsys.readouterr()
+    assert "OK" not in out
+    line = next(line for line in err.splitlines() if f": {key}: " in line)
+    assert says in line and str(tmp_path) in line, line
+    assert any(fix in line.rsplit(": ", 1)[1] for fix in ("copy", "fix", "point", "chown")), line
+
+
+def test_config_check_names_a_missing_model_folder_and_every_other_problem(tmp_path: Path) -> None:
+    proc = _check(_write(tmp_path, GOOD))  # /opt/models/phi3 and /etc/edge-agent/ca.crt do not exist here
+    assert proc.returncode == 1
+    assert "model.path: /opt/models/phi3 does not exist: copy a model folder there" in proc.stderr
+    assert "mqtt.tls.ca: /etc/edge-agent/ca.crt does not exist" in proc.stderr
 
 
 def test_trusted_keys_must_be_openssh_ed25519_lines(tmp_path: Path) -> None:
@@ -140,3 +199,28 @@ def test_several_brokers_in_failover_order(tmp_path: Path, monkeypatch: pytest.M
 def test_reserved_names_are_no_device_ids(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match=r"device_id: .*reserved"):
         load_config(_write(tmp_path, GOOD.replace('device_id = "box-7"', f'device_id = "{name}"')))
+
+
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (('device_id = "box-7"', 'device_id = "box-7\\n"'), "device_id"),
+        (('group = "shop-3"', 'group = "shop-3\\n"'), "group"),
+        (("port = 8883", 'port = 8883\ntopic_prefix = "edge\\n"'), "mqtt.topic_prefix"),
+        (('device_id = "box-7"', 'device_id = "\\nbox-7"'), "device_id"),
+    ],
+    ids=["device_id", "group", "topic_prefix", "leading"],
+)
+def test_names_refuse_a_trailing_newline(tmp_path: Path, edit: tuple[str, str], key: str) -> None:
+    """``re.match(...$)`` matches before a final newline: "box\\n" would become a topic level."""
+    assert load_config(_write(tmp_path, GOOD)).device_id == "box-7", "positive control"
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*must be 1-64"):
+        load_config(_write(tmp_path, GOOD.replace(*edit)))
+
+
+def test_a_name_from_the_environment_is_checked_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT_DEVICE_ID", "box-env\n")
+    with pytest.raises(ConfigError, match="device_id"):
+        load_config(_write(tmp_path, GOOD))
