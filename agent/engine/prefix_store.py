@@ -44,6 +44,7 @@ FORMAT_VERSION = 1
 _DIGEST = 32
 _SUFFIX = ".kv"
 _HASH_CHUNK = 1 << 20
+_MAX_HEADER = 1 << 16
 
 
 def file_digest(paths: Iterable[Path]) -> str:
@@ -132,7 +133,14 @@ class DiskBlockStore:
         """The block stored under ``key``, or None if absent or unsound (then it is removed)."""
         self._open()
         path = self._path(key)
+        # Never read more than a sound file can hold: a block's payload plus a generous header.
+        limit = int(np.prod(self.block_shape)) // self.block_shape[3] * len(tokens) * self.dtype.itemsize
+        limit += _MAX_HEADER
         try:
+            if path.stat().st_size > limit:
+                log.warning("prefix cache: ignoring and removing %s: larger than a block can be", path)
+                self._remove(path)
+                return None
             data = path.read_bytes()
         except FileNotFoundError:
             return None

@@ -198,6 +198,17 @@ def test_corrupt_file_is_ignored_with_a_warning_and_removed(
     assert not root_file.exists()
 
 
+def test_an_oversized_file_is_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ids = list(range(20, 24))
+    cache(store=disk(tmp_path)).insert(ids, kv_for(ids), 4)
+    (path,) = _files(tmp_path)
+    with path.open("ab") as f:
+        f.truncate(1 << 20)  # sparse: a megabyte a 4-token block can never need
+    with caplog.at_level(logging.WARNING):
+        assert cache(store=disk(tmp_path)).lookup(ids, max_tokens=4) == []
+    assert "larger than a block can be" in caplog.text and not path.exists()
+
+
 def test_foreign_file_under_a_valid_name_is_not_loaded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
