@@ -55,7 +55,7 @@ DRIVEN_TESTS=(
   tests/integration/test_cli.py::test_bench_json
   tests/daemon/test_jobs.py::test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation
   tests/daemon/test_jobs.py::test_streamed_chunks_arrive_in_order_before_the_result
-  tests/daemon/test_jobs.py::test_sigterm_exits_cleanly_and_announces_offline
+  tests/daemon/test_jobs.py::test_sigterm_exits_cleanly_and_announces_offline_with_its_group
 )
 export QEMU_CPU=cortex-a76
 

@@ -35,17 +35,19 @@ from agent.errors import (
 )
 
 if TYPE_CHECKING:
-    from agent.engine.engine import Completion, Engine, EngineOptions, Timings
-    from agent.engine.sampling import SamplingParams
+    from agent.config import EngineOptions
+    from agent.engine.engine import Completion, Engine
+    from agent.params import SamplingParams
+    from agent.protocol import Timings
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Completion": "agent.engine.engine",
     "Engine": "agent.engine.engine",
-    "EngineOptions": "agent.engine.engine",
-    "Timings": "agent.engine.engine",
-    "SamplingParams": "agent.engine.sampling",
+    "EngineOptions": "agent.config",
+    "Timings": "agent.protocol",
+    "SamplingParams": "agent.params",
 }
 
 

@@ -15,12 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent import __version__
+from agent import __version__, params
 from agent.config import check_files, load_config
 from agent.engine.engine import Engine, EngineOptions
-from agent.engine.sampling import SamplingParams
 from agent.engine.weight_traffic import model_weight_traffic
 from agent.errors import AgentError
+from agent.params import SamplingParams
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +42,29 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for a prompt, streaming it to stdout")
     _add_engine_flags(gen)
     gen.add_argument("prompt", metavar="PROMPT")
-    gen.add_argument("--max-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    # Sampling flags: bounds, descriptions and defaults from agent.params, as on the wire.
+    for flag, annotated in (
+        ("--max-tokens", params.MaxTokens),
+        ("--temperature", params.Temperature),
+        ("--top-k", params.TopK),
+        ("--top-p", params.TopP),
+        ("--repetition-penalty", params.RepetitionPenalty),
+        ("--seed", params.Seed),
+    ):
+        default = getattr(params.DEFAULTS, flag[2:].replace("-", "_"))
+        gen.add_argument(
+            flag,
+            type=params.cli_type(annotated),
+            default=default,
+            help=params.describe(annotated) + ("" if default is None else f" Default: {default}."),
+        )
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=params.cli_type(params.StopString),
+        help="stop string (repeatable)",
+    )
     gen.add_argument(
         "--chat", action="store_true", help="treat PROMPT as a user message and apply the chat template"
     )

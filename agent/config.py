@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError, SignatureError
+from agent.params import MaxTokens
 from agent.updates.signing import PublicKey
 
 # Matched with fullmatch: ``re.match(...$)`` would accept a trailing newline ("box\n").
@@ -154,8 +155,17 @@ class ModelConfig(_Section):
     """The model served until an update installs one (and the last resort after a failed one)."""
 
     path: Path = Field(description="Model folder (genai_config.json, model.onnx, tokenizer.json).")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description=(
+            "Its model name, as releases name it (default: the folder's name). A release of another "
+            "name replaces it only when signed with --replace-model NAME."
+        ),
+    )
     version: str | None = Field(
-        None, description="Its version, if known: updates must carry a higher one (semantic versions)."
+        None,
+        description="Its version, if known: updates of the same name must carry a higher one (semantic versions).",
     )
 
 
@@ -166,7 +176,17 @@ class JobsConfig(_Section):
     max_payload_bytes: int = Field(
         64 * 1024, ge=256, le=16 * 1024 * 1024, description="Larger messages are rejected unread."
     )
-    max_tokens_limit: int = Field(2048, ge=1, le=131072, description="Upper bound on a job's max_tokens.")
+    max_tokens_limit: MaxTokens = Field(2048, description="Upper bound on a job's max_tokens.")
+    reply_topic_prefix: str | None = Field(
+        None,
+        min_length=2,
+        max_length=256,
+        pattern=r"^[^$+#\x00][^+#\x00]*/$",
+        description=(
+            "Response topics must start with this (a topic subtree ending in '/'); others are refused "
+            "with invalid_request. Default: '{topic_prefix}/replies/', the subtree the shipped ACL opens."
+        ),
+    )
 
     shutdown_grace_s: float = Field(
         20.0,

@@ -7,7 +7,9 @@ int4/int8 kernels use, memory against the model's needs, free disk, the
 temperature (and Raspberry Pi throttling), the TLS setup (plain TCP is a
 warning; a client or CA certificate expiring within 30 days is a warning, an
 expired one a failure), reachability of every broker (with the TLS handshake
-when TLS is configured), and that the model loads and computes a token.
+when TLS is configured), a real MQTT login with the box's identity whose
+subscriptions (own and group topics) the broker must grant, that the model loads and computes a
+token, and the job database (intact, writable, or moved aside as corrupt by the agent).
 
 Run it with the agent stopped: a running agent holds the model in memory, which
 the memory check would then count twice.
@@ -33,7 +35,9 @@ from agent.engine.model_folder import ModelFolder
 from agent.errors import AgentError
 from agent.health.probe import SystemProbe
 from agent.health.telemetry import HealthThresholds, SystemReading
+from agent.link.login import try_login
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
+from agent.protocol import Topics
 from agent.updates.store import ModelStore
 
 CheckStatus = Literal["ok", "warn", "fail"]
@@ -79,9 +83,13 @@ def run_checks(
     limits = thresholds or HealthThresholds()
     reading = SystemProbe(config.state_dir).measure()
     memory, fits = _memory(config, reading, limits)
-    checks += [memory, check_disk(config.state_dir, limits), *check_temperature(reading, limits)]
+    checks += [memory, check_disk(config.state_dir, limits), check_job_store(config.state_dir)]
+    checks += check_temperature(reading, limits)
     checks += check_tls(config.mqtt)
-    checks.append(check_broker(config.mqtt, timeout_s=broker_timeout_s))
+    broker = check_broker(config.mqtt, timeout_s=broker_timeout_s)
+    checks.append(broker)
+    if broker.status != "fail":
+        checks.append(check_login(config, timeout_s=max(broker_timeout_s, 5.0)))
     checks.append(check_updates(config))
     if fits:
         checks.append(check_model(config))
@@ -229,6 +237,56 @@ def check_disk(state_dir: Path, thresholds: HealthThresholds) -> Check:
     return Check(name="disk", status="ok", detail=detail)
 
 
+def check_job_store(state_dir: Path) -> Check:
+    """The job queue: state_dir writable, the database intact, no corrupt one moved aside unseen."""
+    import sqlite3
+    import tempfile
+
+    from agent.jobs.store import CorruptStoreError, corrupt_copies, inspect_file
+
+    name, path = "job store", state_dir / "jobs.sqlite3"
+    if not state_dir.exists():
+        return Check(
+            name=name, status="ok", detail=f"{state_dir} does not exist yet (created at first start)"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=state_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return Check(
+            name=name,
+            status="fail",
+            detail=f"state_dir {state_dir} is not writable ({exc.strerror}): make it writable by the agent's user",
+        )
+    if path.is_dir():
+        return Check(name=name, status="fail", detail=f"{path} is a directory: move it away")
+    moved = corrupt_copies(path)
+    if path.exists():
+        try:
+            waiting, kept = inspect_file(path)
+        except CorruptStoreError as exc:
+            return Check(
+                name=name,
+                status="fail",
+                detail=f"{path} is corrupt ({exc.message}): the agent will move it aside and start with an empty queue",
+            )
+        except sqlite3.Error as exc:
+            return Check(name=name, status="fail", detail=f"{path}: {exc}")
+        detail = f"{waiting} jobs waiting, {kept} results kept"
+    else:
+        detail = "no database yet (created at first start)"
+    if moved:
+        return Check(
+            name=name,
+            status="warn",
+            detail=(
+                f"{detail}; the job database was CORRUPT and moved to {moved[-1]} (the queue restarted empty): "
+                "inspect it, then delete it to clear this warning"
+            ),
+        )
+    return Check(name=name, status="ok", detail=detail)
+
+
 def check_temperature(reading: SystemReading, thresholds: HealthThresholds) -> list[Check]:
     """The SoC temperature against ``max_temp_c``; on a Raspberry Pi also the throttling flags."""
     temp = reading.temperature
@@ -339,6 +397,41 @@ def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
     return Check(name="broker", status=status, detail="; ".join(details))
 
 
+def agent_subscriptions(config: AgentConfig) -> list[str]:
+    """The topic filters the daemon subscribes to with this configuration."""
+    topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
+    filters = [topics.jobs, topics.cancel, topics.model_desired]
+    if topics.group_model_desired:
+        filters.append(topics.group_model_desired)
+    if topics.shared_group_jobs and config.mqtt.protocol == "5":
+        filters.append(topics.shared_group_jobs)
+    return filters
+
+
+def check_login(config: AgentConfig, *, timeout_s: float = 5.0) -> Check:
+    """An MQTT CONNECT as the box on each broker, and a SUBSCRIBE to every topic the agent needs.
+
+    ``fail`` names the refusal (CONNACK or SUBACK reason, in words, with the fix) on any broker.
+    """
+    wanted = agent_subscriptions(config)
+    details, failed = [], False
+    for host, port in config.mqtt.endpoints:
+        report = try_login(config.mqtt, config.device_id, (host, port), wanted, timeout_s=timeout_s)
+        where = f"{host}:{port}"
+        if report.problem:
+            failed = True
+            details.append(f"{where} as {config.device_id}: {report.problem}")
+        elif report.refused:
+            failed = True
+            refused = "; ".join(f"{topic} refused: {why}" for topic, why in report.refused.items())
+            details.append(f"{where} as {config.device_id}: {refused}")
+        else:
+            details.append(
+                f"{where} login as {config.device_id} accepted, {len(report.granted)} subscriptions granted"
+            )
+    return Check(name="login", status="fail" if failed else "ok", detail="; ".join(details))
+
+
 def served_model(config: AgentConfig) -> Path:
     """The folder the agent serves at start: the store's active version, else ``[model] path``."""
     root = config.state_dir / "models"
@@ -362,17 +455,16 @@ def check_updates(config: AgentConfig) -> Check:
     store = ModelStore(root)
     pointer = store.pointer()
     detail += f"; active {pointer.active or 'the configured model'}, previous {pointer.previous or 'none'}"
-    last = store.read_record().get("update") or {}
-    if last.get("phase") in ("failed", "rolled_back"):
-        error = last.get("error") or {}
+    last = store.read_record().update
+    if last is not None and last.phase in ("failed", "rolled_back"):
+        error = f"{last.error.code}: {last.error.message}" if last.error else "no error recorded"
         return Check(
             name="updates",
             status="warn",
-            detail=f"{detail}; last update {last.get('name')}@{last.get('version')} {last['phase']}: "
-            f"{error.get('code')}: {error.get('message')}",
+            detail=f"{detail}; last update {last.name}@{last.version} {last.phase}: {error}",
         )
-    if last:
-        detail += f"; last update {last.get('name')}@{last.get('version')} {last.get('phase')}"
+    if last is not None:
+        detail += f"; last update {last.name}@{last.version} {last.phase}"
     return Check(name="updates", status="ok", detail=detail)
 
 

@@ -3,12 +3,14 @@
     AgentError
     ├── ConfigError                the configuration file or environment is invalid (names the key)
     ├── LinkError                  the broker connection cannot be set up or used
+    ├── StorageError               state_dir or the job database cannot be used (names the path and the fix)
     ├── ModelError                 the model folder cannot be used
     │   ├── ModelFileError         a file is missing, unreadable or corrupt (names the file)
     │   └── ModelConfigError       genai_config.json is missing a field or has an unsupported one
     ├── GenerationError            a request cannot be run
-    │   ├── InvalidRequestError    a parameter is out of range or inconsistent
-    │   └── ContextOverflowError   the prompt does not fit in the model's context
+    │   └── InvalidRequestError    the request itself is wrong: a parameter out of range, text that
+    │       │                      is not Unicode, no chat template for messages (never the model's fault)
+    │       └── ContextOverflowError   the prompt does not fit in the model's context
     └── UpdateError                a model update is refused or failed (``code`` says why)
         ├── SignatureError         a manifest's signature is missing, untrusted or wrong
         └── DownloadError          a download broke off (network, server): it resumes later
@@ -48,6 +50,12 @@ class LinkError(AgentError):
     code = "link"
 
 
+class StorageError(AgentError):
+    """``state_dir`` or the job database cannot be used; the message names the path and the fix."""
+
+    code = "storage"
+
+
 class ModelError(AgentError):
     """The model folder cannot be loaded."""
 
@@ -82,7 +90,7 @@ class InvalidRequestError(GenerationError):
     code: JobErrorCode = "invalid_request"
 
 
-class ContextOverflowError(GenerationError):
+class ContextOverflowError(InvalidRequestError):
     """The prompt (plus at least one new token) does not fit in the model's context."""
 
     code: JobErrorCode = "context_overflow"

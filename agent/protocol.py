@@ -13,12 +13,22 @@ onnxruntime, numpy or tokenizers, so ``edge-fleet`` can use it cheaply.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-if TYPE_CHECKING:  # the engine's sampling module loads numpy: only the conversion needs it
-    from agent.engine.sampling import SamplingParams
+from agent.params import (
+    DEFAULTS,
+    STOP_MAX,
+    SamplingParams,
+    StopString,
+    WireMaxTokens,
+    WireRepetitionPenalty,
+    WireSeed,
+    WireTemperature,
+    WireTopK,
+    WireTopP,
+)
 
 JobStatus = Literal["succeeded", "failed", "rejected", "canceled", "expired"]
 #: Why generation ended: eos or a stop string, ``max_tokens`` or the context end, a cancel.
@@ -89,15 +99,14 @@ class JobRequest(_Wire):
     id: JobId = Field(description="Caller-chosen id; a repeated id is answered from the stored result.")
     prompt: str | None = Field(None, max_length=1_000_000)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
-    max_tokens: int = Field(256, ge=1, le=131072)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=100000)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
-        default_factory=list, max_length=16
-    )
+    # The sampling knobs and their bounds come from agent.params (shared with the config and CLI).
+    max_tokens: WireMaxTokens = DEFAULTS.max_tokens
+    temperature: WireTemperature = DEFAULTS.temperature
+    top_p: WireTopP = DEFAULTS.top_p
+    top_k: WireTopK = DEFAULTS.top_k
+    repetition_penalty: WireRepetitionPenalty = DEFAULTS.repetition_penalty
+    seed: WireSeed | None = None
+    stop: list[StopString] = Field(default_factory=list, max_length=STOP_MAX)
     stream: bool = False
     expires_at: float | None = Field(None, ge=0, description="Unix time after which the job must not start.")
     ttl_s: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Seconds from receipt to expiry.")
@@ -112,8 +121,6 @@ class JobRequest(_Wire):
 
     def sampling_params(self) -> SamplingParams:
         """The engine's parameters for this job."""
-        from agent.engine.sampling import SamplingParams
-
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
@@ -195,6 +202,7 @@ class Result(_Wire):
     timings: Timings | None = Field(None, description="Set when the engine ran the job.")
     model: ModelRef | None = None
     error: ErrorInfo | None = None
+    device_id: str | None = Field(None, description="The box that answered (absent from older agents).")
 
 
 Reply = Annotated[Chunk | Result, Field(discriminator="type")]
@@ -203,7 +211,9 @@ REPLY: TypeAdapter[Chunk | Result] = TypeAdapter(Reply)
 
 
 #: Why a box is ``degraded``.  ``hot`` and ``low_memory`` also make the agent shed load.
-HealthReason = Literal["hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog"]
+HealthReason = Literal[
+    "hot", "throttled", "under_voltage", "low_memory", "low_disk", "broker_backlog", "storage"
+]
 _SHEDDING_REASONS: frozenset[str] = frozenset({"hot", "low_memory"})
 
 

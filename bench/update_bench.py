@@ -82,7 +82,7 @@ class JobStream:
 def _update(
     caller: Caller, agent: AgentProcess, releases: Releases, version: str, model: Path
 ) -> dict[str, Any]:
-    manifest = releases.make(version, source=model)
+    manifest = releases.make(version, source=model, replaces=("demo",))  # the agents run models/demo
     jobs = JobStream(caller, agent.device_id)
     time.sleep(3.0)  # a baseline of jobs before the update
     started = time.monotonic()

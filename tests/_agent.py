@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests._broker import Broker
 from tests._pki import Identity
+from tests._wait import wait_until
 
 
 def agent_python() -> list[str]:
@@ -32,6 +32,12 @@ def agent_python() -> list[str]:
     """
     override = os.environ.get("EDGE_AGENT_TEST_PYTHON")
     return shlex.split(override) if override else [sys.executable]
+
+
+#: How long an agent may take to come online: importing onnxruntime and loading the model. An
+#: emulated aarch64 interpreter (``EDGE_AGENT_TEST_PYTHON``) takes about 5 s for the imports alone on
+#: an idle host, and 40 s and more on a busy one (seen at a load of 12 on 2 cores).
+ONLINE_S = 300.0 if os.environ.get("EDGE_AGENT_TEST_PYTHON") else 30.0
 
 
 class AgentProcess:
@@ -95,13 +101,22 @@ class AgentProcess:
         """Start the daemon; by default wait until it announces itself online."""
         watcher = _StatusWatcher(self.broker, self.device_id) if wait_online else None
         started = time.time()
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [*agent_python(), "-m", "agent.cli", "run", "--config", str(self.config), "--log-level", "DEBUG"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
+        with self.log.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [
+                    *agent_python(),
+                    "-m",
+                    "agent.cli",
+                    "run",
+                    "--config",
+                    str(self.config),
+                    "--log-level",
+                    "DEBUG",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
         if watcher is not None:
             try:
                 watcher.wait_online(after=started - 1, proc=self.proc, log=self.log)
@@ -134,33 +149,35 @@ class AgentProcess:
 class _StatusWatcher:
     def __init__(self, broker: Broker, device_id: str) -> None:
         self.statuses: list[dict[str, Any]] = []
-        self._event = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
         if broker.client_identity is not None:
             broker.client_identity.configure(self.client)
         if broker.client_login is not None:
             self.client.username_pw_set(*broker.client_login)
         self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(broker.host, broker.operator_port)
         self.client.subscribe(f"edge/{device_id}/status", qos=1)
         self.client.loop_start()
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         self.statuses.append(json.loads(msg.payload))
-        self._event.set()
 
     def wait_online(
-        self, *, after: float, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30
+        self, *, after: float, proc: subprocess.Popen[bytes], log: Path, timeout: float = ONLINE_S
     ) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(s.get("online") and s.get("since", 0) >= after for s in self.statuses):
-                return
+        def online() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"agent exited with {proc.returncode}:\n{log.read_text()}")
-            self._event.wait(0.1)
-            self._event.clear()
-        raise AssertionError(f"agent did not come online within {timeout} s:\n{log.read_text()}")
+            return any(s.get("online") and s.get("since", 0) >= after for s in list(self.statuses))
+
+        try:
+            wait_until(online, timeout=timeout, interval=0.05, what="the agent to come online")
+        except AssertionError as exc:
+            if "agent exited" in str(exc):
+                raise
+            raise AssertionError(
+                f"agent did not come online within {timeout} s:\n{log.read_text()}"
+            ) from None
 
     def close(self) -> None:
         self.client.disconnect()

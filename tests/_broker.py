@@ -1,9 +1,13 @@
-"""A real mosquitto for the tests: own config, own free port, own persistence.
+"""A real mosquitto for the tests: own config, own free ports, own persistence.
 
-With ``fleet`` the broker runs the shipped ``deploy/mosquitto/edge.conf`` (TLS,
-client certificates, the CN as user name) with the shipped ACL, changing only
-paths and the port. CI installs mosquitto; a missing binary fails the tests
-(it never skips them).
+With ``fleet`` the broker runs what ``edge-fleet broker init`` writes for the
+fleet's CA, as written (only the ports and the bind address are chosen by the
+test, through broker init's own flags), and is started the documented way:
+``mosquitto -c OUT/mosquitto.conf`` — as root here, so it drops to the user
+mosquitto, which is why OUT lies in a folder that user can enter.  Devices the
+fleet issues are registered on it through the dynamic-security API, as
+``provision --live`` does.  CI installs mosquitto; a missing binary fails the
+tests (it never skips them).
 """
 
 from __future__ import annotations
@@ -11,22 +15,18 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from edge_fleet.cli import main as fleet_cli
 from tests._pki import Identity
 
 if TYPE_CHECKING:
     from tests._pki import Fleet
-
-REPO = Path(__file__).resolve().parents[1]
-EDGE_CONF = REPO / "deploy" / "mosquitto" / "edge.conf"
-EDGE_ACL = REPO / "deploy" / "mosquitto" / "edge.acl"
-# The lines of edge.conf that name a machine's paths or port: the tests put their own there.
-_LOCAL_KEYS = {"listener", "cafile", "certfile", "keyfile", "acl_file", "persistence_location"}
 
 
 def free_port() -> int:
@@ -36,49 +36,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Broker:
-    """One mosquitto process; ``restart`` keeps its port and persisted sessions.
+def mosquitto_binary() -> str:
+    """The mosquitto executable (a missing one fails the test)."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        pytest.fail("mosquitto is not installed (CI installs it: apt-get install mosquitto)")
+    return binary
 
-    ``fleet``: run edge.conf with the fleet's broker certificate and ``acl`` (default: the
-    shipped edge.acl); test clients then connect as ``client_identity`` (the operator).
-    ``passwords`` (user name to password) switches it to logins over TLS, as edge.conf
-    describes: no client certificates, a mosquitto_passwd file; test clients log in as
-    ``client_login`` (the operator).
+
+def open_folder(prefix: str) -> Path:
+    """A fresh folder every user can enter (pytest's are 0700: the user mosquitto could not)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+class Broker:
+    """One mosquitto process; ``restart`` keeps its ports and persisted sessions.
+
+    Without ``fleet``: plain TCP, anonymous, on ``port``.  With ``fleet``: the setup of
+    ``edge-fleet broker init``; devices connect to ``port``, the test's operator clients
+    (``client_identity``) to ``operator_port``.
     """
 
-    def __init__(
-        self,
-        workdir: Path,
-        fleet: Fleet | None = None,
-        acl: Path | None = None,
-        passwords: dict[str, str] | None = None,
-    ) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
-            pytest.fail("mosquitto is not installed (CI installs it: apt-get install mosquitto)")
-        self.binary = binary
+    def __init__(self, workdir: Path, fleet: Fleet | None = None, *, device_logins: bool = False) -> None:
+        """``device_logins``: `broker init --device-logins` (devices log in with passwords; the
+        fleet's devices are then not registered automatically: provision them with --login)."""
+        self.binary = mosquitto_binary()
         self.workdir = workdir
         self.port = free_port()
+        self.operator_port = self.port
         self.host = "127.0.0.1"
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        (workdir / "data").mkdir(parents=True, exist_ok=True)
         self.fleet = fleet
         self.client_identity: Identity | None = fleet.operator if fleet else None
         self.client_login: tuple[str, str] | None = None
-        common = [
-            # As root, mosquitto would switch to its own user and could not
-            # write this test's persistence and log files; as anyone else
-            # this line is ignored.
-            "user root",
-            "autosave_interval 1",
-            f"log_dest file {self.log}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-        ]
+        self._registered = False
         if fleet is None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "data").mkdir(exist_ok=True)
+            self.setup: Path | None = None
+            self.conf = workdir / "mosquitto.conf"
+            self.log = workdir / "mosquitto.log"
             lines = [
+                # As root, mosquitto would switch to its own user and could not
+                # write this test's persistence and log files; as anyone else
+                # this line is ignored.
+                "user root",
+                "autosave_interval 1",
+                f"log_dest file {self.log}",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
                 f"listener {self.port} 127.0.0.1",
                 # Small MQTT packets must not wait for Nagle + delayed ACK (~40 ms each).
                 "set_tcp_nodelay true",
@@ -88,42 +96,40 @@ class Broker:
                 "max_queued_messages 100000",
                 "max_inflight_messages 100",
             ]
+            self.conf.write_text("\n".join([*lines, ""]))
         else:
-            local = {
-                "listener": f"listener {self.port} 127.0.0.1",
-                "cafile": f"cafile {fleet.ca}",
-                "certfile": f"certfile {fleet.broker.cert}",
-                "keyfile": f"keyfile {fleet.broker.key}",
-                "acl_file": f"acl_file {acl or EDGE_ACL}",
-                "persistence_location": f"persistence_location {workdir / 'data'}/",
-            }
-            lines = []
-            for line in EDGE_CONF.read_text().splitlines():
-                key = line.split(" ", 1)[0]
-                lines.append(local.pop(key) if key in _LOCAL_KEYS else line)
-            assert not local, f"edge.conf lacks {sorted(local)}"
-            if passwords:
-                lines = self._with_passwords(lines, passwords)
-                self.client_identity = Identity("operator", fleet.ca, None, None)
-                self.client_login = ("operator", passwords["operator"])
-        self.conf.write_text("\n".join([*common, *lines, ""]))
+            self.operator_port = free_port()
+            self.setup = open_folder("edge-broker-") / "broker"
+            code = fleet_cli(
+                [
+                    "broker",
+                    "init",
+                    "--ca",
+                    str(fleet.ca_dir),
+                    "--hostname",
+                    "localhost",
+                    "--hostname",
+                    "127.0.0.1",
+                    "--out",
+                    str(self.setup),
+                    "--port",
+                    str(self.port),
+                    "--operator-port",
+                    str(self.operator_port),
+                    "--bind",
+                    "127.0.0.1",
+                    *(["--device-logins"] if device_logins else []),
+                ]
+            )
+            assert code == 0, "edge-fleet broker init failed"
+            self.conf = self.setup / "mosquitto.conf"
+            self.log = self.setup / "log" / "mosquitto.log"
+            if not device_logins:
+                fleet.brokers.append(self)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _with_passwords(self, lines: list[str], passwords: dict[str, str]) -> list[str]:
-        """edge.conf turned to logins over TLS, the three edits its comment names."""
-        passwd = self.workdir / "edge.passwd"
-        passwd.touch(mode=0o600)
-        for user, password in passwords.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
-        edits = {
-            "require_certificate true": "require_certificate false",
-            "use_identity_as_username true": "use_identity_as_username false",
-        }
-        assert all(line in lines for line in edits), "edge.conf changed: update this test helper"
-        return [edits.get(line, line) for line in lines] + [f"password_file {passwd}"]
-
     def start(self) -> None:
-        """Start mosquitto and wait until it accepts connections."""
+        """Start mosquitto and wait until it accepts connections (and knows the fleet's devices)."""
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -133,17 +139,25 @@ class Broker:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 pytest.fail(f"mosquitto exited at start: {err}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
+                for port in {self.port, self.operator_port}:
+                    with socket.create_connection((self.host, port), timeout=0.2):
+                        pass
+                break
             except OSError:
                 time.sleep(0.05)
-        pytest.fail("mosquitto did not start listening within 10 s")
+        else:
+            pytest.fail("mosquitto did not start listening within 10 s")
+        if self.fleet is not None and not self._registered:
+            self._registered = True
+            for name, group in self.fleet.registered.items():
+                self.fleet.register_on(self, name, group)
 
     def kill(self) -> None:
         """``kill -9``: the broker vanishes mid-stream, saving nothing."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._close_pipes()
         self.proc = None
 
     def stop(self) -> None:
@@ -151,7 +165,17 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+        self._close_pipes()
         self.proc = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is up."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def _close_pipes(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def restart(self, down_s: float = 0.5) -> None:
         """Stop, stay down ``down_s`` seconds, start again on the same port."""
@@ -159,12 +183,36 @@ class Broker:
         time.sleep(down_s)
         self.start()
 
+    def admin_flags(self) -> list[str]:
+        """edge-fleet's flags for identity commands on this broker, as the fleet's operator."""
+        assert self.fleet is not None
+        op = self.fleet.operator
+        return [
+            "--broker",
+            f"{self.host}:{self.operator_port}",
+            "--admin-port",
+            str(self.port),
+            "--tls-ca",
+            str(op.ca),
+            "--tls-cert",
+            str(op.cert),
+            "--tls-key",
+            str(op.key),
+        ]
+
+    def cleanup(self) -> None:
+        """Stop and remove the setup folder (it lies outside pytest's tmp_path)."""
+        self.stop()
+        if self.setup is not None:
+            shutil.rmtree(self.setup.parent, ignore_errors=True)
+
 
 class NatsBroker:
     """A nats-server with its MQTT listener (MQTT 3.1.1 only; sessions and retained messages in
     JetStream): the same agent, another broker.  CI installs nats-server; missing, it fails."""
 
     fleet = None
+    operator_port: int
     client_identity = None
     client_login = None
 
@@ -175,6 +223,7 @@ class NatsBroker:
         self.binary = binary
         self.host = "127.0.0.1"
         self.port = free_port()
+        self.operator_port = self.port
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "nats.log"
         self.conf = workdir / "nats.conf"

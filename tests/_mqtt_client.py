@@ -26,7 +26,7 @@ class Caller:
         self,
         host: str,
         port: int,
-        reply_filter: str | list[str] = "test/replies/#",
+        reply_filter: str | list[str] = "edge/replies/#",
         *,
         mqtt5: bool = True,
         identity: Identity | None = None,
@@ -102,7 +102,7 @@ class Caller:
         topic: str,
         payload: dict[str, Any] | bytes | str,
         *,
-        response_topic: str | None = "test/replies/r",
+        response_topic: str | None = "edge/replies/test",
         correlation: bytes | None = None,
         qos: int = 1,
     ) -> None:

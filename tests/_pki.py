@@ -5,12 +5,18 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 
 from agent.link.tls import client_context
 from edge_fleet import pki
+from edge_fleet.broker import BrokerOptions
 from edge_fleet.cli import main as fleet
+from edge_fleet.dynsec import DynSec
+
+if TYPE_CHECKING:
+    from tests._broker import Broker
 
 
 @dataclass(frozen=True)
@@ -35,19 +41,43 @@ class Identity:
 
 
 class Fleet:
-    """A fleet CA in ``workdir`` and the identities issued by it (each once)."""
+    """A fleet CA in ``workdir`` and the identities issued by it (each once).
+
+    A device issued here is registered (``DynSec.add_device``, what ``provision --live``
+    does) on every running broker of the fleet, and on each broker started later.
+    """
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.ca_dir = workdir / "ca"
         assert fleet(["ca", "init", "--out", str(self.ca_dir)]) == 0
         self.ca = self.ca_dir / "ca.crt"
-        self.broker = self._issue("broker", ["--broker", "localhost", "--broker", "127.0.0.1"])
         self.operator = self._issue("operator", ["--operator"])
+        # A server certificate for localhost (the tests' HTTPS servers; `broker init` makes its own).
+        self.broker = self._issue("broker", ["--broker", "localhost", "--broker", "127.0.0.1"])
+        self.brokers: list[Broker] = []
+        self.registered: dict[str, str | None] = {}
 
-    def device(self, name: str) -> Identity:
-        """The identity of device ``name`` (provisioned on first use, with its agent.toml)."""
-        return self._issue(name, [])
+    def device(self, name: str, group: str | None = None) -> Identity:
+        """The identity of device ``name`` (provisioned on first use, with its agent.toml),
+        registered with ``group`` on the fleet's brokers."""
+        identity = self._issue(name, [])
+        # Without a group, a device registered before keeps its group (the agent fixture asks
+        # for its identity by name only).
+        if name not in self.registered or (group is not None and self.registered[name] != group):
+            self.registered[name] = group
+            for broker in self.brokers:
+                if broker.running:
+                    self.register_on(broker, name, group)
+        return identity
+
+    def register_on(self, broker: Broker, name: str, group: str | None) -> None:
+        """Register device ``name`` on ``broker`` through the dynamic-security API."""
+        options = BrokerOptions(
+            broker.host, broker.port, ca=self.ca, cert=self.operator.cert, key=self.operator.key
+        )
+        with DynSec(options) as api:
+            api.add_device(name, group, "edge")
 
     def _issue(self, name: str, flags: list[str]) -> Identity:
         out = self.workdir / "ids" / name

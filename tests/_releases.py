@@ -15,6 +15,9 @@ from edge_fleet.releases import build_release
 from tests._http import FileServer
 from tests._models import fixture_path
 
+#: The model the ``agents`` fixture runs unless told otherwise (its folder's name).
+CONFIGURED_MODEL = "phi3-int4"
+
 
 class Releases:
     """Builds releases under the server's root: ``<name>-<version>/…`` and its manifest."""
@@ -31,8 +34,14 @@ class Releases:
         fixture: str = "llama-int4",
         name: str = "assistant",
         source: Path | None = None,
+        replaces: tuple[str, ...] = (CONFIGURED_MODEL,),
     ) -> Manifest:
-        """A signed release of ``fixture`` (or the folder ``source``), served at once."""
+        """A signed release of ``fixture`` (or the folder ``source``), served at once.
+
+        By default it may replace the model the test agents are configured with (a release of
+        another name is refused as ``other_model`` unless it says so): pass ``replaces=()`` for
+        a release that does not.
+        """
         folder = f"{name}-{version}"
         return build_release(
             source or fixture_path(fixture),
@@ -43,6 +52,7 @@ class Releases:
             key=self.key,
             precision="int4",
             smoke_tokens=8,
+            replaces=[r for r in replaces if r != name],
         )
 
     def resign(self, manifest: Manifest, key: Ed25519PrivateKey | None = None, **changes: Any) -> Manifest:

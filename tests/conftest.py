@@ -1,4 +1,11 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the test tiers.
+
+A test is ``e2e`` when it starts real processes: everything under
+``tests/daemon/`` (real ``edge-agent run`` processes on a real mosquitto), any
+test using a broker or agent fixture, and the modules in ``_E2E_MODULES`` and tests
+in ``_E2E_TESTS`` that run the command line or other programs as subprocesses.  The rest is the fast
+tier: ``pytest -m "not e2e"``.
+"""
 
 from __future__ import annotations
 
@@ -43,21 +50,21 @@ def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def tls_broker(tmp_path: Path, fleet):  # type: ignore[no-untyped-def]
-    """A mosquitto running the shipped edge.conf and edge.acl with the fleet's certificates."""
+    """A mosquitto running what `edge-fleet broker init` writes for the fleet's CA."""
     from tests._broker import Broker
 
     b = Broker(tmp_path / "tls-broker", fleet)
     b.start()
     yield b
-    b.stop()
+    b.cleanup()
 
 
 @pytest.fixture()
 def caller(broker):  # type: ignore[no-untyped-def]
-    """A test-side MQTT client collecting replies under ``test/replies/#`` and ``edge/+/results/#``."""
+    """A test-side MQTT client collecting replies under ``edge/replies/#`` and ``edge/+/results/#``."""
     from tests._mqtt_client import Caller
 
-    c = Caller(broker.host, broker.port, reply_filter=["test/replies/#", "edge/+/results/#"])
+    c = Caller(broker.host, broker.port, reply_filter=["edge/replies/#", "edge/+/results/#"])
     yield c
     c.close()
 
@@ -105,3 +112,52 @@ def releases(file_server):  # type: ignore[no-untyped-def]
     from tests._releases import Releases
 
     return Releases(file_server, signing.generate())
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 4 MiB tmpfs (real ENOSPC when filled with dd), unmounted after the test."""
+    from tests._disk import SmallDisk
+
+    disk = SmallDisk(tmp_path / "small")
+    yield disk
+    disk.close()
+
+
+_E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller"})
+_E2E_MODULES = frozenset(
+    {
+        "tests/integration/test_cli.py",
+        "tests/integration/test_releases.py",
+        "tests/unit/test_install_script.py",
+        "tests/unit/test_systemd_unit.py",
+        "tests/unit/test_ci_scripts.py",
+        "tests/unit/test_light_imports.py",  # fresh interpreters, one per check
+        "tests/unit/test_packaging.py",  # pip builds and installs the wheel
+    }
+)
+# Single tests elsewhere that run the command line as a subprocess.
+_E2E_TESTS = frozenset(
+    {
+        "tests/unit/test_config.py::test_config_check_command",
+        "tests/unit/test_config.py::test_config_check_names_a_missing_model_folder_and_every_other_problem",
+        "tests/integration/test_weight_traffic.py::test_bench_json_reports_weights_per_token_and_the_projection",
+        "tests/integration/test_weight_traffic.py::test_bench_refuses_a_bandwidth_that_is_not_positive",
+    }
+)
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the real-process tests ``e2e`` (see the module docstring)."""
+    for item in items:
+        where = Path(str(item.fspath)).resolve().relative_to(_ROOT).as_posix()
+        fixtures = set(getattr(item, "fixturenames", ()))
+        test = f"{where}::{getattr(item, 'originalname', item.name)}"
+        if (
+            where.startswith("tests/daemon/")
+            or where in _E2E_MODULES
+            or test in _E2E_TESTS
+            or fixtures & _E2E_FIXTURES
+        ):
+            item.add_marker(pytest.mark.e2e)

@@ -3,42 +3,27 @@
 The order follows Hugging Face's logits processors so that a seed gives the
 kind of output people expect: repetition penalty, then temperature, top-k,
 top-p, then a draw from the remaining distribution.
+
+The sampler cannot fail on any parameters ``SamplingParams`` admits, whatever
+the logits (huge, tiny, infinite or NaN): scores are computed in float64 after
+subtracting the best one, so no penalty or temperature overflows them, and the
+best token always survives every filter.  ``tests/unit/test_sampling.py``
+checks this property over the whole admitted range.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
 
+from agent.params import SamplingParams
 
-class SamplingParams(BaseModel):
-    """How to pick tokens and when to stop. The one source of truth for these knobs."""
+__all__ = ["Sampler", "SamplingParams"]
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_tokens: int = Field(256, ge=1, le=131072, description="Most new tokens to generate.")
-    temperature: float = Field(
-        0.0, ge=0.0, le=5.0, description="0 means greedy; higher flattens the distribution."
-    )
-    top_k: int = Field(0, ge=0, le=100000, description="Keep the k likeliest tokens (0: all).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Keep the smallest set with this much mass.")
-    repetition_penalty: float = Field(
-        1.0, gt=0.0, le=10.0, description="Divide (or multiply, when negative) logits of seen tokens."
-    )
-    seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="Seed for reproducible sampling; random if unset."
-    )
-    stop: tuple[str, ...] = Field(
-        (), max_length=16, description="Strings that end generation; they are not part of the text."
-    )
-
-    ignore_eos: bool = Field(False, description="Keep generating past the eos ids (benchmarks use this).")
-
-    @property
-    def greedy(self) -> bool:
-        """True when the choice is the arg-max whatever the seed."""
-        return self.temperature == 0.0 or self.top_k == 1
+# Tokens more than e^40 less likely than the best cannot be drawn at float64 precision.
+_NEGLIGIBLE = -40.0
+# top_p sorts this many of the likeliest candidates first (then 16 times more, as needed).
+_FIRST_SORTED = 256
 
 
 class Sampler:
@@ -52,38 +37,77 @@ class Sampler:
         if self._penalize:
             self._seen[[i for i in prompt_ids if 0 <= i < vocab_size]] = True
 
-    def __call__(self, logits: npt.NDArray[np.float32]) -> int:
+    def __call__(self, logits: npt.NDArray[np.floating]) -> int:
         """The next token for the last position's ``logits`` (shape ``[vocab]``)."""
         params = self.params
-        if self._penalize:
-            logits = self._apply_repetition_penalty(logits)
-        token = int(np.argmax(logits)) if params.greedy else self._sample(logits)
+        if params.greedy and not self._penalize:
+            token = int(np.argmax(logits))  # the common path: no copy
+        else:
+            scores = logits.astype(np.float64)  # a copy, wide enough that no scaling overflows
+            if self._penalize:
+                self._apply_repetition_penalty(scores)
+            token = int(np.argmax(scores)) if params.greedy else self._sample(scores)
         if self._penalize:
             self._seen[token] = True
         return token
 
-    def _apply_repetition_penalty(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        logits = logits.copy()
-        seen = logits[self._seen]
+    def _apply_repetition_penalty(self, scores: npt.NDArray[np.float64]) -> None:
+        seen = scores[self._seen]
         penalty = self.params.repetition_penalty
-        logits[self._seen] = np.where(seen > 0, seen / penalty, seen * penalty)
-        return logits
+        scores[self._seen] = np.where(seen > 0, seen / penalty, seen * penalty)
 
-    def _sample(self, logits: npt.NDArray[np.float32]) -> int:
+    def _sample(self, scores: npt.NDArray[np.float64]) -> int:
         params = self.params
-        scaled = logits.astype(np.float64) / params.temperature
-        # Tokens more than e^40 less likely than the best cannot be drawn at float64
-        # precision; dropping them first keeps the sort below small.
-        candidates = np.flatnonzero(scaled > scaled.max() - 40.0)
-        if 0 < params.top_k < candidates.shape[0]:
-            part = np.argpartition(scaled[candidates], -params.top_k)[-params.top_k :]
-            candidates = candidates[part]
-        # Sort candidates by descending score; ties broken by id for determinism.
-        order = np.lexsort((candidates, -scaled[candidates]))
-        candidates = candidates[order]
-        probs = np.exp(scaled[candidates] - scaled[candidates[0]])
-        probs /= probs.sum()
+        best = scores.max()
+        if np.isnan(best):  # a broken model's NaN logits: never drawn
+            scores[np.isnan(scores)] = -np.inf
+            best = scores.max()
+        if np.isfinite(best):
+            # Relative to the best (0 for it, at most 0 for the rest), then scaled: a small
+            # temperature sends the others towards -inf, never the best above 0.
+            scaled = scores
+            scaled -= best
+            with np.errstate(over="ignore"):  # only below the admitted temperatures: -inf is right
+                scaled /= params.temperature
+        else:
+            # Some logits are +inf (they alone count), or every one is -inf or NaN (a broken
+            # model: all count alike). Either way the ties at the top share the draw.
+            scaled = np.where(scores == best, 0.0, -np.inf)
+        # Never empty: the best scores 0, and is among the top k.
+        if 0 < params.top_k < scaled.shape[0]:
+            candidates = np.argpartition(scaled, -params.top_k)[-params.top_k :]
+            candidates = np.sort(candidates[scaled[candidates] > _NEGLIGIBLE])
+        else:
+            candidates = np.flatnonzero(scaled > _NEGLIGIBLE)
+        scores = scaled[candidates]
+        weights = np.exp(scores)  # the best's is exp(0) = 1, so the sum is at least 1
         if params.top_p < 1.0:
-            keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
-            candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
-        return int(candidates[self._rng.choice(len(candidates), p=probs)])
+            keep = _nucleus(scores, candidates, weights, params.top_p)
+            candidates, weights = candidates[keep], weights[keep]
+        # Candidates in id order (or by descending score after top_p): the same seed, the same draw.
+        return int(candidates[self._rng.choice(candidates.shape[0], p=weights / weights.sum())])
+
+
+def _nucleus(
+    scores: npt.NDArray[np.float64],
+    ids: npt.NDArray[np.intp],
+    weights: npt.NDArray[np.float64],
+    top_p: float,
+) -> npt.NDArray[np.intp]:
+    """Positions of the smallest set of likeliest candidates holding ``top_p`` of the mass.
+
+    Ordered by descending score, ties by id.  Only the likeliest few are sorted, more only when
+    they hold too little mass: a full sort of a 150k vocabulary costs more than a decode step
+    of a small model on a Raspberry Pi.
+    """
+    total = weights.sum()
+    count = scores.shape[0]
+    size = min(count, _FIRST_SORTED)
+    while True:
+        part = np.argpartition(-scores, size - 1)[:size] if size < count else np.arange(count)
+        order = part[np.lexsort((ids[part], -scores[part]))]
+        mass = np.cumsum(weights[order]) / total
+        if size == count or mass[-1] >= top_p:
+            keep = min(order.shape[0], int(np.searchsorted(mass, top_p)) + 1)
+            return order[:keep]
+        size = min(count, size * 16)

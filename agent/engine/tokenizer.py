@@ -46,6 +46,14 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text``; special tokens per the tokenizer's post-processor."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # Python's json accepts lone surrogates ("\ud800"); tokenizers then fails with a bare
+            # TypeError, which would count against the model rather than the request.
+            raise InvalidRequestError(
+                f"the text is not valid Unicode (a lone surrogate at character {exc.start})"
+            ) from None
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:

@@ -140,6 +140,12 @@ class JobsTelemetry(_Part):
     latency_p50_s: float | None = Field(None, description="Median time from receipt to result.")
     latency_p95_s: float | None = None
     decode_tok_s: float | None = Field(None, description="Mean of the jobs' decode speeds, tokens/s.")
+    store_errors: int = Field(
+        0, description="Job store errors (a full or failing disk) since the agent started."
+    )
+    store_resets: int = Field(
+        0, description="Corrupt job databases moved aside in state_dir (and not deleted since)."
+    )
 
 
 class SystemReading(_Part):

@@ -10,16 +10,30 @@ the state after it.
 On start, ``recover`` puts jobs that were ``running`` back in the queue (at
 most ``max_attempts`` times, so a job that kills the agent cannot loop
 forever) and returns the results still waiting for delivery.
+
+``open_store`` is how the daemon opens it: a database that is not one, is
+malformed or lacks a column is moved aside (``jobs.sqlite3.corrupt-<time>``)
+and replaced by an empty one, so a flipped bit on an SD card costs the queue,
+not the box; a ``state_dir`` it cannot write is a ``StorageError`` naming the
+path and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from agent.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done"]
 
@@ -68,9 +82,29 @@ class JobStore:
         self.max_attempts = max_attempts
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            self._db.close()
+            raise
+
+    def check(self) -> None:
+        """Raise ``CorruptStoreError`` unless the file is an intact queue database with every column."""
+        with self._lock:
+            try:
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+                problems = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
+            except sqlite3.DatabaseError as exc:
+                if _is_corruption(exc):
+                    raise CorruptStoreError(str(exc)) from exc
+                raise
+        missing = sorted(_SCHEMA_COLUMNS - columns)
+        if missing:
+            raise CorruptStoreError(f"the jobs table lacks column(s) {', '.join(missing)}")
+        if problems != ["ok"]:
+            raise CorruptStoreError("integrity check: " + "; ".join(problems[:3]).replace("\n", " "))
 
     def close(self) -> None:
         """Close the database."""
@@ -147,11 +181,15 @@ class JobStore:
                 self._db.execute("PRAGMA synchronous=FULL")
             return self._one("WHERE id = ?", (job.id,))
 
-    def finish(self, job_id: str, result: str) -> bool:
-        """Store the terminal result; False if the job already had one (it keeps the first)."""
+    def finish(self, job_id: str, result: str, *, only_queued: bool = False) -> bool:
+        """Store the terminal result; False if the job already had one (it keeps the first).
+
+        ``only_queued``: only if the job has not started (a cancel racing the worker's claim).
+        """
+        states = "state = 'queued'" if only_queued else "state != 'done'"
         with self._lock:
             cur = self._db.execute(
-                "UPDATE jobs SET state = 'done', result = ?, finished_at = ? WHERE id = ? AND state != 'done'",
+                f"UPDATE jobs SET state = 'done', result = ?, finished_at = ? WHERE id = ? AND {states}",
                 (result, time.time(), job_id),
             )
             return cur.rowcount == 1
@@ -207,6 +245,10 @@ class JobStore:
             return cur.rowcount
 
 
+_SCHEMA_COLUMNS = frozenset(
+    {"seq", "id", "request", "reply_topic", "correlation", "received_at", "deadline", "state", "attempts"}
+    | {"result", "delivered", "finished_at"}
+)
 _COLUMNS = "id, request, reply_topic, correlation, received_at, deadline, state, attempts, result, delivered"
 
 
@@ -224,3 +266,156 @@ def _row(row: tuple[object, ...]) -> StoredJob:
         result=str(result) if result is not None else None,
         delivered=bool(delivered),
     )
+
+
+class CorruptStoreError(StorageError):
+    """The job database is not one, is malformed, or lacks part of its schema."""
+
+    code = "storage_corrupt"
+
+
+# SQLite's own verdicts on a file that is not (or no longer) a database; a schema that
+# lacks a column shows as a plain SQL error naming it while the schema is set up.
+_CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"})
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether SQLite says the database file itself is damaged (not full, locked or unwritable)."""
+    return isinstance(exc, sqlite3.Error) and _is_corruption(exc)
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name in _CORRUPT or name.startswith("SQLITE_CORRUPT"):
+        return True
+    text = str(exc)
+    return "malformed" in text or "not a database" in text or text.startswith("no such column")
+
+
+def _fix(exc: BaseException) -> str:
+    """What an operator should do about an error opening the job database."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name.startswith("SQLITE_FULL") or "disk is full" in text:
+        return "free space on that file system"
+    if name.startswith("SQLITE_BUSY") or "locked" in text:
+        return "another process holds it: is a second edge-agent running with this state_dir?"
+    return "make state_dir writable by the agent's user, or point state_dir at a writable directory"
+
+
+def open_store(path: str | Path, *, max_attempts: int = 3) -> tuple[JobStore, Path | None]:
+    """Open the queue at ``path``; returns it and where a corrupt database was moved, if one was.
+
+    Raises ``StorageError`` (one line: the path, the cause and the fix) when the
+    directory or the file cannot be used at all.
+    """
+    path = Path(path)
+    state_dir = path.parent
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=state_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise StorageError(
+            f"state_dir {state_dir} is not writable ({exc.strerror or exc}): make it writable by the "
+            "agent's user, or set state_dir to a writable directory"
+        ) from None
+    if path.is_dir():
+        raise StorageError(
+            f"{path} is a directory, not the job database: move it away (the agent creates the file)"
+        )
+    moved: Path | None = None
+    for _attempt in range(2):
+        try:
+            store = JobStore(path, max_attempts=max_attempts)
+        except sqlite3.Error as exc:
+            if not _is_corruption(exc) or moved is not None:
+                raise StorageError(f"job database {path}: {exc}: {_fix(exc)}") from None
+            moved = _move_aside(path, str(exc))
+            continue
+        try:
+            store.check()
+        except CorruptStoreError as exc:
+            store.close()
+            if moved is not None:
+                raise StorageError(f"job database {path}: {exc.message}: {_fix(exc)}") from None
+            moved = _move_aside(path, exc.message)
+            continue
+        except sqlite3.Error as exc:
+            store.close()
+            raise StorageError(f"job database {path}: {exc}: {_fix(exc)}") from None
+        return store, moved
+    raise AssertionError("unreachable: a fresh database either opens or raises")
+
+
+def _move_aside(path: Path, why: str) -> Path:
+    """Rename a corrupt database (and its WAL and shared-memory files) to ``<name>.corrupt-<UTC time>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    try:
+        path.rename(target)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+        with contextlib.suppress(OSError):  # make the renames durable where the file system allows it
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        raise StorageError(
+            f"job database {path} is corrupt ({why}) and cannot be moved aside ({exc.strerror}): "
+            "move or delete it by hand"
+        ) from None
+    log.critical(
+        "JOB DATABASE CORRUPT: %s (%s). It was moved to %s and the agent starts with an EMPTY queue: "
+        "jobs stored there are not answered. Keep the file for inspection, delete it to clear this warning.",
+        path,
+        why,
+        target,
+    )
+    return target
+
+
+def corrupt_copies(path: str | Path) -> list[Path]:
+    """Corrupt databases moved aside next to ``path`` and not yet deleted, oldest first."""
+    path = Path(path)
+    try:
+        found = [
+            p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith(("-wal", "-shm"))
+        ]
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def inspect_file(path: str | Path) -> tuple[int, int]:
+    """Read-only look at a job database: (jobs queued or running, results kept).
+
+    Raises ``CorruptStoreError`` when the agent would move it aside at start, and
+    ``sqlite3.Error`` when it cannot be read at all.  Writes nothing.
+    """
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        missing = sorted(_SCHEMA_COLUMNS - columns)
+        if missing:
+            raise CorruptStoreError(f"the jobs table lacks column(s) {', '.join(missing)}")
+        problems = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise CorruptStoreError("integrity check: " + "; ".join(problems[:3]).replace("\n", " "))
+        (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()
+        (done,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()
+        return int(waiting), int(done)
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            raise CorruptStoreError(str(exc)) from exc
+        raise
+    finally:
+        db.close()

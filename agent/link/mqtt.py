@@ -11,9 +11,14 @@ Guarantees it gives the daemon:
 * manual acknowledgement: a QoS 1 job is acknowledged only when the daemon
   calls ``ack`` after storing it, so a crash before that means redelivery;
 * re-subscription and the ``on_connect`` hook on every (re)connect;
-* reconnection with exponential backoff whose base is re-drawn at random on
-  every disconnect, so a fleet does not reconnect in lock-step after a broker
-  restart;
+* reconnection with exponential backoff and jitter (``backoff.Backoff``),
+  reset only after a connection stayed up, so a fleet does not reconnect in
+  lock-step after a broker restart and a broker that keeps dropping the box is
+  not hammered; every refusal and disconnection is logged with its reason code
+  in words and what to do about it;
+* the client certificate and key are read again before a reconnection when
+  their files changed (``edge-fleet renew``): a renewed certificate is used
+  without a restart, and jobs wait in the session meanwhile;
 * a Last Will, so the broker announces the box offline when it vanishes;
 * failover: with several brokers configured, a failed connection (refused,
   unreachable, TLS rejected, or lost) moves the next attempt to the next
@@ -21,6 +26,10 @@ Guarantees it gives the daemon:
   holds no session for the agent: the subscriptions are renewed on every
   connect, and the daemon re-publishes every stored result that no broker
   acknowledged (``Connected``), so accepted jobs are still answered;
+* subscriptions the agent no longer wants (its group changed) are removed
+  from its persistent session on connect (``subscriptions_file`` remembers
+  the last set): a stale shared subscription would otherwise keep drawing
+  the old group's jobs, which the broker then refuses to deliver — lost;
 * a payload limit on every subscription: a message over the limit of the
   subscription it came through reaches the daemon cut to its first
   ``HEAD_BYTES`` bytes and flagged ``truncated``, never whole.
@@ -34,11 +43,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -48,14 +59,15 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MQTTConfig
 from agent.errors import LinkError
-from agent.link.tls import client_context
+from agent.link.backoff import Backoff
+from agent.link.reasons import explain
+from agent.link.subscriptions import SubscriptionRecord
+from agent.link.tls import TLSFiles, client_context
 
 log = logging.getLogger(__name__)
 
-# Reconnect backoff: the first retry comes after 0.5-1.5 s (random per
-# disconnect), doubling up to a minute — quick after a blip, gentle on a broker
-# that is coming back up under a whole fleet.
-_BACKOFF_BASE = (0.5, 1.5)
+# Reconnect backoff: the first retry comes after 0.5-1 s, doubling up to a minute —
+# quick after a blip, gentle on a broker that is coming back up under a whole fleet.
 _BACKOFF_MAX = 60
 #: Limit of a subscription given no limit of its own: a job or a manifest fits, a flood does not.
 DEFAULT_PAYLOAD_LIMIT = 64 * 1024
@@ -120,6 +132,7 @@ class MQTTLink:
         max_packet_bytes: int | None = None,
         on_connect: Callable[[], None] | None = None,
         payload_limits: Mapping[str, int] | None = None,
+        subscriptions_file: Path | None = None,
     ) -> None:
         self.config = config
         self.mqtt5 = config.protocol == "5"
@@ -133,6 +146,8 @@ class MQTTLink:
         self.events: queue.Queue[Event] = queue.Queue()
         self.connected = threading.Event()
         self._subscriptions = subscriptions
+        self._record = SubscriptionRecord(subscriptions_file) if subscriptions_file else None
+        self._unsubscribing: set[int] = set()
         self._on_connect_hook = on_connect
         self._generation = 0
         self._max_packet = max_packet_bytes
@@ -146,12 +161,14 @@ class MQTTLink:
         client.manual_ack_set(True)
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(0)  # unbounded: results wait for the broker
+        self.backoff = Backoff(max_s=_BACKOFF_MAX)
         client.reconnect_delay_set(min_delay=1, max_delay=_BACKOFF_MAX)
         if config.username:
             password = config.password.get_secret_value() if config.password else None
             client.username_pw_set(config.username, password)
         if config.tls is not None:
             client.tls_set_context(client_context(config.tls.ca, config.tls.cert, config.tls.key))
+        self._tls_files = TLSFiles(config.tls.ca, config.tls.cert, config.tls.key) if config.tls else None
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = no_delay
@@ -161,6 +178,9 @@ class MQTTLink:
         client.on_pre_connect = self._choose_endpoint
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        client.on_unsubscribe = self._handle_unsubscribe
+        self._pending_subscriptions: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -205,6 +225,11 @@ class MQTTLink:
         return self.endpoints[self._current]
 
     @property
+    def cert_expiry(self) -> datetime | None:
+        """When the client certificate in use expires (a renewal loaded on reconnection updates it)."""
+        return self._tls_files.cert_expiry if self._tls_files is not None else None
+
+    @property
     def alive(self) -> bool:
         """Whether paho's network thread is running (the watchdog stops when it dies)."""
         # paho exposes no public accessor for its loop thread; this is the one
@@ -214,10 +239,26 @@ class MQTTLink:
 
     # -- traffic ---------------------------------------------------------------
 
+    def _drop_stale_subscriptions(self) -> None:
+        """Unsubscribe from what an earlier configuration subscribed to; remember the current set
+        once the broker confirmed (so a connection lost meanwhile retries next time)."""
+        if self._record is None:
+            return
+        self._unsubscribing.clear()
+        for topic in self._record.stale(self._subscriptions):
+            log.info("leaving %s (no longer in the configuration)", topic)
+            _rc, mid = self._client.unsubscribe(topic)
+            if mid is not None:
+                self._unsubscribing.add(mid)
+        if not self._unsubscribing:
+            self._record.save(self._subscriptions)
+
     def subscribe_topics(self) -> None:
         """(Re)subscribe to every topic at QoS 1."""
         for topic in self._subscriptions:
-            self._client.subscribe(topic, qos=1)
+            _rc, mid = self._client.subscribe(topic, qos=1)
+            if mid is not None:
+                self._pending_subscriptions[mid] = topic
 
     def ack(self, message: Message) -> None:
         """Acknowledge a received QoS 1 message (after it was stored)."""
@@ -247,8 +288,20 @@ class MQTTLink:
 
     # -- paho callbacks (network thread: hand over only) -------------------------
 
+    def _retry_later(self, client: paho.Client) -> None:
+        """Set paho's wait before its next attempt to the backoff's next delay."""
+        delay = self.backoff.next_delay()
+        # Equal bounds: paho then waits exactly this long (its own doubling never starts).
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        log.info("next connection attempt in %.1f s", delay)
+
     def _choose_endpoint(self, client: paho.Client, _u: Any) -> None:
-        """Before each (re)connection attempt: after a failure, aim at the next broker."""
+        """Before each (re)connection attempt: new TLS files if renewed; after a failure, the next broker."""
+        if self._tls_files is not None:
+            renewed = self._tls_files.reloaded()
+            if renewed is not None:
+                # paho offers no setter once TLS is configured; the context is read at each connect.
+                client._ssl_context = renewed
         if self._failed and len(self.endpoints) > 1:
             self._current = (self._current + 1) % len(self.endpoints)
             host, port = self.endpoints[self._current]
@@ -258,17 +311,27 @@ class MQTTLink:
             client._host, client._port = host, port
         self._failed = False
 
-    def _handle_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+    def _handle_connect_fail(self, client: paho.Client, _u: Any) -> None:
         host, port = self.endpoint
-        log.warning("cannot connect to broker %s:%s", host, port)
+        log.warning(
+            "cannot connect to broker %s:%s (no TCP connection, or the TLS handshake failed: "
+            "`edge-agent doctor` says which)",
+            host,
+            port,
+        )
         self._failed = True
+        self._retry_later(client)
 
     def _handle_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            log.warning("broker %s:%s refused the connection: %s", *self.endpoint, reason)
+            log.warning(
+                "broker %s:%s refused the connection: %s", *self.endpoint, explain(str(reason), "connack")
+            )
             self._failed = True
             return
+        self.backoff.connected(time.monotonic())
         self._generation += 1
+        self._drop_stale_subscriptions()
         self.subscribe_topics()
         self.connected.set()
         log.info("connected to %s:%s", *self.endpoint)
@@ -279,11 +342,12 @@ class MQTTLink:
     def _handle_disconnect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
         self._failed = True
-        client.reconnect_delay_set(min_delay=random.uniform(*_BACKOFF_BASE), max_delay=_BACKOFF_MAX)  # type: ignore[arg-type]
+        self.backoff.disconnected(time.monotonic())
         if reason.is_failure:
-            log.warning("disconnected from broker: %s", reason)
+            log.warning("disconnected from broker: %s", explain(str(reason), "disconnect"))
         else:
             log.info("disconnected from broker")
+        self._retry_later(client)
 
     def _limit(self, topic: str) -> int:
         for topic_filter, limit in self._limits:
@@ -311,6 +375,20 @@ class MQTTLink:
                 truncated=truncated,
             )
         )
+
+    def _handle_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        topic = self._pending_subscriptions.pop(mid, "?")
+        for reason in reasons:
+            if getattr(reason, "is_failure", False):
+                log.error(
+                    "the broker refused the subscription to %s: %s", topic, explain(str(reason), "suback")
+                )
+
+    def _handle_unsubscribe(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        if mid in self._unsubscribing:
+            self._unsubscribing.discard(mid)
+            if not self._unsubscribing and self._record is not None:
+                self._record.save(self._subscriptions)
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self.events.put(Published(mid=mid))

@@ -124,6 +124,7 @@ def _download_rest(
     try:
         response = urllib.request.urlopen(request, timeout=timeout_s, context=context)
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the connection's socket
         if exc.code == 416 and have:
             part.unlink()
             raise UpdateError(

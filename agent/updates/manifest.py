@@ -5,7 +5,9 @@ and signs its canonical form with the fleet's Ed25519 key; the agent receives
 it as the retained desired state and accepts it only when ``Manifest.check``
 passes: a trusted signature, not expired, every file path inside the version
 directory, and a version above the active one (unless it is an explicit,
-signed rollback release).
+signed rollback release).  Which releases a box takes over the model it runs
+(versions are ordered within a model name; another name needs ``replaces``) is
+decided in ``agent.updates.policy``.
 
 The canonical form is the manifest without ``signature``, as JSON with sorted
 keys, no spaces and UTF-8 text.  Every number in it is an integer (times are
@@ -14,15 +16,24 @@ whole Unix seconds), so any language can reproduce the bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
 from functools import total_ordering
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from agent.errors import UpdateError
 from agent.updates import signing
@@ -80,6 +91,9 @@ class _Signed(BaseModel):
 
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256.")]
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Model name.")]
+#: What a file of a release is, whatever server it comes from: (path, size, sha256).
+FileKey = tuple[str, int, str]
 
 
 class FileEntry(_Signed):
@@ -113,10 +127,22 @@ class Manifest(_Signed):
     """A signed model release: the files, how to test them, and the signature."""
 
     format: Literal[1] = 1
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Model name.")
-    version: str = Field(max_length=64, description="Semantic version; must rise unless rollback is set.")
+    name: ModelName
+    version: str = Field(
+        max_length=64, description="Semantic version; must rise within the name unless rollback is set."
+    )
     rollback: bool = Field(
         False, description="An explicit rollback release: may carry a version at or below the active one."
+    )
+    replaces: tuple[ModelName, ...] = Field(
+        (),
+        max_length=16,
+        strict=False,  # a list is a tuple here too (JSON has only arrays)
+        description=(
+            "Other model names this release may replace on a box (an explicit, signed switch of model: "
+            "edge-fleet release --replace-model). Omitted from the JSON, and so from the signed form, "
+            "when empty, so manifests signed before the field existed still verify."
+        ),
     )
     precision: str | None = Field(None, max_length=16, description="int4, int8, … (reported in telemetry).")
     files: list[FileEntry] = Field(min_length=1, max_length=256)
@@ -133,6 +159,13 @@ class Manifest(_Signed):
 
     _version_ok = field_validator("version")(_semver)
 
+    @model_serializer(mode="wrap")
+    def _omit_empty_replaces(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not self.replaces:
+            data.pop("replaces", None)
+        return data
+
     @property
     def semver(self) -> SemVer:
         """The version, ordered."""
@@ -147,6 +180,22 @@ class Manifest(_Signed):
     def total_bytes(self) -> int:
         """Bytes of all its files."""
         return sum(f.size for f in self.files)
+
+    @property
+    def file_keys(self) -> frozenset[FileKey]:
+        """The release's content: each file's path, size and hash (its URL aside)."""
+        return frozenset((f.path, f.size, f.sha256) for f in self.files)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the whole manifest, signature included, in canonical form (hex).
+
+        What a refusal is remembered by: any edit of any field gives another digest, so a
+        refused manifest never stands in for another one that merely shares its signature.
+        """
+        data = self.model_dump(mode="json")
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def canonical(self) -> bytes:
         """The signed bytes: everything but ``signature``, sorted keys, no spaces, UTF-8."""
@@ -176,11 +225,13 @@ class Manifest(_Signed):
             raise UpdateError(f"invalid manifest: {problems}", code="invalid_manifest") from exc
 
     def check(
-        self, trusted: list[signing.PublicKey], *, active: str | None, now: float | None = None
+        self, trusted: list[signing.PublicKey], *, active: str | None = None, now: float | None = None
     ) -> None:
-        """Refuse (``UpdateError`` with a precise code) unless this manifest may be installed.
+        """Refuse (``UpdateError`` with a precise code) unless this manifest is trustworthy.
 
-        ``active`` is the version running now (``None``: any version may follow).
+        A trusted signature, not expired, safe paths.  With ``active`` (the version of a model of
+        the same name running now) also a version above it unless this is a rollback release; the
+        agent's full rules across model names are ``agent.updates.policy.decide``.
         """
         if not self.signature:
             raise UpdateError("the manifest is not signed", code="bad_signature")

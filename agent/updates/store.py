@@ -20,10 +20,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agent.errors import UpdateError
 from agent.updates.manifest import Manifest
+from agent.updates.record import UpdateRecord
 
 RELEASE_FILE = "release.json"
 
@@ -172,17 +172,17 @@ class ModelStore:
 
     # -- the update record ---------------------------------------------------------------------
 
-    def read_record(self) -> dict[str, Any]:
-        """The update record (empty when there is none or it is unreadable)."""
+    def read_record(self) -> UpdateRecord:
+        """The update record (empty when there is none; what is unreadable in it is dropped)."""
         try:
-            data = json.loads(self.record_file.read_bytes())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+            data = self.record_file.read_bytes()
+        except OSError:
+            return UpdateRecord()
+        return UpdateRecord.load(data)
 
-    def write_record(self, record: dict[str, Any]) -> None:
+    def write_record(self, record: UpdateRecord) -> None:
         """Replace the update record atomically."""
-        write_atomically(self.record_file, json.dumps(record).encode())
+        write_atomically(self.record_file, record.model_dump_json().encode())
 
     def free_bytes(self) -> int:
         """Free space on the store's file system."""

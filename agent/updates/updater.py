@@ -9,8 +9,11 @@ on the old model).  The first jobs on the new model are a probation: too many
 failures and the agent goes back by itself.  Every phase is reported, retained,
 on ``model/state``.
 
-What survives a crash: the store (see ``model_store``), partial downloads
-(resumed), the update record (last status, probation, refused releases).  At
+Which releases a box takes is decided in ``policy`` (versions ordered within a
+model name, another name only when the release says it replaces the running
+one).  What survives a crash: the store (see ``store``), partial downloads
+(resumed), the update record (``record``: last status, probation, refused
+releases).  At
 start the agent serves the active version, or falls back to the previous one,
 or to the configured model, whichever loads first.
 """
@@ -18,6 +21,7 @@ or to the configured model, whichever loads first.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import gc
 import logging
 import random
@@ -26,18 +30,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import psutil
 
 from agent import failpoints
 from agent.config import AgentConfig
 from agent.engine.engine import Engine
-from agent.errors import AgentError, DownloadError, LinkError, ModelError, UpdateError
-from agent.link.tls import client_context
+from agent.errors import AgentError, DownloadError, ModelError, UpdateError
 from agent.protocol import ErrorInfo, ModelRef, ModelState, UpdateErrorCode, UpdatePhase, UpdateStatus
-from agent.updates.download import RateLimit, fetch, sha256_file
-from agent.updates.manifest import Manifest
+from agent.updates.install import download_and_install, files_on_disk, smoke_test
+from agent.updates.manifest import FileKey, Manifest
+from agent.updates.policy import Converged, Install, Refuse, RefusedBefore, Running, decide
+from agent.updates.record import REMEMBERED, Probation, UpdateRecord
 from agent.updates.store import ModelStore, Pointer
 
 log = logging.getLogger(__name__)
@@ -48,11 +53,6 @@ log = logging.getLogger(__name__)
 _RETRY_FIRST_S = 2.0
 _RETRY_MAX_S = 600.0
 _RETRYABLE = frozenset({"download_interrupted", "disk_full"})
-# Progress is published at most this often (a retained message per update).
-_PROGRESS_EVERY_S = 1.0
-# Refused releases remembered (by signature) so that a retained bad manifest is
-# not retried at every reconnect.
-_REMEMBER_REFUSED = 32
 
 Source = Literal["device", "group"]
 
@@ -75,26 +75,6 @@ class Serving:
     precision: str | None = None
 
 
-def smoke_test(engine: Engine, manifest: Manifest) -> None:
-    """Check the recorded tokens rank within ``top_k`` at every step (teacher-forced)."""
-    test = manifest.smoke_test
-    ids = engine.prompt_ids(test.prompt)
-    if ids != test.prompt_ids:
-        raise UpdateError(
-            "smoke test: the tokenizer splits the prompt differently than at release",
-            code="smoke_test_failed",
-        )
-    ranks = engine.token_ranks(ids, test.token_ids)
-    bad = [(step, rank) for step, rank in enumerate(ranks) if rank >= test.top_k]
-    if bad:
-        step, rank = bad[0]
-        raise UpdateError(
-            f"smoke test: {len(bad)} of {len(ranks)} recorded tokens fall outside the top {test.top_k} "
-            f"(first at step {step}, rank {rank})",
-            code="smoke_test_failed",
-        )
-
-
 class Updater:
     """Owns the served model's lifecycle: start-up choice, updates, probation, rollback."""
 
@@ -113,9 +93,10 @@ class Updater:
         self._trusted = self.settings.public_keys()
         self._lock = threading.Lock()  # guards _desired, _record and _status
         self._desired: dict[Source, bytes] = {}
-        self._record: dict[str, Any] = self.store.read_record()
-        status = self._record.get("update")
-        self._status: UpdateStatus | None = UpdateStatus.model_validate(status) if status else None
+        self._record: UpdateRecord = self.store.read_record()
+        self._status: UpdateStatus | None = self._record.update
+        # The configured model's files, hashed once per desired manifest of its name and version.
+        self._configured_files: dict[str, frozenset[FileKey]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="edge-agent-updater", daemon=True)
@@ -158,7 +139,8 @@ class Updater:
                 self.config.engine,
                 prefix_cache_dir=self.config.state_dir / "prefix_cache",
             )
-            return Serving(engine, ModelRef(name=engine.name, version=self.config.model.version), None)
+            name = self.config.model.name or engine.name
+            return Serving(engine, ModelRef(name=name, version=self.config.model.version), None)
         manifest = self.store.manifest(release)
         if manifest is None:
             raise ModelError(f"{release} is not installed")
@@ -214,23 +196,20 @@ class Updater:
     def job_finished(self, succeeded: bool, error: str | None = None) -> None:
         """Count a job the engine ran (worker thread); may roll the model back."""
         with self._lock:
-            probation = self._record.get("probation")
-            if not probation or probation.get("release") != self.serving.release:
+            probation = self._record.probation
+            if probation is None or probation.release != self.serving.release:
                 return
-            probation["jobs"] += 1
+            probation.jobs += 1
             if not succeeded:
-                probation["failures"] += 1
-                probation["last_error"] = (error or "")[:200]
-            over = probation["jobs"] >= self.settings.probation_jobs or time.time() > probation["until"]
-            failed = probation["failures"] >= self.settings.max_failed_jobs
+                probation.failures += 1
+                probation.last_error = (error or "")[:200]
+            over = probation.jobs >= self.settings.probation_jobs or time.time() > probation.until
+            failed = probation.failures >= self.settings.max_failed_jobs
             if failed or over:
-                del self._record["probation"]
-            self.store.write_record(self._record)
+                self._record.probation = None
+            self._save_record()
         if failed:
-            message = (
-                f"{probation['failures']} of its first {probation['jobs']} jobs failed "
-                f"(last: {probation['last_error']})"
-            )
+            message = f"{probation.failures} of its first {probation.jobs} jobs failed (last: {probation.last_error})"
             log.error("model %s on probation: %s; rolling back", self.serving.release, message)
             self._rollback("probation_failed", message)
 
@@ -255,7 +234,11 @@ class Updater:
     def _loop(self) -> None:
         delay = _RETRY_FIRST_S
         while not self._stop.is_set():
-            retry_in = self._converge_once()
+            try:
+                retry_in = self._converge_once()
+            except Exception:  # nothing may end this thread: updates would stop for good
+                log.exception("the updater failed; retrying")
+                retry_in = _RETRY_FIRST_S
             if retry_in is None:
                 delay = _RETRY_FIRST_S
                 self._wake.wait()
@@ -277,14 +260,26 @@ class Updater:
         except UpdateError as exc:
             self._report_refusal(None, exc)
             return None
-        if (manifest.name, manifest.version) == (self.serving.ref.name, self.serving.ref.version):
-            # Converged (also when the configured model is the desired release).
+        with self._lock:
+            refused = list(self._record.refused)
+        decision = decide(
+            manifest,
+            running=self._running(manifest),
+            installed=self.store.manifest(manifest.release_id),
+            trusted=self._trusted,
+            refused=refused,
+            now=time.time(),
+        )
+        if isinstance(decision, Converged):
             log.debug("the desired release %s is the one running", manifest.release_id)
             return None
-        if manifest.signature in self._record.get("refused", []):
+        if isinstance(decision, RefusedBefore):
             return None  # refused before: a new release is needed
+        if isinstance(decision, Refuse):
+            self._report_refusal(manifest, UpdateError(decision.message, code=decision.code))
+            return None
+        assert isinstance(decision, Install)
         try:
-            manifest.check(self._trusted, active=self.serving.ref.version)
             self._apply(manifest)
         except _RolledBack as back:
             self._report_refusal(manifest, back.cause, phase="rolled_back")
@@ -299,25 +294,53 @@ class Updater:
                 return _RETRY_FIRST_S
             self._report_refusal(manifest, exc)
             self._discard(manifest.release_id)
+        except OSError as exc:
+            # The box's storage, not the release: retried with backoff, never remembered.
+            code: UpdateErrorCode = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "internal"
+            log.warning("update to %s: storage: %s; retrying later", manifest.release_id, exc)
+            self._set_status(manifest.release_id, "failed", error=(code, f"storage: {exc}"))
+            return _RETRY_FIRST_S
         except Exception as exc:  # a bug must not stop updates for good, nor the agent
             log.exception("update to %s failed unexpectedly", manifest.release_id)
             self._report_refusal(manifest, UpdateError(f"{type(exc).__name__}: {exc}", code="internal"))
         return None
 
+    def _running(self, manifest: Manifest) -> Running:
+        """What runs, for ``policy.decide``; its files only when ``manifest`` has its name and version."""
+        ref = self.serving.ref
+        files = None
+        if (manifest.name, manifest.version) == (ref.name, ref.version):
+            if self.serving.release is not None:
+                stored = self.store.manifest(self.serving.release)
+                files = stored.file_keys if stored is not None else frozenset()
+            else:
+                files = self._configured_model_files(manifest)
+        return Running(name=ref.name, version=ref.version, files=files)
+
+    def _configured_model_files(self, manifest: Manifest) -> frozenset[FileKey]:
+        """The configured model's files that ``manifest`` names, as they are on disk."""
+        cached = self._configured_files.get(manifest.digest)
+        if cached is not None:
+            return cached
+        try:
+            found = files_on_disk(self.config.model.path, manifest)
+        except (UpdateError, OSError) as exc:
+            log.warning("cannot compare the configured model with %s: %s", manifest.release_id, exc)
+            found = frozenset()
+        self._configured_files = {manifest.digest: found}
+        return self._configured_files[manifest.digest]
+
     def _apply(self, manifest: Manifest) -> None:
         release = manifest.release_id
         if self.store.manifest(release) is None:
-            staging = self.store.staging(manifest)
-            self.store.discard_staging(keep=release)
-            self._download(manifest, staging)
-            self._set_status(release, "verifying", progress=0.0)
-            for entry in manifest.files:
-                digest, size = sha256_file(staging / entry.path)
-                if (digest, size) != (entry.sha256, entry.size):
-                    (staging / entry.path).unlink()
-                    raise UpdateError(f"{entry.path}: changed on disk after download", code="sha256_mismatch")
-            failpoints.hit("verifying")
-            self.store.install(manifest)
+            download_and_install(
+                self.store,
+                manifest,
+                self.settings,
+                min_free_bytes=self.config.health.min_disk_free_mb * 2**20,
+                report=lambda phase, progress: self._set_status(release, phase, progress=progress),
+                cancelled=lambda: self._stop.is_set() or self._superseded(),
+            )
         failpoints.hit("installed")
         self._set_status(release, "testing")
         path = self.store.path(release)
@@ -344,48 +367,6 @@ class Updater:
         self.store.collect_garbage(self.settings.keep_versions)
         log.info("now serving %s", release)
         self._set_status(release, "active", detail=detail)
-
-    def _download(self, manifest: Manifest, staging: Path) -> None:
-        release = manifest.release_id
-        needed = sum(
-            f.size - _have(staging / f.path) for f in manifest.files if not (staging / f.path).exists()
-        )
-        free = self.store.free_bytes()
-        margin = self.config.health.min_disk_free_mb * 2**20
-        if needed + margin > free:
-            raise UpdateError(
-                f"needs {needed >> 20} MiB plus {margin >> 20} MiB to spare; {free >> 20} MiB are free",
-                code="disk_full",
-            )
-        total = max(1, manifest.total_bytes)
-        done = 0
-        last = 0.0
-        crash_at = total // 2
-        rate = RateLimit(self.settings.bandwidth_kbps * 1000) if self.settings.bandwidth_kbps else None
-        try:
-            context = client_context(self.settings.ca)  # TLS 1.2+, verified: as for the broker
-        except LinkError as exc:
-            raise UpdateError(f"[update] ca: {exc.message}", code="download_interrupted") from exc
-        self._set_status(release, "downloading", progress=0.0)
-
-        def on_bytes(count: int) -> None:
-            nonlocal done, last
-            done += count
-            if done >= crash_at:
-                failpoints.hit("downloading")
-            now = time.monotonic()
-            if now - last >= _PROGRESS_EVERY_S:
-                last = now
-                self._set_status(release, "downloading", progress=min(1.0, done / total))
-            if self._stop.is_set() or self._superseded():
-                raise DownloadError("the download was stopped (shutdown, or a new desired release)")
-
-        for entry in manifest.files:
-            dest = self.store.target(staging, entry.path)
-            if dest.exists():
-                on_bytes(entry.size)  # finished in an earlier run; verified below
-                continue
-            fetch(entry, dest, on_bytes=on_bytes, rate=rate, context=context)
 
     def _superseded(self) -> bool:
         """Whether the desired release changed since this attempt began."""
@@ -430,13 +411,8 @@ class Updater:
             # Recorded before the pointer moves: a crash right after the switch still
             # finds the probation, and one before it finds a probation for a version
             # that is not active (ignored).
-            self._record["probation"] = {
-                "release": release,
-                "until": time.time() + self.settings.probation_s,
-                "jobs": 0,
-                "failures": 0,
-            }
-            self.store.write_record(self._record)
+            self._record.probation = Probation(release=release, until=time.time() + self.settings.probation_s)
+            self._save_record()
         self.store.set_pointer(Pointer(active=release, previous=old.release))
         failpoints.hit("activating")
         self.serving = Serving(
@@ -463,10 +439,29 @@ class Updater:
         self, manifest: Manifest | None, exc: UpdateError, *, phase: UpdatePhase = "failed"
     ) -> None:
         name = manifest.release_id if manifest else "?"
+        if manifest is not None and exc.code in REMEMBERED:
+            self._remember_refused(manifest.digest)
+        status = self._status
+        if (
+            status is not None
+            and (f"{status.name}@{status.version}", status.phase) == (name, phase)
+            and status.error is not None
+            and (status.error.code, status.error.message) == (exc.code, exc.message[:500])
+        ):
+            # The same refusal again (one not remembered, re-offered at a reconnect; or another
+            # manifest of the same release failing the same way): said already.
+            log.debug("model update %s still refused: %s", name, exc.code)
+            return
         log.error("model update %s %s: %s (%s)", name, phase, exc.message, exc.code)
-        if manifest is not None:
-            self._remember_refused(manifest.signature)
         self._set_status(name, phase, error=(exc.code, exc.message))
+
+    def _save_record(self) -> None:
+        """Write the update record (the caller holds the lock); a storage error is logged, not raised."""
+        try:
+            self.store.write_record(self._record)
+        except OSError as exc:
+            # What is lost: at worst a remembered refusal or a probation count after a crash.
+            log.warning("cannot write the update record %s: %s", self.store.record_file, exc)
 
     def _discard(self, release: str) -> None:
         """Delete a failed version, unless it is the active or previous one."""
@@ -477,13 +472,12 @@ class Updater:
     def _refuse_release(self, release: str) -> None:
         manifest = self.store.manifest(release)
         if manifest is not None:
-            self._remember_refused(manifest.signature)
+            self._remember_refused(manifest.digest)
 
-    def _remember_refused(self, signature: str) -> None:
+    def _remember_refused(self, digest: str) -> None:
         with self._lock:
-            refused = [s for s in self._record.get("refused", []) if s != signature]
-            self._record["refused"] = [*refused, signature][-_REMEMBER_REFUSED:]
-            self.store.write_record(self._record)
+            self._record.remember_refused(digest)
+            self._save_record()
 
     def _set_status(
         self,
@@ -506,12 +500,7 @@ class Updater:
         with self._lock:
             self._status = status
             if phase != "downloading" or progress in (None, 0.0):  # progress ticks are not worth an fsync
-                self._record["update"] = status.model_dump()
-                self.store.write_record(self._record)
+                self._record.update = status
+                self._save_record()
         if self._started:
             self._publish(self.state())
-
-
-def _have(path: Path) -> int:
-    part = path.with_name(path.name + ".part")
-    return part.stat().st_size if part.exists() else 0

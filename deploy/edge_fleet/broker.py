@@ -20,14 +20,67 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import PLAIN_PORT, TLS_PORT
+from agent.config import PLAIN_PORT
 from agent.errors import LinkError
 from agent.link.mqtt import no_delay
 from agent.link.tls import client_context
 
+#: The operators' listener of `edge-fleet broker init` (devices use 8883).
+TLS_PORT = 8884
+
 
 class FleetError(Exception):
     """An operator command cannot do what was asked (the message says why)."""
+
+
+def identity_of(options: BrokerOptions) -> str:
+    """Who the broker sees: the CN of ``--tls-cert``, the ``--username``, or anonymous."""
+    if options.cert is not None:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        try:
+            cert = x509.load_pem_x509_certificate(options.cert.read_bytes())
+            return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        except (OSError, ValueError, IndexError):
+            return options.cert.stem
+    return options.username or "anonymous"
+
+
+def refusal(options: BrokerOptions, what: str, reason: object) -> FleetError:
+    """A PUBACK/SUBACK refusal as the operator should read it: who was refused, and the fix."""
+    return FleetError(
+        f"{what}: {reason}: not authorized as {identity_of(options)} — operators' tools need an operator "
+        "certificate (edge-fleet provision NAME --operator) on the operators' port "
+        f"(--broker HOST:{TLS_PORT})"
+    )
+
+
+def connection_error(options: BrokerOptions, exc: BaseException | None) -> FleetError:
+    """A failed TLS/TCP connection (or one closed before CONNACK, ``exc`` None) with its fix."""
+    host, port = options.address
+    where = f"the broker at {host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return FleetError(
+            f"cannot verify the certificate of {where} ({exc.verify_message}): give the fleet CA "
+            "with --tls-ca (ca.crt of `edge-fleet ca init`, copied by `provision --operator`)"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return FleetError(
+            f"TLS with {where} failed ({exc.reason or exc}); is it a TLS port? (--plaintext for 1883)"
+        )
+    if isinstance(exc, OSError):
+        return FleetError(f"cannot reach {where}: {exc.strerror or exc}")
+    if options.cert is None and not options.plaintext:
+        return FleetError(
+            f"{where} closed the connection: it wants a client certificate — give --tls-cert and --tls-key "
+            "(an operator identity: edge-fleet provision NAME --operator)"
+        )
+    return FleetError(
+        f"{where} closed the connection before accepting the login: it rejected the certificate of "
+        f"{identity_of(options)} (operators' certificates come from the operator CA and use the "
+        f"operators' port, {TLS_PORT})"
+    )
 
 
 @dataclass(frozen=True)
@@ -35,7 +88,7 @@ class BrokerOptions:
     """Where the broker is and how to authenticate to it."""
 
     host: str = "127.0.0.1"
-    port: int | None = None  # None: 8883 with TLS, 1883 with plaintext
+    port: int | None = None  # None: 8884 (the operators' listener) with TLS, 1883 with plaintext
     prefix: str = "edge"
     ca: Path | None = None
     cert: Path | None = None
@@ -70,7 +123,7 @@ class BrokerOptions:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``: port 0, meaning 8883 with TLS, 1883 with ``--plaintext``) as a pair."""
+    """``HOST:PORT`` (or ``HOST``: port 0, meaning 8884 with TLS, 1883 with ``--plaintext``) as a pair."""
     host, sep, port = text.rpartition(":")
     if not sep:
         return text, 0
@@ -90,7 +143,7 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
         type=parse_address,
         default=("127.0.0.1", 0),
         metavar="HOST:PORT",
-        help="MQTT broker (default 127.0.0.1, port 8883, or 1883 with --plaintext)",
+        help="MQTT broker: the operators' listener (default 127.0.0.1, port 8884, or 1883 with --plaintext)",
     )
     parser.add_argument("--topic-prefix", default="edge", help="first level of every topic (default: edge)")
     # --tls-* rather than --key: release and rollback take --key for the signing key.
@@ -142,20 +195,67 @@ def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float 
     host, port = options.address
     connected = threading.Event()
     refused: list[str] = []
+    dropped: list[bool] = []
 
     def on_connect(_c: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
         if reason.is_failure:
             refused.append(str(reason))
         connected.set()
 
+    def on_disconnect(*_a: object) -> None:
+        if not connected.is_set():
+            dropped.append(True)
+            connected.set()
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     try:
         client.connect(host, port)
     except (OSError, ssl.SSLError) as exc:
-        raise FleetError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+        raise connection_error(options, exc) from exc
     client.loop_start()
-    if not connected.wait(timeout) or refused:
-        client.loop_stop()
+    answered = connected.wait(timeout)
+    if dropped:
+        release(client)
+        raise connection_error(options, None)
+    if not answered or refused:
+        release(client)
         why = refused[0] if refused else f"no answer within {timeout:.0f} s"
-        raise FleetError(f"the broker at {host}:{port} refused the connection: {why}")
+        who = f" {identity_of(options)}" if refused else ""
+        raise FleetError(f"the broker at {host}:{port} refused the connection{who}: {why}")
+    client.on_disconnect = None
+    _report_refusals(client, options)
     return client
+
+
+def release(client: paho.Client) -> None:
+    """Disconnect, stop the network loop and close the socket (a refused or dropped connection
+    leaves it open to paho otherwise)."""
+    client.disconnect()
+    client.loop_stop()
+    sock = client.socket()
+    if sock is not None:
+        sock.close()
+
+
+def _report_refusals(client: paho.Client, options: BrokerOptions) -> None:
+    """Say at once, on stderr, when the broker refuses a subscription or a publication.
+
+    A command that installs its own ``on_subscribe``/``on_publish`` replaces these; the others
+    would otherwise wait for messages the broker will never send.
+    """
+
+    def on_subscribe(_c: object, _u: object, mid: int, reasons: list[ReasonCode], _p: object) -> None:
+        for reason in reasons:
+            if reason.is_failure:
+                print(
+                    f"edge-fleet: {refusal(options, f'subscription {mid}', reason)}",
+                    file=sys.stderr,
+                )
+
+    def on_publish(_c: object, _u: object, _mid: int, reason: ReasonCode, _p: object) -> None:
+        if reason.is_failure:
+            print(f"edge-fleet: {refusal(options, 'publishing', reason)}", file=sys.stderr)
+
+    client.on_subscribe = on_subscribe
+    client.on_publish = on_publish

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from agent import __version__
 from agent.errors import AgentError
 
-from . import broker, jobs, pki, releases, rollout, simulate, views
+from . import broker, identity, jobs, pki, releases, rollout, setup, simulate, views
 
 #: Modules that add sub-commands, in the order ``--help`` lists them; each has ``register(sub)``.
-_COMMAND_MODULES = (jobs, views, releases, rollout, simulate, pki)
+_COMMAND_MODULES = (jobs, views, releases, rollout, simulate, pki, identity, setup)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,11 +1,14 @@
 """The fleet's certificates: ``ca init`` and ``provision``.
 
-One private CA signs every identity of the fleet.  A device's certificate has
-its device id as CN: the broker (``use_identity_as_username``) takes the CN as
-the MQTT user name, and the ACL's ``%u`` patterns confine the device to its own
-topics.  ``--operator`` makes an operator identity (the shipped ACL gives
-operator rights to the user ``operator``); ``--broker HOSTNAME`` makes the
-broker's server certificate, valid for each HOSTNAME given.
+One private CA (``ca.crt``) signs the devices and the broker; a second one
+(``operator-ca.crt``, made beside it) signs the operators, so the broker's
+operators' listener can refuse every device certificate during the handshake.
+A certificate's CN is its identity: the broker (``use_identity_as_username``)
+takes it as the MQTT user name — and, on the devices' listener, as the client
+id — and the dynamic-security plugin's roles for that name say what it may do
+(see ``setup`` and ``dynsec``).  ``--operator`` makes an operator identity;
+``--broker HOSTNAME`` makes the broker's server certificate, valid for each
+HOSTNAME given (``edge-fleet broker init`` makes it for you).
 
 Keys are ECDSA P-256: small, fast on a Pi, accepted by OpenSSL (mosquitto) and
 Python's ``ssl``.  Private keys are written mode 0600 from the start.
@@ -19,6 +22,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -31,7 +35,12 @@ from agent.config import RESERVED_NAMES, TLS_PORT, parse_endpoint
 from .broker import FleetError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
-#: The name the shipped ACL (deploy/mosquitto/edge.acl) gives operator rights to.
+#: The operators' CA: the broker's operator listener trusts it alone, so a device certificate
+#: cannot reach it (nor any session through it).
+OPERATOR_CA_CERT, OPERATOR_CA_KEY = "operator-ca.crt", "operator-ca.key"
+#: Names of the operator identities issued by this CA (a device may not take one).
+OPERATORS_FILE = "operators.txt"
+#: The default operator identity (`edge-fleet broker init` registers it as an administrator).
 OPERATOR = "operator"
 # Same rule as the agent's device_id: the name becomes a topic level and an ACL user.
 # Matched with fullmatch: ``re.match(...$)`` takes "box\n", whose ACL line stops mosquitto starting.
@@ -47,7 +56,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``ca init`` and ``provision``."""
     ca = sub.add_parser("ca", help="the fleet's certificate authority")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
-    init = ca_sub.add_parser("init", help="create the fleet CA: DIR/ca.crt and DIR/ca.key")
+    init = ca_sub.add_parser(
+        "init", help="create the fleet CA (DIR/ca.crt, DIR/ca.key) and the operator CA (DIR/operator-ca.*)"
+    )
     init.add_argument("--out", type=Path, required=True, metavar="DIR")
     init.add_argument("--name", default="edge fleet CA", help="the CA's common name")
     init.add_argument("--days", type=int, default=CA_DAYS, help=f"validity (default {CA_DAYS})")
@@ -70,7 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     prov.add_argument("--days", type=int, default=IDENTITY_DAYS, help=f"validity (default {IDENTITY_DAYS})")
     device = prov.add_argument_group("device options (written into OUT/agent.toml)")
-    device.add_argument("--group", help="the device's group (its group-jobs lines go into --acl)")
+    device.add_argument("--group", help="the device's group (registered on the broker with --live)")
     device.add_argument(
         "--endpoint",
         action="append",
@@ -85,8 +96,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     device.add_argument("--model", default="/opt/edge-agent/models/demo", help="[model] path on the device")
     device.add_argument(
-        "--acl", type=Path, metavar="FILE", help="add (or replace) the device's group lines in this ACL file"
+        "--state-dir", default="/var/lib/edge-agent", metavar="DIR", help="state_dir on the device"
     )
+    device.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        metavar="FLEET_PUB",
+        help="fleet.pub of `edge-fleet keygen`: releases signed by it are installed (repeatable)",
+    )
+    from .identity import add_live_args
+
+    add_live_args(prov)
     prov.add_argument("--force", action="store_true", help="overwrite existing files in OUT")
     prov.set_defaults(func=provision_command)
 
@@ -97,20 +118,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def ca_init_command(args: argparse.Namespace) -> int:
     """``edge-fleet ca init --out DIR``."""
     cert_path, key_path = create_ca(args.out, name=args.name, days=args.days, force=args.force)
+    operator_cert = ensure_operator_ca(args.out, force=args.force)
     print(f"wrote {cert_path} (give it to every device and broker) and {key_path} (keep it offline)")
+    print(f"wrote {operator_cert} and its key: the CA of operator identities (`provision --operator`)")
     return 0
 
 
 def provision_command(args: argparse.Namespace) -> int:
     """``edge-fleet provision NAME --ca DIR --out OUT [--operator | --broker HOSTNAME]``."""
     name: str = args.name
-    device_only = [flag for flag in ("group", "endpoint", "acl") if getattr(args, flag)]
+    device_only = [
+        flag for flag in ("group", "endpoint", "live", "trusted_key", "login") if getattr(args, flag)
+    ]
     if (args.broker or args.operator) and device_only:
         raise FleetError(f"--{', --'.join(device_only)}: only for a device")
-    if args.group and not _NAME.fullmatch(args.group):
-        raise FleetError(
-            f"{args.group!r}: a group is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit"
-        )
+    if args.group:
+        check_name(args.group, "a group")
     for endpoint in args.endpoint or []:
         try:
             parse_endpoint(endpoint, TLS_PORT)
@@ -124,12 +147,20 @@ def provision_command(args: argparse.Namespace) -> int:
         written = provision(name, args.ca, args.out, kind="operator", days=args.days, force=args.force)
         if name != OPERATOR:
             print(
-                f"note: the shipped ACL grants operator rights to '{OPERATOR}' only; add 'user {name}' lines"
+                f"note: to manage identities, {name} must be registered on the broker: "
+                f"`edge-fleet broker init --operator {name}` (or its dynamic-security state)"
             )
     else:
         toml = args.out / "agent.toml"
         _refuse_overwrite([toml], args.force)
+        keys = [_read_public_key(path) for path in args.trusted_key or []]
+        if args.login and not args.live:
+            raise FleetError("--login needs --live: the password is registered on the running broker")
+        login = secrets.token_urlsafe(24) if args.login else None
         written = provision(name, args.ca, args.out, kind="device", days=args.days, force=args.force)
+        # With a login the file holds a secret: readable by its owner only, from the start.
+        toml.touch(mode=0o600 if login else 0o644)
+        toml.chmod(0o600 if login else 0o644)
         toml.write_text(
             agent_toml(
                 name,
@@ -137,18 +168,25 @@ def provision_command(args: argparse.Namespace) -> int:
                 endpoints=args.endpoint or ["broker.lan:8883"],
                 install_dir=args.install_dir,
                 model=args.model,
+                state_dir=args.state_dir,
+                trusted_keys=keys,
+                login=login,
             )
         )
         written.append(toml)
-        if args.group:
-            if args.acl is not None:
-                set_group_lines(args.acl, name, args.group)
-                print(f"{args.acl}: {name} may take group {args.group}'s jobs (reload mosquitto: SIGHUP)")
-            else:
-                print(
-                    f"note: until these lines are in the broker's ACL, {name} gets no group jobs:\n"
-                    + acl_lines(name, args.group)
-                )
+        if not keys:
+            print(
+                "note: no --trusted-key: this box refuses every model release until [update] trusted_keys is set"
+            )
+        if args.live:
+            from .identity import register_device
+
+            register_device(args, name, args.group, password=login)
+        else:
+            print(
+                f"note: the broker does not know {name} yet: run `edge-fleet provision {name} ... --live` "
+                "with the broker flags, or `edge-fleet move` (its certificate gets no topic until then)"
+            )
     for path in written:
         print(f"wrote {path}")
     if args.operator:
@@ -163,10 +201,15 @@ def provision_command(args: argparse.Namespace) -> int:
 
 
 def create_ca(
-    out: Path, *, name: str = "edge fleet CA", days: int = CA_DAYS, force: bool = False
+    out: Path,
+    *,
+    name: str = "edge fleet CA",
+    days: int = CA_DAYS,
+    force: bool = False,
+    files: tuple[str, str] = (CA_CERT, CA_KEY),
 ) -> tuple[Path, Path]:
-    """Create ``out/ca.crt`` and ``out/ca.key`` (0600); returns their paths."""
-    cert_path, key_path = out / CA_CERT, out / CA_KEY
+    """Create ``out/ca.crt`` and ``out/ca.key`` (0600), or the ``files`` named; returns their paths."""
+    cert_path, key_path = out / files[0], out / files[1]
     _refuse_overwrite([cert_path, key_path], force)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -218,15 +261,28 @@ def provision(
     ``out/ca.crt``.  ``kind`` is ``device``, ``operator`` or ``broker`` (server certificate for
     ``hosts``).  ``not_before`` (default: now) lets tests make certificates that already expired.
     """
-    if not _NAME.fullmatch(name):
-        raise FleetError(f"{name!r}: a name is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+    check_name(name)
     if kind == "device" and name in RESERVED_NAMES:
         raise FleetError(f"{name!r} cannot be a device: it is reserved ({', '.join(sorted(RESERVED_NAMES))})")
+    if kind == "device" and name in operator_names(ca_dir):
+        raise FleetError(
+            f"{name!r} is an operator of this CA ({ca_dir / OPERATORS_FILE}); choose another name"
+        )
     if kind == "broker" and not hosts:
         raise FleetError("a broker certificate needs at least one --broker HOSTNAME")
     if days < 1:
         raise FleetError("--days must be at least 1")
-    ca_cert, ca_key = _load_ca(ca_dir)
+    # Operators' certificates come from the operator CA (the only one the operators' listener
+    # trusts); every other identity, and the copy of the CA that verifies the broker, from the fleet CA.
+    fleet_ca, _ = _load_ca(ca_dir)
+    if kind == "operator":
+        ensure_operator_ca(ca_dir)
+        ca_cert, ca_key = _load_ca(ca_dir, OPERATOR_CA_CERT, OPERATOR_CA_KEY)
+        names = operator_names(ca_dir)
+        if name not in names:
+            (ca_dir / OPERATORS_FILE).write_text("".join(f"{n}\n" for n in sorted({*names, name})))
+    else:
+        ca_cert, ca_key = _load_ca(ca_dir)
     cert_path, key_path, ca_copy = out / f"{name}.crt", out / f"{name}.key", out / CA_CERT
     _refuse_overwrite([cert_path, key_path], force)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -260,12 +316,61 @@ def provision(
     out.mkdir(parents=True, exist_ok=True)
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    ca_copy.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    ca_copy.write_bytes(fleet_ca.public_bytes(serialization.Encoding.PEM))
     return [cert_path, key_path, ca_copy]
 
 
-def agent_toml(name: str, *, group: str | None, endpoints: list[str], install_dir: str, model: str) -> str:
-    """A ready configuration for device ``name`` using the files ``provision`` wrote."""
+def check_name(name: str, what: str = "a name") -> None:
+    """Refuse a name that cannot be a topic level and an MQTT user name."""
+    if not _NAME.fullmatch(name):
+        raise FleetError(f"{name!r}: {what} is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+
+
+def operator_names(ca_dir: Path) -> set[str]:
+    """The operator identities issued by the CA in ``ca_dir``."""
+    path = ca_dir / OPERATORS_FILE
+    return set(path.read_text().split()) if path.exists() else set()
+
+
+def ensure_operator_ca(ca_dir: Path, force: bool = False) -> Path:
+    """The operator CA of ``ca_dir`` (created beside a fleet CA made before it existed)."""
+    cert = ca_dir / OPERATOR_CA_CERT
+    if force or not cert.exists():
+        _load_ca(ca_dir)  # a fleet CA must be there
+        create_ca(
+            ca_dir, name="edge fleet operators CA", force=force, files=(OPERATOR_CA_CERT, OPERATOR_CA_KEY)
+        )
+    return cert
+
+
+def _read_public_key(path: Path) -> str:
+    """The ``ssh-ed25519`` line of a ``fleet.pub``, checked."""
+    from agent.errors import AgentError
+    from agent.updates.signing import PublicKey
+
+    try:
+        line = path.read_text().strip()
+        PublicKey.from_line(line)
+    except OSError as exc:
+        raise FleetError(f"--trusted-key {path}: {exc.strerror or exc}") from exc
+    except AgentError as exc:
+        raise FleetError(f"--trusted-key {path}: {exc} (give the fleet.pub of `edge-fleet keygen`)") from exc
+    return line
+
+
+def agent_toml(
+    name: str,
+    *,
+    group: str | None,
+    endpoints: list[str],
+    install_dir: str,
+    model: str,
+    state_dir: str = "/var/lib/edge-agent",
+    trusted_keys: list[str] | None = None,
+    login: str | None = None,
+) -> str:
+    """A ready configuration for device ``name`` using the files ``provision`` wrote
+    (``login``: its password on a broker whose devices log in, instead of its certificate)."""
     # JSON strings are TOML basic strings: quotes and backslashes in a path stay escaped.
     lines = [
         "# Written by `edge-fleet provision`. Every key: agent/config.py (and README.md).",
@@ -274,7 +379,7 @@ def agent_toml(name: str, *, group: str | None, endpoints: list[str], install_di
     if group:
         lines.append(f"group = {json.dumps(group)}")
     lines += [
-        'state_dir = "/var/lib/edge-agent"',
+        f"state_dir = {json.dumps(state_dir)}",
         "",
         "[model]",
         f"path = {json.dumps(model)}",
@@ -282,42 +387,22 @@ def agent_toml(name: str, *, group: str | None, endpoints: list[str], install_di
         "[mqtt]",
         "# Tried in order; when one fails the agent moves to the next.",
         f"brokers = {json.dumps(endpoints)}",
+    ]
+    if login:
+        lines += [f"username = {json.dumps(name)}", f"password = {json.dumps(login)}"]
+    lines += ["", "[mqtt.tls]", f"ca = {json.dumps(f'{install_dir}/{CA_CERT}')}"]
+    if not login:
+        lines += [
+            f"cert = {json.dumps(f'{install_dir}/{name}.crt')}",
+            f"key = {json.dumps(f'{install_dir}/{name}.key')}",
+        ]
+    lines += [
         "",
-        "[mqtt.tls]",
-        f"ca = {json.dumps(f'{install_dir}/{CA_CERT}')}",
-        f"cert = {json.dumps(f'{install_dir}/{name}.crt')}",
-        f"key = {json.dumps(f'{install_dir}/{name}.key')}",
+        "[update]",
+        "# Releases signed by these keys (edge-fleet keygen's fleet.pub) are installed.",
+        f"trusted_keys = {json.dumps(trusted_keys or [])}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def acl_lines(name: str, group: str, prefix: str = "edge") -> str:
-    """The ACL block that lets device ``name`` take its group's jobs and desired model."""
-    return (
-        f"user {name}\n"
-        f"topic read {prefix}/groups/{group}/jobs\n"
-        f"topic read {prefix}/groups/{group}/model/desired\n"
-    )
-
-
-def set_group_lines(acl: Path, name: str, group: str) -> None:
-    """Add device ``name``'s block to the ACL file ``acl``, replacing any earlier block of it.
-
-    The block sits between marker comments, so provisioning again (a new group) replaces it.
-    """
-    begin, end = f"# >>> device {name}", f"# <<< device {name}"
-    text = acl.read_text() if acl.exists() else ""
-    kept: list[str] = []
-    inside = False
-    for line in text.splitlines():
-        if line == begin:
-            inside = True
-        elif line == end:
-            inside = False
-        elif not inside:
-            kept.append(line)
-    block = f"{begin}\n{acl_lines(name, group)}{end}"
-    acl.write_text("\n".join([*kept, block]) + "\n")
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -333,20 +418,22 @@ def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_ca(
+    ca_dir: Path, cert_name: str = CA_CERT, key_name: str = CA_KEY
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     try:
-        cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
-        key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate((ca_dir / cert_name).read_bytes())
+        key = serialization.load_pem_private_key((ca_dir / key_name).read_bytes(), password=None)
     except OSError as exc:
         raise FleetError(
             f"{ca_dir}: no usable CA ({exc.strerror or exc}); create one with `edge-fleet ca init`"
         ) from exc
     except (ValueError, TypeError) as exc:
         raise FleetError(
-            f"{ca_dir}: {CA_CERT} or {CA_KEY} is not a PEM certificate / unencrypted key"
+            f"{ca_dir}: {cert_name} or {key_name} is not a PEM certificate / unencrypted key"
         ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise FleetError(f"{ca_dir / CA_KEY}: not an EC key made by `edge-fleet ca init`")
+        raise FleetError(f"{ca_dir / key_name}: not an EC key made by `edge-fleet ca init`")
     return cert, key
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import time
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -37,7 +39,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release = sub.add_parser("release", help="hash, smoke-test and sign a model folder for serving")
     release.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     release.add_argument("--name", required=True, help="model name (e.g. phi3-mini)")
-    release.add_argument("--version", required=True, help="semantic version, above what the boxes run")
+    release.add_argument(
+        "--version", required=True, help="semantic version, above what the boxes run of this model"
+    )
     release.add_argument("--base-url", required=True, help="where DIR will be served (http:// or https://)")
     release.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="fleet.key")
     release.add_argument(
@@ -47,6 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release.add_argument("--smoke-prompt", default="The device reports", help="prompt of the smoke test")
     release.add_argument("--smoke-tokens", type=int, default=16, help="greedy tokens recorded (default 16)")
     release.add_argument("--expires-days", type=float, default=30.0, help="boxes refuse it after this")
+    _add_replace_model(release)
     release.set_defaults(func=release_command)
 
     deploy = sub.add_parser("deploy", help="make a release the desired model of a device or group")
@@ -72,9 +77,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="write the signed rollback manifest here instead of deploying it (to roll it out in waves)",
     )
+    _add_replace_model(rollback)
     _add_target(rollback, required=False)
     add_broker_args(rollback)
     rollback.set_defaults(func=rollback_command)
+
+
+def _add_replace_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--replace-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "boxes running model NAME may switch to this release (repeatable). Versions are ordered "
+            "within a model name: without this, a box running another model refuses it (other_model)"
+        ),
+    )
+
+
+def _replaces(names: list[str], release_name: str) -> tuple[str, ...]:
+    for name in names:
+        if not _MODEL_NAME.fullmatch(name) or name == release_name:
+            raise FleetError(
+                f"--replace-model {name!r}: give the name of another model (1-64 of A-Z a-z 0-9 _ . -)"
+            )
+    return tuple(dict.fromkeys(names))
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _add_target(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -131,6 +162,7 @@ def release_command(args: argparse.Namespace) -> int:
         smoke_prompt=args.smoke_prompt,
         smoke_tokens=args.smoke_tokens,
         expires_days=args.expires_days,
+        replaces=args.replace_model,
     )
     print(
         f"release {manifest.release_id}: {len(manifest.files)} files, {manifest.total_bytes / 2**20:.1f} MiB, "
@@ -153,8 +185,13 @@ def build_release(
     smoke_prompt: str = "The device reports",
     smoke_tokens: int = 16,
     expires_days: float = 30.0,
+    replaces: Sequence[str] = (),
 ) -> Manifest:
-    """Copy ``source`` to ``out`` with a signed ``manifest.json``; returns the manifest."""
+    """Copy ``source`` to ``out`` with a signed ``manifest.json``; returns the manifest.
+
+    ``replaces``: other model names boxes may switch from to this release (signed).
+    """
+    replacing = _replaces(list(replaces), name)
     try:
         SemVer(version)
     except ValueError as exc:
@@ -171,6 +208,7 @@ def build_release(
     manifest = Manifest(
         name=name,
         version=version,
+        replaces=replacing,
         precision=precision,
         files=entries,
         memory_bytes=memory,
@@ -311,8 +349,14 @@ def rollback_command(args: argparse.Namespace) -> int:
     key = _private_key(args.key)
     earlier = _read_manifest(args.manifest)
     now = int(time.time())
+    replaces = _replaces([*earlier.replaces, *args.replace_model], earlier.name)
     manifest = earlier.model_copy(
-        update={"rollback": True, "created_at": now, "expires_at": now + int(args.expires_days * 86400)}
+        update={
+            "rollback": True,
+            "replaces": replaces,
+            "created_at": now,
+            "expires_at": now + int(args.expires_days * 86400),
+        }
     ).signed(key)
     if args.out is not None:
         args.out.write_text(manifest.model_dump_json(indent=2) + "\n")

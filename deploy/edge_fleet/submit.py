@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from agent.link.mqtt import no_delay
 from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
 
-from .broker import BrokerOptions, FleetError
+from .broker import BrokerOptions, FleetError, connection_error, refusal, release
 
 
 class JobFailed(Exception):
@@ -56,21 +56,46 @@ class Submitter:
             raise JobFailed(str(exc)) from exc
         host, port = broker.address
         self._client.on_connect = self._on_connect
-        self._client.on_subscribe = lambda *_a: self._ready.set()
+        self._broker = broker
+        self._refused: list[str] = []  # SUBACK/PUBACK refusals, named at once (issue 13)
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
         try:
             self._client.connect(host, port)
         except OSError as exc:
-            raise JobFailed(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+            raise JobFailed(str(connection_error(broker, exc))) from exc
+        dropped: list[bool] = []
+
+        def on_disconnect(*_a: Any) -> None:
+            dropped.append(True)
+            self._ready.set()
+
+        self._client.on_disconnect = on_disconnect
         self._client.loop_start()
-        if not self._ready.wait(timeout):
+        answered = self._ready.wait(timeout)
+        self._client.on_disconnect = None
+        if dropped:  # closed before the subscription was answered: the broker refused this client
+            self.close()
+            raise JobFailed(str(connection_error(broker, None)))
+        if not answered:
             self.close()
             raise JobFailed(f"the broker at {host}:{port} did not accept the subscription in {timeout} s")
+        if self._refused:
+            self.close()
+            raise JobFailed(str(refusal(broker, f"subscribing to {self._reply_topic}", self._refused[0])))
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        self._refused += [str(r) for r in reasons if r.is_failure]
+        self._ready.set()
+
+    def _on_publish(self, _c: Any, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._refused.append(str(reason))
 
     def close(self) -> None:
         """Disconnect."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        release(self._client)
 
     def __enter__(self) -> Submitter:
         return self
@@ -139,6 +164,10 @@ class Submitter:
                 topic, request.model_dump_json(exclude_none=True).encode(), qos=1, properties=props
             )
             info.wait_for_publish(timeout=10)
+            if self._refused:
+                raise JobFailed(
+                    str(refusal(self._broker, f"publishing job {request.id} to {topic}", self._refused[-1]))
+                )
             seen: set[int] = set()
             end = time.monotonic() + timeout
             while True:

@@ -104,6 +104,55 @@ def test_a_response_topic_that_is_no_topic_name_is_answered_on_the_results_topic
     assert agent.proc.poll() is None
 
 
+def test_deeply_nested_json_is_answered_invalid_json_and_service_goes_on(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agent = agents()  # the default 64 KiB limit: 30,000 levels fit under it
+    agent.start()
+    caller.send(JOBS, b'{"id": "deep", "prompt": "x", "z": ' + b"[" * 30000 + b"]" * 30000 + b"}")
+    error = _error(caller, "deep")
+    assert error["code"] == "invalid_json" and "nested" in error["message"]
+    caller.send(JOBS, {"id": "after-deep", "prompt": "hi", "max_tokens": 2})
+    assert caller.wait_result("after-deep")["status"] == "succeeded"
+    assert agent.proc.poll() is None and "RecursionError" not in agent.log_text()
+
+
+@pytest.mark.parametrize(
+    "topic", ["edge/box-1/model/desired", "edge/box-2/jobs", "edge/box-1/status", "test/replies/x"]
+)
+def test_a_response_topic_outside_the_replies_subtree_is_refused(served, topic) -> None:  # type: ignore[no-untyped-def]
+    agent, caller = served
+    caller.subscribe(topic)
+    caller.send(JOBS, {"id": "out-1", "prompt": "hi", "max_tokens": 3}, response_topic=topic)
+    error = _error(caller, "out-1")
+    assert error["code"] == "invalid_request" and "edge/replies/" in error["message"]
+    assert caller.wait_result("out-1")["_topic"] == "edge/box-1/results/out-1"
+    # Positive control: a reply topic under edge/replies/ is used; then nothing went to ``topic``.
+    caller.send(JOBS, {"id": "in-1", "prompt": "hi", "max_tokens": 3}, response_topic="edge/replies/ok")
+    assert caller.wait_result("in-1")["_topic"] == "edge/replies/ok"
+    assert not [p for t, p, _c in list(caller.raw.queue) if t == topic and b"out-1" in p]
+    assert agent.proc.poll() is None
+
+
+def test_large_correlation_data_is_refused_and_never_echoed(served) -> None:  # type: ignore[no-untyped-def]
+    agent, caller = served
+    big = b"c" * 65535
+    for i in range(5):
+        caller.send(
+            JOBS, {"id": f"corr-{i}", "prompt": "hi", "max_tokens": 40, "stream": True}, correlation=big
+        )
+    for i in range(5):
+        error = _error(caller, f"corr-{i}")
+        assert error["code"] == "invalid_request" and "correlation data is 65535 bytes" in error["message"]
+        assert caller.results(f"corr-{i}")[0]["_correlation"] is None
+    # Positive control: 256 bytes are echoed on every chunk and the result.
+    small = b"k" * 256
+    caller.send(JOBS, {"id": "corr-ok", "prompt": "hi", "max_tokens": 40, "stream": True}, correlation=small)
+    assert caller.wait_result("corr-ok")["status"] == "succeeded"
+    assert all(r["_correlation"] == small for r in caller.replies["corr-ok"])
+    received = sum(len(p) + len(c or b"") for _t, p, c in list(caller.raw.queue))
+    assert received < 100_000, f"{received} bytes came back"
+    assert agent.proc.poll() is None
+
+
 def test_full_queue_answers_busy(agents, caller) -> None:  # type: ignore[no-untyped-def]
     # llama-long runs every job to max_tokens (~0.6 s for 1,000 here), so the first job is
     # certainly still running while the intake sees the other seven.

@@ -1,4 +1,4 @@
-"""Failover between two real mosquitto processes, both running the shipped edge.conf and edge.acl.
+"""Failover between two real mosquitto processes, both set up by ``edge-fleet broker init``.
 
 The agent is configured with both brokers; the first one is killed (``kill -9``:
 it saves nothing) while a job streams.  A caller that listens on both brokers,
@@ -16,10 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests._broker import Broker
 from tests._models import fixture_path
 from tests._mqtt_client import Caller
 from tests._pki import Fleet
+
+pytestmark = pytest.mark.e2e
 
 JOBS = "edge/box-1/jobs"
 REPLIES = "edge/replies/failover"
@@ -53,7 +57,7 @@ def test_killing_the_current_broker_mid_stream_loses_no_job(tmp_path: Path, flee
             mqtt={"brokers": [f"{b.host}:{b.port}" for b in (first, second)]},
         )
         agent.start()  # online on the first broker
-        callers = [Caller(b.host, b.port, REPLIES, identity=fleet.operator) for b in (first, second)]
+        callers = [Caller(b.host, b.operator_port, REPLIES, identity=fleet.operator) for b in (first, second)]
         jobs = {"fo-0": 2500, "fo-1": 40, "fo-2": 40, "fo-3": 40}
         for job_id, max_tokens in jobs.items():
             callers[0].send(
@@ -98,5 +102,5 @@ def test_killing_the_current_broker_mid_stream_loses_no_job(tmp_path: Path, flee
     finally:
         for caller in callers:
             caller.close()
-        first.stop()
-        second.stop()
+        first.cleanup()
+        second.cleanup()

@@ -147,6 +147,8 @@ def test_abort_withdraws_unfinished_devices_and_resume_continues(
     aborted = _run(broker, "rollout", "abort", rollout_id, db=db)
     assert aborted.returncode == 0, aborted.stderr
     assert controller.wait(timeout=30) == 2
+    assert controller.stdout is not None
+    controller.stdout.close()
     targets = _targets(db, rollout_id)
     assert sorted(s for _w, s in targets.values()) == ["canceled"] * 3 + ["pending"] * 3
     # The withdrawn devices' desired state is cleared on the broker (an empty retained message).

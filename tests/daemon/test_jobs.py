@@ -8,6 +8,7 @@ import time
 
 from tests._models import fixture_path
 from tests._reference import greedy
+from tests._wait import wait_until
 
 JOBS = "edge/box-1/jobs"
 
@@ -24,7 +25,7 @@ def test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation(broker,
             "-V",
             "mqttv5",
             "-t",
-            "cli/replies",
+            "edge/replies/cli",
             "-C",
             "1",
             "-W",
@@ -54,7 +55,7 @@ def test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation(broker,
             "-D",
             "publish",
             "response-topic",
-            "cli/replies",
+            "edge/replies/cli",
             "-D",
             "publish",
             "correlation-data",
@@ -113,19 +114,43 @@ def test_without_response_topic_replies_go_to_the_results_topic(agents, caller) 
     assert result["_topic"] == "edge/box-1/results/plain-1"
 
 
-def test_duplicate_id_is_not_run_again_and_gets_the_stored_result(agents, caller) -> None:  # type: ignore[no-untyped-def]
+def test_a_repeated_job_is_not_run_again_and_gets_the_stored_result_on_its_own_reply_topic(
+    agents, caller
+) -> None:  # type: ignore[no-untyped-def]
     agent = agents()
     agent.start()
-    caller.send(JOBS, {"id": "dup-1", "prompt": "The quick brown fox", "max_tokens": 8})
+    job = {"id": "dup-1", "prompt": "The quick brown fox", "max_tokens": 8}
+    caller.send(JOBS, job, response_topic="edge/replies/first")
     first = caller.wait_result("dup-1")
-    caller.send(JOBS, {"id": "dup-1", "prompt": "something else entirely", "max_tokens": 30})
-    deadline = time.monotonic() + 10
-    while len(caller.results("dup-1")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    results = caller.results("dup-1")
-    assert len(results) == 2
-    assert results[1]["text"] == first["text"] and results[1]["usage"] == first["usage"]
+    caller.send(JOBS, job, response_topic="edge/replies/second", correlation=b"again")
+    wait_until(lambda: len(caller.results("dup-1")) >= 2, what="the stored result again")
+    again = caller.results("dup-1")[1]
+    assert again["_topic"] == "edge/replies/second" and again["_correlation"] == b"again"
+    assert again["text"] == first["text"] and again["usage"] == first["usage"]
     assert "duplicate of finished job dup-1" in agent.log_text()
+
+
+def test_a_job_id_reused_for_another_request_gets_duplicate_id_on_its_own_reply_topic(agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agents().start()
+    caller.send(
+        JOBS,
+        {"id": "dup-2", "prompt": "The quick brown fox", "max_tokens": 8},
+        response_topic="edge/replies/a",
+    )
+    first = caller.wait_result("dup-2")
+    assert first["status"] == "succeeded" and first["_topic"] == "edge/replies/a"
+    caller.send(
+        JOBS, {"id": "dup-2", "prompt": "something else", "max_tokens": 30}, response_topic="edge/replies/b"
+    )
+    second = wait_until(
+        lambda: [r for r in caller.results("dup-2") if r["_topic"] == "edge/replies/b"], what="an answer on b"
+    )[0]
+    assert second["status"] == "rejected" and second["error"]["code"] == "duplicate_id"
+    # Positive control for "the first caller got nothing new": a later job's result arrives on a
+    # first, and still only the one result for dup-2 is there.
+    caller.send(JOBS, {"id": "after-dup", "prompt": "hi", "max_tokens": 2}, response_topic="edge/replies/a")
+    caller.wait_result("after-dup")
+    assert [r["status"] for r in caller.results("dup-2") if r["_topic"] == "edge/replies/a"] == ["succeeded"]
 
 
 def test_expired_jobs(agents, caller) -> None:  # type: ignore[no-untyped-def]
@@ -151,17 +176,36 @@ def test_mqtt_311_mode_serves_jobs(agents, caller) -> None:  # type: ignore[no-u
         old.close()
 
 
-def test_sigterm_exits_cleanly_and_announces_offline(broker, agents, caller) -> None:  # type: ignore[no-untyped-def]
-    agent = agents()
+def test_sigterm_exits_cleanly_and_announces_offline_with_its_group(broker, agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(group="shop-3")
     agent.start()
     caller.subscribe("edge/box-1/status")
     caller.send(JOBS, {"id": "t-1", "prompt": "hi", "max_tokens": 5})
-    caller.wait_result("t-1")
+    result = caller.wait_result("t-1")
+    assert result["device_id"] == "box-1"
     assert agent.terminate() == 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def offline() -> dict | None:  # type: ignore[type-arg]
         statuses = [json.loads(p) for t, p, _ in list(caller.raw.queue) if t == "edge/box-1/status"]
-        if statuses and statuses[-1]["online"] is False:
-            break
-        time.sleep(0.05)
-    assert statuses and statuses[-1]["online"] is False
+        return statuses[-1] if statuses and statuses[-1]["online"] is False else None
+
+    status = wait_until(offline, what="the offline status")
+    assert status["device_id"] == "box-1" and status["group"] == "shop-3"
+    log = agent.log_text()
+    assert "starting: device box-1, group shop-3, model phi3-int4@unversioned, broker(s) 127.0.0.1:" in log
+    assert "job t-1 succeeded: " in log and " ms" in log
+
+
+def test_the_last_will_names_the_device_and_its_group(broker, agents, caller) -> None:  # type: ignore[no-untyped-def]
+    agent = agents(group="shop-3")
+    agent.start()
+    caller.subscribe("edge/box-1/status")
+    wait_until(lambda: any(t == "edge/box-1/status" for t, _p, _c in list(caller.raw.queue)), what="online")
+    agent.kill()  # no clean shutdown: the broker sees the socket close and publishes the will
+
+    def will() -> dict | None:  # type: ignore[type-arg]
+        statuses = [json.loads(p) for t, p, _ in list(caller.raw.queue) if t == "edge/box-1/status"]
+        return statuses[-1] if statuses and statuses[-1]["online"] is False else None
+
+    status = wait_until(will, timeout=30, what="the Last Will")
+    assert status == {**status, "online": False, "device_id": "box-1", "group": "shop-3"}

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests._models import fixture_path
+from tests._wait import wait_until
 
 JOBS = "edge/box-1/jobs"
 LONG_LIMITS = {"max_tokens_limit": 4000}
@@ -26,10 +27,12 @@ def long_agent(agents):  # type: ignore[no-untyped-def]
 
 
 def _wait_chunks(caller, job_id: str, n: int = 1, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while len(caller.chunks(job_id)) < n:
-        assert time.monotonic() < end, f"no chunk for {job_id}"
-        time.sleep(0.01)
+    wait_until(
+        lambda: len(caller.chunks(job_id)) >= n,
+        timeout=timeout,
+        interval=0.01,
+        what=f"{n} chunks of {job_id}",
+    )
 
 
 def _settle(caller, ids: list[str], timeout: float = 60) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]

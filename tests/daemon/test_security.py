@@ -1,6 +1,8 @@
-"""The fleet link against a real mosquitto running the shipped edge.conf and edge.acl.
+"""The fleet link against a real mosquitto running what ``edge-fleet broker init`` writes.
 
-Every certificate is made in the test by ``edge-fleet ca init`` / ``provision``.
+Every certificate is made in the test by ``edge-fleet ca init`` / ``provision``;
+devices are registered on the broker's dynamic-security state as
+``provision --live`` registers them.
 What the broker refuses is proven with real clients: a refused publication
 gets PUBACK "Not authorized" and reaches nobody; a forbidden read is proven
 by a marker published after the forbidden message, which arrives while the
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import queue
+import stat
 import subprocess
 import sys
 import threading
@@ -20,15 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.link.tls import certificate_expiry
 from agent.protocol import JobRequest
 from edge_fleet.broker import BrokerOptions
 from edge_fleet.cli import main as fleet_cli
 from edge_fleet.submit import Submitter
-from tests._broker import EDGE_ACL, Broker
+from tests._broker import Broker
 from tests._pki import Fleet, Identity
+
+pytestmark = pytest.mark.e2e
 
 _WAIT_S = 15.0  # generous: the machine is shared; every wait ends on an event, not on time
 #: PUBACK reasons of an accepted publication (0x10: accepted, nobody subscribed).
@@ -45,7 +53,10 @@ class Probe:
         *,
         name: str | None = None,
         login: tuple[str, str] | None = None,
+        port: int | None = None,
+        resume: bool = False,
     ) -> None:
+        """``resume``: clean start off with a one-hour session expiry, as an agent connects."""
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=name or f"probe-{uuid.uuid4().hex[:8]}",
@@ -59,7 +70,7 @@ class Probe:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.acks: dict[int, str] = {}
         self._acked = threading.Condition()
-        self._subscribed: queue.Queue[int] = queue.Queue()
+        self._subscribed: queue.Queue[tuple[int, str]] = queue.Queue()
         self.client.on_connect = lambda _c, _u, _f, reason, _p: self.outcomes.put(
             f"refused: {reason}" if reason.is_failure else "connected"
         )
@@ -68,10 +79,21 @@ class Probe:
         )
         self.client.on_connect_fail = lambda _c, _u: self.outcomes.put("failed")
         self.client.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, bytes(msg.payload)))
-        self.client.on_subscribe = lambda _c, _u, mid, _r, _p: self._subscribed.put(mid)
+        self.client.on_subscribe = lambda _c, _u, mid, reasons, _p: self._subscribed.put(
+            (mid, str(reasons[0]))
+        )
         self.client.on_publish = self._on_publish
+        if port is None:
+            # The test's operator goes through the operators' listener, every other identity
+            # through the devices'.
+            is_operator = identity is not None and identity == broker.client_identity
+            port = broker.operator_port if is_operator else broker.port
         try:
-            self.client.connect(broker.host, broker.port)
+            props = None
+            if resume:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 3600
+            self.client.connect(broker.host, port, clean_start=not resume, properties=props)
         except OSError as exc:  # the TLS handshake failed before any MQTT was spoken
             self.outcomes.put(f"failed: {exc}")
             return
@@ -86,11 +108,15 @@ class Probe:
         """How the connection attempt ended: ``connected``, or how it did not."""
         return self.outcomes.get(timeout=_WAIT_S)
 
-    def subscribe(self, *filters: str) -> None:
-        """Subscribe and wait for each SUBACK."""
+    def subscribe(self, *filters: str) -> list[str]:
+        """Subscribe, wait for each SUBACK and return their reasons ("Granted QoS 1", "Not authorized")."""
+        reasons = []
         for topic_filter in filters:
             _rc, mid = self.client.subscribe(topic_filter, qos=1)
-            assert self._subscribed.get(timeout=_WAIT_S) == mid
+            got, reason = self._subscribed.get(timeout=_WAIT_S)
+            assert got == mid
+            reasons.append(reason)
+        return reasons
 
     def publish(self, topic: str, payload: bytes = b"{}", *, retain: bool = False) -> str:
         """Publish at QoS 1 and return the broker's PUBACK reason."""
@@ -122,16 +148,19 @@ def test_a_device_reads_and_writes_only_its_own_topics(tls_broker: Broker, fleet
     operator = Probe(tls_broker, fleet.operator)
     try:
         assert a.first_outcome() == b.first_outcome() == operator.first_outcome() == "connected"
-        # A asks for B's jobs, cancels and desired state, and for everything; B only for its own jobs.
-        a.subscribe(
+        # A asks for B's jobs, cancels and desired state, and for everything: refused at SUBSCRIBE;
+        # its own jobs: granted.
+        assert a.subscribe(
             "edge/box-b/jobs",
             "edge/box-b/jobs/cancel",
             "edge/box-b/model/desired",
             "edge/#",
+            "edge/+/jobs",
+            "$CONTROL/dynamic-security/#",
             "edge/box-a/jobs",
-        )
-        b.subscribe("edge/box-b/jobs")
-        operator.subscribe("edge/#")
+        ) == [*["Not authorized"] * 6, "Granted QoS 1"]
+        assert b.subscribe("edge/box-b/jobs") == ["Granted QoS 1"]
+        assert operator.subscribe("edge/#") == ["Granted QoS 1"]
         for topic in ("edge/box-b/jobs", "edge/box-b/jobs/cancel", "edge/box-b/model/desired"):
             assert operator.publish(topic, b'{"id": "secret-job"}') == "Success"
         assert operator.publish("edge/box-a/jobs", b'{"id": "marker"}') == "Success"
@@ -165,6 +194,7 @@ def test_a_device_reads_and_writes_only_its_own_topics(tls_broker: Broker, fleet
             "edge/groups/pool/model/desired",
             "edge/groups/pool/jobs",
             "other/topic",
+            "$CONTROL/dynamic-security/v1",  # the authorization API itself
         ):
             assert a.publish(topic, retain=topic.endswith("desired")) == "Not authorized", topic
         assert a.publish("edge/box-a/telemetry", b"marker") == "Success"
@@ -190,40 +220,43 @@ def test_only_the_operator_publishes_desired_state_and_group_jobs(tls_broker: Br
         device.close()
 
 
-def test_group_topics_are_readable_by_the_groups_devices_only(tmp_path: Path, fleet: Fleet) -> None:
-    acl = tmp_path / "edge.acl"
-    acl.write_text(EDGE_ACL.read_text())  # the shipped file, plus what provisioning adds to it
+def test_group_topics_are_readable_by_the_groups_devices_only(
+    tls_broker: Broker, fleet: Fleet, tmp_path: Path
+) -> None:
     out = tmp_path / "box-g"
+    flags = tls_broker.admin_flags()
+    live = ["--live", f"{tls_broker.host}:{tls_broker.port}", *flags[4:]]  # --tls-ca/--tls-cert/--tls-key
     assert (
         fleet_cli(
-            [
-                "provision",
-                "box-g",
-                "--ca",
-                str(fleet.ca_dir),
-                "--out",
-                str(out),
-                "--group",
-                "pool",
-                "--acl",
-                str(acl),
-            ]
+            ["provision", "box-g", "--ca", str(fleet.ca_dir), "--out", str(out), "--group", "pool", *live]
         )
         == 0
     )
-    assert "user box-g\ntopic read edge/groups/pool/jobs\n" in acl.read_text()
-    broker = Broker(tmp_path / "broker", fleet, acl=acl)
-    broker.start()
-    grouped = Probe(broker, Identity("box-g", out / "ca.crt", out / "box-g.crt", out / "box-g.key"))
-    loner = Probe(broker, fleet.device("box-l"))
-    operator = Probe(broker, fleet.operator)
+    assert 'group = "pool"' in (out / "agent.toml").read_text()
+    grouped = Probe(tls_broker, Identity("box-g", out / "ca.crt", out / "box-g.crt", out / "box-g.key"))
+    loner = Probe(tls_broker, fleet.device("box-l"))
+    operator = Probe(tls_broker, fleet.operator)
     try:
         assert grouped.first_outcome() == loner.first_outcome() == operator.first_outcome() == "connected"
-        grouped.subscribe(
-            "$share/pool/edge/groups/pool/jobs", "edge/groups/+/model/desired", "edge/groups/other/jobs"
-        )
-        grouped.subscribe("edge/box-g/jobs")
-        loner.subscribe("$share/pool/edge/groups/pool/jobs", "edge/box-l/jobs")
+        assert grouped.subscribe(
+            "$share/pool/edge/groups/pool/jobs",
+            "edge/groups/pool/model/desired",
+            "edge/groups/+/model/desired",
+            "edge/groups/other/jobs",
+            "$share/other/edge/groups/other/jobs",
+            "edge/box-g/jobs",
+        ) == [
+            "Granted QoS 1",
+            "Granted QoS 1",
+            "Not authorized",
+            "Not authorized",
+            "Not authorized",
+            "Granted QoS 1",
+        ]
+        assert loner.subscribe("$share/pool/edge/groups/pool/jobs", "edge/box-l/jobs") == [
+            "Not authorized",
+            "Granted QoS 1",
+        ]
         for topic in ("edge/groups/other/jobs", "edge/groups/pool/jobs", "edge/groups/pool/model/desired"):
             assert operator.publish(topic) in ACCEPTED
         for topic in ("edge/box-g/jobs", "edge/box-l/jobs"):
@@ -237,7 +270,6 @@ def test_group_topics_are_readable_by_the_groups_devices_only(tmp_path: Path, fl
     finally:
         for probe in (grouped, loner, operator):
             probe.close()
-        broker.stop()
 
 
 def test_untrusted_expired_and_missing_certificates_and_plain_tcp_are_refused(
@@ -249,6 +281,12 @@ def test_untrusted_expired_and_missing_certificates_and_plain_tcp_are_refused(
         ("none", Identity("box-a", fleet.ca, None, None), "peer did not return a certificate"),
         ("plain TCP", None, "wrong version number"),
     ]
+    # A device's certificate is refused by the operators' listener: it cannot hold a session there.
+    device_on_operator_port = Probe(tls_broker, fleet.device("box-a"), port=tls_broker.operator_port)
+    try:
+        assert device_on_operator_port.first_outcome() != "connected"
+    finally:
+        device_on_operator_port.close()
     for what, identity, reason in cases:
         logged = len(tls_broker.log.read_text().splitlines())
         probe = Probe(tls_broker, identity)
@@ -284,7 +322,11 @@ def test_agent_over_tls_answers_edge_fleet_and_leaks_no_secret(
         # The password comes from the environment, as a deployment would give it.
         agent.start(env={"EDGE_AGENT_MQTT__PASSWORD": password})
         options = BrokerOptions(
-            tls_broker.host, tls_broker.port, ca=fleet.ca, cert=fleet.operator.cert, key=fleet.operator.key
+            tls_broker.host,
+            tls_broker.operator_port,
+            ca=fleet.ca,
+            cert=fleet.operator.cert,
+            key=fleet.operator.key,
         )
         with Submitter(options) as submitter:
             result = submitter.run(
@@ -347,37 +389,60 @@ def test_doctor_verifies_the_tls_handshake_and_the_certificates(
     assert bad.returncode == 1 and "TLS handshake failed" in bad.stdout, bad.stdout
 
 
-def test_logins_over_tls_instead_of_certificates(tmp_path: Path, fleet: Fleet, agents) -> None:  # type: ignore[no-untyped-def]
-    passwords = {"operator": uuid.uuid4().hex, "box-p": uuid.uuid4().hex, "box-q": uuid.uuid4().hex}
-    broker = Broker(tmp_path / "login-broker", fleet, passwords=passwords)
+def test_device_logins_instead_of_certificates(tmp_path: Path, fleet: Fleet, agents) -> None:  # type: ignore[no-untyped-def]
+    broker = Broker(tmp_path / "login-broker", fleet, device_logins=True)
     broker.start()
-    ca_only = Identity("box-p", fleet.ca, None, None)
+    assert broker.setup is not None
+    admin = (broker.setup / "operator-operator.password").read_text().strip()
+    passwords = {}
     try:
+        for name in ("box-p", "box-q"):
+            out = tmp_path / name
+            args = ["provision", name, "--ca", str(fleet.ca_dir), "--out", str(out), "--login"]
+            live = ["--live", f"{broker.host}:{broker.port}", "--tls-ca", str(fleet.ca)]
+            assert fleet_cli([*args, *live, "--username", "operator", "--password", admin]) == 0
+            toml = (out / "agent.toml").read_text()
+            assert stat.S_IMODE((out / "agent.toml").stat().st_mode) == 0o600, "it holds a secret"
+            passwords[name] = next(
+                line.split('"')[1] for line in toml.splitlines() if line.startswith("password = ")
+            )
+        ca_only = Identity("box-p", fleet.ca, None, None)
         wrong = Probe(broker, ca_only, login=("box-p", "not-the-password"))
         try:
             assert wrong.first_outcome().startswith("refused"), "a wrong password is refused"
         finally:
             wrong.close()
-        # The same ACL applies by user name: box-q cannot publish box-p's results.
-        q = Probe(broker, ca_only, login=("box-q", passwords["box-q"]))
+        # Each login holds only its own session and its own topics.
+        q = Probe(broker, ca_only, login=("box-q", passwords["box-q"]), name="box-p")
         try:
-            assert q.first_outcome() == "connected"
-            assert q.publish("edge/box-p/results/x") == "Not authorized"
+            assert q.first_outcome() in ("connected", "refused: Not authorized")
+            if q.outcomes.empty():
+                assert q.publish("edge/box-p/results/x") == "Not authorized"
         finally:
             q.close()
         agent = agents(on=broker, device_id="box-p", mqtt={"username": "box-p"}, identity=ca_only)
         agent.start(env={"EDGE_AGENT_MQTT__PASSWORD": passwords["box-p"]})
         options = BrokerOptions(
-            broker.host, broker.port, ca=fleet.ca, username="operator", password=passwords["operator"]
+            broker.host, broker.operator_port, ca=fleet.ca, cert=fleet.operator.cert, key=fleet.operator.key
         )
         with Submitter(options) as submitter:
             result = submitter.run(
                 "edge/box-p/jobs", JobRequest(id="pw-1", prompt="hi", max_tokens=3), timeout=60
             )
         assert result.status == "succeeded"
+        assert "disconnected from broker" not in agent.log_text(), "the box-p login by box-q changed nothing"
         assert passwords["box-p"] not in agent.log_text()
+        # With logins, a revoked device is refused at CONNECT.
+        flags = ["--broker", f"{broker.host}:{broker.operator_port}", "--admin-port", str(broker.port)]
+        creds = ["--tls-ca", str(fleet.ca), "--username", "operator", "--password", admin]
+        assert fleet_cli(["revoke", "box-p", *flags, *creds]) == 0
+        again = Probe(broker, ca_only, login=("box-p", passwords["box-p"]))
+        try:
+            assert again.first_outcome().startswith("refused")
+        finally:
+            again.close()
     finally:
-        broker.stop()
+        broker.cleanup()
 
 
 def test_an_agent_with_an_expired_certificate_says_so_and_is_refused(

@@ -65,9 +65,12 @@ def test_full_update_with_the_fleet_tool(broker, caller, agents, file_server, tm
         str(keys / "fleet.key"),
         "--out",
         str(out),
+        "--replace-model",
+        "phi3-int4",  # boxes run phi3-int4: switching them to another model is said, and signed
     )
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["replaces"] == ["phi3-int4"]
     assert {f["path"] for f in manifest["files"]} >= {"genai_config.json", "model.onnx", "tokenizer.json"}
 
     caller.subscribe("edge/+/model/state")
@@ -162,8 +165,15 @@ def _refusals(releases, tmp_path: Path) -> dict[str, tuple[Any, str]]:  # type: 
         "unsigned": (lambda: tampered(good(), signature=""), "bad_signature"),
         "untrusted key": (lambda: payload(releases.resign(good(), key=signing.generate())), "untrusted_key"),
         "expired": (lambda: payload(releases.resign(good(), expires_at=int(time.time()) - 5)), "expired"),
-        "lower version": (lambda: payload(releases.make("0.9.0")), "downgrade"),
-        "same version": (lambda: payload(releases.make("1.0.0", name="other")), "downgrade"),
+        "lower version": (
+            lambda: payload(releases.make("0.9.0", name="phi3-int4", fixture="phi3-int4")),
+            "downgrade",
+        ),
+        "same version, other files": (
+            lambda: payload(releases.make("1.0.0", name="phi3-int4", fixture="llama-int4")),
+            "version_conflict",
+        ),
+        "other model": (lambda: payload(releases.make("9.0.0", name="other", replaces=())), "other_model"),
         "size differs": (lambda: with_file(size=good().files[-1].size + 1), "size_mismatch"),
         "sha256 differs": (lambda: with_file(sha256="0" * 64), "sha256_mismatch"),
         "dot-dot path": (lambda: with_path("../escape.txt"), "unsafe_path"),
@@ -183,7 +193,8 @@ REFUSALS = [
     "untrusted key",
     "expired",
     "lower version",
-    "same version",
+    "same version, other files",
+    "other model",
     "size differs",
     "sha256 differs",
     "dot-dot path",
@@ -403,7 +414,7 @@ def test_the_running_job_finishes_on_the_old_model_and_the_switch_follows(
     while not caller.chunks("long"):  # the job is running once its first chunk is out
         assert time.monotonic() < deadline, "the long job did not start"
         time.sleep(0.05)
-    caller.publish_retained(DESIRED, payload(releases.make("2.0.0")))
+    caller.publish_retained(DESIRED, payload(releases.make("2.0.0", replaces=("llama-long",))))
     result = caller.wait_result("long", timeout=60)
     assert result["status"] == "succeeded" and result["usage"]["completion_tokens"] == 4000
     assert result["model"] == {"name": "llama-long", "version": "1.0.0"}
@@ -485,3 +496,91 @@ def test_an_installed_version_that_no_longer_loads_falls_back_at_start(
     state = caller.wait_model_state("box-1", _failed_with("model_load", "rolled_back"), since=seen)
     assert state["active"] == {"name": "phi3-int4", "version": "1.0.0"}
     assert _job(caller, "fallback")["model"] == {"name": "phi3-int4", "version": "1.0.0"}
+
+
+# -- refusals keyed by the whole manifest; versions per model name -----------------------------------
+
+
+def test_a_tampered_release_published_first_does_not_shadow_the_genuine_one(  # type: ignore[no-untyped-def]
+    broker, caller, agents, releases
+) -> None:
+    from tests._releases import tampered
+
+    caller.subscribe("edge/+/model/state")
+    agent = agents(model_version="1.0.0", update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    genuine = releases.make("2.0.0")
+    # One field edited after signing: the signature string is the genuine one's, and no longer verifies.
+    caller.publish_retained(DESIRED, tampered(genuine, memory_bytes=genuine.memory_bytes + 1))
+    caller.wait_model_state("box-1", _failed_with("bad_signature", "failed"))
+    agent.terminate()  # what the agent remembered across a restart must not block the genuine release
+    agent.start()
+    caller.publish_retained(DESIRED, payload(genuine))
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    assert _job(caller, "genuine")["model"] == {"name": "assistant", "version": "2.0.0"}
+
+
+def test_a_release_refused_as_untrusted_installs_once_its_key_is_trusted_and_the_agent_restarted(  # type: ignore[no-untyped-def]
+    broker, caller, agents, releases
+) -> None:
+    from agent.updates import signing
+
+    new_key = signing.generate()
+    new_line = signing.PublicKey(new_key.public_key(), signing.key_id(new_key.public_key())).to_line()
+    caller.subscribe("edge/+/model/state")
+    agent = agents(model_version="1.0.0", update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    caller.publish_retained(DESIRED, payload(releases.resign(releases.make("2.0.0"), key=new_key)))
+    caller.wait_model_state("box-1", _failed_with("untrusted_key", "failed"))
+    assert _job(caller, "old")["model"] == {"name": "phi3-int4", "version": "1.0.0"}
+    agent.terminate()
+    config = agent.config.read_text()
+    trusted = json.dumps([releases.public_line])
+    assert trusted in config
+    agent.config.write_text(config.replace(trusted, json.dumps([releases.public_line, new_line])))
+    agent.start()  # the retained desired state arrives again, now from a trusted key
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    assert _job(caller, "new")["model"] == {"name": "assistant", "version": "2.0.0"}
+
+
+def test_another_model_installs_only_when_its_release_says_it_replaces_the_running_one(  # type: ignore[no-untyped-def]
+    broker, caller, agents, releases
+) -> None:
+    caller.subscribe("edge/+/model/state")
+    agent = agents(model_version="1.4.0", update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    # A higher number under another name is no reason to replace the model the box runs.
+    caller.publish_retained(DESIRED, payload(releases.make("9.0.0", name="llama-long", replaces=())))
+    state = caller.wait_model_state("box-1", _failed_with("other_model", "failed"))
+    assert "--replace-model phi3-int4" in state["update"]["error"]["message"]
+    assert _job(caller, "kept")["model"] == {"name": "phi3-int4", "version": "1.4.0"}
+    # Signed as replacing phi3-int4, a lower number of another model is no downgrade.
+    caller.publish_retained(
+        DESIRED, payload(releases.make("1.0.0", name="llama-long", replaces=("phi3-int4",)))
+    )
+    state = caller.wait_model_state("box-1", _active("1.0.0"))
+    assert state["active"] == {"name": "llama-long", "version": "1.0.0"}
+    assert _job(caller, "switched")["model"] == {"name": "llama-long", "version": "1.0.0"}
+
+
+def test_a_version_re_released_with_other_files_is_refused_not_taken_as_installed(  # type: ignore[no-untyped-def]
+    broker, caller, agents, releases
+) -> None:
+    from tests._releases import replace_file
+
+    caller.subscribe("edge/+/model/state")
+    agent = agents(update={"trusted_keys": [releases.public_line]})
+    agent.start()
+    first = releases.make("2.0.0")
+    caller.publish_retained(DESIRED, payload(first))
+    caller.wait_model_state("box-1", _active("2.0.0"))
+    before = _job(caller, "before")
+    assert before["model"] == {"name": "assistant", "version": "2.0.0"}
+    seen = caller.state_count("box-1")
+    other = replace_file(releases, first, "model.onnx.data", b"other weights under the same version")
+    caller.publish_retained(DESIRED, payload(other))
+    state = caller.wait_model_state("box-1", _failed_with("version_conflict", "failed"), since=seen)
+    assert state["active"] == {"name": "assistant", "version": "2.0.0"}
+    assert "new version" in state["update"]["error"]["message"]
+    after = _job(caller, "after")
+    assert after["model"] == {"name": "assistant", "version": "2.0.0"} and after["text"] == before["text"]

@@ -79,4 +79,4 @@ def test_errors_are_one_clear_line(tmp_path: Path, phi3_dir: Path) -> None:
     assert missing.returncode == 1
     assert "model folder not found" in missing.stderr and "Traceback" not in missing.stderr
     bad = _cli("generate", str(phi3_dir), "x", "--top-p", "2")
-    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "--top-p" in bad.stderr and "Traceback" not in bad.stderr

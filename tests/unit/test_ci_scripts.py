@@ -20,3 +20,24 @@ def test_ci_runs_the_emulated_arm64_step_after_the_test_suite() -> None:
 def test_make_test_arm64_runs_the_emulation_script() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "test-arm64: setup" in makefile and ".ci/arm64_emulated.sh" in makefile
+
+
+def _bash_array(text: str, name: str) -> list[str]:
+    body = text[text.index(f"{name}=(") + len(name) + 2 :]
+    return [
+        line.strip()
+        for line in body[: body.index("\n)")].splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def test_every_test_the_emulated_step_names_exists() -> None:
+    """A renamed test must not turn `make test-arm64` into "not found" (it did once)."""
+    script = (ROOT / ".ci" / "arm64_emulated.sh").read_text()
+    named = _bash_array(script, "EMULATED_TESTS") + _bash_array(script, "DRIVEN_TESTS")
+    assert len(named) >= 5, named
+    for node in named:
+        path, _, test = node.partition("::")
+        assert (ROOT / path).is_file(), node
+        if test:
+            assert f"def {test}(" in (ROOT / path).read_text(), f"{node}: no such test"

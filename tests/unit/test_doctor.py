@@ -16,6 +16,8 @@ from agent.doctor import Check, check_broker, check_cpu, format_report, model_me
 from agent.engine.model_folder import ModelFolder
 from agent.health.probe import SystemProbe
 from agent.health.telemetry import HealthThresholds
+from agent.protocol import ErrorInfo, UpdateStatus
+from agent.updates.record import UpdateRecord
 
 # /proc/cpuinfo heads of real boards.
 PI5_CPUINFO = """processor\t: 0
@@ -245,8 +247,9 @@ def test_updates_and_the_served_model_come_from_the_store(
     shutil.copytree(fixture_path("llama-int4"), staged, dirs_exist_ok=True)
     store.install(manifest)
     store.set_pointer(Pointer(active="assistant@2.0.0"))
-    store.write_record({"update": {"name": "assistant", "version": "3.0.0", "phase": "rolled_back",
-                                   "error": {"code": "probation_failed", "message": "2 of its first 2 jobs failed"}}})  # fmt: skip
+    store.write_record(UpdateRecord(update=UpdateStatus(
+        name="assistant", version="3.0.0", phase="rolled_back",
+        error=ErrorInfo(code="probation_failed", message="2 of its first 2 jobs failed"))))  # fmt: skip
     found = _by_name(run_checks(config))
     assert found["model"].status == "ok" and found["model"].detail.startswith("assistant@2.0.0 loaded")
     assert found["updates"].status == "warn"

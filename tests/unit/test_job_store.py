@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
-from agent.jobs.store import JobStore
+import pytest
+
+from agent.errors import StorageError
+from agent.jobs.store import JobStore, corrupt_copies, open_store
+from tests._disk import read_only
 
 
 def _store(tmp_path: Path, **kw) -> JobStore:  # type: ignore[no-untyped-def]
@@ -79,3 +84,85 @@ def test_a_checkpointed_job_goes_back_without_using_an_attempt(tmp_path: Path) -
     store.requeue("c")
     job = store.get("c")
     assert job is not None and job.state == "queued" and job.attempts == 0
+
+
+# -- a corrupt or unusable database (open_store) ----------------------------------------------------
+
+
+def _filled(path: Path) -> Path:
+    store, moved = open_store(path)
+    assert moved is None
+    store.close()
+    db = sqlite3.connect(path)  # one transaction: 200 jobs over a dozen pages
+    with db:
+        db.executemany(
+            "INSERT INTO jobs (id, request, reply_topic, received_at, state) VALUES (?, ?, 'r/t', 0, 'queued')",
+            [(f"j{i}", "x" * 300) for i in range(200)],
+        )
+    db.close()
+    return path
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(os.urandom(p.stat().st_size))
+
+
+def _truncated(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flipped_page(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[4096 * 2 : 4096 * 3] = bytes(b ^ 0xFF for b in data[4096 * 2 : 4096 * 3])
+    p.write_bytes(bytes(data))
+
+
+def _missing_column(p: Path) -> None:
+    db = sqlite3.connect(p)
+    db.execute("ALTER TABLE jobs DROP COLUMN finished_at")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated, _flipped_page, _missing_column])
+def test_a_corrupt_database_is_moved_aside_and_the_queue_starts_empty(
+    tmp_path: Path,
+    damage,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    path = _filled(tmp_path / "jobs.sqlite3")
+    damage(path)
+    before = path.read_bytes()
+    store, moved = open_store(path)
+    assert moved is not None and moved.name.startswith("jobs.sqlite3.corrupt-")
+    assert moved.read_bytes() == before, "the damaged file is kept as it was, for inspection"
+    assert corrupt_copies(path) == [moved]
+    assert store.queued_count() == 0
+    store.accept("new", "{}", "r/t", None, deadline=None)  # and the fresh queue works
+    assert store.claim_next().id == "new"  # type: ignore[union-attr]
+    assert any(
+        "JOB DATABASE CORRUPT" in r.getMessage() and str(moved) in r.getMessage() for r in caplog.records
+    )
+
+
+def test_an_intact_database_is_kept(tmp_path: Path) -> None:
+    path = _filled(tmp_path / "jobs.sqlite3")
+    store, moved = open_store(path)
+    assert moved is None and store.queued_count() == 200 and corrupt_copies(path) == []
+
+
+def test_a_read_only_state_dir_is_one_error_naming_the_path_and_the_fix(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with read_only(state), pytest.raises(StorageError) as caught:
+        open_store(state / "jobs.sqlite3")
+    message = caught.value.message
+    assert str(state) in message and "Read-only file system" in message and "writable" in message
+    assert "\n" not in message
+
+
+def test_a_database_path_that_is_a_directory_is_one_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "jobs.sqlite3").mkdir()
+    with pytest.raises(StorageError) as caught:
+        open_store(tmp_path / "jobs.sqlite3")
+    assert str(tmp_path / "jobs.sqlite3") in caught.value.message and "directory" in caught.value.message

@@ -34,6 +34,11 @@ def test_light_modules_load_no_model_runtime(module: str) -> None:
     assert not loaded & set(HEAVY), f"importing {module} loads {sorted(loaded & set(HEAVY))}"
 
 
+def test_the_light_names_re_exported_by_agent_load_no_model_runtime() -> None:
+    loaded = _loaded_after("from agent import EngineOptions, SamplingParams, Timings")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
 def test_the_probe_sees_the_model_runtime_when_it_is_loaded() -> None:
     """Positive control: the same probe notices onnxruntime and numpy when the engine is imported."""
     assert set(HEAVY) <= _loaded_after("import agent.engine.engine")

@@ -12,6 +12,7 @@ import pytest
 from agent.errors import UpdateError
 from agent.updates import signing
 from agent.updates.manifest import FileEntry, Manifest, SmokeTest
+from agent.updates.record import UpdateRecord
 from agent.updates.store import ModelStore, Pointer
 
 KEY = signing.generate()
@@ -89,8 +90,12 @@ def test_garbage_collection_keeps_active_previous_and_newest(tmp_path: Path) -> 
 
 def test_update_record_is_replaced_atomically(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    assert store.read_record() == {}
-    store.write_record({"refused": ["sig"]})
-    assert json.loads(store.record_file.read_text()) == {"refused": ["sig"]}
+    assert store.read_record() == UpdateRecord()
+    record = UpdateRecord()
+    record.remember_refused("a" * 64)
+    store.write_record(record)
+    assert json.loads(store.record_file.read_text())["refused"] == ["a" * 64]
+    assert store.read_record() == record
+    assert not store.record_file.with_name("updates.json.tmp").exists()
     store.record_file.write_text("[1, 2]")
-    assert store.read_record() == {}
+    assert store.read_record() == UpdateRecord()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import stat
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import load_config
+from edge_fleet import dynsec
 from edge_fleet.cli import main as fleet
-from edge_fleet.pki import set_group_lines
+from edge_fleet.identity import renew
 
 
 def _cert(path: Path) -> x509.Certificate:
@@ -100,23 +102,87 @@ def test_missing_ca_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "ca init" in capsys.readouterr().err
 
 
-def test_group_lines_are_added_once_and_replaced(tmp_path: Path) -> None:
-    acl = tmp_path / "edge.acl"
-    acl.write_text("pattern read edge/%u/jobs\n")
-    set_group_lines(acl, "box-1", "a")
-    set_group_lines(acl, "box-2", "a")
-    set_group_lines(acl, "box-1", "b")
-    text = acl.read_text()
-    assert text.startswith("pattern read edge/%u/jobs\n")
-    assert text.count("user box-1\n") == 1 and "edge/groups/b/jobs" in text
-    assert "topic read edge/groups/a/jobs" in text.split("# >>> device box-2")[1]
-    assert "edge/groups/a/" not in text.split("# >>> device box-1")[1].split("# <<<")[0]
+def test_group_rules_name_the_shared_filter_literally() -> None:
+    acls = dynsec.group_acls("g1")
+    subscribe = {a["topic"] for a in acls if a["acltype"] == "subscribeLiteral"}
+    # mosquitto checks a shared subscription as the literal filter, $share/ included.
+    assert subscribe == {
+        "$share/g1/edge/groups/g1/jobs",
+        "edge/groups/g1/jobs",
+        "edge/groups/g1/model/desired",
+    }
+    assert all(a["allow"] for a in acls)
+    assert not any(a["acltype"].startswith("subscribePattern") for a in dynsec.device_acls("box-1"))
+    sends = {a["topic"] for a in dynsec.device_acls("box-1") if a["acltype"] == "publishClientSend"}
+    assert "edge/box-1/status" in sends and not any("desired" in t or "jobs" in t for t in sends)
+    state = dynsec.initial_state(["operator"])
+    assert state["defaultACLAccess"] == {
+        "publishClientSend": False,
+        "publishClientReceive": False,
+        "subscribe": False,
+        "unsubscribe": True,
+    }
+
+
+def test_operators_come_from_their_own_ca_and_no_device_takes_their_name(ca: Path, tmp_path: Path) -> None:
+    assert fleet(["provision", "alice", "--operator", "--ca", str(ca), "--out", str(tmp_path / "op")]) == 0
+    cert = _cert(tmp_path / "op" / "alice.crt")
+    assert cert.issuer == _cert(ca / "operator-ca.crt").subject != _cert(ca / "ca.crt").subject
+    # Its ca.crt verifies the broker (fleet CA).
+    assert (tmp_path / "op" / "ca.crt").read_bytes() == (ca / "ca.crt").read_bytes()
+    assert fleet(["provision", "alice", "--ca", str(ca), "--out", str(tmp_path / "dev")]) == 1
+
+
+def test_a_provisioned_config_trusts_the_fleet_key_and_keeps_its_state_dir(ca: Path, tmp_path: Path) -> None:
+    assert fleet(["keygen", "--out", str(tmp_path / "keys")]) == 0
+    out = tmp_path / "box-k"
+    args = ["provision", "box-k", "--ca", str(ca), "--out", str(out), "--state-dir", "/srv/edge"]
+    assert fleet([*args, "--trusted-key", str(tmp_path / "keys" / "fleet.pub")]) == 0
+    config = load_config(out / "agent.toml")
+    assert config.state_dir == Path("/srv/edge")
+    assert config.update.trusted_keys == [(tmp_path / "keys" / "fleet.pub").read_text().strip()]
+    (tmp_path / "bad.pub").write_text("not a key\n")
+    assert fleet([*args, "--force", "--trusted-key", str(tmp_path / "bad.pub")]) == 1
+
+
+def test_renew_swaps_in_a_new_pair_for_the_same_name(ca: Path, tmp_path: Path) -> None:
+    out = tmp_path / "box-r"
+    assert fleet(["provision", "box-r", "--ca", str(ca), "--out", str(out)]) == 0
+    old = _cert(out / "box-r.crt")
+    renew("box-r", ca, out)
+    new = _cert(out / "box-r.crt")
+    assert new.serial_number != old.serial_number and new.subject == old.subject
+    assert _mode(out / "box-r.key") == 0o600
+    assert sorted(p.name for p in out.iterdir()) == ["agent.toml", "box-r.crt", "box-r.key", "ca.crt"]
+    assert fleet(["renew", "box-x", "--ca", str(ca), "--out", str(out)]) == 1, "nothing to renew"
+
+
+def test_broker_init_writes_a_setup_debian_can_include(
+    ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mq"
+    assert fleet(["broker", "init", "--ca", str(ca), "--hostname", "mq.lan", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"mosquitto -c {out / 'mosquitto.conf'}" in printed, "the exact start command"
+    if os.geteuid() == 0:
+        # pytest's folders are 0700: the user mosquitto could not read the files, and is told so.
+        assert "is not searchable by the user mosquitto" in printed
+        assert stat.S_IMODE((out / "certs" / "broker.key").stat().st_mode) == 0o640
+    snippet = (out / "conf.d" / "edge.conf").read_text()
+    assert "persistence_location" not in snippet, "Debian's stock mosquitto.conf sets it already"
+    for line in ("per_listener_settings true", "autosave_interval 5", "use_username_as_clientid true"):
+        assert line in snippet.splitlines()
+    assert f"include_dir {out / 'conf.d'}" in (out / "mosquitto.conf").read_text()
+    for name in ("broker.crt", "broker.key", "ca.crt", "operator-ca.crt", "clients-ca.crt"):
+        assert (out / "certs" / name).is_file()
+    assert fleet(["broker", "init", "--ca", str(ca), "--hostname", "mq.lan", "--out", str(out)]) == 1
 
 
 @pytest.mark.parametrize(
     "extra",
     [
         ["--operator", "--group", "g"],
+        ["--operator", "--live", "mq:8883"],
         ["--broker", "mq.lan", "--endpoint", "a:1"],
         ["--endpoint", 'a"b'],
         ["--group", "a/b"],
@@ -133,3 +199,21 @@ def test_odd_paths_stay_valid_toml(ca: Path, tmp_path: Path) -> None:
         fleet(["provision", "box-1", "--ca", str(ca), "--out", str(out), "--model", 'C:\\models\\"x"']) == 0
     )
     assert load_config(out / "agent.toml").model.path == Path('C:\\models\\"x"')
+
+
+def test_the_link_loads_a_renewal_and_keeps_its_identity_when_the_new_files_are_broken(
+    ca: Path, tmp_path: Path
+) -> None:
+    from agent.link.tls import TLSFiles
+
+    out = tmp_path / "box-t"
+    assert fleet(["provision", "box-t", "--ca", str(ca), "--out", str(out)]) == 0
+    files = TLSFiles(out / "ca.crt", out / "box-t.crt", out / "box-t.key")
+    first = files.cert_expiry
+    assert files.reloaded() is None, "nothing changed"
+    renew("box-t", ca, out, days=30)
+    assert files.reloaded() is not None and files.cert_expiry is not None
+    assert first is not None and files.cert_expiry < first, "the new certificate is the one in use"
+    # A half-copied key (bad luck during the copy to the box): the working pair stays in use.
+    (out / "box-t.key").write_text("-----BEGIN PRIVATE KEY-----\ntruncated")
+    assert files.reloaded() is None

@@ -66,6 +66,7 @@ def test_messages_are_the_exact_datagrams(path_receiver: tuple[Receiver, str]) -
     assert notifier.watchdog(), "a closed notifier reopens its socket"
     assert receiver.next() == b"WATCHDOG=1"
     assert receiver.empty()
+    notifier.close()
 
 
 def test_abstract_socket() -> None:
@@ -75,6 +76,7 @@ def test_abstract_socket() -> None:
         notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
         assert notifier.ready("up")
         assert receiver.next() == b"READY=1\nSTATUS=up"
+        notifier.close()
     finally:
         receiver.sock.close()
 
@@ -98,6 +100,7 @@ def test_reads_the_process_environment(
     assert notifier.watchdog_interval_s == 15.0
     assert notifier.watchdog()
     assert receiver.next() == b"WATCHDOG=1"
+    notifier.close()
 
 
 @pytest.mark.parametrize(
@@ -129,6 +132,7 @@ def test_send_errors_never_raise_and_warn_once(tmp_path: Path, caplog: pytest.Lo
         assert not notifier.ready()
         assert not notifier.watchdog()
         assert not notifier.status("still here")
+    notifier.close()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "nobody-listens" in warnings[0].getMessage()
 
@@ -142,4 +146,5 @@ def test_receiver_appearing_later_gets_the_next_message(tmp_path: Path) -> None:
         assert notifier.watchdog()
         assert receiver.next() == b"WATCHDOG=1"
     finally:
+        notifier.close()
         receiver.sock.close()

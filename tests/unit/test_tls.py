@@ -88,7 +88,7 @@ def test_edge_fleet_is_tls_unless_told_plaintext() -> None:
     parser = argparse.ArgumentParser()
     add_broker_args(parser)
     tls = options_from(parser.parse_args(["--broker", "mq.lan", "--tls-ca", "/ca.crt"]))
-    assert tls.address == ("mq.lan", 8883) and not tls.plaintext
+    assert tls.address == ("mq.lan", 8884) and not tls.plaintext, "the operators' listener of broker init"
     plain = options_from(parser.parse_args(["--broker", "127.0.0.1", "--plaintext"]))
     assert plain.address == ("127.0.0.1", 1883) and plain.plaintext
     assert BrokerOptions(port=1884, plaintext=True).address == ("127.0.0.1", 1884)

@@ -1,0 +1,204 @@
+"""``Agent``: the composition root that builds the pieces, wires them and runs the intake loop."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.daemon.faults import StorageFaults
+from agent.daemon.inbox import Inbox, rules_for
+from agent.daemon.intake import CANCEL_MAX_BYTES
+from agent.daemon.outbox import Outbox
+from agent.daemon.supervisor import Supervisor, offline_status
+from agent.daemon.worker import Worker
+from agent.errors import StorageError
+from agent.health.telemetry import JobStats
+from agent.jobs.store import open_store
+from agent.link.mqtt import MQTTLink, Published
+from agent.protocol import ModelState, Topics
+from agent.updates.manifest import MAX_MANIFEST_BYTES
+from agent.updates.updater import Updater
+
+log = logging.getLogger("agent.daemon")
+
+#: Builds the model source: ``(config, publish=..., between_jobs=...)``; tests inject their own.
+UpdaterFactory = Callable[..., Updater]
+
+
+class Agent:
+    """One box's daemon. ``serve`` runs until ``shutdown`` (or SIGTERM/SIGINT)."""
+
+    worker: Worker
+    supervisor: Supervisor
+
+    def __init__(self, config: AgentConfig, *, updater_factory: UpdaterFactory = Updater) -> None:
+        """Open the job store (a corrupt one is moved aside), load the model, set up the link.
+
+        Raises ``StorageError`` naming the path and the fix when state_dir cannot be used.
+        """
+        self.config = config
+        self.topics = topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
+        self.store, self.store_moved = open_store(config.state_dir / "jobs.sqlite3")
+        self.faults = StorageFaults()
+        self.stats = JobStats()
+        # Loads the active model (or falls back to the previous or configured one).
+        self.updater = updater_factory(
+            config,
+            publish=self._publish_model_state,
+            between_jobs=lambda task: self.worker.between_jobs(task),
+        )
+        subscriptions = [topics.jobs, topics.cancel, topics.model_desired]
+        # Every other subscription gets the link's default limit (DEFAULT_PAYLOAD_LIMIT).
+        limits = {topics.jobs: config.jobs.max_payload_bytes, topics.cancel: CANCEL_MAX_BYTES}
+        if topics.group_model_desired:
+            subscriptions.append(topics.group_model_desired)
+            limits[topics.group_model_desired] = MAX_MANIFEST_BYTES
+        limits[topics.model_desired] = MAX_MANIFEST_BYTES
+        if topics.shared_group_jobs:
+            if config.mqtt.protocol == "5":
+                subscriptions.append(topics.shared_group_jobs)
+                limits[topics.shared_group_jobs] = config.jobs.max_payload_bytes
+            else:
+                log.warning(
+                    "MQTT 3.1.1 has no shared subscriptions: group %s jobs are not served", config.group
+                )
+        self.link = MQTTLink(
+            config.mqtt,
+            client_id=config.device_id,
+            subscriptions=subscriptions,
+            will=(topics.status, offline_status(config)),
+            # Let the broker drop absurd messages itself; oversized-but-sane ones
+            # still arrive (cut to their head) and get a precise "payload_too_large" answer.
+            max_packet_bytes=max(4 * config.jobs.max_payload_bytes, 1 << 20),
+            on_connect=self._on_connect,
+            payload_limits=limits,
+            subscriptions_file=config.state_dir / "subscriptions.json",
+        )
+        self.outbox = Outbox(self.link, self.store, self.faults)
+        self.worker = Worker(
+            self.store,
+            self.outbox,
+            self.updater,
+            device_id=config.device_id,
+            stats=self.stats,
+            faults=self.faults,
+            publish_chunk=lambda topic, payload, corr: self.link.publish(topic, payload, correlation=corr),
+            hold=lambda: self.supervisor.holding(),
+        )
+        self.supervisor = Supervisor(
+            config,
+            topics,
+            link=self.link,
+            store=self.store,
+            outbox=self.outbox,
+            worker=self.worker,
+            models=self.updater,
+            stats=self.stats,
+            faults=self.faults,
+        )
+        self.inbox = Inbox(
+            rules_for(config, topics),
+            store=self.store,
+            outbox=self.outbox,
+            worker=self.worker,
+            updater=self.updater,
+            ack=self.link.ack,
+            shedding=self.supervisor.shedding,
+            model=lambda: self.updater.serving.ref,
+            device_id=config.device_id,
+            stats=self.stats,
+            faults=self.faults,
+        )
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until shut down: connect, take jobs, answer them; then finish cleanly."""
+        config = self.config
+        ref = self.updater.serving.ref
+        log.info(
+            "edge-agent %s starting: device %s, group %s, model %s@%s, broker(s) %s",
+            __version__,
+            config.device_id,
+            config.group or "(none)",
+            ref.name,
+            ref.version or "unversioned",
+            ", ".join(f"{host}:{port}" for host, port in config.mqtt.endpoints),
+        )
+        if self.store_moved is not None:
+            log.critical("the job queue starts EMPTY: the corrupt database was moved to %s", self.store_moved)
+        self.worker.start()
+        self.link.start()
+        self.updater.start()
+        while not self._stopping.is_set():
+            if self.faults.corrupt is not None:
+                self.shutdown()  # the damaged file is moved aside by the next start (systemd restarts us)
+            try:
+                event = self.link.events.get(timeout=0.5)
+            except queue.Empty:
+                event = None
+            self.inbox.handle(event)
+            try:
+                self.supervisor.tick()
+            except Exception:  # telemetry or systemd trouble must not stop the intake
+                log.exception("supervision tick failed")
+        self._finish()
+        if self.faults.corrupt is not None:
+            raise StorageError(
+                f"job database {self.store.path} became corrupt ({self.faults.corrupt}): start again to move "
+                "it aside (systemd does so by itself)"
+            )
+
+    def _finish(self) -> None:
+        self.supervisor.notifier.stopping("finishing the running job, then disconnecting")
+        self.updater.stop()
+        self.worker.join(timeout=self.config.jobs.shutdown_grace_s + 5)
+        self._drain_acks(timeout=3.0)
+        self.link.stop(final=(self.topics.status, offline_status(self.config)))
+        self.store.close()
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop taking jobs; let the running one finish within ``grace_s`` (default: from config)."""
+        self.worker.stop(self.config.jobs.shutdown_grace_s if grace_s is None else grace_s)
+        self._stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT start a clean shutdown."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %s: shutting down", signum)
+            self.shutdown()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def _drain_acks(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.outbox.backlog:
+            try:
+                event = self.link.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(event, Published):
+                self.outbox.acked(event.mid)
+
+    def _on_connect(self) -> None:
+        """Paho's thread, on every connect: presence and model state, retained."""
+        self.supervisor.publish_status()
+        self._publish_model_state(self.updater.state())
+
+    def _publish_model_state(self, state: ModelState) -> None:
+        """Retained model state; the status carries the model too, so it follows a switch."""
+        self.link.publish(self.topics.model_state, state.model_dump_json().encode(), retain=True)
+        if self.supervisor.ready:
+            self.supervisor.publish_status()

@@ -1,0 +1,339 @@
+"""The broker's authorization state: mosquitto's dynamic-security plugin, managed live over MQTT.
+
+Who may do what is held by the plugin (``dynamic-security.json`` on the broker)
+and changed while the broker runs by publishing commands to
+``$CONTROL/dynamic-security/v1`` — what ``mosquitto_ctrl`` does, done here with
+paho so the operator's box needs no mosquitto-clients.
+
+The rules, all checked by mosquitto at SUBSCRIBE time and again at delivery:
+
+* each device ``NAME`` is a client with its own role ``device-NAME``: it may
+  subscribe (literally, no wildcard) to its jobs, cancels and desired model, and
+  publish its status, telemetry, results, model state and replies;
+* each group ``G`` is a group with the role ``group-G``: its members may
+  subscribe to ``$share/G/PREFIX/groups/G/jobs`` (a shared subscription is
+  checked as the literal filter, ``$share/`` included) and to the group's desired
+  model;
+* an operator is a client with the role ``fleet-admin``: only the
+  ``$CONTROL/dynamic-security`` API (its data traffic goes through the operators'
+  listener, see ``setup``);
+* anything else is denied (``defaultACLAccess``).
+
+Pure rule builders are apart from ``DynSec``, the one class that talks to the broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .broker import BrokerOptions, FleetError, connect, release
+
+CONTROL = "$CONTROL/dynamic-security/v1"
+RESPONSE = f"{CONTROL}/response"
+ADMIN_ROLE = "fleet-admin"
+
+
+def device_role(name: str) -> str:
+    """The role holding device ``name``'s own topics."""
+    return f"device-{name}"
+
+
+def group_role(group: str) -> str:
+    """The role (and the dynsec group) of fleet group ``group``."""
+    return f"group-{group}"
+
+
+def _acl(kind: str, topic: str) -> dict[str, Any]:
+    return {"acltype": kind, "topic": topic, "allow": True}
+
+
+def _readable(topics: Iterable[str], subscribe_as: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Subscribe (literal filters) and receive rules for ``topics``; ``subscribe_as`` adds filters."""
+    acls = [_acl("subscribeLiteral", t) for t in topics]
+    acls += [_acl("subscribeLiteral", t) for t in subscribe_as]
+    acls += [_acl("publishClientReceive", t) for t in topics]
+    return acls
+
+
+def device_acls(name: str, prefix: str = "edge") -> list[dict[str, Any]]:
+    """What device ``name`` may read and write: its own topics, nothing else."""
+    base = f"{prefix}/{name}"
+    acls = _readable([f"{base}/jobs", f"{base}/jobs/cancel", f"{base}/model/desired"])
+    for topic in (
+        f"{base}/status",
+        f"{base}/telemetry",
+        f"{base}/results/#",
+        f"{base}/model/state",
+        f"{prefix}/replies/#",
+    ):
+        acls.append(_acl("publishClientSend", topic))
+    return acls
+
+
+def group_acls(group: str, prefix: str = "edge") -> list[dict[str, Any]]:
+    """What a member of ``group`` may read: the group's jobs (shared subscription) and desired model."""
+    jobs = f"{prefix}/groups/{group}/jobs"
+    return _readable(
+        [jobs, f"{prefix}/groups/{group}/model/desired"], subscribe_as=[f"$share/{group}/{jobs}"]
+    )
+
+
+def admin_acls() -> list[dict[str, Any]]:
+    """The dynamic-security API, nothing more."""
+    topic = "$CONTROL/dynamic-security/#"
+    return [
+        _acl("publishClientSend", topic),
+        _acl("publishClientReceive", topic),
+        _acl("subscribePattern", topic),
+    ]
+
+
+#: PBKDF2 rounds of a stored password (the plugin reads the count from each record).
+PASSWORD_ROUNDS = 10_000
+
+
+def password_record(password: str) -> dict[str, Any]:
+    """The plugin's stored form of ``password``: PBKDF2-HMAC-SHA512, a 12-byte salt, base64."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PASSWORD_ROUNDS, dklen=64)
+    return {
+        "salt": base64.b64encode(salt).decode(),
+        "password": base64.b64encode(digest).decode(),
+        "iterations": PASSWORD_ROUNDS,
+    }
+
+
+def initial_state(operators: Iterable[str], passwords: dict[str, str] | None = None) -> dict[str, Any]:
+    """A fresh ``dynamic-security.json``: everything denied, ``operators`` may administer
+    (logging in with ``passwords[name]`` when given: the devices' listener without certificates)."""
+    return {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+        "clients": [
+            {
+                "username": name,
+                "textname": "edge-fleet operator",
+                "roles": [{"rolename": ADMIN_ROLE}],
+                **(password_record(passwords[name]) if passwords and name in passwords else {}),
+            }
+            for name in operators
+        ],
+        "groups": [],
+        "roles": [{"rolename": ADMIN_ROLE, "acls": admin_acls()}],
+    }
+
+
+class DynSec:
+    """A live connection to the broker's dynamic-security API (one request at a time).
+
+    Connects to the devices' listener (where the plugin runs) as the operator's
+    certificate identity; a command the plugin rejects raises ``FleetError`` with
+    its reason.
+    """
+
+    # A dynsec answer takes milliseconds; 10 s covers a busy broker and a slow link.
+    TIMEOUT_S = 10.0
+
+    def __init__(self, options: BrokerOptions) -> None:
+        self.options = options
+        self._responses: list[dict[str, Any]] = []
+        self._answered = threading.Condition()
+        self._subscribed = threading.Event()
+        self._refused: list[str] = []
+        self._dropped: list[str] = []
+        self.client: paho.Client = connect(options, name="edge-fleet-admin", timeout=self.TIMEOUT_S)
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.subscribe(RESPONSE, qos=1)
+        if not self._subscribed.wait(self.TIMEOUT_S) or self._refused:
+            self.close()
+            who = self.options.cert.stem if self.options.cert else "this login"
+            raise FleetError(
+                f"the broker at {options.host}:{options.address[1]} refused the dynamic-security API "
+                f"({', '.join(self._refused) or 'no answer'}): not authorized as {who}; identity commands "
+                "need an operator certificate (edge-fleet provision NAME --operator, registered by "
+                "`edge-fleet broker init --operator NAME`) on the devices' port (--admin-port)"
+            )
+
+    def __enter__(self) -> DynSec:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect."""
+        release(self.client)
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
+        self._refused = [str(r) for r in reasons if r.is_failure]
+        self._subscribed.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        with self._answered:
+            self._dropped.append(str(reason))
+            self._answered.notify_all()
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            responses = json.loads(msg.payload).get("responses", [])
+        except (ValueError, AttributeError):
+            return
+        with self._answered:
+            self._responses.extend(r for r in responses if isinstance(r, dict))
+            self._answered.notify_all()
+
+    def run(self, *commands: dict[str, Any], allow: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Send ``commands`` in one request; returns one response each.
+
+        An error whose text contains one of ``allow`` (e.g. "already exists") is not raised.
+        """
+        with self._answered:
+            self._responses.clear()
+        info = self.client.publish(CONTROL, json.dumps({"commands": list(commands)}), qos=1)
+        with self._answered:
+            done = self._answered.wait_for(
+                lambda: len(self._responses) >= len(commands) or bool(self._dropped), self.TIMEOUT_S
+            )
+            if self._dropped and len(self._responses) < len(commands):
+                raise FleetError(
+                    f"the broker closed the identity connection ({self._dropped[0]}): the devices' listener "
+                    "allows one connection per identity, so another identity command as the same operator "
+                    "probably ran at the same time; run this one again (it is safe to repeat)"
+                )
+            if not done:
+                raise FleetError(
+                    f"the broker did not answer the dynamic-security request within {self.TIMEOUT_S:.0f} s "
+                    f"(is the plugin loaded on {self.options.host}:{self.options.address[1]}?)"
+                )
+            responses = list(self._responses)
+        del info
+        allowed = list(allow)
+        for command, response in zip(commands, responses, strict=False):
+            error = response.get("error")
+            if error and not any(text in str(error) for text in allowed):
+                raise FleetError(f"{command['command']}: {error}")
+        return responses
+
+    # -- fleet operations ------------------------------------------------------------------------
+
+    def get_client(self, name: str) -> dict[str, Any] | None:
+        """The plugin's record of client ``name``, or None."""
+        (response,) = self.run({"command": "getClient", "username": name}, allow=["not found"])
+        client = response.get("data", {}).get("client")
+        return client if isinstance(client, dict) else None
+
+    def list_clients(self) -> list[dict[str, Any]]:
+        """Every client the plugin holds (devices and operators)."""
+        (response,) = self.run({"command": "listClients", "verbose": True, "count": -1})
+        clients = response.get("data", {}).get("clients", [])
+        return [c for c in clients if isinstance(c, dict)]
+
+    def ensure_group(self, group: str, prefix: str) -> None:
+        """Create group ``group`` and its role if missing (idempotent)."""
+        role = group_role(group)
+        self.run(
+            {"command": "createRole", "rolename": role, "acls": group_acls(group, prefix)},
+            {"command": "createGroup", "groupname": role},
+            {"command": "addGroupRole", "groupname": role, "rolename": role},
+            allow=["already exists", "already in"],
+        )
+
+    def add_device(self, name: str, group: str | None, prefix: str, password: str | None = None) -> None:
+        """Register device ``name`` (its role, its group): its certificate works at once.
+
+        ``password``: the device logs in with it (a broker set up with ``--device-logins``); the
+        plugin then also binds the login to the client id ``name``.
+        """
+        existing = self.get_client(name)
+        if existing is not None and any(r.get("rolename") == ADMIN_ROLE for r in existing.get("roles", [])):
+            raise FleetError(f"{name!r} is an operator on this broker; choose another device name")
+        self.run(
+            {"command": "createRole", "rolename": device_role(name), "acls": device_acls(name, prefix)},
+            allow=["already exists"],
+        )
+        login = {"password": password, "clientid": name} if password is not None else {}
+        if existing is None:
+            self.run(
+                {
+                    "command": "createClient",
+                    "username": name,
+                    "textname": "edge-agent device",
+                    "roles": [{"rolename": device_role(name)}],
+                    **login,
+                }
+            )
+        else:
+            # Re-provisioning (or a revoked device brought back): its own role, enabled.
+            self.run(
+                {"command": "addClientRole", "username": name, "rolename": device_role(name)},
+                {"command": "enableClient", "username": name},
+                allow=["already"],
+            )
+            if password is not None:
+                self.run({"command": "setClientPassword", "username": name, "password": password})
+                self.run({"command": "setClientId", "username": name, "clientid": name})
+        self.set_group(name, group, prefix)
+
+    def set_group(self, name: str, group: str | None, prefix: str) -> list[str]:
+        """Make ``group`` device ``name``'s only group (None: no group); returns the groups it left."""
+        client = self.get_client(name)
+        if client is None:
+            raise FleetError(f"{name!r} is not a device on this broker; provision it first")
+        current = [g.get("groupname", "") for g in client.get("groups", [])]
+        wanted = group_role(group) if group else None
+        left = [g for g in current if g != wanted]
+        for old in left:
+            self.run({"command": "removeGroupClient", "groupname": old, "username": name})
+        if wanted and wanted not in current:
+            self.ensure_group(group or "", prefix)
+            self.run({"command": "addGroupClient", "groupname": wanted, "username": name})
+        if left:
+            # Subscriptions granted under the old group stay in its session until the device
+            # reconnects and renews them: disconnect it now (the agent reconnects at once).
+            self.kick(name)
+        return [g.removeprefix("group-") for g in left]
+
+    def kick(self, name: str) -> None:
+        """Disconnect ``name`` now (disable then enable: the plugin's way to kick)."""
+        self.run(
+            {"command": "disableClient", "username": name},
+            {"command": "enableClient", "username": name},
+        )
+
+    def revoke(self, name: str) -> None:
+        """Cut device ``name`` off: every role and group taken, disabled, disconnected.
+
+        mosquitto 2.0 does not consult the plugin at CONNECT for certificate logins,
+        so a disabled client could still connect: what stops it is that it has no
+        right left — every SUBSCRIBE and PUBLISH of it is refused.
+        """
+        client = self.get_client(name)
+        if client is None:
+            raise FleetError(f"{name!r} is not a device on this broker (nothing to revoke)")
+        if any(r.get("rolename") == ADMIN_ROLE for r in client.get("roles", [])):
+            raise FleetError(f"{name!r} is an operator, not a device")
+        commands: list[dict[str, Any]] = [
+            {"command": "removeClientRole", "username": name, "rolename": r["rolename"]}
+            for r in client.get("roles", [])
+        ]
+        commands += [
+            {"command": "removeGroupClient", "groupname": g["groupname"], "username": name}
+            for g in client.get("groups", [])
+        ]
+        commands.append({"command": "disableClient", "username": name})
+        self.run(*commands)
