@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         help="stop string (repeatable)",
     )
     gen.add_argument(
-        "--chat", action="store_true", help="treat PROMPT as a user message and apply the chat template"
+        "--raw",
+        action="store_true",
+        help="tokenize PROMPT as is; by default it is a user message in the model's chat template, if it has one",
     )
+    gen.add_argument(
+        "--chat", action="store_true", help=argparse.SUPPRESS
+    )  # the default now; kept for scripts
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     bench = sub.add_parser(
@@ -99,6 +104,18 @@ def _parser() -> argparse.ArgumentParser:
             "also measure the prefix cache: N shared instruction tokens before the --prompt-tokens "
             "input, first cold, then warm with a new input each run (time to first token)"
         ),
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="decode N jobs together (continuous batching); reports aggregate and per-job speed",
+    )
+    bench.add_argument(
+        "--speculate",
+        action="store_true",
+        help="prompt-lookup speculative decoding; reports drafted and accepted tokens",
     )
     bench.add_argument("--json", action="store_true")
     run = sub.add_parser("run", help="run the daemon: take jobs over MQTT and answer them")
@@ -149,7 +166,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace, **options: Any) -> Engine:
-    return Engine(args.model_dir, EngineOptions(threads=args.threads, **options))
+    speculate = bool(getattr(args, "speculate", False))
+    return Engine(args.model_dir, EngineOptions(threads=args.threads, speculate=speculate, **options))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -163,7 +181,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     engine = _engine(args)
-    if args.chat:
+    if args.chat or (not args.raw and engine.tokenizer.has_chat_template):
         ids = engine.prompt_ids(messages=[{"role": "user", "content": args.prompt}])
     else:
         ids = engine.prompt_ids(args.prompt)
@@ -196,6 +214,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise AgentError("--bandwidth-gbs must be positive")
     if args.prefix_tokens < 0:
         raise AgentError("--prefix-tokens must be 0 or more")
+    if not 1 <= args.concurrency <= 64:
+        raise AgentError("--concurrency must lie in [1, 64]")
+    if args.concurrency > 1 and args.speculate:
+        raise AgentError("--speculate and --concurrency > 1 do not combine (a batch row feeds one token)")
     # Repeated prompts would hit the prefix cache: the speed figures are cold ones, so it is off
     # unless --prefix-tokens asks to measure it.
     engine = _engine(args, **({} if args.prefix_tokens else {"prefix_cache_mb": 0}))
@@ -207,6 +229,8 @@ def _bench(args: argparse.Namespace) -> int:
     ids = (seed_ids * (args.prompt_tokens // max(1, len(seed_ids)) + 1))[: args.prompt_tokens]
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     engine.generate(ids, params)  # warm-up: first-run allocations and prepacking
+    if args.concurrency > 1:
+        return _bench_batch(args, engine, ids, params)
     runs = [engine.generate(ids, params) for _ in range(args.repeat)]
     result: dict[str, Any] = {
         "model": engine.name,
@@ -226,6 +250,13 @@ def _bench(args: argparse.Namespace) -> int:
     result["max_decode_tokens_per_s"] = (
         traffic.max_tokens_per_s(args.bandwidth_gbs) if args.bandwidth_gbs is not None else None
     )
+    result["concurrency"] = 1
+    result["speculate"] = args.speculate
+    result["drafted_tokens"] = sum(r.drafted_tokens for r in runs)
+    result["accepted_tokens"] = sum(r.accepted_tokens for r in runs)
+    result["acceptance_rate"] = (
+        result["accepted_tokens"] / result["drafted_tokens"] if result["drafted_tokens"] else None
+    )
     if args.prefix_tokens:
         result |= _bench_prefix(engine, seed_ids, args)
     if args.json:
@@ -240,6 +271,12 @@ def _bench(args: argparse.Namespace) -> int:
             f"weights read per token: {traffic.bytes_per_token / 1e6:.3f} MB "
             f"(of {traffic.total_bytes / 1e6:.3f} MB; {result['weight_read_gbs']:.2f} GB/s at this decode speed)"
         )
+        if args.speculate:
+            rate = result["acceptance_rate"]
+            print(
+                f"speculation: {result['accepted_tokens']} of {result['drafted_tokens']} drafted tokens accepted"
+                + (f" ({rate:.0%})" if rate is not None else " (nothing to copy: no drafts)")
+            )
         if args.bandwidth_gbs is not None:
             print(
                 f"projection: at {args.bandwidth_gbs:g} GB/s decode reaches at most "
@@ -285,6 +322,42 @@ def _bench_prefix(engine: Engine, seed_ids: list[int], args: argparse.Namespace)
         "warm_vs_cold": warm_ms / cold.timings.prefill_ms,
         "cached_tokens": min(w.cached_tokens for w in warm),
     }
+
+
+def _bench_batch(args: argparse.Namespace, engine: Engine, ids: list[int], params: SamplingParams) -> int:
+    """``bench --concurrency N``: N jobs of the same length (different text) decoded together."""
+    from agent.engine.batch import Batcher
+
+    aggregate: list[float] = []
+    per_job: list[float] = []
+    for _ in range(args.repeat):
+        batcher = Batcher(engine, max_batch=args.concurrency, slot_tokens=len(ids) + args.new_tokens)
+        # Each job starts at another offset of the prompt so that no two rows are the same sequence.
+        jobs = [
+            batcher.submit(ids[j % len(ids) :] + ids[: j % len(ids)], params) for j in range(args.concurrency)
+        ]
+        batcher.run()
+        aggregate.append(batcher.rows / batcher.decode_seconds if batcher.decode_seconds else 0.0)
+        per_job += [j.completion.timings.decode_tokens_per_s for j in jobs if j.completion is not None]
+    result = {
+        "model": engine.name,
+        "threads": engine.threads,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "concurrency": args.concurrency,
+        "aggregate_decode_tokens_per_s": statistics.median(aggregate),
+        "decode_tokens_per_s": statistics.median(per_job),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{engine.name}: {args.concurrency} jobs together | aggregate decode "
+            f"{result['aggregate_decode_tokens_per_s']:.1f} tok/s | per job {result['decode_tokens_per_s']:.1f} tok/s | "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB | {engine.threads} threads"
+        )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -298,6 +298,18 @@ class EngineOptions(_Section):
             "its memory and lets cancellation act between chunks."
         ),
     )
+    speculate: bool = Field(
+        False,
+        description=(
+            "Prompt-lookup speculative decoding (see agent.engine.speculate): fewer passes when the "
+            "output copies spans of the prompt; the same tokens as plain decoding except where two "
+            "candidates tie within the float rounding of a multi-token pass."
+        ),
+    )
+    speculate_max_k: int = Field(8, ge=1, le=32, description="Most draft tokens verified in one pass.")
+    max_batch: int = Field(
+        1, ge=1, le=64, description="Most sequences decoded together in one pass (see agent.engine.batch)."
+    )
 
 
 class TelemetryConfig(_Section):

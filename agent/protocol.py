@@ -159,6 +159,10 @@ class Usage(_Wire):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = Field(0, description="Prompt tokens served from the prefix cache, not computed.")
+    drafted_tokens: int | None = Field(
+        None, ge=0, description="Draft tokens verified by speculative decoding; absent when none were."
+    )
+    accepted_tokens: int | None = Field(None, ge=0, description="Of those, the ones the model agreed with.")
 
 
 class Timings(_Wire):

@@ -55,7 +55,7 @@ class Collector:
         self.client.on_socket_open = no_delay
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
-        self.client.subscribe("bench/replies", qos=1)
+        self.client.subscribe("edge/replies/bench", qos=1)
         self.client.loop_start()
         time.sleep(0.3)
 
@@ -72,7 +72,7 @@ class Collector:
 
     def publish(self, topic: str, job: dict[str, Any]) -> float:
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "bench/replies"
+        props.ResponseTopic = "edge/replies/bench"
         t = time.perf_counter()
         self.client.publish(topic, json.dumps(job).encode(), qos=1, properties=props)
         return t

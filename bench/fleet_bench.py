@@ -1,6 +1,10 @@
-"""Fleet operations at scale: 1,000 simulated devices on one mosquitto.
+"""Fleet operations at scale: 1,000 (or --devices N) simulated devices on one mosquitto.
 
-Run as ``python bench/fleet_bench.py [--devices 1000] [--delay 2] [--watch-s 60]``.
+Run as ``python bench/fleet_bench.py [--devices 1000] [--delay 2] [--watch-s 60] [--quick]``.
+
+0. **Inventory**: ``edge-fleet devices`` reads every retained status into the
+   state file and lists it (wall, CPU, peak RSS); after the rollout,
+   ``edge-fleet status`` (the one-shot table) likewise.  ``--quick`` stops there.
 
 1. **Rollout**: ``edge-fleet rollout`` over 1%,10%,50%,100% waves of
    ``--devices`` simulated devices whose updates take ``--delay`` s (±20 %).
@@ -23,6 +27,7 @@ table with the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -59,16 +64,39 @@ def _simulate(
     return proc
 
 
+class _Done(Exception):
+    """--quick: the remaining measurements are skipped."""
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
 def _run_timed(args: list[str]) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    done, wall, cpu, _rss = _run_measured(args)
+    return done, wall, cpu
+
+
+def _run_measured(args: list[str]) -> tuple[subprocess.CompletedProcess[str], float, float, float]:
+    """Run a command; its result, wall time, CPU time and peak resident memory (MiB, sampled)."""
+    import psutil
+
     cpu_before = _children_cpu()
     started = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True)
-    return done, time.perf_counter() - started, _children_cpu() - cpu_before
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True)
+        peak = 0
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, watched.memory_info().rss)
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
+    return done, wall, _children_cpu() - cpu_before, peak / 2**20
 
 
 def main() -> None:
@@ -76,6 +104,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--delay", type=float, default=2.0, help="seconds a simulated update takes")
     parser.add_argument("--watch-s", type=float, default=60.0)
+    parser.add_argument(
+        "--quick", action="store_true", help="only inventory, rollout and status (no watch, no failures)"
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(
@@ -96,12 +127,19 @@ def main() -> None:
                 broker, args.devices, "bench", "dev", trust, update_delay=args.delay, telemetry_interval=10
             )
             db = work / "rollouts.sqlite3"
-            done, wall, cpu = _run_timed(
+            where = ["--db", str(db), "--broker", f"{broker.host}:{broker.port}", "--plaintext"]
+            done, wall, cpu, rss = _run_measured([*FLEET, "devices", "--json", "--wait", "30", *where])
+            listed = len(done.stdout.splitlines())
+            rows.append(
+                ("`edge-fleet devices` (inventory from the retained statuses)", f"{listed} devices recorded and listed in {wall:.1f} s, CPU {cpu:.1f} s, peak RSS {rss:.0f} MiB")
+            )  # fmt: skip
+            done, wall, cpu, rss = _run_measured(
                 [*FLEET, "rollout", str(placeholder_release(key, "2.0.0", work)), "--group", "bench", "--waves",
-                 "1%,10%,50%,100%", "--db", str(db), "--broker", f"{broker.host}:{broker.port}", "--plaintext"]
+                 "1%,10%,50%,100%", *where]
             )  # fmt: skip
             if done.returncode != 0:
                 raise SystemExit(f"rollout failed:\n{done.stdout}\n{done.stderr}")
+            rollout_rss = rss
             with sqlite3.connect(db) as conn:
                 states = dict(conn.execute("SELECT state, COUNT(*) FROM targets GROUP BY state").fetchall())
             simulated = 4 * 1.2 * args.delay
@@ -114,7 +152,17 @@ def main() -> None:
                 ),
                 ("controller time beyond the simulated delays", f"{wall - simulated:.1f} s"),
                 ("controller CPU time", f"{cpu:.1f} s"),
+                ("controller peak RSS", f"{rollout_rss:.0f} MiB"),
             ]
+            done, wall, cpu, rss = _run_measured([*FLEET, "status", "--wait", "30", *where])
+            shown = sum(1 for line in done.stdout.splitlines() if line.startswith("dev-"))
+            rows.append(
+                ("`edge-fleet status` (one-shot table)", f"{shown} rows in {wall:.1f} s, CPU {cpu:.1f} s, peak RSS {rss:.0f} MiB")
+            )  # fmt: skip
+            if args.quick:
+                sim.terminate()
+                sim.wait(timeout=60)
+                raise _Done
 
             # 3. The live view over the same fleet (telemetry every 10 s from every device),
             # less what starting Python and connecting cost (measured alone).
@@ -170,6 +218,8 @@ def main() -> None:
             )
             sim.terminate()
             sim.wait(timeout=30)
+        except _Done:
+            pass
         finally:
             broker.stop()
 

@@ -56,6 +56,7 @@ class AgentProcess:
         telemetry: dict[str, Any] | None = None,
         health: dict[str, Any] | None = None,
         update: dict[str, Any] | None = None,
+        engine: dict[str, Any] | None = None,
         model_version: str | None = None,
         identity: Identity | None = None,
     ) -> None:
@@ -94,6 +95,8 @@ class AgentProcess:
         lines += ["[telemetry]"] + [f"{k} = {json.dumps(v)}" for k, v in telemetry.items()]
         lines += ["[health]"] + [f"{k} = {json.dumps(v)}" for k, v in (health or {}).items()]
         lines += ["[update]"] + [f"{k} = {json.dumps(v)}" for k, v in (update or {}).items()]
+        if engine:
+            lines += ["[engine]"] + [f"{k} = {json.dumps(v)}" for k, v in engine.items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from agent.engine.engine import Engine
@@ -33,6 +34,7 @@ class RecordingLink:
         self.connected = threading.Event()
         self.connected.set()
         self.alive = True
+        self.cert_expiry: datetime | None = None  # as MQTTLink: the client certificate in use
         self._mid = 0
         self._lock = threading.Lock()
 

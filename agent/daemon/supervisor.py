@@ -82,6 +82,11 @@ class Supervisor:
         self._next_prune = time.monotonic() + _PRUNE_EVERY_S
         self.cert_expires_at = _certificate_expiry(config)
 
+    def _cert_expires_at(self) -> float | None:
+        """The certificate in use: a renewed one, loaded by the link on reconnection, replaces the first."""
+        renewed = self.link.cert_expiry
+        return renewed.timestamp() if renewed is not None else self.cert_expires_at
+
     # -- called by the intake thread ------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> None:
@@ -156,7 +161,7 @@ class Supervisor:
             ),
             backlog=self.outbox.backlog,
             previous=self.health,
-            cert_expires_at=self.cert_expires_at,
+            cert_expires_at=self._cert_expires_at(),
         )
         health = message.health
         if health is not None and (self.faults.failing or resets):

@@ -30,15 +30,21 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
+from agent.daemon.batching import BatchRunner, JobHooks
 from agent.daemon.faults import Backoff, StorageFaults
 from agent.daemon.outbox import Outbox
 from agent.daemon.outcome import Models, Outcome, blame
 from agent.daemon.results import error_result, log_job
-from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, LinkError, ModelError
+from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
-from agent.protocol import Chunk, ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
+from agent.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
+
+if TYPE_CHECKING:
+    from agent.engine.engine import Completion
+    from agent.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +192,9 @@ class Worker:
         self._backoff.reset()
         if job is None:
             return False
+        if self.models.serving.engine.options.max_batch > 1:
+            BatchRunner(self).drain(job)  # this job and others claimed while it runs
+            return True
         outcome = self.run(job)
         if outcome is None:
             self.requeue(job)
@@ -270,63 +279,57 @@ class Worker:
     # -- running one job -------------------------------------------------------------------------------
 
     def _execute(self, job: StoredJob) -> Outcome | None:
+        prepared = self.prepare(job)
+        if isinstance(prepared, Outcome):
+            return prepared
+        request, ids, params = prepared
+        hooks = JobHooks(self, job)
+        self.quiet_until = time.monotonic() + _PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
+        try:
+            completion = self.models.serving.engine.generate(
+                ids, params, on_text=hooks.on_text if request.stream else None, should_stop=hooks.should_stop
+            )
+        except Exception as exc:
+            return self.failed(job, request, exc)
+        finally:
+            self.quiet_until = 0.0
+        if hooks.checkpoint:
+            return None
+        return self.completed(job, completion)
+
+    def prepare(self, job: StoredJob) -> Outcome | tuple[JobRequest, list[int], SamplingParams]:
+        """The request, prompt ids and sampling parameters of ``job``, or the outcome that ends it now."""
         request = JobRequest.model_validate_json(job.request)
-        serving = self.models.serving
         if job.deadline is not None and job.deadline <= time.time():
             return Outcome(
                 self._error(job.id, "expired", "expired", "the job expired while it waited in the queue")
             )
         try:
-            engine = serving.engine
+            engine = self.models.serving.engine
             if request.messages is not None:
                 ids = engine.prompt_ids(messages=[m.model_dump() for m in request.messages])
             else:
                 ids = engine.prompt_ids(request.prompt)
-            params = request.sampling_params()
+            return request, ids, request.sampling_params()
         except InvalidRequestError as exc:
             return Outcome(self._error(job.id, "rejected", exc.code, exc.message))
         except Exception as exc:  # a template that fails to render, a tokenizer fault
             log.exception("job %s: cannot build the prompt", job.id)
             return Outcome(self._error(job.id, "failed", "internal", f"{type(exc).__name__}: {exc}"))
-        seq = 0
 
-        def on_text(text: str) -> None:
-            nonlocal seq
-            chunk = Chunk(id=job.id, seq=seq, text=text)
-            try:
-                self._publish_chunk(job.reply_topic, chunk.model_dump_json().encode(), job.correlation)
-            except LinkError as exc:  # the stream has a gap; the result still carries the whole text
-                log.warning("job %s: chunk %d not published: %s", job.id, seq, exc)
-            seq += 1
-
-        checkpoint = False
-
-        def should_stop() -> bool:
-            nonlocal checkpoint
-            self.beat = time.monotonic()
-            if self._deadline is not None and time.monotonic() > self._deadline:
-                checkpoint = True
-                return True
-            with self._lock:
-                return job.id in self._cancel
-
-        self.quiet_until = time.monotonic() + _PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
-        try:
-            completion = engine.generate(
-                ids, params, on_text=on_text if request.stream else None, should_stop=should_stop
-            )
-        except (ContextOverflowError, InvalidRequestError) as exc:
+    def failed(self, job: StoredJob, request: JobRequest, exc: Exception) -> Outcome:
+        """The outcome of a job whose generation raised ``exc``."""
+        if isinstance(exc, ContextOverflowError | InvalidRequestError):
             return Outcome(self._error(job.id, "rejected", exc.code, exc.message))
-        except (ModelError, GenerationError) as exc:  # the engine says the model failed
+        if isinstance(exc, ModelError | GenerationError):  # the engine says the model failed
             return Outcome(self._error(job.id, "failed", exc.code, exc.message), "failure")
-        except Exception as exc:  # the engine failing must not take the daemon down
-            log.exception("job %s failed", job.id)
-            result = self._error(job.id, "failed", "internal", f"{type(exc).__name__}: {exc}")
-            return Outcome(result, blame(exc, request))
-        finally:
-            self.quiet_until = 0.0
-        if checkpoint:
-            return None
+        # the engine failing must not take the daemon down
+        log.error("job %s failed", job.id, exc_info=exc)
+        result = self._error(job.id, "failed", "internal", f"{type(exc).__name__}: {exc}")
+        return Outcome(result, blame(exc, request))
+
+    def completed(self, job: StoredJob, completion: Completion) -> Outcome:
+        """The outcome of a job that generated ``completion``."""
         status: JobStatus = "canceled" if completion.finish_reason == "canceled" else "succeeded"
         result = Result(
             id=job.id,
@@ -337,14 +340,18 @@ class Worker:
                 prompt_tokens=completion.prompt_tokens,
                 completion_tokens=completion.completion_tokens,
                 cached_tokens=completion.cached_tokens,
+                drafted_tokens=completion.drafted_tokens or None,
+                accepted_tokens=completion.accepted_tokens if completion.drafted_tokens else None,
             ),
             timings=completion.timings,
-            model=serving.ref,
+            model=self.models.serving.ref,
             device_id=self.device_id,
             error=ErrorInfo(code="canceled", message="canceled while running")
             if status == "canceled"
             else None,
         )
+        if completion.drafted_tokens:
+            self.stats.record_speculation(completion.drafted_tokens, completion.accepted_tokens)
         return Outcome(result, "success" if status == "succeeded" else "none")
 
     def _error(self, job_id: str, status: JobStatus, code: JobErrorCode, message: str) -> Result:

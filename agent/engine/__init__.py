@@ -2,7 +2,8 @@
 
 Owned by whichever thread calls it (the daemon's worker); an ``Engine`` is not
 shared between threads. Its modules: ``engine`` (prefill and decode loop),
-``kv_cache``, ``sampling``, ``tokenizer``, ``text_stream`` (UTF-8-safe
+``kv_cache``, ``speculate`` (prompt-lookup speculative decoding), ``batch``
+(continuous batching), ``sampling``, ``tokenizer``, ``text_stream`` (UTF-8-safe
 streaming, stop strings), ``model_folder`` (genai_config.json),
 ``onnx_graph`` and ``weight_traffic`` (bytes read per token).
 """

@@ -30,6 +30,7 @@ from agent.engine.model_folder import ModelFolder
 from agent.engine.prefill import open_prefix_cache, plan_chunks
 from agent.engine.prefix_cache import PrefixCacheStats
 from agent.engine.sampling import Sampler, SamplingParams
+from agent.engine.speculate import Speculator
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
 from agent.engine.tokenizer import Tokenizer
 from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
@@ -56,6 +57,8 @@ class Completion(BaseModel):
         0, description="Prompt tokens whose keys and values came from the prefix cache."
     )
     timings: Timings
+    drafted_tokens: int = Field(0, description="Draft tokens verified (speculative decoding).")
+    accepted_tokens: int = Field(0, description="Draft tokens the model agreed with.")
 
 
 def _default_threads() -> int:
@@ -201,6 +204,8 @@ class Engine:
         prefill_done = time.perf_counter()
         cached_tokens = self._cached_tokens
 
+        spec = self._speculator(ids, binding, sampler)
+        ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
         generated: list[int] = []
         finish: FinishReason = "length"
         while True:
@@ -219,9 +224,16 @@ class Engine:
             if should_stop is not None and should_stop():
                 finish = "canceled"
                 break
+            total = n_prompt + len(generated)
+            if ahead:
+                token = ahead.pop(0)
+                continue
+            if spec is not None:
+                room = min(capacity - total, max_new - len(generated) - 1)
+                token, *ahead = spec.step(token, total - 1, room)
+                continue
             # Decode: feed the token just chosen at position n_prompt + len - 1.
             self._token[0, 0] = token
-            total = n_prompt + len(generated)
             self._bind_mask(binding, total, positions_from=total - 1)
             self.session.run_with_iobinding(binding)
             token = sampler(self._step_logits[0, -1])
@@ -243,6 +255,8 @@ class Engine:
             prompt_tokens=n_prompt,
             completion_tokens=len(generated),
             cached_tokens=cached_tokens,
+            drafted_tokens=spec.drafted if spec else 0,
+            accepted_tokens=spec.accepted if spec else 0,
             timings=Timings(
                 prefill_ms=prefill_s * 1e3,
                 decode_ms=decode_s * 1e3,
@@ -270,6 +284,24 @@ class Engine:
                 prefill_tokens_per_s=0.0,
                 decode_tokens_per_s=0.0,
             ),
+        )
+
+    def _speculator(self, ids: list[int], binding: ort.IOBinding, sampler: Sampler) -> Speculator | None:
+        """A draft-and-verify stepper for this request, or None when speculation is off."""
+        if not self.options.speculate or self._io.prefill_logits_rows(2) == 1:
+            return None  # an export with last-position logits only cannot verify drafts
+
+        def forward(new: npt.NDArray[np.int64], past: int, logits: npt.NDArray[Any]) -> None:
+            self._bind_step(binding, new, past=past, logits=logits)
+            self.session.run_with_iobinding(binding)
+
+        return Speculator(
+            forward,
+            sampler,
+            ids,
+            vocab=self._io.vocab,
+            logits_dtype=self._io.logits_dtype,
+            max_k=self.options.speculate_max_k,
         )
 
     def token_ranks(self, prompt_ids: Sequence[int], expected: Sequence[int]) -> list[int]:

@@ -66,26 +66,42 @@ class StopFilter:
         """
         if self.stopped or not delta:
             return ""
-        start = max(0, len(self.text) - self._longest + 1)
         self.text += delta
         if not self._stops:
             return self._release(len(self.text))
-        cut = min((i for i in (self.text.find(s, start) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self.text = self.text[:cut]
-            return self._release(cut)
-        return self._release(len(self.text) - self._held_back())
+        cut = self._first_stop()
+        pending = len(self.text) - self._held_back()
+        # A complete stop wins only if no longer stop that starts earlier may still complete
+        # (stops "y" and "bya" on "by": wait for the next character).
+        if cut >= 0 and cut <= pending:
+            return self._stop_at(cut)
+        return self._release(pending if cut < 0 else min(cut, pending))
 
     def flush(self) -> str:
         """At the end of generation: release what was held back for a possible stop."""
-        return "" if self.stopped else self._release(len(self.text))
+        if self.stopped:
+            return ""
+        cut = self._first_stop()
+        return self._stop_at(cut) if cut >= 0 else self._release(len(self.text))
+
+    def _first_stop(self) -> int:
+        """Where the earliest complete stop string starts in the unreleased text, or -1.
+
+        Released text never begins a stop: a tail that could is held back until it cannot.
+        """
+        found = (self.text.find(s, self._released) for s in self._stops)
+        return min((i for i in found if i >= 0), default=-1)
+
+    def _stop_at(self, cut: int) -> str:
+        self.stopped = True
+        self.text = self.text[:cut]
+        return self._release(cut)
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that begins some stop string."""
-        for n in range(min(self._longest - 1, len(self.text)), 0, -1):
+        """Length of the longest unreleased tail that is a proper beginning of some stop string."""
+        for n in range(min(self._longest - 1, len(self.text) - self._released), 0, -1):
             tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self._stops):
+            if any(len(s) > n and s.startswith(tail) for s in self._stops):
                 return n
         return 0
 

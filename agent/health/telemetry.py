@@ -140,6 +140,14 @@ class JobsTelemetry(_Part):
     latency_p50_s: float | None = Field(None, description="Median time from receipt to result.")
     latency_p95_s: float | None = None
     decode_tok_s: float | None = Field(None, description="Mean of the jobs' decode speeds, tokens/s.")
+    drafted_tokens: int = Field(
+        0, description="Draft tokens verified (speculative decoding) in the interval."
+    )
+    accepted_tokens: int = Field(0, description="Of those, the ones the model agreed with.")
+    acceptance_rate: float | None = Field(None, description="accepted / drafted; null without drafts.")
+    batch_occupancy: float | None = Field(
+        None, description="Mean share of the batch's slots busy per decode pass; null without batching."
+    )
     store_errors: int = Field(
         0, description="Job store errors (a full or failing disk) since the agent started."
     )
@@ -238,6 +246,8 @@ class JobStats:
         self._total = JobCounts()
         self._latencies: deque[float] = deque(maxlen=max_samples)
         self._speeds: deque[float] = deque(maxlen=max_samples)
+        self._drafted = self._accepted = 0
+        self._slot_steps = self._busy_slot_steps = 0
 
     def record(
         self, status: JobStatus, latency_s: float | None = None, decode_tok_s: float | None = None
@@ -257,9 +267,24 @@ class JobStats:
             if decode_tok_s is not None and math.isfinite(decode_tok_s) and decode_tok_s > 0:
                 self._speeds.append(decode_tok_s)
 
+    def record_speculation(self, drafted: int, accepted: int) -> None:
+        """Count one job's draft tokens and the ones accepted (from its ``Usage``)."""
+        with self._lock:
+            self._drafted += max(0, drafted)
+            self._accepted += max(0, min(accepted, drafted))
+
+    def record_batch(self, busy_rows: int, passes: int, max_batch: int) -> None:
+        """Count ``passes`` batched decode passes that ran ``busy_rows`` sequences in all."""
+        with self._lock:
+            self._busy_slot_steps += max(0, busy_rows)
+            self._slot_steps += max(0, passes * max_batch)
+
     def snapshot_and_reset(self, queue_depth: int | None = None) -> JobsTelemetry:
         """The figures since the previous call; the interval starts afresh."""
         with self._lock:
+            drafted, accepted = self._drafted, self._accepted
+            busy, slots = self._busy_slot_steps, self._slot_steps
+            self._drafted = self._accepted = self._slot_steps = self._busy_slot_steps = 0
             interval, self._interval = self._interval, JobCounts()
             total = self._total.model_copy()
             latencies = sorted(self._latencies)
@@ -273,6 +298,10 @@ class JobStats:
             latency_p50_s=_round(percentile(latencies, 0.50), 3),
             latency_p95_s=_round(percentile(latencies, 0.95), 3),
             decode_tok_s=_round(sum(speeds) / len(speeds) if speeds else None, 1),
+            drafted_tokens=drafted,
+            accepted_tokens=accepted,
+            acceptance_rate=_round(accepted / drafted if drafted else None, 3),
+            batch_occupancy=_round(busy / slots if slots else None, 3),
         )
 
 

@@ -25,12 +25,13 @@ from agent.errors import LinkError
 from agent.link.mqtt import no_delay
 from agent.link.tls import client_context
 
+from .errors import FleetError
+from .profile import Protocol, load_profile
+
 #: The operators' listener of `edge-fleet broker init` (devices use 8883).
 TLS_PORT = 8884
 
-
-class FleetError(Exception):
-    """An operator command cannot do what was asked (the message says why)."""
+__all__ = ["BrokerOptions", "FleetError", "add_broker_args", "connect", "options_from"]
 
 
 def identity_of(options: BrokerOptions) -> str:
@@ -96,6 +97,7 @@ class BrokerOptions:
     username: str | None = None
     password: str | None = None
     plaintext: bool = False  # explicitly plain TCP: no TLS at all
+    protocol: Protocol = "5"  # "3.1.1" for brokers without MQTT 5 (NATS)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -137,15 +139,16 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def add_broker_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every command that talks to the broker takes."""
+    """The flags every command that talks to the broker takes (defaults: the profile, see ``profile``)."""
     parser.add_argument(
         "--broker",
         type=parse_address,
-        default=("127.0.0.1", 0),
+        default=None,
         metavar="HOST:PORT",
-        help="MQTT broker: the operators' listener (default 127.0.0.1, port 8884, or 1883 with --plaintext)",
+        help="MQTT broker: the operators' listener (default: the profile's, else 127.0.0.1, port 8884, "
+        "or 1883 with --plaintext)",
     )
-    parser.add_argument("--topic-prefix", default="edge", help="first level of every topic (default: edge)")
+    parser.add_argument("--topic-prefix", default=None, help="first level of every topic (default: edge)")
     # --tls-* rather than --key: release and rollback take --key for the signing key.
     parser.add_argument(
         "--tls-ca",
@@ -157,29 +160,49 @@ def add_broker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username")
     parser.add_argument(
         "--password",
-        default=os.environ.get("EDGE_FLEET_PASSWORD"),
+        default=None,
         help="with --username: login over TLS (default: $EDGE_FLEET_PASSWORD, which `ps` does not show)",
     )
     parser.add_argument(
         "--plaintext",
         action="store_true",
+        default=None,
         help="plain TCP, no TLS: only for a broker on this machine or a lab",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("5", "3.1.1"),
+        default=None,
+        help="MQTT version (default 5; 3.1.1 for NATS: no submit, no group jobs)",
     )
 
 
 def options_from(args: argparse.Namespace) -> BrokerOptions:
-    """The ``BrokerOptions`` given on the command line."""
-    host, port = args.broker
+    """The ``BrokerOptions`` given on the command line, completed from the profile and
+    ``EDGE_FLEET_*`` variables (a flag wins over a variable, a variable over the profile file)."""
+    profile = load_profile()
+    address = args.broker
+    if address is None and profile.broker:
+        try:
+            address = parse_address(profile.broker)
+        except argparse.ArgumentTypeError as exc:
+            raise FleetError(f"the profile's broker: {exc}") from None
+    host, port = address or ("127.0.0.1", 0)
+    plaintext = args.plaintext if args.plaintext is not None else bool(profile.plaintext)
+    explicit_tls = any(getattr(args, name) is not None for name in ("tls_ca", "tls_cert", "tls_key"))
+    if args.plaintext is None and explicit_tls:
+        plaintext = False  # TLS flags on the command line win over a plain-TCP profile
     return BrokerOptions(
         host=host,
         port=port or None,
-        prefix=args.topic_prefix,
-        ca=args.tls_ca,
-        cert=args.tls_cert,
-        key=args.tls_key,
-        username=args.username,
-        password=args.password,
-        plaintext=args.plaintext,
+        prefix=args.topic_prefix or profile.topic_prefix or "edge",
+        ca=None if plaintext else (args.tls_ca or profile.tls_ca),
+        cert=None if plaintext else (args.tls_cert or profile.tls_cert),
+        key=None if plaintext else (args.tls_key or profile.tls_key),
+        username=args.username or profile.username,
+        password=args.password or os.environ.get("EDGE_FLEET_PASSWORD"),
+        plaintext=plaintext,
+        protocol=args.protocol or profile.protocol or "5",
     )
 
 
@@ -188,7 +211,7 @@ def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float 
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"{name}-{uuid.uuid4().hex[:12]}",
-        protocol=MQTTProtocolVersion.MQTTv5,
+        protocol=MQTTProtocolVersion.MQTTv311 if options.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5,
     )
     client.on_socket_open = no_delay
     options.configure(client)

@@ -8,16 +8,42 @@ talks to the broker takes the flags of ``broker.add_broker_args``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from agent import __version__
 from agent.errors import AgentError
 
-from . import broker, identity, jobs, pki, releases, rollout, setup, simulate, views
+from . import (
+    assignments,
+    broker,
+    deploy,
+    identity,
+    inventory,
+    jobs,
+    pki,
+    releases,
+    rollout_cmd,
+    setup,
+    simulate,
+    views,
+)
 
 #: Modules that add sub-commands, in the order ``--help`` lists them; each has ``register(sub)``.
-_COMMAND_MODULES = (jobs, views, releases, rollout, simulate, pki, identity, setup)
+_COMMAND_MODULES = (
+    jobs,
+    views,
+    inventory,
+    releases,
+    deploy,
+    rollout_cmd,
+    assignments,
+    simulate,
+    pki,
+    identity,
+    setup,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edge-fleet status | head`): stop quietly, as other tools do.
+        # Python would complain again flushing stdout at exit, so point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     return code
 
 

@@ -9,6 +9,7 @@ counted and ignored: one broken box must not blind the operator to the rest.
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from agent.protocol import ModelState, Status
 
 from .broker import BrokerOptions, connect
 
-Kind = Literal["status", "model", "telemetry"]
+Kind = Literal["status", "model", "telemetry", "desired"]
 # Retained messages arrive in one burst right after subscribing; this much quiet ends it.
 _RETAINED_QUIET_S = 0.5
 
@@ -35,7 +36,9 @@ class Device:
     status: Status | None = None
     model: ModelState | None = None
     telemetry: Telemetry | None = None
+    desired: str | None = None  # NAME@VERSION of its own retained desired state (when subscribed)
     last_seen: float = 0.0
+    offline_since: float | None = None  # when it was seen going offline (else its status's ``since``)
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,13 @@ class DeviceRow:
     update_phase: str | None
     update_progress: float | None
     update_error: str | None
+    update_message: str | None
     temp_c: float | None
     mem_available_mb: int | None
     queue: int | None
     tok_s: float | None
     last_seen: float
+    offline_since: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict."""
@@ -94,6 +99,9 @@ class FleetView:
             elif rest == ["telemetry"]:
                 kind = "telemetry"
                 value = Telemetry.model_validate_json(payload)
+            elif rest == ["model", "desired"]:
+                kind = "desired"
+                value = _release_of(payload) if payload else None
             else:
                 return None
         except ValidationError:
@@ -102,8 +110,15 @@ class FleetView:
         device = self.devices.get(device_id)
         if device is None:
             device = self.devices[device_id] = Device(device_id)
+        if kind == "status":
+            was_online = device.status is not None and device.status.online
+            if value is not None and not value.online:
+                device.offline_since = time.time() if was_online else value.since
+            else:
+                device.offline_since = None
         setattr(device, kind, value)
-        device.last_seen = time.time()
+        if kind != "desired":  # (an operator's message, not the device's)
+            device.last_seen = time.time()
         return device_id, kind
 
     def row(self, device: Device) -> DeviceRow:
@@ -130,11 +145,13 @@ class FleetView:
             update_phase=update.phase if update else None,
             update_progress=update.progress if update else None,
             update_error=update.error.code if update and update.error else None,
+            update_message=update.error.message if update and update.error else None,
             temp_c=temp,
             mem_available_mb=tele.memory.available_mb if tele else None,
             queue=tele.jobs.queue_depth if tele else None,
             tok_s=tele.jobs.decode_tok_s if tele else None,
             last_seen=device.last_seen,
+            offline_since=device.offline_since if status is not None and not status.online else None,
         )
 
     def rows(self, group: str | None = None) -> list[DeviceRow]:
@@ -142,6 +159,8 @@ class FleetView:
         found = []
         for device_id in sorted(self.devices):
             device = self.devices[device_id]
+            if device.last_seen == 0.0:
+                continue  # only an operator's desired state: not a device seen
             if group is not None and (device.status is None or device.status.group != group):
                 continue
             found.append(self.row(device))
@@ -160,10 +179,19 @@ class FleetView:
         }
 
 
+def _release_of(payload: bytes) -> str:
+    """``NAME@VERSION`` of a desired-state manifest (without checking it: only for display)."""
+    try:
+        data = json.loads(payload)
+        return f"{data['name']}@{data['version']}"
+    except (ValueError, KeyError, TypeError):
+        return "(unreadable manifest)"
+
+
 class FleetFeed:
     """A broker connection that fills a ``FleetView``; ``pump`` moves messages in on the caller's thread."""
 
-    def __init__(self, options: BrokerOptions, *, telemetry: bool) -> None:
+    def __init__(self, options: BrokerOptions, *, telemetry: bool, desired: bool = False) -> None:
         self.view = FleetView(options.prefix)
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self.client = connect(options, name="edge-fleet")
@@ -171,6 +199,8 @@ class FleetFeed:
         subscriptions = self.view.subscriptions()
         if not telemetry:
             subscriptions = [s for s in subscriptions if not s[0].endswith("/telemetry")]
+        if desired:
+            subscriptions.append((f"{options.prefix}/+/model/desired", 1))
         self.client.subscribe(subscriptions)
 
     def pump(self, wait: float) -> int:

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 from pathlib import Path
 
 from cryptography import x509
@@ -174,6 +175,7 @@ def provision_command(args: argparse.Namespace) -> int:
             )
         )
         written.append(toml)
+        record_provisioned(written[0], args.group)  # the inventory (edge-fleet devices) knows it from now
         if not keys:
             print(
                 "note: no --trusted-key: this box refuses every model release until [update] trusted_keys is set"
@@ -195,6 +197,18 @@ def provision_command(args: argparse.Namespace) -> int:
             f"edge-fleet flags: --tls-ca {out / 'ca.crt'} --tls-cert {out / f'{name}.crt'} --tls-key {out / f'{name}.key'}"
         )
     return 0
+
+
+def record_provisioned(cert: Path, group: str | None) -> None:
+    """Record a device certificate in the operator's inventory (a warning if the state file cannot be written)."""
+    from .inventory import Inventory
+
+    try:
+        Inventory.open().record_certificate(cert, group)
+    except (OSError, sqlite3.Error) as exc:
+        print(
+            f"warning: not recorded in the inventory ({exc}); `edge-fleet devices` shows it once it connects"
+        )
 
 
 # -- the library ----------------------------------------------------------------------------------

@@ -137,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{result.usage.completion_tokens} tokens, {speed}finish: {result.finish_reason}]",
                 file=sys.stderr,
             )
+            bin_dir = Path(sys.executable).parent
+            if (bin_dir / "activate").exists() and str(bin_dir) not in os.environ.get("PATH", "").split(":"):
+                print(
+                    f"edge-agent and edge-fleet are in {bin_dir}: `. {bin_dir / 'activate'}` puts them on PATH",
+                    file=sys.stderr,
+                )
             return 0
         except JobFailed as exc:
             print(f"quickstart failed: {exc}", file=sys.stderr)

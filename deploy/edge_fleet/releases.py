@@ -1,9 +1,8 @@
-"""Signed model releases: ``keygen``, ``release``, ``deploy`` and ``rollback``.
+"""Signed model releases: ``keygen`` and ``release``.
 
 A release is a folder to serve over HTTP(S): the model's files and
-``manifest.json`` (see ``agent.updates.manifest``).  ``deploy`` publishes a manifest as
-the retained desired state of a device or a group; boxes converge to it by
-themselves and report on ``{prefix}/{device}/model/state``.
+``manifest.json`` (see ``agent.updates.manifest``); ``deploy`` (module ``deploy``)
+makes it the desired state of a device or a group.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from agent.errors import UpdateError
 from agent.updates import signing
 from agent.updates.manifest import FileEntry, Manifest, SemVer, SmokeTest
 
-from .broker import FleetError, add_broker_args, connect, options_from
+from .errors import FleetError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,9 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release = sub.add_parser("release", help="hash, smoke-test and sign a model folder for serving")
     release.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     release.add_argument("--name", required=True, help="model name (e.g. phi3-mini)")
-    release.add_argument(
-        "--version", required=True, help="semantic version, above what the boxes run of this model"
-    )
+    release.add_argument("--version", required=True, help="semantic version, above what the boxes run")
     release.add_argument("--base-url", required=True, help="where DIR will be served (http:// or https://)")
     release.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="fleet.key")
     release.add_argument(
@@ -51,39 +50,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release.add_argument("--smoke-prompt", default="The device reports", help="prompt of the smoke test")
     release.add_argument("--smoke-tokens", type=int, default=16, help="greedy tokens recorded (default 16)")
     release.add_argument("--expires-days", type=float, default=30.0, help="boxes refuse it after this")
-    _add_replace_model(release)
+    release.add_argument("--force", action="store_true", help="replace an existing release in --out")
+    add_replace_model(release)
     release.set_defaults(func=release_command)
 
-    deploy = sub.add_parser("deploy", help="make a release the desired model of a device or group")
-    deploy.add_argument("manifest", type=Path, nargs="?", metavar="MANIFEST", help="manifest.json")
-    _add_target(deploy)
-    deploy.add_argument(
-        "--clear",
-        action="store_true",
-        help="remove the desired state instead (a device then follows its group)",
-    )
-    add_broker_args(deploy)
-    deploy.set_defaults(func=deploy_command)
 
-    rollback = sub.add_parser("rollback", help="sign and deploy an explicit rollback to an earlier release")
-    rollback.add_argument(
-        "manifest", type=Path, metavar="MANIFEST", help="manifest.json of the release to go back to"
-    )
-    rollback.add_argument("--key", type=Path, required=True, metavar="PRIVATE_KEY", help="fleet.key")
-    rollback.add_argument("--expires-days", type=float, default=7.0, help="boxes refuse it after this")
-    rollback.add_argument(
-        "--out",
-        type=Path,
-        metavar="FILE",
-        help="write the signed rollback manifest here instead of deploying it (to roll it out in waves)",
-    )
-    _add_replace_model(rollback)
-    _add_target(rollback, required=False)
-    add_broker_args(rollback)
-    rollback.set_defaults(func=rollback_command)
-
-
-def _add_replace_model(parser: argparse.ArgumentParser) -> None:
+def add_replace_model(parser: argparse.ArgumentParser) -> None:
+    """``--replace-model NAME`` (release and rollback): an explicit, signed switch of model."""
     parser.add_argument(
         "--replace-model",
         action="append",
@@ -96,7 +69,8 @@ def _add_replace_model(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _replaces(names: list[str], release_name: str) -> tuple[str, ...]:
+def replaces_of(names: list[str], release_name: str) -> tuple[str, ...]:
+    """The checked, de-duplicated ``replaces`` of a release named ``release_name``."""
     for name in names:
         if not _MODEL_NAME.fullmatch(name) or name == release_name:
             raise FleetError(
@@ -106,12 +80,6 @@ def _replaces(names: list[str], release_name: str) -> tuple[str, ...]:
 
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def _add_target(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    target = parser.add_mutually_exclusive_group(required=required)
-    target.add_argument("--device", help="one device id")
-    target.add_argument("--group", help="every device of a group (a device's own desired state wins)")
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -139,6 +107,11 @@ def keygen_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """The fleet's signing key from ``path``."""
+    return _private_key(path)
+
+
 def _private_key(path: Path) -> Ed25519PrivateKey:
     try:
         return signing.load_private(path.read_bytes())
@@ -162,6 +135,7 @@ def release_command(args: argparse.Namespace) -> int:
         smoke_prompt=args.smoke_prompt,
         smoke_tokens=args.smoke_tokens,
         expires_days=args.expires_days,
+        force=args.force,
         replaces=args.replace_model,
     )
     print(
@@ -185,13 +159,16 @@ def build_release(
     smoke_prompt: str = "The device reports",
     smoke_tokens: int = 16,
     expires_days: float = 30.0,
+    force: bool = True,
     replaces: Sequence[str] = (),
 ) -> Manifest:
     """Copy ``source`` to ``out`` with a signed ``manifest.json``; returns the manifest.
 
-    ``replaces``: other model names boxes may switch from to this release (signed).
-    """
-    replacing = _replaces(list(replaces), name)
+    The release is built in a hidden folder beside ``out`` and renamed into place at the end: a
+    failure leaves nothing behind.  An existing ``out`` is replaced only with ``force`` (the
+    command line passes ``--force``, default off; scripts rebuilding a release keep the default).
+    ``replaces``: other model names boxes may switch from to this release (signed)."""
+    replacing = replaces_of(list(replaces), name)
     try:
         SemVer(version)
     except ValueError as exc:
@@ -199,9 +176,54 @@ def build_release(
     if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
         raise FleetError(f"--base-url must be http:// or https://, not {base_url!r}")
     files = _model_files(source)
-    out.mkdir(parents=True, exist_ok=True)
     if out.resolve() == source.resolve():
         raise FleetError("--out must differ from MODEL_DIR")
+    if out.exists() and any(out.iterdir()) and not force:
+        what = "a release" if (out / "manifest.json").exists() else "files"
+        raise FleetError(
+            f"{out} already holds {what}: boxes may be downloading it; release a new version into a new "
+            "folder, or pass --force to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifest = _build(
+            source,
+            files,
+            work,
+            name,
+            version,
+            base_url,
+            key,
+            precision,
+            smoke_prompt,
+            smoke_tokens,
+            expires_days,
+            replacing,
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _build(
+    source: Path,
+    files: list[str],
+    out: Path,
+    name: str,
+    version: str,
+    base_url: str,
+    key: Ed25519PrivateKey,
+    precision: str | None,
+    smoke_prompt: str,
+    smoke_tokens: int,
+    expires_days: float,
+    replacing: tuple[str, ...],
+) -> Manifest:
     entries = _copy_and_hash(source, files, out, base_url.rstrip("/"))
     smoke, memory = _record_smoke_test(out, smoke_prompt, smoke_tokens)
     now = int(time.time())
@@ -284,7 +306,7 @@ def _record_smoke_test(folder: Path, prompt: str, tokens: int) -> tuple[SmokeTes
 # -- deploy and rollback ---------------------------------------------------------------------------
 
 
-def _read_manifest(path: Path) -> Manifest:
+def read_manifest(path: Path) -> Manifest:
     try:
         return Manifest.parse(path.read_bytes())
     except OSError as exc:
@@ -295,7 +317,7 @@ def _read_manifest(path: Path) -> Manifest:
 
 def read_deployable(path: Path) -> Manifest:
     """A manifest that boxes could accept: signed, not expired, every path inside its folder."""
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if not manifest.signature:
         raise FleetError(f"{path} is not signed")
     if manifest.expires_at <= time.time():
@@ -307,64 +329,18 @@ def read_deployable(path: Path) -> Manifest:
     return manifest
 
 
-def _desired_topic(args: argparse.Namespace) -> str:
-    prefix = args.topic_prefix
-    return (
-        f"{prefix}/{args.device}/model/desired"
-        if args.device
-        else f"{prefix}/groups/{args.group}/model/desired"
-    )
-
-
-def _publish_retained(args: argparse.Namespace, topic: str, payload: bytes) -> None:
-    client = connect(options_from(args))
-    try:
-        info = client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(timeout=10)
-        if not info.is_published():
-            raise FleetError(f"the broker did not acknowledge the publication to {topic}")
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def deploy_command(args: argparse.Namespace) -> int:
-    """``edge-fleet deploy MANIFEST (--device ID | --group G)``."""
-    topic = _desired_topic(args)
-    if args.clear:
-        _publish_retained(args, topic, b"")
-        print(f"cleared the desired model on {topic}")
-        return 0
-    if args.manifest is None:
-        raise FleetError("give a MANIFEST to deploy (or --clear)")
-    manifest = read_deployable(args.manifest)
-    _publish_retained(args, topic, manifest.model_dump_json().encode())
-    print(f"desired model of {args.device or 'group ' + args.group}: {manifest.release_id}")
-    return 0
-
-
-def rollback_command(args: argparse.Namespace) -> int:
-    """``edge-fleet rollback MANIFEST --key KEY (--device ID | --group G | --out FILE)``: an explicit,
-    signed rollback, deployed at once or written for ``edge-fleet rollout``."""
-    key = _private_key(args.key)
-    earlier = _read_manifest(args.manifest)
+def sign_rollback(
+    earlier: Manifest, key: Ed25519PrivateKey, expires_days: float, replace_models: Sequence[str] = ()
+) -> Manifest:
+    """``earlier`` signed again as an explicit rollback release (boxes accept it below their version);
+    ``replace_models``: models boxes may be running now, to switch back from (added to its ``replaces``)."""
     now = int(time.time())
-    replaces = _replaces([*earlier.replaces, *args.replace_model], earlier.name)
-    manifest = earlier.model_copy(
+    replaces = replaces_of([*earlier.replaces, *replace_models], earlier.name)
+    return earlier.model_copy(
         update={
             "rollback": True,
             "replaces": replaces,
             "created_at": now,
-            "expires_at": now + int(args.expires_days * 86400),
+            "expires_at": now + int(expires_days * 86400),
         }
     ).signed(key)
-    if args.out is not None:
-        args.out.write_text(manifest.model_dump_json(indent=2) + "\n")
-        print(f"rollback release to {manifest.release_id} written to {args.out}")
-        if not (args.device or args.group):
-            return 0
-    elif not (args.device or args.group):
-        raise FleetError("give --device or --group to deploy the rollback, or --out to write it")
-    _publish_retained(args, _desired_topic(args), manifest.model_dump_json().encode())
-    print(f"rollback of {args.device or 'group ' + args.group} to {manifest.release_id} deployed")
-    return 0

@@ -1,243 +1,67 @@
 """Staged rollouts: a release goes to a group in waves, and stops by itself when too many fail.
 
     edge-fleet rollout MANIFEST --group G --waves 1%,10%,50%,100% [--wave-timeout S]
-                       [--max-failure-rate R] [--min-devices N]
-    edge-fleet rollout status [ID] | abort ID | resume ID
+                       [--max-failure-rate R] [--min-devices N] [--defer-offline]
+    edge-fleet rollout status [ID] | abort ID | resume ID | rollback ID --key KEY
 
-The group's devices (from their retained status) are split into waves when
-the rollout starts (online devices first); devices that join the group later
-are added to the next wave (or, during the last one, sent the release at once).  A wave publishes the
-manifest as each of its devices' own retained desired state; the next wave
-starts when every device of the current one reports the release ``active`` or
-``failed``, or when the wave timeout ends (devices silent by then count as
-failures).  When failures exceed ``max_failure_rate`` of the devices in the
-waves so far — a rate that more answers can no longer bring back under — the
-rollout halts.  ``abort`` stops it and withdraws the desired state of devices
-that had not finished; ``resume`` continues an aborted or halted one (the
-failures seen so far are then accepted).
+The group's devices come from the inventory (every device provisioned into or
+ever seen in the group, offline ones included) and the broker's retained
+statuses; they are split into waves when the rollout starts (online devices
+first); devices that join the group later are added to the next wave.  A wave
+records and publishes the manifest as each of its devices' own retained desired
+state; the next wave starts when every device of the current one reports the
+release ``active`` or ``failed``, or when the wave timeout ends (devices silent
+by then, offline ones included, count as failures).  With ``--defer-offline``
+devices offline when their wave starts are sent the release but not waited
+for: they are ``deferred``, and the rollout ends ``waiting`` (not ``done``)
+until each has reported.  When failures exceed ``max_failure_rate`` of the
+devices in the waves so far the rollout halts.  ``abort`` stops it for good
+and withdraws the desired state of devices that had not finished; ``resume``
+continues a halted one (the failures seen so far are then accepted);
+``rollback ID`` returns the devices that rollout touched to what they ran
+before, in waves of its own.
 
-Everything lives in SQLite (``--db``), so the controller can be stopped and
-started again at any point: a rollout's id is ``NAME@VERSION/GROUP``, and
-running the same command again continues it (a lock file keeps two
-controllers off one rollout).
+Everything lives in the state file, so the controller can be stopped and
+started again at any point: running the same command again continues it (a
+lock file keeps two controllers off one rollout).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
-import json
-import math
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent.updates.manifest import Manifest
 
-from .broker import BrokerOptions, FleetError, add_broker_args, options_from
+from .assignments import Assignments, assign
+from .broker import BrokerOptions, FleetError
 from .fleet_view import FleetFeed
-from .releases import read_deployable
+from .follow import outcome
+from .inventory import DISCOVERY_MAX_S, Inventory
+from .rollout_store import (
+    FAILED,
+    FINISHED,
+    OPEN,
+    Rollout,
+    RolloutState,
+    RolloutStore,
+    TargetState,
+    names,
+    parse_waves,
+    plan_waves,
+    rollout_id_of,
+    tally,
+)
 
-# Targets move pending -> sent -> active | failed | timed_out (| canceled by abort).
-_FINISHED = ("active", "failed", "timed_out", "canceled")
-_FAILED = ("failed", "timed_out")
-# Waiting longer than this for the retained statuses means the broker is struggling: go on.
-_DISCOVERY_MAX_S = 10.0
+__all__ = ["Controller", "RolloutStore", "controller_lock", "parse_waves", "plan_waves", "rollout_id_of"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY, release TEXT NOT NULL, grp TEXT NOT NULL, manifest BLOB NOT NULL,
-    waves TEXT NOT NULL, wave_timeout REAL NOT NULL, max_failure_rate REAL NOT NULL,
-    state TEXT NOT NULL, wave INTEGER NOT NULL, wave_started REAL, accepted_failures INTEGER NOT NULL,
-    reason TEXT, created REAL NOT NULL, updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS targets (
-    rollout TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL,
-    detail TEXT, updated REAL NOT NULL, PRIMARY KEY (rollout, device)
-);
-"""
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """One rollout's row."""
-
-    id: str
-    release: str
-    group: str
-    manifest: bytes
-    waves: list[float]
-    wave_timeout: float
-    max_failure_rate: float
-    state: str  # running | halted | aborted | done
-    wave: int
-    wave_started: float | None
-    accepted_failures: int
-    reason: str | None
-
-
-def rollout_id_of(manifest: Manifest, group: str) -> str:
-    """``NAME@VERSION/GROUP``; a rollback release adds ``/rollback-SIGNED_AT`` (going back to a
-    version is a rollout of its own, apart from the one that once brought that version)."""
-    suffix = f"/rollback-{manifest.created_at}" if manifest.rollback else ""
-    return f"{manifest.release_id}/{group}{suffix}"
-
-
-def plan_waves(devices: list[str], percents: list[float], min_devices: int) -> list[list[str]]:
-    """Split ``devices`` (in order) into waves reaching ``percents`` of them cumulatively,
-    each wave at least ``min_devices`` strong (while devices remain)."""
-    waves: list[list[str]] = []
-    done = 0
-    for percent in percents:
-        reach = min(len(devices), max(math.ceil(percent / 100 * len(devices)), done + min_devices))
-        waves.append(devices[done:reach])
-        done = reach
-    return waves
-
-
-def parse_waves(text: str) -> list[float]:
-    """``1%,10%,50%,100%`` as ``[1, 10, 50, 100]`` (rising, each in (0, 100])."""
-    try:
-        values = [float(part.strip().rstrip("%")) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected percentages like 1%,10%,50%,100%") from None
-    if not values or any(not 0 < v <= 100 for v in values) or values != sorted(set(values)):
-        raise argparse.ArgumentTypeError(f"{text!r}: waves must rise, each within (0%, 100%]")
-    return values
-
-
-class RolloutStore:
-    """Rollouts and their targets in one SQLite file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic change."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-
-    def create(
-        self,
-        manifest: Manifest,
-        group: str,
-        waves: list[float],
-        plan: list[list[str]],
-        wave_timeout: float,
-        rate: float,
-    ) -> Rollout:
-        """Record a new rollout and its wave plan."""
-        rollout_id = rollout_id_of(manifest, group)
-        now = time.time()
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,'running',0,NULL,0,NULL,?,?)",
-                (
-                    rollout_id,
-                    manifest.release_id,
-                    group,
-                    manifest.model_dump_json().encode(),
-                    json.dumps(waves),
-                    wave_timeout,
-                    rate,
-                    now,
-                    now,
-                ),
-            )
-            db.executemany(
-                "INSERT INTO targets VALUES (?,?,?,'pending',NULL,?)",
-                [(rollout_id, device, index, now) for index, wave in enumerate(plan) for device in wave],
-            )
-        found = self.get(rollout_id)
-        assert found is not None
-        return found
-
-    def get(self, rollout_id: str) -> Rollout | None:
-        """One rollout, or None."""
-        row = self.db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
-        if row is None:
-            return None
-        return Rollout(
-            id=row[0],
-            release=row[1],
-            group=row[2],
-            manifest=bytes(row[3]),
-            waves=json.loads(row[4]),
-            wave_timeout=row[5],
-            max_failure_rate=row[6],
-            state=row[7],
-            wave=row[8],
-            wave_started=row[9],
-            accepted_failures=row[10],
-            reason=row[11],
-        )
-
-    def all(self) -> list[Rollout]:
-        """Every rollout, newest first."""
-        ids = [r[0] for r in self.db.execute("SELECT id FROM rollouts ORDER BY created DESC")]
-        return [r for r in (self.get(i) for i in ids) if r is not None]
-
-    def targets(self, rollout_id: str) -> dict[str, tuple[int, str, str | None]]:
-        """Device -> (wave, state, detail)."""
-        rows = self.db.execute(
-            "SELECT device, wave, state, detail FROM targets WHERE rollout = ?", (rollout_id,)
-        )
-        return {device: (wave, state, detail) for device, wave, state, detail in rows}
-
-    def set_targets(self, rollout_id: str, changes: dict[str, tuple[str, str | None]]) -> None:
-        """Record new target states; a target that finished meanwhile (e.g. canceled by an abort from
-        another process) keeps its state."""
-        if not changes:
-            return
-        now = time.time()
-        with self.transaction() as db:
-            db.executemany(
-                "UPDATE targets SET state = ?, detail = ?, updated = ? "
-                "WHERE rollout = ? AND device = ? AND state IN ('pending', 'sent')",
-                [(state, detail, now, rollout_id, device) for device, (state, detail) in changes.items()],
-            )
-
-    def update(self, rollout_id: str, *, while_running: bool = False, **fields: Any) -> None:
-        """Change columns of a rollout (``while_running``: only if no one stopped it meanwhile)."""
-        names = ", ".join(f"{name} = ?" for name in fields)
-        condition = " AND state = 'running'" if while_running else ""
-        with self.transaction() as db:
-            db.execute(
-                f"UPDATE rollouts SET {names}, updated = ? WHERE id = ?{condition}",
-                (*fields.values(), time.time(), rollout_id),
-            )
-
-    def add_targets(self, rollout_id: str, devices: list[str], wave: int) -> None:
-        """Add devices (that joined the group during the rollout) to a wave."""
-        now = time.time()
-        with self.transaction() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO targets VALUES (?,?,?,'pending',NULL,?)",
-                [(rollout_id, device, wave, now) for device in devices],
-            )
-
-    def counts(self, rollout_id: str) -> dict[str, int]:
-        """Targets by state."""
-        rows = self.db.execute(
-            "SELECT state, COUNT(*) FROM targets WHERE rollout = ? GROUP BY state", (rollout_id,)
-        )
-        return dict(rows.fetchall())
+# A line on the wave's progress at most this often while nothing else is said.
+_PROGRESS_EVERY_S = 15.0
 
 
 @contextlib.contextmanager
@@ -257,14 +81,18 @@ def controller_lock(store: RolloutStore, rollout_id: str) -> Iterator[None]:
 
 
 class Controller:
-    """Drives one rollout until it is done, halted or aborted."""
+    """Drives one rollout until it is done, waiting, halted or aborted."""
 
     def __init__(self, store: RolloutStore, options: BrokerOptions, *, out: Any = sys.stdout) -> None:
         self.store = store
         self.options = options
         self.out = out
+        self.assignments = Assignments(store.db)
+        self.inventory = Inventory(store.db)
         self.feed = FleetFeed(options, telemetry=False)
         self.view = self.feed.view
+        self._manifests: dict[str | None, Manifest] = {}
+        self._payloads: dict[str | None, bytes] = {}
 
     def close(self) -> None:
         """Disconnect."""
@@ -275,50 +103,90 @@ class Controller:
         print(text, file=self.out, flush=True)
 
     def discover(self) -> None:
-        """Take in the retained burst of statuses and model states."""
-        self.feed.settle(_DISCOVERY_MAX_S)
+        """Take in the retained burst of statuses and model states, and record it in the inventory."""
+        self.feed.settle(DISCOVERY_MAX_S)
+        self.inventory.observe(self.view.devices.values())
+
+    def online(self, device: str) -> bool:
+        """Whether the device's retained status says online right now."""
+        found = self.view.devices.get(device)
+        return bool(found and found.status and found.status.online)
+
+    def running(self, device: str) -> str | None:
+        """``NAME@VERSION`` the device runs, as far as is known."""
+        found = self.view.devices.get(device)
+        if found is not None:
+            state, status = found.model, found.status
+            active = state.active if state and state.active else (status.model if status else None)
+            if active is not None:
+                return f"{active.name}@{active.version}"
+        row = self.inventory.get(device)
+        return f"{row.model}@{row.version}" if row and row.model else None
 
     def group_devices(self, group: str) -> list[str]:
-        """Devices of ``group``: online ones first, then by id."""
-        members = [d for d in self.view.devices.values() if d.status is not None and d.status.group == group]
-        members.sort(key=lambda d: (not (d.status and d.status.online), d.device_id))
-        return [d.device_id for d in members]
+        """Devices of ``group`` (the inventory's and the broker's): online ones first, then by id."""
+        members = set(self.inventory.members(group))
+        members |= {
+            d.device_id
+            for d in self.view.devices.values()
+            if d.status is not None and d.status.group == group
+        }
+        return sorted(members, key=lambda d: (not self.online(d), d))
 
-    def _publish_desired(self, devices: list[str], payload: bytes) -> None:
-        """Publish (retained) to every device at once, then wait for all the acknowledgements."""
-        prefix = self.options.prefix
-        sent = [
-            (d, self.feed.client.publish(f"{prefix}/{d}/model/desired", payload, qos=1, retain=True))
-            for d in devices
-        ]
-        for device, info in sent:
-            info.wait_for_publish(timeout=30)
-            if not info.is_published():
-                raise FleetError(f"the broker did not acknowledge the desired state of {device}")
+    # -- per-target manifests ------------------------------------------------------------------
 
-    def _outcome(self, device: str, manifest: Manifest) -> tuple[str, str | None] | None:
-        found = self.view.devices.get(device)
-        state = found.model if found else None
-        if state is None:
-            return None
-        if state.active and (state.active.name, state.active.version) == (manifest.name, manifest.version):
-            return "active", None
-        update = state.update
-        if (
-            update is not None
-            and (update.name, update.version) == (manifest.name, manifest.version)
-            and update.phase in ("failed", "rolled_back")
+    def _load(self, rollout: Rollout, digest: str | None) -> tuple[Manifest, bytes]:
+        if digest not in self._manifests:
+            payload = rollout.manifest if digest is None else self.assignments.manifest(digest)
+            if payload is None:
+                raise FleetError(f"the state file lost the manifest {digest} of rollout {rollout.id}")
+            self._payloads[digest] = payload
+            self._manifests[digest] = Manifest.parse(payload)
+        return self._manifests[digest], self._payloads[digest]
+
+    def _send(self, rollout: Rollout, devices: list[str], state: TargetState) -> None:
+        targets = self.store.targets(rollout.id)
+        by_digest: dict[str | None, list[str]] = {}
+        for device in devices:
+            by_digest.setdefault(targets[device].digest if device in targets else None, []).append(device)
+        for digest, group in by_digest.items():
+            _manifest, payload = self._load(rollout, digest)
+            origin = f"rollout {rollout.id}"
+            assign(self.assignments, self.feed.client, self.options.prefix, "device", group, payload, origin)
+        # Marked after the broker has them all: a crash in between publishes them again,
+        # which is harmless (the same retained message).
+        self.store.set_targets(rollout.id, dict.fromkeys(devices, (state, None)))
+
+    def outcome(self, device: str, manifest: Manifest) -> tuple[TargetState, str | None] | None:
+        """``active``/``failed`` once the device reports on ``manifest``, else None."""
+        return outcome(self.view, device, manifest.name, manifest.version)
+
+    def refresh(self, rollout: Rollout) -> int:
+        """Read the outcome of targets still open (``sent``, ``deferred``, ``timed_out``) from the
+        broker; a ``waiting`` rollout whose deferred devices all reported becomes ``done``.
+        Returns how many targets changed."""
+        changes: dict[str, tuple[TargetState, str | None]] = {}
+        for device, target in self.store.targets(rollout.id).items():
+            if target.state in OPEN:
+                manifest, _payload = self._load(rollout, target.digest)
+                outcome = self.outcome(device, manifest)
+                if outcome is not None and outcome[0] != target.state:
+                    changes[device] = outcome
+        self.store.set_targets(rollout.id, changes, only_from=OPEN)
+        if rollout.state == "waiting" and not any(
+            t.state == "deferred" for t in self.store.targets(rollout.id).values()
         ):
-            return "failed", f"{update.phase}: {update.error.code if update.error else '?'}"
-        return None
+            self.store.update(rollout.id, only_if=("waiting",), state="done", reason=None)
+        return len(changes)
 
-    def run(self, rollout_id: str, poll_s: float = 0.2) -> str:
-        """Drive the rollout; returns its final state (``done``, ``halted`` or ``aborted``)."""
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, rollout_id: str, poll_s: float = 0.2) -> RolloutState:
+        """Drive the rollout; returns its final state (``done``, ``waiting``, ``halted`` or ``aborted``)."""
         rollout = self.store.get(rollout_id)
         assert rollout is not None
-        manifest = Manifest.parse(rollout.manifest)
-        payload = rollout.manifest
         waves = len(rollout.waves)
+        last_progress = (0.0, "")
         while True:
             rollout = self.store.get(rollout_id)
             assert rollout is not None
@@ -327,232 +195,127 @@ class Controller:
             targets = self.store.targets(rollout_id)
             wave = rollout.wave
             if wave >= waves:
-                self.store.update(rollout_id, while_running=True, state="done", reason=None)
-                self.say(f"rollout {rollout_id}: done — {self._tally(rollout_id)}")
-                return "done"
-            members = [d for d, (w, _s, _x) in targets.items() if w == wave]
+                return self._finish(rollout)
+            members = [d for d, t in targets.items() if t.wave == wave]
             if rollout.wave_started is None:
+                offline = [d for d in members if not self.online(d)]
+                listed = names([d + (" (offline)" if d in offline else "") for d in members])
                 self.say(
-                    f"rollout {rollout_id}: wave {wave + 1}/{waves} ({rollout.waves[wave]:g}%): {len(members)} devices"
+                    f"rollout {rollout_id}: wave {wave + 1}/{waves} ({rollout.waves[wave]:g}%), "
+                    f"{len(members)} devices: {listed}"
                 )
-                pending = [d for d in members if targets[d][1] == "pending"]
-                self._publish_desired(pending, payload)
-                # Marked after the broker has them all: a crash in between publishes them again,
-                # which is harmless (the same retained message).
-                self.store.set_targets(rollout_id, dict.fromkeys(pending, ("sent", None)))
-                self.store.update(rollout_id, while_running=True, wave_started=time.time())
+                pending = [d for d in members if targets[d].state == "pending"]
+                deferred = [d for d in pending if d in offline] if rollout.defer_offline else []
+                self._send(rollout, [d for d in pending if d not in deferred], "sent")
+                if deferred:
+                    self._send(rollout, deferred, "deferred")
+                    self.say(
+                        f"  deferred (offline; they get the release when they return): {names(deferred)}"
+                    )
+                self.store.update(rollout_id, only_if=("running",), wave_started=time.time())
                 continue
             self.feed.pump(poll_s)
-            joined = [d for d in self.group_devices(rollout.group) if d not in targets]
-            if joined:
-                # Devices that joined the group meanwhile get the release too: with the next
-                # wave, or at once during the last one.
-                into = min(wave + 1, waves - 1)
-                self.store.add_targets(rollout_id, joined, into)
-                if into == wave:
-                    self._publish_desired(joined, payload)
-                    self.store.set_targets(rollout_id, dict.fromkeys(joined, ("sent", None)))
-                self.say(f"  {', '.join(joined)} joined {rollout.group}: added to wave {into + 1}")
+            if self._take_in_joined(rollout, targets, wave, waves):
                 continue
-            changes: dict[str, tuple[str, str | None]] = {}
-            for device, (w, state, _detail) in targets.items():
-                if w <= wave and state == "sent":
-                    outcome = self._outcome(device, manifest)
+            changes: dict[str, tuple[TargetState, str | None]] = {}
+            for device, target in targets.items():
+                if target.wave <= wave and target.state in ("sent", "deferred"):
+                    manifest, _payload = self._load(rollout, target.digest)
+                    outcome = self.outcome(device, manifest)
                     if outcome is not None:
                         changes[device] = outcome
+            assert rollout.wave_started is not None
             timed_out = time.time() > rollout.wave_started + rollout.wave_timeout
             if timed_out:
                 for device in members:
-                    if targets[device][1] == "sent" and device not in changes:
-                        changes[device] = ("timed_out", f"no answer within {rollout.wave_timeout:g} s")
+                    if targets[device].state == "sent" and device not in changes:
+                        why = "offline" if not self.online(device) else "no answer"
+                        changes[device] = (
+                            "timed_out",
+                            f"{why} within the wave timeout of {rollout.wave_timeout:g} s",
+                        )
             self.store.set_targets(rollout_id, changes)
-            for device, (state, detail) in changes.items():
-                if state != "active":
-                    self.say(f"  {device}: {state} ({detail})")
+            for device, (state, detail) in sorted(changes.items()):
+                self.say(f"  {device}: {state}" + (f" — {detail}" if detail else ""))
             targets = self.store.targets(rollout_id)
-            in_play = [s for (w, s, _d) in targets.values() if w <= wave]
-            failures = sum(1 for s in in_play if s in _FAILED) - rollout.accepted_failures
+            last_progress = self._progress(rollout, targets, members, last_progress)
+            in_play = [t.state for t in targets.values() if t.wave <= wave]
+            failures = sum(1 for s in in_play if s in FAILED) - rollout.accepted_failures
             if failures > rollout.max_failure_rate * len(in_play):
+                span = f"wave {wave + 1}" if wave == 0 else f"waves 1-{wave + 1}"
                 reason = (
-                    f"{failures} of {len(in_play)} devices in waves 1-{wave + 1} failed "
+                    f"{failures} of {len(in_play)} devices in {span} failed "
                     f"(limit {rollout.max_failure_rate:.0%})"
                 )
-                self.store.update(rollout_id, while_running=True, state="halted", reason=reason)
+                self.store.update(rollout_id, only_if=("running",), state="halted", reason=reason)
                 self.say(f"rollout {rollout_id}: HALTED — {reason}")
                 return "halted"
-            if all(targets[d][1] in _FINISHED for d in members):
-                self.say(f"rollout {rollout_id}: wave {wave + 1} finished — {self._tally(rollout_id)}")
-                self.store.update(rollout_id, while_running=True, wave=wave + 1, wave_started=None)
+            if all(targets[d].state in (*FINISHED, "deferred") for d in members):
+                self.say(
+                    f"rollout {rollout_id}: wave {wave + 1} finished — {tally(self.store.counts(rollout_id))}"
+                )
+                self.store.update(rollout_id, only_if=("running",), wave=wave + 1, wave_started=None)
 
-    def withdraw(self, rollout_id: str) -> int:
-        """Clear the desired state of targets that had not finished; returns how many."""
+    def _take_in_joined(self, rollout: Rollout, targets: dict[str, Any], wave: int, waves: int) -> bool:
+        """Devices that joined the group meanwhile get the release too: with the next wave, or at once
+        during the last one.  Returns whether any did."""
+        if rollout.rollback_of is not None:  # a rollback concerns exactly the devices it was planned for
+            return False
+        joined = [
+            d.device_id
+            for d in self.view.devices.values()
+            if d.status is not None and d.status.group == rollout.group and d.device_id not in targets
+        ]
+        if not joined:
+            return False
+        into = min(wave + 1, waves - 1)
+        self.store.add_targets(rollout.id, [(d, self.running(d)) for d in joined], into)
+        if into == wave:
+            self._send(rollout, joined, "sent")
+        self.say(f"  {', '.join(sorted(joined))} joined {rollout.group}: added to wave {into + 1}")
+        return True
+
+    def _progress(
+        self, rollout: Rollout, targets: dict[str, Any], members: list[str], last: tuple[float, str]
+    ) -> tuple[float, str]:
+        """A line on the wave when its counts change, or every ``_PROGRESS_EVERY_S`` seconds."""
+        finished = [d for d in members if targets[d].state in FINISHED]
+        waiting = [d for d in members if targets[d].state == "sent"]
+        text = f"{len(finished)} of {len(members)} finished"
+        now = time.time()
+        if text == last[1] and now - last[0] < _PROGRESS_EVERY_S:
+            return last
+        if waiting:
+            assert rollout.wave_started is not None
+            left = max(0.0, rollout.wave_started + rollout.wave_timeout - now)
+            self.say(
+                f"  wave {rollout.wave + 1}: {text}; waiting for {names(waiting, 8)} ({left:.0f} s left)"
+            )
+        return now, text
+
+    def _finish(self, rollout: Rollout) -> RolloutState:
+        targets = self.store.targets(rollout.id)
+        deferred = sorted(d for d, t in targets.items() if t.state == "deferred")
+        if deferred:
+            reason = f"{len(deferred)} deferred devices have not reported yet: {names(deferred)}"
+            self.store.update(rollout.id, only_if=("running",), state="waiting", reason=reason)
+            self.say(
+                f"rollout {rollout.id}: NOT DONE — {tally(self.store.counts(rollout.id))}; {reason} "
+                f"(`edge-fleet rollout status {rollout.id}` tracks them)"
+            )
+            return "waiting"
+        self.store.update(rollout.id, only_if=("running",), state="done", reason=None)
+        self.say(f"rollout {rollout.id}: done — {tally(self.store.counts(rollout.id))}")
+        return "done"
+
+    def withdraw(self, rollout_id: str) -> list[str]:
+        """Clear the desired state of targets that had not finished; returns them."""
         targets = self.store.targets(rollout_id)
-        unfinished = [d for d, (_w, s, _x) in targets.items() if s == "sent"]
-        self._publish_desired(unfinished, b"")
-        self.store.set_targets(rollout_id, {d: ("canceled", "rollout aborted") for d in unfinished})
-        return len(unfinished)
-
-    def _tally(self, rollout_id: str) -> str:
-        counts = self.store.counts(rollout_id)
-        return ", ".join(f"{counts[s]} {s}" for s in sorted(counts))
-
-
-# -- command line ---------------------------------------------------------------------------------------
-
-
-def default_db() -> Path:
-    """``$EDGE_FLEET_DB``, else ``$XDG_STATE_HOME/edge-fleet/rollouts.sqlite3``."""
-    if os.environ.get("EDGE_FLEET_DB"):
-        return Path(os.environ["EDGE_FLEET_DB"])
-    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return state / "edge-fleet" / "rollouts.sqlite3"
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``rollout``."""
-    roll = sub.add_parser(
-        "rollout",
-        help="roll a release out to a group in waves; or: rollout status [ID] | abort ID | resume ID",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    roll.add_argument("target", metavar="MANIFEST|status|abort|resume", help="a manifest.json, or an action")
-    roll.add_argument(
-        "rollout_id", nargs="?", metavar="ID", help="for status, abort and resume: NAME@VERSION/GROUP"
-    )
-    roll.add_argument("--group", help="the group to roll out to")
-    roll.add_argument(
-        "--waves",
-        type=parse_waves,
-        default=parse_waves("1%,10%,50%,100%"),
-        help="default 1%%,10%%,50%%,100%%",
-    )
-    roll.add_argument(
-        "--wave-timeout", type=float, default=600.0, help="seconds a wave may take (default 600)"
-    )
-    roll.add_argument(
-        "--max-failure-rate", type=float, default=0.1, help="halt above this share of failures (default 0.1)"
-    )
-    roll.add_argument(
-        "--min-devices", type=int, default=1, help="at least this many devices per wave (default 1)"
-    )
-    roll.add_argument(
-        "--db",
-        type=Path,
-        default=None,
-        help="state file (default: $EDGE_FLEET_DB or ~/.local/state/edge-fleet/rollouts.sqlite3)",
-    )
-    roll.add_argument("--json", action="store_true", help="status as JSON")
-    add_broker_args(roll)
-    roll.set_defaults(func=rollout_command)
-
-
-def rollout_command(args: argparse.Namespace) -> int:
-    """Dispatch ``edge-fleet rollout …``."""
-    store = RolloutStore(args.db or default_db())
-    if args.target == "status":
-        return _status(store, args.rollout_id, args.json)
-    if args.target in ("abort", "resume"):
-        if not args.rollout_id:
-            raise FleetError(f"rollout {args.target} needs the rollout ID (see: edge-fleet rollout status)")
-        rollout = store.get(args.rollout_id)
-        if rollout is None:
-            raise FleetError(f"no rollout {args.rollout_id!r} in {store.path}")
-        if args.target == "abort":
-            return _abort(store, rollout, options_from(args))
-        return _drive(store, rollout, options_from(args), resume=True)
-    return _start(store, args)
-
-
-def _start(store: RolloutStore, args: argparse.Namespace) -> int:
-    if not args.group:
-        raise FleetError("rollout MANIFEST needs --group")
-    if not 0 <= args.max_failure_rate <= 1:
-        raise FleetError("--max-failure-rate must lie in [0, 1]")
-    manifest = read_deployable(Path(args.target))
-    existing = store.get(rollout_id_of(manifest, args.group))
-    if existing is not None:
-        if existing.manifest != manifest.model_dump_json().encode():
-            raise FleetError(f"rollout {existing.id} exists with a different manifest; use a new version")
-        if existing.state != "running":
-            print(
-                f"rollout {existing.id} is {existing.state}"
-                + (f": {existing.reason}" if existing.reason else "")
-            )
-            return 0 if existing.state == "done" else 2
-        print(f"rollout {existing.id}: continuing")
-        return _drive(store, existing, options_from(args), resume=False)
-    controller = Controller(store, options_from(args))
-    try:
-        controller.discover()
-        devices = controller.group_devices(args.group)
-        if not devices:
-            raise FleetError(f"no device of group {args.group!r} has announced itself on the broker")
-        plan = plan_waves(devices, args.waves, max(1, args.min_devices))
-        rollout = store.create(
-            manifest, args.group, args.waves, plan, args.wave_timeout, args.max_failure_rate
-        )
-        print(
-            f"rollout {rollout.id}: {len(devices)} devices in waves of "
-            + ", ".join(str(len(w)) for w in plan)
-        )
-        with controller_lock(store, rollout.id):
-            state = controller.run(rollout.id)
-    finally:
-        controller.close()
-    return 0 if state == "done" else 2
-
-
-def _drive(store: RolloutStore, rollout: Rollout, options: BrokerOptions, *, resume: bool) -> int:
-    with controller_lock(store, rollout.id):
-        if resume and rollout.state in ("halted", "aborted"):
-            failures = sum(
-                1 for (w, s, _d) in store.targets(rollout.id).values() if w <= rollout.wave and s in _FAILED
-            )
-            store.update(rollout.id, state="running", reason=None, accepted_failures=failures)
-            print(f"rollout {rollout.id}: resumed ({failures} failures so far accepted)")
-        elif resume and rollout.state == "done":
-            print(f"rollout {rollout.id} is already done")
-            return 0
-        controller = Controller(store, options)
-        try:
-            controller.discover()
-            state = controller.run(rollout.id)
-        finally:
-            controller.close()
-    return 0 if state == "done" else 2
-
-
-def _abort(store: RolloutStore, rollout: Rollout, options: BrokerOptions) -> int:
-    store.update(rollout.id, state="aborted", reason="aborted by the operator")
-    controller = Controller(store, options)
-    try:
-        withdrawn = controller.withdraw(rollout.id)
-    finally:
-        controller.close()
-    print(f"rollout {rollout.id}: aborted; desired state withdrawn from {withdrawn} unfinished devices")
-    return 0
-
-
-def _status(store: RolloutStore, rollout_id: str | None, as_json: bool) -> int:
-    rollouts = [r for r in store.all() if rollout_id in (None, r.id)]
-    if rollout_id and not rollouts:
-        raise FleetError(f"no rollout {rollout_id!r} in {store.path}")
-    for r in rollouts:
-        counts = store.counts(r.id)
-        row = {
-            "id": r.id,
-            "state": r.state,
-            "wave": min(r.wave + 1, len(r.waves)),
-            "waves": r.waves,
-            "targets": counts,
-            "reason": r.reason,
-        }
-        if as_json:
-            print(json.dumps(row))
-        else:
-            tally = ", ".join(f"{counts[s]} {s}" for s in sorted(counts))
-            print(
-                f"{r.id}: {r.state}, wave {row['wave']}/{len(r.waves)} — {tally}"
-                + (f" — {r.reason}" if r.reason else "")
-            )
-    return 0
+        unfinished = sorted(d for d, t in targets.items() if t.state in ("sent", "deferred"))
+        if unfinished:
+            assign(
+                self.assignments, self.feed.client, self.options.prefix, "device", unfinished, None,
+                f"abort of {rollout_id}",
+            )  # fmt: skip
+        self.store.set_targets(rollout_id, dict.fromkeys(unfinished, ("canceled", "rollout aborted")))
+        return unfinished

@@ -53,7 +53,7 @@ from agent.protocol import (
 from agent.updates import signing
 from agent.updates.manifest import Manifest
 
-from .broker import BrokerOptions, add_broker_args, options_from
+from .broker import BrokerOptions, FleetError, add_broker_args, options_from
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,16 @@ class SimulatedDevice:
         correlation = getattr(props, "CorrelationData", None)
 
         def answer() -> None:
-            result = Result(id=job_id, status="succeeded", text="(simulated)", model=self.active)
+            # (device_id: with the agents' protocol that names the device that answered)
+            fields: dict[str, Any] = {
+                "id": job_id,
+                "status": "succeeded",
+                "text": "(simulated)",
+                "model": self.active,
+            }
+            if "device_id" in Result.model_fields:
+                fields["device_id"] = self.device_id
+            result = Result.model_validate(fields)
             out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if correlation is not None:
                 out.CorrelationData = correlation
@@ -384,6 +393,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim.add_argument("--trust", metavar="PUBLIC_KEY_FILE", help="verify manifests against this fleet.pub")
     sim.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     sim.add_argument("--seed", type=int)
+    sim.add_argument(
+        "--model",
+        default="sim@1.0.0",
+        metavar="NAME@VERSION",
+        help="what every device runs at start (default sim@1.0.0)",
+    )
     add_broker_args(sim)
     sim.set_defaults(func=simulate_command)
 
@@ -394,6 +409,9 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.trust:
         with open(args.trust, encoding="utf-8") as f:
             trusted = [signing.PublicKey.from_line(f.read())]
+    name, at, version = args.model.partition("@")
+    if not (name and at and version):
+        raise FleetError(f"--model {args.model!r}: expected NAME@VERSION")
     options = options_from(args)
     if options.plaintext:
         print("edge-fleet: warning: plain TCP (--plaintext) for every simulated device", file=sys.stderr)
@@ -407,6 +425,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         telemetry_interval_s=args.telemetry_interval,
         trusted=trusted,
         seed=args.seed,
+        model=ModelRef(name=name, version=version),
     )
     signal.signal(signal.SIGTERM, lambda *_a: sim.stop())
     ready = threading.Event()

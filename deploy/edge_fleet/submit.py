@@ -118,6 +118,38 @@ class Submitter:
             return
         box.put(reply)
 
+    def statuses(self, topic_filter: str, wait: float = 2.0) -> list[Status] | None:
+        """The retained statuses under ``topic_filter`` (``{prefix}/D/status`` or ``{prefix}/+/status``):
+        what arrives within ``wait`` seconds of subscribing, ending early after a short quiet.  None
+        when this identity may not read them (the broker refused the subscription)."""
+        refusals_before = len(self._refused)
+        found: dict[str, Status] = {}
+        last = [time.monotonic()]
+
+        def on_status(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+            last[0] = time.monotonic()
+            try:
+                found[msg.topic] = Status.model_validate_json(msg.payload)
+            except ValidationError:
+                return
+
+        self._client.message_callback_add(topic_filter, on_status)
+        self._client.subscribe(topic_filter, qos=1)
+        try:
+            end = time.monotonic() + wait
+            while time.monotonic() < end:
+                time.sleep(0.05)
+                # Retained messages follow the subscription at once; 0.5 s of quiet after them ends it.
+                if found and time.monotonic() - last[0] > 0.5:
+                    break
+            if len(self._refused) > refusals_before:  # not allowed to look: say nothing, refuse nothing
+                del self._refused[refusals_before:]
+                return None
+            return list(found.values())
+        finally:
+            self._client.unsubscribe(topic_filter)
+            self._client.message_callback_remove(topic_filter)
+
     def wait_online(self, device_id: str, timeout: float = 60.0) -> Status:
         """Block until ``device_id`` announces itself online (its retained status)."""
         online = threading.Event()

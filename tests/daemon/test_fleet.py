@@ -128,7 +128,7 @@ def test_rollout_halts_in_the_first_wave_that_crosses_the_failure_threshold(
         "--max-failure-rate", "0.15", db=db,
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "HALTED — 1 of 5 devices in waves 1-1 failed (limit 15%)" in done.stdout
+    assert "HALTED — 1 of 5 devices in wave 1 failed (limit 15%)" in done.stdout
     assert _rollout_state(db, "assistant@2.0.0/shop") == ("halted", 0)
     targets = _targets(db, "assistant@2.0.0/shop")
     assert targets["sim-0003"] == (0, "failed")
@@ -146,9 +146,8 @@ def test_abort_withdraws_unfinished_devices_and_resume_continues(
     controller = _start_rollout(broker, db, rollout_id, _manifest(tmp_path), "50%,100%")
     aborted = _run(broker, "rollout", "abort", rollout_id, db=db)
     assert aborted.returncode == 0, aborted.stderr
-    assert controller.wait(timeout=30) == 2
-    assert controller.stdout is not None
-    controller.stdout.close()
+    controller.communicate(timeout=30)
+    assert controller.returncode == 2
     targets = _targets(db, rollout_id)
     assert sorted(s for _w, s in targets.values()) == ["canceled"] * 3 + ["pending"] * 3
     # The withdrawn devices' desired state is cleared on the broker (an empty retained message).
@@ -215,11 +214,16 @@ def test_submit_streams_an_answer_from_a_real_agent_and_reports_batch_latency(
 ) -> None:  # type: ignore[no-untyped-def]
     demo = ROOT / "models" / "demo"
     agents(demo).start()
+    # By default the prompt goes as a user message: the box renders its model's chat template.
     done = _run(broker, "submit", "--device", "box-1", "Is the device hot?", "--stream", "--max-tokens", "24")
     assert done.returncode == 0, done.stderr
     engine = Engine(demo)
-    expected = engine.generate(engine.prompt_ids("Is the device hot?"), SamplingParams(max_tokens=24)).text
-    assert done.stdout.strip() == expected.strip()
+    chat = engine.prompt_ids(messages=[{"role": "user", "content": "Is the device hot?"}])
+    expected = engine.generate(chat, SamplingParams(max_tokens=24)).text
+    assert expected.strip() and done.stdout.strip() == expected.strip()
+    raw = _run(broker, "submit", "--device", "box-1", "Is the device hot?", "--raw", "--max-tokens", "24")
+    plain = engine.generate(engine.prompt_ids("Is the device hot?"), SamplingParams(max_tokens=24)).text
+    assert raw.returncode == 0 and raw.stdout.strip() == plain.strip()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Is the device hot?\nHow is the fan?\n\nWhat is the temperature?\n")
     batch = _run(broker, "submit", "--device", "box-1", "--file", str(prompts), "--max-tokens", "8", "--json")
@@ -307,9 +311,14 @@ def test_watch_in_a_terminal_sorts_on_keys_and_quits_on_q(broker, fleet) -> None
         read_until(b"sorted by device")
         read_until(b"devices 5  online 5")
         os.write(fd, b"s")
+        read_until(b"sorted by group")
+        os.write(fd, b"s")
         read_until(b"sorted by health")
         os.write(fd, b"r")
         read_until("sorted by health ↓".encode())
+        os.write(fd, b"p")
+        read_until(b"problems only")
+        assert b"sim-0000" not in screen.split(b"\x1b[H\x1b[2J")[-1]  # all five are fine
         os.write(fd, b"q")
         _pid, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0

@@ -18,7 +18,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_json_contract(phi3_dir: Path, phi3_engine: Engine) -> None:
-    proc = _cli("generate", str(phi3_dir), "The quick brown fox", "--max-tokens", "12", "--json")
+    proc = _cli("generate", str(phi3_dir), "The quick brown fox", "--max-tokens", "12", "--json", "--raw")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) >= {"token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens", "timings"}
@@ -34,14 +34,26 @@ def test_generate_json_contract(phi3_dir: Path, phi3_engine: Engine) -> None:
 
 
 def test_generate_streams_text_to_stdout(phi3_dir: Path) -> None:
-    proc = _cli("generate", str(phi3_dir), "Hello", "--max-tokens", "10", "--temperature", "0")
+    proc = _cli("generate", str(phi3_dir), "Hello", "--max-tokens", "10", "--temperature", "0", "--raw")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == greedy(phi3_dir, prompt="Hello", max_tokens=10).text + "\n"
     assert "prompt tokens" in proc.stderr
 
 
+def test_the_demo_model_answers_the_readme_prompt_in_its_chat_template_by_default() -> None:
+    from tests._models import ROOT
+
+    demo = ROOT / "models" / "demo"
+    chat = greedy(demo, messages=[{"role": "user", "content": "Why is the sky blue?"}], max_tokens=40)
+    proc = _cli("generate", str(demo), "Why is the sky blue?", "--max-tokens", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert chat.text.strip() and proc.stdout == chat.text + "\n"  # an answer, not an empty line
+    raw = _cli("generate", str(demo), "Why is the sky blue?", "--max-tokens", "40", "--raw", "--json")
+    assert json.loads(raw.stdout)["prompt_tokens"] < chat.prompt_tokens  # as is: no template around it
+
+
 def test_generate_chat_and_seed(phi3_dir: Path) -> None:
-    args = ("generate", str(phi3_dir), "hi", "--chat", "--json", "--temperature", "0.9", "--seed", "5")
+    args = ("generate", str(phi3_dir), "hi", "--json", "--temperature", "0.9", "--seed", "5")
     first, second = _cli(*args), _cli(*args)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["token_ids"] == json.loads(second.stdout)["token_ids"]

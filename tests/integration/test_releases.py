@@ -75,3 +75,31 @@ def test_release_and_deploy_refuse_bad_input_with_a_message(tmp_path: Path) -> N
         "deploy", str(tmp_path / "good" / "manifest.json"), "--device", "b", "--broker", "127.0.0.1:9"
     )
     assert done.returncode == 1 and "cannot reach the broker" in done.stderr
+
+
+def test_a_failed_release_leaves_nothing_behind_and_an_existing_one_needs_force(tmp_path: Path) -> None:
+    import shutil
+
+    assert _fleet("keygen", "--out", str(tmp_path / "k")).returncode == 0
+    key = str(tmp_path / "k" / "fleet.key")
+    www = tmp_path / "www"
+    broken = tmp_path / "broken"
+    shutil.copytree(fixture_path("phi3-int4"), broken)
+    (broken / "model.onnx").write_bytes(b"\x08not an onnx graph" * 64)
+    args = ["--name", "p", "--version", "1.0.0", "--base-url", "http://h/", "--key", key]
+    failed = _fleet("release", str(broken), *args, "--out", str(www / "p-1.0.0"))
+    assert failed.returncode == 1 and "onnxruntime cannot load it" in failed.stderr, failed.stderr
+    assert not www.exists() or list(www.iterdir()) == []  # no half-copied folder in the web root
+
+    good = _fleet("release", str(fixture_path("phi3-int4")), *args, "--out", str(www / "p-1.0.0"))
+    assert good.returncode == 0, good.stderr
+    first = (www / "p-1.0.0" / "manifest.json").read_bytes()
+    again = _fleet("release", str(fixture_path("phi3-int4")), *args, "--out", str(www / "p-1.0.0"))
+    assert again.returncode == 1 and "already holds a release" in again.stderr and "--force" in again.stderr
+    assert (www / "p-1.0.0" / "manifest.json").read_bytes() == first  # untouched
+    forced = _fleet(
+        "release", str(fixture_path("phi3-int4")), *args, "--out", str(www / "p-1.0.0"), "--force"
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert (www / "p-1.0.0" / "manifest.json").read_bytes() != first  # signed anew
+    assert sorted(p.name for p in www.iterdir()) == ["p-1.0.0"]

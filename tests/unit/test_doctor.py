@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,10 +41,31 @@ NEOVERSE_V1_CPUINFO = (
 
 @pytest.fixture()
 def listening() -> Iterator[int]:
-    """An open TCP port on localhost."""
+    """An open TCP port on localhost that hangs up on every connection (no broker behind it).
+
+    The broker check only needs the port open; the MQTT login check then fails at once
+    (connection closed) instead of waiting out its timeout for a CONNACK that never comes.
+    """
     server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)  # so the thread sees ``stop`` soon after the test
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
     yield server.getsockname()[1]
+    stop.set()
     server.close()
+    thread.join(timeout=5)
 
 
 @pytest.fixture()

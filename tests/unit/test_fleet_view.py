@@ -129,3 +129,15 @@ def test_bad_wave_lists_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_waves(text)
     assert parse_waves("1%, 10%,50%,100") == [1, 10, 50, 100]
+
+
+def test_watch_shows_whole_error_codes_groups_and_a_problems_filter() -> None:
+    view = FleetView()
+    _feed(view, "ok-box")
+    _feed(view, "bad-box", phase="failed")
+    rows = view.rows()
+    text = render(rows, sort="device", reverse=False, width=200, height=20, group=None)
+    assert "2.0.0 failed (smoke_test_failed)" in text and "GROUP" in text
+    assert "(s sort, r reverse, p problems, q quit)" in text
+    only = render(rows, sort="device", reverse=False, width=200, height=20, group=None, problems=True)
+    assert "bad-box" in only and "ok-box" not in only and "problems only" in only

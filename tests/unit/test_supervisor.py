@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,17 @@ def test_overload_sheds_at_intake_or_holds_the_worker(
     supervisor.health = Health(verdict="degraded", reasons=["hot"])
     assert (supervisor.shedding() == ["hot"]) is shedding
     assert supervisor.holding() is holding
+
+
+def test_telemetry_reports_the_certificate_in_use_after_a_renewal(
+    tmp_path: Path, phi3_engine: Engine
+) -> None:
+    supervisor, _worker, link = _parts(tmp_path / "state", phi3_engine)
+    supervisor.publish_telemetry()
+    before = json.loads(link.to("edge/box-1/telemetry")[-1].payload)
+    assert before["cert_expires_at"] is None, "no certificate configured, none reported"
+    renewed = datetime(2031, 1, 2, tzinfo=UTC)
+    link.cert_expiry = renewed  # what MQTTLink says once it loaded renewed files
+    supervisor.publish_telemetry()
+    after = json.loads(link.to("edge/box-1/telemetry")[-1].payload)
+    assert after["cert_expires_at"] == renewed.timestamp()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.engine.model_folder import ModelFolder
@@ -56,6 +56,10 @@ def test_multibyte_character_split_across_tokens_is_held_back() -> None:
     st.lists(st.text(alphabet="abc xy", min_size=0, max_size=4), min_size=1, max_size=12),
     st.lists(st.text(alphabet="abcxy", min_size=1, max_size=3), min_size=1, max_size=3),
 )
+# A short stop inside a longer one that began earlier: "by" must wait for the next character.
+@example(deltas=["b", "y", "a"], stops=["y", "bya"])
+@example(deltas=["b", "y", "x"], stops=["y", "bya"])
+@example(deltas=["b", "y"], stops=["y", "bya"])
 def test_stop_filter_cuts_at_first_stop_and_never_releases_it(deltas: list[str], stops: list[str]) -> None:
     whole = "".join(deltas)
     firsts = [i for i in (whole.find(s) for s in stops) if i >= 0]

@@ -1,0 +1,212 @@
+"""Exact speculative decoding by prompt lookup: draft from n-grams, verify in one pass.
+
+Decode reads every weight once per pass whether the pass carries one token or
+a few, so on a memory-bound box a pass over ``k + 1`` tokens costs little more
+than a pass over one.  When the text being written copies a span of the prompt
+(extraction, reformatting, quoting), the tokens that followed the last few
+tokens the last time they occurred are a good guess for what comes next.
+
+* :class:`NgramDrafter` proposes up to ``k`` tokens: the continuation of the
+  most recent earlier occurrence of the longest suffix (``max_ngram`` down to
+  ``min_ngram`` tokens) of the prompt plus the text so far.
+* :class:`Speculator` feeds the last chosen token and the draft in one forward
+  pass (the KV cache takes ``k + 1`` positions; GroupQueryAttention places
+  them after the ``past`` from the attention mask's length, rotary positions
+  included) and then runs the request's own :class:`Sampler` over the returned
+  rows in order, keeping drafts while they equal what it picks.  The sampler
+  is called exactly as plain decoding would call it -- once per emitted token,
+  in order -- so greedy output is plain greedy output, and seeded sampling
+  draws the same random numbers and gives the same tokens as without
+  speculation.  Rejected positions need no rewind beyond the cache length:
+  the next pass writes over them.
+* :class:`DraftPolicy` picks ``k`` from the measured acceptance rate and the
+  measured cost of a ``k + 1``-token pass against a one-token pass, and stops
+  drafting (with a doubling back-off between probes) when speculation does not
+  pay, so a job with nothing to copy runs at plain speed.
+
+A verify pass computes logits with the matrix kernels' multi-row path, whose
+float sums are ordered differently from the one-row path (differences of about
+1e-6 on the fixtures): two tokens whose logits tie to that precision may be
+ordered differently, as they may across instruction sets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.engine.sampling import Sampler
+
+# forward(ids [1, n], past, logits [1, n, vocab]) runs one pass over ``n`` new tokens.
+Forward = Callable[[npt.NDArray[np.int64], int, npt.NDArray[Any]], None]
+
+
+class NgramDrafter:
+    """Prompt-lookup drafting over a growing token history."""
+
+    def __init__(self, tokens: Sequence[int], *, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.tokens: list[int] = []
+        # n -> n-gram -> end index of its latest occurrence that has a successor.
+        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to the history."""
+        for token in tokens:
+            end = len(self.tokens) - 1  # the token before this one now has a successor
+            self.tokens.append(int(token))
+            if end < 0:
+                continue
+            for n, index in self._index.items():
+                if end + 1 >= n:
+                    index[tuple(self.tokens[end + 1 - n : end + 1])] = end
+
+    def draft(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the longest matching suffix ([] if none matches)."""
+        if k <= 0:
+            return []
+        history = self.tokens
+        for n in range(min(self.max_ngram, len(history)), self.min_ngram - 1, -1):
+            end = self._index[n].get(tuple(history[-n:]))
+            if end is not None:
+                return history[end + 1 : end + 1 + k]
+        return []
+
+
+class DraftPolicy:
+    """How many tokens to draft, from acceptance so far and what passes cost.
+
+    The expected number of tokens a pass yields with ``k`` drafts accepted
+    independently with probability ``a`` each is ``1 + a + ... + a^k``; it is
+    worth a pass costing ``c(k)`` one-token passes when that ratio beats 1.
+    ``c`` is measured (an average per pass size, extrapolated linearly for
+    sizes not tried yet) so the same policy drafts long on a memory-bound box,
+    where a pass over 9 tokens costs about what one does, and short or not at
+    all on a compute-bound one.
+    """
+
+    _DECAY = 0.8  # recent passes dominate: acceptance changes as the text enters and leaves a copied span
+    _MAX_COOLDOWN = 128  # plain passes between probes at most: bounds the cost of a probe to <1 %
+    _PROBE_K = 2
+    _REMEASURE = 32
+
+    def __init__(self, max_k: int) -> None:
+        self.max_k = max_k
+        self._accepted = 1.0  # prior: one accepted draft in two
+        self._rejected = 1.0
+        self._cost: dict[int, float] = {}  # tokens per pass -> average seconds
+        self._cooldown = 0
+        self._backoff = 4
+        self._passes = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that a draft token is accepted after the previous one was."""
+        return self._accepted / (self._accepted + self._rejected)
+
+    def cost_ratio(self, k: int) -> float:
+        """Estimated cost of a pass over ``k + 1`` tokens in one-token passes."""
+        one = self._cost.get(1)
+        if k == 0 or one is None:
+            return 1.0
+        if k + 1 in self._cost:
+            return self._cost[k + 1] / one
+        slopes = [(cost / one - 1.0) / (n - 1) for n, cost in self._cost.items() if n > 1]
+        slope = max(0.0, sum(slopes) / len(slopes)) if slopes else 0.02
+        return 1.0 + slope * k
+
+    def choose(self, limit: int) -> int:
+        """Drafts to ask for now (0: a plain step), at most ``limit``."""
+        self._passes += 1
+        if limit <= 0 or 1 not in self._cost or self._passes % self._REMEASURE == 0:
+            return 0  # a plain pass now and then keeps the one-token cost measured
+        if self._cooldown > 0:
+            self._cooldown -= 1
+            return min(self._PROBE_K, limit) if self._cooldown == 0 else 0
+        a = min(self.acceptance, 0.999)
+        best_k, best_gain = 0, 1.0
+        for k in range(1, min(self.max_k, limit) + 1):
+            gain = (1.0 - a ** (k + 1)) / (1.0 - a) / self.cost_ratio(k)
+            if gain > best_gain * 1.02:  # a marginal gain does not pay for the noise in the estimates
+                best_k, best_gain = k, gain
+        if best_k == 0:
+            # Not worth it now: plain steps for a while, then one small probe.
+            self._cooldown = self._backoff
+            self._backoff = min(self._MAX_COOLDOWN, self._backoff * 2)
+        return best_k
+
+    def record(self, tokens: int, seconds: float, drafted: int, accepted: int) -> None:
+        """Account one pass over ``tokens`` tokens that verified ``drafted`` drafts."""
+        previous = self._cost.get(tokens)
+        self._cost[tokens] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        if drafted:
+            self._accepted = self._DECAY * self._accepted + accepted
+            self._rejected = self._DECAY * self._rejected + (1 if accepted < drafted else 0)
+            if accepted:
+                self._backoff = 4
+
+
+class Speculator:
+    """Draft-and-verify decoding for one request; replaces the one-token step."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        sampler: Sampler,
+        prompt_ids: Sequence[int],
+        *,
+        vocab: int,
+        logits_dtype: npt.DTypeLike,
+        max_k: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._forward = forward
+        self._clock = clock
+        self._sampler = sampler
+        self.drafter = NgramDrafter(prompt_ids)
+        self.policy = DraftPolicy(max_k)
+        self._ids = np.zeros((1, max_k + 1), dtype=np.int64)
+        self._logits = np.empty((1, max_k + 1, vocab), dtype=logits_dtype)
+        self.passes = 0
+        self.drafted = 0
+        self.accepted = 0
+
+    def step(self, token: int, past: int, limit: int) -> list[int]:
+        """Feed ``token`` at position ``past`` (and a draft after it); return the tokens chosen next.
+
+        At most ``limit`` drafts are verified (room left in the cache and in
+        ``max_tokens``).  The list holds the accepted drafts and then the token
+        the sampler chose where the first draft was refused (or after the last
+        one): always at least one token, all of them final.
+        """
+        self.drafter.extend((token,))
+        k = self.policy.choose(limit)
+        draft = self.drafter.draft(k)
+        n = len(draft) + 1
+        ids = self._ids[:, :n]
+        ids[0, 0] = token
+        ids[0, 1:] = draft
+        logits = self._logits[:, :n]
+        started = self._clock()
+        self._forward(ids, past, logits)
+        seconds = self._clock() - started
+        chosen: list[int] = []
+        for j in range(n):
+            pick = self._sampler(logits[0, j])
+            chosen.append(pick)
+            if j == len(draft) or pick != draft[j]:
+                break
+        accepted = len(chosen) - 1
+        self.drafter.extend(chosen[:-1])  # the last one is fed (and recorded) next step
+        self.passes += 1
+        self.drafted += len(draft)
+        self.accepted += accepted
+        self.policy.record(n, seconds, len(draft), accepted)
+        return chosen
