@@ -96,6 +96,16 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     bench.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help=(
+            "also measure the prefix cache: N shared instruction tokens before the --prompt-tokens "
+            "input, first cold, then warm with a new input each run (time to first token)"
+        ),
+    )
+    bench.add_argument(
         "--concurrency",
         type=int,
         default=1,
@@ -155,9 +165,9 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine(args: argparse.Namespace) -> Engine:
+def _engine(args: argparse.Namespace, **options: Any) -> Engine:
     speculate = bool(getattr(args, "speculate", False))
-    return Engine(args.model_dir, EngineOptions(threads=args.threads, speculate=speculate))
+    return Engine(args.model_dir, EngineOptions(threads=args.threads, speculate=speculate, **options))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -202,11 +212,15 @@ def _bench(args: argparse.Namespace) -> int:
         raise AgentError("--prompt-tokens, --new-tokens and --repeat must be at least 1")
     if args.bandwidth_gbs is not None and not args.bandwidth_gbs > 0:
         raise AgentError("--bandwidth-gbs must be positive")
+    if args.prefix_tokens < 0:
+        raise AgentError("--prefix-tokens must be 0 or more")
     if not 1 <= args.concurrency <= 64:
         raise AgentError("--concurrency must lie in [1, 64]")
     if args.concurrency > 1 and args.speculate:
         raise AgentError("--speculate and --concurrency > 1 do not combine (a batch row feeds one token)")
-    engine = _engine(args)
+    # Repeated prompts would hit the prefix cache: the speed figures are cold ones, so it is off
+    # unless --prefix-tokens asks to measure it.
+    engine = _engine(args, **({} if args.prefix_tokens else {"prefix_cache_mb": 0}))
     traffic = model_weight_traffic(engine.folder.onnx_path)
     # A fixed, ordinary-looking prompt: the encoded text repeated to the length asked.
     seed_ids = engine.tokenizer.encode(
@@ -243,6 +257,8 @@ def _bench(args: argparse.Namespace) -> int:
     result["acceptance_rate"] = (
         result["accepted_tokens"] / result["drafted_tokens"] if result["drafted_tokens"] else None
     )
+    if args.prefix_tokens:
+        result |= _bench_prefix(engine, seed_ids, args)
     if args.json:
         print(json.dumps(result))
     else:
@@ -266,7 +282,46 @@ def _bench(args: argparse.Namespace) -> int:
                 f"projection: at {args.bandwidth_gbs:g} GB/s decode reaches at most "
                 f"{result['max_decode_tokens_per_s']:.1f} tok/s (a bound from memory traffic, not a measurement)"
             )
+        if args.prefix_tokens:
+            print(
+                f"prefix cache: {args.prefix_tokens}-token instruction + {args.prompt_tokens}-token input: "
+                f"time to first token cold {result['ttft_cold_ms']:.1f} ms, warm {result['ttft_warm_ms']:.1f} ms "
+                f"({100 * result['warm_vs_cold']:.1f} % of cold; {result['cached_tokens']} tokens cached)"
+            )
     return 0
+
+
+def _bench_prefix(engine: Engine, seed_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Time to first token for a shared instruction + a new input each run: cold once, then warm."""
+    if engine.prefix_cache is None:
+        raise AgentError("--prefix-tokens needs the prefix cache: [engine] prefix_cache_mb must be above 0")
+    n = args.prefix_tokens + args.prompt_tokens
+    if n >= engine.context_length:
+        raise AgentError(
+            f"--prefix-tokens + --prompt-tokens must stay below the context ({engine.context_length})"
+        )
+    # The instruction: the seed text from its 2nd token on, so it differs from the speed runs' prompt.
+    instruction: list[int] = (
+        (seed_ids[1:] or seed_ids) * (args.prefix_tokens // max(1, len(seed_ids) - 1) + 1)
+    )[: args.prefix_tokens]
+
+    def job(run: int) -> list[int]:  # a new input each run: the instruction is the only shared part
+        rotated: list[int] = seed_ids[run % len(seed_ids) :] + seed_ids[: run % len(seed_ids)]
+        tokens: int = args.prompt_tokens
+        return instruction + (rotated * (tokens // len(rotated) + 1))[:tokens]
+
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    engine.prefix_cache.clear()
+    cold = engine.generate(job(0), params)
+    warm = [engine.generate(job(run), params) for run in range(1, args.repeat + 1)]
+    warm_ms = statistics.median(w.timings.prefill_ms for w in warm)
+    return {
+        "prefix_tokens": args.prefix_tokens,
+        "ttft_cold_ms": cold.timings.prefill_ms,
+        "ttft_warm_ms": warm_ms,
+        "warm_vs_cold": warm_ms / cold.timings.prefill_ms,
+        "cached_tokens": min(w.cached_tokens for w in warm),
+    }
 
 
 def _bench_batch(args: argparse.Namespace, engine: Engine, ids: list[int], params: SamplingParams) -> int:

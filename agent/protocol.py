@@ -158,6 +158,7 @@ class Usage(_Wire):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = Field(0, description="Prompt tokens served from the prefix cache, not computed.")
     drafted_tokens: int | None = Field(
         None, ge=0, description="Draft tokens verified by speculative decoding; absent when none were."
     )
@@ -167,10 +168,13 @@ class Usage(_Wire):
 class Timings(_Wire):
     """Where the time of one request went (the engine measures it; a result carries it)."""
 
-    prefill_ms: float = Field(description="Prompt forward pass, including picking the first token.")
+    prefill_ms: float = Field(
+        description="Prompt forward passes actually run (cached positions are copied, not computed), "
+        "including picking the first token."
+    )
     decode_ms: float = Field(description="All later tokens.")
     total_ms: float
-    prefill_tokens_per_s: float
+    prefill_tokens_per_s: float = Field(description="Prompt tokens computed (not cached) per second.")
     decode_tokens_per_s: float
 
 

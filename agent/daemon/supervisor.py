@@ -26,7 +26,7 @@ from agent.daemon.outcome import Models
 from agent.daemon.worker import Worker
 from agent.health.probe import SystemProbe
 from agent.health.sd_notify import Notifier
-from agent.health.telemetry import JobStats, ModelInfo
+from agent.health.telemetry import JobStats, ModelInfo, PrefixCacheTelemetry
 from agent.jobs.store import JobStore, corrupt_copies
 from agent.link.mqtt import MQTTLink
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, days_left
@@ -157,6 +157,7 @@ class Supervisor:
                 name=serving.ref.name,
                 version=serving.ref.version,
                 precision=getattr(serving, "precision", None),
+                prefix_cache=PrefixCacheTelemetry.of(serving.engine.prefix_cache_stats()),
             ),
             backlog=self.outbox.backlog,
             previous=self.health,

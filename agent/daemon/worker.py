@@ -339,6 +339,7 @@ class Worker:
             usage=Usage(
                 prompt_tokens=completion.prompt_tokens,
                 completion_tokens=completion.completion_tokens,
+                cached_tokens=completion.cached_tokens,
                 drafted_tokens=completion.drafted_tokens or None,
                 accepted_tokens=completion.accepted_tokens if completion.drafted_tokens else None,
             ),

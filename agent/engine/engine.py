@@ -1,11 +1,14 @@
 """The inference engine: a model folder, one onnxruntime session, and the generation loop.
 
 One request runs at a time (an edge box has a handful of cores and one model's
-worth of memory).  Per request: tokenize, prefill the whole prompt in one
-forward pass, then decode one token per pass with every buffer bound once
-through IOBinding — the KV cache (see ``kv_cache``), the token, the attention
-mask (a view of one preallocated row of ones) and the logits.  The only work
-per step besides the forward pass is choosing the token and detokenizing it.
+worth of memory).  Per request: tokenize; copy the longest cached prefix of the
+prompt into the request's KV cache (``prefix_cache``) and prefill the rest in
+chunks (``prefill``), checking ``should_stop`` between chunks; then decode one
+token per pass with every buffer bound once through IOBinding — the KV cache
+(see ``kv_cache``), the token, the attention mask (a view of one preallocated
+row of ones) and the logits.  The only work per step besides the forward pass
+is choosing the token and detokenizing it.  After the request the prompt's
+blocks go into the prefix cache (and its directory, when the engine has one).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.config import EngineOptions as EngineOptions
 from agent.engine.kv_cache import KVCache
 from agent.engine.model_folder import ModelFolder
+from agent.engine.prefill import open_prefix_cache, plan_chunks
+from agent.engine.prefix_cache import PrefixCacheStats
 from agent.engine.sampling import Sampler, SamplingParams
 from agent.engine.speculate import Speculator
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
@@ -48,6 +53,9 @@ class Completion(BaseModel):
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(
+        0, description="Prompt tokens whose keys and values came from the prefix cache."
+    )
     timings: Timings
     drafted_tokens: int = Field(0, description="Draft tokens verified (speculative decoding).")
     accepted_tokens: int = Field(0, description="Draft tokens the model agreed with.")
@@ -63,10 +71,24 @@ def _default_threads() -> int:
     return max(1, cores or os.cpu_count() or 1)
 
 
-class Engine:
-    """Runs one model folder. Not thread-safe: one ``generate`` at a time."""
+class _PrefillCanceled(Exception):
+    """``should_stop`` asked to stop between two prefill chunks."""
 
-    def __init__(self, path: str | Path, options: EngineOptions | None = None) -> None:
+
+class Engine:
+    """Runs one model folder. Not thread-safe: one ``generate`` at a time.
+
+    ``prefix_cache_dir`` keeps prompt prefixes across restarts (the daemon passes
+    ``state_dir/prefix_cache``); without it the prefix cache lives in memory only.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        options: EngineOptions | None = None,
+        *,
+        prefix_cache_dir: str | Path | None = None,
+    ) -> None:
         self.options = options or EngineOptions()
         self.folder = ModelFolder(path)
         self.tokenizer = Tokenizer(self.folder)
@@ -80,11 +102,27 @@ class Engine:
         self._positions = np.arange(self.context_length, dtype=np.int64)
         self._token = np.zeros((1, 1), dtype=np.int64)
         self._step_logits = np.empty((1, 1, self._io.vocab), dtype=self._io.logits_dtype)
+        opts, io = self.options, self._io
+        self.prefix_cache = open_prefix_cache(
+            self.folder.path,
+            directory=None if prefix_cache_dir is None else Path(prefix_cache_dir),
+            memory_mb=opts.prefix_cache_mb,
+            disk_mb=opts.prefix_cache_disk_mb,
+            block_tokens=opts.prefix_block_tokens,
+            block_shape=(io.layers, 2, io.kv_heads, opts.prefix_block_tokens, io.head_size),
+            dtype=np.dtype(io.kv_dtype),
+            threads=self.threads,
+        )
+        self._cached_tokens = 0  # of the last prefill
 
     @property
     def name(self) -> str:
         """The model's name (its folder's)."""
         return self.folder.name
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Bytes, blocks and hit rate of the prefix cache; None when it is off."""
+        return self.prefix_cache.stats() if self.prefix_cache is not None else None
 
     def _open_session(self) -> ort.InferenceSession:
         so = ort.SessionOptions()
@@ -127,12 +165,15 @@ class Engine:
         *,
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> Completion:
         """Generate after ``prompt_ids``.
 
         ``on_text`` receives each piece of text as soon as it is final (whole
         characters, never part of a stop string).  ``should_stop`` is polled
-        between tokens; when it returns true generation ends as ``canceled``.
+        between prefill chunks and between tokens; when it returns true
+        generation ends as ``canceled``.  ``on_prefill(done, total)`` reports the
+        prompt positions ready after the cache lookup and after each chunk.
         """
         params = params or SamplingParams()
         ids = [int(i) for i in prompt_ids]
@@ -153,9 +194,15 @@ class Engine:
         started = time.perf_counter()
         # The last token is never fed back, so the cache needs one slot less than that.
         capacity = n_prompt + max_new - 1 if max_new > 1 else n_prompt
-        binding, _cache, last = self._prefill(ids, capacity)
+        try:
+            binding, cache, last = self._prefill(
+                ids, capacity, should_stop=should_stop, on_prefill=on_prefill
+            )
+        except _PrefillCanceled:
+            return self._canceled_in_prefill(n_prompt, started)
         token = sampler(last)
         prefill_done = time.perf_counter()
+        cached_tokens = self._cached_tokens
 
         spec = self._speculator(ids, binding, sampler)
         ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
@@ -197,6 +244,8 @@ class Engine:
             if tail:
                 emit(tail)
         finished = time.perf_counter()
+        if self.prefix_cache is not None:  # after the answer: never delays the first token
+            self.prefix_cache.insert(ids, cache.block, n_prompt)
         decode_s = finished - prefill_done
         prefill_s = prefill_done - started
         return Completion(
@@ -205,16 +254,35 @@ class Engine:
             finish_reason=finish,
             prompt_tokens=n_prompt,
             completion_tokens=len(generated),
+            cached_tokens=cached_tokens,
             drafted_tokens=spec.drafted if spec else 0,
             accepted_tokens=spec.accepted if spec else 0,
             timings=Timings(
                 prefill_ms=prefill_s * 1e3,
                 decode_ms=decode_s * 1e3,
                 total_ms=(finished - started) * 1e3,
-                prefill_tokens_per_s=n_prompt / prefill_s if prefill_s > 0 else 0.0,
+                prefill_tokens_per_s=(n_prompt - cached_tokens) / prefill_s if prefill_s > 0 else 0.0,
                 decode_tokens_per_s=(len(generated) - 1) / decode_s
                 if len(generated) > 1 and decode_s > 0
                 else 0.0,
+            ),
+        )
+
+    def _canceled_in_prefill(self, n_prompt: int, started: float) -> Completion:
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        return Completion(
+            token_ids=[],
+            text="",
+            finish_reason="canceled",
+            prompt_tokens=n_prompt,
+            completion_tokens=0,
+            cached_tokens=self._cached_tokens,
+            timings=Timings(
+                prefill_ms=elapsed_ms,
+                decode_ms=0.0,
+                total_ms=elapsed_ms,
+                prefill_tokens_per_s=0.0,
+                decode_tokens_per_s=0.0,
             ),
         )
 
@@ -264,29 +332,63 @@ class Engine:
             row = self._step_logits[0, -1]
         return ranks
 
-    def _prefill(self, ids: list[int], capacity: int) -> tuple[ort.IOBinding, KVCache, npt.NDArray[Any]]:
-        """The whole prompt in one pass, into a new cache of ``capacity`` positions.
+    def _prefill(
+        self,
+        ids: list[int],
+        capacity: int,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
+    ) -> tuple[ort.IOBinding, KVCache, npt.NDArray[Any]]:
+        """The prompt into a new cache of ``capacity`` positions: cached blocks copied, the rest in chunks.
 
         Returns the binding, already set up for the first decode step; the cache,
         which must stay referenced while the binding is used; and the logits of
-        the prompt's last position.
+        the prompt's last position.  Sets ``_cached_tokens``.  Raises
+        ``_PrefillCanceled`` when ``should_stop`` says so between chunks.
         """
+        io, n = self._io, len(ids)
         cache = KVCache(
-            layers=self._io.layers,
-            kv_heads=self._io.kv_heads,
-            head_size=self._io.head_size,
+            layers=io.layers,
+            kv_heads=io.kv_heads,
+            head_size=io.head_size,
             capacity=capacity,
-            dtype=self._io.kv_dtype,
+            dtype=io.kv_dtype,
         )
+        done = done_before = self._cached_tokens = self._restore_prefix(ids, cache)
+        if on_prefill is not None:
+            on_prefill(done, n)
         binding = self.session.io_binding()
-        cache.bind(binding, self._io.past_names, self._io.present_names)
+        cache.bind(binding, io.past_names, io.present_names)
+        chunks = plan_chunks(done, n, self.options.prefill_chunk_tokens)
+        longest = max(stop - begin for begin, stop in chunks)
+        # One logits buffer for every chunk, bound at each chunk's length: memory stays bounded by the chunk.
+        logits = np.empty((1, io.prefill_logits_rows(longest), io.vocab), io.logits_dtype)
         prompt = np.asarray([ids], dtype=np.int64)
-        logits = np.empty((1, self._io.prefill_logits_rows(len(ids)), self._io.vocab), self._io.logits_dtype)
-        self._bind_step(binding, prompt, past=0, logits=logits)
-        self.session.run_with_iobinding(binding)
-        last = logits[0, -1].copy()  # not a view: the prompt-sized logits are freed on return
-        self._bind_step(binding, self._token, past=len(ids), logits=self._step_logits)
+        for begin, stop in chunks:
+            if begin > done_before and should_stop is not None and should_stop():  # between chunks
+                raise _PrefillCanceled
+            rows = io.prefill_logits_rows(stop - begin)
+            self._bind_step(binding, prompt[:, begin:stop], past=begin, logits=logits[:, :rows])
+            self.session.run_with_iobinding(binding)
+            done = stop
+            if on_prefill is not None:
+                on_prefill(done, n)
+        last = logits[0, rows - 1].copy()  # not a view: the chunk-sized logits are freed on return
+        self._bind_step(binding, self._token, past=n, logits=self._step_logits)
         return binding, cache, last
+
+    def _restore_prefix(self, ids: list[int], cache: KVCache) -> int:
+        """Copy the longest usable cached prefix of ``ids`` into ``cache``; returns its length."""
+        if self.prefix_cache is None:
+            return 0
+        size = self.prefix_cache.block_tokens
+        # At least two positions are left to compute: the last one's logits pick the first token,
+        # and a one-row pass would take kernels that round differently (see ``prefill``).
+        blocks = self.prefix_cache.lookup(ids, max_tokens=len(ids) - 2)
+        for i, block in enumerate(blocks):
+            cache.block[:, :, 0, :, i * size : (i + 1) * size, :] = block.kv
+        return len(blocks) * size
 
     def _bind_step(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]

@@ -36,6 +36,11 @@ class KVCache:
         self.shape = (1, kv_heads, capacity, head_size)
 
     @property
+    def block(self) -> npt.NDArray[np.generic]:
+        """The whole cache, ``[layers, 2 (key, value), 1, kv_heads, capacity, head_size]``."""
+        return self._block
+
+    @property
     def nbytes(self) -> int:
         """Size of the whole cache in bytes (committed lazily, as it fills)."""
         return int(self._block.nbytes)

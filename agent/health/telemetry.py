@@ -95,6 +95,24 @@ class ModelInfo(_Part):
     name: str = Field(max_length=64)
     version: str | None = Field(None, max_length=64)
     precision: str | None = Field(None, max_length=16, description="e.g. int4 or int8, when it is known.")
+    prefix_cache: PrefixCacheTelemetry | None = Field(None, description="Null when the cache is off.")
+
+
+class PrefixCacheTelemetry(_Part):
+    """The engine's prefix cache: what it holds in memory and how often it helped."""
+
+    bytes: int = Field(description="Keys and values held in memory.")
+    budget_bytes: int = Field(description="[engine] prefix_cache_mb, in bytes.")
+    entries: int = Field(description="Blocks of prompt tokens held.")
+    lookups: int = Field(description="Prompts looked up since the model was loaded.")
+    hits: int = Field(description="Lookups that reused a cached prefix.")
+    hit_rate: float | None = Field(None, description="hits / lookups; null before the first job.")
+    cached_tokens: int = Field(description="Prompt tokens served from the cache since the model was loaded.")
+
+    @classmethod
+    def of(cls, stats: BaseModel | None) -> PrefixCacheTelemetry | None:
+        """From the engine's ``prefix_cache_stats()`` (None when the cache is off)."""
+        return None if stats is None else cls.model_validate(stats.model_dump(include=set(cls.model_fields)))
 
 
 class JobCounts(_Part):

@@ -134,13 +134,21 @@ class Updater:
 
     def _open(self, release: str | None) -> Serving:
         if release is None:
-            engine = Engine(self.config.model.path, self.config.engine)
+            engine = Engine(
+                self.config.model.path,
+                self.config.engine,
+                prefix_cache_dir=self.config.state_dir / "prefix_cache",
+            )
             name = self.config.model.name or engine.name
             return Serving(engine, ModelRef(name=name, version=self.config.model.version), None)
         manifest = self.store.manifest(release)
         if manifest is None:
             raise ModelError(f"{release} is not installed")
-        engine = Engine(self.store.path(release), self.config.engine)
+        engine = Engine(
+            self.store.path(release),
+            self.config.engine,
+            prefix_cache_dir=self.config.state_dir / "prefix_cache",
+        )
         return Serving(
             engine, ModelRef(name=manifest.name, version=manifest.version), release, manifest.precision
         )

@@ -77,6 +77,7 @@ def test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation(broker,
     assert result["usage"] == {
         "prompt_tokens": expected.prompt_tokens,
         "completion_tokens": expected.completion_tokens,
+        "cached_tokens": 0,  # the daemon's first job: nothing cached yet
     }
     assert result["model"]["name"] == "phi3-int4"
     assert result["timings"]["prefill_ms"] > 0

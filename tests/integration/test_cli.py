@@ -70,6 +70,20 @@ def test_bench_json(phi3_dir: Path) -> None:
     assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] > 0 and out["peak_rss_mb"] > 0
     assert 0 < out["weight_bytes_per_token"] < out["weight_bytes_total"]
     assert out["bandwidth_gbs"] is None and out["max_decode_tokens_per_s"] is None
+    assert "ttft_warm_ms" not in out  # the cache is measured only when asked
+
+
+def test_bench_prefix_tokens_measures_a_warm_run(phi3_dir: Path) -> None:
+    args = ("--prompt-tokens", "16", "--new-tokens", "4", "--repeat", "2", "--prefix-tokens", "150")
+    proc = _cli("bench", str(phi3_dir), *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["prefix_tokens"] == 150
+    assert out["cached_tokens"] == 144  # whole 16-token blocks of the instruction
+    assert out["ttft_warm_ms"] > 0 and out["ttft_cold_ms"] > 0
+    assert out["warm_vs_cold"] == out["ttft_warm_ms"] / out["ttft_cold_ms"]
+    too_long = _cli("bench", str(phi3_dir), "--prompt-tokens", "16", "--prefix-tokens", "250")
+    assert too_long.returncode == 1 and "below the context (256)" in too_long.stderr
 
 
 def test_errors_are_one_clear_line(tmp_path: Path, phi3_dir: Path) -> None:

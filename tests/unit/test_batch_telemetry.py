@@ -31,4 +31,8 @@ def test_usage_reports_drafted_and_accepted_tokens() -> None:
     usage = Usage(prompt_tokens=5, completion_tokens=9, drafted_tokens=8, accepted_tokens=6)
     assert Usage.model_validate_json(usage.model_dump_json()) == usage
     plain = Usage(prompt_tokens=5, completion_tokens=9)
-    assert plain.model_dump(exclude_none=True) == {"prompt_tokens": 5, "completion_tokens": 9}  # as before
+    assert plain.model_dump(exclude_none=True) == {
+        "prompt_tokens": 5,
+        "completion_tokens": 9,
+        "cached_tokens": 0,  # the prefix cache always reports
+    }  # drafted/accepted absent, as before

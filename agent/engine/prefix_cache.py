@@ -1,0 +1,235 @@
+"""The prefix cache: keys and values of prompt prefixes, kept across requests.
+
+A prompt is cut into blocks of ``block_tokens`` token ids.  Block ``i`` is named
+by a hash chained over the root (the model's identity) and every token up to
+the block's end, so two prompts share a block exactly when they share every
+token before its end — a token-exact prefix match, found by walking the new
+prompt's blocks until one is missing (the hashed blocks of vLLM, flattened: a
+dict instead of a radix tree, which for prompts of a few thousand tokens is
+both simpler and as fast).  A shared instruction is stored once however many
+inputs follow it.
+
+Eviction is least-recently-used within a byte budget.  Whenever a chain of
+blocks is used, it is touched from its deepest block to its root, so a block is
+always more recent than its descendants and eviction takes leaves first: the
+cache never holds a block it cannot reach.
+
+Only keys and values computed by the prefill (chunks of two or more rows) are
+stored, never those of decoded tokens: onnxruntime's single-row kernels round
+differently, and a hit must give the very bits a cold prefill would.  A hit is
+copied into the request's cache block (the block is bound once to the graph's
+past and present, so it cannot alias blocks scattered in memory); copying
+1,000 tokens of a 4-layer model takes milliseconds.
+
+Blocks can also live on disk (``prefix_store``); a block missing in memory is
+looked up there lazily, during the walk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Bytes of a block key (BLAKE2b digest): collisions are out of reach at 128 bits.
+KEY_BYTES = 16
+
+
+def chain_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The key of a block holding ``tokens`` whose prefix has key ``parent``."""
+    data = np.asarray(tokens, dtype="<i4").tobytes()
+    return hashlib.blake2b(parent + data, digest_size=KEY_BYTES).digest()
+
+
+def root_key(identity: str) -> bytes:
+    """The key every chain starts from: the model's identity, so no two models share a block."""
+    return hashlib.blake2b(identity.encode(), digest_size=KEY_BYTES).digest()
+
+
+@dataclass(frozen=True)
+class Block:
+    """Keys and values of ``len(tokens)`` positions, laid out ``[layers, 2, kv_heads, tokens, head_size]``."""
+
+    key: bytes
+    parent: bytes
+    tokens: tuple[int, ...]
+    kv: npt.NDArray[np.generic]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the keys and values."""
+        return int(self.kv.nbytes)
+
+
+class BlockStore(Protocol):
+    """Where blocks go when memory is not enough (the disk), consulted lazily."""
+
+    def load(self, key: bytes, parent: bytes, tokens: Sequence[int]) -> Block | None:
+        """The block with ``key`` if it is stored and sound, else None."""
+
+    def save(self, blocks: Sequence[Block], chain: Sequence[bytes]) -> None:
+        """Store the new ``blocks`` of ``chain`` (keys, root first); best effort."""
+
+    def touch(self, chain: Sequence[bytes]) -> None:
+        """Mark ``chain`` (keys, root first) as just used."""
+
+
+class PrefixCacheStats(BaseModel):
+    """What the cache holds and how often it helped (telemetry reports it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bytes: int = Field(description="Keys and values held in memory.")
+    budget_bytes: int
+    entries: int = Field(description="Blocks held in memory.")
+    block_tokens: int
+    lookups: int = Field(description="Prompts looked up since the engine started.")
+    hits: int = Field(description="Lookups that reused at least one block.")
+    hit_rate: float | None = Field(description="hits / lookups; null before the first lookup.")
+    cached_tokens: int = Field(description="Prompt tokens served from the cache since the engine started.")
+    disk_loads: int = Field(description="Blocks read back from disk.")
+
+
+class PrefixCache:
+    """Blocks of prompt keys and values under an LRU byte budget.
+
+    Thread-safe (a lock per call): the engine's thread uses it, telemetry reads
+    its statistics.
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: str,
+        block_tokens: int,
+        budget_bytes: int,
+        store: BlockStore | None = None,
+    ) -> None:
+        if block_tokens < 2:
+            raise ValueError("block_tokens must be at least 2")
+        self.identity = identity
+        self.block_tokens = block_tokens
+        self.budget_bytes = budget_bytes
+        self.root = root_key(identity)
+        self._store = store
+        self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recent first
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._lookups = self._hits = self._cached_tokens = self._disk_loads = 0
+
+    def keys(self, ids: Sequence[int], blocks: int) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
+        """(key, parent, tokens) of the first ``blocks`` whole blocks of ``ids``."""
+        out: list[tuple[bytes, bytes, tuple[int, ...]]] = []
+        parent, size = self.root, self.block_tokens
+        for i in range(blocks):
+            tokens = tuple(ids[i * size : (i + 1) * size])
+            key = chain_key(parent, tokens)
+            out.append((key, parent, tokens))
+            parent = key
+        return out
+
+    def lookup(self, ids: Sequence[int], *, max_tokens: int) -> list[Block]:
+        """The longest chain of cached blocks that starts ``ids`` and covers at most ``max_tokens``."""
+        with self._lock:
+            self._lookups += 1
+            found: list[Block] = []
+            for key, parent, tokens in self.keys(ids, max_tokens // self.block_tokens):
+                block = self._blocks.get(key)
+                if block is None and self._store is not None:
+                    block = self._store.load(key, parent, tokens)
+                    if block is not None:
+                        self._disk_loads += 1
+                        self._add(block)
+                if block is None or block.tokens != tokens:
+                    break
+                found.append(block)
+            self._touch(found)
+            if found and self._store is not None:
+                self._store.touch([b.key for b in found])
+            if found:
+                self._hits += 1
+                self._cached_tokens += len(found) * self.block_tokens
+            self._evict()
+            # A block evicted just now (the budget shrank below one chain) is still valid to use.
+            return found
+
+    def insert(self, ids: Sequence[int], kv: npt.NDArray[np.generic], rows: int) -> int:
+        """Store the whole blocks of ``ids[:rows]`` not cached yet; returns how many were new.
+
+        ``kv`` is the request's cache, ``[layers, 2, 1, kv_heads, capacity, head_size]``;
+        blocks are copied out of it, as many as fit in the budget (the first ones first).
+        """
+        if self.budget_bytes <= 0:
+            return 0
+        new: list[Block] = []
+        chain: list[Block] = []
+        with self._lock:
+            for i, (key, parent, tokens) in enumerate(self.keys(ids, rows // self.block_tokens)):
+                block = self._blocks.get(key)
+                if block is None:
+                    start = i * self.block_tokens
+                    data = np.ascontiguousarray(kv[:, :, 0, :, start : start + self.block_tokens, :])
+                    if self._bytes + data.nbytes > self.budget_bytes and not self._can_free(
+                        data.nbytes, chain
+                    ):
+                        break
+                    block = Block(key=key, parent=parent, tokens=tokens, kv=data)
+                    self._add(block)
+                    new.append(block)
+                chain.append(block)
+            self._touch(chain)
+            self._evict()
+        if self._store is not None and chain:
+            self._store.save(new, [b.key for b in chain])
+        return len(new)
+
+    def stats(self) -> PrefixCacheStats:
+        """A snapshot of the cache's size and use."""
+        with self._lock:
+            return PrefixCacheStats(
+                bytes=self._bytes,
+                budget_bytes=self.budget_bytes,
+                entries=len(self._blocks),
+                block_tokens=self.block_tokens,
+                lookups=self._lookups,
+                hits=self._hits,
+                hit_rate=self._hits / self._lookups if self._lookups else None,
+                cached_tokens=self._cached_tokens,
+                disk_loads=self._disk_loads,
+            )
+
+    def clear(self) -> None:
+        """Forget every block held in memory (the disk copy stays)."""
+        with self._lock:
+            self._blocks.clear()
+            self._bytes = 0
+
+    # -- under the lock ----------------------------------------------------------------
+
+    def _add(self, block: Block) -> None:
+        if block.key not in self._blocks:
+            self._blocks[block.key] = block
+            self._bytes += block.nbytes
+
+    def _touch(self, chain: list[Block]) -> None:
+        for block in reversed(chain):  # deepest first: the root ends up the most recent
+            if block.key in self._blocks:
+                self._blocks.move_to_end(block.key)
+
+    def _can_free(self, nbytes: int, protected: list[Block]) -> bool:
+        """Whether evicting blocks outside ``protected`` could make room for ``nbytes`` more."""
+        keep = {b.key for b in protected}
+        freeable = sum(b.nbytes for k, b in self._blocks.items() if k not in keep)
+        return self._bytes - freeable + nbytes <= self.budget_bytes
+
+    def _evict(self) -> None:
+        while self._bytes > self.budget_bytes and self._blocks:
+            _, block = self._blocks.popitem(last=False)
+            self._bytes -= block.nbytes

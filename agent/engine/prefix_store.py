@@ -1,0 +1,277 @@
+"""Prefix-cache blocks on disk, so a restart does not forget a long instruction.
+
+Layout: ``{root}/{identity}/{key}.kv``, one file per block, where ``identity``
+names the model (its files' hashes, the onnxruntime version and the CPU's
+features: keys and values computed by other kernels could change a token) and
+``key`` is the block's chained hash.  Opening the store for one identity
+removes the directories of every other: a model update drops the old cache.
+
+A file is ``MAGIC``, a 4-byte header length, a JSON header (identity, key,
+parent, tokens, dtype, shape), the raw keys and values, and a BLAKE2b digest of
+all that.  A file is loaded only if every one of these checks out — the digest,
+the identity, the key recomputed from parent and tokens, the shape the engine
+expects — otherwise it is removed with a warning and the request prefills
+normally.  Files are written to a temporary name and renamed, so a power cut
+leaves either the whole file or none (or a torn one, which the digest rejects).
+
+The directory is bounded (``budget_bytes``): writing past it removes the least
+recently used files (each use of a chain refreshes its files' modification
+times, root newest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from agent.engine.prefix_cache import Block, chain_key
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"EAKVBLK1"
+FORMAT_VERSION = 1
+_DIGEST = 32
+_SUFFIX = ".kv"
+_HASH_CHUNK = 1 << 20
+_MAX_HEADER = 1 << 16
+
+
+def file_digest(paths: Iterable[Path]) -> str:
+    """SHA-256 over the names and contents of ``paths`` (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def runtime_fingerprint(threads: int) -> str:
+    """What besides the weights decides the keys' and values' bits: runtime, CPU features, threads."""
+    import onnxruntime
+
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    parts = (f"v{FORMAT_VERSION}", onnxruntime.__version__, platform.machine(), flags, f"threads={threads}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def model_identity(model_files: Iterable[Path], threads: int) -> str:
+    """The name of a model's cache: its files' hash combined with the runtime's fingerprint."""
+    combined = f"{file_digest(model_files)}:{runtime_fingerprint(threads)}"
+    return hashlib.sha256(combined.encode()).hexdigest()[:32]
+
+
+class DiskBlockStore:
+    """Blocks of one model identity under ``root`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: Path,
+        identity: str,
+        *,
+        block_shape: tuple[int, ...],
+        dtype: np.dtype[np.generic],
+        budget_bytes: int,
+    ) -> None:
+        self.root = Path(root)
+        self.identity = identity
+        self.dir = self.root / identity
+        self.block_shape = tuple(block_shape)
+        self.dtype = np.dtype(dtype)
+        self.budget_bytes = budget_bytes
+        self._opened = False
+        self._used: int = 0
+        self._warned_write = False
+
+    # -- lazily, on first use ------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self._opened:
+            return
+        self._opened = True
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for other in self.root.iterdir():
+                if other.name != self.identity:
+                    log.info("prefix cache: removing %s (another model or runtime)", other)
+                    if other.is_dir() and not other.is_symlink():
+                        shutil.rmtree(other, ignore_errors=True)
+                    else:
+                        other.unlink(missing_ok=True)
+            self._used = 0
+            for path in self.dir.iterdir():
+                if path.suffix != _SUFFIX:  # a temporary file a crash left behind
+                    path.unlink(missing_ok=True)
+                else:
+                    self._used += path.stat().st_size
+        except OSError as exc:
+            log.warning("prefix cache: cannot use %s (%s); continuing without the disk copy", self.dir, exc)
+
+    def _path(self, key: bytes) -> Path:
+        return self.dir / f"{key.hex()}{_SUFFIX}"
+
+    # -- reading ------------------------------------------------------------------------
+
+    def load(self, key: bytes, parent: bytes, tokens: Sequence[int]) -> Block | None:
+        """The block stored under ``key``, or None if absent or unsound (then it is removed)."""
+        self._open()
+        path = self._path(key)
+        # Never read more than a sound file can hold: a block's payload plus a generous header.
+        limit = int(np.prod(self.block_shape)) // self.block_shape[3] * len(tokens) * self.dtype.itemsize
+        limit += _MAX_HEADER
+        try:
+            if path.stat().st_size > limit:
+                log.warning("prefix cache: ignoring and removing %s: larger than a block can be", path)
+                self._remove(path)
+                return None
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("prefix cache: cannot read %s (%s); ignoring it", path, exc)
+            return None
+        problem, block = self._decode(data, key, parent, tuple(tokens))
+        if block is None:
+            log.warning("prefix cache: ignoring and removing %s: %s", path, problem)
+            self._remove(path)
+            return None
+        return block
+
+    def _decode(
+        self, data: bytes, key: bytes, parent: bytes, tokens: tuple[int, ...]
+    ) -> tuple[str, Block | None]:
+        head = len(MAGIC) + 4
+        if len(data) < head + _DIGEST or not data.startswith(MAGIC):
+            return "not a prefix-cache file", None
+        body, digest = data[:-_DIGEST], data[-_DIGEST:]
+        if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+            return "checksum mismatch (torn or corrupt)", None
+        (size,) = struct.unpack("<I", data[len(MAGIC) : head])
+        try:
+            header = json.loads(body[head : head + size])
+        except ValueError:
+            return "unreadable header", None
+        if not isinstance(header, dict):
+            return "unreadable header", None
+        if header.get("identity") != self.identity:
+            return "written for another model or runtime", None
+        if (
+            header.get("key") != key.hex()
+            or header.get("parent") != parent.hex()
+            or header.get("tokens") != list(tokens)
+            or chain_key(parent, tokens) != key
+        ):
+            return "its tokens do not match its name", None
+        shape = (*self.block_shape[:3], len(tokens), *self.block_shape[4:])
+        if header.get("dtype") != self.dtype.str or header.get("shape") != list(shape):
+            return f"shape or dtype {header.get('shape')} {header.get('dtype')} is not the model's", None
+        payload = body[head + size :]
+        if len(payload) != int(np.prod(shape)) * self.dtype.itemsize:
+            return "wrong payload size", None
+        kv = np.frombuffer(payload, dtype=self.dtype).reshape(shape).copy()
+        return "", Block(key=key, parent=parent, tokens=tokens, kv=kv)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def save(self, blocks: Sequence[Block], chain: Sequence[bytes]) -> None:
+        """Write the new ``blocks`` of ``chain`` (its keys, root first), then trim to the budget.
+
+        Failures are logged, never raised: the disk copy is an optimisation.
+        """
+        if self.budget_bytes <= 0:
+            return
+        self._open()
+        for block in blocks:
+            header = json.dumps(
+                {
+                    "identity": self.identity,
+                    "key": block.key.hex(),
+                    "parent": block.parent.hex(),
+                    "tokens": list(block.tokens),
+                    "dtype": self.dtype.str,
+                    "shape": list(block.kv.shape),
+                }
+            ).encode()
+            body = MAGIC + struct.pack("<I", len(header)) + header + block.kv.tobytes()
+            data = body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+            if len(data) > self.budget_bytes:
+                return
+            path = self._path(block.key)
+            tmp = path.with_suffix(".tmp")
+            try:
+                previous = path.stat().st_size if path.exists() else 0
+                tmp.write_bytes(data)
+                tmp.replace(path)
+                self._used += len(data) - previous
+            except OSError as exc:
+                self._remove(tmp)
+                if not self._warned_write:
+                    log.warning(
+                        "prefix cache: cannot write %s (%s); the copy on disk is incomplete", path, exc
+                    )
+                    self._warned_write = True
+                break
+        self.touch(chain)
+        self._trim()
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Mark a chain (root first) as just used; its root becomes the newest file, its leaf the oldest.
+
+        The budget removes the oldest files first, so it takes leaves before their
+        ancestors and never leaves a block that no walk can reach.
+        """
+        if not keys or self.budget_bytes <= 0:
+            return
+        self._open()
+        now = time.time_ns()
+        for age, key in enumerate(keys):
+            stamp = now - age * 1000
+            with contextlib.suppress(OSError):
+                os.utime(self._path(key), ns=(stamp, stamp))
+
+    def _trim(self) -> None:
+        if self._used <= self.budget_bytes:
+            return
+        try:
+            files = sorted(
+                ((p.stat().st_mtime_ns, p) for p in self.dir.iterdir() if p.suffix == _SUFFIX),
+                key=lambda item: item[0],
+            )
+        except OSError:
+            return
+        for _, path in files:
+            if self._used <= self.budget_bytes:
+                break
+            self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            return
+        if path.suffix == _SUFFIX:
+            self._used -= size
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of block files in the directory (as this process has counted them)."""
+        self._open()
+        return self._used

@@ -1,0 +1,181 @@
+"""The prefix cache and chunked prefill on real models: a hit never changes a token.
+
+References are computed here, on this machine, by the same engine (cold) or by an
+engine with the cache off: never compared across instruction sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import Engine, SamplingParams
+from agent.engine.engine import EngineOptions
+from tests._models import ALL_FIXTURES, fixture_path
+
+# Small blocks and chunks so that a 100-token prompt crosses many of both.
+SMALL = EngineOptions(prefix_block_tokens=8, prefill_chunk_tokens=16)
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+
+
+def ids_of(n: int, salt: int = 0) -> list[int]:
+    """``n`` ordinary token ids of the fixture tokenizer (specials are below 7)."""
+    return [7 + (i * 37 + salt * 101) % 441 for i in range(n)]
+
+
+@pytest.mark.parametrize("name", [*ALL_FIXTURES, "phi3-int4-pruned"])
+def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
+    engine = Engine(fixture_path(name), SMALL)
+    instruction = ids_of(90)
+    for params in (GREEDY, SEEDED):
+        engine.prefix_cache.clear()  # type: ignore[union-attr]
+        for salt in range(3):
+            prompt = instruction + ids_of(5 + salt, salt + 1)
+            cold = Engine(fixture_path(name), SMALL.model_copy(update={"prefix_cache_mb": 0}))
+            reference = cold.generate(prompt, params)
+            warm = engine.generate(prompt, params)
+            assert warm.token_ids == reference.token_ids, f"{name} salt {salt}"
+            # The first prompt fills the cache; every later one reuses the instruction's blocks.
+            assert warm.cached_tokens == (0 if salt == 0 else 88)
+        again = engine.generate(prompt, params)  # the whole prompt is cached but two positions
+        assert again.token_ids == reference.token_ids
+        assert again.cached_tokens == len(prompt) - len(prompt) % 8 - (8 if len(prompt) % 8 < 2 else 0)
+
+
+def test_chat_turns_reuse_the_previous_prompt(phi3_dir: Path) -> None:
+    engine = Engine(phi3_dir, SMALL)
+    first = [{"role": "user", "content": "The edge agent reads a sensor log line and answers."}]
+    ids = engine.prompt_ids(messages=first)
+    answer = engine.generate(ids, GREEDY)
+    second = [*first, {"role": "assistant", "content": answer.text}, {"role": "user", "content": "And then?"}]
+    ids2 = engine.prompt_ids(messages=second)
+    warm = engine.generate(ids2, GREEDY)
+    cold = Engine(phi3_dir, SMALL.model_copy(update={"prefix_cache_mb": 0})).generate(ids2, GREEDY)
+    assert warm.token_ids == cold.token_ids
+    assert warm.cached_tokens >= len(ids) // 8 * 8 - 8 > 0
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shared=st.integers(0, 120),
+    tails=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+    salt=st.integers(0, 1000),
+    block=st.sampled_from([2, 4, 8, 32]),
+    chunk=st.sampled_from([2, 3, 16, 64]),
+)
+def test_property_random_prompts_sharing_random_prefixes(
+    shared: int, tails: list[int], salt: int, block: int, chunk: int
+) -> None:
+    options = EngineOptions(prefix_block_tokens=block, prefill_chunk_tokens=chunk)
+    warm = _engines("llama-int4", options)
+    cold = _engines("llama-int4", options.model_copy(update={"prefix_cache_mb": 0}))
+    warm.prefix_cache.clear()  # type: ignore[union-attr]
+    prefix = ids_of(shared, salt)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    for i, tail in enumerate(tails):
+        prompt = prefix + ids_of(tail, salt + i + 1)
+        assert warm.generate(prompt, params).token_ids == cold.generate(prompt, params).token_ids
+
+
+_ENGINES: dict[tuple[str, EngineOptions], Engine] = {}
+
+
+def _engines(name: str, options: EngineOptions) -> Engine:
+    """One engine per (model, options) for the property test: loading is the slow part."""
+    key = (name, options)
+    if key not in _ENGINES:
+        _ENGINES[key] = Engine(fixture_path(name), options)
+    return _ENGINES[key]
+
+
+# -- across restarts -------------------------------------------------------------------------
+
+
+def test_a_restarted_engine_loads_the_prefix_from_disk(tmp_path: Path) -> None:
+    prompt = ids_of(80) + ids_of(6, 3)
+    first = Engine(fixture_path("qwen2-int8"), SMALL, prefix_cache_dir=tmp_path / "pc")
+    cold = first.generate(prompt, GREEDY)
+    assert cold.cached_tokens == 0
+    restarted = Engine(fixture_path("qwen2-int8"), SMALL, prefix_cache_dir=tmp_path / "pc")
+    warm = restarted.generate(prompt, GREEDY)
+    assert warm.token_ids == cold.token_ids
+    assert warm.cached_tokens == 80
+    stats = restarted.prefix_cache_stats()
+    assert stats is not None and stats.disk_loads == 10 and stats.hits == 1
+
+
+def test_a_model_update_invalidates_the_cache(tmp_path: Path) -> None:
+    """The same folder path, new weights: nothing of the old cache may be used."""
+    folder = tmp_path / "model"
+    shutil.copytree(fixture_path("llama-int4"), folder)
+    prompt = ids_of(64) + ids_of(4, 9)
+    Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc").generate(prompt, GREEDY)
+    control = Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc").generate(prompt, GREEDY)
+    assert control.cached_tokens == 64  # positive control: the same model hits
+    shutil.rmtree(folder)
+    shutil.copytree(fixture_path("mistral-int4"), folder)  # the "update": same shapes, other weights
+    updated = Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc")
+    out = updated.generate(prompt, GREEDY)
+    assert out.cached_tokens == 0
+    reference = Engine(folder, SMALL.model_copy(update={"prefix_cache_mb": 0})).generate(prompt, GREEDY)
+    assert out.token_ids == reference.token_ids
+    assert [p.name for p in (tmp_path / "pc").iterdir()] == [updated.prefix_cache.identity]  # type: ignore[union-attr]
+
+
+def test_a_corrupt_cache_file_is_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompt = ids_of(40) + ids_of(4, 2)
+    cold = Engine(fixture_path("phi3-int4"), SMALL, prefix_cache_dir=tmp_path).generate(prompt, GREEDY)
+    files = sorted(tmp_path.glob("*/*.kv"))
+    assert len(files) == 5
+    for f in files:  # flip one byte in the middle of each block's keys and values
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        f.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        out = Engine(fixture_path("phi3-int4"), SMALL, prefix_cache_dir=tmp_path).generate(prompt, GREEDY)
+    assert out.cached_tokens == 0 and out.token_ids == cold.token_ids
+    assert "checksum mismatch" in caplog.text
+
+
+# -- chunked prefill ---------------------------------------------------------------------------
+
+
+def test_prefill_reports_progress_and_stops_between_chunks() -> None:
+    engine = Engine(fixture_path("llama-int8"), EngineOptions(prefill_chunk_tokens=16, prefix_cache_mb=0))
+    prompt = ids_of(100)
+    progress: list[tuple[int, int]] = []
+    out = engine.generate(prompt, GREEDY, on_prefill=lambda done, total: progress.append((done, total)))
+    assert progress == [(d, 100) for d in (0, 16, 32, 48, 64, 80, 96, 100)]
+    assert out.completion_tokens == GREEDY.max_tokens
+
+    polls: list[int] = []
+
+    def stop_after_three_chunks() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    seen: list[int] = []
+    canceled = engine.generate(
+        prompt, GREEDY, should_stop=stop_after_three_chunks, on_prefill=lambda d, _t: seen.append(d)
+    )
+    assert canceled.finish_reason == "canceled" and canceled.token_ids == []
+    assert seen == [0, 16, 32, 48, 64]  # polled before chunks 2 to 5
+
+
+def test_chunk_size_does_not_change_tokens() -> None:
+    prompt = ids_of(200)
+    outs = [
+        Engine(fixture_path("qwen3-int4"), EngineOptions(prefill_chunk_tokens=c, prefix_cache_mb=0))
+        .generate(prompt, GREEDY)
+        .token_ids
+        for c in (2, 7, 64, 512)
+    ]
+    assert outs[0] == outs[1] == outs[2] == outs[3]

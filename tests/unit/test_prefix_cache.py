@@ -1,0 +1,258 @@
+"""The prefix cache's rules without a model: chunk plans, block chains, LRU, the disk store."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.engine.prefill import plan_chunks
+from agent.engine.prefix_cache import Block, PrefixCache, chain_key, root_key
+from agent.engine.prefix_store import DiskBlockStore
+
+LAYERS, KV_HEADS, HEAD = 2, 2, 4
+BLOCK = 4
+
+
+def kv_for(ids: list[int], capacity: int | None = None) -> np.ndarray:
+    """A fake request cache whose position ``p`` holds the value ``ids[p]`` everywhere."""
+    capacity = capacity or len(ids)
+    kv = np.zeros((LAYERS, 2, 1, KV_HEADS, capacity, HEAD), dtype=np.float32)
+    kv[:, :, 0, :, : len(ids), :] = np.asarray(ids, dtype=np.float32)[None, None, None, :, None]
+    return kv
+
+
+def cache(budget_blocks: int = 100, store: DiskBlockStore | None = None) -> PrefixCache:
+    per_block = LAYERS * 2 * KV_HEADS * BLOCK * HEAD * 4
+    return PrefixCache(identity="m", block_tokens=BLOCK, budget_bytes=budget_blocks * per_block, store=store)
+
+
+def positions(blocks: list[Block]) -> list[int]:
+    """The token values a chain of blocks holds, read back from their keys and values."""
+    return [int(v) for b in blocks for v in b.kv[0, 0, 0, :, 0]]
+
+
+# -- chunk plans ------------------------------------------------------------------------------
+
+
+@given(st.integers(0, 300), st.integers(1, 300), st.integers(2, 64))
+def test_plan_covers_the_range_with_no_single_row_chunk(start: int, length: int, chunk: int) -> None:
+    end = start + length
+    plan = plan_chunks(start, end, chunk)
+    assert plan[0][0] == start and plan[-1][1] == end
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(plan))
+    assert all(0 < stop - begin <= max(chunk, 3) for begin, stop in plan)
+    if length > 1:
+        assert all(stop - begin >= 2 for begin, stop in plan)
+
+
+def test_plan_rejects_one_token_chunks() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        plan_chunks(0, 10, 1)
+
+
+# -- the in-memory cache ---------------------------------------------------------------------
+
+
+def test_longest_shared_prefix_is_found_token_exact() -> None:
+    c = cache()
+    first = list(range(10, 30))  # 5 blocks
+    assert c.insert(first, kv_for(first), len(first)) == 5
+    other = [*first[:9], 999, *first[10:]]  # differs inside block 2
+    hit = c.lookup(other, max_tokens=len(other))
+    assert positions(hit) == first[:8]
+    assert positions(c.lookup(first, max_tokens=len(first))) == first
+    assert c.lookup([1, 2, 3, 4, 5], max_tokens=5) == []  # positive control above, miss here
+    stats = c.stats()
+    assert (stats.lookups, stats.hits, stats.cached_tokens) == (3, 2, 28)
+
+
+def test_lookup_respects_max_tokens() -> None:
+    c = cache()
+    ids = list(range(16))
+    c.insert(ids, kv_for(ids), 16)
+    assert len(c.lookup(ids, max_tokens=14)) == 3
+    assert len(c.lookup(ids, max_tokens=16)) == 4
+
+
+def test_only_rows_given_are_stored_and_partial_blocks_are_not() -> None:
+    c = cache()
+    ids = list(range(100, 111))
+    assert c.insert(ids, kv_for(ids, capacity=20), 10) == 2  # 10 rows: 2 whole blocks
+    assert positions(c.lookup(ids, max_tokens=11)) == ids[:8]
+
+
+def test_shared_prefix_is_stored_once() -> None:
+    c = cache()
+    instruction = list(range(50, 66))  # 4 blocks
+    for tail in range(5):
+        prompt = [*instruction, *range(200 + 10 * tail, 204 + 10 * tail)]
+        c.insert(prompt, kv_for(prompt), len(prompt))
+    assert c.stats().entries == 4 + 5
+
+
+def test_lru_evicts_leaves_of_the_oldest_chain_first() -> None:
+    c = cache(budget_blocks=6)
+    a = list(range(0, 16))  # 4 blocks
+    b = list(range(100, 108))  # 2 blocks
+    c.insert(a, kv_for(a), 16)
+    c.insert(b, kv_for(b), 8)
+    assert c.stats().entries == 6
+    d = list(range(200, 208))  # 2 more: two of a's blocks must go, its deepest ones
+    c.insert(d, kv_for(d), 8)
+    assert c.stats().entries == 6
+    assert positions(c.lookup(a, max_tokens=16)) == a[:8]  # a's root survives
+    assert len(c.lookup(b, max_tokens=8)) == 2 and len(c.lookup(d, max_tokens=8)) == 2
+    assert c.stats().bytes <= c.budget_bytes
+
+
+def test_a_prefix_longer_than_the_budget_keeps_its_start() -> None:
+    c = cache(budget_blocks=3)
+    ids = list(range(40))  # 10 blocks
+    assert c.insert(ids, kv_for(ids), 40) == 3
+    assert positions(c.lookup(ids, max_tokens=40)) == ids[:12]
+
+
+def test_zero_budget_stores_nothing() -> None:
+    c = PrefixCache(identity="m", block_tokens=BLOCK, budget_bytes=0)
+    ids = list(range(8))
+    assert c.insert(ids, kv_for(ids), 8) == 0
+    assert c.lookup(ids, max_tokens=8) == []
+
+
+def test_keys_depend_on_the_whole_prefix_and_the_model() -> None:
+    assert chain_key(root_key("m"), [1, 2]) != chain_key(root_key("n"), [1, 2])
+    k1 = chain_key(chain_key(root_key("m"), [1, 2]), [3, 4])
+    k2 = chain_key(chain_key(root_key("m"), [9, 2]), [3, 4])
+    assert k1 != k2
+
+
+# -- the disk store -------------------------------------------------------------------------
+
+
+def disk(root: Path, identity: str = "model-a", budget_blocks: int = 100) -> DiskBlockStore:
+    per_file = 760  # about one block file: 256 bytes of keys and values, a ~450-byte header, the digest
+    return DiskBlockStore(
+        root,
+        identity,
+        block_shape=(LAYERS, 2, KV_HEADS, BLOCK, HEAD),
+        dtype=np.dtype(np.float32),
+        budget_bytes=budget_blocks * per_file,
+    )
+
+
+def test_blocks_survive_a_new_process(tmp_path: Path) -> None:
+    ids = list(range(300, 316))
+    c1 = cache(store=disk(tmp_path))
+    c1.insert(ids, kv_for(ids), 16)
+    c2 = PrefixCache(identity="m", block_tokens=BLOCK, budget_bytes=1 << 20, store=disk(tmp_path))
+    hit = c2.lookup(ids, max_tokens=16)
+    assert positions(hit) == ids
+    assert c2.stats().disk_loads == 4
+
+
+def test_another_model_identity_drops_the_directory(tmp_path: Path) -> None:
+    ids = list(range(8))
+    cache(store=disk(tmp_path, "model-a")).insert(ids, kv_for(ids), 8)
+    assert (tmp_path / "model-a").is_dir()
+    other = cache(store=disk(tmp_path, "model-b"))
+    assert other.lookup(ids, max_tokens=8) == []
+    assert not (tmp_path / "model-a").exists()
+    # Control: the same identity again would have found it.
+    cache(store=disk(tmp_path, "model-b")).insert(ids, kv_for(ids), 8)
+    assert len(cache(store=disk(tmp_path, "model-b")).lookup(ids, max_tokens=8)) == 2
+
+
+def _files(root: Path, identity: str = "model-a") -> list[Path]:
+    return sorted((root / identity).glob("*.kv"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data: data[: len(data) // 2], "checksum"),
+        (lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:], "checksum"),
+        (lambda data: b"garbage" * 10, "not a prefix-cache file"),
+        (lambda data: b"", "not a prefix-cache file"),
+    ],
+)
+def test_corrupt_file_is_ignored_with_a_warning_and_removed(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage,
+    reason,  # type: ignore[no-untyped-def]
+) -> None:
+    ids = list(range(20, 28))
+    cache(store=disk(tmp_path)).insert(ids, kv_for(ids), 8)
+    root_file = tmp_path / "model-a" / f"{chain_key(root_key('m'), ids[:4]).hex()}.kv"
+    root_file.write_bytes(damage(root_file.read_bytes()))
+    with caplog.at_level(logging.WARNING):
+        hit = cache(store=disk(tmp_path)).lookup(ids, max_tokens=8)
+    assert hit == []
+    assert reason in caplog.text and str(root_file) in caplog.text
+    assert not root_file.exists()
+
+
+def test_an_oversized_file_is_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ids = list(range(20, 24))
+    cache(store=disk(tmp_path)).insert(ids, kv_for(ids), 4)
+    (path,) = _files(tmp_path)
+    with path.open("ab") as f:
+        f.truncate(1 << 20)  # sparse: a megabyte a 4-token block can never need
+    with caplog.at_level(logging.WARNING):
+        assert cache(store=disk(tmp_path)).lookup(ids, max_tokens=4) == []
+    assert "larger than a block can be" in caplog.text and not path.exists()
+
+
+def test_foreign_file_under_a_valid_name_is_not_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = list(range(60, 64))
+    other_ids = list(range(70, 74))
+    cache(store=disk(tmp_path)).insert(other_ids, kv_for(other_ids), 4)
+    (src,) = _files(tmp_path)
+    target = tmp_path / "model-a" / f"{chain_key(root_key('m'), ids).hex()}.kv"
+    src.rename(target)  # a sound file, but for other tokens
+    with caplog.at_level(logging.WARNING):
+        assert cache(store=disk(tmp_path)).lookup(ids, max_tokens=4) == []
+    assert "do not match" in caplog.text
+
+
+def test_file_for_another_identity_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ids = list(range(60, 64))
+    cache(store=disk(tmp_path / "x", "model-z")).insert(ids, kv_for(ids), 4)
+    (src,) = _files(tmp_path / "x", "model-z")
+    (tmp_path / "model-a").mkdir()
+    src.rename(tmp_path / "model-a" / src.name)
+    with caplog.at_level(logging.WARNING):
+        assert cache(store=disk(tmp_path)).lookup(ids, max_tokens=4) == []
+    assert "another model" in caplog.text
+
+
+def test_disk_budget_removes_leaves_before_roots(tmp_path: Path) -> None:
+    store = disk(tmp_path, budget_blocks=5)
+    c = cache(store=store)
+    a = list(range(0, 16))  # 4 blocks
+    c.insert(a, kv_for(a), 16)
+    b = list(range(100, 108))  # 2 blocks: one of a's must go
+    c.insert(b, kv_for(b), 8)
+    assert len(_files(tmp_path)) <= 5 and store.used_bytes <= store.budget_bytes
+    fresh = cache(store=disk(tmp_path, budget_blocks=5))
+    assert positions(fresh.lookup(a, max_tokens=16)) == a[:12]  # the leaf went, the root stayed
+    assert len(fresh.lookup(b, max_tokens=8)) == 2
+
+
+def test_a_full_disk_loses_the_copy_not_the_request(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ro = tmp_path / "ro"
+    ro.write_text("a file where the directory should be")
+    ids = list(range(8))
+    c = cache(store=disk(ro / "inner"))
+    with caplog.at_level(logging.WARNING):
+        assert c.insert(ids, kv_for(ids), 8) == 2
+    assert len(c.lookup(ids, max_tokens=8)) == 2  # memory still serves it
+    assert "prefix cache" in caplog.text
