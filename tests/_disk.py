@@ -1,9 +1,13 @@
-"""Real storage faults for tests (they run as root): a small tmpfs that fills up, a read-only bind mount."""
+"""Real storage faults for tests (they run as root): a small tmpfs that fills up, a read-only bind mount,
+and the ways an SD card damages a database file (``DAMAGES``)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -41,3 +45,31 @@ def read_only(path: Path):  # type: ignore[no-untyped-def]
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def garbage(p: Path) -> None:
+    """The file overwritten with random bytes."""
+    p.write_bytes(os.urandom(max(8192, p.stat().st_size)))
+
+
+def truncated(p: Path) -> None:
+    """The second half of the file lost."""
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def flipped_pages(p: Path) -> None:
+    """Every bit of the second and third 4 KiB pages inverted (the header page left intact)."""
+    data = bytearray(p.read_bytes())
+    data[4096:12288] = bytes(b ^ 0xFF for b in data[4096:12288])
+    p.write_bytes(bytes(data))
+
+
+def missing_column(p: Path) -> None:
+    """A valid database whose ``jobs`` table lacks a column the agent needs."""
+    db = sqlite3.connect(p)
+    db.execute("ALTER TABLE jobs DROP COLUMN finished_at")
+    db.commit()
+    db.close()
+
+
+DAMAGES: list[Callable[[Path], None]] = [garbage, truncated, flipped_pages, missing_column]

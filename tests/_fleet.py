@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from edge_fleet.broker import BrokerOptions
@@ -28,3 +29,17 @@ class SimulatedFleet:
         """Disconnect every device."""
         self.sim.stop()
         self._thread.join(timeout=10)
+
+
+def simulated_fleets(broker: Broker, **defaults: Any) -> Iterator[Callable[..., SimulatedFleet]]:
+    """Body of a ``fleet`` fixture: a factory of simulated fleets (``defaults`` overridable per call),
+    every one stopped after the test."""
+    made: list[SimulatedFleet] = []
+
+    def make(count: int, **kwargs: Any) -> SimulatedFleet:
+        made.append(SimulatedFleet(broker, count, **{**defaults, **kwargs}))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.stop()

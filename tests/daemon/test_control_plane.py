@@ -19,9 +19,17 @@ import pytest
 from agent.protocol import Status
 from agent.updates.signing import private_pem
 from edge_fleet.cli import main as fleet_cli
-from tests._fleet import SimulatedFleet
+from tests._fleet import simulated_fleets
 from tests._mqtt_client import Caller
-from tests.daemon.test_fleet import KEY, TRUST, _fleet_cmd, _manifest, _run, _start_rollout, _targets
+from tests.daemon.test_fleet import (  # helpers of the rollout tests
+    KEY,
+    TRUST,
+    _fleet_cmd,
+    _manifest,
+    _run,
+    _start_rollout,
+    _targets,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +37,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture()
 def fleet(broker):  # type: ignore[no-untyped-def]
     """Factory of simulated fleets (group shop by default) on the test's broker."""
-    made: list[SimulatedFleet] = []
-
-    def make(count: int, **kwargs: Any) -> SimulatedFleet:
-        made.append(SimulatedFleet(broker, count, **{"group": "shop", "trusted": TRUST, **kwargs}))
-        return made[-1]
-
-    yield make
-    for f in made:
-        f.stop()
+    yield from simulated_fleets(broker, group="shop", trusted=TRUST)
 
 
 def _gone(broker, fleet, name_prefix: str = "gone") -> None:  # type: ignore[no-untyped-def]

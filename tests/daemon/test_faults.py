@@ -9,7 +9,6 @@ unanswered.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import threading
@@ -21,7 +20,7 @@ import pytest
 
 from agent.jobs.store import corrupt_copies
 from tests._agent import agent_python
-from tests._disk import SmallDisk, read_only
+from tests._disk import DAMAGES, SmallDisk, read_only
 from tests._models import fixture_path
 from tests._wait import wait_until
 
@@ -117,28 +116,7 @@ def test_a_disk_that_fills_while_jobs_run_leaves_no_job_stuck(agents, caller, mo
     assert "Traceback" not in log and len(_error_lines(log)) <= 3, _error_lines(log)[:10]
 
 
-def _garbage(p: Path) -> None:
-    p.write_bytes(os.urandom(max(8192, p.stat().st_size)))
-
-
-def _truncated(p: Path) -> None:
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-
-
-def _flipped_page(p: Path) -> None:
-    data = bytearray(p.read_bytes())
-    data[4096:8192] = bytes(b ^ 0xFF for b in data[4096:8192])
-    p.write_bytes(bytes(data))
-
-
-def _missing_column(p: Path) -> None:
-    db = sqlite3.connect(p)
-    db.execute("ALTER TABLE jobs DROP COLUMN finished_at")
-    db.commit()
-    db.close()
-
-
-@pytest.mark.parametrize("damage", [_garbage, _truncated, _flipped_page, _missing_column])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_corrupt_job_database_is_moved_aside_and_the_agent_serves(
     agents, caller, damage: Callable[[Path], None]
 ) -> None:  # type: ignore[no-untyped-def]

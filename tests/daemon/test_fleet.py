@@ -11,13 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent import Engine, SamplingParams
 from agent.updates import signing
-from tests._fleet import SimulatedFleet
+from tests._fleet import simulated_fleets
 from tests._models import ROOT
 from tests._releases import placeholder_release
 
@@ -82,15 +81,7 @@ def _start_rollout(broker, db: Path, rollout_id: str, manifest: Path, waves: str
 @pytest.fixture()
 def fleet(broker):  # type: ignore[no-untyped-def]
     """Factory of simulated fleets on the test's broker, stopped after the test."""
-    made: list[SimulatedFleet] = []
-
-    def make(count: int, **kwargs: Any) -> SimulatedFleet:
-        made.append(SimulatedFleet(broker, count, **{"group": "shop", "trusted": TRUST, **kwargs}))
-        return made[-1]
-
-    yield make
-    for f in made:
-        f.stop()
+    yield from simulated_fleets(broker, group="shop", trusted=TRUST)
 
 
 def test_rollout_goes_wave_by_wave_to_every_device(broker, fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

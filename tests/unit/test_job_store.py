@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from agent.errors import StorageError
 from agent.jobs.store import JobStore, corrupt_copies, open_store
-from tests._disk import read_only
+from tests._disk import DAMAGES, read_only
 
 
 def _store(tmp_path: Path, **kw) -> JobStore:  # type: ignore[no-untyped-def]
@@ -103,28 +102,7 @@ def _filled(path: Path) -> Path:
     return path
 
 
-def _garbage(p: Path) -> None:
-    p.write_bytes(os.urandom(p.stat().st_size))
-
-
-def _truncated(p: Path) -> None:
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-
-
-def _flipped_page(p: Path) -> None:
-    data = bytearray(p.read_bytes())
-    data[4096 * 2 : 4096 * 3] = bytes(b ^ 0xFF for b in data[4096 * 2 : 4096 * 3])
-    p.write_bytes(bytes(data))
-
-
-def _missing_column(p: Path) -> None:
-    db = sqlite3.connect(p)
-    db.execute("ALTER TABLE jobs DROP COLUMN finished_at")
-    db.commit()
-    db.close()
-
-
-@pytest.mark.parametrize("damage", [_garbage, _truncated, _flipped_page, _missing_column])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_corrupt_database_is_moved_aside_and_the_queue_starts_empty(
     tmp_path: Path,
     damage,
