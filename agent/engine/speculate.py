@@ -24,10 +24,16 @@ tokens the last time they occurred are a good guess for what comes next.
   drafting (with a doubling back-off between probes) when speculation does not
   pay, so a job with nothing to copy runs at plain speed.
 
-A verify pass computes logits with the matrix kernels' multi-row path, whose
-float sums are ordered differently from the one-row path (differences of about
-1e-6 on the fixtures): two tokens whose logits tie to that precision may be
-ordered differently, as they may across instruction sets.
+Every pass has at least two rows.  onnxruntime's attention takes a matrix-vector
+path for a one-row pass whose float sums are ordered differently from the
+multi-row path, while rows of passes of two or more rows come out bit-identical
+whatever the pass boundaries (:mod:`agent.engine.prefill`).  So a step with
+nothing to draft feeds the previous token again beside the new one (its cache
+entry is rewritten with the same bits), and the output of a speculating engine
+is a function of the prompt and the sampler alone, never of what was drafted,
+accepted or timed.  Against an engine that does not speculate (one-row steps)
+it can differ only where two logits tie to about 1e-6, as it can across
+instruction sets.
 """
 
 from __future__ import annotations
@@ -174,6 +180,8 @@ class Speculator:
         self.policy = DraftPolicy(max_k)
         self._ids = np.zeros((1, max_k + 1), dtype=np.int64)
         self._logits = np.empty((1, max_k + 1, vocab), dtype=logits_dtype)
+        if max_k < 1:
+            raise ValueError("max_k must be at least 1: a step feeds two rows")
         self.passes = 0
         self.drafted = 0
         self.accepted = 0
@@ -190,16 +198,19 @@ class Speculator:
         k = self.policy.choose(limit)
         draft = self.drafter.draft(k)
         n = len(draft) + 1
-        ids = self._ids[:, :n]
-        ids[0, 0] = token
-        ids[0, 1:] = draft
-        logits = self._logits[:, :n]
+        # Nothing to verify: feed the previous token again so that the pass still has two rows.
+        again = 1 if not draft and past >= 1 else 0
+        ids = self._ids[:, : n + again]
+        ids[0, again:] = [token, *draft]
+        if again:
+            ids[0, 0] = self.drafter.tokens[-2]
+        logits = self._logits[:, : n + again]
         started = self._clock()
-        self._forward(ids, past, logits)
+        self._forward(ids, past - again, logits)
         seconds = self._clock() - started
         chosen: list[int] = []
         for j in range(n):
-            pick = self._sampler(logits[0, j])
+            pick = self._sampler(logits[0, again + j])
             chosen.append(pick)
             if j == len(draft) or pick != draft[j]:
                 break
