@@ -302,8 +302,9 @@ class EngineOptions(_Section):
         False,
         description=(
             "Prompt-lookup speculative decoding (see agent.engine.speculate): fewer passes when the "
-            "output copies spans of the prompt; the same tokens as plain decoding except where two "
-            "candidates tie within the float rounding of a multi-token pass."
+            "output copies spans of the prompt. Every pass then has two rows or more, so the output "
+            "never depends on what was drafted; it equals plain decoding's except where two candidates "
+            "tie within the float rounding that separates one-row from multi-row passes."
         ),
     )
     speculate_max_k: int = Field(8, ge=1, le=32, description="Most draft tokens verified in one pass.")

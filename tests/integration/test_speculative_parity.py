@@ -29,7 +29,7 @@ import pytest
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
 from agent.engine.speculate import DraftPolicy
-from tests._models import ALL_FIXTURES, ROOT, fixture_path
+from tests._models import ALL_FIXTURES, PRECISIONS, ROOT, fixture_path
 
 NEAR_TIE = 0.3  # logits; about twice the largest kernel-path difference seen on the fixtures
 TEXTS = [
@@ -144,3 +144,31 @@ def test_a_trained_model_reciting_its_prompt_speculates_exactly_and_saves_passes
         tokens += got.completion_tokens
     assert tokens >= 100, "the demo model stopped at once: nothing was compared"
     assert accepted >= 0.25 * drafted > 0
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_copy_model_speculates_exactly_and_accepts_most_drafts(precision: str) -> None:
+    # The copy model (python -m models.copy_task) answers jobs by copying spans of its prompt.
+    from models.copy_task import KINDS, job
+
+    path = ROOT / "models" / "copy" / precision
+    if not (path / "genai_config.json").is_file():
+        pytest.fail(f"{path} is missing: run `python -m models.copy_task`")
+    plain = Engine(path, EngineOptions(threads=1))
+    spec = Engine(path, EngineOptions(threads=1, speculate=True))
+    rng = random.Random(5)
+    drafted = accepted = tokens = correct = 0
+    for i in range(12):
+        prompt, answer = job(rng, KINDS[i % len(KINDS)])
+        ids = [1, *plain.tokenizer.encode(prompt, add_special_tokens=False)]
+        want = plain.generate(ids, SamplingParams(max_tokens=120))
+        got = spec.generate(ids, SamplingParams(max_tokens=120))
+        assert got.token_ids == want.token_ids, f"job {i}: speculation changed the answer"
+        correct += want.text.strip() == answer.strip()
+        drafted += got.drafted_tokens
+        accepted += got.accepted_tokens
+        tokens += got.completion_tokens
+    # Positive controls: the model does copy (its answers are right), and drafts pay.
+    assert correct >= 6, f"the copy model answered {correct}/12 jobs right: it does not copy"
+    assert accepted >= 0.4 * drafted > 0
+    assert accepted >= 0.5 * tokens, "fewer than half the tokens came from accepted drafts"
