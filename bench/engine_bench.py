@@ -32,6 +32,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hf_export
+
 BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
 RUNNERS: tuple[str, ...] = ("engine", "genai", "bare")
@@ -59,42 +63,50 @@ def model_dir(precision: str) -> Path:
     return MODELS_DIR / f"phi3-mini-shape-{SHAPE['num_hidden_layers']}l-{precision}"
 
 
+def checkpoint_dir() -> Path:
+    """Cached Hugging Face checkpoint every export of this bench is built from."""
+    return MODELS_DIR / f"phi3-mini-shape-{SHAPE['num_hidden_layers']}l-hf"
+
+
+def ensure_checkpoint() -> Path:
+    """The random-weight checkpoint (built once; GGUF exports for llama.cpp come from it too)."""
+
+    def config() -> Any:
+        from transformers import Phi3Config
+
+        from models import fixtures, tokenizer
+
+        # original == max keeps the builder off the LongRoPE path (it crashes there).
+        return Phi3Config(
+            **SHAPE,
+            original_max_position_embeddings=SHAPE["max_position_embeddings"],
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.BOS_ID,
+            eos_token_id=fixtures.EOS_IDS,
+            pad_token_id=tokenizer.PAD_ID,
+        )
+
+    return hf_export.ensure_checkpoint(checkpoint_dir(), config, SEED)
+
+
 def ensure_models(precisions: Sequence[str]) -> dict[str, Path]:
-    """Build the missing model folders (same random weights for every precision)."""
+    """Build the missing (or older than the checkpoint) model folders, all from one checkpoint."""
     import shutil
-    import tempfile
 
-    missing = [p for p in precisions if not (model_dir(p) / "genai_config.json").is_file()]
-    if missing:
-        import torch
-        from transformers import AutoModelForCausalLM, Phi3Config
+    from models import builder, fixtures
 
-        from models import builder, fixtures, tokenizer
-
-        MODELS_DIR.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=MODELS_DIR, prefix="hf-") as tmp:
-            # original == max keeps the builder off the LongRoPE path (it crashes there).
-            config = Phi3Config(
-                **SHAPE,
-                original_max_position_embeddings=SHAPE["max_position_embeddings"],
-                tie_word_embeddings=False,
-                bos_token_id=tokenizer.BOS_ID,
-                eos_token_id=fixtures.EOS_IDS,
-                pad_token_id=tokenizer.PAD_ID,
-            )
-            torch.manual_seed(SEED)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-            model.save_pretrained(tmp)
-            tokenizer.save(fixtures.fixture_tokenizer(), Path(tmp), SHAPE["max_position_embeddings"])
-            for precision in missing:
-                out = model_dir(precision)
-                partial = out.with_name(out.name + ".partial")
-                shutil.rmtree(partial, ignore_errors=True)
-                print(f"building {out.name} ...", file=sys.stderr, flush=True)
-                builder.build(Path(tmp), partial, precision, quiet=True)
-                builder.set_eos(partial, fixtures.EOS_IDS)
-                shutil.rmtree(out, ignore_errors=True)
-                partial.rename(out)
+    checkpoint = ensure_checkpoint()
+    for precision in precisions:
+        out = model_dir(precision)
+        if hf_export.fresh(out / "genai_config.json", checkpoint):
+            continue
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"building {out.name} ...", file=sys.stderr, flush=True)
+        builder.build(checkpoint, partial, precision, quiet=True)
+        builder.set_eos(partial, fixtures.EOS_IDS)
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
     return {p: model_dir(p) for p in precisions}
 
 

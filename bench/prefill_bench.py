@@ -45,6 +45,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hf_export
+
 BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
 NAME = "llama-650m-4l"
@@ -73,34 +77,26 @@ def onnx_dir(variant: str) -> Path:
 
 
 def gguf_path(kind: str) -> Path:
-    return MODELS_DIR / f"{NAME}-{kind.lower()}.gguf"
+    return hf_export.gguf_path(MODELS_DIR / NAME, kind)
 
 
 def ensure_checkpoint() -> Path:
     """The random-weight Llama checkpoint with the fixture tokenizer (built once)."""
-    out = hf_dir()
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from models import fixtures, tokenizer
+    def config() -> Any:
+        from transformers import LlamaConfig
 
-    config = LlamaConfig(
-        **SHAPE,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.BOS_ID,
-        eos_token_id=fixtures.EOS_IDS,
-        pad_token_id=tokenizer.PAD_ID,
-    )
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(str(partial))
-    tokenizer.save(fixtures.fixture_tokenizer(), partial, SHAPE["max_position_embeddings"])
-    partial.rename(out)
-    return out
+        from models import fixtures, tokenizer
+
+        return LlamaConfig(
+            **SHAPE,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.BOS_ID,
+            eos_token_id=fixtures.EOS_IDS,
+            pad_token_id=tokenizer.PAD_ID,
+        )
+
+    return hf_export.ensure_checkpoint(hf_dir(), config, SEED)
 
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -127,33 +123,9 @@ def ensure_onnx(variant: str) -> Path:
     return out
 
 
-def ensure_gguf(kind: str, llama_src: Path) -> Path:
+def ensure_gguf(kind: str, llama_src: Path | None) -> Path:
     """GGUF by llama.cpp's converter (f16) and quantizer (``kind``: Q4_0 or Q8_0)."""
-    out = gguf_path(kind)
-    if out.is_file():
-        return out
-    f16 = gguf_path("f16")
-    if not f16.is_file():
-        print(f"converting {f16.name} ...", file=sys.stderr, flush=True)
-        # The fixture tokenizer is unknown to the converter's pre-tokenizer table: it is GPT-2's.
-        shim = (
-            "import sys; sys.argv = sys.argv[1:]; "
-            "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'; "
-            "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')"
-        )
-        env = {**os.environ, "PYTHONPATH": f"{llama_src}{os.pathsep}{llama_src / 'gguf-py'}"}
-        cmd = [sys.executable, "-c", shim, str(llama_src / "convert_hf_to_gguf.py"), str(ensure_checkpoint())]
-        cmd += ["--outtype", "f16", "--outfile", str(f16)]
-        subprocess.run(cmd, check=True, env=env)
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
-    params.nthread = 2
-    print(f"quantizing {out.name} ...", file=sys.stderr, flush=True)
-    if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
-        raise SystemExit(f"llama.cpp could not quantize {f16}")
-    return out
+    return hf_export.ensure_gguf(ensure_checkpoint(), MODELS_DIR / NAME, kind, llama_src)
 
 
 def prompt_ids(n: int, salt: int = 0) -> list[int]:
