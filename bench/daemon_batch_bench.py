@@ -1,7 +1,9 @@
 """The real daemon draining queued jobs with batching off (``max_batch`` 1) and on.
 
 Run as ``python bench/daemon_batch_bench.py [--model models/demo] [--jobs 64] [--max-batch 4]
-[--max-tokens 48]``.
+[--max-tokens 48] [--copy-jobs]``.  ``--copy-jobs`` sends the copy-task jobs of
+``models.copy_task`` (for ``models/copy/*`` and its padded, edge-sized version) instead
+of short text prompts.
 
 Per setting: a fresh mosquitto and ``edge-agent run`` (daemon_bench's harness), the agent
 frozen (SIGSTOP) while ``--jobs`` jobs are published, then thawed; jobs/s until the last
@@ -47,6 +49,17 @@ class _Caller(Collector):
 
 
 PROMPTS = ("The edge agent", "The device", "This function", "Return the", "The model", "A small")
+
+
+def copy_prompts(count: int) -> tuple[str, ...]:
+    """Prompts of copy-task jobs, each after ``<s>`` as the copy model was trained."""
+    import random
+
+    sys.path.append(str(REPO))
+    from models.copy_task import job
+
+    rng = random.Random(11)
+    return tuple("<s>" + job(rng)[0] for _ in range(count))
 
 
 def drain(model: Path, jobs: int, max_batch: int, max_tokens: int) -> dict[str, float]:
@@ -96,7 +109,11 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--copy-jobs", action="store_true", help="copy-task jobs (for the copy model)")
     args = parser.parse_args()
+    if args.copy_jobs:
+        global PROMPTS
+        PROMPTS = copy_prompts(args.jobs)
     off = drain(args.model.resolve(), args.jobs, 1, args.max_tokens)
     on = drain(args.model.resolve(), args.jobs, args.max_batch, args.max_tokens)
     assert off["tokens"] == on["tokens"], "batched and solo jobs must generate the same tokens"
