@@ -33,7 +33,9 @@ entry is rewritten with the same bits), and the output of a speculating engine
 is a function of the prompt and the sampler alone, never of what was drafted,
 accepted or timed.  Against an engine that does not speculate (one-row steps)
 it can differ only where two logits tie to about 1e-6, as it can across
-instruction sets.
+instruction sets.  The pass-boundary rule is onnxruntime's x86-64 kernels'
+(measured); on aarch64 some passes round differently by size, so there a draft
+may still tip such a near-tie.
 """
 
 from __future__ import annotations

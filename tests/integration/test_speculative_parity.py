@@ -4,7 +4,10 @@ A speculating engine feeds at least two rows in every pass (a step with nothing 
 draft feeds the previous token again), and rows of multi-row passes come out
 bit-identical whatever the pass boundaries.  So its output must not depend on what
 was drafted: drafting never, always, or at random gives the same tokens, bit for
-bit, on every fixture family at int4 and int8.
+bit, on every fixture family at int4 and int8.  That rule holds for onnxruntime's
+x86-64 kernels; on aarch64 (checked under emulation) some passes round differently
+by pass size, so there drafts may change a near-tie, and the test checks only the
+near-tie bound below, for every drafting mode.
 
 Against an engine that does not speculate (one-row passes) the attention kernels
 order their float sums differently (about 1e-6), and the int8 activation
@@ -19,6 +22,7 @@ is checked exactly, with exact arithmetic, in tests/unit/test_speculate.py.
 
 from __future__ import annotations
 
+import platform
 import random
 from collections.abc import Callable
 
@@ -32,6 +36,10 @@ from agent.engine.speculate import DraftPolicy
 from tests._models import ALL_FIXTURES, PRECISIONS, ROOT, fixture_path
 
 NEAR_TIE = 0.3  # logits; about twice the largest kernel-path difference seen on the fixtures
+# On x86-64 (AVX2, AVX-512) rows of multi-row passes come out bit-identical whatever the pass
+# boundaries, so drafting cannot change a token.  On aarch64 (emulated Cortex-A76, NEON dot
+# product kernels) it can, at near-ties: measured, 3 of the 10 fixtures diverged there.
+MULTI_ROW_EXACT = platform.machine().lower() in ("x86_64", "amd64")
 TEXTS = [
     "The quick brown fox",
     "a b a b a b a b",
@@ -95,18 +103,19 @@ def test_speculative_output_does_not_depend_on_the_drafts(name: str, monkeypatch
         assert got.completion_tokens == len(got.token_ids) == 80
         assert outputs["never"].drafted_tokens == 0
         for mode, out in outputs.items():
-            assert out.token_ids == outputs["never"].token_ids, (
-                f"{text!r}: drafting {mode} changed the output"
-            )
+            if MULTI_ROW_EXACT:
+                assert out.token_ids == outputs["never"].token_ids, (
+                    f"{text!r}: drafting {mode} changed the output"
+                )
             drafted += out.drafted_tokens
             accepted += out.accepted_tokens
-        # Against one-row decoding: the same choice, or a near-tie.
-        for step, row in enumerate(_plain_logits(plain, prompt, got.token_ids)):
-            token = got.token_ids[step]
-            gap = float(row.max() - row[token])
-            assert gap <= NEAR_TIE, f"{text!r}: token {step} is {gap:.3f} below plain greedy's choice"
-            exact += gap == 0.0
-            total += 1
+            # Against one-row decoding: the same choice, or a near-tie.
+            for step, row in enumerate(_plain_logits(plain, prompt, out.token_ids)):
+                token = out.token_ids[step]
+                gap = float(row.max() - row[token])
+                assert gap <= NEAR_TIE, f"{text!r}, {mode}: token {step} is {gap:.3f} below plain greedy's"
+                exact += gap == 0.0
+                total += 1
     # Positive controls: drafts were verified and some accepted; nearly every token is the exact arg-max.
     assert drafted > 0 and 0 < accepted <= drafted
     assert exact >= 0.95 * total
