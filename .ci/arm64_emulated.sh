@@ -40,7 +40,7 @@ HOST_PYTHON=${HOST_PYTHON:-.venv/bin/python}
 # What Debian's arm64 python3.11 needs besides its own dependencies: libstdc++ for
 # the C++ extension modules (onnxruntime, onnxruntime-genai, tokenizers).
 APT_PACKAGES=(python3.11 libstdc++6)
-TEST_EXTRAS=(pytest onnxruntime-genai)
+TEST_EXTRAS=(pytest hypothesis onnxruntime-genai)
 # Run by the emulated interpreter itself: everything in one process, no subprocess.
 EMULATED_TESTS=(
   tests/unit/test_dependencies.py
@@ -49,6 +49,9 @@ EMULATED_TESTS=(
   # multi-row passes bit-identical whatever their boundaries): check that on Arm's kernels too.
   tests/integration/test_batch_parity.py
   tests/integration/test_speculative_parity.py
+  # The prefix cache rests on the same rounding rule: a hit must give the cold run's tokens.
+  tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens
+  tests/integration/test_prefix_cache.py::test_chunk_size_does_not_change_tokens
 )
 # Run by the host's pytest, starting the emulated CLI and daemon through
 # EDGE_AGENT_TEST_PYTHON: qemu-user can deadlock when an emulated process with
