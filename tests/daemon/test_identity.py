@@ -24,6 +24,7 @@ from edge_fleet.cli import main as fleet_cli
 from tests._broker import Broker, mosquitto_binary, open_folder
 from tests._mqtt_client import Caller
 from tests._pki import Fleet, Identity
+from tests._wait import wait_until
 from tests.daemon.test_security import Probe
 
 pytestmark = pytest.mark.e2e
@@ -188,7 +189,12 @@ def test_a_device_provisioned_and_moved_while_the_broker_runs(
         moved.workdir, moved.state_dir = agent.workdir, agent.state_dir
         moved.config.write_text(agent.config.read_text().replace('group = "g2"', 'group = "g3"'))
         moved.start()
-        assert "leaving $share/g2/edge/groups/g2/jobs" in moved.log_text()
+        # Logged as it connects, which may come after start() returns (the old agent's recent
+        # online status can satisfy start()'s wait): wait for the line, do not race it.
+        wait_until(
+            lambda: "leaving $share/g2/edge/groups/g2/jobs" in moved.log_text(),
+            what="the moved agent to leave g2's shared subscription",
+        )
         fleet.device("box-m", group="g2")
         member = agents(on=tls_broker, device_id="box-m", group="g2")
         member.start()
