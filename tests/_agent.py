@@ -122,7 +122,9 @@ class AgentProcess:
             )
         if watcher is not None:
             try:
-                watcher.wait_online(after=started - 1, proc=self.proc, log=self.log)
+                # Only a status this process published counts: a previous agent of the same box may
+                # have come online less than a second ago (its status is still the retained one).
+                watcher.wait_online(after=started, proc=self.proc, log=self.log)
             finally:
                 watcher.close()
 
