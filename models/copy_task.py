@@ -23,7 +23,6 @@ copying, on which the induction heads that copying needs form early.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -136,8 +135,7 @@ HEADS = 4  # head size 32: the CPU attention kernel needs a multiple of 16
 INTERMEDIATE = 384
 BATCH = 32
 SEQ_LEN = 128
-LR = 1.5e-3
-WARMUP = 50
+LR = 1.5e-3  # peak of models.demo's schedule (warm-up, then cosine decay)
 # Share of rows that repeat random token runs (loss on the repeats): the plainest copying there is.
 # Two-layer induction heads form on it within a few hundred steps; on the jobs alone, where answer
 # tokens are a small part of each row, they had not formed after 2,500 steps.
@@ -210,17 +208,11 @@ def batches(tok: Any, seed: int) -> Iterator[tuple[Any, Any]]:
         yield ids, labels
 
 
-def lr_at(step: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of :data:`LR`."""
-    if step < WARMUP:
-        return LR * (step + 1) / WARMUP
-    progress = min(1.0, (step - WARMUP) / max(1, total - WARMUP))
-    return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train(model: Any, tok: Any, steps: int, seed: int) -> dict[str, Any]:
     """AdamW on answer tokens for ``steps`` steps (the demo's optimizer and schedule); return stats."""
     import torch
+
+    from models import demo
 
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
@@ -232,7 +224,7 @@ def train(model: Any, tok: Any, steps: int, seed: int) -> dict[str, Any]:
     for step in range(total):
         ids, labels = next(data)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total)
+            group["lr"] = demo.lr_at(step, total, peak=LR)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

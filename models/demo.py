@@ -64,12 +64,12 @@ def token_stream(tok: tokenizer.Tokenizer, docs: list[str], seed: int) -> torch.
     return torch.tensor(ids, dtype=torch.long)
 
 
-def lr_at(step: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 10% of :data:`LR`."""
+def lr_at(step: int, total: int, peak: float = LR) -> float:
+    """Linear warm-up then cosine decay to 10% of ``peak``."""
     if step < WARMUP:
-        return LR * (step + 1) / WARMUP
+        return peak * (step + 1) / WARMUP
     progress = min(1.0, (step - WARMUP) / max(1, total - WARMUP))
-    return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(model: LlamaForCausalLM, data: torch.Tensor, seconds: float, seed: int) -> dict:
