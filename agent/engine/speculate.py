@@ -137,7 +137,7 @@ class DraftPolicy:
             return 0  # a plain pass now and then keeps the one-token cost measured
         if self._cooldown > 0:
             self._cooldown -= 1
-            return min(self._PROBE_K, limit) if self._cooldown == 0 else 0
+            return min(self._PROBE_K, self.max_k, limit) if self._cooldown == 0 else 0
         a = min(self.acceptance, 0.999)
         best_k, best_gain = 0, 1.0
         for k in range(1, min(self.max_k, limit) + 1):

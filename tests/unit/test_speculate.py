@@ -95,6 +95,21 @@ def test_the_first_pass_is_plain_so_the_one_token_cost_is_known() -> None:
     assert DraftPolicy(max_k=4).choose(4) == 0
 
 
+@pytest.mark.parametrize("max_k", [1, 2, 8])
+def test_the_policy_never_asks_for_more_than_max_k(max_k: int) -> None:
+    # Drafts that never pay send the policy into its cool-down and probes; a probe too must
+    # respect max_k, which sizes the verify buffers (a probe of 2 with max_k 1 crashed a job).
+    policy = DraftPolicy(max_k=max_k)
+    policy.record(1, 1.0, 0, 0)
+    asked = []
+    for _ in range(400):
+        k = policy.choose(8)
+        asked.append(k)
+        policy.record(k + 1, 1.0 + 0.5 * k, k, 0)
+    assert max(asked) >= 1  # positive control: it did draft
+    assert all(k <= max_k for k in asked)
+
+
 class _BigramModel:
     """Logits that depend on the last two tokens of the context only, like a copying model."""
 
