@@ -7,12 +7,12 @@ The package is grouped by concept:
 * ``agent.updates``: signed releases, downloads, the model store and the updater;
 * ``agent.health``: telemetry, system readings, systemd notification;
 * ``agent.link``: the MQTT link and TLS;
-* ``agent.protocol``, ``agent.config``, ``agent.errors``: the wire contract, the
+* ``edge_contract.protocol``, ``agent.config``, ``agent.errors``: the wire contract, the
   configuration and the exception tree (light leaves: none loads onnxruntime);
 * ``agent.daemon``: the daemon that wires them together; ``agent.cli``, ``agent.doctor``.
 
 The engine's names are re-exported here lazily, so importing a light leaf
-(``agent.protocol``, as ``edge-fleet`` does) never loads onnxruntime.
+(``edge_contract.protocol``, as ``edge-fleet`` does) never loads onnxruntime.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from agent.errors import (
 if TYPE_CHECKING:
     from agent.config import EngineOptions
     from agent.engine.engine import Completion, Engine
-    from agent.params import SamplingParams
-    from agent.protocol import Timings
+    from edge_contract.params import SamplingParams
+    from edge_contract.protocol import Timings
 
 __version__ = "0.1.0"
 
@@ -46,8 +46,8 @@ _LAZY = {
     "Completion": "agent.engine.engine",
     "Engine": "agent.engine.engine",
     "EngineOptions": "agent.config",
-    "Timings": "agent.protocol",
-    "SamplingParams": "agent.params",
+    "Timings": "edge_contract.protocol",
+    "SamplingParams": "edge_contract.params",
 }
 
 

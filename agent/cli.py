@@ -15,12 +15,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent import __version__, params
+from agent import __version__
 from agent.config import check_files, load_config
 from agent.engine.engine import Engine, EngineOptions
 from agent.engine.weight_traffic import model_weight_traffic
 from agent.errors import AgentError
-from agent.params import SamplingParams
+from edge_contract import params
+from edge_contract.params import SamplingParams
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for a prompt, streaming it to stdout")
     _add_engine_flags(gen)
     gen.add_argument("prompt", metavar="PROMPT")
-    # Sampling flags: bounds, descriptions and defaults from agent.params, as on the wire.
+    # Sampling flags: bounds, descriptions and defaults from edge_contract.params, as on the wire.
     for flag, annotated in (
         ("--max-tokens", params.MaxTokens),
         ("--temperature", params.Temperature),

@@ -26,8 +26,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError, SignatureError
-from agent.params import MaxTokens
 from agent.updates.signing import PublicKey
+from edge_contract.params import MaxTokens
 
 # Matched with fullmatch: ``re.match(...$)`` would accept a trailing newline ("box\n").
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -37,8 +37,8 @@ from agent.health.probe import SystemProbe
 from agent.health.telemetry import HealthThresholds, SystemReading
 from agent.link.login import try_login
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
-from agent.protocol import Topics
 from agent.updates.store import ModelStore
+from edge_contract.protocol import Topics
 
 CheckStatus = Literal["ok", "warn", "fail"]
 

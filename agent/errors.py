@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agent.protocol import JobErrorCode, UpdateErrorCode
+    from edge_contract.protocol import JobErrorCode, UpdateErrorCode
 
 
 class AgentError(Exception):

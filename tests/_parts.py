@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.engine.engine import Engine
-from agent.protocol import ModelRef
+from edge_contract.protocol import ModelRef
 
 
 @dataclass

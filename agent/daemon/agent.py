@@ -22,9 +22,9 @@ from agent.errors import StorageError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
-from agent.protocol import ModelState, Topics
 from agent.updates.manifest import MAX_MANIFEST_BYTES
 from agent.updates.updater import Updater
+from edge_contract.protocol import ModelState, Topics
 
 log = logging.getLogger("agent.daemon")
 

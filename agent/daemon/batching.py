@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from agent.daemon.outcome import Outcome
 from agent.errors import AgentError, LinkError
-from agent.protocol import Chunk, JobRequest
+from edge_contract.protocol import Chunk, JobRequest
 
 if TYPE_CHECKING:
     from agent.daemon.worker import Worker

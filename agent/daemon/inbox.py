@@ -27,8 +27,8 @@ from agent.daemon.worker import Worker
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
 from agent.link.mqtt import Connected, Event, Message, Published
-from agent.protocol import ModelRef, Topics
 from agent.updates.manifest import MAX_MANIFEST_BYTES
+from edge_contract.protocol import ModelRef, Topics
 
 log = logging.getLogger(__name__)
 

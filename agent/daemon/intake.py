@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError
 
 from agent.link.mqtt import Message
-from agent.protocol import CancelRequest, JobErrorCode, JobRequest, JobStatus, Topics
+from edge_contract.protocol import CancelRequest, JobErrorCode, JobRequest, JobStatus, Topics
 
 # Only the head of an oversized or unparsable payload is searched for the job
 # id, so a hostile message costs bounded work.

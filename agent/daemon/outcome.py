@@ -6,7 +6,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from agent.protocol import JobRequest, ModelRef, Result
+from edge_contract.protocol import JobRequest, ModelRef, Result
 
 if TYPE_CHECKING:
     from agent.engine.engine import Engine

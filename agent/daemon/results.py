@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from agent.protocol import ErrorInfo, JobErrorCode, JobStatus, ModelRef, Result
+from edge_contract.protocol import ErrorInfo, JobErrorCode, JobStatus, ModelRef, Result
 
 log = logging.getLogger("agent.daemon.jobs")
 

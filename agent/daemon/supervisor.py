@@ -30,7 +30,7 @@ from agent.health.telemetry import JobStats, ModelInfo, PrefixCacheTelemetry
 from agent.jobs.store import JobStore, corrupt_copies
 from agent.link.mqtt import MQTTLink
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, days_left
-from agent.protocol import Health, HealthReason, Status, Topics
+from edge_contract.protocol import Health, HealthReason, Status, Topics
 
 log = logging.getLogger(__name__)
 

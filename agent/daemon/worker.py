@@ -40,7 +40,7 @@ from agent.daemon.results import error_result, log_job
 from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
-from agent.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
+from edge_contract.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
 
 if TYPE_CHECKING:
     from agent.engine.engine import Completion

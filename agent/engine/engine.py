@@ -34,8 +34,8 @@ from agent.engine.speculate import Speculator
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
 from agent.engine.tokenizer import Tokenizer
 from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
-from agent.protocol import FinishReason as FinishReason
-from agent.protocol import Timings as Timings
+from edge_contract.protocol import FinishReason as FinishReason
+from edge_contract.protocol import Timings as Timings
 
 _ORT_TYPES: dict[str, npt.DTypeLike] = {
     "tensor(float)": np.float32,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from agent.params import SamplingParams
+from edge_contract.params import SamplingParams
 
 __all__ = ["Sampler", "SamplingParams"]
 

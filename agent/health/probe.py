@@ -32,7 +32,7 @@ from agent.health.telemetry import (
     Throttling,
     assess,
 )
-from agent.protocol import Health
+from edge_contract.protocol import Health
 
 _MiB = 1024 * 1024
 _T = TypeVar("_T")

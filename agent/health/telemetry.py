@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.config import HealthThresholds as HealthThresholds
 from agent.config import TelemetryConfig as TelemetryConfig
-from agent.protocol import Health, HealthReason, JobStatus
+from edge_contract.protocol import Health, HealthReason, JobStatus
 
 #: At most this many temperature sensors are reported (the hottest).
 MAX_SENSORS = 8

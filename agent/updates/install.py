@@ -15,10 +15,10 @@ from agent.config import UpdateConfig
 from agent.engine.engine import Engine
 from agent.errors import DownloadError, LinkError, UpdateError
 from agent.link.tls import client_context
-from agent.protocol import UpdatePhase
 from agent.updates.download import RateLimit, fetch, sha256_file
 from agent.updates.manifest import FileKey, Manifest
 from agent.updates.store import ModelStore
+from edge_contract.protocol import UpdatePhase
 
 # Progress is reported at most this often (a retained message per update).
 _PROGRESS_EVERY_S = 1.0

@@ -16,8 +16,8 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.protocol import UpdateErrorCode, UpdateStatus
 from agent.updates.manifest import Sha256
+from edge_contract.protocol import UpdateErrorCode, UpdateStatus
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ from agent import failpoints
 from agent.config import AgentConfig
 from agent.engine.engine import Engine
 from agent.errors import AgentError, DownloadError, ModelError, UpdateError
-from agent.protocol import ErrorInfo, ModelRef, ModelState, UpdateErrorCode, UpdatePhase, UpdateStatus
 from agent.updates.install import download_and_install, files_on_disk, smoke_test
 from agent.updates.manifest import FileKey, Manifest
 from agent.updates.policy import Converged, Install, Refuse, RefusedBefore, Running, decide
 from agent.updates.record import REMEMBERED, Probation, UpdateRecord
 from agent.updates.store import ModelStore, Pointer
+from edge_contract.protocol import ErrorInfo, ModelRef, ModelState, UpdateErrorCode, UpdatePhase, UpdateStatus
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from agent.health.telemetry import Telemetry
-from agent.protocol import ModelState, Status
+from edge_contract.protocol import ModelState, Status
 
 from .broker import BrokerOptions, connect
 

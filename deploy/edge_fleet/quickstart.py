@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.protocol import ChatMessage, Chunk, JobRequest
+from edge_contract.protocol import ChatMessage, Chunk, JobRequest
 
 from .broker import BrokerOptions
 from .submit import JobFailed, Submitter

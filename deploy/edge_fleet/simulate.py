@@ -39,7 +39,9 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import UpdateError
 from agent.health.telemetry import CPU, JobsTelemetry, Memory, ModelInfo, Telemetry, Temperature
-from agent.protocol import (
+from agent.updates import signing
+from agent.updates.manifest import Manifest
+from edge_contract.protocol import (
     ErrorInfo,
     Health,
     ModelRef,
@@ -50,8 +52,6 @@ from agent.protocol import (
     UpdatePhase,
     UpdateStatus,
 )
-from agent.updates import signing
-from agent.updates.manifest import Manifest
 
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from
 

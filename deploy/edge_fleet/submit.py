@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from agent.link.mqtt import no_delay
-from agent.protocol import REPLY, Chunk, JobRequest, Result, Status
+from edge_contract.protocol import REPLY, Chunk, JobRequest, Result, Status
 
 from .broker import BrokerOptions, FleetError, connection_error, refusal, release
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.protocol import Status
 from agent.updates.signing import private_pem
+from edge_contract.protocol import Status
 from edge_fleet.cli import main as fleet_cli
 from tests._fleet import simulated_fleets
 from tests._mqtt_client import Caller

@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.link.tls import certificate_expiry
-from agent.protocol import JobRequest
+from edge_contract.protocol import JobRequest
 from edge_fleet.broker import BrokerOptions
 from edge_fleet.cli import main as fleet_cli
 from edge_fleet.submit import Submitter

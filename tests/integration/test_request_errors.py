@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent import Engine, InvalidRequestError, params
+from agent import Engine, InvalidRequestError
 from agent.errors import ContextOverflowError
-from agent.protocol import JobRequest
+from edge_contract import params
+from edge_contract.protocol import JobRequest
 
 
 @pytest.mark.parametrize(

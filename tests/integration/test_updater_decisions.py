@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.protocol import ModelState
 from agent.updates.updater import Updater
+from edge_contract.protocol import ModelState
 from tests._models import fixture_path
 from tests._releases import Releases, payload, tampered
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.health.telemetry import JobStats
-from agent.protocol import Usage
+from edge_contract.protocol import Usage
 
 
 def test_acceptance_rate_and_occupancy_cover_the_interval() -> None:

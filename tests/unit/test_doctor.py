@@ -17,8 +17,8 @@ from agent.doctor import Check, check_broker, check_cpu, format_report, model_me
 from agent.engine.model_folder import ModelFolder
 from agent.health.probe import SystemProbe
 from agent.health.telemetry import HealthThresholds
-from agent.protocol import ErrorInfo, UpdateStatus
 from agent.updates.record import UpdateRecord
+from edge_contract.protocol import ErrorInfo, UpdateStatus
 
 # /proc/cpuinfo heads of real boards.
 PI5_CPUINFO = """processor\t: 0

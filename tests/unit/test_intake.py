@@ -10,7 +10,7 @@ import pytest
 from agent.daemon import intake
 from agent.daemon.intake import Accept, Cancel, Drop, Ignore, Manifest, RefuseManifest, Reply, Resend, Rules
 from agent.link.mqtt import Message
-from agent.protocol import Topics
+from edge_contract.protocol import Topics
 
 TOPICS = Topics("edge", "box-1", "pool")
 RULES = Rules(

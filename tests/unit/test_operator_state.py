@@ -12,7 +12,7 @@ from typing import get_args
 import pytest
 
 import edge_fleet
-from agent.protocol import ModelRef, ModelState, Status
+from edge_contract.protocol import ModelRef, ModelState, Status
 from edge_fleet.assignments import Assignments
 from edge_fleet.broker import add_broker_args, options_from
 from edge_fleet.errors import FleetError

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from agent import errors
-from agent.protocol import (
+from edge_contract.protocol import (
     REPLY,
     CancelRequest,
     FinishReason,

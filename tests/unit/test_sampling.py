@@ -77,8 +77,8 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-from agent import params as P  # noqa: E402
-from agent.protocol import JobRequest  # noqa: E402
+from edge_contract import params as P  # noqa: E402
+from edge_contract.protocol import JobRequest  # noqa: E402
 
 
 def _admitted_or_not(low: float, high: float, *, extra: tuple[float, ...] = ()) -> st.SearchStrategy[float]:
@@ -247,7 +247,7 @@ def test_the_bounds_module_is_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, agent.params, agent.protocol; print(sorted(m for m in ('numpy', 'onnxruntime', 'tokenizers') if m in sys.modules))"
+    code = "import sys, edge_contract.params, edge_contract.protocol; print(sorted(m for m in ('numpy', 'onnxruntime', 'tokenizers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

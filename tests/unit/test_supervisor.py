@@ -20,7 +20,7 @@ from agent.engine.engine import Engine
 from agent.health.sd_notify import Notifier
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
-from agent.protocol import Topics
+from edge_contract.protocol import Topics
 from tests._parts import RecordingLink, models
 from tests._wait import wait_until
 
@@ -146,7 +146,7 @@ def test_a_database_moved_aside_shows_in_telemetry_health_and_status(
 def test_overload_sheds_at_intake_or_holds_the_worker(
     tmp_path: Path, phi3_engine: Engine, mode: str, shedding: bool, holding: bool
 ) -> None:
-    from agent.protocol import Health
+    from edge_contract.protocol import Health
 
     supervisor, _worker, _link = _parts(tmp_path, phi3_engine)
     supervisor.config = supervisor.config.model_copy(

@@ -31,7 +31,7 @@ from agent.health.telemetry import (
     assess,
     percentile,
 )
-from agent.protocol import Health
+from edge_contract.protocol import Health
 
 MiB = 1024 * 1024
 DEFAULTS = HealthThresholds()

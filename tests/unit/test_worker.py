@@ -18,7 +18,7 @@ from agent.engine.sampling import Sampler
 from agent.errors import ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
-from agent.protocol import JobRequest
+from edge_contract.protocol import JobRequest
 from tests._parts import Models, RecordingLink, models
 
 

@@ -1,7 +1,7 @@
 """Sampling parameters: their bounds, defined once, and the engine's ``SamplingParams``.
 
 Each knob is an ``Annotated`` type carrying its bounds and its description.  The
-wire schema (``agent.protocol.JobRequest``), the configuration (``agent.config``)
+wire schema (``edge_contract.protocol.JobRequest``), the configuration (``agent.config``)
 and the command line (``agent.cli``) all use these types, so a bound changes in
 one place.  The bounds are chosen so that every admitted value works: the
 sampler (``agent.engine.sampling``) is property-tested over the whole range.

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from agent.params import (
+from edge_contract.params import (
     DEFAULTS,
     STOP_MAX,
     SamplingParams,
@@ -99,7 +99,7 @@ class JobRequest(_Wire):
     id: JobId = Field(description="Caller-chosen id; a repeated id is answered from the stored result.")
     prompt: str | None = Field(None, max_length=1_000_000)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
-    # The sampling knobs and their bounds come from agent.params (shared with the config and CLI).
+    # The sampling knobs and their bounds come from edge_contract.params (shared with the config and CLI).
     max_tokens: WireMaxTokens = DEFAULTS.max_tokens
     temperature: WireTemperature = DEFAULTS.temperature
     top_p: WireTopP = DEFAULTS.top_p
