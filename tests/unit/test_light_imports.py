@@ -57,7 +57,7 @@ def test_edge_fleet_commands_that_run_no_model_load_no_model_runtime(argv: list[
 
 
 def test_config_and_protocol_do_not_import_engine_or_telemetry() -> None:
-    probe = "import agent.config, edge_contract.protocol, sys\nprint(' '.join(m for m in sys.modules if m.startswith('agent.')))"
+    probe = "import agent.config, edge_contract.protocol, sys\nprint(' '.join(m for m in sys.modules if m.startswith(('agent.', 'edge_contract.'))))"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     loaded = set(proc.stdout.split())
     assert {"agent.config", "edge_contract.protocol", "agent.errors"} <= loaded, "positive control"
