@@ -30,15 +30,15 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, ConfigDict
 
-from agent.config import AgentConfig, MQTTConfig, load_config
+from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
 from agent.engine.model_folder import ModelFolder
 from agent.errors import AgentError
 from agent.health.probe import SystemProbe
-from agent.health.telemetry import HealthThresholds, SystemReading
 from agent.link.login import try_login
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 from agent.updates.store import ModelStore
 from edge_contract.protocol import Topics
+from edge_contract.telemetry import SystemReading
 
 CheckStatus = Literal["ok", "warn", "fail"]
 

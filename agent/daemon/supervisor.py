@@ -26,11 +26,12 @@ from agent.daemon.outcome import Models
 from agent.daemon.worker import Worker
 from agent.health.probe import SystemProbe
 from agent.health.sd_notify import Notifier
-from agent.health.telemetry import JobStats, ModelInfo, PrefixCacheTelemetry
+from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, corrupt_copies
 from agent.link.mqtt import MQTTLink
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, days_left
 from edge_contract.protocol import Health, HealthReason, Status, Topics
+from edge_contract.telemetry import ModelInfo, PrefixCacheTelemetry
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,12 @@ from typing import TypeVar
 
 import psutil
 
-from agent.health.telemetry import (
+from agent.config import HealthThresholds
+from agent.health.telemetry import assess
+from edge_contract.protocol import Health
+from edge_contract.telemetry import (
     CPU,
     MAX_SENSORS,
-    HealthThresholds,
     JobsTelemetry,
     Memory,
     ModelInfo,
@@ -30,9 +32,7 @@ from agent.health.telemetry import (
     Temperature,
     ThrottleFlags,
     Throttling,
-    assess,
 )
-from edge_contract.protocol import Health
 
 _MiB = 1024 * 1024
 _T = TypeVar("_T")

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from agent.health.telemetry import Telemetry
 from edge_contract.protocol import ModelState, Status
+from edge_contract.telemetry import Telemetry
 
 from .broker import BrokerOptions, connect
 

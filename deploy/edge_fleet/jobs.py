@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.health.telemetry import percentile
 from edge_contract.protocol import Chunk, JobRequest, Result
+from edge_contract.telemetry import percentile
 
 from .broker import FleetError, add_broker_args, options_from
 from .inventory import Inventory

@@ -38,7 +38,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import UpdateError
-from agent.health.telemetry import CPU, JobsTelemetry, Memory, ModelInfo, Telemetry, Temperature
 from agent.updates import signing
 from agent.updates.manifest import Manifest
 from edge_contract.protocol import (
@@ -52,6 +51,7 @@ from edge_contract.protocol import (
     UpdatePhase,
     UpdateStatus,
 )
+from edge_contract.telemetry import CPU, JobsTelemetry, Memory, ModelInfo, Telemetry, Temperature
 
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ModelConfig, MQTTConfig
+from agent.config import AgentConfig, HealthThresholds, ModelConfig, MQTTConfig
 from agent.doctor import Check, check_broker, check_cpu, format_report, model_memory_mb, run_checks, worst
 from agent.engine.model_folder import ModelFolder
 from agent.health.probe import SystemProbe
-from agent.health.telemetry import HealthThresholds
 from agent.updates.record import UpdateRecord
 from edge_contract.protocol import ErrorInfo, UpdateStatus
 

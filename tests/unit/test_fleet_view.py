@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from agent.health.telemetry import JobsTelemetry, Telemetry, Temperature
 from edge_contract.protocol import ErrorInfo, Health, ModelRef, ModelState, Status, UpdateStatus
+from edge_contract.telemetry import JobsTelemetry, Telemetry, Temperature
 from edge_fleet.fleet_view import FleetView
 from edge_fleet.rollout import parse_waves, plan_waves
 from edge_fleet.views import render, sort_rows

@@ -14,24 +14,22 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
+from agent.config import HealthThresholds, TelemetryConfig
 from agent.health.probe import SystemProbe, decode_throttled
-from agent.health.telemetry import (
+from agent.health.telemetry import JobStats, assess
+from edge_contract.protocol import Health
+from edge_contract.telemetry import (
     CPU,
-    HealthThresholds,
     JobCounts,
-    JobStats,
     JobsTelemetry,
     Memory,
     ModelInfo,
     ProcessUsage,
     Telemetry,
-    TelemetryConfig,
     Temperature,
     ThrottleFlags,
-    assess,
     percentile,
 )
-from edge_contract.protocol import Health
 
 MiB = 1024 * 1024
 DEFAULTS = HealthThresholds()
