@@ -149,7 +149,7 @@ fi
 sysroot="$env_dir/sysroot"
 site_path="$env_dir/site:$PWD:$PWD/deploy"
 python=(env "QEMU_CPU=$QEMU_CPU" "PYTHONPATH=$site_path" "$QEMU" -L "$sysroot" "$sysroot/usr/bin/python3.11")
-# The tests start the daemon and the CLI with this command (tests/_agent.py); it carries
+# The tests start the daemon and the CLI with this command (tests/support/agent.py); it carries
 # its own PYTHONPATH, so the host's pytest (whose PYTHONPATH must not point at aarch64
 # modules) can use it too.
 EDGE_AGENT_TEST_PYTHON=$(printf '%q ' "${python[@]}")

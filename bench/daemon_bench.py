@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.link.mqtt import no_delay  # noqa: E402
-from tests._agent import AgentProcess  # noqa: E402  (the same process harness the tests use)
-from tests._broker import Broker  # noqa: E402
+from tests.support.agent import AgentProcess  # noqa: E402  (the same process harness the tests use)
+from tests.support.broker import Broker  # noqa: E402
 
 
 class Collector:

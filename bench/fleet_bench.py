@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO))
 
 
 from agent.updates import signing  # noqa: E402
-from tests._broker import Broker  # noqa: E402  (the same broker harness the tests use)
-from tests._releases import placeholder_release  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402  (the same broker harness the tests use)
+from tests.support.releases import placeholder_release  # noqa: E402
 
 FLEET = [sys.executable, "-m", "edge_fleet.cli"]
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from daemon_bench import Collector  # noqa: E402
 
-from tests._agent import AgentProcess  # noqa: E402
-from tests._broker import Broker  # noqa: E402
+from tests.support.agent import AgentProcess  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
 
 WORDS = [
     "pump",

@@ -38,11 +38,11 @@ sys.path.insert(0, str(REPO / "bench"))
 from engine_bench import ensure_models  # noqa: E402
 
 from agent.updates import signing  # noqa: E402
-from tests._agent import AgentProcess  # noqa: E402  (the harnesses the tests use)
-from tests._broker import Broker  # noqa: E402
-from tests._http import FileServer  # noqa: E402
-from tests._mqtt_client import Caller  # noqa: E402
-from tests._releases import Releases, payload  # noqa: E402
+from tests.support.agent import AgentProcess  # noqa: E402  (the harnesses the tests use)
+from tests.support.broker import Broker  # noqa: E402
+from tests.support.http import FileServer  # noqa: E402
+from tests.support.mqtt_client import Caller  # noqa: E402
+from tests.support.releases import Releases, payload  # noqa: E402
 
 PHASES = ("downloading", "verifying", "testing", "activating", "active")
 

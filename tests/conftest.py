@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent import Engine
-from tests._models import fixture_path
+from tests.support.models import fixture_path
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def _own_fleet_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture()
 def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A fresh mosquitto on a free port, stopped after the test."""
-    from tests._broker import Broker
+    from tests.support.broker import Broker
 
     b = Broker(tmp_path / "broker")
     b.start()
@@ -61,7 +61,7 @@ def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A fleet CA with a broker (localhost, 127.0.0.1) and an operator identity, made by edge-fleet."""
-    from tests._pki import Fleet
+    from tests.support.pki import Fleet
 
     return Fleet(tmp_path / "pki")
 
@@ -69,7 +69,7 @@ def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def tls_broker(tmp_path: Path, fleet):  # type: ignore[no-untyped-def]
     """A mosquitto running what `edge-fleet broker init` writes for the fleet's CA."""
-    from tests._broker import Broker
+    from tests.support.broker import Broker
 
     b = Broker(tmp_path / "tls-broker", fleet)
     b.start()
@@ -80,7 +80,7 @@ def tls_broker(tmp_path: Path, fleet):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def caller(broker):  # type: ignore[no-untyped-def]
     """A test-side MQTT client collecting replies under ``edge/replies/#`` and ``edge/+/results/#``."""
-    from tests._mqtt_client import Caller
+    from tests.support.mqtt_client import Caller
 
     c = Caller(broker.host, broker.port, reply_filter=["edge/replies/#", "edge/+/results/#"])
     yield c
@@ -90,7 +90,7 @@ def caller(broker):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def agents(broker, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Factory of daemon processes; all are stopped after the test."""
-    from tests._agent import AgentProcess
+    from tests.support.agent import AgentProcess
 
     started: list[AgentProcess] = []
 
@@ -114,7 +114,7 @@ def agents(broker, tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def file_server(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real HTTP server (byte ranges, injectable drops) serving ``tmp_path/www``."""
-    from tests._http import FileServer
+    from tests.support.http import FileServer
 
     root = tmp_path / "www"
     root.mkdir()
@@ -127,7 +127,7 @@ def file_server(tmp_path: Path):  # type: ignore[no-untyped-def]
 def releases(file_server):  # type: ignore[no-untyped-def]
     """Signed releases of the fixtures, served by ``file_server``, and the key that signs them."""
     from agent.updates import signing
-    from tests._releases import Releases
+    from tests.support.releases import Releases
 
     return Releases(file_server, signing.generate())
 
@@ -135,7 +135,7 @@ def releases(file_server):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 4 MiB tmpfs (real ENOSPC when filled with dd), unmounted after the test."""
-    from tests._disk import SmallDisk
+    from tests.support.disk import SmallDisk
 
     disk = SmallDisk(tmp_path / "small")
     yield disk

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests._models import fixture_path
+from tests.support.models import fixture_path
 
 JOBS = "edge/box-1/jobs"
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from agent import Engine, SamplingParams
-from tests._models import fixture_path
-from tests._wait import wait_until
+from tests.support.models import fixture_path
+from tests.support.wait import wait_until
 
 JOBS = "edge/box-1/jobs"
 BATCH = {"max_batch": 4}

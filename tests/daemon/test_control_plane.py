@@ -19,8 +19,6 @@ import pytest
 from agent.updates.signing import private_pem
 from edge_contract.protocol import Status
 from edge_fleet.cli import main as fleet_cli
-from tests._fleet import simulated_fleets
-from tests._mqtt_client import Caller
 from tests.daemon.test_fleet import (  # helpers of the rollout tests
     KEY,
     TRUST,
@@ -30,6 +28,8 @@ from tests.daemon.test_fleet import (  # helpers of the rollout tests
     _start_rollout,
     _targets,
 )
+from tests.support.fleet import simulated_fleets
+from tests.support.mqtt_client import Caller
 
 pytestmark = pytest.mark.e2e
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from agent.updates.signing import private_pem
-from tests._releases import replace_file
 from tests.daemon.test_control_plane import _json_lines, _retained
 from tests.daemon.test_fleet import _run, _targets
+from tests.support.releases import replace_file
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ def _wait_versions(broker, expected: dict[str, str], timeout: float = 90) -> Non
 
 
 def test_operator_scenarios_with_real_agents(broker, agents, releases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from tests._models import fixture_path
+    from tests.support.models import fixture_path
 
     settings = {"trusted_keys": [releases.public_line]}
     boxes = {

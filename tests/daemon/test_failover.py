@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests._broker import Broker
-from tests._models import fixture_path
-from tests._mqtt_client import Caller
-from tests._pki import Fleet
+from tests.support.broker import Broker
+from tests.support.models import fixture_path
+from tests.support.mqtt_client import Caller
+from tests.support.pki import Fleet
 
 pytestmark = pytest.mark.e2e
 

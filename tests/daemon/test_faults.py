@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from agent.jobs.store import corrupt_copies
-from tests._agent import agent_python
-from tests._disk import DAMAGES, SmallDisk, read_only
-from tests._models import fixture_path
-from tests._wait import wait_until
+from tests.support.agent import agent_python
+from tests.support.disk import DAMAGES, SmallDisk, read_only
+from tests.support.models import fixture_path
+from tests.support.wait import wait_until
 
 JOBS = "edge/box-1/jobs"
 pytestmark = pytest.mark.e2e

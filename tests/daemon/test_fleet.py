@@ -16,9 +16,9 @@ import pytest
 
 from agent import Engine, SamplingParams
 from agent.updates import signing
-from tests._fleet import simulated_fleets
-from tests._models import ROOT
-from tests._releases import placeholder_release
+from tests.support.fleet import simulated_fleets
+from tests.support.models import ROOT
+from tests.support.releases import placeholder_release
 
 KEY = signing.generate()
 TRUST = [signing.PublicKey(KEY.public_key(), signing.key_id(KEY.public_key()))]

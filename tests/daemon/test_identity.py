@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from edge_fleet.cli import main as fleet_cli
-from tests._broker import Broker, mosquitto_binary, open_folder
-from tests._mqtt_client import Caller
-from tests._pki import Fleet, Identity
-from tests._wait import wait_until
 from tests.daemon.test_security import Probe
+from tests.support.broker import Broker, mosquitto_binary, open_folder
+from tests.support.mqtt_client import Caller
+from tests.support.pki import Fleet, Identity
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -370,7 +370,7 @@ def test_the_documented_debian_setup_works_as_typed_and_keeps_state_across_a_cra
             (root / folder).mkdir(parents=True)
             if os.geteuid() == 0:
                 shutil.chown(root / folder, "mosquitto", "mosquitto")  # as the Debian package does
-        from tests._broker import free_port
+        from tests.support.broker import free_port
 
         port, operator_port = free_port(), free_port()
         # README, "Setting up the broker", with this root's paths.
@@ -406,7 +406,7 @@ def test_the_documented_debian_setup_works_as_typed_and_keeps_state_across_a_cra
         proc = start()
         if os.geteuid() == 0:
             assert _user_of(proc.pid) == "mosquitto", "started as root, it runs as the user mosquitto"
-        from tests._pki import Fleet as _Fleet
+        from tests.support.pki import Fleet as _Fleet
 
         _Fleet.register_on(fleet, broker, "box-a", None)
         device, operator = Probe(broker, fleet.device("box-a")), Probe(broker, fleet.operator)

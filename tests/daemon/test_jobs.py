@@ -6,9 +6,9 @@ import json
 import subprocess
 import time
 
-from tests._models import fixture_path
-from tests._reference import greedy
-from tests._wait import wait_until
+from tests.support.models import fixture_path
+from tests.support.reference import greedy
+from tests.support.wait import wait_until
 
 JOBS = "edge/box-1/jobs"
 
@@ -164,7 +164,7 @@ def test_expired_jobs(agents, caller) -> None:  # type: ignore[no-untyped-def]
 
 def test_mqtt_311_mode_serves_jobs(agents, caller) -> None:  # type: ignore[no-untyped-def]
     agents(mqtt={"protocol": "3.1.1"}).start()
-    from tests._mqtt_client import Caller
+    from tests.support.mqtt_client import Caller
 
     old = Caller(caller.client.host, caller.client.port, reply_filter="edge/box-1/results/#", mqtt5=False)
     try:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests._agent import AgentProcess
-from tests._models import fixture_path
-from tests._mqtt_client import Caller
-from tests._nats_cluster import NatsCluster
+from tests.support.agent import AgentProcess
+from tests.support.models import fixture_path
+from tests.support.mqtt_client import Caller
+from tests.support.nats_cluster import NatsCluster
 
 pytestmark = pytest.mark.e2e
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests._agent import AgentProcess
-from tests._broker import NatsBroker
-from tests._models import fixture_path
-from tests._mqtt_client import Caller
-from tests._releases import payload
+from tests.support.agent import AgentProcess
+from tests.support.broker import NatsBroker
+from tests.support.models import fixture_path
+from tests.support.mqtt_client import Caller
+from tests.support.releases import payload
 
 
 @pytest.fixture()

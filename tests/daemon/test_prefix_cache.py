@@ -7,7 +7,7 @@ import time
 
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
-from tests._models import fixture_path
+from tests.support.models import fixture_path
 
 JOBS = "edge/box-1/jobs"
 INSTRUCTION = (

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from agent import Engine, SamplingParams
-from tests._models import ROOT
+from tests.support.models import ROOT
 
 
 def test_quickstart_streams_the_demo_models_answer() -> None:

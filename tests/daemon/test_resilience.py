@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests._models import fixture_path
-from tests._wait import wait_until
+from tests.support.models import fixture_path
+from tests.support.wait import wait_until
 
 JOBS = "edge/box-1/jobs"
 LONG_LIMITS = {"max_tokens_limit": 4000}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests._releases import payload
+from tests.support.releases import payload
 
 DESIRED = "edge/box-1/model/desired"
 # The requests: each made Sampler raise IndexError (status failed/internal), and two of them

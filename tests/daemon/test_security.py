@@ -33,8 +33,8 @@ from edge_contract.protocol import JobRequest
 from edge_fleet.broker import BrokerOptions
 from edge_fleet.cli import main as fleet_cli
 from edge_fleet.submit import Submitter
-from tests._broker import Broker
-from tests._pki import Fleet, Identity
+from tests.support.broker import Broker
+from tests.support.pki import Fleet, Identity
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from agent import Engine, SamplingParams
-from tests._models import fixture_path
-from tests._releases import payload
+from tests.support.models import fixture_path
+from tests.support.releases import payload
 
 DESIRED = "edge/box-1/model/desired"
 
@@ -131,7 +131,7 @@ def test_offline_device_converges_when_it_comes_back(broker, caller, agents, rel
 def _refusals(releases, tmp_path: Path) -> dict[str, tuple[Any, str]]:  # type: ignore[no-untyped-def]
     """Each way a release must be refused: (desired-state payload builder, expected code)."""
     from agent.updates import signing
-    from tests._releases import replace_file, tampered
+    from tests.support.releases import replace_file, tampered
 
     def good():  # type: ignore[no-untyped-def]
         return releases.make("2.0.0")
@@ -459,9 +459,9 @@ def test_desiring_what_already_runs_is_quietly_converged(broker, caller, agents,
 
 def test_update_from_an_https_server_signed_by_a_private_ca(broker, caller, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from agent.updates import signing
-    from tests._http import FileServer
-    from tests._pki import Fleet
-    from tests._releases import Releases
+    from tests.support.http import FileServer
+    from tests.support.pki import Fleet
+    from tests.support.releases import Releases
 
     pki = Fleet(tmp_path / "pki")
     assert pki.broker.cert is not None and pki.broker.key is not None
@@ -504,7 +504,7 @@ def test_an_installed_version_that_no_longer_loads_falls_back_at_start(
 def test_a_tampered_release_published_first_does_not_shadow_the_genuine_one(  # type: ignore[no-untyped-def]
     broker, caller, agents, releases
 ) -> None:
-    from tests._releases import tampered
+    from tests.support.releases import tampered
 
     caller.subscribe("edge/+/model/state")
     agent = agents(model_version="1.0.0", update={"trusted_keys": [releases.public_line]})
@@ -566,7 +566,7 @@ def test_another_model_installs_only_when_its_release_says_it_replaces_the_runni
 def test_a_version_re_released_with_other_files_is_refused_not_taken_as_installed(  # type: ignore[no-untyped-def]
     broker, caller, agents, releases
 ) -> None:
-    from tests._releases import replace_file
+    from tests.support.releases import replace_file
 
     caller.subscribe("edge/+/model/state")
     agent = agents(update={"trusted_keys": [releases.public_line]})

@@ -16,7 +16,7 @@ import pytest
 from agent import Engine, SamplingParams
 from agent.engine.batch import Batcher
 from agent.errors import AgentError, InvalidRequestError
-from tests._models import ALL_FIXTURES, fixture_path
+from tests.support.models import ALL_FIXTURES, fixture_path
 
 
 def _requests(engine: Engine, seed: int) -> list[tuple[list[int], SamplingParams]]:

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 from agent import Engine, Timings
-from tests._agent import agent_python
-from tests._reference import greedy
+from tests.support.agent import agent_python
+from tests.support.reference import greedy
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,7 +41,7 @@ def test_generate_streams_text_to_stdout(phi3_dir: Path) -> None:
 
 
 def test_the_demo_model_answers_the_readme_prompt_in_its_chat_template_by_default() -> None:
-    from tests._models import ROOT
+    from tests.support.models import ROOT
 
     demo = ROOT / "models" / "demo"
     chat = greedy(demo, messages=[{"role": "user", "content": "Why is the sky blue?"}], max_tokens=40)

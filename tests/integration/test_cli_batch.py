@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests._agent import agent_python
+from tests.support.agent import agent_python
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

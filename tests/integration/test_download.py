@@ -123,8 +123,8 @@ def test_the_bandwidth_cap_paces_the_download(file_server, tmp_path: Path, monke
 
 def test_https_servers_are_verified_against_the_configured_ca(tmp_path: Path) -> None:
     from agent.link.tls import client_context
-    from tests._http import FileServer
-    from tests._pki import Fleet
+    from tests.support.http import FileServer
+    from tests.support.pki import Fleet
 
     pki = Fleet(tmp_path / "pki")
     assert pki.broker.cert is not None and pki.broker.key is not None

@@ -10,7 +10,7 @@ import onnxruntime_genai as og
 import pytest
 
 from agent import Engine, SamplingParams
-from tests._models import ALL_FIXTURES, fixture_path
+from tests.support.models import ALL_FIXTURES, fixture_path
 
 PROMPTS = ["The quick brown fox", "Grüße aus Köln 🎉 日本語", "a"]
 NEW_TOKENS = 48

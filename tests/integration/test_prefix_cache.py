@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
-from tests._models import ALL_FIXTURES, fixture_path
+from tests.support.models import ALL_FIXTURES, fixture_path
 
 # Small blocks and chunks so that a 100-token prompt crosses many of both.
 SMALL = EngineOptions(prefix_block_tokens=8, prefill_chunk_tokens=16)

@@ -10,7 +10,7 @@ from pathlib import Path
 from agent import Engine, SamplingParams
 from agent.updates import signing
 from agent.updates.manifest import Manifest
-from tests._models import fixture_path
+from tests.support.models import fixture_path
 
 
 def _fleet(*args: str) -> subprocess.CompletedProcess[str]:

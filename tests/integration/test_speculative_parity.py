@@ -33,7 +33,7 @@ import pytest
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
 from agent.engine.speculate import DraftPolicy
-from tests._models import ALL_FIXTURES, PRECISIONS, ROOT, fixture_path
+from tests.support.models import ALL_FIXTURES, PRECISIONS, ROOT, fixture_path
 
 NEAR_TIE = 0.3  # logits; about twice the largest kernel-path difference seen on the fixtures
 # On x86-64 (AVX2, AVX-512) rows of multi-row passes come out bit-identical whatever the pass

@@ -14,8 +14,8 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.updates.updater import Updater
 from edge_contract.protocol import ModelState
-from tests._models import fixture_path
-from tests._releases import Releases, payload, tampered
+from tests.support.models import fixture_path
+from tests.support.releases import Releases, payload, tampered
 
 
 def _now(task: Callable[[], None]) -> concurrent.futures.Future[None]:

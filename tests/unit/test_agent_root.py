@@ -10,7 +10,7 @@ import agent.daemon
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.errors import StorageError
-from tests._disk import read_only
+from tests.support.disk import read_only
 
 
 def _config(state_dir: Path, model: Path) -> AgentConfig:

@@ -244,7 +244,7 @@ def test_updates_and_the_served_model_come_from_the_store(
     from agent.updates import signing
     from agent.updates.manifest import FileEntry, Manifest, SmokeTest
     from agent.updates.store import ModelStore, Pointer
-    from tests._models import fixture_path
+    from tests.support.models import fixture_path
 
     config = _config(tmp_path, phi3_dir, listening)
     found = _by_name(run_checks(config))

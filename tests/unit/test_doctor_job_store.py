@@ -6,7 +6,7 @@ from pathlib import Path
 
 from agent.doctor import check_job_store
 from agent.jobs.store import open_store
-from tests._disk import read_only
+from tests.support.disk import read_only
 
 
 def test_an_intact_database_is_ok_with_its_counts(tmp_path: Path) -> None:

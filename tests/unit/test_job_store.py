@@ -9,7 +9,7 @@ import pytest
 
 from agent.errors import StorageError
 from agent.jobs.store import JobStore, corrupt_copies, open_store
-from tests._disk import DAMAGES, read_only
+from tests.support.disk import DAMAGES, read_only
 
 
 def _store(tmp_path: Path, **kw) -> JobStore:  # type: ignore[no-untyped-def]

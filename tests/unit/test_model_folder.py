@@ -10,7 +10,7 @@ import pytest
 
 from agent import Engine, ModelConfigError, ModelFileError
 from agent.engine.model_folder import ModelFolder
-from tests._models import fixture_path
+from tests.support.models import fixture_path
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from edge_fleet.inventory import Inventory
 from edge_fleet.output import ago, table
 from edge_fleet.profile import load_profile
 from edge_fleet.rollout_store import RolloutState, RolloutStore, TargetState, names, tally
-from tests._releases import placeholder_release
+from tests.support.releases import placeholder_release
 
 
 def _db() -> sqlite3.Connection:

@@ -8,7 +8,7 @@ from typing import Any
 from agent.daemon.faults import StorageFaults
 from agent.daemon.outbox import Outbox
 from agent.jobs.store import JobStore
-from tests._parts import RecordingLink
+from tests.support.parts import RecordingLink
 
 
 def _done(store: JobStore, job_id: str) -> str:

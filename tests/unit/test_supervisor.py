@@ -21,8 +21,8 @@ from agent.health.sd_notify import Notifier
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
 from edge_contract.protocol import Topics
-from tests._parts import RecordingLink, models
-from tests._wait import wait_until
+from tests.support.parts import RecordingLink, models
+from tests.support.wait import wait_until
 
 
 class _Systemd:

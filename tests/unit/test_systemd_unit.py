@@ -3,7 +3,7 @@
 systemd is not PID 1 where the tests run, so the unit cannot be started here.
 What can run does: ``systemd-analyze verify`` and ``security --offline=yes`` on
 the file, and the engine under the same seccomp filters the unit asks for
-(``tests/_unit_sandbox.py``).  A missing tool is a failure, never a skip.
+(``tests/support/unit_sandbox.py``).  A missing tool is a failure, never a skip.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._models import fixture_path
+from tests.support.models import fixture_path
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "edge-agent.service"

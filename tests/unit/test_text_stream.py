@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from agent.engine.model_folder import ModelFolder
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
 from agent.engine.tokenizer import Tokenizer
-from tests._models import fixture_path
+from tests.support.models import fixture_path
 
 _TOKENIZER = Tokenizer(ModelFolder(fixture_path("phi3-int4")))
 _VOCAB = _TOKENIZER.vocab_size

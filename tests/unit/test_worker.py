@@ -19,7 +19,7 @@ from agent.errors import ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
 from edge_contract.protocol import JobRequest
-from tests._parts import Models, RecordingLink, models
+from tests.support.parts import Models, RecordingLink, models
 
 
 def _worker(

@@ -1,6 +1,6 @@
 """Run a command under the seccomp filters a systemd unit file asks for, as systemd 252 builds them.
 
-    /usr/bin/python3 tests/_unit_sandbox.py UNIT_FILE COMMAND [ARGS...]
+    /usr/bin/python3 tests/support/unit_sandbox.py UNIT_FILE COMMAND [ARGS...]
 
 Where systemd is not PID 1 (containers, CI) a unit cannot be started for real;
 this applies the same kernel filters itself and then execs the command:

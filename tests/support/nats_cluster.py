@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._broker import free_port
+from tests.support.broker import free_port
 
 
 class NatsNode:

@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.link.mqtt import no_delay
-from tests._pki import Identity
+from tests.support.pki import Identity
 
 
 class Caller:

@@ -8,7 +8,7 @@ from typing import Any
 
 from edge_fleet.broker import BrokerOptions
 from edge_fleet.simulate import Simulator
-from tests._broker import Broker
+from tests.support.broker import Broker
 
 
 class SimulatedFleet:

@@ -16,9 +16,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests._broker import Broker
-from tests._pki import Identity
-from tests._wait import wait_until
+from tests.support.broker import Broker
+from tests.support.pki import Identity
+from tests.support.wait import wait_until
 
 
 def agent_python() -> list[str]:

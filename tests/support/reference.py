@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.engine.engine import Completion, Engine
 from agent.engine.sampling import SamplingParams
-from tests._agent import agent_python
+from tests.support.agent import agent_python
 
 # Run by the agent's interpreter: the library path (Engine.generate), not the CLI or daemon under test.
 _SCRIPT = """

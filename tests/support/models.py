@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "models" / "fixtures"
 FAMILIES = ("phi3", "llama", "mistral", "qwen2", "qwen3")
 PRECISIONS = ("int8", "int4")

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from edge_fleet.cli import main as fleet_cli
-from tests._pki import Identity
+from tests.support.pki import Identity
 
 if TYPE_CHECKING:
-    from tests._pki import Fleet
+    from tests.support.pki import Fleet
 
 
 def free_port() -> int:

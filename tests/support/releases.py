@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.updates import signing
 from agent.updates.manifest import Manifest
 from edge_fleet.releases import build_release
-from tests._http import FileServer
-from tests._models import fixture_path
+from tests.support.http import FileServer
+from tests.support.models import fixture_path
 
 #: The model the ``agents`` fixture runs unless told otherwise (its folder's name).
 CONFIGURED_MODEL = "phi3-int4"

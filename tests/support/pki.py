@@ -16,7 +16,7 @@ from edge_fleet.cli import main as fleet
 from edge_fleet.dynsec import DynSec
 
 if TYPE_CHECKING:
-    from tests._broker import Broker
+    from tests.support.broker import Broker
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What the tests share: real brokers, agents, PKI, models, disks and waits."""
