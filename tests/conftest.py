@@ -147,11 +147,11 @@ _E2E_MODULES = frozenset(
     {
         "tests/integration/test_cli.py",
         "tests/integration/test_releases.py",
-        "tests/unit/test_install_script.py",
-        "tests/unit/test_systemd_unit.py",
-        "tests/unit/test_ci_scripts.py",
-        "tests/unit/test_light_imports.py",  # fresh interpreters, one per check
-        "tests/unit/test_packaging.py",  # pip builds and installs the wheel
+        "tests/integration/test_install_script.py",
+        "tests/integration/test_systemd_unit.py",
+        "tests/integration/test_ci_scripts.py",
+        "tests/integration/test_light_imports.py",  # fresh interpreters, one per check
+        "tests/integration/test_packaging.py",  # pip builds and installs the wheel
     }
 )
 # Single tests elsewhere that run the command line as a subprocess.
