@@ -1,10 +1,9 @@
 """Shared pytest fixtures, and the test tiers.
 
-A test is ``e2e`` when it starts real processes: everything under
-``tests/daemon/`` (real ``edge-agent run`` processes on a real mosquitto), any
-test using a broker or agent fixture, and the modules in ``_E2E_MODULES`` and tests
-in ``_E2E_TESTS`` that run the command line or other programs as subprocesses.  The rest is the fast
-tier: ``pytest -m "not e2e"``.
+A test is ``e2e`` when it starts real processes (agents, brokers, the command line as a
+subprocess); it says so itself, with ``pytestmark = pytest.mark.e2e`` on its module or a
+mark on the test.  A test that uses a broker or agent fixture without the mark is refused
+at collection.  The rest is the fast, in-process tier: ``pytest -m "not e2e"``.
 """
 
 from __future__ import annotations
@@ -143,39 +142,21 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 _E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller"})
-_E2E_MODULES = frozenset(
-    {
-        "tests/integration/test_cli.py",
-        "tests/integration/test_releases.py",
-        "tests/integration/test_install_script.py",
-        "tests/integration/test_systemd_unit.py",
-        "tests/integration/test_ci_scripts.py",
-        "tests/integration/test_light_imports.py",  # fresh interpreters, one per check
-        "tests/integration/test_packaging.py",  # pip builds and installs the wheel
-    }
-)
-# Single tests elsewhere that run the command line as a subprocess.
-_E2E_TESTS = frozenset(
-    {
-        "tests/unit/test_config.py::test_config_check_command",
-        "tests/unit/test_config.py::test_config_check_names_a_missing_model_folder_and_every_other_problem",
-        "tests/integration/test_weight_traffic.py::test_bench_json_reports_weights_per_token_and_the_projection",
-        "tests/integration/test_weight_traffic.py::test_bench_refuses_a_bandwidth_that_is_not_positive",
-    }
-)
-_ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the real-process tests ``e2e`` (see the module docstring)."""
-    for item in items:
-        where = Path(str(item.fspath)).resolve().relative_to(_ROOT).as_posix()
-        fixtures = set(getattr(item, "fixturenames", ()))
-        test = f"{where}::{getattr(item, 'originalname', item.name)}"
-        if (
-            where.startswith("tests/daemon/")
-            or where in _E2E_MODULES
-            or test in _E2E_TESTS
-            or fixtures & _E2E_FIXTURES
-        ):
-            item.add_marker(pytest.mark.e2e)
+    """Refuse a test that starts real processes through a fixture but does not declare ``e2e``.
+
+    The tier is declared where the test is (``pytestmark = pytest.mark.e2e`` on the module or a
+    mark on the test), never derived from its path; this check keeps the declaration honest.
+    """
+    undeclared = [
+        item.nodeid
+        for item in items
+        if set(getattr(item, "fixturenames", ())) & _E2E_FIXTURES and item.get_closest_marker("e2e") is None
+    ]
+    if undeclared:
+        raise pytest.UsageError(
+            "these tests start a broker or an agent but are not marked e2e "
+            "(add `pytestmark = pytest.mark.e2e` to the module): " + ", ".join(undeclared)
+        )

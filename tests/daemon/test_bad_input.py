@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from tests.support.models import fixture_path
 
+pytestmark = pytest.mark.e2e
+
 JOBS = "edge/box-1/jobs"
 
 

@@ -17,6 +17,8 @@ from agent import Engine, SamplingParams
 from tests.support.models import fixture_path
 from tests.support.wait import wait_until
 
+pytestmark = pytest.mark.e2e
+
 JOBS = "edge/box-1/jobs"
 BATCH = {"max_batch": 4}
 

@@ -20,6 +20,8 @@ from tests.support.fleet import simulated_fleets
 from tests.support.models import ROOT
 from tests.support.releases import placeholder_release
 
+pytestmark = pytest.mark.e2e
+
 KEY = signing.generate()
 TRUST = [signing.PublicKey(KEY.public_key(), signing.key_id(KEY.public_key()))]
 

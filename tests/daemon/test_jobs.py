@@ -6,9 +6,13 @@ import json
 import subprocess
 import time
 
+import pytest
+
 from tests.support.models import fixture_path
 from tests.support.reference import greedy
 from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.e2e
 
 JOBS = "edge/box-1/jobs"
 

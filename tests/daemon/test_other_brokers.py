@@ -17,6 +17,8 @@ from tests.support.models import fixture_path
 from tests.support.mqtt_client import Caller
 from tests.support.releases import payload
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture()
 def nats(tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
 from tests.support.models import fixture_path
+
+pytestmark = pytest.mark.e2e
 
 JOBS = "edge/box-1/jobs"
 INSTRUCTION = (

@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from agent import Engine, SamplingParams
 from tests.support.models import ROOT
+
+pytestmark = pytest.mark.e2e
 
 
 def test_quickstart_streams_the_demo_models_answer() -> None:

@@ -15,6 +15,8 @@ import pytest
 from tests.support.models import fixture_path
 from tests.support.wait import wait_until
 
+pytestmark = pytest.mark.e2e
+
 JOBS = "edge/box-1/jobs"
 LONG_LIMITS = {"max_tokens_limit": 4000}
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.support.releases import payload
+
+pytestmark = pytest.mark.e2e
 
 DESIRED = "edge/box-1/model/desired"
 # The requests: each made Sampler raise IndexError (status failed/internal), and two of them

@@ -15,6 +15,8 @@ from agent import Engine, SamplingParams
 from tests.support.models import fixture_path
 from tests.support.releases import payload
 
+pytestmark = pytest.mark.e2e
+
 DESIRED = "edge/box-1/model/desired"
 
 

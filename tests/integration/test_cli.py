@@ -6,9 +6,13 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from agent import Engine, Timings
 from tests.support.agent import agent_python
 from tests.support.reference import greedy
+
+pytestmark = pytest.mark.e2e
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "install.sh"
 SHELL_SCRIPTS = [SCRIPT, ROOT / ".ci" / "run", ROOT / ".ci" / "arm64_emulated.sh"]

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 #: What running a model needs; a command or module that runs none must not pay for loading them.
 HEAVY = ("onnxruntime", "numpy", "tokenizers")
 

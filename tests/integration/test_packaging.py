@@ -19,6 +19,8 @@ import pytest
 
 import agent
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {
     "agent": ROOT / "agent",

@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent import Engine, SamplingParams
 from agent.updates import signing
 from agent.updates.manifest import Manifest
 from tests.support.models import fixture_path
+
+pytestmark = pytest.mark.e2e
 
 
 def _fleet(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,8 @@ import pytest
 
 from tests.support.models import fixture_path
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "edge-agent.service"
 INSTALLED_BINARY = "/opt/edge-agent/venv/bin/edge-agent"

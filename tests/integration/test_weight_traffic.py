@@ -126,6 +126,7 @@ def test_a_file_that_is_not_onnx_is_a_model_file_error(tmp_path: Path) -> None:
         read_graph(tmp_path / "absent.onnx")
 
 
+@pytest.mark.e2e  # runs the command line as a subprocess
 def test_bench_json_reports_weights_per_token_and_the_projection() -> None:
     path = fixture_path("phi3-int4")
     flags = ["--prompt-tokens", "8", "--new-tokens", "8", "--repeat", "1", "--bandwidth-gbs", "9", "--json"]
@@ -150,6 +151,7 @@ def test_bench_json_reports_weights_per_token_and_the_projection() -> None:
     assert out["weight_read_gbs"] == pytest.approx(out["decode_tokens_per_s"] * traffic.bytes_per_token / 1e9)
 
 
+@pytest.mark.e2e  # runs the command line as a subprocess
 def test_bench_refuses_a_bandwidth_that_is_not_positive() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "bench", str(fixture_path("phi3-int4")), "--bandwidth-gbs", "0"],

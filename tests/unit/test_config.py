@@ -98,6 +98,7 @@ def _present(tmp_path: Path) -> str:
     )
 
 
+@pytest.mark.e2e  # runs the command line as a subprocess
 def test_config_check_command(tmp_path: Path) -> None:
     present = _present(tmp_path)
     good = _check(_write(tmp_path, present))
@@ -144,6 +145,7 @@ def test_config_check_fails_on_a_file_it_names_but_cannot_read(
     assert any(fix in line.rsplit(": ", 1)[1] for fix in ("copy", "fix", "point", "chown")), line
 
 
+@pytest.mark.e2e  # runs the command line as a subprocess
 def test_config_check_names_a_missing_model_folder_and_every_other_problem(tmp_path: Path) -> None:
     proc = _check(_write(tmp_path, GOOD))  # /opt/models/phi3 and /etc/edge-agent/ca.crt do not exist here
     assert proc.returncode == 1
