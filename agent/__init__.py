@@ -35,17 +35,17 @@ from agent.errors import (
 )
 
 if TYPE_CHECKING:
-    from agent.config import EngineOptions
     from agent.engine.engine import Completion, Engine
+    from agent.engine.options import EngineOptions
     from edge_contract.params import SamplingParams
     from edge_contract.protocol import Timings
 
-__version__ = "0.1.0"
+from edge_contract import __version__ as __version__
 
 _LAZY = {
     "Completion": "agent.engine.engine",
     "Engine": "agent.engine.engine",
-    "EngineOptions": "agent.config",
+    "EngineOptions": "agent.engine.options",
     "Timings": "edge_contract.protocol",
     "SamplingParams": "edge_contract.params",
 }

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from agent import __version__
 from agent.config import AgentConfig
 from agent.daemon.faults import StorageFaults
 from agent.daemon.inbox import Inbox, rules_for
@@ -24,6 +23,7 @@ from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
 from agent.updates.manifest import MAX_MANIFEST_BYTES
 from agent.updates.updater import Updater
+from edge_contract import __version__
 from edge_contract.protocol import ModelState, Topics
 
 log = logging.getLogger("agent.daemon")

@@ -24,9 +24,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.config import EngineOptions as EngineOptions
 from agent.engine.kv_cache import KVCache
 from agent.engine.model_folder import ModelFolder
+from agent.engine.options import EngineOptions as EngineOptions
 from agent.engine.prefill import open_prefix_cache, plan_chunks
 from agent.engine.prefix_cache import PrefixCacheStats
 from agent.engine.sampling import Sampler, SamplingParams

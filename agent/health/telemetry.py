@@ -17,7 +17,7 @@ import math
 import threading
 from collections import deque
 
-from agent.config import HealthThresholds
+from agent.health.options import HealthThresholds
 from edge_contract.protocol import Health, HealthReason, JobStatus
 from edge_contract.telemetry import JobCounts, JobsTelemetry, Telemetry, percentile
 

@@ -57,9 +57,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import MQTTConfig
 from agent.errors import LinkError
 from agent.link.backoff import Backoff
+from agent.link.options import MQTTConfig
 from agent.link.reasons import explain
 from agent.link.subscriptions import SubscriptionRecord
 from agent.link.tls import TLSFiles, client_context

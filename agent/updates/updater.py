@@ -30,16 +30,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import psutil
 
 from agent import failpoints
-from agent.config import AgentConfig
 from agent.engine.engine import Engine
+from agent.engine.options import EngineOptions
 from agent.errors import AgentError, DownloadError, ModelError, UpdateError
+from agent.health.options import HealthThresholds
 from agent.updates.install import download_and_install, files_on_disk, smoke_test
 from agent.updates.manifest import FileKey, Manifest
+from agent.updates.options import UpdateConfig
 from agent.updates.policy import Converged, Install, Refuse, RefusedBefore, Running, decide
 from agent.updates.record import REMEMBERED, Probation, UpdateRecord
 from agent.updates.store import ModelStore, Pointer
@@ -75,12 +77,41 @@ class Serving:
     precision: str | None = None
 
 
+class _ModelSettings(Protocol):
+    @property
+    def path(self) -> Path: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def version(self) -> str | None: ...
+
+
+class UpdaterConfig(Protocol):
+    """What the updater reads of the box's configuration (``agent.config.AgentConfig`` is one).
+
+    Declared here so that updates sit below the configuration that composes them.
+    """
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def state_dir(self) -> Path: ...
+    @property
+    def model(self) -> _ModelSettings: ...
+    @property
+    def engine(self) -> EngineOptions: ...
+    @property
+    def update(self) -> UpdateConfig: ...
+    @property
+    def health(self) -> HealthThresholds: ...
+
+
 class Updater:
     """Owns the served model's lifecycle: start-up choice, updates, probation, rollback."""
 
     def __init__(
         self,
-        config: AgentConfig,
+        config: UpdaterConfig,
         *,
         publish: Callable[[ModelState], None],
         between_jobs: Callable[[Callable[[], None]], concurrent.futures.Future[None]],

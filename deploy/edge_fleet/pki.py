@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import RESERVED_NAMES, TLS_PORT, parse_endpoint
+from edge_contract.names import RESERVED_NAMES, TLS_PORT, parse_endpoint
 
 from .broker import FleetError
 
