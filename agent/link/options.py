@@ -47,8 +47,10 @@ class MQTTConfig(_Section):
             "moves to the next (with backoff). Replaces host/port; give one form or the other."
         ),
     )
-    username: str | None = None
-    password: SecretStr | None = None
+    username: str | None = Field(None, description="A login over TLS, instead of or besides a certificate.")
+    password: SecretStr | None = Field(
+        None, description="The login's password; better from the environment (EDGE_AGENT_MQTT__PASSWORD)."
+    )
     tls: TLSConfig | None = Field(None, description="TLS settings; required unless allow_plaintext is true.")
     allow_plaintext: bool = Field(
         False,

@@ -1,4 +1,4 @@
-"""The README's lab walkthrough, run as written: its shell block, on free ports and a scratch home."""
+"""The lab walkthrough of docs/fleet.md, run as written: its shell block, on free ports and a scratch home."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _walkthrough() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "fleet.md").read_text()
     block = text.split("<!-- walkthrough -->", 1)[1]
     return block.split("```sh\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
+def test_the_lab_walkthrough_runs_as_written(tmp_path: Path) -> None:
     script = _walkthrough()
     assert "1883" in script and "8000" in script
     # Only the ports change (other engineers' brokers may hold 1883 on this machine).
