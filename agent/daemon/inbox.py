@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 from agent.config import AgentConfig
 from agent.daemon import intake
-from agent.daemon.faults import Backoff, StorageFaults
+from agent.daemon.faults import StorageFaults, storage_backoff
 from agent.daemon.intake import Decision, KnownJob, Rules
 from agent.daemon.outbox import Outbox
 from agent.daemon.results import error_result, log_job
@@ -96,7 +96,7 @@ class Inbox:
         self.stats = stats
         self.faults = faults
         self._retry: list[tuple[float, Message]] = []  # messages to handle again after a storage error
-        self._backoff = Backoff(first_s=0.2)
+        self._backoff = storage_backoff(first_s=0.2)
 
     def handle(self, event: Event | None) -> None:
         """One event from the link (None: none came); then any message whose retry is due."""
@@ -130,7 +130,7 @@ class Inbox:
         except sqlite3.Error as exc:
             # A stalled or full SD card: not acknowledging means the broker still holds the job.
             self.faults.failed(f"handling a message on {msg.topic}", exc)
-            self._retry.append((time.monotonic() + self._backoff.next(), msg))
+            self._retry.append((time.monotonic() + self._backoff.next_delay(), msg))
             return
         except Exception:  # a bug triggered by one odd message must not stop the intake
             log.exception("unexpected error handling a message on %s", msg.topic)

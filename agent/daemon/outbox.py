@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future
 from typing import Protocol
 
-from agent.daemon.faults import Backoff, StorageFaults
+from agent.daemon.faults import StorageFaults, storage_backoff
 from agent.errors import LinkError
 from agent.jobs.store import JobStore
 
@@ -55,7 +55,7 @@ class Outbox:
         self._pending: dict[int, tuple[str, Future[None]]] = {}  # mid -> (job id, its ack)
         self._unmarked: set[str] = set()  # acknowledged, but the store did not take note yet
         self._republish = False  # a reconnect whose re-publication a storage error interrupted
-        self._backoff = Backoff()
+        self._backoff = storage_backoff()
         self._retry_at = 0.0
 
     @property
@@ -140,7 +140,7 @@ class Outbox:
 
     def _failed(self, what: str, exc: sqlite3.Error) -> None:
         self._faults.failed(what, exc)
-        self._retry_at = time.monotonic() + self._backoff.next()
+        self._retry_at = time.monotonic() + self._backoff.next_delay()
 
     def _succeeded(self) -> None:
         self._faults.ok()
