@@ -28,7 +28,7 @@ from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
 from agent.link.mqtt import Connected, Event, Message, Published
 from agent.updates.manifest import MAX_MANIFEST_BYTES
-from edge_contract.protocol import ModelRef, Topics
+from edge_contract.protocol import FleetTopics, ModelRef, Topics
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def rules_for(config: AgentConfig, topics: Topics) -> Rules:
     """The admission rules a configuration sets (response topics under ``{prefix}/replies/`` by default)."""
     return Rules(
         topics=topics,
-        reply_prefix=config.jobs.reply_topic_prefix or f"{config.mqtt.topic_prefix}/replies/",
+        reply_prefix=config.jobs.reply_topic_prefix or FleetTopics(config.mqtt.topic_prefix).replies_prefix,
         max_payload_bytes=config.jobs.max_payload_bytes,
         max_tokens_limit=config.jobs.max_tokens_limit,
         max_queue=config.jobs.max_queue,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import paho.mqtt.client as paho
 
 from agent.updates.manifest import Manifest
+from edge_contract.protocol import FleetTopics
 
 from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from
 from .output import table
@@ -67,9 +68,8 @@ class Assignment:
 
 def desired_topic(prefix: str, kind: Kind, target: str) -> str:
     """The retained desired-state topic of a device or a group."""
-    return (
-        f"{prefix}/{target}/model/desired" if kind == "device" else f"{prefix}/groups/{target}/model/desired"
-    )
+    fleet = FleetTopics(prefix)
+    return fleet.device(target).model_desired if kind == "device" else fleet.group(target).model_desired
 
 
 class Assignments:
