@@ -23,12 +23,12 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.engine.options import EngineOptions as EngineOptions
-from agent.errors import ConfigError
 from agent.health.options import HealthThresholds as HealthThresholds
 from agent.health.options import TelemetryConfig as TelemetryConfig
 from agent.link.options import MQTTConfig as MQTTConfig
 from agent.link.options import TLSConfig as TLSConfig
 from agent.updates.options import UpdateConfig as UpdateConfig
+from edge_contract.errors import ConfigError
 from edge_contract.names import RESERVED_NAMES, topic_safe
 from edge_contract.params import MaxTokens
 

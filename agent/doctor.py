@@ -32,11 +32,11 @@ from pydantic import BaseModel, ConfigDict
 
 from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
 from agent.engine.model_folder import ModelFolder
-from agent.errors import AgentError
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 from agent.updates.store import ModelStore
+from edge_contract.errors import AgentError
 from edge_contract.protocol import Topics
 from edge_contract.telemetry import SystemReading
 

@@ -125,7 +125,7 @@ def file_server(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def releases(file_server):  # type: ignore[no-untyped-def]
     """Signed releases of the fixtures, served by ``file_server``, and the key that signs them."""
-    from agent.updates import signing
+    from edge_contract import signing
     from tests.support.releases import Releases
 
     return Releases(file_server, signing.generate())

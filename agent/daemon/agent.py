@@ -17,13 +17,13 @@ from agent.daemon.intake import CANCEL_MAX_BYTES
 from agent.daemon.outbox import Outbox
 from agent.daemon.supervisor import Supervisor, offline_status
 from agent.daemon.worker import Worker
-from agent.errors import StorageError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
-from agent.updates.manifest import MAX_MANIFEST_BYTES
 from agent.updates.updater import Updater
 from edge_contract import __version__
+from edge_contract.errors import StorageError
+from edge_contract.manifest import MAX_MANIFEST_BYTES
 from edge_contract.protocol import ModelState, Topics
 
 log = logging.getLogger("agent.daemon")

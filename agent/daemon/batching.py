@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.daemon.outcome import Outcome
-from agent.errors import AgentError, LinkError
+from edge_contract.errors import AgentError, LinkError
 from edge_contract.protocol import Chunk, JobRequest
 
 if TYPE_CHECKING:

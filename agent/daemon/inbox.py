@@ -27,7 +27,7 @@ from agent.daemon.worker import Worker
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
 from agent.link.mqtt import Connected, Event, Message, Published
-from agent.updates.manifest import MAX_MANIFEST_BYTES
+from edge_contract.manifest import MAX_MANIFEST_BYTES
 from edge_contract.protocol import FleetTopics, ModelRef, Topics
 
 log = logging.getLogger(__name__)

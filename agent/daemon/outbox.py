@@ -24,8 +24,8 @@ from concurrent.futures import Future
 from typing import Protocol
 
 from agent.daemon.faults import StorageFaults, storage_backoff
-from agent.errors import LinkError
 from agent.jobs.store import JobStore
+from edge_contract.errors import LinkError
 
 log = logging.getLogger(__name__)
 

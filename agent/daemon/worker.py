@@ -37,9 +37,9 @@ from agent.daemon.faults import StorageFaults, storage_backoff
 from agent.daemon.outbox import Outbox
 from agent.daemon.outcome import Models, Outcome, blame
 from agent.daemon.results import error_result, log_job
-from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
+from edge_contract.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from edge_contract.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
 
 if TYPE_CHECKING:

@@ -45,7 +45,7 @@ import numpy.typing as npt
 from agent.engine.engine import Completion, Engine, FinishReason, Timings
 from agent.engine.sampling import Sampler, SamplingParams
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
-from agent.errors import AgentError, ContextOverflowError, InvalidRequestError
+from edge_contract.errors import AgentError, ContextOverflowError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 

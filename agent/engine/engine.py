@@ -33,7 +33,7 @@ from agent.engine.sampling import Sampler, SamplingParams
 from agent.engine.speculate import Speculator
 from agent.engine.text_stream import IncrementalDecoder, StopFilter
 from agent.engine.tokenizer import Tokenizer
-from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
+from edge_contract.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
 from edge_contract.protocol import FinishReason as FinishReason
 from edge_contract.protocol import Timings as Timings
 

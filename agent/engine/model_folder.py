@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.errors import ModelConfigError, ModelFileError
+from edge_contract.errors import ModelConfigError, ModelFileError
 
 CONFIG_FILE = "genai_config.json"
 TOKENIZER_FILE = "tokenizer.json"

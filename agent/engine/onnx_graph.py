@@ -16,7 +16,7 @@ import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ModelFileError
+from edge_contract.errors import ModelFileError
 
 # TensorProto.DataType -> bits per element (STRING, 8, has no fixed size: counted as 0).
 _ELEMENT_BITS = {

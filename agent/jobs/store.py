@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import StorageError
+from edge_contract.errors import StorageError
 
 log = logging.getLogger(__name__)
 

@@ -58,11 +58,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.backoff import Backoff
-from agent.errors import LinkError
 from agent.link.options import MQTTConfig
 from agent.link.reasons import explain
 from agent.link.subscriptions import SubscriptionRecord
 from agent.link.tls import TLSFiles, client_context
+from edge_contract.errors import LinkError
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.errors import SignatureError
-from agent.updates.signing import PublicKey
+from edge_contract.errors import SignatureError
+from edge_contract.signing import PublicKey
 
 
 class _Section(BaseModel):

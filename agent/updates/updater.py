@@ -37,14 +37,14 @@ import psutil
 from agent import failpoints
 from agent.engine.engine import Engine
 from agent.engine.options import EngineOptions
-from agent.errors import AgentError, DownloadError, ModelError, UpdateError
 from agent.health.options import HealthThresholds
 from agent.updates.install import download_and_install, files_on_disk, smoke_test
-from agent.updates.manifest import FileKey, Manifest
 from agent.updates.options import UpdateConfig
 from agent.updates.policy import Converged, Install, Refuse, RefusedBefore, Running, decide
 from agent.updates.record import REMEMBERED, Probation, UpdateRecord
 from agent.updates.store import ModelStore, Pointer
+from edge_contract.errors import AgentError, DownloadError, ModelError, UpdateError
+from edge_contract.manifest import FileKey, Manifest
 from edge_contract.protocol import ErrorInfo, ModelRef, ModelState, UpdateErrorCode, UpdatePhase, UpdateStatus
 
 log = logging.getLogger(__name__)

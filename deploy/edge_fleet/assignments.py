@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as paho
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 from edge_contract.protocol import FleetTopics
 
 from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from

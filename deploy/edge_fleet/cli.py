@@ -12,8 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agent.errors import AgentError
 from edge_contract import __version__
+from edge_contract.errors import AgentError
 
 from . import (
     assignments,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from .assignments import Assignments, Kind, assign
 from .broker import FleetError, add_broker_args, options_from

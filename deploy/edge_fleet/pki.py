@@ -359,8 +359,8 @@ def ensure_operator_ca(ca_dir: Path, force: bool = False) -> Path:
 
 def _read_public_key(path: Path) -> str:
     """The ``ssh-ed25519`` line of a ``fleet.pub``, checked."""
-    from agent.errors import AgentError
-    from agent.updates.signing import PublicKey
+    from edge_contract.errors import AgentError
+    from edge_contract.signing import PublicKey
 
     try:
         line = path.read_text().strip()

@@ -1,7 +1,7 @@
 """Signed model releases: ``keygen`` and ``release``.
 
 A release is a folder to serve over HTTP(S): the model's files and
-``manifest.json`` (see ``agent.updates.manifest``); ``deploy`` (module ``deploy``)
+``manifest.json`` (see ``edge_contract.manifest``); ``deploy`` (module ``deploy``)
 makes it the desired state of a device or a group.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import UpdateError
-from agent.updates import signing
-from agent.updates.manifest import FileEntry, Manifest, SemVer, SmokeTest
+from edge_contract import signing
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import FileEntry, Manifest, SemVer, SmokeTest
 
 from .errors import FleetError
 

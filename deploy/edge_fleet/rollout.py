@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from .assignments import Assignments, assign
 from .broker import BrokerOptions, FleetError

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from .assignments import Assignments
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from .state import transaction
 

@@ -37,9 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import UpdateError
-from agent.updates import signing
-from agent.updates.manifest import Manifest
+from edge_contract import signing
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import Manifest
 from edge_contract.protocol import (
     ErrorInfo,
     Health,

@@ -28,7 +28,14 @@ def _loaded_after(code: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["agent", "edge_contract.protocol", "agent.config", "agent.errors", "edge_fleet", "edge_fleet.cli"],
+    [
+        "agent",
+        "edge_contract.protocol",
+        "agent.config",
+        "edge_contract.errors",
+        "edge_fleet",
+        "edge_fleet.cli",
+    ],
 )
 def test_light_modules_load_no_model_runtime(module: str) -> None:
     loaded = _loaded_after(f"import {module}")
@@ -63,9 +70,12 @@ def test_config_and_protocol_do_not_import_engine_or_telemetry() -> None:
     probe = "import agent.config, edge_contract.protocol, sys\nprint(' '.join(m for m in sys.modules if m.startswith(('agent.', 'edge_contract.'))))"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     loaded = set(proc.stdout.split())
-    assert {"agent.config", "edge_contract.protocol", "agent.errors", "agent.engine.options"} <= loaded, (
-        "positive control"
-    )
+    assert {
+        "agent.config",
+        "edge_contract.protocol",
+        "edge_contract.errors",
+        "agent.engine.options",
+    } <= loaded, "positive control"
     beyond_options = {
         m for m in loaded if m.startswith(("agent.engine.", "agent.health.")) and not m.endswith(".options")
     }

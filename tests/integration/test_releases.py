@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent import Engine, SamplingParams
-from agent.updates import signing
-from agent.updates.manifest import Manifest
+from edge_contract import signing
+from edge_contract.manifest import Manifest
 from tests.support.models import fixture_path
 
 pytestmark = pytest.mark.e2e

@@ -241,9 +241,9 @@ def test_updates_and_the_served_model_come_from_the_store(
 ) -> None:
     import time
 
-    from agent.updates import signing
-    from agent.updates.manifest import FileEntry, Manifest, SmokeTest
     from agent.updates.store import ModelStore, Pointer
+    from edge_contract import signing
+    from edge_contract.manifest import FileEntry, Manifest, SmokeTest
     from tests.support.models import fixture_path
 
     config = _config(tmp_path, phi3_dir, listening)

@@ -11,7 +11,7 @@ import pytest
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.daemon.faults import StorageFaults, storage_backoff
-from agent.errors import StorageError
+from edge_contract.errors import StorageError
 
 
 def test_a_burst_of_errors_gives_one_line_then_one_summary_per_interval(

@@ -35,8 +35,8 @@ from pydantic import (
     model_serializer,
 )
 
-from agent.errors import UpdateError
-from agent.updates import signing
+from edge_contract import signing
+from edge_contract.errors import UpdateError
 
 # Both matched with fullmatch: ``re.match(...$)`` would accept a trailing newline ("1.0.0\n").
 _SEMVER = re.compile(
@@ -153,7 +153,7 @@ class Manifest(_Signed):
     created_at: int = Field(ge=0, description="Unix time (seconds) of signing.")
     expires_at: int = Field(ge=0, description="Unix time after which boxes refuse to start installing it.")
     key_id: str = Field(
-        pattern=r"^[0-9a-f]{16}$", description="Id of the signing key (see agent.updates.signing)."
+        pattern=r"^[0-9a-f]{16}$", description="Id of the signing key (see edge_contract.signing)."
     )
     signature: str = Field("", max_length=256, description="Base64 Ed25519 signature of the canonical form.")
 
