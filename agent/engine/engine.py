@@ -14,7 +14,6 @@ blocks go into the prefix cache (and its directory, when the engine has one).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field
 
 from agent.config import EngineOptions as EngineOptions
 from agent.engine.kv_cache import KVCache
 from agent.engine.model_folder import ModelFolder
 from agent.engine.prefill import open_prefix_cache, plan_chunks
 from agent.engine.prefix_cache import PrefixCacheStats
+from agent.engine.rows import DecodeRows, one_row_matches_many
 from agent.engine.sampling import Sampler, SamplingParams
+from agent.engine.sequence import Completion as Completion
+from agent.engine.sequence import Sequence as GenSequence
 from agent.engine.speculate import Speculator
-from agent.engine.text_stream import IncrementalDecoder, StopFilter
 from agent.engine.tokenizer import Tokenizer
 from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
 from edge_contract.protocol import FinishReason as FinishReason
@@ -41,24 +41,6 @@ _ORT_TYPES: dict[str, npt.DTypeLike] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
 }
-
-
-class Completion(BaseModel):
-    """The outcome of one generation."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    token_ids: list[int] = Field(description="Generated ids, without the eos id that ended them.")
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = Field(
-        0, description="Prompt tokens whose keys and values came from the prefix cache."
-    )
-    timings: Timings
-    drafted_tokens: int = Field(0, description="Draft tokens verified (speculative decoding).")
-    accepted_tokens: int = Field(0, description="Draft tokens the model agreed with.")
 
 
 def _default_threads() -> int:
@@ -114,6 +96,15 @@ class Engine:
             threads=self.threads,
         )
         self._cached_tokens = 0  # of the last prefill
+        # Where a one-row pass rounds differently from a row of a batched pass (int4 on AVX2-only
+        # x86: see agent.engine.rows), every decode pass gets a second, filler row: a sequence's
+        # tokens are then the same alone and beside others.
+        self.two_row_decode = not one_row_matches_many(self.session, self._io)
+
+    @property
+    def graph(self) -> _GraphIO:
+        """Names, shapes and types of the graph's inputs and outputs."""
+        return self._io
 
     @property
     def name(self) -> str:
@@ -175,124 +166,67 @@ class Engine:
         generation ends as ``canceled``.  ``on_prefill(done, total)`` reports the
         prompt positions ready after the cache lookup and after each chunk.
         """
-        params = params or SamplingParams()
-        ids = [int(i) for i in prompt_ids]
-        n_prompt = len(ids)
-        if n_prompt == 0:
-            raise InvalidRequestError("the prompt is empty (no tokens)")
-        if any(i < 0 or i >= self._io.vocab for i in ids):
-            raise InvalidRequestError(f"prompt token ids must lie in [0, {self._io.vocab})")
-        if n_prompt >= self.context_length:
-            raise ContextOverflowError(n_prompt, self.context_length)
-        max_new = min(params.max_tokens, self.context_length - n_prompt)
-        sampler = Sampler(params, self._io.vocab, ids)
-        decoder = IncrementalDecoder(self.tokenizer.decode)
-        stops = StopFilter(params.stop)
-        emit = on_text or (lambda _text: None)
-        eos_ids = frozenset() if params.ignore_eos else self.eos_ids
-
-        started = time.perf_counter()
-        # The last token is never fed back, so the cache needs one slot less than that.
-        capacity = n_prompt + max_new - 1 if max_new > 1 else n_prompt
+        seq = self.sequence(prompt_ids, params, on_text=on_text, should_stop=should_stop)
+        ids, n_prompt = seq.prompt_ids, len(seq.prompt_ids)
+        capacity = seq.capacity
+        spec_on = self.options.speculate and self._io.prefill_logits_rows(2) > 1
         try:
             binding, cache, last = self._prefill(
-                ids, capacity, should_stop=should_stop, on_prefill=on_prefill
+                ids,
+                capacity,
+                should_stop=should_stop,
+                on_prefill=on_prefill,
+                slots=2 if self.two_row_decode and not spec_on else 1,
             )
         except _PrefillCanceled:
-            return self._canceled_in_prefill(n_prompt, started)
-        token = sampler(last)
-        prefill_done = time.perf_counter()
-        cached_tokens = self._cached_tokens
-
-        spec = self._speculator(ids, binding, sampler)
+            seq.cached_tokens = self._cached_tokens
+            return seq.complete("canceled")
+        seq.cached_tokens = self._cached_tokens
+        token = seq.first(last)
+        spec = self._speculator(ids, binding, seq.sampler) if spec_on else None
+        step = self._stepper(binding, cache)
         ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
-        generated: list[int] = []
-        finish: FinishReason = "length"
-        while True:
-            if token in eos_ids:
-                finish = "stop"
-                break
-            generated.append(token)
-            piece = stops.push(decoder.push(token))
-            if piece:
-                emit(piece)
-            if stops.stopped:
-                finish = "stop"
-                break
-            if len(generated) >= max_new:
-                break
-            if should_stop is not None and should_stop():
-                finish = "canceled"
-                break
-            total = n_prompt + len(generated)
+        while not seq.take(token):
+            total = seq.length
             if ahead:
                 token = ahead.pop(0)
-                continue
-            if spec is not None:
-                room = min(capacity - total, max_new - len(generated) - 1)
+            elif spec is not None:
+                room = min(capacity - total, seq.max_new - len(seq.generated) - 1)
                 token, *ahead = spec.step(token, total - 1, room)
-                continue
-            # Decode: feed the token just chosen at position n_prompt + len - 1.
-            self._token[0, 0] = token
-            self._bind_mask(binding, total, positions_from=total - 1)
-            self.session.run_with_iobinding(binding)
-            token = sampler(self._step_logits[0, -1])
-
-        if not stops.stopped:
-            tail = stops.push(decoder.flush())
-            tail += stops.flush()
-            if tail:
-                emit(tail)
-        finished = time.perf_counter()
+            else:  # feed the token just chosen at position total - 1
+                token = seq.sampler(step(token, total))
+        if spec is not None:
+            seq.drafted, seq.accepted = spec.drafted, spec.accepted
+        completion = seq.complete()
         if self.prefix_cache is not None:  # after the answer: never delays the first token
             self.prefix_cache.insert(ids, cache.block, n_prompt)
-        decode_s = finished - prefill_done
-        prefill_s = prefill_done - started
-        return Completion(
-            token_ids=generated,
-            text=stops.released_text,
-            finish_reason=finish,
-            prompt_tokens=n_prompt,
-            completion_tokens=len(generated),
-            cached_tokens=cached_tokens,
-            drafted_tokens=spec.drafted if spec else 0,
-            accepted_tokens=spec.accepted if spec else 0,
-            timings=Timings(
-                prefill_ms=prefill_s * 1e3,
-                decode_ms=decode_s * 1e3,
-                total_ms=(finished - started) * 1e3,
-                prefill_tokens_per_s=(n_prompt - cached_tokens) / prefill_s if prefill_s > 0 else 0.0,
-                decode_tokens_per_s=(len(generated) - 1) / decode_s
-                if len(generated) > 1 and decode_s > 0
-                else 0.0,
-            ),
+        return completion
+
+    def sequence(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenSequence:
+        """A new sequence for this model (the prompt checked: raises on a bad one)."""
+        return GenSequence(
+            self.check_prompt(prompt_ids),
+            params or SamplingParams(),
+            vocab=self._io.vocab,
+            context_length=self.context_length,
+            eos_ids=self.eos_ids,
+            decode=self.tokenizer.decode,
+            on_text=on_text,
+            should_stop=should_stop,
         )
 
-    def _canceled_in_prefill(self, n_prompt: int, started: float) -> Completion:
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        return Completion(
-            token_ids=[],
-            text="",
-            finish_reason="canceled",
-            prompt_tokens=n_prompt,
-            completion_tokens=0,
-            cached_tokens=self._cached_tokens,
-            timings=Timings(
-                prefill_ms=elapsed_ms,
-                decode_ms=0.0,
-                total_ms=elapsed_ms,
-                prefill_tokens_per_s=0.0,
-                decode_tokens_per_s=0.0,
-            ),
-        )
-
-    def _speculator(self, ids: list[int], binding: ort.IOBinding, sampler: Sampler) -> Speculator | None:
-        """A draft-and-verify stepper for this request, or None when speculation is off."""
-        if not self.options.speculate or self._io.prefill_logits_rows(2) == 1:
-            return None  # an export with last-position logits only cannot verify drafts
+    def _speculator(self, ids: list[int], binding: ort.IOBinding, sampler: Sampler) -> Speculator:
+        """A draft-and-verify stepper for this request (an export with last-position logits cannot verify)."""
 
         def forward(new: npt.NDArray[np.int64], past: int, logits: npt.NDArray[Any]) -> None:
-            self._bind_step(binding, new, past=past, logits=logits)
+            self.bind_chunk(binding, new, past=past, logits=logits)
             self.session.run_with_iobinding(binding)
 
         return Speculator(
@@ -311,26 +245,73 @@ class Engine:
         three tokens scored higher.  This checks a model against tokens
         recorded elsewhere without demanding bit-identical arithmetic.
         """
-        ids, forced = [int(i) for i in prompt_ids], [int(i) for i in expected]
-        if not ids or not forced:
+        forced = [int(i) for i in expected]
+        rows = self.teacher_forced_logits(prompt_ids, forced)
+        return [int(np.count_nonzero(row > row[token])) for row, token in zip(rows, forced, strict=True)]
+
+    def teacher_forced_logits(
+        self, prompt_ids: Sequence[int], tokens: Sequence[int]
+    ) -> list[npt.NDArray[Any]]:
+        """The logits plain decoding computes before each of ``tokens``, fed whatever the model prefers.
+
+        The prompt is prefilled, then each token but the last is fed by a decode step,
+        exactly as ``generate`` feeds its own choices.
+        """
+        forced = [int(i) for i in tokens]
+        if not forced:
             raise InvalidRequestError("need at least one prompt token and one expected token")
-        if any(i < 0 or i >= self._io.vocab for i in ids + forced):
+        ids = self.check_prompt(prompt_ids, limit=self.context_length + 1 - len(forced))
+        if any(i < 0 or i >= self._io.vocab for i in forced):
             raise InvalidRequestError(f"token ids must lie in [0, {self._io.vocab})")
         n_prompt = len(ids)
-        if n_prompt + len(forced) > self.context_length:
-            raise ContextOverflowError(n_prompt + len(forced) - 1, self.context_length)
-        binding, _cache, row = self._prefill(ids, n_prompt + len(forced) - 1)
-        ranks: list[int] = []
-        for step, token in enumerate(forced):
-            ranks.append(int(np.count_nonzero(row > row[token])))
-            if step == len(forced) - 1:
-                break
+        slots = 2 if self.two_row_decode else 1
+        binding, cache, row = self._prefill(ids, n_prompt + len(forced) - 1, slots=slots)
+        step = self._stepper(binding, cache)
+        rows = [row]
+        for i, token in enumerate(forced[:-1]):
+            rows.append(step(token, n_prompt + i + 1).copy())
+        return rows
+
+    def check_prompt(self, prompt_ids: Sequence[int], *, limit: int | None = None) -> list[int]:
+        """``prompt_ids`` as a list of ints; raises when it is empty, has unknown ids or leaves no room.
+
+        ``limit``: the prompt must be shorter than this (default: the context length).
+        """
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty (no tokens)")
+        if any(i < 0 or i >= self._io.vocab for i in ids):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {self._io.vocab})")
+        limit = self.context_length if limit is None else limit
+        if len(ids) >= limit:
+            raise ContextOverflowError(len(ids) + self.context_length - limit, self.context_length)
+        return ids
+
+    def _stepper(self, binding: ort.IOBinding, cache: KVCache) -> Callable[[int, int], npt.NDArray[Any]]:
+        """``step(token, total)``: feed ``token`` as position ``total - 1``; returns its logits.
+
+        ``binding`` is ``_prefill``'s, set up for a one-row step.  With a cache of two
+        slots the step is a two-row pass whose second row is a filler (see ``two_row_decode``).
+        """
+        if cache.slots > 1:
+            rows = DecodeRows(self.session, self._io, cache)
+            rows.set_filler(1, 0)
+
+            def step_with_filler(token: int, total: int) -> npt.NDArray[Any]:
+                rows.set_row(0, token, total)
+                logits: npt.NDArray[Any] = rows.run(2)[0]
+                return logits
+
+            return step_with_filler
+
+        def step(token: int, total: int) -> npt.NDArray[Any]:
             self._token[0, 0] = token
-            total = n_prompt + step + 1
             self._bind_mask(binding, total, positions_from=total - 1)
             self.session.run_with_iobinding(binding)
-            row = self._step_logits[0, -1]
-        return ranks
+            logits: npt.NDArray[Any] = self._step_logits[0, -1]
+            return logits
+
+        return step
 
     def _prefill(
         self,
@@ -339,6 +320,7 @@ class Engine:
         *,
         should_stop: Callable[[], bool] | None = None,
         on_prefill: Callable[[int, int], None] | None = None,
+        slots: int = 1,
     ) -> tuple[ort.IOBinding, KVCache, npt.NDArray[Any]]:
         """The prompt into a new cache of ``capacity`` positions: cached blocks copied, the rest in chunks.
 
@@ -354,8 +336,9 @@ class Engine:
             head_size=io.head_size,
             capacity=capacity,
             dtype=io.kv_dtype,
+            slots=slots,
         )
-        done = done_before = self._cached_tokens = self._restore_prefix(ids, cache)
+        done = done_before = self._cached_tokens = self.restore_prefix(ids, cache)
         if on_prefill is not None:
             on_prefill(done, n)
         binding = self.session.io_binding()
@@ -369,17 +352,17 @@ class Engine:
             if begin > done_before and should_stop is not None and should_stop():  # between chunks
                 raise _PrefillCanceled
             rows = io.prefill_logits_rows(stop - begin)
-            self._bind_step(binding, prompt[:, begin:stop], past=begin, logits=logits[:, :rows])
+            self.bind_chunk(binding, prompt[:, begin:stop], past=begin, logits=logits[:, :rows])
             self.session.run_with_iobinding(binding)
             done = stop
             if on_prefill is not None:
                 on_prefill(done, n)
         last = logits[0, rows - 1].copy()  # not a view: the chunk-sized logits are freed on return
-        self._bind_step(binding, self._token, past=n, logits=self._step_logits)
+        self.bind_chunk(binding, self._token, past=n, logits=self._step_logits)
         return binding, cache, last
 
-    def _restore_prefix(self, ids: list[int], cache: KVCache) -> int:
-        """Copy the longest usable cached prefix of ``ids`` into ``cache``; returns its length."""
+    def restore_prefix(self, ids: list[int], cache: KVCache, slot: int = 0) -> int:
+        """Copy the longest usable cached prefix of ``ids`` into ``cache``'s ``slot``; returns its length."""
         if self.prefix_cache is None:
             return 0
         size = self.prefix_cache.block_tokens
@@ -387,12 +370,13 @@ class Engine:
         # and a one-row pass would take kernels that round differently (see ``prefill``).
         blocks = self.prefix_cache.lookup(ids, max_tokens=len(ids) - 2)
         for i, block in enumerate(blocks):
-            cache.block[:, :, 0, :, i * size : (i + 1) * size, :] = block.kv
+            cache.block[:, :, slot, :, i * size : (i + 1) * size, :] = block.kv
         return len(blocks) * size
 
-    def _bind_step(
+    def bind_chunk(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]
     ) -> None:
+        """Bind the new tokens ``ids`` ``[1, n]`` after ``past`` positions of a one-slot cache, and ``logits``."""
         io = self._io
         binding.bind_input(io.input_ids, "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
         binding.bind_output(io.logits, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)

@@ -53,16 +53,8 @@ TEXTS = [
 
 
 def _plain_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> list[npt.NDArray[np.float32]]:
-    """Logits plain decoding computes before each of ``tokens`` (prefill, then one-token passes)."""
-    binding, _cache, row = engine._prefill(prompt, len(prompt) + len(tokens))
-    rows = [row]
-    for step, token in enumerate(tokens[:-1]):
-        engine._token[0, 0] = token
-        total = len(prompt) + step + 1
-        engine._bind_mask(binding, total, positions_from=total - 1)
-        engine.session.run_with_iobinding(binding)
-        rows.append(engine._step_logits[0, -1].copy())
-    return rows
+    """Logits plain decoding computes before each of ``tokens`` (prefill, then decode steps)."""
+    return engine.teacher_forced_logits(prompt, tokens)
 
 
 def _copy_prompt(engine: Engine, text: str) -> list[int]:
