@@ -41,16 +41,23 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
-from agent.engine.engine import Completion, Engine, FinishReason
 from agent.engine.kv_cache import KVCache
 from agent.engine.prefill import plan_chunks
 from agent.engine.rows import DecodeRows
 from agent.engine.sampling import SamplingParams
+from agent.engine.sequence import Completion
 from agent.engine.sequence import Sequence as GenSequence
+from agent.engine.speculate import Speculator
 from agent.errors import AgentError
+from edge_contract.protocol import FinishReason
+
+if TYPE_CHECKING:
+    from agent.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,7 @@ class BatchJob:
         seq: GenSequence,
         on_text: Callable[[str], None] | None,
         should_stop: Callable[[], bool] | None,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> None:
         self.seq = seq
         self.state = _QUEUED
@@ -72,9 +80,17 @@ class BatchJob:
         self.error: AgentError | None = None
         self.on_text = on_text
         self.should_stop = should_stop
+        self.on_prefill = on_prefill
         self.slot = -1
         self.prefilled = 0  # prompt positions in the cache
         self.token = 0  # chosen, not yet fed
+        self.spec: Speculator | None = None
+        self.ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
+
+    def prefill_progress(self) -> None:
+        """Report the prompt positions ready (``on_prefill``)."""
+        if self.on_prefill is not None:
+            self.on_prefill(self.prefilled, len(self.seq.prompt_ids))
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -98,7 +114,9 @@ class Batcher:
         slot_tokens: int | None = None,
         budget_bytes: int | None = None,
         prefill_chunk: int | None = None,
+        speculate: bool = False,
     ) -> None:
+        """``speculate``: draft and verify (``agent.engine.speculate``); one slot only, full-logits exports."""
         graph = engine.graph
         self.engine = engine
         self.slot_tokens = min(slot_tokens or engine.context_length, engine.context_length)
@@ -116,6 +134,9 @@ class Batcher:
         if fits < wanted:
             log.warning("batch capped at %d sequences (of %d asked) by its memory budget", fits, wanted)
         self.max_batch = int(min(wanted, fits))
+        if speculate and self.max_batch > 1:
+            raise ValueError("speculation runs with one slot: a batch row feeds one token")
+        self.speculate = speculate and graph.prefill_logits_rows(2) > 1  # last-position logits cannot verify
         self.prefill_chunk = max(2, prefill_chunk or engine.options.prefill_chunk_tokens)
         # A lone sequence decodes beside a filler row where one-row passes round differently;
         # that slot only ever has position 0 written. Pages are committed as positions are written.
@@ -172,7 +193,18 @@ class Batcher:
     ) -> BatchJob:
         """Queue a sequence; it joins the batch at a later :meth:`step`. Bad prompts raise here."""
         seq = self.engine.sequence(prompt_ids, params, on_text=on_text, should_stop=should_stop)
-        job = BatchJob(seq, on_text, should_stop)
+        return self.submit_sequence(seq, on_text=on_text, should_stop=should_stop)
+
+    def submit_sequence(
+        self,
+        seq: GenSequence,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
+    ) -> BatchJob:
+        """Queue a sequence made by ``Engine.sequence`` (``on_prefill(done, total)``: prompt positions ready)."""
+        job = BatchJob(seq, on_text, should_stop, on_prefill)
         self._queue.append(job)
         return job
 
@@ -210,25 +242,28 @@ class Batcher:
     def _admit(self, finished: list[BatchJob]) -> None:
         while self._queue:
             job = self._queue[0]
-            if job.seq.canceled():
-                self._queue.popleft()
-                self._finish(job, finished, "canceled")
-                continue
-            if job.seq.capacity > self.slot_tokens:
-                if self.active:
-                    return  # runs alone once the batch has drained
+            free = next((i for i, s in enumerate(self._slots) if s is None), None)
+            alone = job.seq.capacity > self.slot_tokens  # runs alone once the batch has drained
+            if free is None or (alone and self.active):
+                if job.seq.canceled():  # canceled while it waits (polled only then, as the solo loop does)
+                    self._queue.popleft()
+                    self._finish(job, finished, "canceled")
+                    continue
+                return
+            if alone:
                 self._queue.popleft()
                 self._run_alone(job, finished)
                 continue
-            free = next((i for i, s in enumerate(self._slots) if s is None), None)
-            if free is None:
-                return
+            assert free is not None
             self._queue.popleft()
             self._slots[free] = job
             job.slot, job.state = free, _PREFILL
             job.prefilled = job.seq.cached_tokens = self.engine.restore_prefix(
                 job.prompt_ids, self._cache, free
             )
+            job.prefill_progress()
+            if self.speculate:
+                job.spec = self._speculator(job)
 
     def _run_alone(self, job: BatchJob, finished: list[BatchJob]) -> None:
         try:
@@ -254,6 +289,7 @@ class Batcher:
         engine.bind_chunk(binding, chunk, past=begin, logits=logits)
         engine.session.run_with_iobinding(binding)
         job.prefilled = end
+        job.prefill_progress()
         if end < len(ids):
             return None
         job.state = _DECODE
@@ -264,6 +300,8 @@ class Batcher:
 
     def _decode(self, finished: list[BatchJob]) -> None:
         running = [job for job in self._slots if job is not None and job.state == _DECODE]
+        if running[0].spec is not None:  # speculation: one slot
+            return self._speculate(running[0], running[0].spec, finished)
         rows = 1 + max(job.slot for job in running)
         if rows == 1 and self.engine.two_row_decode:
             rows = 2  # never a one-row pass where it rounds differently (see the module docstring)
@@ -281,6 +319,32 @@ class Batcher:
         self.rows += len(running)
         for job in running:
             self._take(job, job.seq.sampler(logits[job.slot]), finished)
+        return None
+
+    def _speculate(self, job: BatchJob, spec: Speculator, finished: list[BatchJob]) -> None:
+        seq = job.seq
+        if not job.ahead:
+            room = min(seq.capacity - seq.length, seq.max_new - len(seq.generated) - 1)
+            job.ahead = spec.step(job.token, seq.length - 1, room)
+        self._take(job, job.ahead.pop(0), finished)
+
+    def _speculator(self, job: BatchJob) -> Speculator:
+        engine, graph = self.engine, self.engine.graph
+        binding = engine.session.io_binding()
+        self._cache.bind(binding, graph.past_names, graph.present_names, first=job.slot)
+
+        def forward(new: npt.NDArray[np.int64], past: int, logits: npt.NDArray[Any]) -> None:
+            engine.bind_chunk(binding, new, past=past, logits=logits)
+            engine.session.run_with_iobinding(binding)
+
+        return Speculator(
+            forward,
+            job.seq.sampler,
+            job.prompt_ids,
+            vocab=graph.vocab,
+            logits_dtype=graph.logits_dtype,
+            max_k=engine.options.speculate_max_k,
+        )
 
     def _take(self, job: BatchJob, token: int, finished: list[BatchJob]) -> None:
         if job.seq.take(token):
@@ -291,6 +355,8 @@ class Batcher:
     def _finish(self, job: BatchJob, finished: list[BatchJob], finish: FinishReason | None = None) -> None:
         if 0 <= job.slot < self.max_batch and self._slots[job.slot] is job:
             self._slots[job.slot] = None
+        if job.spec is not None:
+            job.seq.drafted, job.seq.accepted = job.spec.drafted, job.spec.accepted
         job.completion = job.seq.complete(finish)
         job.state = _DONE
         finished.append(job)

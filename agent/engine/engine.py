@@ -1,14 +1,15 @@
-"""The inference engine: a model folder, one onnxruntime session, and the generation loop.
+"""The inference engine: a model folder, one onnxruntime session, and how requests run on it.
 
 One request runs at a time (an edge box has a handful of cores and one model's
-worth of memory).  Per request: tokenize; copy the longest cached prefix of the
-prompt into the request's KV cache (``prefix_cache``) and prefill the rest in
-chunks (``prefill``), checking ``should_stop`` between chunks; then decode one
-token per pass with every buffer bound once through IOBinding — the KV cache
-(see ``kv_cache``), the token, the attention mask (a view of one preallocated
-row of ones) and the logits.  The only work per step besides the forward pass
-is choosing the token and detokenizing it.  After the request the prompt's
-blocks go into the prefix cache (and its directory, when the engine has one).
+worth of memory).  ``generate`` is a one-slot run of the scheduler
+(``agent.engine.batch``), the same loop the daemon runs with ``max_batch`` > 1:
+tokenize; copy the longest cached prefix of the prompt into the slot
+(``prefix_cache``) and prefill the rest in chunks (``prefill``), checking
+``should_stop`` between chunks; then decode one token per pass, every buffer
+bound once through IOBinding (``rows``), or draft and verify (``speculate``).
+The per-token rules and the completion are ``sequence``'s.  The prompt's blocks
+go into the prefix cache (and its directory, when the engine has one) once it
+is prefilled.  ``token_ranks`` is a forced sequence through the same loop.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import onnxruntime as ort
 from agent.config import EngineOptions as EngineOptions
 from agent.engine.kv_cache import KVCache
 from agent.engine.model_folder import ModelFolder
-from agent.engine.prefill import open_prefix_cache, plan_chunks
+from agent.engine.prefill import open_prefix_cache
 from agent.engine.prefix_cache import PrefixCacheStats
-from agent.engine.rows import DecodeRows, one_row_matches_many
-from agent.engine.sampling import Sampler, SamplingParams
+from agent.engine.rows import one_row_matches_many
+from agent.engine.sampling import SamplingParams
 from agent.engine.sequence import Completion as Completion
+from agent.engine.sequence import ForcedSampler
 from agent.engine.sequence import Sequence as GenSequence
-from agent.engine.speculate import Speculator
 from agent.engine.tokenizer import Tokenizer
 from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
 from edge_contract.protocol import FinishReason as FinishReason
@@ -51,10 +52,6 @@ def _default_threads() -> int:
     except ImportError:  # pragma: no cover - psutil is a runtime dependency
         cores = None
     return max(1, cores or os.cpu_count() or 1)
-
-
-class _PrefillCanceled(Exception):
-    """``should_stop`` asked to stop between two prefill chunks."""
 
 
 class Engine:
@@ -82,8 +79,6 @@ class Engine:
         # A row of ones long enough for any request; each step binds a prefix of it.
         self._mask = np.ones(self.context_length, dtype=np.int64)
         self._positions = np.arange(self.context_length, dtype=np.int64)
-        self._token = np.zeros((1, 1), dtype=np.int64)
-        self._step_logits = np.empty((1, 1, self._io.vocab), dtype=self._io.logits_dtype)
         opts, io = self.options, self._io
         self.prefix_cache = open_prefix_cache(
             self.folder.path,
@@ -95,7 +90,6 @@ class Engine:
             dtype=np.dtype(io.kv_dtype),
             threads=self.threads,
         )
-        self._cached_tokens = 0  # of the last prefill
         # Where a one-row pass rounds differently from a row of a batched pass (int4 on AVX2-only
         # x86: see agent.engine.rows), every decode pass gets a second, filler row: a sequence's
         # tokens are then the same alone and beside others.
@@ -158,7 +152,7 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         on_prefill: Callable[[int, int], None] | None = None,
     ) -> Completion:
-        """Generate after ``prompt_ids``.
+        """Generate after ``prompt_ids``: a one-slot run of the scheduler (``agent.engine.batch``).
 
         ``on_text`` receives each piece of text as soon as it is final (whole
         characters, never part of a stop string).  ``should_stop`` is polled
@@ -167,40 +161,7 @@ class Engine:
         prompt positions ready after the cache lookup and after each chunk.
         """
         seq = self.sequence(prompt_ids, params, on_text=on_text, should_stop=should_stop)
-        ids, n_prompt = seq.prompt_ids, len(seq.prompt_ids)
-        capacity = seq.capacity
-        spec_on = self.options.speculate and self._io.prefill_logits_rows(2) > 1
-        try:
-            binding, cache, last = self._prefill(
-                ids,
-                capacity,
-                should_stop=should_stop,
-                on_prefill=on_prefill,
-                slots=2 if self.two_row_decode and not spec_on else 1,
-            )
-        except _PrefillCanceled:
-            seq.cached_tokens = self._cached_tokens
-            return seq.complete("canceled")
-        seq.cached_tokens = self._cached_tokens
-        token = seq.first(last)
-        spec = self._speculator(ids, binding, seq.sampler) if spec_on else None
-        step = self._stepper(binding, cache)
-        ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
-        while not seq.take(token):
-            total = seq.length
-            if ahead:
-                token = ahead.pop(0)
-            elif spec is not None:
-                room = min(capacity - total, seq.max_new - len(seq.generated) - 1)
-                token, *ahead = spec.step(token, total - 1, room)
-            else:  # feed the token just chosen at position total - 1
-                token = seq.sampler(step(token, total))
-        if spec is not None:
-            seq.drafted, seq.accepted = spec.drafted, spec.accepted
-        completion = seq.complete()
-        if self.prefix_cache is not None:  # after the answer: never delays the first token
-            self.prefix_cache.insert(ids, cache.block, n_prompt)
-        return completion
+        return self._run_alone(seq, speculate=self.options.speculate, on_prefill=on_prefill)
 
     def sequence(
         self,
@@ -222,22 +183,6 @@ class Engine:
             should_stop=should_stop,
         )
 
-    def _speculator(self, ids: list[int], binding: ort.IOBinding, sampler: Sampler) -> Speculator:
-        """A draft-and-verify stepper for this request (an export with last-position logits cannot verify)."""
-
-        def forward(new: npt.NDArray[np.int64], past: int, logits: npt.NDArray[Any]) -> None:
-            self.bind_chunk(binding, new, past=past, logits=logits)
-            self.session.run_with_iobinding(binding)
-
-        return Speculator(
-            forward,
-            sampler,
-            ids,
-            vocab=self._io.vocab,
-            logits_dtype=self._io.logits_dtype,
-            max_k=self.options.speculate_max_k,
-        )
-
     def token_ranks(self, prompt_ids: Sequence[int], expected: Sequence[int]) -> list[int]:
         """Feed ``expected`` after ``prompt_ids`` (teacher-forced) and return each token's rank.
 
@@ -254,8 +199,8 @@ class Engine:
     ) -> list[npt.NDArray[Any]]:
         """The logits plain decoding computes before each of ``tokens``, fed whatever the model prefers.
 
-        The prompt is prefilled, then each token but the last is fed by a decode step,
-        exactly as ``generate`` feeds its own choices.
+        A sequence whose sampler picks ``tokens`` in turn, run as ``generate`` runs
+        one (without speculation): the prompt prefilled, then one decode step per token.
         """
         forced = [int(i) for i in tokens]
         if not forced:
@@ -263,14 +208,10 @@ class Engine:
         ids = self.check_prompt(prompt_ids, limit=self.context_length + 1 - len(forced))
         if any(i < 0 or i >= self._io.vocab for i in forced):
             raise InvalidRequestError(f"token ids must lie in [0, {self._io.vocab})")
-        n_prompt = len(ids)
-        slots = 2 if self.two_row_decode else 1
-        binding, cache, row = self._prefill(ids, n_prompt + len(forced) - 1, slots=slots)
-        step = self._stepper(binding, cache)
-        rows = [row]
-        for i, token in enumerate(forced[:-1]):
-            rows.append(step(token, n_prompt + i + 1).copy())
-        return rows
+        seq = self.sequence(ids, SamplingParams(max_tokens=len(forced), ignore_eos=True))
+        sampler = seq.sampler = ForcedSampler(forced, self._io.vocab)
+        self._run_alone(seq, speculate=False)
+        return sampler.rows
 
     def check_prompt(self, prompt_ids: Sequence[int], *, limit: int | None = None) -> list[int]:
         """``prompt_ids`` as a list of ints; raises when it is empty, has unknown ids or leaves no room.
@@ -287,79 +228,17 @@ class Engine:
             raise ContextOverflowError(len(ids) + self.context_length - limit, self.context_length)
         return ids
 
-    def _stepper(self, binding: ort.IOBinding, cache: KVCache) -> Callable[[int, int], npt.NDArray[Any]]:
-        """``step(token, total)``: feed ``token`` as position ``total - 1``; returns its logits.
+    def _run_alone(
+        self, seq: GenSequence, *, speculate: bool, on_prefill: Callable[[int, int], None] | None = None
+    ) -> Completion:
+        """Run ``seq`` alone: a scheduler of one slot sized to what the sequence can use."""
+        from agent.engine.batch import Batcher
 
-        ``binding`` is ``_prefill``'s, set up for a one-row step.  With a cache of two
-        slots the step is a two-row pass whose second row is a filler (see ``two_row_decode``).
-        """
-        if cache.slots > 1:
-            rows = DecodeRows(self.session, self._io, cache)
-            rows.set_filler(1, 0)
-
-            def step_with_filler(token: int, total: int) -> npt.NDArray[Any]:
-                rows.set_row(0, token, total)
-                logits: npt.NDArray[Any] = rows.run(2)[0]
-                return logits
-
-            return step_with_filler
-
-        def step(token: int, total: int) -> npt.NDArray[Any]:
-            self._token[0, 0] = token
-            self._bind_mask(binding, total, positions_from=total - 1)
-            self.session.run_with_iobinding(binding)
-            logits: npt.NDArray[Any] = self._step_logits[0, -1]
-            return logits
-
-        return step
-
-    def _prefill(
-        self,
-        ids: list[int],
-        capacity: int,
-        *,
-        should_stop: Callable[[], bool] | None = None,
-        on_prefill: Callable[[int, int], None] | None = None,
-        slots: int = 1,
-    ) -> tuple[ort.IOBinding, KVCache, npt.NDArray[Any]]:
-        """The prompt into a new cache of ``capacity`` positions: cached blocks copied, the rest in chunks.
-
-        Returns the binding, already set up for the first decode step; the cache,
-        which must stay referenced while the binding is used; and the logits of
-        the prompt's last position.  Sets ``_cached_tokens``.  Raises
-        ``_PrefillCanceled`` when ``should_stop`` says so between chunks.
-        """
-        io, n = self._io, len(ids)
-        cache = KVCache(
-            layers=io.layers,
-            kv_heads=io.kv_heads,
-            head_size=io.head_size,
-            capacity=capacity,
-            dtype=io.kv_dtype,
-            slots=slots,
-        )
-        done = done_before = self._cached_tokens = self.restore_prefix(ids, cache)
-        if on_prefill is not None:
-            on_prefill(done, n)
-        binding = self.session.io_binding()
-        cache.bind(binding, io.past_names, io.present_names)
-        chunks = plan_chunks(done, n, self.options.prefill_chunk_tokens)
-        longest = max(stop - begin for begin, stop in chunks)
-        # One logits buffer for every chunk, bound at each chunk's length: memory stays bounded by the chunk.
-        logits = np.empty((1, io.prefill_logits_rows(longest), io.vocab), io.logits_dtype)
-        prompt = np.asarray([ids], dtype=np.int64)
-        for begin, stop in chunks:
-            if begin > done_before and should_stop is not None and should_stop():  # between chunks
-                raise _PrefillCanceled
-            rows = io.prefill_logits_rows(stop - begin)
-            self.bind_chunk(binding, prompt[:, begin:stop], past=begin, logits=logits[:, :rows])
-            self.session.run_with_iobinding(binding)
-            done = stop
-            if on_prefill is not None:
-                on_prefill(done, n)
-        last = logits[0, rows - 1].copy()  # not a view: the chunk-sized logits are freed on return
-        self.bind_chunk(binding, self._token, past=n, logits=self._step_logits)
-        return binding, cache, last
+        batcher = Batcher(self, max_batch=1, slot_tokens=seq.capacity, speculate=speculate)
+        job = batcher.submit_sequence(seq, on_text=None, should_stop=seq.canceled, on_prefill=on_prefill)
+        batcher.run()
+        assert job.completion is not None  # a slot sized to the sequence never sends it elsewhere
+        return job.completion
 
     def restore_prefix(self, ids: list[int], cache: KVCache, slot: int = 0) -> int:
         """Copy the longest usable cached prefix of ``ids`` into ``cache``'s ``slot``; returns its length."""

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.engine.sampling import Sampler, SamplingParams
@@ -140,3 +142,16 @@ class Sequence:
     def _emit(self, text: str) -> None:
         if text and self._on_text is not None:
             self._on_text(text)
+
+
+class ForcedSampler(Sampler):
+    """Picks the given tokens in turn and keeps a copy of the logits it was shown (teacher forcing)."""
+
+    def __init__(self, tokens: list[int], vocab_size: int) -> None:
+        super().__init__(SamplingParams(), vocab_size, [])
+        self._tokens = tokens
+        self.rows: list[npt.NDArray[np.floating]] = []
+
+    def __call__(self, logits: npt.NDArray[np.floating]) -> int:
+        self.rows.append(np.array(logits, copy=True))
+        return self._tokens[len(self.rows) - 1]

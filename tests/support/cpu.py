@@ -60,4 +60,6 @@ ONE_ROW_MATCHES = {
     (X86_AVX512, "int8"): True,
     (X86_AVX2, "int4"): False,
     (X86_AVX2, "int8"): True,
+    (AARCH64, "int4"): True,  # emulated Cortex-A76 (NEON dot product), onnxruntime 1.32
+    (AARCH64, "int8"): True,
 }
