@@ -1,5 +1,9 @@
 """The prefix cache and chunked prefill on real models: a hit never changes a token.
 
+Guarantee checked: ``PREFIX_EXACT`` (tests/support/cpu.py), claimed on every CPU family
+CI runs (natively, AVX2-only and aarch64 emulated): prefill chunks have two rows or more,
+whose bits do not depend on the chunk's size.
+
 References are computed here, on this machine, by the same engine (cold) or by an
 engine with the cache off: never compared across instruction sets.
 """
@@ -16,6 +20,7 @@ from hypothesis import strategies as st
 
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
+from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, fixture_path
 
 # Small blocks and chunks so that a 100-token prompt crosses many of both.
@@ -31,6 +36,7 @@ def ids_of(n: int, salt: int = 0) -> list[int]:
 
 @pytest.mark.parametrize("name", [*ALL_FIXTURES, "phi3-int4-pruned"])
 def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
+    assert cpu.family() in cpu.PREFIX_EXACT, f"the prefix cache claims no exactness on {cpu.family()}"
     engine = Engine(fixture_path(name), SMALL)
     instruction = ids_of(90)
     for params in (GREEDY, SEEDED):
