@@ -1,0 +1,240 @@
+"""What a model needs in memory, and the budgets that make it fit a box: pure decisions.
+
+The estimate (docs/memory.md has the measurements behind every constant):
+
+    peak = weights + runtime + activations(prefill chunk) + KV per token x context x max_batch
+           + the prefix cache's budget
+
+* **weights**: the model's files x ``WEIGHTS_FACTOR``.  onnxruntime repacks the
+  int4/int8 matrices into its kernels' layout at load (anonymous memory, about
+  1.17x the file's bytes for int4 with int8 activations); the float32
+  embedding table stays memory-mapped (file-backed, reclaimable, counted here
+  all the same, since a long prompt touches it all).
+* **runtime**: Python, onnxruntime's libraries and arena, the tokenizer.
+* **activations**: a prefill chunk's intermediates, per row; plus the logits of
+  every row when the export computes them (a pruned export returns one row).
+* **KV**: layers x 2 x KV heads x head size x the cache's element size, per
+  token (float32, or float16 when the graph declares it: ``models.kv_dtype``).
+
+``fit`` turns the box's memory into budgets: what the operator set is kept (and
+refused, with the setting to change, when it cannot fit), what they left unset
+is sized: the context first (up to the model's), then the prefix cache (up to
+one context's worth of prompts), the prefill chunk shrunk when memory is tight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.config import EngineOptions
+from agent.errors import MemoryFitError
+
+_MiB = 1 << 20
+#: Resident bytes per byte of model file after onnxruntime's prepacking (measured 1.13 on Phi-3-mini int4).
+WEIGHTS_FACTOR = 1.15
+#: Python, onnxruntime, tokenizer, libraries and the arena's base (measured 90-110 MiB).
+RUNTIME_BYTES = 128 * _MiB
+#: A prefill row's intermediates, per unit of hidden size (measured about 75 bytes at hidden 3072).
+ACTIVATION_BYTES_PER_HIDDEN = 96
+#: The shortest context worth serving; below it a model does not fit.
+MIN_CONTEXT = 512
+#: Auto-sized contexts are multiples of this.
+CONTEXT_STEP = 256
+#: The prefix cache the daemon gives when memory allows (EngineOptions' default).
+DEFAULT_PREFIX_CACHE_MB = 256
+#: Prefill chunks the sizing may fall back to when memory is tight (never below 64 rows).
+CHUNK_CHOICES = (512, 256, 128, 64)
+
+
+class ModelShape(BaseModel):
+    """What the estimate needs to know of a model (from its folder, or a release manifest)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    file_bytes: int = Field(ge=0, description="Bytes of the graph and its external weights.")
+    kv_bytes_per_token: int = Field(ge=0, description="KV cache bytes per token of context.")
+    hidden_size: int = Field(ge=1, description="Width of the residual stream.")
+    vocab_size: int = Field(ge=1, description="Rows of logits per position.")
+    context_length: int = Field(ge=1, description="The model's longest sequence.")
+    full_logits: bool = Field(description="The prompt pass returns logits for every row (no pruned lm_head).")
+
+
+class Budgets(BaseModel):
+    """The engine settings that decide its memory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    context_tokens: int = Field(ge=1, description="Longest sequence served.")
+    max_batch: int = Field(ge=1, description="Sequences decoded together.")
+    prefix_cache_mb: int = Field(ge=0, description="The prefix cache's memory budget, MiB.")
+    prefill_chunk_tokens: int = Field(ge=2, description="Longest prefill pass.")
+
+
+class PeakEstimate(BaseModel):
+    """The expected peak resident memory (anonymous + file-backed), by part, in bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: int
+    runtime: int
+    activations: int
+    kv: int
+    prefix_cache: int
+
+    @property
+    def total(self) -> int:
+        """The whole peak."""
+        return self.weights + self.runtime + self.activations + self.kv + self.prefix_cache
+
+    def describe(self) -> str:
+        """One line: the total and its parts in MiB."""
+        parts = ("weights", "runtime", "activations", "kv", "prefix_cache")
+        detail = ", ".join(f"{p.replace('_', ' ')} {getattr(self, p) / _MiB:.0f}" for p in parts)
+        return f"~{self.total / _MiB:.0f} MiB ({detail})"
+
+
+def weights_bytes(shape: ModelShape) -> int:
+    """Resident weights: the files after prepacking."""
+    return int(shape.file_bytes * WEIGHTS_FACTOR)
+
+
+def activation_bytes(shape: ModelShape, chunk: int) -> int:
+    """A prefill chunk's intermediates, plus its logits when the export returns every row's."""
+    rows = max(2, chunk)
+    logits = rows * shape.vocab_size * 4 * 2 if shape.full_logits else shape.vocab_size * 4
+    return rows * shape.hidden_size * ACTIVATION_BYTES_PER_HIDDEN + logits
+
+
+def estimate(shape: ModelShape, budgets: Budgets) -> PeakEstimate:
+    """The expected peak of ``shape`` served with ``budgets``."""
+    return PeakEstimate(
+        weights=weights_bytes(shape),
+        runtime=RUNTIME_BYTES,
+        activations=activation_bytes(shape, min(budgets.prefill_chunk_tokens, budgets.context_tokens)),
+        kv=shape.kv_bytes_per_token * budgets.context_tokens * budgets.max_batch,
+        prefix_cache=budgets.prefix_cache_mb * _MiB,
+    )
+
+
+def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets:
+    """Budgets for ``shape`` within ``memory_bytes``: set ones kept, unset ones sized.
+
+    Raises ``MemoryFitError`` naming the setting to change when the set ones cannot
+    fit, or when the model does not fit at ``MIN_CONTEXT`` whatever the settings.
+    """
+    chosen = options.model_fields_set
+    batch = options.max_batch
+    chunk = options.prefill_chunk_tokens
+    model_ctx = shape.context_length
+    context = min(options.context_tokens, model_ctx) if options.context_tokens else None
+    prefix_mb = options.prefix_cache_mb if "prefix_cache_mb" in chosen else None
+
+    def budgets(ctx: int, mb: int, rows: int) -> Budgets:
+        return Budgets(context_tokens=ctx, max_batch=batch, prefix_cache_mb=mb, prefill_chunk_tokens=rows)
+
+    smallest = budgets(min(MIN_CONTEXT, model_ctx), 0, min(chunk, CHUNK_CHOICES[-1]))
+    if estimate(shape, smallest).total > memory_bytes:
+        need = estimate(shape, smallest)
+        raise MemoryFitError(
+            f"model.path: the model needs {need.describe()} at a {smallest.context_tokens}-token context "
+            f"and the box has {memory_bytes / _MiB:.0f} MiB for it: serve a smaller model (or int4), "
+            "or free memory"
+        )
+    # The prefill chunk: the configured one, or the largest that leaves the context its room.
+    chunks = (
+        [chunk] if "prefill_chunk_tokens" in chosen else [c for c in CHUNK_CHOICES if c <= chunk] or [chunk]
+    )
+    for rows in chunks:
+        floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, rows)
+        if estimate(shape, floor).total <= memory_bytes:
+            break
+    else:
+        floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, chunks[-1])
+        need = estimate(shape, floor)
+        setting = _culprit(options, context, prefix_mb)
+        raise MemoryFitError(
+            f"engine.{setting}: with it the model needs {need.describe()} and the box has "
+            f"{memory_bytes / _MiB:.0f} MiB for it: lower [engine] {setting}"
+        )
+    rows = floor.prefill_chunk_tokens
+    fixed = estimate(shape, budgets(1, prefix_mb or 0, rows))
+    per_context_token = shape.kv_bytes_per_token * batch
+    if context is None:  # the longest context that fits, leaving a quarter of the rest to the prefix cache
+        spare = memory_bytes - fixed.total + per_context_token
+        share = spare if prefix_mb is not None else spare * 3 // 4
+        context = min(model_ctx, max(MIN_CONTEXT, share // max(1, per_context_token)))
+        if context < model_ctx:
+            context = max(MIN_CONTEXT, context // CONTEXT_STEP * CONTEXT_STEP)
+    if prefix_mb is None:  # one context's worth of prompt prefixes (at least the usual 256 MiB) if it fits
+        left = memory_bytes - estimate(shape, budgets(context, 0, rows)).total
+        wanted = max(DEFAULT_PREFIX_CACHE_MB * _MiB, shape.kv_bytes_per_token * context)
+        prefix_mb = max(0, min(left, wanted) // _MiB)
+    return budgets(context, prefix_mb, rows)
+
+
+def sized_options(
+    path: str | Path, options: EngineOptions, memory_bytes: int
+) -> tuple[EngineOptions, PeakEstimate]:
+    """``options`` with the unset budgets sized for the model at ``path`` in ``memory_bytes``, and the peak.
+
+    Raises ``MemoryFitError`` (naming the setting) when it cannot fit.
+    """
+    shape = model_shape(path)
+    chosen = fit(shape, options, memory_bytes)
+    sized = options.model_copy(
+        update={
+            "context_tokens": chosen.context_tokens,
+            "prefix_cache_mb": chosen.prefix_cache_mb,
+            "prefill_chunk_tokens": chosen.prefill_chunk_tokens,
+        }
+    )
+    return sized, estimate(shape, chosen)
+
+
+def release_need(memory_bytes: int, kv_bytes_per_token: int | None, options: EngineOptions) -> int:
+    """The least a release needs on a box with ``options``: its measured memory, the runtime and a minimal context.
+
+    ``memory_bytes`` is what loading it and running its smoke test took at release;
+    the context is the configured one, or ``MIN_CONTEXT`` when the box sizes it.
+    """
+    context = options.context_tokens or MIN_CONTEXT
+    prefix = options.prefix_cache_mb * _MiB if "prefix_cache_mb" in options.model_fields_set else 0
+    kv = (kv_bytes_per_token or 0) * context * options.max_batch
+    return memory_bytes + RUNTIME_BYTES + kv + prefix
+
+
+def _culprit(options: EngineOptions, context: int | None, prefix_mb: int | None) -> str:
+    """The set option that weighs most: the one to lower."""
+    if prefix_mb:
+        return "prefix_cache_mb"
+    if options.max_batch > 1:
+        return "max_batch"
+    if context is not None:
+        return "context_tokens"
+    return "prefill_chunk_tokens"
+
+
+def model_shape(path: str | Path) -> ModelShape:
+    """The shape of the model folder at ``path`` (genai_config.json, the graph's KV type, file sizes)."""
+    from agent.engine.model_folder import ModelFolder
+    from agent.engine.onnx_graph import read_graph
+
+    folder = ModelFolder(path)
+    decoder = folder.config.model.decoder
+    graph = read_graph(folder.onnx_path)
+    past = decoder.inputs.past_key_names % 0
+    element = graph.input_element_bytes(past) or 4.0
+    files = [folder.onnx_path, *sorted(folder.path.glob("*.data"))]
+    kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size * element
+    logits = graph.output_dims.get(decoder.outputs.logits, ())
+    return ModelShape(
+        file_bytes=sum(p.stat().st_size for p in files if p.is_file()),
+        kv_bytes_per_token=int(kv),
+        hidden_size=decoder.hidden_size,
+        vocab_size=folder.config.model.vocab_size,
+        context_length=folder.context_length,
+        # A pruned lm_head (the prompt pass returns the last position only) declares 1 row.
+        full_logits=len(logits) < 2 or logits[1] != 1,
+    )
