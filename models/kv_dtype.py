@@ -11,10 +11,11 @@ the declared type of its ``past_key_values.*`` inputs and ``present.*`` outputs
 cache type from the graph, so a rewritten folder needs no setting.  Only
 ``model.onnx`` is rewritten, in place; its external data stays where it is.
 
-What changes: keys and values are rounded to float16 (11 significant bits)
-before attention reads them, so tokens can differ from the float32 cache's where
-two candidates are nearly tied; the prefix cache stays exact (a hit gives the
-bits a cold run gives, see docs/memory.md).
+What it costs (measured, docs/memory.md): keys and values are rounded to float16,
+tokens then depend on the prefill chunk size and a prefix-cache hit can change them
+(the kernel reads some rows rounded and others not), the prefill peak is higher
+than with float32 (the kernel widens the cache into float32 scratch) and decode is
+slower.  A tool for measurements, not a recommended export.
 """
 
 from __future__ import annotations
