@@ -209,6 +209,12 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
         f"model expects peak {peak.describe()} at a {budgets.context_tokens}-token context, "
         f"prefix cache {budgets.prefix_cache_mb} MiB; {available} MiB available"
     )
+    if peak.total > (available - margin) * _MiB:
+        return Check(
+            name="memory",
+            status="warn",
+            detail=f"{detail}: the mapped model's pages do not fit beside it (they are read again from disk)",
+        ), True
     if budgets.context_tokens < shape.context_length:
         return Check(
             name="memory",

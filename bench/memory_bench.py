@@ -186,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit-mb", type=int, default=8000)
     parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument("--report", type=Path, nargs="+", help="print the table of earlier --json files")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report, 32))
+        return 0
     if args.child is not None:
         child(args.child, json.loads(args.options), args.prompt, args.new)
         return 0
@@ -230,22 +234,45 @@ def summary(got: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, dict[int, Any]], layers: int) -> str:
-    """Peak anonymous / file-backed MiB per phase, extrapolated to ``layers`` layers."""
-    lines = [
-        f"| variant | phase | peak anon @{layers}L | end anon @{layers}L | peak file @{layers}L | per layer anon |"
-    ]
-    lines.append("|---|---|---:|---:|---:|---:|")
+    """MiB per variant: measured at each layer count, and fitted to ``layers`` layers.
+
+    Columns: anonymous memory at the end of the load, its peak in prefill and in
+    decode, the peak file-backed memory, and the peak of the two together.
+    """
+    keys = (("load", "end_anon"), ("prefill", "peak_anon"), ("decode", "peak_anon"))
+    head = (
+        "| variant | layers | load anon | prefill peak anon | decode peak anon | peak file | peak anon+file |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
     for name, by_layers in results.items():
-        for phase in PHASES:
-            anon = {n: r[phase]["peak_anon"] for n, r in by_layers.items()}
-            end = {n: r[phase]["end_anon"] for n, r in by_layers.items()}
-            file_ = {n: r[phase]["peak_file"] for n, r in by_layers.items()}
-            per = (fit(anon, 1) - fit(anon, 0)) if len(anon) > 1 else float("nan")
-            lines.append(
-                f"| {name} | {phase} | {fit(anon, layers):.0f} | {fit(end, layers):.0f} | "
-                f"{fit(file_, layers):.0f} | {per:.1f} |"
-            )
+
+        def row(values: dict[str, float]) -> str:
+            cells = [values[f"{phase}.{key}"] for phase, key in keys]
+            cells += [values["file"], values["total"]]
+            return " | ".join(f"{v:.0f}" for v in cells)
+
+        measured = {}
+        for n, r in sorted(by_layers.items()):
+            values = {f"{phase}.{key}": r[phase][key] for phase, key in keys}
+            values["file"] = max(r[p]["peak_file"] for p in PHASES)
+            values["total"] = max(r[p]["peak_total"] for p in PHASES)
+            measured[n] = values
+            lines.append(f"| {name} | {n} (measured) | {row(values)} |")
+        if len(measured) > 1:
+            fitted = {
+                k: fit({n: v[k] for n, v in measured.items()}, layers) for k in next(iter(measured.values()))
+            }
+            lines.append(f"| {name} | **{layers} (fitted)** | {row(fitted)} |")
     return "\n".join(lines)
+
+
+def report(paths: list[Path], layers: int) -> str:
+    """The table of results written earlier with ``--json``."""
+    results: dict[str, dict[int, Any]] = {}
+    for path in paths:
+        for name, by_layers in json.loads(path.read_text()).items():
+            results[name] = {int(n): r for n, r in by_layers.items()}
+    return table(results, layers)
 
 
 if __name__ == "__main__":

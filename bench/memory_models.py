@@ -51,7 +51,10 @@ def checkpoint(layers: int) -> Path:
             pad_token_id=tokenizer.PAD_ID,
         )
 
-    return hf_export.ensure_checkpoint(MODELS_DIR / f"phi3-mini-shape-{layers}l-hf", config, SEED)
+    # From 6 layers on, float16 (a float32 8-layer checkpoint passed 9 GB while being written).
+    half = layers >= 6
+    name = f"phi3-mini-shape-{layers}l-hf{'16' if half else ''}"
+    return hf_export.ensure_checkpoint(MODELS_DIR / name, config, SEED, half=half)
 
 
 def model(layers: int, precision: str = "int4", *, pruned: bool = True, kv16: bool = False) -> Path:

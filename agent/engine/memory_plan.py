@@ -2,21 +2,23 @@
 
 The estimate (docs/memory.md has the measurements behind every constant):
 
-    peak = weights + runtime + activations(prefill chunk) + KV per token x context x max_batch
-           + the prefix cache's budget
+    anonymous = weights + runtime + activations(prefill chunk) + KV per token x context x max_batch
+                + the prefix cache's budget
+    mapped    = the pages of the memory-mapped model file read while serving
 
-* **weights**: the model's files x ``WEIGHTS_FACTOR``.  onnxruntime repacks the
-  int4/int8 matrices into its kernels' layout at load (anonymous memory, about
-  1.17x the file's bytes for int4 with int8 activations); the float32
-  embedding table stays memory-mapped (file-backed, reclaimable, counted here
-  all the same, since a long prompt touches it all).
+* **weights**: onnxruntime repacks the int4/int8 matrices into its kernels'
+  layout at load (anonymous memory, 1.24x their file bytes measured); the float32
+  embedding table and parts of the rest are read from the memory-mapped file
+  (**mapped**: file-backed pages the kernel can drop, and must then read again).
 * **runtime**: Python, onnxruntime's libraries and arena, the tokenizer.
-* **activations**: a prefill chunk's intermediates, per row; plus the logits of
-  every row when the export computes them (a pruned export returns one row).
+* **activations**: a prefill chunk's intermediates, per row, and its attention
+  scores (rows x context x heads, float32); plus the logits of every row when the
+  export computes them (a pruned export returns one row).
 * **KV**: layers x 2 x KV heads x head size x the cache's element size, per
   token (float32, or float16 when the graph declares it: ``models.kv_dtype``).
 
-``fit`` turns the box's memory into budgets: what the operator set is kept (and
+``fit`` keeps the anonymous peak within the box's memory (the mapped pages are
+reported beside it: doctor warns when they do not fit too), and turns it into budgets: what the operator set is kept (and
 refused, with the setting to change, when it cannot fit), what they left unset
 is sized: the context first (up to the model's), then the prefix cache (up to
 one context's worth of prompts), the prefill chunk shrunk when memory is tight.
@@ -32,12 +34,15 @@ from agent.config import EngineOptions
 from agent.errors import MemoryFitError
 
 _MiB = 1 << 20
-#: Resident bytes per byte of model file after onnxruntime's prepacking (measured 1.13 on Phi-3-mini int4).
-WEIGHTS_FACTOR = 1.15
-#: Python, onnxruntime, tokenizer, libraries and the arena's base (measured 90-110 MiB).
-RUNTIME_BYTES = 128 * _MiB
-#: A prefill row's intermediates, per unit of hidden size (measured about 75 bytes at hidden 3072).
-ACTIVATION_BYTES_PER_HIDDEN = 96
+#: Anonymous bytes per byte of repacked weights file: onnxruntime's repacked copy (1.24 measured on
+#: Phi-3-mini-shaped int4 layers, docs/memory.md).
+WEIGHTS_FACTOR = 1.25
+#: File-backed bytes per byte of repacked weights file still read from the mapped model (0.30-0.39).
+MAPPED_FACTOR = 0.30
+#: Python, onnxruntime, tokenizer and libraries beyond the above (fitted: 36 MiB).
+RUNTIME_BYTES = 64 * _MiB
+#: A prefill row's intermediates, per unit of hidden size (fitted: 68 bytes at hidden 3072).
+ACTIVATION_BYTES_PER_HIDDEN = 80
 #: The shortest context worth serving; below it a model does not fit.
 MIN_CONTEXT = 512
 #: Auto-sized contexts are multiples of this.
@@ -54,8 +59,16 @@ class ModelShape(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     file_bytes: int = Field(ge=0, description="Bytes of the graph and its external weights.")
+    embedding_bytes: int = Field(
+        0,
+        ge=0,
+        description="Bytes of the float token-embedding table (read from the mapped file, not repacked).",
+    )
     kv_bytes_per_token: int = Field(ge=0, description="KV cache bytes per token of context.")
     hidden_size: int = Field(ge=1, description="Width of the residual stream.")
+    attention_heads: int = Field(
+        ge=1, description="Query heads (a prefill chunk scores rows x context per head)."
+    )
     vocab_size: int = Field(ge=1, description="Rows of logits per position.")
     context_length: int = Field(ge=1, description="The model's longest sequence.")
     full_logits: bool = Field(description="The prompt pass returns logits for every row (no pruned lm_head).")
@@ -73,38 +86,55 @@ class Budgets(BaseModel):
 
 
 class PeakEstimate(BaseModel):
-    """The expected peak resident memory (anonymous + file-backed), by part, in bytes."""
+    """The expected peak resident memory by part, in bytes: anonymous parts and the mapped file's pages."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weights: int
-    runtime: int
-    activations: int
-    kv: int
-    prefix_cache: int
+    weights: int = Field(description="The repacked weights (anonymous).")
+    runtime: int = Field(description="Python, onnxruntime, tokenizer (anonymous).")
+    activations: int = Field(description="A prefill chunk's intermediates (anonymous).")
+    kv: int = Field(description="The requests' KV caches (anonymous).")
+    prefix_cache: int = Field(description="The prefix cache's budget (anonymous).")
+    mapped: int = Field(description="Pages of the memory-mapped model read while serving (file-backed).")
+
+    @property
+    def anonymous(self) -> int:
+        """What the box must hold: the kernel cannot drop it."""
+        return self.weights + self.runtime + self.activations + self.kv + self.prefix_cache
 
     @property
     def total(self) -> int:
-        """The whole peak."""
-        return self.weights + self.runtime + self.activations + self.kv + self.prefix_cache
+        """The whole working set: anonymous and file-backed (dropped pages are read again from disk)."""
+        return self.anonymous + self.mapped
 
     def describe(self) -> str:
-        """One line: the total and its parts in MiB."""
+        """One line: the peaks and the parts in MiB."""
         parts = ("weights", "runtime", "activations", "kv", "prefix_cache")
         detail = ", ".join(f"{p.replace('_', ' ')} {getattr(self, p) / _MiB:.0f}" for p in parts)
-        return f"~{self.total / _MiB:.0f} MiB ({detail})"
+        return (
+            f"~{self.anonymous / _MiB:.0f} MiB anonymous ({detail}) + ~{self.mapped / _MiB:.0f} MiB "
+            "of the mapped model"
+        )
 
 
 def weights_bytes(shape: ModelShape) -> int:
-    """Resident weights: the files after prepacking."""
-    return int(shape.file_bytes * WEIGHTS_FACTOR)
+    """The repacked weights (anonymous): every matrix but the float embedding table."""
+    return int((shape.file_bytes - min(shape.embedding_bytes, shape.file_bytes)) * WEIGHTS_FACTOR)
 
 
-def activation_bytes(shape: ModelShape, chunk: int) -> int:
-    """A prefill chunk's intermediates, plus its logits when the export returns every row's."""
+def mapped_bytes(shape: ModelShape) -> int:
+    """Pages of the mapped model file read while serving: the embedding table and parts of the rest."""
+    embedding = min(shape.embedding_bytes, shape.file_bytes)
+    return int((shape.file_bytes - embedding) * MAPPED_FACTOR) + embedding
+
+
+def activation_bytes(shape: ModelShape, chunk: int, context: int) -> int:
+    """A prefill chunk's intermediates: per row, its attention scores over the context (float32,
+    every head), and its logits when the export returns every row's."""
     rows = max(2, chunk)
     logits = rows * shape.vocab_size * 4 * 2 if shape.full_logits else shape.vocab_size * 4
-    return rows * shape.hidden_size * ACTIVATION_BYTES_PER_HIDDEN + logits
+    scores = rows * context * shape.attention_heads * 4
+    return rows * shape.hidden_size * ACTIVATION_BYTES_PER_HIDDEN + scores + logits
 
 
 def estimate(shape: ModelShape, budgets: Budgets) -> PeakEstimate:
@@ -112,9 +142,12 @@ def estimate(shape: ModelShape, budgets: Budgets) -> PeakEstimate:
     return PeakEstimate(
         weights=weights_bytes(shape),
         runtime=RUNTIME_BYTES,
-        activations=activation_bytes(shape, min(budgets.prefill_chunk_tokens, budgets.context_tokens)),
+        activations=activation_bytes(
+            shape, min(budgets.prefill_chunk_tokens, budgets.context_tokens), budgets.context_tokens
+        ),
         kv=shape.kv_bytes_per_token * budgets.context_tokens * budgets.max_batch,
         prefix_cache=budgets.prefix_cache_mb * _MiB,
+        mapped=mapped_bytes(shape),
     )
 
 
@@ -135,7 +168,7 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
         return Budgets(context_tokens=ctx, max_batch=batch, prefix_cache_mb=mb, prefill_chunk_tokens=rows)
 
     smallest = budgets(min(MIN_CONTEXT, model_ctx), 0, min(chunk, CHUNK_CHOICES[-1]))
-    if estimate(shape, smallest).total > memory_bytes:
+    if estimate(shape, smallest).anonymous > memory_bytes:
         need = estimate(shape, smallest)
         raise MemoryFitError(
             f"model.path: the model needs {need.describe()} at a {smallest.context_tokens}-token context "
@@ -148,7 +181,7 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
     )
     for rows in chunks:
         floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, rows)
-        if estimate(shape, floor).total <= memory_bytes:
+        if estimate(shape, floor).anonymous <= memory_bytes:
             break
     else:
         floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, chunks[-1])
@@ -162,13 +195,13 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
     fixed = estimate(shape, budgets(1, prefix_mb or 0, rows))
     per_context_token = shape.kv_bytes_per_token * batch
     if context is None:  # the longest context that fits, leaving a quarter of the rest to the prefix cache
-        spare = memory_bytes - fixed.total + per_context_token
+        spare = memory_bytes - fixed.anonymous + per_context_token
         share = spare if prefix_mb is not None else spare * 3 // 4
         context = min(model_ctx, max(MIN_CONTEXT, share // max(1, per_context_token)))
         if context < model_ctx:
             context = max(MIN_CONTEXT, context // CONTEXT_STEP * CONTEXT_STEP)
     if prefix_mb is None:  # one context's worth of prompt prefixes (at least the usual 256 MiB) if it fits
-        left = memory_bytes - estimate(shape, budgets(context, 0, rows)).total
+        left = memory_bytes - estimate(shape, budgets(context, 0, rows)).anonymous
         wanted = max(DEFAULT_PREFIX_CACHE_MB * _MiB, shape.kv_bytes_per_token * context)
         prefix_mb = max(0, min(left, wanted) // _MiB)
     return budgets(context, prefix_mb, rows)
@@ -229,11 +262,18 @@ def model_shape(path: str | Path) -> ModelShape:
     files = [folder.onnx_path, *sorted(folder.path.glob("*.data"))]
     kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size * element
     logits = graph.output_dims.get(decoder.outputs.logits, ())
+    vocab, hidden = folder.config.model.vocab_size, decoder.hidden_size
+    # The token-embedding table: a float (float32/16) initializer of vocab x hidden, read by a Gather.
+    tables = [
+        i.nbytes for i in graph.initializers if i.dims == (vocab, hidden) and i.data_type in (1, 10, 16)
+    ]
     return ModelShape(
         file_bytes=sum(p.stat().st_size for p in files if p.is_file()),
+        embedding_bytes=max(tables, default=0),
         kv_bytes_per_token=int(kv),
-        hidden_size=decoder.hidden_size,
-        vocab_size=folder.config.model.vocab_size,
+        hidden_size=hidden,
+        attention_heads=decoder.num_attention_heads,
+        vocab_size=vocab,
         context_length=folder.context_length,
         # A pruned lm_head (the prompt pass returns the last position only) declares 1 row.
         full_logits=len(logits) < 2 or logits[1] != 1,

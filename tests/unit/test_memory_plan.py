@@ -23,8 +23,10 @@ MiB = 1 << 20
 #: Phi-3-mini int4 as onnxruntime-genai's builder exports it (pruned lm_head), float32 KV.
 PHI3 = ModelShape(
     file_bytes=2_720_000_000,
+    embedding_bytes=32064 * 3072 * 4,
     kv_bytes_per_token=32 * 2 * 32 * 96 * 4,
     hidden_size=3072,
+    attention_heads=32,
     vocab_size=32064,
     context_length=4096,
     full_logits=False,
@@ -36,9 +38,14 @@ def test_the_estimate_adds_its_parts() -> None:
     peak = estimate(PHI3, budgets)
     assert peak.kv == 768 * 1024 * 2048 * 2
     assert peak.prefix_cache == 100 * MiB
-    assert peak.weights == weights_bytes(PHI3) > PHI3.file_bytes
-    assert peak.total == peak.weights + peak.runtime + peak.activations + peak.kv + peak.prefix_cache
-    assert "MiB (weights" in peak.describe()
+    assert peak.weights == weights_bytes(PHI3) > PHI3.file_bytes - PHI3.embedding_bytes
+    assert peak.anonymous == peak.weights + peak.runtime + peak.activations + peak.kv + peak.prefix_cache
+    # The float32 embedding table is read from the mapped file, never repacked.
+    assert peak.mapped >= PHI3.embedding_bytes and peak.total == peak.anonymous + peak.mapped
+    assert "MiB anonymous (weights" in peak.describe()
+    # A longer context costs its attention scores in every prefill chunk.
+    longer = estimate(PHI3, budgets.model_copy(update={"context_tokens": 4096}))
+    assert longer.activations - peak.activations == 512 * 2048 * 32 * 4
     # Every row's logits cost memory that a pruned export does not spend.
     full = estimate(PHI3.model_copy(update={"full_logits": True}), budgets)
     assert full.activations - peak.activations > 512 * 32064 * 4
@@ -49,7 +56,7 @@ def test_a_roomy_box_gets_the_model_s_context_and_a_prefix_cache_of_one_context(
     assert budgets.context_tokens == 4096
     assert budgets.prefix_cache_mb == PHI3.kv_bytes_per_token * 4096 // MiB
     assert budgets.prefill_chunk_tokens == 512
-    assert estimate(PHI3, budgets).total <= 12 << 30
+    assert estimate(PHI3, budgets).anonymous <= 12 << 30
 
 
 @pytest.mark.parametrize("gib", [3.6, 4.0, 5.0, 7.5])
@@ -58,7 +65,7 @@ def test_a_tight_box_gets_a_shorter_context_and_what_is_left_for_prefixes(gib: f
     budgets = fit(PHI3, EngineOptions(), memory)
     assert MIN_CONTEXT <= budgets.context_tokens <= 4096
     assert budgets.context_tokens % 256 == 0 or budgets.context_tokens == 4096
-    assert estimate(PHI3, budgets).total <= memory
+    assert estimate(PHI3, budgets).anonymous <= memory
     # A larger box never gets less.
     more = fit(PHI3, EngineOptions(), memory + (1 << 30))
     assert more.context_tokens >= budgets.context_tokens
@@ -85,7 +92,7 @@ def test_set_budgets_are_kept_and_refused_with_the_setting_to_lower_when_they_ca
 def test_the_prefill_chunk_shrinks_only_when_memory_is_tight_and_it_was_not_set() -> None:
     floor = estimate(
         PHI3, Budgets(context_tokens=MIN_CONTEXT, max_batch=1, prefix_cache_mb=0, prefill_chunk_tokens=64)
-    ).total
+    ).anonymous
     tight = fit(PHI3, EngineOptions(), floor)
     assert tight.prefill_chunk_tokens < 512 and tight.context_tokens == MIN_CONTEXT
     with pytest.raises(MemoryFitError, match="prefill_chunk_tokens"):
