@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kv16", action="store_true", help="float16 KV (a copy rewritten by models.kv_dtype)"
     )
+    parser.add_argument("--accuracy", type=int, default=4, help="the builder's int4_accuracy_level")
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,... engine options")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=32)
@@ -201,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         models = {i: m for i, m in enumerate(args.model)}
     else:
         models = {
-            n: memory_models.model(n, args.precision, pruned=not args.full_logits, kv16=args.kv16)
+            n: memory_models.model(
+                n, args.precision, pruned=not args.full_logits, kv16=args.kv16, accuracy=args.accuracy
+            )
             for n in args.layers
         }
     results: dict[str, dict[int, Any]] = {}
@@ -271,7 +274,7 @@ def report(paths: list[Path], layers: int) -> str:
     results: dict[str, dict[int, Any]] = {}
     for path in paths:
         for name, by_layers in json.loads(path.read_text()).items():
-            results[name] = {int(n): r for n, r in by_layers.items()}
+            results.setdefault(name, {}).update({int(n): r for n, r in by_layers.items()})
     return table(results, layers)
 
 

@@ -57,7 +57,9 @@ def checkpoint(layers: int) -> Path:
     return hf_export.ensure_checkpoint(MODELS_DIR / name, config, SEED, half=half)
 
 
-def model(layers: int, precision: str = "int4", *, pruned: bool = True, kv16: bool = False) -> Path:
+def model(
+    layers: int, precision: str = "int4", *, pruned: bool = True, kv16: bool = False, accuracy: int = 4
+) -> Path:
     """The builder's export of ``checkpoint(layers)`` (pruned lm_head unless ``pruned`` is false).
 
     ``kv16``: a folder beside it whose graph declares a float16 KV cache (``models.kv_dtype``),
@@ -84,13 +86,17 @@ def model(layers: int, precision: str = "int4", *, pruned: bool = True, kv16: bo
         return out
 
     source = checkpoint(layers)
-    out = MODELS_DIR / f"phi3-mini-shape-{layers}l-{precision}{'' if pruned else '-full'}"
+    suffix = ("" if pruned else "-full") + ("" if accuracy == 4 else f"-acc{accuracy}")
+    out = MODELS_DIR / f"phi3-mini-shape-{layers}l-{precision}{suffix}"
     if hf_export.fresh(out / "genai_config.json", source):
         return out
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     print(f"building {out.name} ...", file=sys.stderr, flush=True)
-    builder.build(source, partial, precision, {"prune_lm_head": True} if pruned else None, quiet=True)
+    options: dict[str, object] = {"prune_lm_head": True} if pruned else {}
+    if accuracy != 4:
+        options["int4_accuracy_level"] = accuracy
+    builder.build(source, partial, precision, options or None, quiet=True)
     builder.set_eos(partial, fixtures.EOS_IDS)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
@@ -98,6 +104,7 @@ def model(layers: int, precision: str = "int4", *, pruned: bool = True, kv16: bo
 
 
 if __name__ == "__main__":
-    for spec in sys.argv[1:]:  # e.g. 2:int4 4:int4 2:int4:full
+    for spec in sys.argv[1:]:  # e.g. 2:int4 4:int4 2:int4:full 2:int4:acc1
         layers, precision, *rest = spec.split(":")
-        print(model(int(layers), precision, pruned=not rest), flush=True)
+        accuracy = int(rest[0][3:]) if rest and rest[0].startswith("acc") else 4
+        print(model(int(layers), precision, pruned="full" not in rest, accuracy=accuracy), flush=True)

@@ -37,8 +37,9 @@ _MiB = 1 << 20
 #: Anonymous bytes per byte of repacked weights file: onnxruntime's repacked copy (1.24 measured on
 #: Phi-3-mini-shaped int4 layers, docs/memory.md).
 WEIGHTS_FACTOR = 1.25
-#: File-backed bytes per byte of repacked weights file still read from the mapped model (0.30-0.39).
-MAPPED_FACTOR = 0.30
+#: File-backed bytes per byte of repacked weights file still read from the mapped model (fitted 0.16
+#: over 2-6 layers; the issue saw less at full size).
+MAPPED_FACTOR = 0.18
 #: Python, onnxruntime, tokenizer and libraries beyond the above (fitted: 36 MiB).
 RUNTIME_BYTES = 64 * _MiB
 #: A prefill row's intermediates, per unit of hidden size (fitted: 68 bytes at hidden 3072).
