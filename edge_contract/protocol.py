@@ -65,6 +65,7 @@ UpdateErrorCode = Literal[
     "size_mismatch",
     "sha256_mismatch",
     "disk_full",
+    "insufficient_memory",
     "download_interrupted",
     "model_load",
     "smoke_test_failed",

@@ -234,6 +234,7 @@ def _build(
         precision=precision,
         files=entries,
         memory_bytes=memory,
+        kv_bytes_per_token=_kv_bytes_per_token(out),
         smoke_test=smoke,
         created_at=now,
         expires_at=now + int(expires_days * 86400),
@@ -242,6 +243,13 @@ def _build(
     manifest.check_paths()
     (out / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def _kv_bytes_per_token(folder: Path) -> int:
+    """The model's KV cache per token of context: boxes check a release fits before downloading it."""
+    from agent.engine.memory_plan import model_shape
+
+    return model_shape(folder).kv_bytes_per_token
 
 
 def _model_files(source: Path) -> list[str]:
