@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 from agent.daemon.batching import BatchRunner, JobHooks
 from agent.daemon.faults import Backoff, StorageFaults
-from agent.daemon.outbox import Outbox
 from agent.daemon.outcome import Models, Outcome, blame
+from agent.daemon.replies import Sender
 from agent.daemon.results import error_result, log_job
 from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from agent.health.telemetry import JobStats
@@ -63,7 +63,7 @@ class Worker:
     def __init__(
         self,
         store: JobStore,
-        outbox: Outbox,
+        outbox: Sender,
         models: Models,
         *,
         device_id: str,
