@@ -114,13 +114,6 @@ class JobCounts(_Part):
     expired: int = 0
 
 
-class TransportCounts(_Part):
-    """Finished jobs that came over one transport, counted like ``JobsTelemetry``'s ``interval`` and ``total``."""
-
-    interval: JobCounts = Field(default_factory=JobCounts)
-    total: JobCounts = Field(default_factory=JobCounts)
-
-
 class JobsTelemetry(_Part):
     """Inference counters.
 
@@ -150,11 +143,11 @@ class JobsTelemetry(_Part):
     store_resets: int = Field(
         0, description="Corrupt job databases moved aside in state_dir (and not deleted since)."
     )
-    http: TransportCounts | None = Field(
+    http_total: int | None = Field(
         None,
         description=(
-            "Of the jobs counted above, those that came over the HTTP API (the rest came over MQTT); "
-            "null when [http] listen is unset."
+            "Of the jobs counted in total, those that came over the HTTP API, whatever their status "
+            "(the rest came over MQTT); null when [http] listen is unset."
         ),
     )
 

@@ -19,7 +19,7 @@ from collections import deque
 
 from agent.config import HealthThresholds
 from edge_contract.protocol import Health, HealthReason, JobStatus
-from edge_contract.telemetry import JobCounts, JobsTelemetry, Telemetry, TransportCounts, percentile
+from edge_contract.telemetry import JobCounts, JobsTelemetry, Telemetry, percentile
 
 # -- health ------------------------------------------------------------------------------------
 
@@ -77,7 +77,7 @@ class JobStats:
         self._lock = threading.Lock()
         self._interval = JobCounts()
         self._total = JobCounts()
-        self._http = TransportCounts() if http else None
+        self._http_total: int | None = 0 if http else None
         self._latencies: deque[float] = deque(maxlen=max_samples)
         self._speeds: deque[float] = deque(maxlen=max_samples)
         self._drafted = self._accepted = 0
@@ -104,9 +104,8 @@ class JobStats:
     def record_http(self, status: JobStatus) -> None:
         """Count one finished job as an HTTP one too (``record`` counts it among all jobs)."""
         with self._lock:
-            if self._http is not None:
-                for counts in (self._http.interval, self._http.total):
-                    setattr(counts, status, getattr(counts, status) + 1)
+            if self._http_total is not None:
+                self._http_total += 1
 
     def record_speculation(self, drafted: int, accepted: int) -> None:
         """Count one job's draft tokens and the ones accepted (from its ``Usage``)."""
@@ -128,10 +127,7 @@ class JobStats:
             self._drafted = self._accepted = self._slot_steps = self._busy_slot_steps = 0
             interval, self._interval = self._interval, JobCounts()
             total = self._total.model_copy()
-            http = None
-            if self._http is not None:
-                http = self._http.model_copy(deep=True)
-                self._http.interval = JobCounts()
+            http_total = self._http_total
             latencies = sorted(self._latencies)
             speeds = list(self._speeds)
             self._latencies.clear()
@@ -147,7 +143,7 @@ class JobStats:
             accepted_tokens=accepted,
             acceptance_rate=_round(accepted / drafted if drafted else None, 3),
             batch_occupancy=_round(busy / slots if slots else None, 3),
-            http=http,
+            http_total=http_total,
         )
 
 

@@ -345,7 +345,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             route()
         except ApiError as error:
-            self._send_error(error)
+            try:
+                self._send_error(error)
+            except OSError:  # the client is gone already
+                self.close_connection = True
         except _ClientGone:
             self.close_connection = True
         except Exception:  # a bug must not end the thread with nothing said
