@@ -89,12 +89,13 @@ class Box:
         return dict(found)
 
 
-def _box(agents, **jobs: Any) -> Box:  # type: ignore[no-untyped-def]
+def _box(agents, engine: dict[str, Any] | None = None, **jobs: Any) -> Box:  # type: ignore[no-untyped-def]
     port = free_port()
     agent = agents(
         fixture_path(MODEL),
         jobs={"max_tokens_limit": 4000, **jobs},
         http={"listen": f"127.0.0.1:{port}", "api_keys": [KEY]},
+        engine=engine,
     )
     agent.start()
     return Box(agent, port)
@@ -238,7 +239,10 @@ def test_curl_sse(box: Box) -> None:
     assert text == whole.choices[0].message.content and text
 
 
-def test_eight_concurrent_streams_all_complete(box: Box) -> None:
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_eight_concurrent_streams_all_complete(agents, max_batch: int) -> None:  # type: ignore[no-untyped-def]
+    """One at a time, or decoded together in batches of four: the same answers, every stream complete."""
+    box = _box(agents, engine={"max_batch": max_batch})
     client = box.openai()
     expected = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=48)  # type: ignore[arg-type]
     texts: dict[int, str] = {}

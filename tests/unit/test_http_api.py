@@ -239,6 +239,21 @@ def test_http_config_needs_keys_off_loopback() -> None:
             HTTPConfig(listen=listen)
 
 
+def test_the_config_file_refuses_an_open_listener_without_keys(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from agent.errors import ConfigError
+
+    base = 'device_id = "b"\nstate_dir = "/tmp/s"\n[model]\npath = "/tmp/m"\n[mqtt]\nallow_plaintext = true\n'
+    path = tmp_path / "agent.toml"
+    path.write_text(base + '[http]\nlisten = "0.0.0.0:8080"\n')
+    with pytest.raises(ConfigError, match=r"http: .*reachable from other machines: set api_keys"):
+        load_config(path)
+    path.write_text(base + f'[http]\nlisten = "0.0.0.0:8080"\napi_keys = ["{KEY}"]\n')
+    assert load_config(path).http.listen == "0.0.0.0:8080"
+    path.write_text(base)
+    assert load_config(path).http.listen is None  # no [http]: no server
+
+
 @pytest.mark.parametrize("listen", ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "http://127.0.0.1:80"])
 def test_http_listen_needs_host_and_port(listen: str) -> None:
     with pytest.raises(ValidationError, match="HOST:PORT"):
