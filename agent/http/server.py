@@ -15,8 +15,9 @@ open connection, at most ``[http] max_connections`` of them (more are answered
    the dialect's answer: SSE ``data:`` lines ending ``data: [DONE]``, NDJSON
    lines, or one JSON object; an error before anything was sent is the
    matching HTTP status (400, 413, 429 or 503 with ``Retry-After``, 500);
-4. watches its connection while it waits: a client that goes away has its
-   job canceled through the intake, so the next request is served at once.
+4. blocks on its queue while it waits (no polling); one watcher thread
+   (epoll) tells it when its client closes the connection, and the job is
+   canceled through the intake, so the next request is served at once.
 
 No exception from a request ends a thread or the process: each is logged and
 answered 500 when the answer has not started.
@@ -48,12 +49,10 @@ from agent.errors import ConfigError
 from agent.health.telemetry import JobStats
 from agent.http import api
 from agent.http.api import ApiError, Call
-from edge_contract.protocol import Chunk, ModelRef, Result
+from edge_contract.protocol import ModelRef, Result
 
 log = logging.getLogger(__name__)
 
-#: How often a waiting request looks whether its client is still there, seconds.
-_WATCH_S = 0.05
 #: An idle keep-alive connection (or a client that stops reading) is closed after this long, seconds.
 _IDLE_S = 60.0
 
@@ -70,8 +69,75 @@ class _Closed:
     """The agent shuts down: no result will come."""
 
 
+@dataclass(frozen=True)
+class _Gone:
+    """The client closed its connection."""
+
+
 _CLOSED = _Closed()
-_Item = str | Result | _Closed  # a chunk's text, the result, or the end
+_GONE = _Gone()
+_Item = str | Result | _Closed | _Gone  # a chunk's text, the result, or the end
+
+
+class _Watcher:
+    """One thread that watches the connections of waiting requests (epoll), so no request polls.
+
+    A request waiting for its job blocks on its queue; when its client closes
+    the connection, the watcher puts ``_GONE`` there.  Each connection is
+    watched once (``EPOLLONESHOT``): data from the client (a pipelined request)
+    ends the watch without a verdict.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()
+        self._watched: dict[int, tuple[socket.socket, queue.SimpleQueue[_Item]]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="edge-agent-http-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, sock: socket.socket, waiter: queue.SimpleQueue[_Item]) -> None:
+        fd = sock.fileno()
+        with self._lock:
+            self._watched[fd] = (sock, waiter)
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        """Stop watching (before the socket is closed: its number may be reused)."""
+        with self._lock:
+            fd = sock.fileno()
+            if self._watched.pop(fd, None) is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                events = self._epoll.poll(1.0)
+                for fd, mask in events:
+                    with self._lock:
+                        entry = self._watched.pop(fd, None)
+                        if entry is not None:
+                            with contextlib.suppress(OSError):
+                                self._epoll.unregister(fd)
+                    if entry is not None and _closed_by_peer(entry[0], mask):
+                        entry[1].put(_GONE)
+            except Exception:  # never let the watcher die: requests would wait for nothing
+                log.exception("HTTP: the connection watcher failed")
+
+
+def _closed_by_peer(sock: socket.socket, mask: int) -> bool:
+    if mask & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+        return True
+    try:  # readable: a close shows as nothing left to read
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class HTTPSink:
@@ -100,8 +166,8 @@ class HTTPSink:
     def chunk(self, address: str, payload: bytes) -> None:
         with self._lock:
             waiter = self._waiters.get(address)
-        if waiter is not None:
-            waiter.put(Chunk.model_validate_json(payload).text)
+        if waiter is not None:  # the worker's own Chunk JSON: its text is all that is needed
+            waiter.put(str(json.loads(payload)["text"]))
 
     def result(self, address: str, payload: str) -> None:
         result = Result.model_validate_json(payload)
@@ -183,6 +249,7 @@ class HTTPServer:
         self.inbox = inbox
         self.model = model
         self.sink = HTTPSink(stats)
+        self.watcher = _Watcher()
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
         self.overloaded_retry_s = overloaded_retry_s
@@ -222,6 +289,7 @@ class HTTPServer:
     def close(self) -> None:
         """Answer every waiting request (no result will come) and close the socket."""
         self.sink.close()
+        self.watcher.close()
         self._server.server_close()
 
     def authorized(self, header: str | None) -> bool:
@@ -292,27 +360,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
 
-    def _write_chunk(self, data: bytes) -> None:
+    def _write_chunk(self, data: bytes, *, last: bool = False) -> None:
+        """One chunk of a chunked body (``last``: and the body's end, in the same write)."""
         try:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%X\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b""))
         except OSError as exc:  # BrokenPipe, ConnectionReset, a client that stopped reading
             raise _ClientGone() from exc
-
-    def _end_stream(self) -> None:
-        try:
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError as exc:
-            raise _ClientGone() from exc
-
-    def _client_gone(self) -> bool:
-        """True when the client closed its side (a readable socket with nothing left to read)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return False
-            return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
-        except (OSError, ValueError):
-            return True
 
     # -- methods -----------------------------------------------------------------------------------
 
@@ -471,6 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
         job_id = "http-" + uuid.uuid4().hex
         address = local_address(job_id)
         waiter = server.sink.open(address)
+        server.watcher.watch(self.connection, waiter)
         try:
             try:
                 decision = server.inbox.submit(intake.Submission(job_id, {**call.job, "id": job_id}, address))
@@ -495,16 +549,15 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("HTTP job %s: cannot cancel it", job_id)
             raise
         finally:
+            server.watcher.unwatch(self.connection)
             server.sink.forget(address)
 
-    def _next(self, waiter: queue.SimpleQueue[_Item]) -> _Item:
+    def _next(self, waiter: queue.SimpleQueue[_Item]) -> Result | str | _Closed:
         """The next chunk or the result; raises ``_ClientGone`` when the client leaves meanwhile."""
-        while True:
-            try:
-                return waiter.get(timeout=_WATCH_S)
-            except queue.Empty:
-                if self._client_gone():
-                    raise _ClientGone() from None
+        item = waiter.get()
+        if isinstance(item, _Gone):
+            raise _ClientGone()
+        return item
 
     def _job_error(self, call: Call, result: Result | _Closed) -> ApiError:
         if isinstance(result, _Closed):
@@ -539,39 +592,60 @@ class _Handler(BaseHTTPRequestHandler):
         self._start_stream("text/event-stream" if sse else "application/x-ndjson")
         first = True
         while True:
-            if isinstance(item, str):
-                if sse:
-                    self._event(api.openai_chunk(call, job_id, created, item, first=first))
+            # What came meanwhile goes out in one write: a client that reads slower than the
+            # model writes costs fewer system calls, never more.
+            out: list[bytes] = []
+            ended = False
+            while True:
+                if isinstance(item, str):
+                    if sse:
+                        out.append(_event(api.openai_chunk(call, job_id, created, item, first=first)))
+                    else:
+                        out.append(_line(api.ollama_piece(call, item)))
+                    first = False
                 else:
-                    self._line(api.ollama_piece(call, item))
-                first = False
-            elif isinstance(item, _Closed) or item.status != "succeeded":
-                error = self._job_error(call, item)
-                if sse:
-                    self._event(api.openai_error(error))
-                else:
-                    self._line(api.ollama_error(error))
-                break
-            else:
-                if sse:
-                    if first:  # nothing was streamed (an empty answer): still open the assistant's turn
-                        self._event(api.openai_chunk(call, job_id, created, "", first=True))
-                    self._event(api.openai_chunk(call, job_id, created, "", finish=item.finish_reason))
-                    if call.include_usage:
-                        self._event(api.openai_usage_chunk(call, job_id, created, item))
-                else:
-                    self._line(api.ollama_final(call, item))
-                break
+                    out += self._ending(call, job_id, created, item, sse=sse, first=first)
+                    ended = True
+                    break
+                try:
+                    got = waiter.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(got, _Gone):
+                    raise _ClientGone()
+                item = got
+            self._write_chunk(b"".join(out), last=ended)
+            if ended:
+                return
             item = self._next(waiter)
+
+    def _ending(
+        self, call: Call, job_id: str, created: int, item: Result | _Closed, *, sse: bool, first: bool
+    ) -> list[bytes]:
+        """The last events of a stream: the finish (and usage), or the error; then SSE's [DONE]."""
+        out = []
+        if isinstance(item, _Closed) or item.status != "succeeded":
+            error = self._job_error(call, item)
+            out.append(_event(api.openai_error(error)) if sse else _line(api.ollama_error(error)))
+        elif sse:
+            if first:  # nothing was streamed (an empty answer): still open the assistant's turn
+                out.append(_event(api.openai_chunk(call, job_id, created, "", first=True)))
+            out.append(_event(api.openai_chunk(call, job_id, created, "", finish=item.finish_reason)))
+            if call.include_usage:
+                out.append(_event(api.openai_usage_chunk(call, job_id, created, item)))
+        else:
+            out.append(_line(api.ollama_final(call, item)))
         if sse:
-            self._write_chunk(b"data: [DONE]\n\n")
-        self._end_stream()
+            out.append(b"data: [DONE]\n\n")
+        return out
 
-    def _event(self, body: dict[str, Any]) -> None:
-        self._write_chunk(b"data: " + json.dumps(body).encode() + b"\n\n")
 
-    def _line(self, body: dict[str, Any]) -> None:
-        self._write_chunk(json.dumps(body).encode() + b"\n")
+def _event(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _line(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode() + b"\n"
 
 
 def _openai_chat(body: Any, _limit: int) -> Call:
