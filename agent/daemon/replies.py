@@ -92,7 +92,10 @@ class Replies:
         if not is_local(topic):
             return self._publish_chunk(topic, payload, correlation)
         if self._local is not None:
-            self._local.chunk(topic, payload)
+            try:
+                self._local.chunk(topic, payload)
+            except Exception:  # a fault of the HTTP side must not disturb the worker
+                log.exception("handing a chunk to the HTTP server failed (%s)", topic)
         return None
 
     def send_result(
@@ -121,7 +124,10 @@ class Replies:
         if self._local is None:
             log.debug("no HTTP server to take the result for %s: dropped", address)
             return
-        self._local.result(address, payload)
+        try:
+            self._local.result(address, payload)
+        except Exception:  # a fault of the HTTP side must not disturb the worker or the intake
+            log.exception("handing a result to the HTTP server failed (%s)", address)
 
 
 def cancel_local_orphans(

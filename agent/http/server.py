@@ -249,7 +249,6 @@ class HTTPServer:
         self.inbox = inbox
         self.model = model
         self.sink = HTTPSink(stats)
-        self.watcher = _Watcher()
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
         self.overloaded_retry_s = overloaded_retry_s
@@ -264,6 +263,7 @@ class HTTPServer:
                 f"http.listen: cannot listen on {config.listen} ({exc.strerror or exc}): "
                 "choose a free port of an address of this machine"
             ) from None
+        self.watcher = _Watcher()
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.2},

@@ -431,3 +431,22 @@ def test_a_storage_error_is_not_swallowed_by_submit(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         inbox.submit(Submission("http-1", job, local_address("http-1")))
     assert faults.total >= 1
+
+
+def test_a_faulty_http_sink_does_not_disturb_the_worker(tmp_path: Path) -> None:
+    class Broken:
+        def chunk(self, address: str, payload: bytes) -> None:
+            raise RuntimeError("a bug")
+
+        def result(self, address: str, payload: str) -> None:
+            raise RuntimeError("a bug")
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.accept("http-1", "{}", local_address("http-1"), None, deadline=None)
+    store.finish("http-1", "{}")
+    replies = Replies(_MQTT(), lambda t, p, c: None, store, StorageFaults())
+    replies.attach(Broken())
+    replies.publish_chunk(local_address("http-1"), b"chunk", None)
+    assert replies.send_result("http-1", local_address("http-1"), None, "result").done()
+    job = store.get("http-1")
+    assert job is not None and job.delivered  # the bookkeeping went on
