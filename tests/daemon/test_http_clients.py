@@ -363,3 +363,14 @@ def test_telemetry_counts_http_jobs(box: Box, caller) -> None:  # type: ignore[n
     wait_until(counted, timeout=30, what="telemetry counting both jobs")
     last = next(j for j in seen if j["total"]["succeeded"] >= 2)
     assert last["http_total"] == 1  # the HTTP one; the other came over MQTT
+
+
+def test_apps_on_the_box_are_served_while_the_broker_is_away(box: Box, broker) -> None:  # type: ignore[no-untyped-def]
+    """HTTP needs no broker: an app one process away keeps its model when the fleet's link is down."""
+    client = box.openai()
+    before = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
+    broker.stop()
+    wait_until(lambda: "disconnected from broker" in box.agent.log_text(), what="the agent to notice")
+    during = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
+    assert during.choices[0].message.content == before.choices[0].message.content
+    assert during.choices[0].finish_reason == "length"
