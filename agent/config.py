@@ -8,6 +8,7 @@ and nowhere else; an invalid value fails at start with the key named.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -17,8 +18,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -29,7 +32,7 @@ from agent.link.options import MQTTConfig as MQTTConfig
 from agent.link.options import TLSConfig as TLSConfig
 from agent.updates.options import UpdateConfig as UpdateConfig
 from edge_contract.errors import ConfigError
-from edge_contract.names import RESERVED_NAMES, topic_safe
+from edge_contract.names import RESERVED_NAMES, parse_endpoint, topic_safe
 from edge_contract.params import MaxTokens
 
 
@@ -85,6 +88,86 @@ class JobsConfig(_Section):
     )
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) names this machine's loopback interface only."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HTTPConfig(_Section):
+    """``[http]``: the OpenAI- and Ollama-compatible HTTP API on the box (see docs/http-api.md)."""
+
+    listen: str | None = Field(
+        None,
+        description=(
+            "HOST:PORT (or [IPV6]:PORT) to serve the HTTP API on, e.g. '127.0.0.1:8080' for apps on this "
+            "box. Unset: no HTTP server. Any address other than loopback needs api_keys. Its jobs go "
+            "through the same queue and limits as MQTT jobs."
+        ),
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Bearer tokens a request must carry (Authorization: Bearer KEY), 16-256 printable characters "
+            "each; compared in constant time and never logged. Required unless listen is a loopback "
+            "address; empty on loopback: no key asked. Better from the environment: "
+            "EDGE_AGENT_HTTP__API_KEYS='[\"...\"]'."
+        ),
+    )
+    max_connections: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description=(
+            "Open connections served at once (each holds a thread); more are answered 503 at once. "
+            "Jobs beyond [jobs] max_queue are refused as for MQTT (429)."
+        ),
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_endpoint(value, 0)  # no default port: one must be given
+            except ValueError:
+                raise ValueError(f"{value!r}: give HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:8080") from None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for index, key in enumerate(keys):
+            text = key.get_secret_value()
+            if not 16 <= len(text) <= 256 or not text.isprintable() or " " in text:
+                raise ValueError(f"entry {index}: a key is 16-256 printable characters without spaces")
+        return keys
+
+    @model_validator(mode="after")
+    def _keys_off_loopback(self) -> HTTPConfig:
+        if self.listen is not None and not self.api_keys and not is_loopback(self.endpoint[0]):
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable from other machines: set api_keys "
+                '(api_keys = ["<a long random key>"], e.g. from `openssl rand -hex 24`), '
+                "or listen on 127.0.0.1"
+            )
+        return self
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """(host, port) to bind; only meaningful when ``listen`` is set."""
+        assert self.listen is not None
+        return parse_endpoint(self.listen, 0)
+
+
 class AgentConfig(BaseSettings):
     """Everything the daemon needs, from the TOML file and ``EDGE_AGENT_*`` variables."""
 
@@ -102,6 +185,7 @@ class AgentConfig(BaseSettings):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     health: HealthThresholds = Field(default_factory=HealthThresholds)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
 
     _names_ok = field_validator("device_id", "group")(lambda v: v if v is None else topic_safe(v))
 

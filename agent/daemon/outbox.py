@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from typing import Protocol
 
 from agent.daemon.faults import StorageFaults, storage_backoff
+from agent.daemon.replies import is_local
 from agent.jobs.store import JobStore
 from edge_contract.errors import LinkError
 
@@ -135,6 +136,8 @@ class Outbox:
         with self._lock:
             in_flight = {job_id for job_id, _ack in self._pending.values()}
         for job in undelivered:
+            if is_local(job.reply_topic):  # an HTTP job's: its client took it or is gone, never the broker's
+                continue
             if job.id not in in_flight and job.id not in self._unmarked and job.result is not None:
                 self.send_result(job.id, job.reply_topic, job.correlation, job.result)
 

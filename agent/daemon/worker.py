@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 from agent.daemon.batching import BatchRunner
 from agent.daemon.faults import StorageFaults, storage_backoff
 from agent.daemon.hooks import PREFILL_ALLOWANCE_S_PER_TOKEN, JobHooks
-from agent.daemon.outbox import Outbox
 from agent.daemon.outcome import Models, Outcome, blame
+from agent.daemon.replies import Sender
 from agent.daemon.results import error_result, log_job
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
@@ -60,7 +60,7 @@ class Worker:
     def __init__(
         self,
         store: JobStore,
-        outbox: Outbox,
+        outbox: Sender,
         models: Models,
         *,
         device_id: str,

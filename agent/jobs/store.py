@@ -159,6 +159,14 @@ class JobStore:
             ).fetchone()
             return int(count)
 
+    def open_jobs(self) -> list[StoredJob]:
+        """Jobs queued or running, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq"
+            ).fetchall()
+            return [_row(r) for r in rows]
+
     def claim_next(self) -> StoredJob | None:
         """Mark the oldest queued job running and return it.
 

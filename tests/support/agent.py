@@ -57,6 +57,7 @@ class AgentProcess:
         health: dict[str, Any] | None = None,
         update: dict[str, Any] | None = None,
         engine: dict[str, Any] | None = None,
+        http: dict[str, Any] | None = None,
         model_version: str | None = None,
         identity: Identity | None = None,
     ) -> None:
@@ -97,6 +98,8 @@ class AgentProcess:
         lines += ["[update]"] + [f"{k} = {json.dumps(v)}" for k, v in (update or {}).items()]
         if engine:
             lines += ["[engine]"] + [f"{k} = {json.dumps(v)}" for k, v in engine.items()]
+        if http:
+            lines += ["[http]"] + [f"{k} = {json.dumps(v)}" for k, v in http.items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
