@@ -234,9 +234,14 @@ class Health(_Wire):
 
 
 class Status(_Wire):
-    """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false."""
+    """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false.
+
+    ``revoked``: published (retained) by the operator's ``edge-fleet revoke``, never by the box:
+    the box's own status and Last Will are refused from then on, so this one stays.
+    """
 
     online: bool
+    revoked: bool = False
     device_id: str | None = None
     group: str | None = None
     agent_version: str | None = None

@@ -63,6 +63,7 @@ class DeviceRow:
     tok_s: float | None
     last_seen: float
     offline_since: float | None = None
+    revoked: bool = False  # `edge-fleet revoke` published so (retained)
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict."""
@@ -152,6 +153,7 @@ class FleetView:
             tok_s=tele.jobs.decode_tok_s if tele else None,
             last_seen=device.last_seen,
             offline_since=device.offline_since if status is not None and not status.online else None,
+            revoked=bool(status and status.revoked),
         )
 
     def rows(self, group: str | None = None) -> list[DeviceRow]:
@@ -173,6 +175,7 @@ class FleetView:
         return {
             "devices": len(rows),
             "online": sum(1 for r in rows if r.online),
+            **({"revoked": revoked} if (revoked := sum(1 for r in rows if r.revoked)) else {}),
             "degraded": sum(1 for r in rows if r.health == "degraded"),
             "updating": sum(phases[p] for p in ("downloading", "verifying", "testing", "activating")),
             "failed": phases["failed"] + phases["rolled_back"],

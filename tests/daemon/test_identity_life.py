@@ -1,0 +1,163 @@
+"""Issue 24: a box's life after its identity was made — revoke and move lose no job.
+
+Against a real mosquitto started from ``edge-fleet broker init``'s output and real
+agents.  mosquitto keeps a revoked or moved box's persistent session (and its
+``$share/G/…`` subscription) whatever the rules say; ``revoke`` and ``move`` settle it
+(``edge_fleet.sessions``).  Every count of answered jobs is the positive control of
+the claim that nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_fleet.cli import main as fleet_cli
+from tests.daemon.test_identity import REPLIES, _answered, _job, _operator
+from tests.support.broker import Broker
+from tests.support.pki import Fleet
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _operator_flags(broker: Broker) -> list[str]:
+    """``--broker`` (the operators' listener) and the TLS flags, without ``--admin-port``."""
+    flags = broker.admin_flags()
+    at = flags.index("--admin-port")
+    return flags[:at] + flags[at + 2 :]
+
+
+def _status(broker: Broker, capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, object]]:
+    capsys.readouterr()
+    assert fleet_cli(["status", "--json", "--wait", "2", *_operator_flags(broker)]) == 0
+    return {row["device"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+
+
+def test_revoke_ends_the_session_and_the_group_answers_every_job(
+    tls_broker: Broker, fleet: Fleet, agents, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    for name in ("box-a", "box-b", "box-r", "box-s"):
+        fleet.device(name, group="g1")
+    members = {
+        name: agents(on=tls_broker, device_id=name, group="g1")
+        for name in ("box-a", "box-b", "box-r", "box-s")
+    }
+    for agent in members.values():
+        agent.start()
+    # box-s goes offline: its session (and its share of g1) stays on the broker.
+    assert members["box-s"].terminate() == 0
+    caller = _operator(tls_broker, fleet)
+    try:
+        # box-r revoked while its agent runs, box-s while it is stopped.
+        for name in ("box-r", "box-s"):
+            assert fleet_cli(["revoke", name, *tls_broker.admin_flags()]) == 0
+            assert f"revoked {name}" in capsys.readouterr().out
+        wait_until(
+            lambda: (
+                "refused the subscription to $share/g1/edge/groups/g1/jobs" in members["box-r"].log_text()
+            ),
+            what="the revoked agent to come back and be refused",
+        )
+        jobs = [f"after-revoke-{i}" for i in range(30)]
+        for job_id in jobs:
+            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        assert _answered(caller, jobs, timeout=240) == 30, "the other members answer every group job"
+
+        # Revoked, visibly, in `status` (the box's own status is refused from now on) ...
+        rows = _status(tls_broker, capsys)
+        assert rows["box-r"]["revoked"] is True and rows["box-r"]["online"] is False
+        assert rows["box-s"]["revoked"] is True
+        assert rows["box-a"]["revoked"] is False and rows["box-a"]["online"] is True  # the control
+        # ... and in `devices`, and still after a broker restart (retained, persisted).
+        tls_broker.stop()
+        tls_broker.start()
+        rows = _status(tls_broker, capsys)
+        assert rows["box-r"]["revoked"] is True and rows["box-s"]["revoked"] is True
+        assert fleet_cli(["devices", "--json", "--wait", "2", *_operator_flags(tls_broker)]) == 0
+        inventory = {r["device"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+        assert inventory["box-r"]["revoked"] is True and inventory["box-a"]["revoked"] is False
+    finally:
+        caller.close()
+
+
+def test_a_move_while_offline_loses_no_job_of_the_old_group(
+    tls_broker: Broker, fleet: Fleet, agents, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    fleet.device("box-a", group="g1")
+    fleet.device("box-b", group="g1")
+    box_a = agents(on=tls_broker, device_id="box-a", group="g1")
+    box_b = agents(on=tls_broker, device_id="box-b", group="g1")
+    box_a.start()
+    box_b.start()
+    assert box_b.terminate() == 0
+    caller = _operator(tls_broker, fleet)
+    try:
+        # While box-b is away: its own jobs, and group jobs (some queue in box-b's session).
+        own = ["own-1", "own-2"]
+        for job_id in own:
+            caller.send("edge/box-b/jobs", _job(job_id), response_topic=REPLIES)
+        before = [f"before-move-{i}" for i in range(10)]
+        for job_id in before:
+            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        assert fleet_cli(["move", "box-b", "--group", "g2", *tls_broker.admin_flags()]) == 0
+        assert "left g1" in capsys.readouterr().out
+        after = [f"after-move-{i}" for i in range(20)]
+        for job_id in after:
+            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        assert _answered(caller, after, timeout=240) == 20, "every job sent to g1 after the move"
+        assert _answered(caller, before, timeout=120) == 10, "and those held in box-b's session"
+
+        # box-b comes back on g2: its own jobs waited for it; g2's jobs reach it.
+        moved = agents(on=tls_broker, device_id="box-b", group="g2")
+        moved.workdir, moved.state_dir = box_b.workdir, box_b.state_dir
+        moved.config.write_text(box_b.config.read_text().replace('group = "g1"', 'group = "g2"'))
+        moved.start()
+        caller.send("edge/groups/g2/jobs", _job("g2-1"), response_topic=REPLIES)
+        assert _answered(caller, [*own, "g2-1"]) == 3
+    finally:
+        caller.close()
+
+
+def test_a_move_while_online_loses_no_job_of_the_old_group(
+    tls_broker: Broker, fleet: Fleet, agents: Any
+) -> None:
+    fleet.device("box-a", group="g1")
+    fleet.device("box-b", group="g1")
+    box_a = agents(on=tls_broker, device_id="box-a", group="g1")
+    box_b = agents(on=tls_broker, device_id="box-b", group="g1")
+    box_a.start()
+    box_b.start()
+    caller = _operator(tls_broker, fleet)
+    try:
+        # box-b's agent.toml still says g1: it comes back, asks for g1's share again, and is refused.
+        assert fleet_cli(["move", "box-b", "--group", "g2", *tls_broker.admin_flags()]) == 0
+        wait_until(
+            lambda: "refused the subscription to $share/g1/edge/groups/g1/jobs" in box_b.log_text(),
+            what="the moved agent to come back under the new rules",
+        )
+        jobs = [f"online-move-{i}" for i in range(20)]
+        for job_id in jobs:
+            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        assert _answered(caller, jobs, timeout=240) == 20
+        caller.send("edge/box-b/jobs", _job("own-after-move"), response_topic=REPLIES)
+        assert _answered(caller, ["own-after-move"]) == 1, "box-b itself still serves (the control)"
+    finally:
+        caller.close()
+
+
+def test_identity_commands_refuse_the_devices_port_as_the_operators_listener(
+    tls_broker: Broker, fleet: Fleet, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fleet.device("box-q", group="g1")
+    flags = tls_broker.admin_flags()
+    flags[flags.index("--broker") + 1] = f"{tls_broker.host}:{tls_broker.port}"
+    assert fleet_cli(["revoke", "box-q", *flags]) == 1
+    assert "is the devices' listener" in capsys.readouterr().err
+    # `identities` needs only the devices' listener: --broker HOST:PORT is kept (no --admin-port).
+    at = flags.index("--admin-port")
+    assert fleet_cli(["identities", "--json", *flags[:at], *flags[at + 2 :]]) == 0
+    assert "box-q" in capsys.readouterr().out
