@@ -92,6 +92,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     init.add_argument("--force", action="store_true", help="rewrite an existing setup (keeps data/)")
     init.set_defaults(func=init_command)
+    from .retained import register as register_sweep
+
+    register_sweep(broker_sub)
 
 
 def init_command(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import pytest
 
 from edge_fleet.cli import main as fleet_cli
 from tests.daemon.test_identity import REPLIES, _answered, _job, _operator
+from tests.daemon.test_security import ACCEPTED, Probe
 from tests.support.broker import Broker
 from tests.support.pki import Fleet
 from tests.support.wait import wait_until
@@ -161,3 +162,39 @@ def test_identity_commands_refuse_the_devices_port_as_the_operators_listener(
     at = flags.index("--admin-port")
     assert fleet_cli(["identities", "--json", *flags[:at], *flags[at + 2 :]]) == 0
     assert "box-q" in capsys.readouterr().out
+
+
+def _retained(broker: Broker, fleet: Fleet, topic_filter: str) -> set[str]:
+    """Topics holding a retained message under ``topic_filter`` (a fresh subscriber's burst, ended by a
+    marker the same client publishes after subscribing)."""
+    probe = Probe(broker, fleet.operator)
+    try:
+        assert probe.first_outcome() == "connected"
+        assert probe.subscribe(topic_filter, "edge/marker/retained-probe") == ["Granted QoS 1"] * 2
+        probe.publish("edge/marker/retained-probe", b"m")
+        return {t for t in probe.received_until("edge/marker/retained-probe") if "marker" not in t}
+    finally:
+        probe.close()
+
+
+def test_retained_messages_where_devices_have_no_reason_to_retain_are_cleared(
+    tls_broker: Broker, fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    device = Probe(tls_broker, fleet.device("box-x"), name="box-x")
+    try:
+        assert device.first_outcome() == "connected"
+        flooded = [f"edge/replies/flood-{i}" for i in range(5)] + [
+            "edge/box-x/results/r1",
+            "edge/box-x/telemetry",
+        ]
+        for topic in flooded:
+            assert device.publish(topic, b"x" * 1024, retain=True) in ACCEPTED
+        assert device.publish("edge/box-x/status", b'{"online": true}', retain=True) in ACCEPTED
+        assert set(flooded) <= _retained(tls_broker, fleet, "edge/#"), "the broker kept them"
+        assert fleet_cli(["broker", "sweep", *_operator_flags(tls_broker)]) == 0
+        assert f"cleared {len(flooded)} retained" in capsys.readouterr().out
+        assert _retained(tls_broker, fleet, "edge/#") == {"edge/box-x/status"}, (
+            "its status stays (the control)"
+        )
+    finally:
+        device.close()
