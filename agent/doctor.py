@@ -12,7 +12,9 @@ subscriptions (own and group topics) the broker must grant, that the model loads
 token, and the job database (intact, writable, or moved aside as corrupt by the agent).
 
 Run it with the agent stopped: a running agent holds the model in memory, which
-the memory check would then count twice.
+the memory check would then count twice.  With the agent running, the login check
+does not log in (that would take the agent's session): it reports the agent's own
+link (``agent.link.presence``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from agent.engine.model_folder import ModelFolder
 from agent.errors import AgentError
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
+from agent.link.presence import read_link, running_agent
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 from agent.updates.store import ModelStore
 from edge_contract.protocol import Topics
@@ -412,7 +415,12 @@ def check_login(config: AgentConfig, *, timeout_s: float = 5.0) -> Check:
     """An MQTT CONNECT as the box on each broker, and a SUBSCRIBE to every topic the agent needs.
 
     ``fail`` names the refusal (CONNACK or SUBACK reason, in words, with the fix) on any broker.
+    With the agent running, no login at all: it would take the agent's session (the client id is
+    the certificate's name) — the running agent's own link state is reported instead.
     """
+    pid = running_agent(config.state_dir)
+    if pid is not None:
+        return running_login(config, pid)
     wanted = agent_subscriptions(config)
     details, failed = [], False
     for host, port in config.mqtt.endpoints:
@@ -430,6 +438,27 @@ def check_login(config: AgentConfig, *, timeout_s: float = 5.0) -> Check:
                 f"{where} login as {config.device_id} accepted, {len(report.granted)} subscriptions granted"
             )
     return Check(name="login", status="fail" if failed else "ok", detail="; ".join(details))
+
+
+def running_login(config: AgentConfig, pid: int) -> Check:
+    """The login check from a running agent's ``link.json`` (``agent.link.presence``)."""
+    state = read_link(config.state_dir)
+    head = f"the agent (pid {pid}) is running, so doctor did not log in (that would take its session)"
+    if state is None:
+        return Check(name="login", status="warn", detail=f"{head}; it has not reported its link yet")
+    if state.refused:
+        refused = "; ".join(f"{topic} refused: {why}" for topic, why in state.refused.items())
+        return Check(name="login", status="fail", detail=f"{head}; {refused}")
+    if not state.connected:
+        return Check(
+            name="login",
+            status="fail",
+            detail=f"{head}; it is not connected: {state.problem or 'no reason known'}",
+        )
+    detail = f"{head}; connected to {state.endpoint} as {config.device_id}, {len(state.granted)} subscriptions granted"
+    if state.problem:
+        return Check(name="login", status="warn", detail=f"{detail}; {state.problem}")
+    return Check(name="login", status="ok", detail=detail)
 
 
 def served_model(config: AgentConfig) -> Path:

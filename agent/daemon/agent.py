@@ -22,6 +22,7 @@ from agent.errors import StorageError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
+from agent.link.presence import AgentLock, LinkRecorder
 from agent.updates.manifest import MAX_MANIFEST_BYTES
 from agent.updates.updater import Updater
 from edge_contract.protocol import ModelState, Topics
@@ -46,6 +47,9 @@ class Agent:
         self.config = config
         self.topics = topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
         self.store, self.store_moved = open_store(config.state_dir / "jobs.sqlite3")
+        # Held for the agent's life: a second agent is refused, `doctor` knows not to log in.
+        self.lock = AgentLock(config.state_dir)
+        self.lock.acquire()
         self.faults = StorageFaults()
         self.stats = JobStats()
         # Loads the active model (or falls back to the previous or configured one).
@@ -80,6 +84,7 @@ class Agent:
             on_connect=self._on_connect,
             payload_limits=limits,
             subscriptions_file=config.state_dir / "subscriptions.json",
+            recorder=LinkRecorder(config.state_dir),
         )
         self.outbox = Outbox(self.link, self.store, self.faults)
         self.worker = Worker(
@@ -164,6 +169,7 @@ class Agent:
         self._drain_acks(timeout=3.0)
         self.link.stop(final=(self.topics.status, offline_status(self.config)))
         self.store.close()
+        self.lock.release()
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop taking jobs; let the running one finish within ``grace_s`` (default: from config)."""

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from edge_fleet.cli import main as fleet_cli
-from tests.daemon.test_identity import REPLIES, _answered, _job, _operator
+from tests.daemon.test_identity import REPLIES, _answered, _doctor, _job, _login_line, _operator
 from tests.daemon.test_security import ACCEPTED, Probe
 from tests.support.broker import Broker
 from tests.support.pki import Fleet
@@ -198,3 +198,36 @@ def test_retained_messages_where_devices_have_no_reason_to_retain_are_cleared(
         )
     finally:
         device.close()
+
+
+def test_doctor_leaves_a_running_agent_alone_and_a_takeover_is_named(
+    tls_broker: Broker, fleet: Fleet, agents: Any
+) -> None:
+    fleet.device("box-d", group="g4")
+    agent = agents(on=tls_broker, device_id="box-d", group="g4")
+    agent.start()
+    caller = _operator(tls_broker, fleet)
+    try:
+        wait_until(lambda: (agent.state_dir / "link.json").exists(), what="the agent to report its link")
+        proc = _doctor(agent.config)
+        line = _login_line(proc)
+        assert line.startswith("ok") and "is running, so doctor did not log in" in line, proc.stdout
+        assert "subscriptions granted" in line
+        caller.send("edge/box-d/jobs", _job("after-doctor"), response_topic=REPLIES)
+        assert _answered(caller, ["after-doctor"]) == 1
+        assert "disconnected from broker" not in agent.log_text(), "doctor did not disturb it"
+        # Another connection with box-d's certificate takes the session: said in those words.
+        clone = Probe(tls_broker, fleet.device("box-d"), resume=True)
+        try:
+            assert clone.first_outcome() == "connected"
+        finally:
+            clone.close()
+        wait_until(
+            lambda: "session taken over by another connection with this identity" in agent.log_text(),
+            what="the agent to name the takeover",
+        )
+        assert "a certificate it does not accept" not in agent.log_text()
+        caller.send("edge/box-d/jobs", _job("after-takeover"), response_topic=REPLIES)
+        assert _answered(caller, ["after-takeover"]) == 1, "it took its session back"
+    finally:
+        caller.close()
