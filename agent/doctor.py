@@ -273,6 +273,8 @@ def check_job_store(state_dir: Path) -> Check:
                 status="fail",
                 detail=f"{path} is corrupt ({exc.message}): the agent will move it aside and start with an empty queue",
             )
+        except AgentError as exc:  # a newer agent's database: the fix is in the message
+            return Check(name=name, status="fail", detail=f"{path}: {exc.message}")
         except sqlite3.Error as exc:
             return Check(name=name, status="fail", detail=f"{path}: {exc}")
         detail = f"{waiting} jobs waiting, {kept} results kept"
