@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from edge_contract.protocol import ModelState, Status
 from edge_contract.telemetry import Telemetry
 
-from .broker import BrokerOptions, connect
+from .broker import TLS_PORT, BrokerOptions, FleetError, connect, identity_of
 
 Kind = Literal["status", "model", "telemetry", "desired"]
 # Retained messages arrive in one burst right after subscribing; this much quiet ends it.
 _RETAINED_QUIET_S = 0.5
+#: A SUBACK takes milliseconds; this covers a busy broker.
+_SUBACK_S = 10.0
 
 
 @dataclass
@@ -204,7 +208,24 @@ class FleetFeed:
             subscriptions = [s for s in subscriptions if not s[0].endswith("/telemetry")]
         if desired:
             subscriptions.append((f"{options.prefix}/+/model/desired", 1))
+        answered = threading.Event()
+        refused: list[str] = []
+
+        def on_subscribe(_c: object, _u: object, _mid: int, reasons: list[ReasonCode], _p: object) -> None:
+            refused.extend(str(r) for r in reasons if r.is_failure)
+            answered.set()
+
+        self.client.on_subscribe = on_subscribe
         self.client.subscribe(subscriptions)
+        if not answered.wait(_SUBACK_S) or refused:
+            self.close()
+            host, port = options.address
+            why = refused[0] if refused else f"no answer within {_SUBACK_S:.0f} s"
+            raise FleetError(
+                f"the broker at {host}:{port} refused to show the fleet's status ({why}) to "
+                f"{identity_of(options)}: is {port} the devices' listener? Operators' tools use the "
+                f"operators' port (--broker {host}:{TLS_PORT}) with an operator certificate"
+            )
 
     def pump(self, wait: float) -> int:
         """Feed what arrived (waiting up to ``wait`` for the first); returns how many."""

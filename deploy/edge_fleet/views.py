@@ -32,6 +32,8 @@ from .state import add_db_arg, open_db
 #: Sort keys of ``watch`` (``s`` cycles through them).
 SORT_KEYS = ("device", "group", "health", "version", "phase", "temp", "mem", "queue", "tok_s")
 
+#: What separates the frames of ``watch`` written to a pipe or a file (no escape codes there).
+FRAME_BREAK = "\f"
 #: The first frame waits this long at most for the retained statuses.
 _FIRST_FRAME_MAX_S = 3.0
 
@@ -200,8 +202,9 @@ def watch(
                         group=group,
                         problems=problems,
                     )
-                    # Cursor home and clear only on a terminal: a pipe or a file gets plain frames.
-                    sys.stdout.write(("\x1b[H\x1b[2J" if terminal else "\n") + screen + "\n")
+                    # Cursor home and clear only on a terminal; a pipe or a file gets plain frames,
+                    # each after a form feed (the plain-text page break).
+                    sys.stdout.write(("\x1b[H\x1b[2J" if terminal else FRAME_BREAK) + screen + "\n")
                     sys.stdout.flush()
     except KeyboardInterrupt:
         pass
