@@ -244,6 +244,7 @@ class Status(_Wire):
     revoked: bool = False
     device_id: str | None = None
     group: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
     agent_version: str | None = None
     model: ModelRef | None = None
     capabilities: list[str] = Field(default_factory=list)
@@ -277,11 +278,29 @@ class ModelState(_Wire):
     update: UpdateStatus | None = None
 
 
+_LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Membership(_Wire):
+    """Retained at ``{prefix}/{device}/membership``: the box's group and labels, desired by the fleet.
+
+    Published by an operator (``edge-fleet move``); the broker lets no device publish there, so
+    the box takes it as the control plane's word and applies it without a restart.  An empty
+    retained message clears it: the box falls back to the group of its ``agent.toml``.
+    """
+
+    device_id: str
+    group: str | None = Field(None, pattern=_LEVEL)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    at: float = Field(default_factory=time.time)
+
+
 class Topics:
     """Every topic the agent uses, from the prefix, device id and group."""
 
     def __init__(self, prefix: str, device_id: str, group: str | None) -> None:
         base = f"{prefix}/{device_id}"
+        self.membership = f"{base}/membership"
         self.jobs = f"{base}/jobs"
         self.cancel = f"{base}/jobs/cancel"
         self.status = f"{base}/status"

@@ -83,8 +83,11 @@ class Inbox:
         device_id: str,
         stats: JobStats,
         faults: StorageFaults,
+        on_membership: Callable[[bytes], None] | None = None,
     ) -> None:
+        """``on_membership``: where the fleet's membership messages go (``Agent.apply_membership``)."""
         self.rules = rules
+        self._on_membership = on_membership
         self.store = store
         self.outbox = outbox
         self.worker = worker
@@ -124,6 +127,14 @@ class Inbox:
     def on_message(self, msg: Message) -> None:
         """Decide, carry out, acknowledge; after a storage error, retry later unacknowledged."""
         log.debug("message on %s (%d bytes, mid %d)", msg.topic, len(msg.payload), msg.mid)
+        if msg.topic == self.rules.topics.membership:
+            if self._on_membership is not None and not msg.truncated:
+                try:
+                    self._on_membership(msg.payload)
+                except Exception:  # a bug applying it must not stop the intake
+                    log.exception("unexpected error applying the membership message")
+            self._ack(msg)
+            return
         try:
             decision = intake.decide(msg, self._view, self.rules, time.time())
             self.carry_out(decision)

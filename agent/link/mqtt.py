@@ -136,9 +136,12 @@ class MQTTLink:
         payload_limits: Mapping[str, int] | None = None,
         subscriptions_file: Path | None = None,
         recorder: LinkRecorder | None = None,
+        optional: Mapping[str, str] | None = None,
     ) -> None:
-        """``recorder``: where the link's state is written for ``doctor`` (``presence``)."""
+        """``recorder``: where the link's state is written for ``doctor`` (``presence``);
+        ``optional``: subscriptions the agent works without, each with what a refusal means."""
         self.config = config
+        self._optional = dict(optional or {})
         self._recorder = recorder
         self._takeover = TakeoverDetector()
         self.mqtt5 = config.protocol == "5"
@@ -257,6 +260,31 @@ class MQTTLink:
             if mid is not None:
                 self._unsubscribing.add(mid)
         if not self._unsubscribing:
+            self._record.save(self._subscriptions)
+
+    def set_subscriptions(self, subscriptions: list[str], payload_limits: Mapping[str, int]) -> None:
+        """Change what the agent subscribes to (its group changed): the new filters are taken and the
+        dropped ones left now when connected, else at the next connection (``subscriptions_file``)."""
+        old = list(self._subscriptions)
+        self._limits = [
+            (_without_share(topic), payload_limits.get(topic, DEFAULT_PAYLOAD_LIMIT))
+            for topic in subscriptions
+        ]
+        self._subscriptions = list(subscriptions)
+        if not self.connected.is_set():
+            return
+        for topic in old:
+            if topic not in subscriptions:
+                log.info("leaving %s (the fleet changed this box's membership)", topic)
+                _rc, mid = self._client.unsubscribe(topic)
+                if mid is not None:
+                    self._unsubscribing.add(mid)
+        for topic in subscriptions:
+            if topic not in old:
+                _rc, mid = self._client.subscribe(topic, qos=1)
+                if mid is not None:
+                    self._pending_subscriptions[mid] = topic
+        if not self._unsubscribing and self._record is not None:
             self._record.save(self._subscriptions)
 
     def subscribe_topics(self) -> None:
@@ -408,7 +436,9 @@ class MQTTLink:
     def _handle_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
         topic = self._pending_subscriptions.pop(mid, "?")
         for reason in reasons:
-            if getattr(reason, "is_failure", False):
+            if getattr(reason, "is_failure", False) and topic in self._optional:
+                log.warning("the broker refused the subscription to %s: %s", topic, self._optional[topic])
+            elif getattr(reason, "is_failure", False):
                 why = explain(str(reason), "suback")
                 log.error("the broker refused the subscription to %s: %s", topic, why)
                 if self._recorder is not None:

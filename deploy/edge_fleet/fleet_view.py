@@ -222,8 +222,8 @@ class FleetFeed:
             host, port = options.address
             why = refused[0] if refused else f"no answer within {_SUBACK_S:.0f} s"
             raise FleetError(
-                f"the broker at {host}:{port} refused to show the fleet's status ({why}) to "
-                f"{identity_of(options)}: is {port} the devices' listener? Operators' tools use the "
+                f"the broker at {host}:{port} refused to show the fleet's status ({why}): not authorized as "
+                f"{identity_of(options)} — is {port} the devices' listener? Operators' tools use the "
                 f"operators' port (--broker {host}:{TLS_PORT}) with an operator certificate"
             )
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.link.tls import certificate_expiry
-from edge_contract.protocol import Status, Topics
+from edge_contract.protocol import Membership, Status, Topics
 
 from . import pki
 from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, parse_address, release
@@ -120,10 +120,14 @@ def move_command(args: argparse.Namespace) -> int:
         before = settle(data, args.name, leaving, end=False) if leaving else Settled()
         left = api.set_group(args.name, group, options.prefix)
     after = settle(data, args.name, left, end=False) if left else Settled()
+    publish_membership(data, args.name, group)
     was = f" (left {', '.join(left)}{_handed(before, after)})" if left else ""
     now = f"group {group}" if group else "no group"
-    edit = f'group = "{group}"' if group else "no group line"
-    print(f"{args.name}: {now}{was}; its agent.toml needs {edit} too (then restart the agent)")
+    print(
+        f"{args.name}: {now}{was}; pushed to the box as its membership (retained): its agent switches "
+        "without a restart (agents older than edge-agent's membership support need the group in "
+        "agent.toml and a restart)"
+    )
     return 0
 
 
@@ -153,15 +157,28 @@ def revoke_command(args: argparse.Namespace) -> int:
 
 
 def announce_revoked(options: BrokerOptions, name: str) -> None:
-    """Publish ``name``'s retained status as revoked (the box itself can no longer publish it)."""
-    topic = Topics(options.prefix, name, None).status
+    """Publish ``name``'s retained status as revoked (the box itself can no longer publish it),
+    and clear its membership."""
+    topics = Topics(options.prefix, name, None)
     payload = Status(online=False, revoked=True, device_id=name).model_dump_json().encode()
-    client = connect(options, name="edge-fleet-revoke")
+    publish_retained(options, [(topics.status, payload), (topics.membership, b"")])
+
+
+def publish_membership(options: BrokerOptions, name: str, group: str | None) -> None:
+    """The box's group, pushed as retained desired state: its agent applies it without a restart."""
+    payload = Membership(device_id=name, group=group).model_dump_json().encode()
+    publish_retained(options, [(Topics(options.prefix, name, None).membership, payload)])
+
+
+def publish_retained(options: BrokerOptions, messages: list[tuple[str, bytes]]) -> None:
+    """Publish retained ``(topic, payload)`` pairs on the operators' listener, each acknowledged."""
+    client = connect(options, name="edge-fleet-identity")
     try:
-        info = client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(DynSec.TIMEOUT_S)
-        if not info.is_published():
-            raise FleetError(f"the broker did not acknowledge {name}'s revoked status on {topic}")
+        for topic, payload in messages:
+            info = client.publish(topic, payload, qos=1, retain=True)
+            info.wait_for_publish(DynSec.TIMEOUT_S)
+            if not info.is_published():
+                raise FleetError(f"the broker did not acknowledge the retained message on {topic}")
     finally:
         release(client)
 

@@ -231,3 +231,47 @@ def test_doctor_leaves_a_running_agent_alone_and_a_takeover_is_named(
         assert _answered(caller, ["after-takeover"]) == 1, "it took its session back"
     finally:
         caller.close()
+
+
+def test_move_is_one_command_the_box_switches_group_without_a_restart(
+    tls_broker: Broker, fleet: Fleet, agents: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.device("box-a", group="g1")
+    fleet.device("box-b", group="g1")
+    box_a = agents(on=tls_broker, device_id="box-a", group="g1")
+    box_b = agents(on=tls_broker, device_id="box-b", group="g1")
+    box_a.start()
+    box_b.start()
+    assert box_b.proc is not None
+    pid, toml = box_b.proc.pid, box_b.config.read_text()
+    caller = _operator(tls_broker, fleet)
+    try:
+        assert fleet_cli(["move", "box-b", "--group", "g2", *tls_broker.admin_flags()]) == 0
+        wait_until(
+            lambda: "membership from the fleet: group g2" in box_b.log_text(),
+            what="the agent to apply the pushed membership",
+        )
+        wait_until(
+            lambda: _status(tls_broker, capsys).get("box-b", {}).get("group") == "g2",
+            what="status to show box-b in g2",
+            timeout=15,
+        )
+        caller.send("edge/groups/g2/jobs", _job("g2-only-b"), response_topic=REPLIES)
+        assert _answered(caller, ["g2-only-b"]) == 1, "box-b serves g2 (its only member)"
+        jobs = [f"g1-after-{i}" for i in range(20)]
+        for job_id in jobs:
+            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        assert _answered(caller, jobs, timeout=240) == 20
+        assert box_b.proc.pid == pid and box_b.proc.poll() is None, "no restart"
+        assert box_b.config.read_text() == toml, "no agent.toml edit"
+        # A restart starts in the pushed group (kept in state_dir), agent.toml still saying g1.
+        assert box_b.terminate() == 0
+        again = agents(on=tls_broker, device_id="box-b", group="g1")
+        again.workdir, again.state_dir = box_b.workdir, box_b.state_dir
+        again.config.write_text(toml)
+        again.start()
+        caller.send("edge/groups/g2/jobs", _job("g2-after-restart"), response_topic=REPLIES)
+        assert _answered(caller, ["g2-after-restart"]) == 1
+        assert "group g2" in again.log_text().split("starting: device box-b, ")[-1][:20]
+    finally:
+        caller.close()
