@@ -40,7 +40,7 @@ from agent.link.login import try_login
 from agent.link.presence import read_link, running_agent
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 from agent.updates.store import ModelStore
-from edge_contract.protocol import Topics
+from edge_contract.protocol import Membership, Topics
 from edge_contract.telemetry import SystemReading
 
 CheckStatus = Literal["ok", "warn", "fail"]
@@ -403,14 +403,24 @@ def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
 
 
 def agent_subscriptions(config: AgentConfig) -> list[str]:
-    """The topic filters the daemon subscribes to with this configuration."""
-    topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
+    """The topic filters the daemon subscribes to with this configuration (and the group the fleet
+    pushed, kept in ``STATE_DIR/membership.json``: it wins over agent.toml's)."""
+    topics = Topics(config.mqtt.topic_prefix, config.device_id, pushed_group(config))
     filters = [topics.jobs, topics.cancel, topics.model_desired]
     if topics.group_model_desired:
         filters.append(topics.group_model_desired)
     if topics.shared_group_jobs and config.mqtt.protocol == "5":
         filters.append(topics.shared_group_jobs)
     return filters
+
+
+def pushed_group(config: AgentConfig) -> str | None:
+    """The group the agent serves: the fleet's membership when it pushed one, else agent.toml's."""
+    try:
+        pushed = Membership.model_validate_json((config.state_dir / "membership.json").read_bytes())
+    except (OSError, ValueError):
+        return config.group
+    return pushed.group if pushed.device_id == config.device_id else config.group
 
 
 def check_login(config: AgentConfig, *, timeout_s: float = 5.0) -> Check:

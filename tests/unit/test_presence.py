@@ -63,3 +63,23 @@ def test_repeated_takeovers_point_at_a_cloned_certificate() -> None:
         messages.append(detector.connected(float(n)))
     assert "two connections keep taking" not in (messages[0] or "")
     assert "is this certificate on two boxes?" in (messages[-1] or "")
+
+
+def test_doctor_checks_the_group_the_fleet_pushed(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from agent.doctor import agent_subscriptions
+    from edge_contract.protocol import Membership
+
+    config = AgentConfig.model_validate(
+        {
+            "device_id": "box-b",
+            "group": "g1",
+            "state_dir": str(tmp_path),
+            "model": {"path": str(tmp_path)},
+            "mqtt": {"allow_plaintext": True},
+        }
+    )
+    assert "$share/g1/edge/groups/g1/jobs" in agent_subscriptions(config)  # the control: agent.toml's
+    (tmp_path / "membership.json").write_text(Membership(device_id="box-b", group="g2").model_dump_json())
+    assert "$share/g2/edge/groups/g2/jobs" in agent_subscriptions(config)
+    assert not any("g1" in topic for topic in agent_subscriptions(config))
