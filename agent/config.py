@@ -8,8 +8,10 @@ and nowhere else; an invalid value fails at start with the key named.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -245,7 +247,7 @@ def _unreadable(path: Path, *, folder: bool) -> str | None:
     except IsADirectoryError:
         return "is a folder, not a file"
     except PermissionError:
-        return "is not readable by this user"
+        return _NOT_READABLE
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
     return None
@@ -279,6 +281,9 @@ def check_files(config: AgentConfig) -> list[str]:
     problems = []
     for key, path, folder, fix in named:
         why = None if path is None else _unreadable(path, folder=folder)
+        if why is not None and path is not None and why == _NOT_READABLE:
+            # It is there: copying it again is not the fix, its owner, group or mode is.
+            fix = _permission_fix(path, folder=folder)
         if why is not None:
             problems.append(f"{key}: {path} {why}: {fix}")
     if config.model.path.is_dir() and _unreadable(config.model.path / "genai_config.json", folder=False):
@@ -289,10 +294,50 @@ def check_files(config: AgentConfig) -> list[str]:
     existing = config.state_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    user = _user_name()
     if not existing.is_dir():
         problems.append(f"state_dir: {existing} is not a folder: fix state_dir")
-    elif not os.access(existing, os.W_OK | os.X_OK):
+    elif not os.access(existing, os.W_OK | os.X_OK, effective_ids=True) and existing == config.state_dir:
         problems.append(
-            f"state_dir: {existing} is not writable by this user: chown it to the service's user or fix state_dir"
+            f"state_dir: {existing} is not writable by {user}: make it the service's "
+            f"(chown {user} {existing}), or fix state_dir"
+        )
+    elif not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+        # Never "chown /var/lib": create the one folder the agent needs, owned by its user.
+        problems.append(
+            f"state_dir: {config.state_dir} does not exist and {user} cannot create it in {existing}: "
+            f"create it for the service (install -d -o {user} -m 0750 {config.state_dir}; systemd's "
+            "StateDirectory= does so), or fix state_dir"
         )
     return problems
+
+
+_NOT_READABLE = "is not readable by this user"
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _permission_fix(path: Path, *, folder: bool) -> str:
+    """What makes ``path`` readable by this user: its group and mode (a key stays 0640, not world-readable)."""
+    try:
+        info = path.stat()
+        owner = pwd.getpwuid(info.st_uid).pw_name
+        group = grp.getgrgid(info.st_gid).gr_name
+        where = f"it is {owner}:{group} mode {info.st_mode & 0o777:04o}"
+    except (OSError, KeyError):
+        where = "its owner or mode keeps this user out"
+    user = _user_name()
+    try:
+        own_group = grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        own_group = str(os.getegid())
+    mode = "0750" if folder else "0640"
+    return (
+        f"{where} and this check runs as {user}: give it the service's group and a group-readable mode "
+        f"(chgrp {own_group} {path} && chmod {mode} {path}); every folder above it must be searchable by {user}"
+    )

@@ -235,11 +235,17 @@ class Health(_Wire):
 
 
 class Status(_Wire):
-    """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false."""
+    """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false.
+
+    ``revoked``: published (retained) by the operator's ``edge-fleet revoke``, never by the box:
+    the box's own status and Last Will are refused from then on, so this one stays.
+    """
 
     online: bool
+    revoked: bool = False
     device_id: str | None = None
     group: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
     agent_version: str | None = None
     model: ModelRef | None = None
     capabilities: list[str] = Field(default_factory=list)
@@ -273,6 +279,23 @@ class ModelState(_Wire):
     update: UpdateStatus | None = None
 
 
+_LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Membership(_Wire):
+    """Retained at ``{prefix}/{device}/membership``: the box's group and labels, desired by the fleet.
+
+    Published by an operator (``edge-fleet move``); the broker lets no device publish there, so
+    the box takes it as the control plane's word and applies it without a restart.  An empty
+    retained message clears it: the box falls back to the group of its ``agent.toml``.
+    """
+
+    device_id: str
+    group: str | None = Field(None, pattern=_LEVEL)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    at: float = Field(default_factory=time.time)
+
+
 class GroupTopics:
     """The topics of a group: its jobs (taken through a shared subscription) and its desired model."""
 
@@ -287,6 +310,7 @@ class Topics:
 
     def __init__(self, prefix: str, device_id: str, group: str | None = None) -> None:
         base = f"{prefix}/{device_id}"
+        self.membership = f"{base}/membership"
         self.jobs = f"{base}/jobs"
         self.cancel = f"{base}/jobs/cancel"
         self.status = f"{base}/status"

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from types import FrameType
 
 from agent.config import AgentConfig
+from agent.daemon import membership
 from agent.daemon.faults import StorageFaults
 from agent.daemon.http.server import HTTPServer
 from agent.daemon.inbox import Inbox, rules_for
-from agent.daemon.intake import CANCEL_MAX_BYTES
 from agent.daemon.outbox import Outbox
 from agent.daemon.replies import Replies, cancel_local_orphans
 from agent.daemon.supervisor import Supervisor, offline_status
@@ -23,10 +23,10 @@ from agent.daemon.worker import Worker
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
+from agent.link.presence import AgentLock, LinkRecorder
 from agent.updates.updater import Updater
 from edge_contract import __version__
 from edge_contract.errors import StorageError
-from edge_contract.manifest import MAX_MANIFEST_BYTES
 from edge_contract.protocol import ModelState, Topics
 
 log = logging.getLogger("agent.daemon")
@@ -47,8 +47,17 @@ class Agent:
         Raises ``StorageError`` naming the path and the fix when state_dir cannot be used.
         """
         self.config = config
+        self.configured_group = config.group
+        # The fleet's word (membership pushed by `edge-fleet move`) wins over agent.toml's group.
+        pushed = membership.load(config.state_dir, config.device_id)
+        if pushed is not None:
+            config = self.config = config.model_copy(update={"group": pushed.group})
+        self.labels: dict[str, str] = dict(pushed.labels) if pushed else {}
         self.topics = topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
         self.store, self.store_moved = open_store(config.state_dir / "jobs.sqlite3")
+        # Held for the agent's life: a second agent is refused, `doctor` knows not to log in.
+        self.lock = AgentLock(config.state_dir)
+        self.lock.acquire()
         self.faults = StorageFaults()
         self.stats = JobStats(http=config.http.listen is not None)
         # Loads the active model (or falls back to the previous or configured one).
@@ -57,21 +66,7 @@ class Agent:
             publish=self._publish_model_state,
             between_jobs=lambda task: self.worker.between_jobs(task),
         )
-        subscriptions = [topics.jobs, topics.cancel, topics.model_desired]
-        # Every other subscription gets the link's default limit (DEFAULT_PAYLOAD_LIMIT).
-        limits = {topics.jobs: config.jobs.max_payload_bytes, topics.cancel: CANCEL_MAX_BYTES}
-        if topics.group_model_desired:
-            subscriptions.append(topics.group_model_desired)
-            limits[topics.group_model_desired] = MAX_MANIFEST_BYTES
-        limits[topics.model_desired] = MAX_MANIFEST_BYTES
-        if topics.shared_group_jobs:
-            if config.mqtt.protocol == "5":
-                subscriptions.append(topics.shared_group_jobs)
-                limits[topics.shared_group_jobs] = config.jobs.max_payload_bytes
-            else:
-                log.warning(
-                    "MQTT 3.1.1 has no shared subscriptions: group %s jobs are not served", config.group
-                )
+        subscriptions, limits = membership.subscriptions_for(config, topics)
         self.link = MQTTLink(
             config.mqtt,
             client_id=config.device_id,
@@ -83,6 +78,11 @@ class Agent:
             on_connect=self._on_connect,
             payload_limits=limits,
             subscriptions_file=config.state_dir / "subscriptions.json",
+            recorder=LinkRecorder(config.state_dir),
+            optional={
+                topics.membership: "this box's broker role predates membership pushes: it keeps the "
+                "group of its agent.toml (`edge-fleet move NAME --group G` grants the topic)"
+            },
         )
         self.outbox = Outbox(self.link, self.store, self.faults)
         # The reply sink of every job: MQTT topics to the outbox, HTTP jobs to the HTTP server.
@@ -126,6 +126,7 @@ class Agent:
             device_id=config.device_id,
             stats=self.stats,
             faults=self.faults,
+            on_membership=self.apply_membership,
         )
         # HTTP jobs left queued or interrupted by the previous process have no client any more.
         try:
@@ -208,6 +209,36 @@ class Agent:
         self._drain_acks(timeout=3.0)
         self.link.stop(final=(self.topics.status, offline_status(self.config)))
         self.store.close()
+        self.lock.release()
+
+    def apply_membership(self, payload: bytes) -> None:
+        """The fleet's membership message (intake thread): switch group without a restart."""
+        pushed, problem = membership.parse(payload, self.config.device_id)
+        if problem is not None:
+            log.warning("ignoring the membership message: %s", problem)
+            return
+        group = pushed.group if pushed is not None else self.configured_group
+        labels = dict(pushed.labels) if pushed is not None else {}
+        membership.save(self.config.state_dir, pushed)
+        if group == self.config.group and labels == self.labels:
+            return
+        log.warning(
+            "membership from the fleet: %s (was %s); applied without a restart",
+            membership.describe(group, labels),
+            membership.describe(self.config.group, self.labels),
+        )
+        self.labels = labels
+        if group != self.config.group:
+            config = self.config = self.config.model_copy(update={"group": group})
+            self.topics = Topics(config.mqtt.topic_prefix, config.device_id, group)
+            subscriptions, limits = membership.subscriptions_for(config, self.topics)
+            self.link.set_subscriptions(subscriptions, limits)
+            self.inbox.rules = rules_for(config, self.topics)
+            self.supervisor.config, self.supervisor.topics = config, self.topics
+            self.updater.offer("group", b"")  # the old group's desired model no longer applies
+        self.supervisor.labels = labels
+        if self.link.connected.is_set():
+            self.supervisor.publish_status()
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop taking jobs; let the running one finish within ``grace_s`` (default: from config)."""

@@ -91,9 +91,12 @@ class Inbox:
         stats: JobStats,
         faults: StorageFaults,
         replies: Sender | None = None,
+        on_membership: Callable[[bytes], None] | None = None,
     ) -> None:
-        """``replies``: where answers go (``Replies``, routing HTTP jobs' to the HTTP server); default the outbox."""
+        """``replies``: where answers go (``Replies``, routing HTTP jobs' to the HTTP server); default the outbox.
+        ``on_membership``: where the fleet's membership messages go (``Agent.apply_membership``)."""
         self.rules = rules
+        self._on_membership = on_membership
         self.store = store
         self.outbox = outbox
         self.replies: Sender = replies if replies is not None else outbox
@@ -135,6 +138,14 @@ class Inbox:
     def on_message(self, msg: Message) -> None:
         """Decide, carry out, acknowledge; after a storage error, retry later unacknowledged."""
         log.debug("message on %s (%d bytes, mid %d)", msg.topic, len(msg.payload), msg.mid)
+        if msg.topic == self.rules.topics.membership:
+            if self._on_membership is not None and not msg.truncated:
+                try:
+                    self._on_membership(msg.payload)
+                except Exception:  # a bug applying it must not stop the intake
+                    log.exception("unexpected error applying the membership message")
+            self._ack(msg)
+            return
         try:
             with self._admitting:
                 decision = intake.decide(msg, self._view, self.rules, time.time())

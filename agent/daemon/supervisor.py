@@ -76,6 +76,7 @@ class Supervisor:
         self.notifier = notifier or Notifier()
         self.probe = probe or SystemProbe(config.state_dir, sysfs=config.telemetry.sysfs_root)
         self.health: Health | None = None
+        self.labels: dict[str, str] = {}  # pushed by the fleet with the membership
         self.ready = False
         self._next_telemetry = 0.0
         self._next_watchdog = 0.0
@@ -207,6 +208,7 @@ class Supervisor:
             online=True,
             device_id=self.config.device_id,
             group=self.config.group,
+            labels=self.labels,
             agent_version=__version__,
             model=self.models.serving.ref,
             capabilities=CAPABILITIES,

@@ -31,7 +31,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from agent.jobs.damage import (
+    SCHEMA_VERSION,
+    WAL_CHECKPOINT_PAGES,
+    WAL_LIMIT_BYTES,
+    CorruptStoreError,
+    NewerStoreError,
+    check_free_space,
+    check_objects,
+    not_a_file,
+    stamp_version,
+)
 from edge_contract.errors import StorageError
+
+__all__ = [
+    "CorruptStoreError",
+    "JobStore",
+    "NewerStoreError",
+    "StoredJob",
+    "corrupt_copies",
+    "inspect_file",
+    "is_corruption",
+    "open_store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +107,13 @@ class JobStore:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # A small state_dir must hold the WAL: checkpoint often, truncate it after (damage.py).
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+            check_objects(self._db)
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error:
+            stamp_version(self._db, self.path)
+        except (sqlite3.Error, StorageError):
             self._db.close()
             raise
 
@@ -276,12 +303,6 @@ def _row(row: tuple[object, ...]) -> StoredJob:
     )
 
 
-class CorruptStoreError(StorageError):
-    """The job database is not one, is malformed, or lacks part of its schema."""
-
-    code = "storage_corrupt"
-
-
 # SQLite's own verdicts on a file that is not (or no longer) a database; a schema that
 # lacks a column shows as a plain SQL error naming it while the schema is set up.
 _CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"})
@@ -308,7 +329,11 @@ def _fix(exc: BaseException) -> str:
         return "free space on that file system"
     if name.startswith("SQLITE_BUSY") or "locked" in text:
         return "another process holds it: is a second edge-agent running with this state_dir?"
-    return "make state_dir writable by the agent's user, or point state_dir at a writable directory"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) or "readonly" in text:
+        return "make state_dir writable by the agent's user, or point state_dir at a writable directory"
+    if name.startswith("SQLITE_IOERR") or "I/O error" in text:
+        return "the storage failed to read or write it: check the disk or SD card (dmesg), then move the file aside"
+    return "it is not a usable job database: move it aside (the agent then starts with an empty queue)"
 
 
 def open_store(path: str | Path, *, max_attempts: int = 3) -> tuple[JobStore, Path | None]:
@@ -332,26 +357,31 @@ def open_store(path: str | Path, *, max_attempts: int = 3) -> tuple[JobStore, Pa
         raise StorageError(
             f"{path} is a directory, not the job database: move it away (the agent creates the file)"
         )
+    check_free_space(state_dir)
     moved: Path | None = None
+    odd = not_a_file(path)
+    if odd is not None:  # SQLite would fail on it with "disk I/O error": the wrong lead
+        moved = _move_aside(path, f"{odd}, not a database file")
+    retried = False
     for _attempt in range(2):
+        store: JobStore | None = None
         try:
             store = JobStore(path, max_attempts=max_attempts)
-        except sqlite3.Error as exc:
-            if not _is_corruption(exc) or moved is not None:
-                raise StorageError(f"job database {path}: {exc}: {_fix(exc)}") from None
-            moved = _move_aside(path, str(exc))
-            continue
-        try:
             store.check()
         except CorruptStoreError as exc:
-            store.close()
-            if moved is not None:
+            if store is not None:
+                store.close()
+            if retried:
                 raise StorageError(f"job database {path}: {exc.message}: {_fix(exc)}") from None
-            moved = _move_aside(path, exc.message)
+            moved, retried = _move_aside(path, exc.message), True
             continue
         except sqlite3.Error as exc:
-            store.close()
-            raise StorageError(f"job database {path}: {exc}: {_fix(exc)}") from None
+            if store is not None:
+                store.close()
+            if not _is_corruption(exc) or retried:
+                raise StorageError(f"job database {path}: {exc}: {_fix(exc)}") from None
+            moved, retried = _move_aside(path, str(exc)), True
+            continue
         return store, moved
     raise AssertionError("unreachable: a fresh database either opens or raises")
 
@@ -406,11 +436,24 @@ def corrupt_copies(path: str | Path) -> list[Path]:
 def inspect_file(path: str | Path) -> tuple[int, int]:
     """Read-only look at a job database: (jobs queued or running, results kept).
 
-    Raises ``CorruptStoreError`` when the agent would move it aside at start, and
-    ``sqlite3.Error`` when it cannot be read at all.  Writes nothing.
+    Raises ``CorruptStoreError`` when the agent would move it aside at start,
+    ``NewerStoreError`` when a newer agent wrote it, and ``sqlite3.Error`` when it
+    cannot be read at all.  Writes nothing.
     """
+    odd = not_a_file(Path(path))
+    if odd is not None:  # opening a FIFO to read would wait for a writer
+        raise CorruptStoreError(f"{odd}, not a database file")
     db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     try:
+        check_objects(db)
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version < 0:
+            raise CorruptStoreError(f"schema version {version}")
+        if version > SCHEMA_VERSION:
+            raise NewerStoreError(
+                f"schema version {version}, newer than this agent's ({SCHEMA_VERSION}): run the newer "
+                "edge-agent, or move the file aside to start with an empty queue"
+            )
         columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
         missing = sorted(_SCHEMA_COLUMNS - columns)
         if missing:

@@ -69,7 +69,7 @@ def _readable(topics: Iterable[str], subscribe_as: Iterable[str] = ()) -> list[d
 def device_acls(name: str, prefix: str = "edge") -> list[dict[str, Any]]:
     """What device ``name`` may read and write: its own topics, nothing else."""
     own = Topics(prefix, name)
-    acls = _readable([own.jobs, own.cancel, own.model_desired])
+    acls = _readable([own.jobs, own.cancel, own.model_desired, own.membership])
     for topic in (own.status, own.telemetry, own.results, own.model_state, own.replies):
         acls.append(_acl("publishClientSend", topic))
     return acls
@@ -293,6 +293,7 @@ class DynSec:
         left = [g for g in current if g != wanted]
         for old in left:
             self.run({"command": "removeGroupClient", "groupname": old, "username": name})
+        self.grant_membership(name, prefix)
         if wanted and wanted not in current:
             self.ensure_group(group or "", prefix)
             self.run({"command": "addGroupClient", "groupname": wanted, "username": name})
@@ -301,6 +302,14 @@ class DynSec:
             # reconnects and renews them: disconnect it now (the agent reconnects at once).
             self.kick(name)
         return [g.removeprefix("group-") for g in left]
+
+    def grant_membership(self, name: str, prefix: str) -> None:
+        """Let device ``name`` read its membership topic (roles made before issue 24 lack it)."""
+        topic = f"{prefix}/{name}/membership"
+        self.run(
+            *({"command": "addRoleACL", "rolename": device_role(name), **acl} for acl in _readable([topic])),
+            allow=["already", "exists"],
+        )
 
     def kick(self, name: str) -> None:
         """Disconnect ``name`` now (disable then enable: the plugin's way to kick)."""

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from edge_contract.protocol import FleetTopics, ModelState, Status
 from edge_contract.telemetry import Telemetry
 
-from .broker import BrokerOptions, connect
+from .broker import TLS_PORT, BrokerOptions, FleetError, connect, identity_of
 
 Kind = Literal["status", "model", "telemetry", "desired"]
 # Retained messages arrive in one burst right after subscribing; this much quiet ends it.
 _RETAINED_QUIET_S = 0.5
+#: A SUBACK takes milliseconds; this covers a busy broker.
+_SUBACK_S = 10.0
 
 
 @dataclass
@@ -63,6 +67,7 @@ class DeviceRow:
     tok_s: float | None
     last_seen: float
     offline_since: float | None = None
+    revoked: bool = False  # `edge-fleet revoke` published so (retained)
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict."""
@@ -153,6 +158,7 @@ class FleetView:
             tok_s=tele.jobs.decode_tok_s if tele else None,
             last_seen=device.last_seen,
             offline_since=device.offline_since if status is not None and not status.online else None,
+            revoked=bool(status and status.revoked),
         )
 
     def rows(self, group: str | None = None) -> list[DeviceRow]:
@@ -174,6 +180,7 @@ class FleetView:
         return {
             "devices": len(rows),
             "online": sum(1 for r in rows if r.online),
+            **({"revoked": revoked} if (revoked := sum(1 for r in rows if r.revoked)) else {}),
             "degraded": sum(1 for r in rows if r.health == "degraded"),
             "updating": sum(phases[p] for p in ("downloading", "verifying", "testing", "activating")),
             "failed": phases["failed"] + phases["rolled_back"],
@@ -202,7 +209,24 @@ class FleetFeed:
             subscriptions = [s for s in subscriptions if s[0] != FleetTopics(options.prefix).any_telemetry]
         if desired:
             subscriptions.append((FleetTopics(options.prefix).any_model_desired, 1))
+        answered = threading.Event()
+        refused: list[str] = []
+
+        def on_subscribe(_c: object, _u: object, _mid: int, reasons: list[ReasonCode], _p: object) -> None:
+            refused.extend(str(r) for r in reasons if r.is_failure)
+            answered.set()
+
+        self.client.on_subscribe = on_subscribe
         self.client.subscribe(subscriptions)
+        if not answered.wait(_SUBACK_S) or refused:
+            self.close()
+            host, port = options.address
+            why = refused[0] if refused else f"no answer within {_SUBACK_S:.0f} s"
+            raise FleetError(
+                f"the broker at {host}:{port} refused to show the fleet's status ({why}): not authorized as "
+                f"{identity_of(options)} — is {port} the devices' listener? Operators' tools use the "
+                f"operators' port (--broker {host}:{TLS_PORT}) with an operator certificate"
+            )
 
     def pump(self, wait: float) -> int:
         """Feed what arrived (waiting up to ``wait`` for the first); returns how many."""

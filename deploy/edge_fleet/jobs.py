@@ -25,6 +25,7 @@ from edge_contract.telemetry import percentile
 
 from .broker import FleetError, add_broker_args, options_from
 from .inventory import Inventory
+from .output import model_label
 from .state import add_db_arg
 from .submit import JobFailed, Submitter
 
@@ -157,7 +158,7 @@ def _check_target(submitter: Submitter, args: argparse.Namespace) -> None:
 def _answered_by(result: Result) -> str:
     """``by DEVICE (MODEL@VERSION)`` as far as the result says."""
     device = getattr(result, "device_id", None)  # Result.device_id: from agents that send it
-    model = f"{result.model.name}@{result.model.version}" if result.model else None
+    model = model_label(result.model.name, result.model.version) if result.model else None
     parts = [f"by {device}" if device else None, f"({model})" if model else None]
     return " ".join(p for p in parts if p)
 

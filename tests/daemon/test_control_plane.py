@@ -358,7 +358,7 @@ def test_watch_shows_groups_problems_and_a_ticking_clock(broker, fleet, tmp_path
     fleet(2, telemetry_interval_s=60)
     _gone(broker, fleet)
     watch = _run(broker, "watch", "--duration", "3.5", "--refresh", "1", "--problems")
-    frames = [f for f in watch.stdout.split("\x1b[H\x1b[2J") if f.strip()]
+    frames = [f for f in watch.stdout.split("\f") if f.strip()]
     clocks = {f.splitlines()[0].rsplit(" ", 1)[-1] for f in frames}
     assert len(frames) >= 3 and len(clocks) >= 2, frames  # redrawn though nothing changed
     last = frames[-1]

@@ -194,7 +194,7 @@ def test_status_and_watch_show_the_fleet(broker, fleet, tmp_path: Path) -> None:
 
     watch = _run(broker, "watch", "--duration", "2.5", "--refresh", "0.5", "--sort", "temp")
     assert watch.returncode == 0, watch.stderr
-    frame = watch.stdout.split("\x1b[H\x1b[2J")[-1]
+    frame = watch.stdout.split("\f")[-1]
     assert "devices 14  online 14  degraded 0  updating 0  failed 0" in frame
     lines = [line for line in frame.splitlines() if line.startswith(("sim-", "elsewhere-"))]
     assert len(lines) == 14
