@@ -29,6 +29,7 @@ from . import (
     simulate,
     views,
 )
+from .server import command as server_command
 
 #: Modules that add sub-commands, in the order ``--help`` lists them; each has ``register(sub)``.
 _COMMAND_MODULES = (
@@ -43,6 +44,7 @@ _COMMAND_MODULES = (
     pki,
     identity,
     setup,
+    server_command,
 )
 
 
