@@ -241,8 +241,13 @@ def reconcile_command(args: argparse.Namespace) -> int:
 
 def history_command(args: argparse.Namespace) -> int:
     """``edge-fleet history DEVICE|GROUP``."""
+    from . import server_cmd
+    from .client import server_client
     from .inventory import Inventory  # (the inventory knows a device's group)
 
+    client = server_client()
+    if client is not None:
+        return server_cmd.history(client, args.target, args.json)
     db = open_db(args.db)
     store = Assignments(db)
     known = Inventory(db).get(args.target)

@@ -25,6 +25,7 @@ from . import (
     pki,
     releases,
     rollout_cmd,
+    server_cmd,
     setup,
     simulate,
     views,
@@ -45,6 +46,7 @@ _COMMAND_MODULES = (
     identity,
     setup,
     server_command,
+    server_cmd,
 )
 
 

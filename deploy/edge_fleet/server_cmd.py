@@ -17,7 +17,7 @@ from agent.updates.manifest import Manifest
 
 from .client import ServerClient
 from .errors import FleetError
-from .releases import load_private_key, read_deployable, read_manifest, sign_rollback
+from .releases import load_private_key, read_deployable, sign_rollback
 from .rollout_store import names, parse_waves
 
 _CODES = {"done": 0, "halted": 2, "aborted": 2, "running": 2}
@@ -145,4 +145,45 @@ def devices(client: ServerClient, args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["devices", "read_manifest", "rollout"]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``label`` (server mode)."""
+    label = sub.add_parser("label", help="server mode: set a device's labels (KEY=VALUE), remove one (KEY-)")
+    label.add_argument("device")
+    label.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    label.add_argument("--replace", action="store_true", help="replace every label (default: change these)")
+    label.set_defaults(func=label_command)
+
+
+def label_command(args: argparse.Namespace) -> int:
+    """``edge-fleet label DEVICE KEY=VALUE… [KEY-]…``."""
+    from .client import server_client
+
+    client = server_client()
+    if client is None:
+        raise FleetError("labels live on the fleet server: set server in the profile or EDGE_FLEET_SERVER")
+    labels: dict[str, str | None] = {}
+    for item in args.labels:
+        if item.endswith("-") and "=" not in item:
+            labels[item[:-1]] = None
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            labels[key] = value
+        else:
+            raise FleetError(f"{item!r}: give KEY=VALUE to set a label or KEY- to remove it")
+    row = client.call(
+        "PUT" if args.replace else "PATCH", f"/api/v1/devices/{args.device}/labels", {"labels": labels}
+    )
+    shown = ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items())) or "(none)"
+    print(f"{row['device_id']}: {shown}")
+    return 0
+
+
+def history(client: ServerClient, target: str, as_json: bool) -> int:
+    """``edge-fleet history DEVICE|GROUP`` from the server."""
+    for row in client.call("GET", f"/api/v1/history/{target}"):
+        if as_json:
+            print(json.dumps(row))
+        else:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['at']))}  {row['kind']} {row['target']}  "
+                  f"{row['release'] or '(cleared)'}  {row['origin']} ({row['actor']})")  # fmt: skip
+    return 0
