@@ -17,9 +17,21 @@ from dataclasses import dataclass, field
 
 from agent.updates.manifest import Manifest
 
-from . import selector as sel
+from ..domain import selector as sel
+from ..domain.evaluate import (
+    Action,
+    Advance,
+    Event,
+    Join,
+    Mark,
+    Observation,
+    Observations,
+    Send,
+    SetState,
+    TargetState,
+    evaluate,
+)
 from .broker_link import BrokerLink
-from .evaluate import Action, Advance, Event, Join, Mark, Observation, Observations, Send, SetState, evaluate
 from .rollouts_table import ACTIVE, Rollout, RolloutsTable
 from .service import FleetService
 
@@ -120,7 +132,8 @@ class Controller:
             if isinstance(action, Mark):
                 self.rollouts.mark(rollout.id, action.changes)
             elif isinstance(action, Send):
-                self._send(rollout, list(action.devices), {d: targets[d].digest for d in action.devices}, now)
+                own = {d: targets[d].digest if d in targets else None for d in action.devices}
+                self._send(rollout, list(action.devices), own, now, deferred=set(action.deferred))
             elif isinstance(action, Join):
                 self.rollouts.join(
                     rollout.id, [(d, self.service.running(d)) for d in action.devices], action.wave
@@ -134,7 +147,15 @@ class Controller:
             elif isinstance(action, Event):
                 self.rollouts.event(rollout.id, action.text)
 
-    def _send(self, rollout: Rollout, devices: list[str], own: dict[str, str | None], now: float) -> None:
+    def _send(
+        self,
+        rollout: Rollout,
+        devices: list[str],
+        own: dict[str, str | None],
+        now: float,
+        *,
+        deferred: set[str],
+    ) -> None:
         by_digest: dict[str, list[str]] = {}
         for device in devices:
             by_digest.setdefault(own.get(device) or rollout.digest, []).append(device)
@@ -143,7 +164,10 @@ class Controller:
             assert payload is not None
             self.store.record_assignment("device", group, digest, f"rollout {rollout.id}", rollout.created_by)
             self.link.publish_desired(group, payload)
-        self.rollouts.mark(rollout.id, dict.fromkeys(devices, ("sent", None)), sent_at=now)
+        states: dict[str, tuple[TargetState, str | None]] = {
+            d: ("deferred" if d in deferred else "sent", None) for d in devices
+        }
+        self.rollouts.mark(rollout.id, states, sent_at=now)
 
     def reconcile(self) -> int:
         """Publish again every device's recorded desired state the broker does not hold (or holds

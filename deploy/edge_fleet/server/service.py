@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from agent.updates.manifest import Manifest
 
+from ..domain import selector as sel
+from ..domain.evaluate import FAILED
 from ..errors import FleetError
 from ..releases import check_deployable
 from ..rollout_store import plan_waves, rollout_id_of
-from . import selector as sel
 from .broker_link import BrokerLink
-from .evaluate import FAILED
 from .rollouts_table import Rollout, RolloutsTable
 from .store import Store
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 
+from ...domain import selector as sel
 from ...errors import FleetError
-from .. import selector as sel
 from ..auth import Operator, Viewer
 from ..schemas import DeviceOut, LabelsIn
 from ..store import DeviceRecord, Principal, Store
