@@ -35,6 +35,7 @@ def device_out(request: Request, record: DeviceRecord) -> DeviceOut:
         offline_since=(live.offline_since if live else None) or record.offline_since,
         agent_version=record.agent_version,
         update_phase=live.update_phase if live else None,
+        update_version=live.update_version if live else None,
         update_error=live.update_error if live else None,
         temp_c=live.temp_c if live else None,
         mem_available_mb=live.mem_available_mb if live else None,
