@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from agent import __version__
 
-from .api import audit, deployments, devices, jobs, metrics, rollouts
+from .api import audit, deployments, devices, jobs, metrics, rollouts, tokens
 from .broker_link import BrokerLink
 from .service import FleetService
 from .store import Store
@@ -33,7 +33,14 @@ def create_app(
     app.state.service = FleetService(store, link)
     app.state.controller = controller
     app.state.registry = metrics.registry_for(app)
-    for router in (devices.router, rollouts.router, deployments.router, jobs.router, audit.router):
+    for router in (
+        devices.router,
+        rollouts.router,
+        deployments.router,
+        jobs.router,
+        audit.router,
+        tokens.router,
+    ):
         app.include_router(router)
     app.include_router(metrics.public_router if metrics_public else metrics.router)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -100,6 +100,13 @@ class DeployIn(_Body):
         None, description="The signed manifest; null clears the desired state"
     )
     override: bool = Field(False, description="Group: clear its devices' own desired states first")
+
+
+class TokenIn(_Body):
+    """A token to make."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Literal["viewer", "operator", "admin"]
 
 
 class JobIn(_Body):

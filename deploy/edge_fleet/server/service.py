@@ -18,7 +18,12 @@ from ..releases import check_deployable
 from ..rollout_store import plan_waves, rollout_id_of
 from .broker_link import BrokerLink
 from .rollouts_table import Rollout, RolloutsTable
-from .store import Store
+from .store import DeviceRecord, Store
+
+
+def facts_of(device: DeviceRecord) -> dict[str, str | None]:
+    """What a box reports of itself, for selectors (``model=phi3-mini``, ``agent_version=0.1.0``)."""
+    return {"model": device.model, "version": device.version, "agent_version": device.agent_version}
 
 
 class NotFound(FleetError):
@@ -63,7 +68,7 @@ class FleetService:
 
     def matching(self, terms: tuple[sel.Term, ...]) -> list[str]:
         """Devices of the inventory a selector matches, online ones first, then by id."""
-        found = [d for d in self.store.devices() if sel.matches(terms, d.labels, d.group)]
+        found = [d for d in self.store.devices() if sel.matches(terms, d.labels, d.group, facts_of(d))]
         return [
             d.device_id
             for d in sorted(found, key=lambda d: (not self.online(d.device_id, d.online), d.device_id))
