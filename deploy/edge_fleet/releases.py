@@ -325,15 +325,20 @@ def read_manifest(path: Path) -> Manifest:
 
 def read_deployable(path: Path) -> Manifest:
     """A manifest that boxes could accept: signed, not expired, every path inside its folder."""
-    manifest = read_manifest(path)
+    return check_deployable(read_manifest(path), str(path))
+
+
+def check_deployable(manifest: Manifest, where: str) -> Manifest:
+    """``manifest`` if boxes could accept it (signed, not expired, paths inside its folder); ``where``
+    names it in the error."""
     if not manifest.signature:
-        raise FleetError(f"{path} is not signed")
+        raise FleetError(f"{where} is not signed")
     if manifest.expires_at <= time.time():
-        raise FleetError(f"{path} has expired: sign a new release")
+        raise FleetError(f"{where} has expired: sign a new release")
     try:
         manifest.check_paths()
     except UpdateError as exc:
-        raise FleetError(f"{path}: {exc.message}") from exc
+        raise FleetError(f"{where}: {exc.message}") from exc
     return manifest
 
 
