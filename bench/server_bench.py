@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
-from agent.updates import signing  # noqa: E402
+from edge_contract import signing  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402  (the harness the tests use)
 from tests.support.fleet_server import FleetServer, fleet_cli  # noqa: E402
 from tests.support.postgres import Postgres  # noqa: E402

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from .client import ServerClient
 from .errors import FleetError

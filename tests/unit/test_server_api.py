@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.updates import signing
+from edge_contract import signing
 from edge_fleet.errors import FleetError, StoreError
 from edge_fleet.server.app import create_app
 from edge_fleet.server.db import Database

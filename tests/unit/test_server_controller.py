@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.updates import signing
+from edge_contract import signing
 from edge_fleet.server.controller import Controller
 from edge_fleet.server.db import Database
 from edge_fleet.server.service import FleetService, RolloutRequest

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from ..domain import selector as sel
 from ..domain.evaluate import (

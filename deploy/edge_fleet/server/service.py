@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from ..domain import selector as sel
 from ..domain.evaluate import FAILED

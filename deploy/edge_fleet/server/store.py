@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from ..errors import FleetError
 from .db import Database
