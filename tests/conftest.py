@@ -42,6 +42,9 @@ def _own_fleet_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "PROTOCOL",
         "TOPIC_PREFIX",
         "USERNAME",
+        "SERVER",
+        "TOKEN",
+        "SERVER_DB",
     ):
         monkeypatch.delenv(f"EDGE_FLEET_{name}", raising=False)
 

@@ -221,7 +221,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def reconcile_command(args: argparse.Namespace) -> int:
-    """``edge-fleet reconcile``."""
+    """``edge-fleet reconcile`` (by the server when the profile names one)."""
+    from . import server_cmd
+    from .client import server_client
+
+    client = server_client()
+    if client is not None:
+        return server_cmd.reconcile(client, args.json)
     store = Assignments.open(args.db)
     if not store.current():
         raise FleetError(

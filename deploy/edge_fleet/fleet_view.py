@@ -101,7 +101,7 @@ class FleetView:
                 value = Telemetry.model_validate_json(payload)
             elif rest == ["model", "desired"]:
                 kind = "desired"
-                value = _release_of(payload) if payload else None
+                value = release_of(payload) if payload else None
             else:
                 return None
         except ValidationError:
@@ -179,7 +179,7 @@ class FleetView:
         }
 
 
-def _release_of(payload: bytes) -> str:
+def release_of(payload: bytes) -> str:
     """``NAME@VERSION`` of a desired-state manifest (without checking it: only for display)."""
     try:
         data = json.loads(payload)

@@ -145,6 +145,61 @@ def devices(client: ServerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def deploy(client: ServerClient, args: argparse.Namespace, manifest: Manifest | None, what: str) -> int:
+    """``deploy``/``rollback`` to a device or group through the server; ``--wait`` follows the devices."""
+    body = {
+        "device": args.device,
+        "group": args.group,
+        "manifest": None if manifest is None else json.loads(manifest.model_dump_json()),
+        "override": bool(args.override),
+    }
+    answer = client.call("POST", "/api/v1/deployments", body)
+    scope = args.device if args.device else f"group {args.group}"
+    if answer["cleared"]:
+        print(f"cleared the own desired state of {names(answer['cleared'])}: they follow {scope}")
+    release = f": {answer['release']}" if answer["release"] else ""
+    print(f"{what} of {scope}{release} (recorded by the server, and retained by the broker)")
+    followers: list[str] = answer["followers"]
+    if args.group:
+        print(f"  {len(followers)} devices follow it" + (f": {names(followers)}" if followers else ""))
+    if manifest is None or not args.wait:
+        return 0
+    outcome: dict[str, str] = {}
+    end = time.monotonic() + args.wait_timeout
+    while len(outcome) < len(followers) and time.monotonic() < end:
+        for row in client.call("GET", "/api/v1/devices"):
+            device = row["device_id"]
+            if device not in followers or device in outcome:
+                continue
+            if (row["model"], row["version"]) == (manifest.name, manifest.version):
+                outcome[device] = "active"
+            elif row["update_version"] == manifest.version and row["update_phase"] in (
+                "failed",
+                "rolled_back",
+            ):
+                outcome[device] = f"failed — {row['update_error']}"
+            else:
+                continue
+            print(f"  {device}: {outcome[device]}", flush=True)
+        time.sleep(_FOLLOW_POLL_S)
+    active = [d for d, o in outcome.items() if o == "active"]
+    unfinished = sorted(set(followers) - set(outcome))
+    print(f"{len(active)} of {len(followers)} devices active on {manifest.release_id}"
+          + (f"; not finished within {args.wait_timeout:g} s: {names(unfinished)}" if unfinished else ""))  # fmt: skip
+    return 0 if len(active) == len(followers) else 1
+
+
+def reconcile(client: ServerClient, as_json: bool) -> int:
+    """``reconcile`` through the server."""
+    counts = client.call("POST", "/api/v1/reconcile")
+    if as_json:
+        print(json.dumps(counts))
+    else:
+        print(f"published again by the server: {counts['device']} device and {counts['group']} group desired "
+              f"states, {counts['cleared']} cleared (acknowledged by the broker)")  # fmt: skip
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``label`` (server mode)."""
     label = sub.add_parser("label", help="server mode: set a device's labels (KEY=VALUE), remove one (KEY-)")

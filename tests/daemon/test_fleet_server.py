@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -208,3 +210,74 @@ def test_two_servers_on_one_postgresql_never_drive_the_same_rollout(
 
     wait_until(finished, timeout=60, interval=0.05, what="the rollout done")
     assert len(leaders) == 1, leaders  # one server drove it, all along
+
+
+def _retained_desired(broker, count: int) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    """The retained desired states on the broker, once there are ``count`` of them."""
+    caller = Caller(broker.host, broker.port, reply_filter="test/nothing/#")
+    try:
+        caller.subscribe("edge/#")
+
+        def found() -> dict[str, bytes]:
+            seen = {t: body for t, body, _c in list(caller.raw.queue) if t.endswith("/desired")}
+            return {t: body for t, body in seen.items() if body}
+
+        return wait_until(
+            lambda: len(d := found()) == count and d, timeout=60, what=f"{count} retained desired states"
+        )
+    finally:
+        caller.close()
+
+
+def test_deploy_jobs_and_the_server_rebuilding_what_the_broker_lost(
+    broker, fleet, servers, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    fleet(2, update_delay_s=0.2)
+    server = servers(str(tmp_path / "server.sqlite3")).start()
+    wait_until(lambda: len(server.get("/api/v1/devices")) == 2, timeout=30, what="2 devices")
+    group = fleet_cli(
+        "deploy",
+        str(placeholder_release(KEY, "2.0.0", tmp_path)),
+        "--group",
+        "shop",
+        "--wait",
+        env=server.env(),
+    )
+    assert group.returncode == 0 and "2 of 2 devices active on assistant@2.0.0" in group.stdout, (
+        group.stdout + group.stderr
+    )
+    own = fleet_cli(
+        "deploy", str(placeholder_release(KEY, "2.5.0", tmp_path)), "--device", "sim-0001", env=server.env()
+    )
+    assert own.returncode == 0, own.stderr
+    shadowed = fleet_cli(
+        "deploy", str(placeholder_release(KEY, "2.6.0", tmp_path)), "--group", "shop", env=server.env()
+    )
+    assert shadowed.returncode == 1 and "sim-0001" in shadowed.stderr and "override" in shadowed.stderr
+    before = _retained_desired(broker, 2)
+    # The broker crashes and loses its disk: the server notices and publishes them again by itself.
+    republished = server.get("/healthz")["republished"]
+    broker.kill()
+    shutil.rmtree(broker.workdir / "data")
+    (broker.workdir / "data").mkdir()
+    broker.start()
+    assert _retained_desired(broker, 2) == before
+    assert server.get("/healthz")["republished"] >= republished + 2  # the server rebuilt them: they were gone
+    counts = fleet_cli("reconcile", "--json", env=server.env())
+    assert counts.returncode == 0 and json.loads(counts.stdout) == {"device": 1, "group": 1, "cleared": 0}, (
+        counts.stderr
+    )
+    history = fleet_cli("history", "sim-0001", "--json", env=server.env("viewer"))
+    rows = [json.loads(x) for x in history.stdout.splitlines()]
+    assert [(r["kind"], r["release"], r["actor"]) for r in rows] == [
+        ("group", "assistant@2.0.0", "operator-user"),
+        ("device", "assistant@2.5.0", "operator-user"),
+    ]
+    # A job through the API, answered by a box.
+    request = urllib.request.Request(
+        server.url + "/api/v1/jobs?wait=true", data=json.dumps({"device": "sim-0000", "prompt": "hi"}).encode(),
+        headers={"Authorization": f"Bearer {server.tokens['operator']}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        job = json.loads(answer.read())
+    assert job["state"] == "succeeded" and job["result"]["device_id"] in (None, "sim-0000"), job

@@ -1,9 +1,9 @@
-"""The server's per-tick rollout decision (``edge_fleet.server.evaluate``): pure, so every rule is
+"""The server's per-tick rollout decision (``edge_fleet.domain.evaluate``): pure, so every rule is
 checked here in milliseconds — canary, thresholds, parallelism, timeouts, recovery, joins."""
 
 from __future__ import annotations
 
-from edge_fleet.server.evaluate import (
+from edge_fleet.domain.evaluate import (
     Advance,
     Event,
     Join,
@@ -108,7 +108,7 @@ def test_a_silent_device_times_out_and_counts_as_failed() -> None:
     early = evaluate(rollout, targets, Observations(159.0, {"a": Observation(False), "b": Observation(True)}))
     assert early == []  # the positive control: within the timeout nothing happens
     late = evaluate(rollout, targets, Observations(161.0, {"a": Observation(False), "b": Observation(True)}))
-    assert Mark({"a": ("timed_out", "offline within the timeout of 60 s")}) in late
+    assert Mark({"a": ("timed_out", "offline within the wave timeout of 60 s")}) in late
     assert any(isinstance(a, SetState) and a.state == "halted" for a in late)
 
 
@@ -144,3 +144,36 @@ def test_finished_rollouts_only_record_late_outcomes() -> None:
         _rollout(state="done", waves=1), targets, Observations(1.0, _online("a", a=("active", None)))
     )
     assert actions == [Mark({"a": ("active", None)})]
+
+
+def test_deferred_offline_devices_are_not_waited_for_and_the_rollout_ends_waiting() -> None:
+    rollout = _rollout(canary=False, waves=1, defer_offline=True)
+    obs = Observations(101.0, {"a": Observation(True), "b": Observation(False)})
+    [send] = _of(evaluate(rollout, _targets(("a", 0, "pending"), ("b", 0, "pending")), obs), Send)
+    assert send == Send(("a", "b"), deferred=("b",))
+    after = _targets(("a", 0, "sent"), ("b", 0, "deferred"))
+    ended = evaluate(
+        rollout, after, Observations(102.0, {**obs.devices, "a": Observation(True, ("active", None))})
+    )
+    [state] = _of(ended, SetState)
+    assert state.state == "waiting" and "b" in (state.reason or "")  # type: ignore[attr-defined]
+    # The deferred device reports: done.
+    back = Observations(
+        500.0, {"a": Observation(True, ("active", None)), "b": Observation(True, ("active", None))}
+    )
+    done = evaluate(
+        _rollout(canary=False, waves=1, state="waiting", wave=1),
+        _targets(("a", 0, "active"), ("b", 0, "deferred")),
+        back,
+    )
+    assert SetState("done", None) in done and Mark({"b": ("active", None)}) in done
+
+
+def test_the_cumulative_rule_counts_every_wave_so_far() -> None:
+    targets = _targets(("a", 0, "failed"), ("b", 1, "active"), ("c", 1, "sent"), ("d", 1, "sent"))
+    obs = Observations(101.0, _online("a", "b", "c", "d"))
+    lab = _rollout(canary=False, waves=2, wave=1, max_failure_rate=0.2, cumulative=True)
+    [halt] = _of(evaluate(lab, targets, obs), SetState)
+    assert halt.reason == "1 of 4 devices in waves 1-2 failed (limit 20%)"  # type: ignore[attr-defined]
+    per_wave = _rollout(canary=False, waves=2, wave=1, max_failure_rate=0.2)
+    assert not _of(evaluate(per_wave, targets, obs), SetState)  # wave 2 has no failure

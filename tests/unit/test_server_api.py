@@ -173,3 +173,43 @@ def test_tokens_name_the_fix(store: Store) -> None:
         store.create_token("carol", "viewer", "test")
     with pytest.raises(FleetError, match="no live token"):
         store.revoke_token("dave", "test")
+
+
+def test_admins_make_and_revoke_tokens_through_the_api(api: TestClient, store: Store) -> None:
+    admin = _auth(store, "admin", "root")
+    assert (
+        api.post(
+            "/api/v1/tokens", json={"name": "eve", "role": "viewer"}, headers=_auth(store, "operator")
+        ).status_code
+        == 403
+    )
+    made = api.post("/api/v1/tokens", json={"name": "eve", "role": "viewer"}, headers=admin)
+    assert made.status_code == 201
+    eve = {"Authorization": f"Bearer {made.json()['token']}"}
+    assert api.get("/api/v1/devices", headers=eve).status_code == 200
+    assert [t["name"] for t in api.get("/api/v1/tokens", headers=admin).json()].count("eve") == 1
+    assert api.delete("/api/v1/tokens/eve", headers=admin).status_code == 200
+    assert api.get("/api/v1/devices", headers=eve).status_code == 401
+    actions = [(e["actor"], e["action"], e["target"]) for e in api.get("/api/v1/audit", headers=admin).json()]
+    assert ("root", "token.create", "eve") in actions and ("root", "token.revoke", "eve") in actions
+
+
+def test_selectors_read_reported_facts_and_history_takes_a_selector(
+    api: TestClient, store: Store, tmp_path: Path
+) -> None:
+    viewer, operator = _auth(store, "viewer"), _auth(store, "operator")
+    rows = api.get(
+        "/api/v1/devices", params={"select": "model=assistant,group=shop-4"}, headers=viewer
+    ).json()
+    assert [r["device_id"] for r in rows] == ["box-3", "box-4"]
+    refused = api.patch("/api/v1/devices/box-0/labels", json={"labels": {"model": "x"}}, headers=operator)
+    assert refused.status_code == 422 and "not a label" in refused.json()["detail"]
+    api.patch("/api/v1/devices/box-3/labels", json={"labels": {"region": "north"}}, headers=operator)
+    api.post(
+        "/api/v1/deployments", json={"group": "shop-4", "manifest": _manifest(tmp_path)}, headers=operator
+    )
+    history = api.get("/api/v1/history/region=north", headers=viewer).json()
+    assert [(h["kind"], h["target"], h["release"]) for h in history] == [
+        ("group", "shop-4", "assistant@2.0.0")
+    ]
+    assert api.get("/api/v1/history/region=south", headers=viewer).status_code == 404

@@ -1,11 +1,11 @@
-"""Selectors over labels and groups (``edge_fleet.server.selector``)."""
+"""Selectors over labels and groups (``edge_fleet.domain.selector``)."""
 
 from __future__ import annotations
 
 import pytest
 
+from edge_fleet.domain.selector import matches, normalize, parse
 from edge_fleet.errors import FleetError
-from edge_fleet.server.selector import matches, normalize, parse
 
 
 def test_terms_all_hold() -> None:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from agent import __version__
 
-from .api import audit, devices, jobs, metrics, rollouts
+from .api import audit, deployments, devices, jobs, metrics, rollouts, tokens
 from .broker_link import BrokerLink
 from .dashboard.mount import mount as mount_dashboard
 from .service import FleetService
@@ -34,7 +34,14 @@ def create_app(
     app.state.service = FleetService(store, link)
     app.state.controller = controller
     app.state.registry = metrics.registry_for(app)
-    for router in (devices.router, rollouts.router, jobs.router, audit.router):
+    for router in (
+        devices.router,
+        rollouts.router,
+        deployments.router,
+        jobs.router,
+        audit.router,
+        tokens.router,
+    ):
         app.include_router(router)
     app.include_router(metrics.public_router if metrics_public else metrics.router)
     mount_dashboard(app)  # the web page at / and its routes (issue 26)
@@ -49,6 +56,7 @@ def create_app(
         if controller is not None:
             answer["leading"] = sorted(controller.stats.leading)
             answer["controller_error"] = controller.stats.last_error
+            answer["republished"] = controller.stats.republished
         return answer
 
     return app

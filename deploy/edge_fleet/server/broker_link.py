@@ -19,7 +19,7 @@ from edge_contract.protocol import Topics
 
 from ..assignments import publish_retained
 from ..broker import BrokerOptions, connect, release
-from ..fleet_view import FleetView
+from ..fleet_view import FleetView, release_of
 from ..follow import outcome
 from .store import Seen
 
@@ -36,6 +36,7 @@ class BrokerLink:
         self.view = FleetView(options.prefix)
         self.lock = threading.Lock()
         self._dirty: set[str] = set()
+        self.group_desired: dict[str, str] = {}  # group -> NAME@VERSION of its retained desired state
         self.connected_at = 0.0
         self.messages = 0
         self.client = connect(options, name="edge-fleet-server")
@@ -46,12 +47,21 @@ class BrokerLink:
 
     def _topics(self) -> list[tuple[str, int]]:
         every = Topics(self.prefix, "+", None)
-        return [(every.status, 1), (every.model_state, 1), (every.telemetry, 0), (every.model_desired, 1)]
+        groups = Topics(self.prefix, "-", "+").group_model_desired
+        assert groups is not None
+        return [
+            (every.status, 1),
+            (every.model_state, 1),
+            (every.telemetry, 0),
+            (every.model_desired, 1),
+            (groups, 1),
+        ]
 
     def _subscribe(self, client: paho.Client) -> None:
         with self.lock:
             for device in self.view.devices.values():
                 device.desired = None  # read afresh: a broker that lost them sends none
+            self.group_desired.clear()
             self.connected_at = time.monotonic()
         client.subscribe(self._topics())
 
@@ -66,6 +76,13 @@ class BrokerLink:
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         with self.lock:
             self.messages += 1
+            parts = msg.topic.split("/")
+            if len(parts) == 5 and parts[1] == "groups" and parts[3:] == ["model", "desired"]:
+                if msg.payload:
+                    self.group_desired[parts[2]] = release_of(bytes(msg.payload))
+                else:
+                    self.group_desired.pop(parts[2], None)
+                return
             changed = self.view.feed(msg.topic, bytes(msg.payload))
             if changed is not None and changed[1] in ("status", "model"):
                 self._dirty.add(changed[0])
@@ -110,10 +127,12 @@ class BrokerLink:
         with self.lock:
             return outcome(self.view, device, name, version)
 
-    def desired(self, device: str) -> str | None:
-        """``NAME@VERSION`` of the device's retained desired state on the broker, as last seen."""
+    def desired(self, kind: str, target: str) -> str | None:
+        """``NAME@VERSION`` of a device's or group's retained desired state on the broker, as last seen."""
         with self.lock:
-            found = self.view.devices.get(device)
+            if kind == "group":
+                return self.group_desired.get(target)
+            found = self.view.devices.get(target)
             return found.desired if found else None
 
     def publish_desired(self, devices: list[str], payload: bytes) -> None:
@@ -122,6 +141,19 @@ class BrokerLink:
         publish_retained(
             self.client, [(Topics(self.prefix, d, None).model_desired, payload) for d in devices]
         )
+
+    def publish_assignments(self, messages: list[tuple[str, str, bytes]]) -> None:
+        """Publish (kind, target, payload) desired states, device or group, retained; returns once
+        the broker acknowledged every one."""
+        topics = []
+        for kind, target, payload in messages:
+            if kind == "device":
+                topics.append((Topics(self.prefix, target, None).model_desired, payload))
+            else:
+                group_topic = Topics(self.prefix, "-", target).group_model_desired
+                assert group_topic is not None
+                topics.append((group_topic, payload))
+        publish_retained(self.client, topics)
 
     def close(self) -> None:
         """Disconnect."""

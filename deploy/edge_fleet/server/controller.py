@@ -17,9 +17,21 @@ from dataclasses import dataclass, field
 
 from agent.updates.manifest import Manifest
 
-from . import selector as sel
+from ..domain import selector as sel
+from ..domain.evaluate import (
+    Action,
+    Advance,
+    Event,
+    Join,
+    Mark,
+    Observation,
+    Observations,
+    Send,
+    SetState,
+    TargetState,
+    evaluate,
+)
 from .broker_link import BrokerLink
-from .evaluate import Action, Advance, Event, Join, Mark, Observation, Observations, Send, SetState, evaluate
 from .rollouts_table import ACTIVE, Rollout, RolloutsTable
 from .service import FleetService
 
@@ -53,6 +65,7 @@ class Controller:
         self._stop = threading.Event()
         self._manifests: dict[str, Manifest] = {}
         self._next_reconcile = 0.0
+        self._reconciled_for = -1.0
 
     def stop(self) -> None:
         """End ``run`` after the current tick."""
@@ -83,7 +96,10 @@ class Controller:
                 leading.add(rollout.id)
                 self.step(rollout, now)
         self.stats.leading = leading
-        if self.link.desired_settled() and time.monotonic() >= self._next_reconcile:
+        # Soon after every (re)connection, then every _RECONCILE_EVERY_S.
+        fresh = self.link.connected_at != self._reconciled_for
+        if self.link.desired_settled() and (fresh or time.monotonic() >= self._next_reconcile):
+            self._reconciled_for = self.link.connected_at
             self._next_reconcile = time.monotonic() + _RECONCILE_EVERY_S
             self.reconcile()
 
@@ -120,7 +136,8 @@ class Controller:
             if isinstance(action, Mark):
                 self.rollouts.mark(rollout.id, action.changes)
             elif isinstance(action, Send):
-                self._send(rollout, list(action.devices), {d: targets[d].digest for d in action.devices}, now)
+                own = {d: targets[d].digest if d in targets else None for d in action.devices}
+                self._send(rollout, list(action.devices), own, now, deferred=set(action.deferred))
             elif isinstance(action, Join):
                 self.rollouts.join(
                     rollout.id, [(d, self.service.running(d)) for d in action.devices], action.wave
@@ -134,7 +151,15 @@ class Controller:
             elif isinstance(action, Event):
                 self.rollouts.event(rollout.id, action.text)
 
-    def _send(self, rollout: Rollout, devices: list[str], own: dict[str, str | None], now: float) -> None:
+    def _send(
+        self,
+        rollout: Rollout,
+        devices: list[str],
+        own: dict[str, str | None],
+        now: float,
+        *,
+        deferred: set[str],
+    ) -> None:
         by_digest: dict[str, list[str]] = {}
         for device in devices:
             by_digest.setdefault(own.get(device) or rollout.digest, []).append(device)
@@ -143,26 +168,22 @@ class Controller:
             assert payload is not None
             self.store.record_assignment("device", group, digest, f"rollout {rollout.id}", rollout.created_by)
             self.link.publish_desired(group, payload)
-        self.rollouts.mark(rollout.id, dict.fromkeys(devices, ("sent", None)), sent_at=now)
+        states: dict[str, tuple[TargetState, str | None]] = {
+            d: ("deferred" if d in deferred else "sent", None) for d in devices
+        }
+        self.rollouts.mark(rollout.id, states, sent_at=now)
 
     def reconcile(self) -> int:
-        """Publish again every device's recorded desired state the broker does not hold (or holds
-        another of); returns how many."""
-        stale: dict[str | None, list[str]] = {}
+        """Publish again every recorded desired state (device or group) the broker does not hold, or
+        holds another of; returns how many."""
+        stale = []
         for a in self.store.current_assignments():
-            if a["kind"] != "device":
-                continue
-            if self.link.desired(a["target"]) != a["release"]:
-                stale.setdefault(a["digest"], []).append(a["target"])
-        count = 0
-        for digest, devices in stale.items():
-            if digest is None:
-                continue  # cleared: an absent retained message is what was asked
-            payload = self.store.manifest(digest)
-            if payload is not None:
-                self.link.publish_desired(devices, payload)
-                count += len(devices)
-        if count:
-            self.stats.republished += count
-            log.warning("reconcile: published %d desired states again (the broker had lost them)", count)
-        return count
+            if a["digest"] is not None and self.link.desired(a["kind"], a["target"]) != a["release"]:
+                payload = self.store.manifest(a["digest"])
+                if payload is not None:
+                    stale.append((a["kind"], a["target"], payload))
+        if stale:
+            self.link.publish_assignments(stale)
+            self.stats.republished += len(stale)
+            log.warning("reconcile: published %d desired states again (the broker had lost them)", len(stale))
+        return len(stale)

@@ -8,8 +8,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..domain.evaluate import RolloutState, RolloutView, TargetState, TargetView
 from .db import Database
-from .evaluate import RolloutState, RolloutView, TargetState, TargetView
 
 #: A server that stops renewing its lease (killed, cut off from the database) loses the
 #: rollouts it drove after this long; another server, or itself restarted, takes them over.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,7 @@ class DeviceOut(_Body):
     offline_since: float | None = None
     agent_version: str | None = None
     update_phase: str | None = None
+    update_version: str | None = None
     update_error: str | None = None
     temp_c: float | None = None
     mem_available_mb: int | None = None
@@ -88,6 +89,24 @@ class RolloutOut(_Body):
     created: float
     created_by: str
     leader: str | None
+
+
+class DeployIn(_Body):
+    """A release as the desired state of one device or a group (no waves: see rollouts for those)."""
+
+    device: str | None = None
+    group: str | None = None
+    manifest: dict[str, Any] | None = Field(
+        None, description="The signed manifest; null clears the desired state"
+    )
+    override: bool = Field(False, description="Group: clear its devices' own desired states first")
+
+
+class TokenIn(_Body):
+    """A token to make."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Literal["viewer", "operator", "admin"]
 
 
 class JobIn(_Body):

@@ -11,14 +11,19 @@ from dataclasses import dataclass
 
 from agent.updates.manifest import Manifest
 
+from ..domain import selector as sel
+from ..domain.evaluate import FAILED
 from ..errors import FleetError
 from ..releases import check_deployable
 from ..rollout_store import plan_waves, rollout_id_of
-from . import selector as sel
 from .broker_link import BrokerLink
-from .evaluate import FAILED
 from .rollouts_table import Rollout, RolloutsTable
-from .store import Store
+from .store import DeviceRecord, Store
+
+
+def facts_of(device: DeviceRecord) -> dict[str, str | None]:
+    """What a box reports of itself, for selectors (``model=phi3-mini``, ``agent_version=0.1.0``)."""
+    return {"model": device.model, "version": device.version, "agent_version": device.agent_version}
 
 
 class NotFound(FleetError):
@@ -63,7 +68,7 @@ class FleetService:
 
     def matching(self, terms: tuple[sel.Term, ...]) -> list[str]:
         """Devices of the inventory a selector matches, online ones first, then by id."""
-        found = [d for d in self.store.devices() if sel.matches(terms, d.labels, d.group)]
+        found = [d for d in self.store.devices() if sel.matches(terms, d.labels, d.group, facts_of(d))]
         return [
             d.device_id
             for d in sorted(found, key=lambda d: (not self.online(d.device_id, d.online), d.device_id))
@@ -239,6 +244,78 @@ class FleetService:
                 + ", ".join(str(len(w)) for w in plan),
             )
         return self.rollout(back_id), True
+
+
+class Deployments:
+    """``deploy`` and ``reconcile`` on the server: desired state set directly, without waves."""
+
+    def __init__(self, service: FleetService) -> None:
+        self.service = service
+        self.store = service.store
+
+    def deploy(
+        self, kind: str, target: str, payload: bytes | None, override: bool, actor: str
+    ) -> dict[str, object]:
+        """Record, then publish, ``payload`` (None: cleared) as the desired state of a device or a
+        group; a group's devices with their own desired state are refused unless ``override``."""
+        digest = release = None
+        if payload is not None:
+            try:
+                manifest = check_deployable(Manifest.parse(payload), "the manifest")
+            except ValueError as exc:
+                raise FleetError(f"the manifest does not parse: {exc}") from None
+            payload = manifest.model_dump_json().encode()
+            digest, release = self.store.remember(payload), manifest.release_id
+        cleared: list[str] = []
+        followers = [target]
+        if kind == "group":
+            followers = [d.device_id for d in self.store.devices() if d.group == target]
+            own = {
+                a["target"]: a["release"] for a in self.store.current_assignments() if a["kind"] == "device"
+            }
+            shadowed = sorted(d for d in followers if own.get(d))
+            if shadowed and not override:
+                raise Conflict(
+                    f"deploy to group {target} refused: {len(shadowed)} of its devices have their own desired "
+                    f"state, which wins over the group's: {', '.join(shadowed)}. Pass override to clear theirs"
+                )
+            cleared = shadowed
+        with self.store.db.transaction():
+            if cleared:
+                self.store.record_assignment(
+                    "device", cleared, None, f"override by deploy of group {target}", actor
+                )
+            self.store.record_assignment(kind, [target], digest, "deploy", actor)
+            self.store.audit(actor, "deploy", f"{kind} {target}", {"release": release, "cleared": cleared})
+        link = self.service.link
+        if link is not None:
+            messages = [("device", d, b"") for d in cleared] + [(kind, target, payload or b"")]
+            link.publish_assignments(messages)
+        return {
+            "kind": kind,
+            "target": target,
+            "release": release,
+            "cleared": cleared,
+            "followers": followers,
+        }
+
+    def reconcile(self, actor: str) -> dict[str, int]:
+        """Publish every recorded desired state again; counts by kind and cleared."""
+        counts = {"device": 0, "group": 0, "cleared": 0}
+        messages = []
+        for a in self.store.current_assignments():
+            payload = self.store.manifest(a["digest"]) if a["digest"] else b""
+            if payload is None:
+                raise FleetError(f"the database lost the manifest of {a['release']}")
+            messages.append((a["kind"], a["target"], payload))
+            counts[a["kind"] if payload else "cleared"] += 1
+        if not messages:
+            raise FleetError("no desired state is recorded on this server: nothing to publish")
+        if self.service.link is None:
+            raise FleetError("this server has no broker link")
+        self.service.link.publish_assignments(messages)
+        self.store.audit(actor, "reconcile", "*", counts)
+        return counts
 
 
 def _with_waves(rollout: Rollout, count: int) -> Rollout:

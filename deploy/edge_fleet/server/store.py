@@ -272,14 +272,22 @@ class Store:
         )
         return [dict(zip(("kind", "target", "release", "digest"), r, strict=True)) for r in rows]
 
-    def history(self, target: str) -> list[dict[str, Any]]:
-        """Every assignment of a device (and of its group), or of a group, oldest first."""
-        found = self.device(target)
-        group = found.group if found else target
+    def history(self, target: str, devices: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every assignment of a device (and of its group), or of a group, oldest first; with
+        ``devices`` (a selector's matches), of those devices and their groups."""
+        if devices is None:
+            found = self.device(target)
+            devices, groups = [target], [found.group if found and found.group else target]
+        else:
+            records = [self.device(d) for d in devices]
+            groups = sorted({r.group for r in records if r is not None and r.group})
+        marks = ",".join("?" for _ in devices) or "NULL"
+        group_marks = ",".join("?" for _ in groups) or "NULL"
         rows = self.db.query(
             "SELECT seq, kind, target, release, digest, origin, actor, at FROM assignments "
-            "WHERE target = ? OR (kind = 'group' AND target = ?) ORDER BY seq",
-            (target, group),
+            f"WHERE (kind = 'device' AND target IN ({marks})) OR (kind = 'group' AND target IN ({group_marks})) "
+            "ORDER BY seq",
+            (*devices, *groups),
         )
         keys = ("seq", "kind", "target", "release", "digest", "origin", "actor", "at")
         return [dict(zip(keys, r, strict=True)) for r in rows]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 
+from ...domain import selector as sel
 from ...errors import FleetError
-from .. import selector as sel
 from ..auth import Operator, Viewer
 from ..schemas import DeviceOut, LabelsIn
+from ..service import facts_of
 from ..store import DeviceRecord, Principal, Store
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
@@ -35,6 +36,7 @@ def device_out(request: Request, record: DeviceRecord) -> DeviceOut:
         offline_since=(live.offline_since if live else None) or record.offline_since,
         agent_version=record.agent_version,
         update_phase=live.update_phase if live else None,
+        update_version=live.update_version if live else None,
         update_error=live.update_error if live else None,
         temp_c=live.temp_c if live else None,
         mem_available_mb=live.mem_available_mb if live else None,
@@ -57,7 +59,7 @@ def list_devices(
     for record in store.devices():
         if group is not None and record.group != group:
             continue
-        if terms and not sel.matches(terms, record.labels, record.group):
+        if terms and not sel.matches(terms, record.labels, record.group, facts_of(record)):
             continue
         found.append(device_out(request, record))
     return found
@@ -84,8 +86,8 @@ def _set(request: Request, device_id: str, body: LabelsIn, who: Principal, *, me
             sel.parse(f"{key}={value or ''}")
         except FleetError as exc:
             raise HTTPException(422, str(exc)) from None
-        if key == "group":
-            raise HTTPException(422, "group is not a label: the device's agent config sets it")
+        if key in sel.RESERVED:
+            raise HTTPException(422, f"{key} is not a label: the box reports it (a selector reads it as is)")
     store.set_labels(device_id, body.labels, who.name, merge=merge)
     return device_out(request, _record(store, device_id))
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
+from ...domain.evaluate import FAILED
 from ...errors import FleetError
 from ..auth import Operator, Viewer
-from ..evaluate import FAILED
 from ..rollouts_table import Rollout
 from ..schemas import RollbackIn, RolloutIn, RolloutOut
 from ..service import Conflict, FleetService, NotFound, RolloutRequest

@@ -2,7 +2,8 @@
 
 ``evaluate(rollout, targets, observations)`` looks at a rollout's durable state and
 what the broker says of its devices right now, and returns the actions to take; the
-controller (``controller``) applies them.  Nothing here does I/O or reads a clock, so
+server's controller (``server.controller``) and the lab mode's (``rollout.Controller``)
+apply them, each to its own store.  Nothing here does I/O or reads a clock, so
 every rule is tested in milliseconds.
 
 The rules (hawkBit's, with Kubernetes' reconcile style):
@@ -15,7 +16,10 @@ The rules (hawkBit's, with Kubernetes' reconcile style):
   seconds counts as ``timed_out`` (offline boxes included); it can still recover;
 * outcomes of devices already finished keep being read: a halted rollout whose
   failing devices recovered says so, and continues when its policy says so;
-* devices that come to match the rollout's target while it runs join its next wave.
+* devices that come to match the rollout's target while it runs join its next wave;
+* with ``defer_offline``, devices offline when their wave starts are sent the release
+  but not waited for (``deferred``): the rollout then ends ``waiting`` until each reported;
+* with ``cumulative`` (the lab mode's rule), the failure rate is over every wave so far.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-RolloutState = Literal["running", "halted", "aborted", "done"]
-TargetState = Literal["pending", "sent", "active", "failed", "timed_out", "canceled"]
+RolloutState = Literal["running", "waiting", "halted", "aborted", "done"]
+TargetState = Literal["pending", "sent", "deferred", "active", "failed", "timed_out", "canceled"]
 FINISHED: tuple[TargetState, ...] = ("active", "failed", "timed_out", "canceled")
 FAILED: tuple[TargetState, ...] = ("failed", "timed_out")
 #: Targets whose outcome the broker can still change.
-OPEN: tuple[TargetState, ...] = ("sent", "failed", "timed_out")
+OPEN: tuple[TargetState, ...] = ("sent", "deferred", "failed", "timed_out")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class RolloutView:
     accepted_failures: int
     resume_on_recovery: bool
     reason: str | None = None
+    defer_offline: bool = False
+    cumulative: bool = False  # the failure rate over every wave so far (else: the current wave's)
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,11 @@ class Mark:
 
 @dataclass(frozen=True)
 class Send:
-    """Record and publish the release as these devices' desired state; mark them ``sent``."""
+    """Record and publish the release as these devices' desired state; mark them ``sent`` (those in
+    ``deferred``: ``deferred``, not waited for)."""
 
     devices: tuple[str, ...]
+    deferred: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,10 +168,24 @@ def _applied(
     return out
 
 
-def _wave_failures(rollout: RolloutView, targets: dict[str, TargetView]) -> tuple[int, int, list[str]]:
-    members = [t for t in targets.values() if t.wave == rollout.wave]
+def _failures(rollout: RolloutView, targets: dict[str, TargetView]) -> tuple[int, int, list[str]]:
+    """(devices in play, failures beyond those accepted, failed devices) for the threshold."""
+    if rollout.cumulative:
+        members = [t for t in targets.values() if t.wave <= rollout.wave]
+    else:
+        members = [t for t in targets.values() if t.wave == rollout.wave]
     failed = sorted(t.device for t in members if t.state in FAILED)
     return len(members), len(failed) - rollout.accepted_failures, failed
+
+
+def _halt_reason(rollout: RolloutView, size: int, failures: int, failed: list[str]) -> str:
+    wave = rollout.wave
+    if rollout.cumulative:
+        span = f"wave {wave + 1}" if wave == 0 else f"waves 1-{wave + 1}"
+        return f"{failures} of {size} devices in {span} failed (limit {rollout.max_failure_rate:.0%})"
+    what = "canary" if rollout.canary and wave == 0 else f"wave {wave + 1}"
+    limit = "any failure" if rollout.canary and wave == 0 else f"limit {rollout.max_failure_rate:.0%}"
+    return f"{failures} of {size} devices of the {what} failed ({limit}): {_names(failed)}"
 
 
 def evaluate(rollout: RolloutView, targets: dict[str, TargetView], obs: Observations) -> list[Action]:
@@ -187,11 +209,15 @@ def evaluate(rollout: RolloutView, targets: dict[str, TargetView], obs: Observat
     targets = _applied(targets, changes)
     if rollout.state == "halted":
         return actions + _recovery(rollout, targets, bool(changes))
+    if rollout.state == "waiting":
+        if not any(t.state == "deferred" for t in targets.values()):
+            actions += [SetState("done", None), Event("done: every deferred device reported")]
+        return actions
     return actions + _running(rollout, targets, obs)
 
 
 def _recovery(rollout: RolloutView, targets: dict[str, TargetView], changed: bool) -> list[Action]:
-    size, failures, _failed = _wave_failures(rollout, targets)
+    size, failures, _failed = _failures(rollout, targets)
     if not changed or failures > failures_allowed(rollout, rollout.wave, size):
         return []
     text = f"the failing devices of wave {rollout.wave + 1} recovered ({failures} failures left)"
@@ -205,7 +231,7 @@ def _running(rollout: RolloutView, targets: dict[str, TargetView], obs: Observat
     actions: list[Action] = []
     wave = rollout.wave
     if wave >= rollout.waves:
-        return [SetState("done", None), Event("done")]
+        return _finish(targets)
     # Devices that came to match the target join the next wave (or this one, if it is the last).
     if obs.matching is not None:
         joined = tuple(sorted(d for d in obs.matching if d not in targets))
@@ -224,19 +250,17 @@ def _running(rollout: RolloutView, targets: dict[str, TargetView], obs: Observat
         ):
             seen = obs.devices.get(t.device)
             why = "offline" if seen is None or not seen.online else "no answer"
-            timeouts[t.device] = ("timed_out", f"{why} within the timeout of {rollout.timeout:g} s")
+            timeouts[t.device] = ("timed_out", f"{why} within the wave timeout of {rollout.timeout:g} s")
     if timeouts:
         actions.append(Mark(timeouts))
         actions += [Event(f"{d}: timed_out — {why}") for d, (_s, why) in sorted(timeouts.items())]
         targets = _applied(targets, timeouts)
     # Thresholds.
-    size, failures, failed = _wave_failures(rollout, targets)
+    size, failures, failed = _failures(rollout, targets)
     if failures > failures_allowed(rollout, wave, size):
-        what = "canary" if rollout.canary and wave == 0 else f"wave {wave + 1}"
-        limit = "any failure" if rollout.canary and wave == 0 else f"limit {rollout.max_failure_rate:.0%}"
-        reason = f"{failures} of {size} devices of the {what} failed ({limit}): {_names(failed)}"
+        reason = _halt_reason(rollout, size, failures, failed)
         return [*actions, SetState("halted", reason), Event(f"HALTED — {reason}")]
-    # Sends, at most max_parallel in flight.
+    # Sends, at most max_parallel in flight; offline devices deferred when the rollout says so.
     members = sorted((t for t in targets.values() if t.wave == wave), key=lambda t: t.device)
     pending = [t.device for t in members if t.state == "pending"]
     if pending:
@@ -246,21 +270,30 @@ def _running(rollout: RolloutView, targets: dict[str, TargetView], obs: Observat
             in_flight = sum(1 for t in members if t.state == "sent")
             ordered = ordered[: max(0, rollout.max_parallel - in_flight)]
         if ordered:
-            first = all(t.state == "pending" for t in members)
-            if first:
+            if all(t.state == "pending" for t in members):
                 what = "canary" if rollout.canary and wave == 0 else f"wave {wave + 1}/{rollout.waves}"
                 actions.append(
                     Event(f"{what}: {len(members)} devices: {_names([t.device for t in members])}")
                 )
-            actions.append(Send(tuple(ordered)))
+            deferred = tuple(d for d in ordered if d not in online) if rollout.defer_offline else ()
+            actions.append(Send(tuple(ordered), deferred))
         return actions
-    # The wave is through when every member finished.
-    if all(t.state in FINISHED for t in members):
+    # The wave is through when every member finished (deferred ones are not waited for).
+    if all(t.state in FINISHED or t.state == "deferred" for t in members):
         counts: dict[str, int] = {}
         for t in members:
             counts[t.state] = counts.get(t.state, 0) + 1
         tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         actions += [Event(f"wave {wave + 1} finished — {tally}"), Advance(wave + 1)]
         if wave + 1 >= rollout.waves:
-            actions += [SetState("done", None), Event("done")]
+            actions += _finish(targets)
     return actions
+
+
+def _finish(targets: dict[str, TargetView]) -> list[Action]:
+    """``done``, or ``waiting`` while deferred devices have not reported."""
+    deferred = sorted(t.device for t in targets.values() if t.state == "deferred")
+    if deferred:
+        reason = f"{len(deferred)} deferred devices have not reported yet: {_names(deferred, 12)}"
+        return [SetState("waiting", reason), Event(f"NOT DONE — {reason}")]
+    return [SetState("done", None), Event("done")]

@@ -2,7 +2,8 @@
 
 Terms are joined by commas and all must hold: ``KEY=VALUE``, ``KEY!=VALUE``, ``KEY`` (the
 label is set), ``!KEY`` (it is not).  ``group`` is the device's group (the one its agent
-reports, or the inventory's), not a label.  ``normalize`` spells a selector one way (terms
+reports, or the inventory's), not a label; so are the facts boxes report: ``model``,
+``version`` and ``agent_version`` (operators' labels cannot shadow them).  ``normalize`` spells a selector one way (terms
 sorted), which is what a selector rollout's id carries.
 """
 
@@ -17,6 +18,9 @@ from ..errors import FleetError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _VALUE = re.compile(r"^[A-Za-z0-9_.:-]{0,63}$")
 Op = Literal["=", "!=", "exists", "absent"]
+#: Keys a selector reads from what the box reports, not from labels.
+FACTS = ("model", "version", "agent_version")
+RESERVED = ("group", *FACTS)
 
 
 @dataclass(frozen=True, order=True)
@@ -34,9 +38,16 @@ class Term:
             return f"!{self.key}"
         return f"{self.key}{self.op}{self.value}"
 
-    def holds(self, labels: dict[str, str], group: str | None) -> bool:
-        """Whether a device with ``labels`` in ``group`` satisfies this term."""
-        value = group if self.key == "group" else labels.get(self.key)
+    def holds(
+        self, labels: dict[str, str], group: str | None, facts: dict[str, str | None] | None = None
+    ) -> bool:
+        """Whether a device with ``labels`` in ``group`` (and reported ``facts``) satisfies this term."""
+        if self.key == "group":
+            value = group
+        elif self.key in FACTS:
+            value = (facts or {}).get(self.key)
+        else:
+            value = labels.get(self.key)
         if self.op == "exists":
             return value is not None
         if self.op == "absent":
@@ -78,6 +89,11 @@ def normalize(text: str) -> str:
     return ",".join(str(t) for t in parse(text))
 
 
-def matches(terms: tuple[Term, ...], labels: dict[str, str], group: str | None) -> bool:
+def matches(
+    terms: tuple[Term, ...],
+    labels: dict[str, str],
+    group: str | None,
+    facts: dict[str, str | None] | None = None,
+) -> bool:
     """Whether every term holds for a device."""
-    return all(t.holds(labels, group) for t in terms)
+    return all(t.holds(labels, group, facts) for t in terms)
