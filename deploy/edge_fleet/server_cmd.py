@@ -20,7 +20,7 @@ from .errors import FleetError
 from .releases import load_private_key, read_deployable, sign_rollback
 from .rollout_store import names, parse_waves
 
-_CODES = {"done": 0, "halted": 2, "aborted": 2, "running": 2}
+_CODES = {"done": 0, "halted": 2, "aborted": 2, "running": 2, "waiting": 3}
 _FOLLOW_POLL_S = 0.5
 
 
@@ -58,6 +58,7 @@ def rollout(client: ServerClient, args: argparse.Namespace) -> int:
         "max_parallel": args.max_parallel,
         "min_devices": args.min_devices,
         "resume_on_recovery": args.resume_on_recovery,
+        "defer_offline": args.defer_offline,
     }
     row = client.call("POST", "/api/v1/rollouts", body)
     print(row["id"])

@@ -8,7 +8,6 @@ import getpass
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -181,5 +180,6 @@ def serve_command(args: argparse.Namespace) -> int:
         loop.join(timeout=10)
         link.close()
         store.db.close()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    return 0 if not server.should_exit or server.started else 1
+    if not server.started:
+        raise FleetError(f"the server could not listen on {host}:{port} (is the port taken? see --listen)")
+    return 0

@@ -30,7 +30,8 @@ _V1 = [
     "wave_timeout {float} NOT NULL, max_failure_rate {float} NOT NULL, max_parallel INTEGER NOT NULL, "
     "resume_on_recovery INTEGER NOT NULL, state TEXT NOT NULL, wave INTEGER NOT NULL, "
     "accepted_failures INTEGER NOT NULL, reason TEXT, rollback_of TEXT, created {float} NOT NULL, "
-    "created_by TEXT NOT NULL, updated {float} NOT NULL, leader TEXT, lease_until {float})",
+    "created_by TEXT NOT NULL, updated {float} NOT NULL, leader TEXT, lease_until {float}, "
+    "defer_offline INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE targets (rollout TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER NOT NULL, "
     "state TEXT NOT NULL, detail TEXT, before TEXT, digest TEXT, sent_at {float}, updated {float} NOT NULL, "
     "PRIMARY KEY (rollout, device))",

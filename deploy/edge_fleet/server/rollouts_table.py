@@ -14,7 +14,7 @@ from .db import Database
 #: A server that stops renewing its lease (killed, cut off from the database) loses the
 #: rollouts it drove after this long; another server, or itself restarted, takes them over.
 LEASE_S = 15.0
-ACTIVE: tuple[RolloutState, ...] = ("running", "halted")
+ACTIVE: tuple[RolloutState, ...] = ("running", "waiting", "halted")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Rollout:
     created_by: str
     updated: float
     leader: str | None
+    defer_offline: bool = False
 
     @property
     def wave_count(self) -> int:
@@ -53,7 +54,7 @@ class Rollout:
             id=self.id, state=self.state, wave=self.wave, waves=self.wave_count, canary=bool(self.canary),
             max_failure_rate=self.max_failure_rate, max_parallel=self.max_parallel, timeout=self.wave_timeout,
             accepted_failures=self.accepted_failures, resume_on_recovery=self.resume_on_recovery,
-            reason=self.reason,
+            reason=self.reason, defer_offline=self.defer_offline,
         )  # fmt: skip
 
     def as_json(self) -> dict[str, Any]:
@@ -80,14 +81,15 @@ class Target:
 
 _COLUMNS = (
     "id, release, digest, selector, grp, waves, canary, wave_timeout, max_failure_rate, max_parallel, "
-    "resume_on_recovery, state, wave, accepted_failures, reason, rollback_of, created, created_by, updated, leader"
+    "resume_on_recovery, state, wave, accepted_failures, reason, rollback_of, created, created_by, updated, leader, "
+    "defer_offline"
 )
 
 
 def _rollout(r: tuple[Any, ...]) -> Rollout:
     return Rollout(
         r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), int(r[6]), float(r[7]), float(r[8]), int(r[9]),
-        bool(r[10]), r[11], int(r[12]), int(r[13]), r[14], r[15], float(r[16]), r[17], float(r[18]), r[19],
+        bool(r[10]), r[11], int(r[12]), int(r[13]), r[14], r[15], float(r[16]), r[17], float(r[18]), r[19], bool(r[20]),
     )  # fmt: skip
 
 
@@ -102,10 +104,10 @@ class RolloutsTable:
         transaction (so the audit entry commits with it)."""
         r = rollout
         self.db.execute(
-            f"INSERT INTO rollouts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO rollouts ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (r.id, r.release, r.digest, r.selector, r.group, json.dumps(r.waves), r.canary, r.wave_timeout,
              r.max_failure_rate, r.max_parallel, int(r.resume_on_recovery), r.state, r.wave,
-             r.accepted_failures, r.reason, r.rollback_of, r.created, r.created_by, r.updated, None),
+             r.accepted_failures, r.reason, r.rollback_of, r.created, r.created_by, r.updated, None, int(r.defer_offline)),
         )  # fmt: skip
         self.db.executemany(
             "INSERT INTO targets (rollout, device, wave, state, before, digest, updated) VALUES (?,?,?,?,?,?,?)",

@@ -57,6 +57,9 @@ class RolloutIn(_Body):
     max_failure_rate: float = Field(0.1, ge=0, le=1)
     max_parallel: int = Field(0, ge=0, description="Devices updating at once at most (0: a whole wave)")
     min_devices: int = Field(1, ge=1)
+    defer_offline: bool = Field(
+        False, description="Devices offline when their wave starts are sent the release, not waited for"
+    )
     resume_on_recovery: bool = Field(
         False, description="A halted rollout continues when its failing devices recover"
     )

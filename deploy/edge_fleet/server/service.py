@@ -48,6 +48,7 @@ class RolloutRequest:
     max_parallel: int
     min_devices: int
     resume_on_recovery: bool
+    defer_offline: bool = False
 
 
 def selector_rollout_id(manifest: Manifest, selector: str) -> str:
@@ -135,7 +136,7 @@ class FleetService:
             wave_timeout=request.wave_timeout, max_failure_rate=request.max_failure_rate,
             max_parallel=request.max_parallel, resume_on_recovery=request.resume_on_recovery, state="running",
             wave=0, accepted_failures=0, reason=None, rollback_of=None, created=now, created_by=actor,
-            updated=now, leader=None,
+            updated=now, leader=None, defer_offline=request.defer_offline,
         )  # fmt: skip
         # The stored wave list is the plan's (empty percentages dropped), so waves and targets agree.
         rollout = _with_waves(rollout, len(plan) - rollout.canary)
@@ -156,7 +157,9 @@ class FleetService:
             raise Conflict(f"rollout {rollout_id} is already {rollout.state}: there is nothing to abort")
         with self.store.db.transaction():
             self.rollouts.update(rollout_id, state="aborted", reason=f"aborted by {actor}")
-            unfinished = sorted(d for d, t in self.rollouts.targets(rollout_id).items() if t.state == "sent")
+            unfinished = sorted(
+                d for d, t in self.rollouts.targets(rollout_id).items() if t.state in ("sent", "deferred")
+            )
             self.store.record_assignment("device", unfinished, None, f"abort of {rollout_id}", actor)
             self.rollouts.mark(rollout_id, dict.fromkeys(unfinished, ("canceled", "rollout aborted")))
             self.store.audit(actor, "rollout.abort", rollout_id, {"withdrawn": unfinished})

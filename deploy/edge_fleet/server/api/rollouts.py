@@ -42,7 +42,7 @@ def rollout_out(service: FleetService, rollout: Rollout) -> RolloutOut:
         id=rollout.id, state=rollout.state, release=rollout.release, selector=rollout.selector,
         group=rollout.group, wave=min(rollout.wave + 1, rollout.wave_count), waves=rollout.wave_count,
         canary=bool(rollout.canary), reason=rollout.reason, targets=service.rollouts.counts(rollout.id),
-        waiting_for=sorted(d for d, t in targets.items() if t.state == "sent"),
+        waiting_for=sorted(d for d, t in targets.items() if t.state in ("sent", "deferred")),
         failures={d: f"{t.state}: {t.detail}" for d, t in sorted(targets.items()) if t.state in FAILED},
         befores=befores, rollback_of=rollout.rollback_of, created=rollout.created,
         created_by=rollout.created_by, leader=rollout.leader,
@@ -66,6 +66,7 @@ def create_rollout(request: Request, who: Operator, body: RolloutIn, response: R
                 max_parallel=body.max_parallel,
                 min_devices=body.min_devices,
                 resume_on_recovery=body.resume_on_recovery,
+                defer_offline=body.defer_offline,
             ),
             who.name,
         )
