@@ -22,6 +22,7 @@ from .history import History
 
 router = APIRouter(prefix="/api/v1", tags=["dashboard"])
 _UPDATING = ("downloading", "verifying", "testing", "activating")
+_ROUNDED = ("last_seen", "offline_since", "temp_c", "tok_s")
 
 
 def _live(request: Request) -> dict[str, dict[str, Any]]:
@@ -61,6 +62,9 @@ def fleet(request: Request, _who: Viewer) -> dict[str, Any]:
     rows = []
     for record in store.devices():
         row = device_out(request, record).model_dump()
+        for key in _ROUNDED:  # a tenth is all the page shows; the JSON of 1,000 devices stays small
+            if row[key] is not None:
+                row[key] = round(row[key], 1)
         extra = live.get(record.device_id, {})
         row["reasons"] = extra.get("reasons", [])
         row["cert_expires_at"] = extra.get("cert_expires_at")
