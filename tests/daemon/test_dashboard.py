@@ -72,8 +72,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         broker = Broker(tmp / "broker")
         broker.start()
         agents = [
+            # box-2 asks for more free disk than any disk has: degraded (low_disk), for a true reason.
             AgentProcess(broker, tmp / f"agent-{i}", fixture_path("phi3-int4"), device_id=f"box-{i}", group="shop-0",
-                         model_version=f"1.{i}.0", telemetry={"interval_s": 2.0})
+                         model_version=f"1.{i}.0", telemetry={"interval_s": 2.0},
+                         health={"min_disk_free_mb": 1 << 30} if i == 2 else None)
             for i in range(3)
         ]  # fmt: skip
         sims: list[SimulatedFleet] = []
@@ -134,6 +136,12 @@ def test_sign_in_and_see_the_three_real_agents_with_their_versions(stack: Stack,
         expect(row).to_contain_text("online", timeout=30 * _S)
         expect(row.locator('td[data-label="Model"]')).to_contain_text(f"@1.{i}.0")
     expect(page.locator('.count[data-count="online"] b')).to_have_text("53", timeout=30 * _S)
+    # Health with its reason; the other real boxes are ok (the control).
+    expect(_row(page, "box-2").locator('td[data-label="Health"]')).to_have_text(
+        "degraded: low_disk", timeout=20 * _S
+    )
+    expect(_row(page, "box-1").locator('td[data-label="Health"]')).to_have_text("ok")
+    expect(page.locator('.count[data-count="degraded"] b')).to_have_text("1")
     cookie = next(c for c in page.context.cookies() if c["name"] == "efs_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert page.evaluate("document.cookie") == ""  # not readable by scripts
