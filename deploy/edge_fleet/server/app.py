@@ -15,6 +15,7 @@ from agent import __version__
 
 from .api import audit, deployments, devices, jobs, metrics, rollouts, tokens
 from .broker_link import BrokerLink
+from .dashboard.mount import mount as mount_dashboard
 from .service import FleetService
 from .store import Store
 
@@ -43,6 +44,7 @@ def create_app(
     ):
         app.include_router(router)
     app.include_router(metrics.public_router if metrics_public else metrics.router)
+    mount_dashboard(app)  # the web page at / and its routes (issue 26)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, Any]:

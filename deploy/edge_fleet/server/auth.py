@@ -2,7 +2,8 @@
 
 ``require("operator")`` is a FastAPI dependency: 401 without a token or with an unknown or
 revoked one, 403 when the token's role ranks below the one asked for; it returns the
-``Principal`` (whose name the audit log records).  Routers added later (a dashboard, an
+``Principal`` (whose name the audit log records).  Without a Bearer token, the dashboard's
+session cookie is accepted in its place (``dashboard/session.py``).  Routers added later (a dashboard, an
 OpenAI-compatible gateway) use the same dependency.
 """
 
@@ -14,7 +15,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .store import ROLES, Principal, Role, Store
+from .dashboard.session import session_principal
+from .store import ROLES, Principal, Role
 
 _bearer = HTTPBearer(auto_error=False, description="A token of `edge-fleet server token create`.")
 
@@ -37,13 +39,16 @@ def require(role: Role) -> Callable[..., Principal]:
     ) -> Principal:
         challenge = {"WWW-Authenticate": "Bearer"}
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "a token is needed: send `Authorization: Bearer TOKEN` (edge-fleet server token create)",
-                headers=challenge,
-            )
-        store: Store = request.app.state.store
-        principal = store.principal(credentials.credentials)
+            # The dashboard's session cookie (with its CSRF token for changes) stands for a token.
+            principal = session_principal(request)
+            if principal is None:
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    "a token is needed: send `Authorization: Bearer TOKEN` (edge-fleet server token create)",
+                    headers=challenge,
+                )
+        else:
+            principal = request.app.state.store.principal(credentials.credentials)
         if principal is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,

@@ -56,9 +56,22 @@ _V1_POSTGRES = [
     "FOR EACH ROW EXECUTE FUNCTION audit_append_only()",
 ]
 
+# The dashboard (issue 26): telemetry history (``res`` 0: as the box sent it; else the seconds
+# of a downsampled bucket) and browser sessions (only hashes of the cookie are kept).
+_V2 = [
+    "CREATE TABLE telemetry_history (device TEXT NOT NULL, at {float} NOT NULL, span {float} NOT NULL, "
+    "res INTEGER NOT NULL, tok_s {float}, temp_c {float}, mem_mb {float}, queue {float}, jobs {float}, "
+    "cert_expires_at {float})",
+    "CREATE INDEX telemetry_history_by_device ON telemetry_history (device, at)",
+    "CREATE INDEX telemetry_history_by_age ON telemetry_history (res, at)",
+    "CREATE TABLE dashboard_sessions (id_hash TEXT PRIMARY KEY, token_hash TEXT NOT NULL, "
+    "csrf TEXT NOT NULL, created {float} NOT NULL, expires {float} NOT NULL)",
+]
+
 #: version -> (statements for both, SQLite only, PostgreSQL only)
 MIGRATIONS: dict[int, tuple[list[str], list[str], list[str]]] = {
     1: (_V1, _V1_SQLITE, _V1_POSTGRES),
+    2: (_V2, [], []),
 }
 _TYPES = {
     "sqlite": {"float": "REAL", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
