@@ -68,8 +68,31 @@ def runtime_fingerprint(threads: int) -> str:
             if line.startswith(("flags", "Features")):
                 flags = " ".join(sorted(line.split(":", 1)[1].split()))
                 break
-    parts = (f"v{FORMAT_VERSION}", onnxruntime.__version__, platform.machine(), flags, f"threads={threads}")
+    parts = (
+        f"v{FORMAT_VERSION}",
+        onnxruntime.__version__,
+        platform.machine(),
+        flags,
+        _executable_features(),
+        f"threads={threads}",
+    )
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _executable_features() -> str:
+    """The instruction sets this process may run, from CPUID (numpy's dispatch table).
+
+    ``/proc/cpuinfo`` can list more than a process may run (some VMs, and qemu-user,
+    which passes the host's through), and the kernels dispatch on CPUID.
+    """
+    import importlib
+
+    try:
+        umath = importlib.import_module("numpy._core._multiarray_umath")
+    except ImportError:  # pragma: no cover - numpy 1.x
+        umath = importlib.import_module("numpy.core._multiarray_umath")
+    features: dict[str, bool] = umath.__cpu_features__
+    return " ".join(sorted(name for name, on in features.items() if on))
 
 
 def model_identity(model_files: Iterable[Path], threads: int) -> str:
