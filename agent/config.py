@@ -382,8 +382,8 @@ class HTTPConfig(_Section):
         None,
         description=(
             "HOST:PORT (or [IPV6]:PORT) to serve the HTTP API on, e.g. '127.0.0.1:8080' for apps on this "
-            "box. Unset: no HTTP server. Any address other than loopback needs api_keys. Its jobs go "
-            "through the same queue and limits as MQTT jobs."
+            "box (port 0: any free port, logged at start). Unset: no HTTP server. Any address other than "
+            "loopback needs api_keys. Its jobs go through the same queue and limits as MQTT jobs."
         ),
     )
     api_keys: list[SecretStr] = Field(
@@ -411,7 +411,7 @@ class HTTPConfig(_Section):
     def _endpoint(cls, value: str | None) -> str | None:
         if value is not None:
             found = _ENDPOINT.fullmatch(value.strip())
-            if found is None or found.group("port") is None or not 1 <= int(found.group("port")) <= 65535:
+            if found is None or found.group("port") is None or not 0 <= int(found.group("port")) <= 65535:
                 raise ValueError(f"{value!r}: give HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:8080")
         return value
 
@@ -436,9 +436,11 @@ class HTTPConfig(_Section):
 
     @property
     def endpoint(self) -> tuple[str, int]:
-        """(host, port) to bind; only meaningful when ``listen`` is set."""
+        """(host, port) to bind (port 0: any free one); only meaningful when ``listen`` is set."""
         assert self.listen is not None
-        return parse_endpoint(self.listen, 0)
+        found = _ENDPOINT.fullmatch(self.listen.strip())
+        assert found is not None
+        return found.group("v6") or found.group("host"), int(found.group("port"))
 
 
 class AgentConfig(BaseSettings):
