@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -360,3 +362,68 @@ def test_apps_on_the_box_are_served_while_the_broker_is_away(box: Box, broker) -
     during = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
     assert during.choices[0].message.content == before.choices[0].message.content
     assert during.choices[0].finish_reason == "length"
+
+
+def _hot_box(agents, tmp_path: Path, shed_load: str, **jobs: Any) -> tuple[Box, Path]:  # type: ignore[no-untyped-def]
+    """A box whose (simulated) SoC sensor reads 85 °C, over its 70 °C limit: it sheds load."""
+    zone = tmp_path / "sys" / "class" / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("85000\n")
+    agent = agents(
+        fixture_path(MODEL),
+        jobs={"max_tokens_limit": 4000, **jobs},
+        http={"listen": "127.0.0.1:0", "api_keys": [KEY]},
+        telemetry={"interval_s": 1.0, "sysfs_root": str(tmp_path / "sys")},
+        health={"max_temp_c": 70, "shed_load": shed_load},
+    )
+    agent.start()
+    wait_until(lambda: "health: degraded" in agent.log_text(), what="the box to find itself hot")
+    return Box(agent, agent.http_port()), zone / "temp"
+
+
+def test_a_box_shedding_load_answers_503_with_retry_after(agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    box, temp = _hot_box(agents, tmp_path, "reject")
+    client = box.openai()
+    with pytest.raises(openai.InternalServerError) as shed:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    assert shed.value.status_code == 503 and shed.value.code == "overloaded"
+    assert shed.value.response.headers["retry-after"] == "1"  # one telemetry interval
+    with pytest.raises(ollama.ResponseError) as also:
+        box.ollama().chat(model=MODEL, messages=MESSAGES, options={"num_predict": 4})
+    assert also.value.status_code == 503 and "hot" in also.value.error
+    temp.write_text("50000\n")  # cool again (below 70 - 5 °C of hysteresis)
+    served = wait_until(lambda: _served(client), timeout=30, what="the box to serve again once cool")
+    assert served.choices[0].finish_reason == "length"
+
+
+def _served(client: openai.OpenAI) -> Any:
+    try:
+        return client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    except openai.InternalServerError:
+        return None
+
+
+def test_a_full_queue_is_429_and_a_queued_job_whose_client_leaves_never_runs(agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """shed_load = "queue" holds every job while the box is hot: the queue fills deterministically."""
+    box, temp = _hot_box(agents, tmp_path, "queue", max_queue=1)
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", box.port), timeout=60) as held:  # stored, then held
+        held.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: box\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: len(_open(box)) == 1, what="the first job stored")
+        with pytest.raises(openai.RateLimitError) as busy:
+            box.openai().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+        assert busy.value.code == "busy" and busy.value.response.headers["retry-after"] == "1"
+    # The client left while its job waited in the queue.
+    line = wait_until(
+        lambda: next((v for v in box.job_lines().values() if v.startswith("canceled")), None),
+        what="the queued job to be canceled",
+    )
+    assert "0 completion tokens" in line and "before it started" in line
+    temp.write_text("50000\n")
+    after = box.openai().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    assert after.choices[0].finish_reason == "length"  # the queue was free: served, once cool
