@@ -17,6 +17,7 @@ from agent.updates.manifest import Manifest
 
 from .client import ServerClient
 from .errors import FleetError
+from .fleet_view import DeviceRow
 from .releases import load_private_key, read_deployable, sign_rollback
 from .rollout_store import names, parse_waves
 
@@ -130,11 +131,25 @@ def _rollback(client: ServerClient, args: argparse.Namespace) -> int:
     return _follow(client, answer["id"]) if args.follow else 0
 
 
+def status_rows(client: ServerClient, group: str | None) -> list[DeviceRow]:
+    """The devices as ``status`` shows them (the lab mode's ``DeviceRow`` fields), from the server."""
+    fields = set(DeviceRow.__dataclass_fields__)
+    rows = []
+    for found in client.call("GET", "/api/v1/devices", group=group):
+        values = {k: v for k, v in found.items() if k in fields}
+        values["device"] = found["device_id"]
+        values["last_seen"] = found["last_seen"] or 0.0
+        rows.append(DeviceRow(**values))
+    return rows
+
+
 def devices(client: ServerClient, args: argparse.Namespace) -> int:
     """``edge-fleet devices`` against the server (``--json``: one object per device)."""
     rows = client.call("GET", "/api/v1/devices", group=args.group)
     for row in rows:
-        row.setdefault("device", row["device_id"])
+        # The lab mode's fields first (what the server does not keep is null), then the server's.
+        lab = dict.fromkeys(("provisioned", "cert_serial", "cert_expires", "first_seen"))
+        row.update({"device": row["device_id"], **lab, **row})
         if args.json:
             print(json.dumps(row))
     if not args.json:

@@ -246,6 +246,19 @@ def test_deploy_jobs_and_the_server_rebuilding_what_the_broker_lost(
     assert group.returncode == 0 and "2 of 2 devices active on assistant@2.0.0" in group.stdout, (
         group.stdout + group.stderr
     )
+    # The views keep their fields in server mode.
+    status = [
+        json.loads(x) for x in fleet_cli("status", "--json", env=server.env("viewer")).stdout.splitlines()
+    ]
+    assert [(r["device"], r["version"], r["online"]) for r in status] == [
+        ("sim-0000", "2.0.0", True),
+        ("sim-0001", "2.0.0", True),
+    ]
+    assert {"update_phase", "update_error", "temp_c", "last_seen"} <= set(status[0])
+    listed = [
+        json.loads(x) for x in fleet_cli("devices", "--json", env=server.env("viewer")).stdout.splitlines()
+    ]
+    assert [r["device"] for r in listed] == ["sim-0000", "sim-0001"] and "cert_serial" in listed[0]
     own = fleet_cli(
         "deploy", str(placeholder_release(KEY, "2.5.0", tmp_path)), "--device", "sim-0001", env=server.env()
     )

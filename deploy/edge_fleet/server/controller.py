@@ -37,6 +37,7 @@ from .service import FleetService
 
 log = logging.getLogger("edge_fleet.server")
 _RECONCILE_EVERY_S = 30.0
+_MATCH_EVERY_S = 5.0
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Controller:
         self._manifests: dict[str, Manifest] = {}
         self._next_reconcile = 0.0
         self._reconciled_for = -1.0
+        self._matches: dict[str, tuple[float, tuple[str, ...]]] = {}
 
     def stop(self) -> None:
         """End ``run`` after the current tick."""
@@ -111,6 +113,15 @@ class Controller:
             self._manifests[digest] = Manifest.parse(payload)
         return self._manifests[digest]
 
+    def _matching(self, rollout: Rollout) -> tuple[str, ...]:
+        """The devices the rollout's selector matches now (read again every ``_MATCH_EVERY_S``: joining
+        a rollout is not urgent, and the whole inventory is read for it)."""
+        at, found = self._matches.get(rollout.id, (0.0, ()))
+        if time.monotonic() - at > _MATCH_EVERY_S:
+            found = tuple(self.service.matching(sel.parse(rollout.selector)))
+            self._matches[rollout.id] = (time.monotonic(), found)
+        return found
+
     def step(self, rollout: Rollout, now: float) -> None:
         """Evaluate one rollout and apply the actions."""
         targets = self.rollouts.targets(rollout.id)
@@ -123,7 +134,7 @@ class Controller:
             )
         matching = None
         if rollout.rollback_of is None and rollout.state == "running":
-            matching = tuple(self.service.matching(sel.parse(rollout.selector)))
+            matching = self._matching(rollout)
         actions = evaluate(
             rollout.view(), {d: t.view() for d, t in targets.items()}, Observations(now, devices, matching)
         )

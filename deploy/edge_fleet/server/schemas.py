@@ -24,7 +24,10 @@ class DeviceOut(_Body):
     last_seen: float | None = Field(description="Unix time it was last seen online")
     offline_since: float | None = None
     agent_version: str | None = None
+    previous: str | None = None
     update_phase: str | None = None
+    update_progress: float | None = None
+    update_message: str | None = None
     update_version: str | None = None
     update_error: str | None = None
     temp_c: float | None = None
