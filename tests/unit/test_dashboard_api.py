@@ -62,6 +62,13 @@ def test_history_keeps_a_day_at_full_resolution_then_5_minute_means_then_nothing
     assert history.compact(now) == (0, 0)  # nothing left to do
 
 
+def test_a_message_recorded_twice_is_kept_once(store: Store) -> None:
+    history = History(store.db)  # (two servers on one database both record every message)
+    history.add([_point(100.0, 50.0), _point(110.0, 51.0)])
+    history.add([_point(110.0, 51.0), _point(120.0, 52.0)])
+    assert [p.at for p in history.points("box-1", 0.0)] == [100.0, 110.0, 120.0]
+
+
 def test_series_averages_into_at_most_max_points(store: Store) -> None:
     history = History(store.db)
     now = time.time()
