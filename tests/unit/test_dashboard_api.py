@@ -158,7 +158,7 @@ def test_the_page_is_served_with_a_strict_policy_and_no_outside_asset(store: Sto
 def test_pause_halts_a_running_rollout_and_resume_continues_it(store: Store, tmp_path: Path) -> None:
     import json
 
-    from agent.updates import signing
+    from edge_contract import signing
     from tests.support.releases import placeholder_release
 
     api = TestClient(create_app(store))
