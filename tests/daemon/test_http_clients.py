@@ -130,6 +130,23 @@ def test_openai_sdk_answers_equal_the_mqtt_answers(box: Box, caller) -> None:  #
     # The same prompt a third time: its prefix came from the cache, as for MQTT jobs.
     assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens > 0
 
+    # stop, and seeded sampling (temperature, top_p, seed): as the same MQTT job does.
+    stop = answer[8:12]
+    assert stop.strip() and answer.index(stop) > 0
+    stopped = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, stop=stop)  # type: ignore[arg-type]
+    assert stopped.choices[0].message.content == answer[: answer.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    sampled = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=24,
+        temperature=0.9,
+        top_p=0.95,
+        seed=7,
+    )
+    seeded = _mqtt(caller, "m-seed", messages=MESSAGES, max_tokens=24, temperature=0.9, top_p=0.95, seed=7)
+    assert sampled.choices[0].message.content == seeded["text"]
+
     completion = client.completions.create(
         model=MODEL, prompt="The device reports", max_tokens=16, temperature=0
     )
@@ -156,6 +173,9 @@ def test_openai_sdk_errors_are_its_exception_classes(box: Box) -> None:
     assert missing.value.code == "model_not_found"
     ok = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
     assert ok.choices[0].message.content  # the agent kept serving
+    log = box.agent.log_text()
+    assert "POST /v1/chat/completions" in log  # requests are logged (positive control) ...
+    assert KEY not in log and "wrong-key" not in log  # ... their keys never
 
 
 def test_langchain_chat_openai(box: Box, caller) -> None:  # type: ignore[no-untyped-def]

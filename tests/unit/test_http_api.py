@@ -451,3 +451,17 @@ def test_a_faulty_http_sink_does_not_disturb_the_worker(tmp_path: Path) -> None:
     assert replies.send_result("http-1", local_address("http-1"), None, "result").done()
     job = store.get("http-1")
     assert job is not None and job.delivered  # the bookkeeping went on
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_the_chunk_template_writes_what_the_chunk_function_does(kind: str) -> None:
+    import json
+
+    body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
+    call = api.openai_chat(body) if kind == "chat" else api.openai_completion(body)
+    template = api.ChunkTemplate(call, "http-1", 1_800_000_000)
+    for text in ["It", ' "quoted"\n', "é ü 中文 🙂", "\\u0000 \x00 \t", "data: [DONE]"]:
+        expected = (
+            b"data: " + json.dumps(api.openai_chunk(call, "http-1", 1_800_000_000, text)).encode() + b"\n\n"
+        )
+        assert template.event(text) == expected

@@ -21,6 +21,7 @@ Errors: ``ApiError`` carries the HTTP status and OpenAI's error fields;
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -363,6 +364,25 @@ def openai_chunk(
         "model": call.model,
         "choices": [choice],
     }
+
+
+class ChunkTemplate:
+    """The SSE events of one streamed OpenAI answer, fast: the JSON around the text is built once.
+
+    ``event(text)`` equals ``b"data: " + json.dumps(openai_chunk(call, job_id, created, text)) + b"\\n\\n"``
+    for any non-empty ``text`` (a unit test checks it); a token costs one ``json.dumps`` of a string.
+    """
+
+    _MARKER = "\u0000text\u0000"
+
+    def __init__(self, call: Call, job_id: str, created: int) -> None:
+        whole = json.dumps(openai_chunk(call, job_id, created, self._MARKER))
+        head, tail = whole.split(json.dumps(self._MARKER), 1)
+        self._head = b"data: " + head.encode()
+        self._tail = tail.encode() + b"\n\n"
+
+    def event(self, text: str) -> bytes:
+        return self._head + json.dumps(text).encode() + self._tail
 
 
 def openai_usage_chunk(call: Call, job_id: str, created: int, result: Result) -> dict[str, Any]:

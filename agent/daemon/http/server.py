@@ -590,6 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         sse = call.dialect == "openai"
         self._start_stream("text/event-stream" if sse else "application/x-ndjson")
+        template = api.ChunkTemplate(call, job_id, created) if sse else None
         first = True
         while True:
             # What came meanwhile goes out in one write: a client that reads slower than the
@@ -598,8 +599,11 @@ class _Handler(BaseHTTPRequestHandler):
             ended = False
             while True:
                 if isinstance(item, str):
-                    if sse:
-                        out.append(_event(api.openai_chunk(call, job_id, created, item, first=first)))
+                    if template is not None:
+                        if first:  # the first chunk also opens the assistant's turn
+                            out.append(_event(api.openai_chunk(call, job_id, created, item, first=True)))
+                        else:
+                            out.append(template.event(item))
                     else:
                         out.append(_line(api.ollama_piece(call, item)))
                     first = False
