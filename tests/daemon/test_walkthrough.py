@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -17,17 +18,20 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _walkthrough() -> str:
-    text = (REPO / "docs" / "fleet.md").read_text()
-    block = text.split("<!-- walkthrough -->", 1)[1]
+def _walkthrough(page: str, marker: str) -> str:
+    text = (REPO / "docs" / page).read_text()
+    block = text.split(marker, 1)[1]
     return block.split("```sh\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_lab_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    script = _walkthrough()
-    assert "1883" in script and "8000" in script
-    # Only the ports change (other engineers' brokers may hold 1883 on this machine).
-    script = script.replace("1883", str(free_port())).replace("8000", str(free_port()))
+def _run(script: str, tmp_path: Path, ports: tuple[str, ...]) -> tuple[int, str]:
+    """The block in bash -e from a scratch clone and home; only the ports change.
+
+    (Other engineers' brokers and servers may hold the documented ports on this machine.)
+    """
+    for port in ports:
+        assert port in script
+        script = script.replace(port, str(free_port()))
     lab = tmp_path / "clone"
     lab.mkdir()
     (lab / ".venv").symlink_to(REPO / ".venv")
@@ -35,21 +39,29 @@ def test_the_lab_walkthrough_runs_as_written(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_FLEET_", "XDG_"))}
     env["HOME"] = str(tmp_path / "home")
     (tmp_path / "home").mkdir()
-    proc = subprocess.Popen(
-        ["bash", "-e", "-c", script],
-        cwd=lab,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=900)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-6000:]
+    # Output to a file, not a pipe: when a command fails, the block's background processes
+    # (which inherit its output) must not keep the test waiting for an end of file.
+    log = tmp_path / "walkthrough.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            ["bash", "-e", "-c", script],
+            cwd=lab,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=900)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, log.read_text()
+
+
+def test_the_lab_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    returncode, out = _run(_walkthrough("fleet.md", "<!-- walkthrough -->"), tmp_path, ("1883", "8000"))
+    assert returncode == 0, out[-6000:]
     assert "devices 51  online 51" in out, out[-4000:]
     assert "51 of 51 devices active on demo@1.0.0" in out, out[-4000:]
     assert "rollout demo@1.1.0/shop-3: done — 51 active" in out, out[-4000:]
@@ -60,4 +72,19 @@ def test_the_lab_walkthrough_runs_as_written(tmp_path: Path) -> None:
     answer = next(line for line in after.splitlines() if not line.startswith("edge-fleet: warning"))
     assert answer.strip() and not answer.startswith("desired model"), after[:500]
     assert "shop-3-till-1" in out and "rollout demo@1.1.0/shop-3/rollback" in out
+    assert "Traceback" not in out, out[-4000:]
+
+
+def test_the_server_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    script = _walkthrough("fleet-server.md", "<!-- server-walkthrough -->")
+    returncode, out = _run(script, tmp_path, ("1883", "8000", "8080"))
+    assert returncode == 0, out[-6000:]
+    # The rollout ran on the server: canary first, then the waves, every box on 1.1.0.
+    rollout_id = "demo@1.1.0/select:group=shop-3"
+    assert f"rollout {rollout_id}: done" in out, out[-4000:]
+    status = [json.loads(line) for line in out.splitlines() if line.startswith("{") and rollout_id in line]
+    assert status and status[-1]["state"] == "done", out[-4000:]
+    # The audit log names the operator of each change: the label and the rollout.
+    audit = [line for line in out.splitlines() if " alice " in f" {line} "]
+    assert any("label" in line for line in audit) and any("rollout" in line for line in audit), out[-3000:]
     assert "Traceback" not in out, out[-4000:]
