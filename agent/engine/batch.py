@@ -303,6 +303,10 @@ class Batcher:
         running = [job for job in self._slots if job is not None and job.state == _DECODE]
         if running[0].spec is not None:  # speculation: one slot
             return self._speculate(running[0], running[0].spec, finished)
+        return self._plain(running, finished)
+
+    def _plain(self, running: list[BatchJob], finished: list[BatchJob]) -> None:
+        """One decode pass: one token for every running sequence (fillers elsewhere)."""
         rows = 1 + max(job.slot for job in running)
         if rows == 1 and self.engine.two_row_decode:
             rows = 2  # never a one-row pass where it rounds differently (see the module docstring)
@@ -327,7 +331,9 @@ class Batcher:
         if not job.ahead:
             room = min(seq.capacity - seq.length, seq.max_new - len(seq.generated) - 1)
             job.ahead = spec.step(job.token, seq.length - 1, room)
-        self._take(job, job.ahead.pop(0), finished)
+            if not job.ahead:  # resting: nothing to draft for a while
+                return self._plain([job], finished)
+        return self._take(job, job.ahead.pop(0), finished)
 
     def _speculator(self, job: BatchJob) -> Speculator:
         engine, graph = self.engine, self.engine.graph
