@@ -150,6 +150,7 @@ class Batcher:
             slots=self.max_batch + filler,
         )
         self._rows = DecodeRows(engine.session, graph, self._cache)
+        self._chunk_logits = np.empty((1, 0, graph.vocab), dtype=graph.logits_dtype)
         self._slots: list[BatchJob | None] = [None] * self.max_batch
         self._queue: deque[BatchJob] = deque()
         self.passes = 0  # batched decode passes
@@ -283,7 +284,9 @@ class Batcher:
             return self._finish(job, finished, "canceled")
         chunk = np.asarray([ids[begin:end]], dtype=np.int64)
         rows = graph.prefill_logits_rows(end - begin)
-        logits = np.empty((1, rows, graph.vocab), dtype=graph.logits_dtype)
+        if self._chunk_logits.shape[1] < rows:  # one buffer for every chunk: bounded by the chunk size
+            self._chunk_logits = np.empty((1, rows, graph.vocab), dtype=graph.logits_dtype)
+        logits = self._chunk_logits[:, :rows]
         binding = engine.session.io_binding()
         self._cache.bind(binding, graph.past_names, graph.present_names, first=job.slot)
         engine.bind_chunk(binding, chunk, past=begin, logits=logits)
