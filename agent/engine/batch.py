@@ -32,7 +32,10 @@ How the exported graph makes this work (checked on every fixture family):
 Memory: the block is ``max_batch * slot_tokens`` positions; a budget caps
 ``max_batch`` at construction (and says so), and a request that needs more
 positions than a slot holds runs alone once the batch has drained.
-Speculative decoding is not combined with batching (a batch row feeds one token).
+A scheduler of one slot may speculate (``speculate=True``: what ``Engine.generate``
+runs when ``[engine] speculate`` is on): its decode step is the speculator's verify
+pass, or a plain step while the speculator rests.  Speculation is not combined with
+batching: a batch row feeds one token, and a row's tokens must not depend on its company.
 """
 
 from __future__ import annotations
