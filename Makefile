@@ -24,6 +24,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	PYTHONPATH=deploy $(BIN)/lint-imports
 
 # Every runtime dependency must install on a 64-bit Arm box from wheels alone.
 check-wheels: setup

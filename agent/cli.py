@@ -15,12 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent import __version__
 from agent.config import check_files, load_config
 from agent.engine.engine import Engine, EngineOptions
 from agent.engine.weight_traffic import model_weight_traffic
-from agent.errors import AgentError
-from edge_contract import params
+from edge_contract import __version__, params
+from edge_contract.errors import AgentError
 from edge_contract.params import SamplingParams
 
 

@@ -12,7 +12,9 @@ subscriptions (own and group topics) the broker must grant, that the model loads
 token, and the job database (intact, writable, or moved aside as corrupt by the agent).
 
 Run it with the agent stopped: a running agent holds the model in memory, which
-the memory check would then count twice.
+the memory check would then count twice.  With the agent running, the login check
+does not log in (that would take the agent's session): it reports the agent's own
+link (``agent.link.presence``).
 """
 
 from __future__ import annotations
@@ -31,23 +33,20 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
-from agent.engine.model_folder import ModelFolder
-from agent.errors import AgentError
+from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, fit, model_shape
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
+from agent.link.presence import read_link, running_agent
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 from agent.updates.store import ModelStore
-from edge_contract.protocol import Topics
+from edge_contract.errors import AgentError, MemoryFitError
+from edge_contract.protocol import Membership, Topics
 from edge_contract.telemetry import SystemReading
 
 CheckStatus = Literal["ok", "warn", "fail"]
 
 MIN_PYTHON = (3, 11)
 MIN_ONNXRUNTIME = (1, 26)
-#: Headroom over the weights' size for the session's own buffers and activations.
-WEIGHTS_OVERHEAD = 1.2
-#: Bytes per cached key/value element: the CPU exports keep the KV cache in float32.
-KV_BYTES = 4
 _MiB = 1024 * 1024
 _WARM_C = 10.0  # this close below max_temp_c is a warning
 
@@ -180,44 +179,50 @@ def check_cpu(cpuinfo: str | None = None, machine: str | None = None) -> Check:
     return Check(name="cpu", status="warn", detail=f"{machine}: not an architecture the agent is tested on")
 
 
-def model_memory_mb(folder: ModelFolder) -> tuple[float, float]:
-    """Estimated (weights, KV cache) memory of a model, in MiB.
-
-    Weights: the graph and its external data files, times ``WEIGHTS_OVERHEAD``.
-    KV cache: a request that fills the whole context, in float32.
-    """
-    files = [folder.onnx_path, *sorted(folder.path.glob("*.data"))]
-    weights = sum(path.stat().st_size for path in files if path.is_file()) * WEIGHTS_OVERHEAD
-    decoder = folder.config.model.decoder
-    kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size
-    kv *= folder.context_length * KV_BYTES
-    return round(weights / _MiB, 1), round(kv / _MiB, 1)
-
-
 def check_memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> Check:
-    """Available memory covers the model and still leaves the health margin."""
+    """The model's expected peak (``memory_plan``) beside the box's available memory."""
     return _memory(config, reading, thresholds)[0]
 
 
 def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> tuple[Check, bool]:
     """The memory check, and whether the model may be loaded (False only when it is known not to fit)."""
     try:
-        folder = ModelFolder(served_model(config))
+        shape = model_shape(served_model(config))
     except AgentError as exc:
         return Check(name="memory", status="fail", detail=f"cannot size the model: {exc.message}"), True
-    weights, kv = model_memory_mb(folder)
-    need = weights + kv
-    detail = f"model needs ~{need:.1f} MiB (weights {weights} + KV {kv} at {folder.context_length} tokens)"
     available = reading.memory.available_mb
     if available is None:
-        return Check(name="memory", status="warn", detail=f"{detail}; available memory unknown"), True
-    detail += f", {available} MiB available"
-    if available < need:
-        return Check(name="memory", status="fail", detail=detail), False
-    if available - need < thresholds.min_mem_available_mb:
-        margin = thresholds.min_mem_available_mb
+        smallest = Budgets(
+            context_tokens=min(MIN_CONTEXT, shape.context_length),
+            max_batch=1,
+            prefix_cache_mb=0,
+            prefill_chunk_tokens=config.engine.prefill_chunk_tokens,
+        )
+        peak = estimate(shape, smallest)
         return Check(
-            name="memory", status="warn", detail=f"{detail}: less than {margin} MiB would be left"
+            name="memory", status="warn", detail=f"model expects {peak.describe()}; available memory unknown"
+        ), True
+    margin = thresholds.min_mem_available_mb
+    try:
+        budgets = fit(shape, config.engine, (available - margin) * _MiB)
+    except MemoryFitError as exc:
+        return Check(name="memory", status="fail", detail=f"{exc.message} ({available} MiB available)"), False
+    peak = estimate(shape, budgets)
+    detail = (
+        f"model expects peak {peak.describe()} at a {budgets.context_tokens}-token context, "
+        f"prefix cache {budgets.prefix_cache_mb} MiB; {available} MiB available"
+    )
+    if peak.total > (available - margin) * _MiB:
+        return Check(
+            name="memory",
+            status="warn",
+            detail=f"{detail}: the mapped model's pages do not fit beside it (they are read again from disk)",
+        ), True
+    if budgets.context_tokens < shape.context_length:
+        return Check(
+            name="memory",
+            status="warn",
+            detail=f"{detail}: the context is cut from the model's {shape.context_length} to fit",
         ), True
     return Check(name="memory", status="ok", detail=detail), True
 
@@ -270,6 +275,8 @@ def check_job_store(state_dir: Path) -> Check:
                 status="fail",
                 detail=f"{path} is corrupt ({exc.message}): the agent will move it aside and start with an empty queue",
             )
+        except AgentError as exc:  # a newer agent's database: the fix is in the message
+            return Check(name=name, status="fail", detail=f"{path}: {exc.message}")
         except sqlite3.Error as exc:
             return Check(name=name, status="fail", detail=f"{path}: {exc}")
         detail = f"{waiting} jobs waiting, {kept} results kept"
@@ -398,8 +405,9 @@ def check_broker(mqtt: MQTTConfig, *, timeout_s: float = 3.0) -> Check:
 
 
 def agent_subscriptions(config: AgentConfig) -> list[str]:
-    """The topic filters the daemon subscribes to with this configuration."""
-    topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
+    """The topic filters the daemon subscribes to with this configuration (and the group the fleet
+    pushed, kept in ``STATE_DIR/membership.json``: it wins over agent.toml's)."""
+    topics = Topics(config.mqtt.topic_prefix, config.device_id, pushed_group(config))
     filters = [topics.jobs, topics.cancel, topics.model_desired]
     if topics.group_model_desired:
         filters.append(topics.group_model_desired)
@@ -408,11 +416,25 @@ def agent_subscriptions(config: AgentConfig) -> list[str]:
     return filters
 
 
+def pushed_group(config: AgentConfig) -> str | None:
+    """The group the agent serves: the fleet's membership when it pushed one, else agent.toml's."""
+    try:
+        pushed = Membership.model_validate_json((config.state_dir / "membership.json").read_bytes())
+    except (OSError, ValueError):
+        return config.group
+    return pushed.group if pushed.device_id == config.device_id else config.group
+
+
 def check_login(config: AgentConfig, *, timeout_s: float = 5.0) -> Check:
     """An MQTT CONNECT as the box on each broker, and a SUBSCRIBE to every topic the agent needs.
 
     ``fail`` names the refusal (CONNACK or SUBACK reason, in words, with the fix) on any broker.
+    With the agent running, no login at all: it would take the agent's session (the client id is
+    the certificate's name) — the running agent's own link state is reported instead.
     """
+    pid = running_agent(config.state_dir)
+    if pid is not None:
+        return running_login(config, pid)
     wanted = agent_subscriptions(config)
     details, failed = [], False
     for host, port in config.mqtt.endpoints:
@@ -430,6 +452,27 @@ def check_login(config: AgentConfig, *, timeout_s: float = 5.0) -> Check:
                 f"{where} login as {config.device_id} accepted, {len(report.granted)} subscriptions granted"
             )
     return Check(name="login", status="fail" if failed else "ok", detail="; ".join(details))
+
+
+def running_login(config: AgentConfig, pid: int) -> Check:
+    """The login check from a running agent's ``link.json`` (``agent.link.presence``)."""
+    state = read_link(config.state_dir)
+    head = f"the agent (pid {pid}) is running, so doctor did not log in (that would take its session)"
+    if state is None:
+        return Check(name="login", status="warn", detail=f"{head}; it has not reported its link yet")
+    if state.refused:
+        refused = "; ".join(f"{topic} refused: {why}" for topic, why in state.refused.items())
+        return Check(name="login", status="fail", detail=f"{head}; {refused}")
+    if not state.connected:
+        return Check(
+            name="login",
+            status="fail",
+            detail=f"{head}; it is not connected: {state.problem or 'no reason known'}",
+        )
+    detail = f"{head}; connected to {state.endpoint} as {config.device_id}, {len(state.granted)} subscriptions granted"
+    if state.problem:
+        return Check(name="login", status="warn", detail=f"{detail}; {state.problem}")
+    return Check(name="login", status="ok", detail=detail)
 
 
 def served_model(config: AgentConfig) -> Path:

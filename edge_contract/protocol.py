@@ -65,6 +65,7 @@ UpdateErrorCode = Literal[
     "size_mismatch",
     "sha256_mismatch",
     "disk_full",
+    "insufficient_memory",
     "download_interrupted",
     "model_load",
     "smoke_test_failed",
@@ -234,11 +235,17 @@ class Health(_Wire):
 
 
 class Status(_Wire):
-    """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false."""
+    """Retained presence at ``{prefix}/{device}/status``; the Last Will sets ``online`` false.
+
+    ``revoked``: published (retained) by the operator's ``edge-fleet revoke``, never by the box:
+    the box's own status and Last Will are refused from then on, so this one stays.
+    """
 
     online: bool
+    revoked: bool = False
     device_id: str | None = None
     group: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
     agent_version: str | None = None
     model: ModelRef | None = None
     capabilities: list[str] = Field(default_factory=list)
@@ -272,22 +279,75 @@ class ModelState(_Wire):
     update: UpdateStatus | None = None
 
 
-class Topics:
-    """Every topic the agent uses, from the prefix, device id and group."""
+_LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
-    def __init__(self, prefix: str, device_id: str, group: str | None) -> None:
+
+class Membership(_Wire):
+    """Retained at ``{prefix}/{device}/membership``: the box's group and labels, desired by the fleet.
+
+    Published by an operator (``edge-fleet move``); the broker lets no device publish there, so
+    the box takes it as the control plane's word and applies it without a restart.  An empty
+    retained message clears it: the box falls back to the group of its ``agent.toml``.
+    """
+
+    device_id: str
+    group: str | None = Field(None, pattern=_LEVEL)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    at: float = Field(default_factory=time.time)
+
+
+class GroupTopics:
+    """The topics of a group: its jobs (taken through a shared subscription) and its desired model."""
+
+    def __init__(self, prefix: str, group: str) -> None:
+        self.jobs = f"{prefix}/groups/{group}/jobs"
+        self.model_desired = f"{prefix}/groups/{group}/model/desired"
+        self.shared_jobs = f"$share/{group}/{self.jobs}"
+
+
+class Topics:
+    """Every topic of one device, from the prefix, device id and group: the only place one is spelled."""
+
+    def __init__(self, prefix: str, device_id: str, group: str | None = None) -> None:
         base = f"{prefix}/{device_id}"
+        self.membership = f"{base}/membership"
         self.jobs = f"{base}/jobs"
         self.cancel = f"{base}/jobs/cancel"
         self.status = f"{base}/status"
         self.telemetry = f"{base}/telemetry"
         self.results_prefix = f"{base}/results/"
+        self.results = f"{base}/results/#"
         self.model_desired = f"{base}/model/desired"
         self.model_state = f"{base}/model/state"
-        self.group_model_desired = f"{prefix}/groups/{group}/model/desired" if group else None
-        self.group_jobs = f"{prefix}/groups/{group}/jobs" if group else None
-        self.shared_group_jobs = f"$share/{group}/{self.group_jobs}" if group else None
+        self.replies = FleetTopics(prefix).replies
+        of_group = GroupTopics(prefix, group) if group else None
+        self.group_model_desired = of_group.model_desired if of_group else None
+        self.group_jobs = of_group.jobs if of_group else None
+        self.shared_group_jobs = of_group.shared_jobs if of_group else None
 
     def result(self, job_id: str) -> str:
         """Default reply topic of a job that names no response topic."""
         return self.results_prefix + job_id
+
+
+class FleetTopics:
+    """The fleet's view: any device's topics as filters, the replies subtree, a device's or group's topics."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.replies_prefix = f"{prefix}/replies/"
+        self.replies = f"{prefix}/replies/#"
+        self.any_status = f"{prefix}/+/status"
+        self.any_telemetry = f"{prefix}/+/telemetry"
+        self.any_model_state = f"{prefix}/+/model/state"
+        self.any_model_desired = f"{prefix}/+/model/desired"
+
+    def device(self, device_id: str, group: str | None = None) -> Topics:
+        return Topics(self.prefix, device_id, group)
+
+    def group(self, group: str) -> GroupTopics:
+        return GroupTopics(self.prefix, group)
+
+    def reply(self, token: str) -> str:
+        """A reply topic under the subtree the shipped ACL opens to every identity."""
+        return self.replies_prefix + token

@@ -5,25 +5,28 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
 
-from agent import __version__
 from agent.config import AgentConfig
+from agent.daemon import membership
 from agent.daemon.faults import StorageFaults
+from agent.daemon.http.server import HTTPServer
 from agent.daemon.inbox import Inbox, rules_for
-from agent.daemon.intake import CANCEL_MAX_BYTES
 from agent.daemon.outbox import Outbox
+from agent.daemon.replies import Replies, cancel_local_orphans
 from agent.daemon.supervisor import Supervisor, offline_status
 from agent.daemon.worker import Worker
-from agent.errors import StorageError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
-from agent.updates.manifest import MAX_MANIFEST_BYTES
+from agent.link.presence import AgentLock, LinkRecorder
 from agent.updates.updater import Updater
+from edge_contract import __version__
+from edge_contract.errors import StorageError
 from edge_contract.protocol import ModelState, Topics
 
 log = logging.getLogger("agent.daemon")
@@ -44,31 +47,26 @@ class Agent:
         Raises ``StorageError`` naming the path and the fix when state_dir cannot be used.
         """
         self.config = config
+        self.configured_group = config.group
+        # The fleet's word (membership pushed by `edge-fleet move`) wins over agent.toml's group.
+        pushed = membership.load(config.state_dir, config.device_id)
+        if pushed is not None:
+            config = self.config = config.model_copy(update={"group": pushed.group})
+        self.labels: dict[str, str] = dict(pushed.labels) if pushed else {}
         self.topics = topics = Topics(config.mqtt.topic_prefix, config.device_id, config.group)
         self.store, self.store_moved = open_store(config.state_dir / "jobs.sqlite3")
+        # Held for the agent's life: a second agent is refused, `doctor` knows not to log in.
+        self.lock = AgentLock(config.state_dir)
+        self.lock.acquire()
         self.faults = StorageFaults()
-        self.stats = JobStats()
+        self.stats = JobStats(http=config.http.listen is not None)
         # Loads the active model (or falls back to the previous or configured one).
         self.updater = updater_factory(
             config,
             publish=self._publish_model_state,
             between_jobs=lambda task: self.worker.between_jobs(task),
         )
-        subscriptions = [topics.jobs, topics.cancel, topics.model_desired]
-        # Every other subscription gets the link's default limit (DEFAULT_PAYLOAD_LIMIT).
-        limits = {topics.jobs: config.jobs.max_payload_bytes, topics.cancel: CANCEL_MAX_BYTES}
-        if topics.group_model_desired:
-            subscriptions.append(topics.group_model_desired)
-            limits[topics.group_model_desired] = MAX_MANIFEST_BYTES
-        limits[topics.model_desired] = MAX_MANIFEST_BYTES
-        if topics.shared_group_jobs:
-            if config.mqtt.protocol == "5":
-                subscriptions.append(topics.shared_group_jobs)
-                limits[topics.shared_group_jobs] = config.jobs.max_payload_bytes
-            else:
-                log.warning(
-                    "MQTT 3.1.1 has no shared subscriptions: group %s jobs are not served", config.group
-                )
+        subscriptions, limits = membership.subscriptions_for(config, topics)
         self.link = MQTTLink(
             config.mqtt,
             client_id=config.device_id,
@@ -80,16 +78,28 @@ class Agent:
             on_connect=self._on_connect,
             payload_limits=limits,
             subscriptions_file=config.state_dir / "subscriptions.json",
+            recorder=LinkRecorder(config.state_dir),
+            optional={
+                topics.membership: "this box's broker role predates membership pushes: it keeps the "
+                "group of its agent.toml (`edge-fleet move NAME --group G` grants the topic)"
+            },
         )
         self.outbox = Outbox(self.link, self.store, self.faults)
+        # The reply sink of every job: MQTT topics to the outbox, HTTP jobs to the HTTP server.
+        self.replies = Replies(
+            self.outbox,
+            lambda topic, payload, corr: self.link.publish(topic, payload, correlation=corr),
+            self.store,
+            self.faults,
+        )
         self.worker = Worker(
             self.store,
-            self.outbox,
+            self.replies,
             self.updater,
             device_id=config.device_id,
             stats=self.stats,
             faults=self.faults,
-            publish_chunk=lambda topic, payload, corr: self.link.publish(topic, payload, correlation=corr),
+            publish_chunk=self.replies.publish_chunk,
             hold=lambda: self.supervisor.holding(),
         )
         self.supervisor = Supervisor(
@@ -107,6 +117,7 @@ class Agent:
             rules_for(config, topics),
             store=self.store,
             outbox=self.outbox,
+            replies=self.replies,
             worker=self.worker,
             updater=self.updater,
             ack=self.link.ack,
@@ -115,7 +126,28 @@ class Agent:
             device_id=config.device_id,
             stats=self.stats,
             faults=self.faults,
+            on_membership=self.apply_membership,
         )
+        # HTTP jobs left queued or interrupted by the previous process have no client any more.
+        try:
+            cancel_local_orphans(
+                self.store, model=self.updater.serving.ref, device_id=config.device_id, stats=self.stats
+            )
+        except sqlite3.Error as exc:  # they would run for nobody: late, harmless
+            self.faults.failed("canceling HTTP jobs left from before the restart", exc)
+        # The second job source: the OpenAI- and Ollama-compatible HTTP API, when [http] listen is set.
+        self.http: HTTPServer | None = None
+        if config.http.listen is not None:
+            self.http = HTTPServer(
+                config.http,
+                inbox=self.inbox,
+                model=lambda: self.updater.serving.ref,
+                stats=self.stats,
+                max_body_bytes=config.jobs.max_payload_bytes,
+                max_tokens_limit=config.jobs.max_tokens_limit,
+                overloaded_retry_s=max(1, round(config.telemetry.interval_s)),
+            )
+            self.replies.attach(self.http.sink)
         self._stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -138,6 +170,15 @@ class Agent:
         self.worker.start()
         self.link.start()
         self.updater.start()
+        if self.http is not None:
+            self.http.start()
+            host, port = self.http.address
+            log.info(
+                "HTTP API on http://%s:%d (OpenAI /v1, Ollama /api)%s",
+                f"[{host}]" if ":" in host else host,
+                port,
+                "" if self.config.http.api_keys else ", no key asked",
+            )
         while not self._stopping.is_set():
             if self.faults.corrupt is not None:
                 self.shutdown()  # the damaged file is moved aside by the next start (systemd restarts us)
@@ -160,10 +201,44 @@ class Agent:
     def _finish(self) -> None:
         self.supervisor.notifier.stopping("finishing the running job, then disconnecting")
         self.updater.stop()
+        if self.http is not None:
+            self.http.stop_accepting()
         self.worker.join(timeout=self.config.jobs.shutdown_grace_s + 5)
+        if self.http is not None:
+            self.http.close()  # requests still waiting (their jobs stay queued) get a 503
         self._drain_acks(timeout=3.0)
         self.link.stop(final=(self.topics.status, offline_status(self.config)))
         self.store.close()
+        self.lock.release()
+
+    def apply_membership(self, payload: bytes) -> None:
+        """The fleet's membership message (intake thread): switch group without a restart."""
+        pushed, problem = membership.parse(payload, self.config.device_id)
+        if problem is not None:
+            log.warning("ignoring the membership message: %s", problem)
+            return
+        group = pushed.group if pushed is not None else self.configured_group
+        labels = dict(pushed.labels) if pushed is not None else {}
+        membership.save(self.config.state_dir, pushed)
+        if group == self.config.group and labels == self.labels:
+            return
+        log.warning(
+            "membership from the fleet: %s (was %s); applied without a restart",
+            membership.describe(group, labels),
+            membership.describe(self.config.group, self.labels),
+        )
+        self.labels = labels
+        if group != self.config.group:
+            config = self.config = self.config.model_copy(update={"group": group})
+            self.topics = Topics(config.mqtt.topic_prefix, config.device_id, group)
+            subscriptions, limits = membership.subscriptions_for(config, self.topics)
+            self.link.set_subscriptions(subscriptions, limits)
+            self.inbox.rules = rules_for(config, self.topics)
+            self.supervisor.config, self.supervisor.topics = config, self.topics
+            self.updater.offer("group", b"")  # the old group's desired model no longer applies
+        self.supervisor.labels = labels
+        if self.link.connected.is_set():
+            self.supervisor.publish_status()
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop taking jobs; let the running one finish within ``grace_s`` (default: from config)."""

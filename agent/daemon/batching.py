@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent.daemon.hooks import PREFILL_ALLOWANCE_S_PER_TOKEN, JobHooks
 from agent.daemon.outcome import Models, Outcome
-from agent.errors import AgentError
 from agent.health.telemetry import JobStats
+from edge_contract.errors import AgentError
 from edge_contract.protocol import JobRequest
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from agent.errors import LinkError
 from agent.jobs.store import StoredJob
+from edge_contract.errors import LinkError
 from edge_contract.protocol import Chunk
 
 log = logging.getLogger(__name__)

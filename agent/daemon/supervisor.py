@@ -18,7 +18,6 @@ import logging
 import sqlite3
 import time
 
-from agent import __version__
 from agent.config import AgentConfig
 from agent.daemon.faults import StorageFaults
 from agent.daemon.outbox import Outbox
@@ -30,6 +29,7 @@ from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, corrupt_copies
 from agent.link.mqtt import MQTTLink
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, days_left
+from edge_contract import __version__
 from edge_contract.protocol import Health, HealthReason, Status, Topics
 from edge_contract.telemetry import ModelInfo, PrefixCacheTelemetry
 
@@ -76,6 +76,7 @@ class Supervisor:
         self.notifier = notifier or Notifier()
         self.probe = probe or SystemProbe(config.state_dir, sysfs=config.telemetry.sysfs_root)
         self.health: Health | None = None
+        self.labels: dict[str, str] = {}  # pushed by the fleet with the membership
         self.ready = False
         self._next_telemetry = 0.0
         self._next_watchdog = 0.0
@@ -207,6 +208,7 @@ class Supervisor:
             online=True,
             device_id=self.config.device_id,
             group=self.config.group,
+            labels=self.labels,
             agent_version=__version__,
             model=self.models.serving.ref,
             capabilities=CAPABILITIES,

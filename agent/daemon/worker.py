@@ -30,14 +30,14 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from agent.daemon.batching import BatchRunner
-from agent.daemon.faults import Backoff, StorageFaults
+from agent.daemon.faults import StorageFaults, storage_backoff
 from agent.daemon.hooks import PREFILL_ALLOWANCE_S_PER_TOKEN, JobHooks
-from agent.daemon.outbox import Outbox
 from agent.daemon.outcome import Models, Outcome, blame
+from agent.daemon.replies import Sender
 from agent.daemon.results import error_result, log_job
-from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
+from edge_contract.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from edge_contract.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class Worker:
     def __init__(
         self,
         store: JobStore,
-        outbox: Outbox,
+        outbox: Sender,
         models: Models,
         *,
         device_id: str,
@@ -85,7 +85,7 @@ class Worker:
         self._tasks: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
         self._unfinished: list[tuple[StoredJob, Outcome]] = []  # results the store did not take yet
         self._recovered = False
-        self._backoff = Backoff()
+        self._backoff = storage_backoff()
         self.beat = time.monotonic()  # last sign of life
         self.quiet_until = 0.0  # may be silent until then (a long prefill, a model swap)
 
@@ -223,7 +223,7 @@ class Worker:
     def _pause(self, what: str, exc: sqlite3.Error) -> None:
         """Storage failed: count it, wait a little (alive: the watchdog keeps being fed)."""
         self.faults.failed(what, exc)
-        self._stopping.wait(self._backoff.next())
+        self._stopping.wait(self._backoff.next_delay())
         self.beat = time.monotonic()
 
     def _recover(self) -> None:

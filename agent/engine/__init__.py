@@ -9,5 +9,6 @@ row vs many), ``kv_cache``, ``prefill`` + ``prefix_cache`` + ``prefix_store``
 (chunk plans, the token-exact prefix cache), ``speculate`` (prompt-lookup
 speculative decoding), ``sampling``, ``tokenizer``, ``text_stream`` (UTF-8-safe
 streaming, stop strings), ``model_folder`` (genai_config.json), ``onnx_graph``
-and ``weight_traffic`` (bytes read per token).  See docs/engine.md.
+and ``weight_traffic`` (bytes read per token), ``memory_plan`` (the expected peak
+and the budgets that fit a box).  See docs/engine.md.
 """

@@ -56,7 +56,7 @@ from agent.engine.sampling import SamplingParams
 from agent.engine.sequence import Completion
 from agent.engine.sequence import Sequence as GenSequence
 from agent.engine.speculate import Speculator
-from agent.errors import AgentError
+from edge_contract.errors import AgentError
 from edge_contract.protocol import FinishReason
 
 if TYPE_CHECKING:

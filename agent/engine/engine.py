@@ -23,9 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from agent.config import EngineOptions as EngineOptions
 from agent.engine.kv_cache import KVCache
 from agent.engine.model_folder import ModelFolder
+from agent.engine.options import EngineOptions as EngineOptions
 from agent.engine.prefill import open_prefix_cache
 from agent.engine.prefix_cache import PrefixCacheStats
 from agent.engine.rows import one_row_matches_many
@@ -34,7 +34,7 @@ from agent.engine.sequence import Completion as Completion
 from agent.engine.sequence import ForcedSampler
 from agent.engine.sequence import Sequence as GenSequence
 from agent.engine.tokenizer import Tokenizer
-from agent.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
+from edge_contract.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
 from edge_contract.protocol import FinishReason as FinishReason
 from edge_contract.protocol import Timings as Timings
 
@@ -75,7 +75,8 @@ class Engine:
         self.session = self._open_session()
         self._io = _GraphIO(self.folder, self.session)
         self.eos_ids = frozenset(self.folder.eos_token_ids)
-        self.context_length = self.folder.context_length
+        limit = self.options.context_tokens
+        self.context_length = min(limit, self.folder.context_length) if limit else self.folder.context_length
         # A row of ones long enough for any request; each step binds a prefix of it.
         self._mask = np.ones(self.context_length, dtype=np.int64)
         self._positions = np.arange(self.context_length, dtype=np.int64)
@@ -121,6 +122,10 @@ class Engine:
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if spin_us:
             so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
+        # Memory (docs/memory.md): the keys are onnxruntime's session_options_config_keys.h.
+        so.enable_cpu_mem_arena = self.options.cpu_arena
+        if not self.options.prepack_weights:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             return ort.InferenceSession(
                 str(self.folder.onnx_path), sess_options=so, providers=["CPUExecutionProvider"]

@@ -7,11 +7,15 @@ features: keys and values computed by other kernels could change a token) and
 removes the directories of every other: a model update drops the old cache.
 
 A file is ``MAGIC``, a 4-byte header length, a JSON header (identity, key,
-parent, tokens, dtype, shape), the raw keys and values, and a BLAKE2b digest of
-all that.  A file is loaded only if every one of these checks out — the digest,
-the identity, the key recomputed from parent and tokens, the shape the engine
-expects — otherwise it is removed with a warning and the request prefills
-normally.  Files are written to a temporary name and renamed, so a power cut
+parent, tokens, dtype, shape), the raw keys and values, and an HMAC-SHA256 of
+all that under the box's own key (``STATE_DIR/prefix_cache.key``: 32 random
+bytes made at first use, mode 0600).  A checksum anyone can recompute let a
+local user who could write the folder change answers (scaled keys, NaN values);
+a file written without the key now fails.  A file is loaded only if every check
+passes — the keyed digest, the identity, the key recomputed from parent and
+tokens, the shape the engine expects, every value finite — otherwise it is
+removed with a warning and the request prefills normally.  Without a usable key
+file the disk copy is off (with a warning), never unauthenticated.  Files are written to a temporary name and renamed, so a power cut
 leaves either the whole file or none (or a torn one, which the digest rejects).
 
 The directory is bounded (``budget_bytes``): writing past it removes the least
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
 import platform
+import secrets
 import shutil
 import struct
 import time
@@ -39,9 +45,10 @@ from agent.engine.prefix_cache import Block, chain_key
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"EAKVBLK1"
-FORMAT_VERSION = 1
+MAGIC = b"EAKVBLK2"
+FORMAT_VERSION = 2  # 2: keyed (HMAC-SHA256); version 1 files are dropped with their folder
 _DIGEST = 32
+KEY_BYTES = 32
 _SUFFIX = ".kv"
 _HASH_CHUNK = 1 << 20
 _MAX_HEADER = 1 << 16
@@ -101,6 +108,35 @@ def model_identity(model_files: Iterable[Path], threads: int) -> str:
     return hashlib.sha256(combined.encode()).hexdigest()[:32]
 
 
+def box_key(path: Path) -> bytes:
+    """The box's key of prefix-cache files at ``path``: made at first use (0600), read afterwards.
+
+    A key of the wrong length is replaced (the files it signed then fail and are removed);
+    one readable by others is made 0600 again, with a warning.  ``OSError`` when neither works.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    if len(data) == KEY_BYTES:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            log.warning("prefix cache: %s was mode %04o; made 0600 (it authenticates the cache)", path, mode)
+            path.chmod(0o600)
+        return data
+    if data:
+        log.warning("prefix cache: %s is not a %d-byte key; replacing it", path, KEY_BYTES)
+    key = secrets.token_bytes(KEY_BYTES)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return key
+
+
 class DiskBlockStore:
     """Blocks of one model identity under ``root`` (see the module docstring)."""
 
@@ -119,6 +155,8 @@ class DiskBlockStore:
         self.block_shape = tuple(block_shape)
         self.dtype = np.dtype(dtype)
         self.budget_bytes = budget_bytes
+        self.key_file = self.root.with_name(self.root.name + ".key")
+        self._key: bytes | None = None
         self._opened = False
         self._used: int = 0
         self._warned_write = False
@@ -131,6 +169,16 @@ class DiskBlockStore:
         if self._opened:
             return
         self._opened = True
+        try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            self._key = box_key(self.key_file)
+        except OSError as exc:
+            log.warning(
+                "prefix cache: cannot read or create its key %s (%s); continuing without the disk copy",
+                self.key_file,
+                exc,
+            )
+            return
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             for other in self.root.iterdir():
@@ -157,6 +205,8 @@ class DiskBlockStore:
     def load(self, key: bytes, parent: bytes, tokens: Sequence[int]) -> Block | None:
         """The block stored under ``key``, or None if absent or unsound (then it is removed)."""
         self._open()
+        if self._key is None:
+            return None
         path = self._path(key)
         # Never read more than a sound file can hold: a block's payload plus a generous header.
         limit = int(np.prod(self.block_shape)) // self.block_shape[3] * len(tokens) * self.dtype.itemsize
@@ -205,8 +255,8 @@ class DiskBlockStore:
         if len(data) < head + _DIGEST or not data.startswith(MAGIC):
             return "not a prefix-cache file", None
         body, digest = data[:-_DIGEST], data[-_DIGEST:]
-        if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
-            return "checksum mismatch (torn or corrupt)", None
+        if not hmac.compare_digest(self._mac(body), digest):
+            return "keyed checksum mismatch (written without this box's key, torn or corrupt)", None
         (size,) = struct.unpack("<I", data[len(MAGIC) : head])
         try:
             header = json.loads(body[head : head + size])
@@ -230,6 +280,8 @@ class DiskBlockStore:
         if len(payload) != int(np.prod(shape)) * self.dtype.itemsize:
             return "wrong payload size", None
         kv = np.frombuffer(payload, dtype=self.dtype).reshape(shape).copy()
+        if kv.dtype.kind in "fc" and not np.isfinite(kv).all():
+            return "non-finite values", None
         return "", Block(key=key, parent=parent, tokens=tokens, kv=kv)
 
     # -- writing ------------------------------------------------------------------------
@@ -242,6 +294,8 @@ class DiskBlockStore:
         if self.budget_bytes <= 0:
             return
         self._open()
+        if self._key is None:
+            return
         for block in blocks:
             header = json.dumps(
                 {
@@ -254,7 +308,7 @@ class DiskBlockStore:
                 }
             ).encode()
             body = MAGIC + struct.pack("<I", len(header)) + header + block.kv.tobytes()
-            data = body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+            data = body + self._mac(body)
             if len(data) > self.budget_bytes:
                 return
             path = self._path(block.key)
@@ -275,6 +329,10 @@ class DiskBlockStore:
                 break
         self.touch(chain)
         self._trim()
+
+    def _mac(self, body: bytes) -> bytes:
+        assert self._key is not None  # checked by every caller
+        return hmac.new(self._key, body, hashlib.sha256).digest()
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark a chain (root first) as just used; its root becomes the newest file, its leaf the oldest.

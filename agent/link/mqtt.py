@@ -11,7 +11,7 @@ Guarantees it gives the daemon:
 * manual acknowledgement: a QoS 1 job is acknowledged only when the daemon
   calls ``ack`` after storing it, so a crash before that means redelivery;
 * re-subscription and the ``on_connect`` hook on every (re)connect;
-* reconnection with exponential backoff and jitter (``backoff.Backoff``),
+* reconnection with exponential backoff and jitter (``agent.backoff.Backoff``),
   reset only after a connection stayed up, so a fleet does not reconnect in
   lock-step after a broker restart and a broker that keeps dropping the box is
   not hammered; every refusal and disconnection is logged with its reason code
@@ -57,12 +57,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import MQTTConfig
-from agent.errors import LinkError
-from agent.link.backoff import Backoff
+from agent.backoff import Backoff
+from agent.link.options import MQTTConfig
+from agent.link.presence import LinkRecorder
 from agent.link.reasons import explain
 from agent.link.subscriptions import SubscriptionRecord
+from agent.link.takeover import TakeoverDetector
 from agent.link.tls import TLSFiles, client_context
+from edge_contract.errors import LinkError
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,15 @@ class MQTTLink:
         on_connect: Callable[[], None] | None = None,
         payload_limits: Mapping[str, int] | None = None,
         subscriptions_file: Path | None = None,
+        recorder: LinkRecorder | None = None,
+        optional: Mapping[str, str] | None = None,
     ) -> None:
+        """``recorder``: where the link's state is written for ``doctor`` (``presence``);
+        ``optional``: subscriptions the agent works without, each with what a refusal means."""
         self.config = config
+        self._optional = dict(optional or {})
+        self._recorder = recorder
+        self._takeover = TakeoverDetector()
         self.mqtt5 = config.protocol == "5"
         self.endpoints = config.endpoints
         self._current = 0  # index in endpoints of the broker being (or last) tried
@@ -253,6 +262,31 @@ class MQTTLink:
         if not self._unsubscribing:
             self._record.save(self._subscriptions)
 
+    def set_subscriptions(self, subscriptions: list[str], payload_limits: Mapping[str, int]) -> None:
+        """Change what the agent subscribes to (its group changed): the new filters are taken and the
+        dropped ones left now when connected, else at the next connection (``subscriptions_file``)."""
+        old = list(self._subscriptions)
+        self._limits = [
+            (_without_share(topic), payload_limits.get(topic, DEFAULT_PAYLOAD_LIMIT))
+            for topic in subscriptions
+        ]
+        self._subscriptions = list(subscriptions)
+        if not self.connected.is_set():
+            return
+        for topic in old:
+            if topic not in subscriptions:
+                log.info("leaving %s (the fleet changed this box's membership)", topic)
+                _rc, mid = self._client.unsubscribe(topic)
+                if mid is not None:
+                    self._unsubscribing.add(mid)
+        for topic in subscriptions:
+            if topic not in old:
+                _rc, mid = self._client.subscribe(topic, qos=1)
+                if mid is not None:
+                    self._pending_subscriptions[mid] = topic
+        if not self._unsubscribing and self._record is not None:
+            self._record.save(self._subscriptions)
+
     def subscribe_topics(self) -> None:
         """(Re)subscribe to every topic at QoS 1."""
         for topic in self._subscriptions:
@@ -311,7 +345,13 @@ class MQTTLink:
             client._host, client._port = host, port
         self._failed = False
 
+    def _report_state(self, **changes: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.update(**changes)
+
     def _handle_connect_fail(self, client: paho.Client, _u: Any) -> None:
+        self._takeover.attempt_failed()
+        self._report_state(connected=False, problem="no TCP connection, or the TLS handshake failed")
         host, port = self.endpoint
         log.warning(
             "cannot connect to broker %s:%s (no TCP connection, or the TLS handshake failed: "
@@ -324,11 +364,23 @@ class MQTTLink:
 
     def _handle_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            log.warning(
-                "broker %s:%s refused the connection: %s", *self.endpoint, explain(str(reason), "connack")
-            )
+            why = explain(str(reason), "connack")
+            log.warning("broker %s:%s refused the connection: %s", *self.endpoint, why)
+            self._takeover.attempt_failed()
+            self._report_state(connected=False, problem=f"connection refused: {why}")
             self._failed = True
             return
+        taken = self._takeover.connected(time.monotonic())
+        if taken is not None:
+            log.warning("%s", taken)
+        self._report_state(
+            connected=True,
+            endpoint=f"{self.endpoint[0]}:{self.endpoint[1]}",
+            since=time.time(),
+            granted=[],
+            refused={},
+            problem=taken,
+        )
         self.backoff.connected(time.monotonic())
         self._generation += 1
         self._drop_stale_subscriptions()
@@ -340,13 +392,18 @@ class MQTTLink:
             self._on_connect_hook()
 
     def _handle_disconnect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was_up = self.connected.is_set()
         self.connected.clear()
         self._failed = True
         self.backoff.disconnected(time.monotonic())
+        silent = self._takeover.dropped(str(reason), was_up=was_up)
         if reason.is_failure:
-            log.warning("disconnected from broker: %s", explain(str(reason), "disconnect"))
+            why = f"{reason}: {silent}" if silent else explain(str(reason), "disconnect")
+            log.warning("disconnected from broker: %s", why)
+            self._report_state(connected=False, problem=why)
         else:
             log.info("disconnected from broker")
+            self._report_state(connected=False, problem=None)
         self._retry_later(client)
 
     def _limit(self, topic: str) -> int:
@@ -379,10 +436,15 @@ class MQTTLink:
     def _handle_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
         topic = self._pending_subscriptions.pop(mid, "?")
         for reason in reasons:
-            if getattr(reason, "is_failure", False):
-                log.error(
-                    "the broker refused the subscription to %s: %s", topic, explain(str(reason), "suback")
-                )
+            if getattr(reason, "is_failure", False) and topic in self._optional:
+                log.warning("the broker refused the subscription to %s: %s", topic, self._optional[topic])
+            elif getattr(reason, "is_failure", False):
+                why = explain(str(reason), "suback")
+                log.error("the broker refused the subscription to %s: %s", topic, why)
+                if self._recorder is not None:
+                    self._report_state(refused={**self._recorder.state.refused, topic: why})
+            elif self._recorder is not None:
+                self._report_state(granted=[*self._recorder.state.granted, topic])
 
     def _handle_unsubscribe(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         if mid in self._unsubscribing:

@@ -28,8 +28,9 @@ _HINTS: dict[tuple[Stage, str], str] = {
     ("disconnect", "Not authorized"): "the broker revoked this identity's rights (edge-fleet revoke?)",
     ("disconnect", "Administrative action"): "an operator disconnected this identity (revoked or moved)",
     ("disconnect", "Unspecified error"): (
-        "the connection was lost, or the broker closed it: a certificate it does not accept (another "
-        "CA, expired) is dropped this way; `edge-agent doctor` says which"
+        "the connection was lost, or the broker closed it without a reason: a certificate it does not "
+        "accept (another CA, expired) before the login, a session takeover after it (mosquitto 2.0 "
+        "sends no DISCONNECT then); `edge-agent doctor` says which"
     ),
     ("disconnect", "Keep alive timeout"): "the broker heard nothing within the keepalive: network trouble",
     ("disconnect", "Server shutting down"): "the broker is restarting",

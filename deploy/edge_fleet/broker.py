@@ -20,12 +20,13 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import PLAIN_PORT
-from agent.errors import LinkError
 from agent.link.mqtt import no_delay
 from agent.link.tls import client_context
+from edge_contract.errors import LinkError
+from edge_contract.names import PLAIN_PORT
 
 from .errors import FleetError
+from .flags import topic_level
 from .profile import Protocol, load_profile
 
 #: The operators' listener of `edge-fleet broker init` (devices use 8883).
@@ -192,10 +193,12 @@ def options_from(args: argparse.Namespace) -> BrokerOptions:
     explicit_tls = any(getattr(args, name) is not None for name in ("tls_ca", "tls_cert", "tls_key"))
     if args.plaintext is None and explicit_tls:
         plaintext = False  # TLS flags on the command line win over a plain-TCP profile
+    prefix = args.topic_prefix or profile.topic_prefix or "edge"
+    topic_level(prefix, "--topic-prefix" if args.topic_prefix else "the profile's topic_prefix")
     return BrokerOptions(
         host=host,
         port=port or None,
-        prefix=args.topic_prefix or profile.topic_prefix or "edge",
+        prefix=prefix,
         ca=None if plaintext else (args.tls_ca or profile.tls_ca),
         cert=None if plaintext else (args.tls_cert or profile.tls_cert),
         key=None if plaintext else (args.tls_key or profile.tls_key),

@@ -35,6 +35,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_contract.protocol import GroupTopics, Topics
+
 from .broker import BrokerOptions, FleetError, connect, release
 
 CONTROL = "$CONTROL/dynamic-security/v1"
@@ -66,25 +68,17 @@ def _readable(topics: Iterable[str], subscribe_as: Iterable[str] = ()) -> list[d
 
 def device_acls(name: str, prefix: str = "edge") -> list[dict[str, Any]]:
     """What device ``name`` may read and write: its own topics, nothing else."""
-    base = f"{prefix}/{name}"
-    acls = _readable([f"{base}/jobs", f"{base}/jobs/cancel", f"{base}/model/desired"])
-    for topic in (
-        f"{base}/status",
-        f"{base}/telemetry",
-        f"{base}/results/#",
-        f"{base}/model/state",
-        f"{prefix}/replies/#",
-    ):
+    own = Topics(prefix, name)
+    acls = _readable([own.jobs, own.cancel, own.model_desired, own.membership])
+    for topic in (own.status, own.telemetry, own.results, own.model_state, own.replies):
         acls.append(_acl("publishClientSend", topic))
     return acls
 
 
 def group_acls(group: str, prefix: str = "edge") -> list[dict[str, Any]]:
     """What a member of ``group`` may read: the group's jobs (shared subscription) and desired model."""
-    jobs = f"{prefix}/groups/{group}/jobs"
-    return _readable(
-        [jobs, f"{prefix}/groups/{group}/model/desired"], subscribe_as=[f"$share/{group}/{jobs}"]
-    )
+    topics = GroupTopics(prefix, group)
+    return _readable([topics.jobs, topics.model_desired], subscribe_as=[topics.shared_jobs])
 
 
 def admin_acls() -> list[dict[str, Any]]:
@@ -299,6 +293,7 @@ class DynSec:
         left = [g for g in current if g != wanted]
         for old in left:
             self.run({"command": "removeGroupClient", "groupname": old, "username": name})
+        self.grant_membership(name, prefix)
         if wanted and wanted not in current:
             self.ensure_group(group or "", prefix)
             self.run({"command": "addGroupClient", "groupname": wanted, "username": name})
@@ -307,6 +302,14 @@ class DynSec:
             # reconnects and renews them: disconnect it now (the agent reconnects at once).
             self.kick(name)
         return [g.removeprefix("group-") for g in left]
+
+    def grant_membership(self, name: str, prefix: str) -> None:
+        """Let device ``name`` read its membership topic (roles made before issue 24 lack it)."""
+        topic = f"{prefix}/{name}/membership"
+        self.run(
+            *({"command": "addRoleACL", "rolename": device_role(name), **acl} for acl in _readable([topic])),
+            allow=["already", "exists"],
+        )
 
     def kick(self, name: str) -> None:
         """Disconnect ``name`` now (disable then enable: the plugin's way to kick)."""

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from edge_contract.protocol import ModelState, Status
+from edge_contract.protocol import FleetTopics, ModelState, Status
 from edge_contract.telemetry import Telemetry
 
-from .broker import BrokerOptions, connect
+from .broker import TLS_PORT, BrokerOptions, FleetError, connect, identity_of
 
 Kind = Literal["status", "model", "telemetry", "desired"]
 # Retained messages arrive in one burst right after subscribing; this much quiet ends it.
 _RETAINED_QUIET_S = 0.5
+#: A SUBACK takes milliseconds; this covers a busy broker.
+_SUBACK_S = 10.0
 
 
 @dataclass
@@ -63,6 +67,7 @@ class DeviceRow:
     tok_s: float | None
     last_seen: float
     offline_since: float | None = None
+    revoked: bool = False  # `edge-fleet revoke` published so (retained)
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict."""
@@ -80,7 +85,8 @@ class FleetView:
     def subscriptions(self) -> list[tuple[str, int]]:
         """The topic filters to subscribe to (QoS 1 for the retained ones)."""
         p = self.prefix
-        return [(f"{p}/+/status", 1), (f"{p}/+/model/state", 1), (f"{p}/+/telemetry", 0)]
+        topics = FleetTopics(p)
+        return [(topics.any_status, 1), (topics.any_model_state, 1), (topics.any_telemetry, 0)]
 
     def feed(self, topic: str, payload: bytes) -> tuple[str, Kind] | None:
         """Take one message; returns the device and what changed, or None if it was not for us."""
@@ -101,7 +107,7 @@ class FleetView:
                 value = Telemetry.model_validate_json(payload)
             elif rest == ["model", "desired"]:
                 kind = "desired"
-                value = _release_of(payload) if payload else None
+                value = release_of(payload) if payload else None
             else:
                 return None
         except ValidationError:
@@ -152,6 +158,7 @@ class FleetView:
             tok_s=tele.jobs.decode_tok_s if tele else None,
             last_seen=device.last_seen,
             offline_since=device.offline_since if status is not None and not status.online else None,
+            revoked=bool(status and status.revoked),
         )
 
     def rows(self, group: str | None = None) -> list[DeviceRow]:
@@ -173,13 +180,14 @@ class FleetView:
         return {
             "devices": len(rows),
             "online": sum(1 for r in rows if r.online),
+            **({"revoked": revoked} if (revoked := sum(1 for r in rows if r.revoked)) else {}),
             "degraded": sum(1 for r in rows if r.health == "degraded"),
             "updating": sum(phases[p] for p in ("downloading", "verifying", "testing", "activating")),
             "failed": phases["failed"] + phases["rolled_back"],
         }
 
 
-def _release_of(payload: bytes) -> str:
+def release_of(payload: bytes) -> str:
     """``NAME@VERSION`` of a desired-state manifest (without checking it: only for display)."""
     try:
         data = json.loads(payload)
@@ -198,10 +206,27 @@ class FleetFeed:
         self.client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, bytes(msg.payload)))
         subscriptions = self.view.subscriptions()
         if not telemetry:
-            subscriptions = [s for s in subscriptions if not s[0].endswith("/telemetry")]
+            subscriptions = [s for s in subscriptions if s[0] != FleetTopics(options.prefix).any_telemetry]
         if desired:
-            subscriptions.append((f"{options.prefix}/+/model/desired", 1))
+            subscriptions.append((FleetTopics(options.prefix).any_model_desired, 1))
+        answered = threading.Event()
+        refused: list[str] = []
+
+        def on_subscribe(_c: object, _u: object, _mid: int, reasons: list[ReasonCode], _p: object) -> None:
+            refused.extend(str(r) for r in reasons if r.is_failure)
+            answered.set()
+
+        self.client.on_subscribe = on_subscribe
         self.client.subscribe(subscriptions)
+        if not answered.wait(_SUBACK_S) or refused:
+            self.close()
+            host, port = options.address
+            why = refused[0] if refused else f"no answer within {_SUBACK_S:.0f} s"
+            raise FleetError(
+                f"the broker at {host}:{port} refused to show the fleet's status ({why}): not authorized as "
+                f"{identity_of(options)} — is {port} the devices' listener? Operators' tools use the "
+                f"operators' port (--broker {host}:{TLS_PORT}) with an operator certificate"
+            )
 
     def pump(self, wait: float) -> int:
         """Feed what arrived (waiting up to ``wait`` for the first); returns how many."""

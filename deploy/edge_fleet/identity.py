@@ -2,7 +2,11 @@
 
 ``move`` and ``revoke`` change the running broker's authorization state through
 the dynamic-security API (``dynsec.DynSec``): they take effect within a second,
-with no restart, no SIGHUP, no file edited by hand.  They go to the devices'
+with no restart, no SIGHUP, no file edited by hand.  Both also settle the device's
+persistent session from the operators' listener (``sessions``: its old group's
+subscriptions and jobs leave it, so none is lost), ``move`` pushes the new group as
+the box's retained membership, and ``revoke`` publishes its status as revoked
+(``docs/identity.md``).  They go to the devices'
 listener (``--admin-port``, default 8883: where the plugin runs) on the host of
 ``--broker``, as the operator certificate given by ``--tls-cert``/``--tls-key``.
 
@@ -22,10 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.link.tls import certificate_expiry
+from edge_contract.protocol import Membership, Status, Topics
 
 from . import pki
-from .broker import BrokerOptions, FleetError, add_broker_args, options_from, parse_address
+from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, parse_address, release
 from .dynsec import ADMIN_ROLE, DynSec
+from .sessions import Settled, settle
 from .setup import DEVICE_PORT
 
 
@@ -66,46 +72,124 @@ def _admin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-port",
         type=int,
-        default=DEVICE_PORT,
-        help=f"the devices' listener, where identities are managed (default {DEVICE_PORT}; "
-        "the port of --broker is not used)",
+        default=None,
+        help=f"the devices' listener, where identities are managed (default {DEVICE_PORT}; for "
+        "`identities`, the port of --broker HOST:PORT when given; move and revoke also use --broker's "
+        "operators' listener, 8884, to settle the device's session)",
     )
 
 
-def admin_options(args: argparse.Namespace) -> BrokerOptions:
-    """The broker flags, aimed at the devices' listener."""
-    return replace(options_from(args), port=args.admin_port)
+def admin_options(args: argparse.Namespace, *, broker_port: bool = False) -> BrokerOptions:
+    """The broker flags, aimed at the devices' listener (``broker_port``: a port given with
+    ``--broker`` on the command line counts as that listener's, for commands that need no other)."""
+    options = options_from(args)
+    port = args.admin_port
+    if port is None and broker_port and args.broker is not None and args.broker[1]:
+        port = args.broker[1]
+    return replace(options, port=port or DEVICE_PORT)
+
+
+def operators_options(args: argparse.Namespace) -> BrokerOptions:
+    """The operators' listener of ``--broker`` (where any client id, so the device's, is allowed)."""
+    options = options_from(args)
+    admin = admin_options(args)
+    if options.address == admin.address:
+        raise FleetError(
+            f"--broker {options.host}:{options.address[1]} is the devices' listener (--admin-port): give the "
+            f"operators' listener as --broker HOST:PORT (default port 8884); the device's session is "
+            "settled there, where a connection may take the device's client id"
+        )
+    return options
 
 
 def move_command(args: argparse.Namespace) -> int:
-    """``edge-fleet move NAME --group G``."""
+    """``edge-fleet move NAME --group G``: the rules changed, and the session made to follow.
+
+    Its session is settled before and after the rules change (``sessions``): the old group's
+    subscriptions leave it and the old group's jobs it held go back to that group, so none is
+    lost whether the box is online or not (the second pass catches an agent that subscribed
+    again in between).
+    """
     group = None if args.no_group else args.group
     if group is not None:
         pki.check_name(group, "a group")
     options = admin_options(args)  # the prefix too: flag, else profile, else "edge"
+    data = operators_options(args)
     with DynSec(options) as api:
+        client = api.get_client(args.name)
+        if client is None:
+            raise FleetError(f"{args.name!r} is not a device on this broker; provision it first")
+        current = [str(g.get("groupname", "")).removeprefix("group-") for g in client.get("groups", [])]
+        leaving = [g for g in current if g != group]
+        before = settle(data, args.name, leaving, end=False) if leaving else Settled()
         left = api.set_group(args.name, group, options.prefix)
-    was = f" (left {', '.join(left)}; disconnected so that it subscribes again)" if left else ""
+    after = settle(data, args.name, left, end=False) if left else Settled()
+    publish_membership(data, args.name, group)
+    was = f" (left {', '.join(left)}{_handed(before, after)})" if left else ""
     now = f"group {group}" if group else "no group"
-    edit = f'group = "{group}"' if group else "no group line"
-    print(f"{args.name}: {now}{was}; its agent.toml needs {edit} too (then restart the agent)")
-    return 0
-
-
-def revoke_command(args: argparse.Namespace) -> int:
-    """``edge-fleet revoke NAME``."""
-    with DynSec(admin_options(args)) as api:
-        api.revoke(args.name)
     print(
-        f"revoked {args.name}: disconnected, and every subscription and publication of its certificate "
-        "is refused from now on"
+        f"{args.name}: {now}{was}; pushed to the box as its membership (retained): its agent switches "
+        "without a restart (agents older than edge-agent's membership support need the group in "
+        "agent.toml and a restart)"
     )
     return 0
 
 
+def _handed(*results: Settled) -> str:
+    handed = sum(r.handed_back for r in results)
+    return f"; {handed} of its jobs went back to the group" if handed else ""
+
+
+def revoke_command(args: argparse.Namespace) -> int:
+    """``edge-fleet revoke NAME``: no right left, no session left, and a retained ``revoked`` status."""
+    data = operators_options(args)
+    with DynSec(admin_options(args)) as api:
+        client = api.get_client(args.name)
+        groups = [
+            str(g.get("groupname", "")).removeprefix("group-") for g in (client or {}).get("groups", [])
+        ]
+        before = settle(data, args.name, groups, end=True) if client is not None else Settled()
+        api.revoke(args.name)
+    # Its agent may have connected again in between, under the old rules: end that session too.
+    after = settle(data, args.name, groups, end=True)
+    announce_revoked(data, args.name)
+    print(
+        f"revoked {args.name}: disconnected, its session ended{_handed(before, after)}, every subscription "
+        "and publication of its certificate refused from now on; `status` shows it revoked"
+    )
+    return 0
+
+
+def announce_revoked(options: BrokerOptions, name: str) -> None:
+    """Publish ``name``'s retained status as revoked (the box itself can no longer publish it),
+    and clear its membership."""
+    topics = Topics(options.prefix, name, None)
+    payload = Status(online=False, revoked=True, device_id=name).model_dump_json().encode()
+    publish_retained(options, [(topics.status, payload), (topics.membership, b"")])
+
+
+def publish_membership(options: BrokerOptions, name: str, group: str | None) -> None:
+    """The box's group, pushed as retained desired state: its agent applies it without a restart."""
+    payload = Membership(device_id=name, group=group).model_dump_json().encode()
+    publish_retained(options, [(Topics(options.prefix, name, None).membership, payload)])
+
+
+def publish_retained(options: BrokerOptions, messages: list[tuple[str, bytes]]) -> None:
+    """Publish retained ``(topic, payload)`` pairs on the operators' listener, each acknowledged."""
+    client = connect(options, name="edge-fleet-identity")
+    try:
+        for topic, payload in messages:
+            info = client.publish(topic, payload, qos=1, retain=True)
+            info.wait_for_publish(DynSec.TIMEOUT_S)
+            if not info.is_published():
+                raise FleetError(f"the broker did not acknowledge the retained message on {topic}")
+    finally:
+        release(client)
+
+
 def identities_command(args: argparse.Namespace) -> int:
     """``edge-fleet identities``: every client of the broker's authorization state."""
-    with DynSec(admin_options(args)) as api:
+    with DynSec(admin_options(args, broker_port=True)) as api:
         clients = api.list_clients()
     rows = []
     for client in sorted(clients, key=lambda c: str(c.get("username", ""))):
@@ -183,6 +267,7 @@ def renew_command(args: argparse.Namespace) -> int:
         raise FleetError(f"{cert}: no certificate to renew (issue one with `edge-fleet provision {name}`)")
     before = certificate_expiry(cert)
     renew(name, args.ca, args.out, days=args.days)
+    pki.record_provisioned(cert, None)  # `devices` shows the new serial (the group stays)
     after = certificate_expiry(cert)
     print(
         f"renewed {cert} and {key} (valid until {after:%Y-%m-%d}, was {before:%Y-%m-%d}): copy them over the "

@@ -25,16 +25,18 @@ from cryptography import x509
 
 from .broker import FleetError, add_broker_args, options_from
 from .fleet_view import Device, FleetFeed
-from .output import ago, table
+from .output import ago, model_label, table
 from .state import add_db_arg, open_db, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, grp TEXT, provisioned REAL, cert_serial TEXT, cert_expires REAL,
     first_seen REAL, last_seen REAL, online INTEGER, offline_since REAL,
-    model TEXT, version TEXT, agent_version TEXT
+    model TEXT, version TEXT, agent_version TEXT, revoked INTEGER
 );
 """
+#: Columns added since the first schema: (name, type), added to an older state file on open.
+_ADDED_COLUMNS = (("revoked", "INTEGER"),)
 #: Waiting longer than this for the retained statuses means the broker is struggling: go on.
 DISCOVERY_MAX_S = 10.0
 
@@ -54,6 +56,7 @@ class InventoryRow:
     offline_since: float | None
     model: str | None
     version: str | None
+    revoked: bool = False  # `edge-fleet revoke`: its retained status says so
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict."""
@@ -66,6 +69,11 @@ class Inventory:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         db.executescript(_SCHEMA)
+        have = {str(r[1]) for r in db.execute("PRAGMA table_info(devices)")}
+        for column, kind in _ADDED_COLUMNS:
+            if column not in have:
+                with transaction(db) as tx:
+                    tx.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
 
     @classmethod
     def open(cls, path: Path | None = None) -> Inventory:
@@ -113,12 +121,13 @@ class Inventory:
                     active.name if active else None,
                     active.version if active else None,
                     status.agent_version if status else None,
+                    None if status is None else int(status.revoked),
                 )
             )
         with transaction(self.db) as db:
             db.executemany(
                 "INSERT INTO devices (id, grp, first_seen, last_seen, online, offline_since, model, version, "
-                "agent_version) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9) "
+                "agent_version, revoked) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10) "
                 "ON CONFLICT(id) DO UPDATE SET grp = COALESCE(excluded.grp, grp), "
                 "first_seen = COALESCE(first_seen, excluded.first_seen), "
                 # Offline when first seen: its status's time is the best guess of when it was last there.
@@ -127,7 +136,8 @@ class Inventory:
                 "offline_since = CASE WHEN excluded.online = 1 THEN NULL "
                 "  ELSE COALESCE(offline_since, excluded.offline_since) END, "
                 "model = COALESCE(excluded.model, model), version = COALESCE(excluded.version, version), "
-                "agent_version = COALESCE(excluded.agent_version, agent_version)",
+                "agent_version = COALESCE(excluded.agent_version, agent_version), "
+                "revoked = COALESCE(excluded.revoked, revoked)",
                 rows,
             )
 
@@ -135,7 +145,7 @@ class Inventory:
         """Every device (of ``group``, or just ``device``), by name."""
         sql = (
             "SELECT id, grp, provisioned, cert_serial, cert_expires, first_seen, last_seen, online, "
-            "offline_since, model, version FROM devices"
+            "offline_since, model, version, revoked FROM devices"
         )
         params: tuple[str, ...] = ()
         if group is not None:
@@ -159,6 +169,7 @@ class Inventory:
                     offline_since=r[8],
                     model=r[9],
                     version=r[10],
+                    revoked=bool(r[11]),
                 )
             )
         return found
@@ -215,7 +226,13 @@ def _when(value: float | None) -> str:
 
 
 def devices_command(args: argparse.Namespace) -> int:
-    """``edge-fleet devices``."""
+    """``edge-fleet devices`` (from the server when the profile names one)."""
+    from . import server_cmd
+    from .client import server_client
+
+    client = server_client()
+    if client is not None:
+        return server_cmd.devices(client, args)
     inventory = Inventory.open(args.db)
     if not args.no_broker:
         refresh(inventory, args, args.wait)
@@ -233,7 +250,9 @@ def devices_command(args: argparse.Namespace) -> int:
     now = time.time()
     body = []
     for r in rows:
-        if r.online is None:
+        if r.revoked:
+            state, seen = "revoked", ago(now, r.last_seen) if r.last_seen else "-"
+        elif r.online is None:
             state, seen = "never seen", "-"
         elif r.online:
             state, seen = "online", ago(now, r.last_seen)
@@ -246,7 +265,7 @@ def devices_command(args: argparse.Namespace) -> int:
                 r.group or "-",
                 state,
                 seen,
-                f"{r.model}@{r.version}" if r.model else "-",
+                model_label(r.model, r.version),
                 r.cert_serial[:16] if r.cert_serial else "-",
                 _when(r.cert_expires),
             ]
@@ -257,6 +276,7 @@ def devices_command(args: argparse.Namespace) -> int:
         "online": sum(1 for r in rows if r.online),
         "offline": sum(1 for r in rows if r.online is False),
         "never seen": sum(1 for r in rows if r.online is None),
+        "revoked": sum(1 for r in rows if r.revoked),
     }
     print("  ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -26,3 +26,8 @@ def ago(now: float, then: float | None) -> str:
         if seconds >= size:
             return f"{seconds // size:.0f} {unit} ago"
     return f"{seconds:.0f} s ago"
+
+
+def model_label(name: str | None, version: str | None) -> str:
+    """``NAME@VERSION`` as the agent logs it (``demo@unversioned``), or ``-`` without a model."""
+    return f"{name}@{version or 'unversioned'}" if name else "-"

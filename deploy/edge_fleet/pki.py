@@ -31,8 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import RESERVED_NAMES, TLS_PORT, parse_endpoint
+from edge_contract.names import RESERVED_NAMES, TLS_PORT, parse_endpoint
 
+from . import flags
 from .broker import FleetError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -41,6 +42,8 @@ CA_CERT, CA_KEY = "ca.crt", "ca.key"
 OPERATOR_CA_CERT, OPERATOR_CA_KEY = "operator-ca.crt", "operator-ca.key"
 #: Names of the operator identities issued by this CA (a device may not take one).
 OPERATORS_FILE = "operators.txt"
+#: The devices issued by the CA: one name space with the operators, checked in both orders.
+DEVICES_FILE = "devices.txt"
 #: The default operator identity (`edge-fleet broker init` registers it as an administrator).
 OPERATOR = "operator"
 # Same rule as the agent's device_id: the name becomes a topic level and an ACL user.
@@ -135,6 +138,9 @@ def provision_command(args: argparse.Namespace) -> int:
         raise FleetError(f"--{', --'.join(device_only)}: only for a device")
     if args.group:
         check_name(args.group, "a group")
+    flags.topic_level(args.topic_prefix, "--topic-prefix")
+    for flag in ("install_dir", "model", "state_dir"):
+        flags.file_text(getattr(args, flag), f"--{flag.replace('_', '-')}")
     for endpoint in args.endpoint or []:
         try:
             parse_endpoint(endpoint, TLS_PORT)
@@ -282,6 +288,12 @@ def provision(
         raise FleetError(
             f"{name!r} is an operator of this CA ({ca_dir / OPERATORS_FILE}); choose another name"
         )
+    if kind == "operator" and name in device_names(ca_dir):
+        raise FleetError(
+            f"{name!r} is a device of this CA ({ca_dir / DEVICES_FILE}); operators and devices share one "
+            "name space (an operator certificate named like a device would take its session) — choose "
+            "another name"
+        )
     if kind == "broker" and not hosts:
         raise FleetError("a broker certificate needs at least one --broker HOSTNAME")
     if days < 1:
@@ -292,11 +304,11 @@ def provision(
     if kind == "operator":
         ensure_operator_ca(ca_dir)
         ca_cert, ca_key = _load_ca(ca_dir, OPERATOR_CA_CERT, OPERATOR_CA_KEY)
-        names = operator_names(ca_dir)
-        if name not in names:
-            (ca_dir / OPERATORS_FILE).write_text("".join(f"{n}\n" for n in sorted({*names, name})))
+        _add_name(ca_dir / OPERATORS_FILE, name)
     else:
         ca_cert, ca_key = _load_ca(ca_dir)
+    if kind == "device":
+        _add_name(ca_dir / DEVICES_FILE, name)
     cert_path, key_path, ca_copy = out / f"{name}.crt", out / f"{name}.key", out / CA_CERT
     _refuse_overwrite([cert_path, key_path], force)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -340,6 +352,18 @@ def check_name(name: str, what: str = "a name") -> None:
         raise FleetError(f"{name!r}: {what} is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
 
 
+def device_names(ca_dir: Path) -> set[str]:
+    """The device identities issued by the CA in ``ca_dir`` (recorded since issue 24)."""
+    path = ca_dir / DEVICES_FILE
+    return set(path.read_text().split()) if path.exists() else set()
+
+
+def _add_name(path: Path, name: str) -> None:
+    names = set(path.read_text().split()) if path.exists() else set()
+    if name not in names:
+        path.write_text("".join(f"{n}\n" for n in sorted({*names, name})))
+
+
 def operator_names(ca_dir: Path) -> set[str]:
     """The operator identities issued by the CA in ``ca_dir``."""
     path = ca_dir / OPERATORS_FILE
@@ -359,8 +383,8 @@ def ensure_operator_ca(ca_dir: Path, force: bool = False) -> Path:
 
 def _read_public_key(path: Path) -> str:
     """The ``ssh-ed25519`` line of a ``fleet.pub``, checked."""
-    from agent.errors import AgentError
-    from agent.updates.signing import PublicKey
+    from edge_contract.errors import AgentError
+    from edge_contract.signing import PublicKey
 
     try:
         line = path.read_text().strip()

@@ -38,7 +38,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from . import dynsec, pki
+from . import dynsec, flags, pki
 from .broker import FleetError
 
 #: Where Debian/Ubuntu and other distributions put the plugin (first match wins).
@@ -92,6 +92,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     init.add_argument("--force", action="store_true", help="rewrite an existing setup (keeps data/)")
     init.set_defaults(func=init_command)
+    from .retained import register as register_sweep
+
+    register_sweep(broker_sub)
 
 
 def init_command(args: argparse.Namespace) -> int:
@@ -180,7 +183,21 @@ def init(
     """
     operators = operators or [pki.OPERATOR]
     for name in operators:
-        pki.check_name(name)
+        pki.check_name(name, "--operator")
+    devices = pki.device_names(ca_dir) & set(operators)
+    if devices:
+        raise FleetError(
+            f"--operator {', '.join(sorted(devices))}: a device of this CA has that name "
+            f"({ca_dir / pki.DEVICES_FILE}); operators and devices share one name space — choose another name"
+        )
+    flags.topic_level(prefix, "--topic-prefix")
+    flags.file_text(str(out), "--out")
+    for host in hosts:
+        flags.host_name(host, "--hostname")
+    if bind is not None:
+        flags.host_name(bind, "--bind")
+    if plugin is not None:
+        flags.file_text(str(plugin), "--plugin")
     if port == operator_port:
         raise FleetError("--port and --operator-port must differ")
     plugin_path = find_plugin(plugin)
@@ -190,7 +207,10 @@ def init(
     certs, data, log_dir, conf_d = out / "certs", out / "data", out / "log", out / "conf.d"
     for folder in (out, certs, data, log_dir, conf_d):
         folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o755)
+        # data/ holds the authorization state (password hashes) and the persisted messages;
+        # mosquitto rewrites dynamic-security.json with its own mode, so the folder is what keeps
+        # other local users out.
+        folder.chmod(0o700 if folder == data else 0o755)
     written = pki.provision("broker", ca_dir, certs, kind="broker", hosts=hosts, force=True)
     operator_ca = pki.ensure_operator_ca(ca_dir)
     (certs / "operator-ca.crt").write_bytes(operator_ca.read_bytes())
@@ -218,7 +238,10 @@ def init(
                 with os.fdopen(fd, "w") as f:
                     f.write(passwords[name] + "\n")
                 written.append(secret)
-        state.write_text(json.dumps(dynsec.initial_state(operators, passwords), indent=2) + "\n")
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(dynsec.initial_state(operators, passwords), indent=2) + "\n")
+        state.chmod(0o600)
         written.append(state)
     snippet = conf_d / "edge.conf"
     snippet.write_text(

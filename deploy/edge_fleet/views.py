@@ -26,11 +26,16 @@ from typing import Any
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from
 from .fleet_view import DeviceRow, FleetFeed, FleetView
 from .inventory import Inventory, InventoryRow
-from .output import ago, table
+from .output import ago, model_label, table
 from .state import add_db_arg, open_db
 
 #: Sort keys of ``watch`` (``s`` cycles through them).
 SORT_KEYS = ("device", "group", "health", "version", "phase", "temp", "mem", "queue", "tok_s")
+
+#: What separates the frames of ``watch`` written to a pipe or a file (no escape codes there).
+FRAME_BREAK = "\f"
+#: The first frame waits this long at most for the retained statuses.
+_FIRST_FRAME_MAX_S = 3.0
 
 _HEALTH_ORDER = {"degraded": 0, None: 1, "ok": 2}
 
@@ -69,6 +74,8 @@ def _fmt(value: Any, spec: str = "", none: str = "-") -> str:
 
 
 def _online(row: DeviceRow, now: float) -> str:
+    if row.revoked:
+        return "revoked"
     if row.online:
         return "yes"
     if row.online is None:
@@ -161,6 +168,9 @@ def watch(
     """Run the live view until ``q``, Ctrl-C or ``duration_s``; it redraws every ``refresh_s``
     (so its clock ticks) and at once after a key."""
     feed = FleetFeed(options, telemetry=True)
+    # The first frame shows the retained statuses, not a fleet that looks offline for a second.
+    feed.settle(_FIRST_FRAME_MAX_S)
+    terminal = sys.stdout.isatty()
     reverse = False
     end = None if duration_s is None else time.monotonic() + duration_s
     next_frame = 0.0
@@ -192,7 +202,9 @@ def watch(
                         group=group,
                         problems=problems,
                     )
-                    sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n")
+                    # Cursor home and clear only on a terminal; a pipe or a file gets plain frames,
+                    # each after a form feed (the plain-text page break).
+                    sys.stdout.write(("\x1b[H\x1b[2J" if terminal else FRAME_BREAK) + screen + "\n")
                     sys.stdout.flush()
     except KeyboardInterrupt:
         pass
@@ -224,6 +236,7 @@ def _from_inventory(known: InventoryRow) -> DeviceRow:
         tok_s=None,
         last_seen=known.last_seen or 0.0,
         offline_since=known.offline_since,
+        revoked=known.revoked,
     )
 
 
@@ -246,11 +259,17 @@ def fleet_rows(view: FleetView, known: dict[str, InventoryRow], group: str | Non
     return [rows[d] for d in sorted(rows) if group is None or rows[d].group == group]
 
 
+def _presence(row: DeviceRow) -> str:
+    if row.revoked:
+        return "revoked"
+    return "yes" if row.online else ("never seen" if row.online is None else "no")
+
+
 def _status_table(rows: list[DeviceRow], now: float) -> str:
     body = []
     for r in rows:
         seen = "now" if r.online else ("never" if not r.last_seen else ago(now, r.last_seen))
-        online = "yes" if r.online else ("never seen" if r.online is None else "no")
+        online = _presence(r)
         body.append(
             [
                 r.device,
@@ -258,7 +277,7 @@ def _status_table(rows: list[DeviceRow], now: float) -> str:
                 online,
                 seen,
                 _fmt(r.health),
-                f"{r.model}@{r.version}" if r.model else "-",
+                model_label(r.model, r.version),
                 _update(r),
             ]
         )
@@ -269,11 +288,11 @@ def _device_detail(row: DeviceRow, desired: str | None, now: float) -> str:
     fields = [
         ("device", row.device),
         ("group", _fmt(row.group)),
-        ("online", "yes" if row.online else ("never seen" if row.online is None else "no")),
+        ("online", _presence(row)),
         ("offline since", ago(now, row.offline_since) if row.offline_since and not row.online else "-"),
         ("last seen", "now" if row.online else ago(now, row.last_seen or None)),
         ("health", _fmt(row.health)),
-        ("model", f"{row.model}@{row.version}" if row.model else "-"),
+        ("model", model_label(row.model, row.version)),
         ("previous", _fmt(row.previous)),
         ("desired (own)", desired or "-"),
         ("update", _update(row)),
@@ -283,15 +302,26 @@ def _device_detail(row: DeviceRow, desired: str | None, now: float) -> str:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    """``edge-fleet status [--group G | --device D] [--json]``."""
-    inventory = Inventory(open_db(args.db))
-    feed = FleetFeed(options_from(args), telemetry=False, desired=bool(args.device))
-    try:
-        feed.settle(args.wait)
-    finally:
-        feed.close()
-    inventory.observe(feed.view.devices.values())
-    rows = fleet_rows(feed.view, {r.device: r for r in inventory.rows()}, args.group)
+    """``edge-fleet status [--group G | --device D] [--json]`` (from the server when the profile names one)."""
+    from . import server_cmd
+    from .client import server_client
+
+    client = server_client()
+    desired: str | None = None
+    if client is not None:
+        rows = server_cmd.status_rows(client, args.group)
+    else:
+        inventory = Inventory(open_db(args.db))
+        feed = FleetFeed(options_from(args), telemetry=False, desired=bool(args.device))
+        try:
+            feed.settle(args.wait)
+        finally:
+            feed.close()
+        inventory.observe(feed.view.devices.values())
+        rows = fleet_rows(feed.view, {r.device: r for r in inventory.rows()}, args.group)
+        if args.device:
+            seen = feed.view.devices.get(args.device)
+            desired = seen.desired if seen else None
     if args.device:
         rows = [r for r in rows if r.device == args.device]
         if not rows:
@@ -305,8 +335,7 @@ def status_command(args: argparse.Namespace) -> int:
             print(json.dumps(row.as_json()))
         return 0
     if args.device:
-        seen = feed.view.devices.get(args.device)
-        print(_device_detail(rows[0], seen.desired if seen else None, now))
+        print(_device_detail(rows[0], desired, now))
         return 0
     if not rows:
         print("no devices found" + (f" in group {args.group}" if args.group else ""))

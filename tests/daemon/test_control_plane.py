@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.updates.signing import private_pem
 from edge_contract.protocol import Status
+from edge_contract.signing import private_pem
 from edge_fleet.cli import main as fleet_cli
 from tests.daemon.test_fleet import (  # helpers of the rollout tests
     KEY,
@@ -358,7 +358,7 @@ def test_watch_shows_groups_problems_and_a_ticking_clock(broker, fleet, tmp_path
     fleet(2, telemetry_interval_s=60)
     _gone(broker, fleet)
     watch = _run(broker, "watch", "--duration", "3.5", "--refresh", "1", "--problems")
-    frames = [f for f in watch.stdout.split("\x1b[H\x1b[2J") if f.strip()]
+    frames = [f for f in watch.stdout.split("\f") if f.strip()]
     clocks = {f.splitlines()[0].rsplit(" ", 1)[-1] for f in frames}
     assert len(frames) >= 3 and len(clocks) >= 2, frames  # redrawn though nothing changed
     last = frames[-1]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import Engine, SamplingParams
-from agent.updates import signing
+from edge_contract import signing
 from tests.support.fleet import simulated_fleets
 from tests.support.models import ROOT
 from tests.support.releases import placeholder_release
@@ -194,7 +194,7 @@ def test_status_and_watch_show_the_fleet(broker, fleet, tmp_path: Path) -> None:
 
     watch = _run(broker, "watch", "--duration", "2.5", "--refresh", "0.5", "--sort", "temp")
     assert watch.returncode == 0, watch.stderr
-    frame = watch.stdout.split("\x1b[H\x1b[2J")[-1]
+    frame = watch.stdout.split("\f")[-1]
     assert "devices 14  online 14  degraded 0  updating 0  failed 0" in frame
     lines = [line for line in frame.splitlines() if line.startswith(("sim-", "elsewhere-"))]
     assert len(lines) == 14
@@ -252,7 +252,7 @@ def test_rollout_to_real_agents_with_a_real_release(broker, agents, releases, tm
 
 
 def test_a_rollback_release_rolls_out_in_waves_too(broker, fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from agent.updates.signing import private_pem
+    from edge_contract.signing import private_pem
 
     sim = fleet(6, update_delay_s=0.2)
     db = tmp_path / "rollouts.sqlite3"

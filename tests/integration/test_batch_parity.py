@@ -18,7 +18,7 @@ import pytest
 
 from agent import Engine, SamplingParams
 from agent.engine.batch import Batcher
-from agent.errors import AgentError, InvalidRequestError
+from edge_contract.errors import AgentError, InvalidRequestError
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, fixture_path
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.errors import ConfigError
+from edge_contract.errors import ConfigError
 
 GOOD = """
 device_id = "box-7"
@@ -157,7 +157,7 @@ def test_config_check_names_a_missing_model_folder_and_every_other_problem(tmp_p
 
 
 def test_trusted_keys_must_be_openssh_ed25519_lines(tmp_path: Path) -> None:
-    from agent.updates import signing
+    from edge_contract import signing
 
     key = signing.generate()
     line = signing.PublicKey(key.public_key(), signing.key_id(key.public_key())).to_line()

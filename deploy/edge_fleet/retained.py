@@ -1,0 +1,89 @@
+"""``edge-fleet broker sweep``: the retained-message limit for device identities.
+
+mosquitto 2.0 has no per-client quota of retained messages, its dynamic-security
+rules cannot tell a retained publication from another, and ``retain_available``
+is global (boxes need their retained status and model state, operators their
+retained desired state).  So the limit is enforced from the operators' side:
+boxes have no reason to retain anything on the topics below, and the sweep clears
+every retained message it finds there (an empty retained publication deletes it):
+
+* ``PREFIX/replies/#`` — answers to callers;
+* ``PREFIX/+/results/#`` — answers with no response topic;
+* ``PREFIX/+/telemetry`` — a stream, never state.
+
+It subscribes with *retain as published*, so a retained message published while
+it runs is seen as such and cleared at once (``--follow``, e.g. as a service
+beside the broker); without ``--follow`` it clears what is stored and exits.
+What stays retained is what boxes need: ``PREFIX/D/status`` and
+``PREFIX/D/model/state`` (one message each per device name, bounded by the
+broker's ``max_packet_size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import time
+
+import paho.mqtt.client as paho
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from .broker import BrokerOptions, add_broker_args, connect, options_from, release
+
+#: A sweep without --follow ends after this long without a retained message to clear.
+QUIET_S = 1.0
+
+
+def swept_filters(prefix: str) -> list[str]:
+    """The topics where devices may publish but have no reason to retain."""
+    return [f"{prefix}/replies/#", f"{prefix}/+/results/#", f"{prefix}/+/telemetry"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``broker sweep`` (under ``broker``)."""
+    sweep = sub.add_parser(
+        "sweep",
+        help="clear retained messages where devices have no reason to retain (replies, results, telemetry)",
+    )
+    sweep.add_argument("--follow", action="store_true", help="keep clearing as they come (a service)")
+    add_broker_args(sweep)
+    sweep.set_defaults(func=sweep_command)
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """``edge-fleet broker sweep [--follow]``."""
+    cleared = sweep(options_from(args), follow=args.follow)
+    print(
+        f"cleared {cleared} retained message(s) under {', '.join(swept_filters(options_from(args).prefix))}"
+    )
+    return 0
+
+
+def sweep(options: BrokerOptions, *, follow: bool = False, quiet_s: float = QUIET_S) -> int:
+    """Clear the retained messages under ``swept_filters``; returns how many."""
+    found: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def on_message(_c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        if msg.retain and msg.payload:
+            found.put(msg.topic)
+
+    client = connect(options, name="edge-fleet-sweep")
+    cleared = 0
+    try:
+        client.on_message = on_message
+        rap = SubscribeOptions(qos=1, retainAsPublished=True)
+        client.subscribe([(f, rap) for f in swept_filters(options.prefix)])
+        last = time.monotonic()
+        while follow or time.monotonic() - last < quiet_s:
+            try:
+                topic = found.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10.0)
+            cleared += 1
+            last = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        release(client)
+    return cleared
