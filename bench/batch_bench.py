@@ -110,7 +110,9 @@ def measure(path: Path, args: argparse.Namespace, llama: Any) -> dict[str, Any]:
     from agent.engine.engine import Engine, EngineOptions
     from agent.engine.sampling import SamplingParams
 
-    engine = Engine(path, EngineOptions(threads=args.threads))
+    # The prefix cache off: every round repeats the same prompts, and a token-exact hit would leave
+    # two positions to prefill, so "prefill tok/s" would measure the cache, not the kernels.
+    engine = Engine(path, EngineOptions(threads=args.threads, prefix_cache_mb=0))
     params = SamplingParams(max_tokens=args.new, ignore_eos=True)
     engine.generate(prompt_ids(args.prompt), params)  # warm-up
     llama_cs = sorted({1, *args.concurrency}) if llama else []

@@ -5,14 +5,11 @@ between-job tasks (a model swap happens only here, so a job always ends on the
 model it started on).  The intake thread may ``cancel`` a job and ``wake`` the
 worker; the supervisor reads ``beat`` and ``quiet_until`` for the watchdog.
 
-Its interface, for whoever schedules more than one job at a time:
-
-* ``claim()`` marks the oldest queued job running and returns it (or None);
-* ``run(job)`` runs it and returns an ``Outcome`` (None: checkpointed at
-  shutdown, to be requeued);
-* ``finish(job, outcome)`` stores the result, publishes it through the
-  outbox, counts it and reports it to the model's probation;
-* ``requeue(job)`` puts it back as if it had not started.
+With ``max_batch`` 1 a job runs alone (``Engine.generate``: the scheduler with one
+slot); with more, ``daemon.batching.BatchRunner`` runs jobs together through the
+worker's public interface (its ``BatchHost`` protocol): ``claim``, ``prepare``,
+``run_alone``, ``finish`` (store, publish, count, probation), ``requeue``, and
+``stop_reason`` / ``publish_chunk`` for the jobs' hooks (``daemon.hooks``).
 
 Storage errors never end the thread: a claim that fails is retried with
 backoff; a result that cannot be stored is kept in memory and stored (then

@@ -32,7 +32,10 @@ How the exported graph makes this work (checked on every fixture family):
 Memory: the block is ``max_batch * slot_tokens`` positions; a budget caps
 ``max_batch`` at construction (and says so), and a request that needs more
 positions than a slot holds runs alone once the batch has drained.
-Speculative decoding is not combined with batching (a batch row feeds one token).
+A scheduler of one slot may speculate (``speculate=True``: what ``Engine.generate``
+runs when ``[engine] speculate`` is on): its decode step is the speculator's verify
+pass, or a plain step while the speculator rests.  Speculation is not combined with
+batching: a batch row feeds one token, and a row's tokens must not depend on its company.
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ class Batcher:
             slots=self.max_batch + filler,
         )
         self._rows = DecodeRows(engine.session, graph, self._cache)
+        self._chunk_logits = np.empty((1, 0, graph.vocab), dtype=graph.logits_dtype)
         self._slots: list[BatchJob | None] = [None] * self.max_batch
         self._queue: deque[BatchJob] = deque()
         self.passes = 0  # batched decode passes
@@ -283,7 +287,9 @@ class Batcher:
             return self._finish(job, finished, "canceled")
         chunk = np.asarray([ids[begin:end]], dtype=np.int64)
         rows = graph.prefill_logits_rows(end - begin)
-        logits = np.empty((1, rows, graph.vocab), dtype=graph.logits_dtype)
+        if self._chunk_logits.shape[1] < rows:  # one buffer for every chunk: bounded by the chunk size
+            self._chunk_logits = np.empty((1, rows, graph.vocab), dtype=graph.logits_dtype)
+        logits = self._chunk_logits[:, :rows]
         binding = engine.session.io_binding()
         self._cache.bind(binding, graph.past_names, graph.present_names, first=job.slot)
         engine.bind_chunk(binding, chunk, past=begin, logits=logits)
@@ -303,6 +309,10 @@ class Batcher:
         running = [job for job in self._slots if job is not None and job.state == _DECODE]
         if running[0].spec is not None:  # speculation: one slot
             return self._speculate(running[0], running[0].spec, finished)
+        return self._plain(running, finished)
+
+    def _plain(self, running: list[BatchJob], finished: list[BatchJob]) -> None:
+        """One decode pass: one token for every running sequence (fillers elsewhere)."""
         rows = 1 + max(job.slot for job in running)
         if rows == 1 and self.engine.two_row_decode:
             rows = 2  # never a one-row pass where it rounds differently (see the module docstring)
@@ -327,7 +337,9 @@ class Batcher:
         if not job.ahead:
             room = min(seq.capacity - seq.length, seq.max_new - len(seq.generated) - 1)
             job.ahead = spec.step(job.token, seq.length - 1, room)
-        self._take(job, job.ahead.pop(0), finished)
+            if not job.ahead:  # resting: nothing to draft for a while
+                return self._plain([job], finished)
+        return self._take(job, job.ahead.pop(0), finished)
 
     def _speculator(self, job: BatchJob) -> Speculator:
         engine, graph = self.engine, self.engine.graph

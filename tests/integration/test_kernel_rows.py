@@ -33,7 +33,12 @@ def test_the_engine_measures_one_row_rounding_as_measured_for_this_cpu_family(na
             "(bench/kernel_rows.py) and add it to tests/support/cpu.py and docs/engine.md"
         )
     engine = Engine(fixture_path(name))
-    assert engine.two_row_decode == (not cpu.ONE_ROW_MATCHES[family, precision]), family
+    expected = cpu.ONE_ROW_MATCHES[family, precision]
+    assert engine.two_row_decode == (not expected), (
+        f"{family}, {precision}: the engine measured that one row {'differs from' if expected else 'matches'} "
+        "a row of a batch, unlike what was measured before: re-measure (bench/kernel_rows.py) and update "
+        "tests/support/cpu.py and docs/engine.md"
+    )
 
 
 @pytest.mark.parametrize("name", ["llama-int4", "qwen3-int8", "phi3-int4-pruned"])

@@ -31,7 +31,7 @@ import pytest
 
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
-from agent.engine.speculate import DraftPolicy
+from agent.engine.speculate import DraftPolicy, Speculator
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, PRECISIONS, ROOT, fixture_path
 
@@ -77,10 +77,25 @@ def _drafting(mode: str) -> Callable[[DraftPolicy, int], int]:
     return choose
 
 
+@pytest.mark.parametrize("rests", ["never-rests", "rests-often"])
 @pytest.mark.parametrize("name", ALL_FIXTURES)
-def test_speculative_output_does_not_depend_on_the_drafts(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_speculative_output_does_not_depend_on_the_drafts(
+    name: str, rests: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Random weights accept few drafts, and the adaptive policy would soon stop drafting:
     # force the drafting instead, so that verify passes (and accepted drafts) are many.
+    # Resting (plain steps while nothing matches) depends on the tokens alone: checked both
+    # switched off (the most verify passes) and after 2 dry steps (the most transitions).
+    monkeypatch.setattr(Speculator, "REST_AFTER", 10**9 if rests == "never-rests" else 2)
+    rested = [0]
+    original_step = Speculator.step
+
+    def counting_step(self: Speculator, token: int, past: int, limit: int) -> list[int]:
+        chosen = original_step(self, token, past, limit)
+        rested[0] += not chosen
+        return chosen
+
+    monkeypatch.setattr(Speculator, "step", counting_step)
     path = fixture_path(name)
     plain = Engine(path, EngineOptions(threads=1))
     spec = Engine(path, EngineOptions(threads=1, speculate=True, speculate_max_k=6))
@@ -109,8 +124,10 @@ def test_speculative_output_does_not_depend_on_the_drafts(name: str, monkeypatch
                 assert gap <= NEAR_TIE, f"{text!r}, {mode}: token {step} is {gap:.3f} below plain greedy's"
                 exact += gap == 0.0
                 total += 1
-    # Positive controls: drafts were verified and some accepted; nearly every token is the exact arg-max.
-    assert drafted > 0 and 0 < accepted <= drafted
+    # Positive controls: drafts were verified (and some accepted when drafting is not resting);
+    # the resting variant rested; nearly every token is the exact arg-max.
+    assert drafted > 0 and 0 <= accepted <= drafted
+    assert accepted > 0 if rests == "never-rests" else rested[0] > 0
     assert exact >= 0.95 * total
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import platform
 
-X86_AVX512 = "x86-64 AVX-512"
+X86_AVX512 = "x86-64 AVX-512 VNNI"
 X86_AVX2 = "x86-64 AVX2-only"
 AARCH64 = "aarch64"
 OTHER = "other"
@@ -41,8 +41,9 @@ def family() -> str:
         return AARCH64
     if machine in ("x86_64", "amd64"):
         features = _x86_features()
-        if features.get("AVX512F") and features.get("AVX512BW"):
-            return X86_AVX512
+        if features.get("AVX512F"):
+            # MLAS has separate AVX-512 core and AVX-512 VNNI kernels: only VNNI was measured.
+            return X86_AVX512 if features.get("AVX512BW") and features.get("AVX512VNNI") else OTHER
         if features.get("AVX2") and features.get("FMA3"):
             return X86_AVX2
     return OTHER

@@ -153,12 +153,19 @@ def _speculative(prompt: list[int], params: SamplingParams, new: int) -> tuple[l
         clock=lambda: next(ticks),
     )
     out = [sampler(model.logits(prompt))]
+    one = np.empty((1, 1, VOCAB), dtype=np.float32)
     while len(out) < new:
         past = len(prompt) + len(out) - 1
-        out += spec.step(out[-1], past, min(6, new - len(out) - 1))
-    # Every pass has two rows or more (a step without drafts feeds the previous token again):
-    # onnxruntime's one-row attention path rounds differently from the multi-row one.
-    assert model.rows and min(model.rows) >= 2
+        passes = len(model.rows)
+        chosen = spec.step(out[-1], past, min(6, new - len(out) - 1))
+        # Every pass of the speculator has two rows or more (a step without drafts feeds the previous
+        # token again): onnxruntime's one-row attention path rounds differently from the multi-row one.
+        assert all(rows >= 2 for rows in model.rows[passes:])
+        if not chosen:  # resting: the caller's plain one-token step
+            model.forward(np.asarray([[out[-1]]], dtype=np.int64), past, one)
+            chosen = [sampler(one[0, 0])]
+        out += chosen
+    assert model.rows
     return out[:new], spec
 
 
@@ -187,3 +194,15 @@ def test_speculative_output_is_plain_output(params: SamplingParams) -> None:
     # Positive control: drafts were made, some accepted, and passes saved.
     assert 0 < accepted <= drafted
     assert passes < 6 * 80
+
+
+def test_with_nothing_to_copy_the_speculator_rests_and_the_output_is_still_plain() -> None:
+    # A prompt of distinct tokens and a model whose text does not repeat it: no two-token suffix
+    # matches, so after REST_AFTER dry steps the caller decodes plainly (one-row passes).
+    prompt = list(range(10, 40))
+    plain = _plain(prompt, SamplingParams(), 60)
+    spec, speculator = _speculative(prompt, SamplingParams(), 60)
+    assert spec == plain
+    assert speculator.rests > 0, "nothing to copy, yet the speculator never rested"
+    _, busy = _speculative([*prompt, *plain, *prompt[:3]], SamplingParams(), 60)
+    assert busy.accepted > 0  # positive control: with something to copy it drafts
