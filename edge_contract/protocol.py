@@ -295,6 +295,28 @@ class Membership(_Wire):
     at: float = Field(default_factory=time.time)
 
 
+class EnrollRequest(_Wire):
+    """A box asking for its certificate: its name and a CSR for the key it made (``docs/identity.md``)."""
+
+    name: str = Field(pattern=_LEVEL)
+    csr: str = Field(max_length=8192, description="PEM certificate signing request, CN = name.")
+
+
+class EnrollAnswer(_Wire):
+    """The approver's answer: the certificate and the fleet CA, or why not."""
+
+    name: str
+    cert: str | None = None
+    ca: str | None = None
+    error: str | None = None
+
+
+def enroll_topics(prefix: str, claim: str, nonce: str) -> tuple[str, str]:
+    """``(request, answer)`` topics of one enrollment under claim identity ``claim``."""
+    base = f"{prefix}/enroll/{claim}"
+    return f"{base}/csr/{nonce}", f"{base}/answer/{nonce}"
+
+
 class Topics:
     """Every topic the agent uses, from the prefix, device id and group."""
 

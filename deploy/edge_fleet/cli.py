@@ -19,6 +19,7 @@ from . import (
     assignments,
     broker,
     deploy,
+    enroll,
     identity,
     inventory,
     jobs,
@@ -42,6 +43,7 @@ _COMMAND_MODULES = (
     simulate,
     pki,
     identity,
+    enroll,
     setup,
 )
 
