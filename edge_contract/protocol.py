@@ -323,6 +323,8 @@ class Topics:
     def __init__(self, prefix: str, device_id: str, group: str | None) -> None:
         base = f"{prefix}/{device_id}"
         self.membership = f"{base}/membership"
+        self.renew_csr = f"{base}/renew/csr"
+        self.renew_answer = f"{base}/renew/answer"
         self.jobs = f"{base}/jobs"
         self.cancel = f"{base}/jobs/cancel"
         self.status = f"{base}/status"

@@ -67,16 +67,24 @@ def _readable(topics: Iterable[str], subscribe_as: Iterable[str] = ()) -> list[d
 def device_acls(name: str, prefix: str = "edge") -> list[dict[str, Any]]:
     """What device ``name`` may read and write: its own topics, nothing else."""
     base = f"{prefix}/{name}"
-    acls = _readable([f"{base}/jobs", f"{base}/jobs/cancel", f"{base}/model/desired", f"{base}/membership"])
+    acls = _readable(
+        [f"{base}/jobs", f"{base}/jobs/cancel", f"{base}/model/desired", *fleet_pushed(name, prefix)]
+    )
     for topic in (
         f"{base}/status",
         f"{base}/telemetry",
         f"{base}/results/#",
         f"{base}/model/state",
+        f"{base}/renew/csr",
         f"{prefix}/replies/#",
     ):
         acls.append(_acl("publishClientSend", topic))
     return acls
+
+
+def fleet_pushed(name: str, prefix: str = "edge") -> list[str]:
+    """Topics the fleet pushes to a device since issue 24: its membership and its renewed certificate."""
+    return [f"{prefix}/{name}/membership", f"{prefix}/{name}/renew/answer"]
 
 
 def group_acls(group: str, prefix: str = "edge") -> list[dict[str, Any]]:
@@ -310,10 +318,13 @@ class DynSec:
         return [g.removeprefix("group-") for g in left]
 
     def grant_membership(self, name: str, prefix: str) -> None:
-        """Let device ``name`` read its membership topic (roles made before issue 24 lack it)."""
-        topic = f"{prefix}/{name}/membership"
+        """Let device ``name`` read its membership and renewal topics (roles made before issue 24 lack them)."""
+        acls = [
+            *_readable(fleet_pushed(name, prefix)),
+            _acl("publishClientSend", f"{prefix}/{name}/renew/csr"),
+        ]
         self.run(
-            *({"command": "addRoleACL", "rolename": device_role(name), **acl} for acl in _readable([topic])),
+            *({"command": "addRoleACL", "rolename": device_role(name), **acl} for acl in acls),
             allow=["already", "exists"],
         )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import sqlite3
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +32,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
-from edge_contract.protocol import EnrollAnswer, EnrollRequest
+from edge_contract.protocol import EnrollAnswer, EnrollRequest, Topics
 
 from . import pki
 from .broker import FleetError, add_broker_args, connect, options_from, release
-from .dynsec import DynSec, _acl
+from .dynsec import DynSec, _acl, device_role
 from .identity import publish_membership, publish_retained
 from .setup import DEVICE_PORT
 
@@ -120,7 +121,7 @@ def serve_command(args: argparse.Namespace) -> int:
     answered = 0
     try:
         client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
-        client.subscribe(f"{options.prefix}/enroll/+/csr/+", qos=1)
+        client.subscribe([(f"{options.prefix}/enroll/+/csr/+", 1), (f"{options.prefix}/+/renew/csr", 1)])
         print(f"answering enrollment requests under {options.prefix}/enroll/ (Ctrl-C stops)", flush=True)
         while args.count is None or answered < args.count:
             try:
@@ -130,6 +131,17 @@ def serve_command(args: argparse.Namespace) -> int:
             if not payload:
                 continue  # a request this loop cleared
             parts = topic.split("/")
+            if parts[2:] == ["renew", "csr"]:
+                with DynSec(admin) as api:
+                    answer = renew(args.ca, parts[1], payload, api.get_client(parts[1]))
+                answer_topic = Topics(options.prefix, parts[1], None).renew_answer
+                publish_retained(
+                    options,
+                    [(answer_topic, answer.model_dump_json(exclude_none=True).encode()), (topic, b"")],
+                )
+                print(f"renewal: {parts[1]}: {answer.error or 'renewed'}", flush=True)
+                answered += 1
+                continue
             claim, nonce = parts[2], parts[4]
             answer = decide(args.ca, claim, payload)
             if answer.cert is not None:
@@ -162,6 +174,58 @@ def _claim_record(ca_dir: Path, claim: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def renew(ca_dir: Path, device: str, payload: bytes, client: dict[str, Any] | None) -> EnrollAnswer:
+    """A device asking, over its own identity, for a certificate for a new key of its own: granted
+    when it is a device of this CA, registered, enabled and holding its role (not revoked)."""
+    try:
+        request = EnrollRequest.model_validate_json(payload)
+    except ValidationError as exc:
+        return EnrollAnswer(name=device, error=f"not a renewal request: {exc.errors()[0]['msg']}")
+    roles = [r.get("rolename") for r in (client or {}).get("roles", [])]
+    if client is None or client.get("disabled") or device_role(device) not in roles:
+        return EnrollAnswer(name=device, error=f"{device} is revoked or not registered on this broker")
+    if request.name != device:
+        return EnrollAnswer(name=device, error="a device renews its own certificate only")
+    key, problem = _csr_key(request)
+    if key is None:
+        return EnrollAnswer(name=device, error=problem)
+    try:
+        cert = pki.issue_for_key(device, ca_dir, key, renewal=True)
+    except FleetError as exc:
+        return EnrollAnswer(name=device, error=str(exc))
+    _record(cert)
+    return EnrollAnswer(name=device, cert=cert.decode(), ca=(ca_dir / pki.CA_CERT).read_text())
+
+
+def _record(cert_pem: bytes) -> None:
+    """The new serial and expiry in the operator's inventory (``devices``); a warning if it fails."""
+    from .inventory import Inventory
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    [cn] = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    try:
+        Inventory.open().record_provisioned(
+            str(cn.value), None, format(cert.serial_number, "x"), cert.not_valid_after_utc.timestamp()
+        )
+    except (OSError, sqlite3.Error) as exc:
+        print(f"warning: not recorded in the inventory ({exc})")
+
+
+def _csr_key(request: EnrollRequest) -> tuple[ec.EllipticCurvePublicKey | None, str]:
+    """The CSR's public key when its signature is sound, its CN the request's name and its key ECDSA."""
+    try:
+        csr = x509.load_pem_x509_csr(request.csr.encode())
+    except ValueError:
+        return None, "the CSR is not a PEM certificate request"
+    names = [a.value for a in csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    if not csr.is_signature_valid or names != [request.name]:
+        return None, "the CSR's signature or common name is wrong"
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return None, "the key must be ECDSA (P-256)"
+    return key, ""
+
+
 def decide(ca_dir: Path, claim: str, payload: bytes) -> EnrollAnswer:
     """Check one request under ``claim`` and issue its certificate, or say why not (the claim's
     count is spent only by a certificate issued)."""
@@ -178,20 +242,14 @@ def decide(ca_dir: Path, claim: str, payload: bytes) -> EnrollAnswer:
         return EnrollAnswer(name=request.name, error=f"{claim} expired: ask for a new claim")
     if request.name.startswith(CLAIM_PREFIX):
         return EnrollAnswer(name=request.name, error="a device name cannot start with claim-")
-    try:
-        csr = x509.load_pem_x509_csr(request.csr.encode())
-    except ValueError:
-        return EnrollAnswer(name=request.name, error="the CSR is not a PEM certificate request")
-    names = [a.value for a in csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-    if not csr.is_signature_valid or names != [request.name]:
-        return EnrollAnswer(name=request.name, error="the CSR's signature or common name is wrong")
-    key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        return EnrollAnswer(name=request.name, error="the key must be ECDSA (P-256)")
+    key, problem = _csr_key(request)
+    if key is None:
+        return EnrollAnswer(name=request.name, error=problem)
     try:
         cert = pki.issue_for_key(request.name, ca_dir, key)
     except FleetError as exc:
         return EnrollAnswer(name=request.name, error=str(exc))
+    _record(cert)
     record["left"] = int(record["left"]) - 1
     (ca_dir / CLAIMS_DIR / f"{claim.removeprefix(CLAIM_PREFIX)}.json").write_text(json.dumps(record))
     ca = (ca_dir / pki.CA_CERT).read_text()

@@ -369,11 +369,22 @@ def _certificate(
 
 
 def issue_for_key(
-    name: str, ca_dir: Path, public_key: ec.EllipticCurvePublicKey, *, days: int = IDENTITY_DAYS
+    name: str,
+    ca_dir: Path,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    days: int = IDENTITY_DAYS,
+    renewal: bool = False,
 ) -> bytes:
-    """A device certificate (PEM) for a key made elsewhere (a CSR's: enrollment), recorded as a device."""
+    """A device certificate (PEM) for a key made elsewhere (a CSR's: enrollment), recorded as a device.
+
+    ``renewal``: for a device of this CA that asked for itself (the name must be a device's).
+    """
     check_name(name)
-    if name in RESERVED_NAMES or name in operator_names(ca_dir) or name in device_names(ca_dir):
+    if renewal and name not in device_names(ca_dir):
+        raise FleetError(f"{name!r} is not a device of this CA: nothing to renew")
+    taken = name in RESERVED_NAMES or name in operator_names(ca_dir) or name in device_names(ca_dir)
+    if not renewal and taken:
         raise FleetError(f"{name!r} is taken (a device, an operator or a reserved name of this CA)")
     ca_cert, ca_key = _load_ca(ca_dir)
     _add_name(ca_dir / DEVICES_FILE, name)

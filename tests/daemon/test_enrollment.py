@@ -15,6 +15,7 @@ from edge_fleet.cli import main as fleet_cli
 from tests.daemon.test_identity import REPLIES, _answered, _job, _operator
 from tests.support.broker import Broker
 from tests.support.pki import Fleet, Identity
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -61,5 +62,35 @@ def test_a_fresh_box_enrolls_from_a_claim_and_serves_its_group(
         caller.send("edge/groups/g1/jobs", _job("enrolled-1"), response_topic=REPLIES)
         assert _answered(caller, ["enrolled-1"]) == 1
         assert "membership from the fleet: group g1" in agent.log_text()
+    finally:
+        caller.close()
+
+
+def test_a_certificate_near_expiry_is_renewed_over_the_boxs_own_link_without_an_operator(
+    tls_broker: Broker, fleet: Fleet, agents: Any, tmp_path: Path
+) -> None:
+    from agent.link.tls import certificate_expiry
+
+    out = tmp_path / "box-n"
+    live = ["--live", f"{tls_broker.host}:{tls_broker.port}", *tls_broker.admin_flags()[4:]]
+    provision = ["provision", "box-n", "--ca", str(fleet.ca_dir), "--out", str(out), "--days", "1"]
+    assert fleet_cli([*provision, *live]) == 0  # one day left: inside the 30-day warning
+    identity = Identity("box-n", out / "ca.crt", out / "box-n.crt", out / "box-n.key")
+    before, old_key = certificate_expiry(out / "box-n.crt"), (out / "box-n.key").read_bytes()
+    serving = _serve(tls_broker, fleet, count=1)
+    agent = agents(on=tls_broker, device_id="box-n", identity=identity)
+    agent.start()
+    wait_until(lambda: "renewed the certificate" in agent.log_text(), what="the agent to renew", timeout=60)
+    serving.join(timeout=30)
+    assert certificate_expiry(out / "box-n.crt") > before
+    assert (out / "box-n.key").read_bytes() != old_key and not list(out.glob("*.renew"))
+    assert stat.S_IMODE((out / "box-n.key").stat().st_mode) == 0o600
+    # The next connection uses the new pair; the box serves on.
+    tls_broker.restart()
+    caller = _operator(tls_broker, fleet)
+    try:
+        caller.send("edge/box-n/jobs", _job("after-renewal"), response_topic=REPLIES)
+        assert _answered(caller, ["after-renewal"]) == 1
+        assert "loaded the renewed TLS files" in agent.log_text()
     finally:
         caller.close()
