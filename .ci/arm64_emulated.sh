@@ -49,6 +49,8 @@ EMULATED_TESTS=(
   # multi-row passes bit-identical whatever their boundaries): check that on Arm's kernels too.
   tests/integration/test_batch_parity.py
   tests/integration/test_speculative_parity.py
+  # Whether a one-row pass rounds like a row of a batch (the engine's two_row_decode) as measured here.
+  tests/integration/test_kernel_rows.py
   # The prefix cache rests on the same rounding rule: a hit must give the cold run's tokens.
   tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens
   tests/integration/test_prefix_cache.py::test_chunk_size_does_not_change_tokens

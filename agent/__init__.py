@@ -7,7 +7,7 @@ The package is grouped by concept:
 * ``agent.updates``: signed releases, downloads, the model store and the updater;
 * ``agent.health``: telemetry, system readings, systemd notification;
 * ``agent.link``: the MQTT link and TLS;
-* ``edge_contract.protocol``, ``agent.config``, ``agent.errors``: the wire contract, the
+* ``edge_contract.protocol``, ``agent.config``, ``edge_contract.errors``: the wire contract, the
   configuration and the exception tree (light leaves: none loads onnxruntime);
 * ``agent.daemon``: the daemon that wires them together; ``agent.cli``, ``agent.doctor``.
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 # loads; a box in a factory must not phone anywhere it was not told to.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from agent.errors import (
+from edge_contract.errors import (
     AgentError,
     ContextOverflowError,
     GenerationError,
@@ -35,17 +35,17 @@ from agent.errors import (
 )
 
 if TYPE_CHECKING:
-    from agent.config import EngineOptions
     from agent.engine.engine import Completion, Engine
+    from agent.engine.options import EngineOptions
     from edge_contract.params import SamplingParams
     from edge_contract.protocol import Timings
 
-__version__ = "0.1.0"
+from edge_contract import __version__ as __version__
 
 _LAZY = {
     "Completion": "agent.engine.engine",
     "Engine": "agent.engine.engine",
-    "EngineOptions": "agent.config",
+    "EngineOptions": "agent.engine.options",
     "Timings": "edge_contract.protocol",
     "SamplingParams": "edge_contract.params",
 }

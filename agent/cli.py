@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
 from agent.config import check_files, load_config
 from agent.engine.engine import Engine, EngineOptions
 from agent.engine.weight_traffic import model_weight_traffic
-from agent.errors import AgentError
-from edge_contract import params
+from edge_contract import __version__, params
+from edge_contract.errors import AgentError
 from edge_contract.params import SamplingParams
 
 
@@ -168,8 +167,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from agent.config import TLS_PORT, parse_endpoint
     from agent.enroll import enroll
+    from edge_contract.names import TLS_PORT, parse_endpoint
 
     try:
         broker = parse_endpoint(args.broker, TLS_PORT)

@@ -9,12 +9,12 @@ and nowhere else; an invalid value fails at start with the key named.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import pwd
-import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -27,130 +27,19 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from agent.errors import ConfigError, SignatureError
-from agent.updates.signing import PublicKey
+from agent.engine.options import EngineOptions as EngineOptions
+from agent.health.options import HealthThresholds as HealthThresholds
+from agent.health.options import TelemetryConfig as TelemetryConfig
+from agent.link.options import MQTTConfig as MQTTConfig
+from agent.link.options import TLSConfig as TLSConfig
+from agent.updates.options import UpdateConfig as UpdateConfig
+from edge_contract.errors import ConfigError
+from edge_contract.names import RESERVED_NAMES, parse_endpoint, topic_safe
 from edge_contract.params import MaxTokens
-
-# Matched with fullmatch: ``re.match(...$)`` would accept a trailing newline ("box\n").
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def _topic_safe(value: str) -> str:
-    """Names that become MQTT topic levels: no wildcards, separators or '$' prefixes."""
-    if not _NAME.fullmatch(value):
-        raise ValueError("must be 1-64 of A-Z a-z 0-9 _ . - and start with a letter or digit")
-    return value
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TLSConfig(_Section):
-    """TLS towards the broker: TLS 1.2 or newer, the broker's certificate and host name always verified."""
-
-    ca: Path | None = Field(
-        None, description="CA bundle that signs the broker's certificate (the system's CAs when unset)."
-    )
-    cert: Path | None = Field(
-        None, description="Client certificate (per-device identity; its CN is the device id)."
-    )
-    key: Path | None = Field(None, description="Private key of the client certificate (mode 0600).")
-
-    @model_validator(mode="after")
-    def _pair(self) -> TLSConfig:
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("give both cert and key, or neither")
-        return self
-
-
-#: Topic levels under the prefix that belong to the fleet, not to a device: no device may be named so.
-RESERVED_NAMES = frozenset({"groups", "replies", "operator", "enroll"})
-_ENDPOINT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?")
-#: The IANA ports of MQTT over TLS and plain MQTT: an endpoint without a port gets the one that fits.
-TLS_PORT, PLAIN_PORT = 8883, 1883
-
-
-def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT`` or ``[IPV6]:PORT`` as a (host, port) pair."""
-    found = _ENDPOINT.fullmatch(text.strip())
-    port = int(found.group("port")) if found and found.group("port") else default_port
-    if found is None or not 1 <= port <= 65535:
-        raise ValueError(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT with a port in 1-65535")
-    return found.group("v6") or found.group("host"), port
-
-
-class MQTTConfig(_Section):
-    """How to reach the broker (or brokers, in the order they are tried)."""
-
-    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address (single broker).")
-    port: int | None = Field(
-        None, ge=1, le=65535, description="Broker port; default 8883 with TLS, 1883 with allow_plaintext."
-    )
-    brokers: list[str] = Field(
-        default_factory=list,
-        max_length=16,
-        description=(
-            "Several brokers, tried in order: 'HOST:PORT' each. When the current one fails the agent "
-            "moves to the next (with backoff). Replaces host/port; give one form or the other."
-        ),
-    )
-    username: str | None = None
-    password: SecretStr | None = None
-    tls: TLSConfig | None = Field(None, description="TLS settings; required unless allow_plaintext is true.")
-    allow_plaintext: bool = Field(
-        False,
-        description=(
-            "Connect over plain TCP, unencrypted and unauthenticated by certificate. Only for a broker on "
-            "the same machine or in a lab; the agent logs a warning at start. Excludes [mqtt.tls]."
-        ),
-    )
-    keepalive: int = Field(
-        30,
-        ge=5,
-        le=3600,
-        description="Seconds between pings; the broker declares the agent gone after 1.5x this.",
-    )
-    protocol: Literal["5", "3.1.1"] = Field(
-        "5", description="MQTT version. Under 3.1.1 response topics and shared subscriptions are unavailable."
-    )
-    topic_prefix: str = Field("edge", description="First level of every topic.")
-    session_expiry_s: int = Field(
-        7 * 24 * 3600,
-        ge=0,
-        le=2**32 - 1,
-        description="How long the broker keeps the agent's session and queued jobs while it is offline.",
-    )
-
-    _prefix_ok = field_validator("topic_prefix")(_topic_safe)
-
-    @field_validator("brokers")
-    @classmethod
-    def _endpoints_ok(cls, value: list[str]) -> list[str]:
-        for text in value:
-            parse_endpoint(text, TLS_PORT)
-        return value
-
-    @model_validator(mode="after")
-    def _transport(self) -> MQTTConfig:
-        if self.tls is None and not self.allow_plaintext:
-            raise ValueError(
-                "no [mqtt.tls] section: configure TLS (ca, cert, key), or set allow_plaintext = true "
-                "to connect unencrypted (a broker on this machine or in a lab only)"
-            )
-        if self.tls is not None and self.allow_plaintext:
-            raise ValueError("allow_plaintext = true and [mqtt.tls] exclude each other: keep one")
-        if self.brokers and ({"host", "port"} & self.model_fields_set):
-            raise ValueError("give either host/port or brokers, not both")
-        return self
-
-    @property
-    def endpoints(self) -> list[tuple[str, int]]:
-        """Every broker as (host, port), in the order they are tried."""
-        default = PLAIN_PORT if self.allow_plaintext else TLS_PORT
-        if not self.brokers:
-            return [(self.host, self.port or default)]
-        return [parse_endpoint(text, default) for text in self.brokers]
 
 
 class ModelConfig(_Section):
@@ -201,166 +90,84 @@ class JobsConfig(_Section):
     )
 
 
-class UpdateConfig(_Section):
-    """``[update]``: over-the-air model updates (see ``updater``)."""
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
-    trusted_keys: list[str] = Field(
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) names this machine's loopback interface only."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HTTPConfig(_Section):
+    """``[http]``: the OpenAI- and Ollama-compatible HTTP API on the box (see docs/http-api.md)."""
+
+    listen: str | None = Field(
+        None,
+        description=(
+            "HOST:PORT (or [IPV6]:PORT) to serve the HTTP API on, e.g. '127.0.0.1:8080' for apps on this "
+            "box (port 0: any free port, logged at start). Unset: no HTTP server. Any address other than "
+            "loopback needs api_keys. Its jobs go through the same queue and limits as MQTT jobs."
+        ),
+    )
+    api_keys: list[SecretStr] = Field(
         default_factory=list,
-        max_length=16,
+        max_length=64,
         description=(
-            "Public keys whose signed releases this box installs, one OpenSSH line each "
-            "(edge-fleet keygen writes fleet.pub in this form). Empty: every update is refused."
+            "Bearer tokens a request must carry (Authorization: Bearer KEY), 16-256 printable characters "
+            "each; compared in constant time and never logged. Required unless listen is a loopback "
+            "address; empty on loopback: no key asked. Better from the environment: "
+            "EDGE_AGENT_HTTP__API_KEYS='[\"...\"]'."
         ),
     )
-    keep_versions: int = Field(
-        3, ge=2, le=20, description="Installed versions kept on disk (the active and previous included)."
-    )
-    bandwidth_kbps: int | None = Field(
-        None, ge=8, le=10_000_000, description="Cap on download speed, in kilobytes per second."
-    )
-    ca: Path | None = Field(
-        None, description="CA bundle that signs the HTTPS release servers (default: the system's CAs)."
-    )
-    memory_reserve_mb: int = Field(
-        256,
-        ge=0,
-        le=1 << 20,
+    max_connections: int = Field(
+        32,
+        ge=1,
+        le=1024,
         description=(
-            "Memory to keep free while a new model is loaded beside the old one; when that does not "
-            "fit, the old model is unloaded first (a short pause in service)."
+            "Open connections served at once (each holds a thread); more are answered 503 at once. "
+            "Jobs beyond [jobs] max_queue are refused as for MQTT (429)."
         ),
-    )
-    probation_jobs: int = Field(
-        5, ge=1, le=1000, description="The first jobs on a new model that may trigger an automatic rollback."
-    )
-    max_failed_jobs: int = Field(
-        2, ge=1, le=1000, description="This many failed jobs among the probation jobs roll the model back."
-    )
-    probation_s: float = Field(
-        3600.0, ge=1.0, le=30 * 24 * 3600, description="Probation ends after this long even with few jobs."
     )
 
-    @field_validator("trusted_keys")
+    @field_validator("listen")
     @classmethod
-    def _keys_parse(cls, keys: list[str]) -> list[str]:
-        for index, key in enumerate(keys):
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
             try:
-                PublicKey.from_line(key)
-            except SignatureError as exc:
-                raise ValueError(f"entry {index}: {exc.message}") from exc
+                parse_endpoint(value, -1, any_port=True)  # no default: a port must be given (0: any free one)
+            except ValueError:
+                raise ValueError(f"{value!r}: give HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:8080") from None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for index, key in enumerate(keys):
+            text = key.get_secret_value()
+            if not 16 <= len(text) <= 256 or not text.isprintable() or " " in text:
+                raise ValueError(f"entry {index}: a key is 16-256 printable characters without spaces")
         return keys
 
-    def public_keys(self) -> list[PublicKey]:
-        """The trusted keys, parsed."""
-        return [PublicKey.from_line(k) for k in self.trusted_keys]
+    @model_validator(mode="after")
+    def _keys_off_loopback(self) -> HTTPConfig:
+        if self.listen is not None and not self.api_keys and not is_loopback(self.endpoint[0]):
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable from other machines: set api_keys "
+                '(api_keys = ["<a long random key>"], e.g. from `openssl rand -hex 24`), '
+                "or listen on 127.0.0.1"
+            )
+        return self
 
-
-class EngineOptions(_Section):
-    """How the onnxruntime session is set up."""
-
-    threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 means one per physical core.")
-    spin_us: int = Field(
-        1000,
-        ge=0,
-        le=100_000,
-        description=(
-            "How long idle worker threads busy-wait for the next operator, in microseconds "
-            "(0: never). A short spin keeps decode fast (the next token's work arrives within "
-            "microseconds) while a bounded one never burns cores between requests."
-        ),
-    )
-    prefix_cache_mb: int = Field(
-        256,
-        ge=0,
-        le=1_048_576,
-        description=(
-            "Memory for the keys and values of recent prompt prefixes, MiB (0: no prefix cache). "
-            "256 MiB holds about 4,000 tokens of a Llama-3.2-1B or 340 of Phi-3-mini (float32 KV): "
-            "affordable beside a 2.3 GB int4 model on a 4 GB box."
-        ),
-    )
-    prefix_cache_disk_mb: int = Field(
-        1024,
-        ge=0,
-        le=1_048_576,
-        description="Disk for prefixes kept across restarts (under state_dir/prefix_cache), MiB.",
-    )
-    prefix_block_tokens: int = Field(
-        16,
-        ge=2,
-        le=4096,
-        description="Granularity of the prefix cache: prefixes are reused in blocks this long.",
-    )
-    prefill_chunk_tokens: int = Field(
-        512,
-        ge=2,
-        le=65_536,
-        description=(
-            "Longest prefill pass: a long prompt is prefilled in chunks this long, which bounds "
-            "its memory and lets cancellation act between chunks."
-        ),
-    )
-    speculate: bool = Field(
-        False,
-        description=(
-            "Prompt-lookup speculative decoding (see agent.engine.speculate): fewer passes when the "
-            "output copies spans of the prompt. Every pass then has two rows or more, so the output "
-            "never depends on what was drafted; it equals plain decoding's except where two candidates "
-            "tie within the float rounding that separates one-row from multi-row passes."
-        ),
-    )
-    speculate_max_k: int = Field(8, ge=1, le=32, description="Most draft tokens verified in one pass.")
-    max_batch: int = Field(
-        1, ge=1, le=64, description="Most sequences decoded together in one pass (see agent.engine.batch)."
-    )
-
-
-class TelemetryConfig(_Section):
-    """``[telemetry]``: how often the agent reports."""
-
-    interval_s: float = Field(
-        10.0, ge=1.0, le=3600.0, description="Seconds between telemetry messages (and health checks)."
-    )
-    sysfs_root: Path = Field(
-        Path("/sys"),
-        description=(
-            "Where sysfs is mounted. Only containers with a bind-mounted host sysfs, and tests that "
-            "simulate a thermal sensor on machines without one, change it."
-        ),
-    )
-
-
-class HealthThresholds(_Section):
-    """``[health]``: when the box counts as degraded, and what the agent does about it."""
-
-    max_temp_c: float = Field(
-        80.0,
-        ge=30.0,
-        le=125.0,
-        description="At or above this SoC temperature the box is hot (a Raspberry Pi throttles at 80-85).",
-    )
-    temp_hysteresis_c: float = Field(
-        5.0, ge=0.0, le=30.0, description="A hot box counts as cool again only this far below max_temp_c."
-    )
-    min_mem_available_mb: int = Field(
-        200, ge=0, le=1 << 20, description="Below this much available memory (MiB) memory is low."
-    )
-    mem_hysteresis_mb: int = Field(
-        50, ge=0, le=1 << 20, description="Low memory ends only this far above min_mem_available_mb."
-    )
-    min_disk_free_mb: int = Field(
-        500, ge=0, le=1 << 30, description="Below this much free space (MiB) in state_dir disk is low."
-    )
-    max_backlog: int = Field(
-        1000, ge=1, le=10_000_000, description="More unacknowledged publications than this is a backlog."
-    )
-    shed_load: Literal["reject", "queue"] = Field(
-        "reject",
-        description=(
-            "While hot or short of memory: 'reject' answers new jobs at once with code 'overloaded' "
-            "(a caller can go elsewhere); 'queue' stores them and starts none until the box recovers."
-        ),
-    )
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """(host, port) to bind (port 0: any free one); only meaningful when ``listen`` is set."""
+        assert self.listen is not None
+        return parse_endpoint(self.listen, -1, any_port=True)
 
 
 class AgentConfig(BaseSettings):
@@ -380,8 +187,9 @@ class AgentConfig(BaseSettings):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     health: HealthThresholds = Field(default_factory=HealthThresholds)
     update: UpdateConfig = Field(default_factory=UpdateConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
 
-    _names_ok = field_validator("device_id", "group")(lambda v: v if v is None else _topic_safe(v))
+    _names_ok = field_validator("device_id", "group")(lambda v: v if v is None else topic_safe(v))
 
     @field_validator("device_id")
     @classmethod

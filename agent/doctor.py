@@ -33,13 +33,13 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
-from agent.engine.model_folder import ModelFolder
-from agent.errors import AgentError
+from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, fit, model_shape
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
 from agent.link.presence import read_link, running_agent
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, client_context, days_left
 from agent.updates.store import ModelStore
+from edge_contract.errors import AgentError, MemoryFitError
 from edge_contract.protocol import Membership, Topics
 from edge_contract.telemetry import SystemReading
 
@@ -47,10 +47,6 @@ CheckStatus = Literal["ok", "warn", "fail"]
 
 MIN_PYTHON = (3, 11)
 MIN_ONNXRUNTIME = (1, 26)
-#: Headroom over the weights' size for the session's own buffers and activations.
-WEIGHTS_OVERHEAD = 1.2
-#: Bytes per cached key/value element: the CPU exports keep the KV cache in float32.
-KV_BYTES = 4
 _MiB = 1024 * 1024
 _WARM_C = 10.0  # this close below max_temp_c is a warning
 
@@ -183,44 +179,50 @@ def check_cpu(cpuinfo: str | None = None, machine: str | None = None) -> Check:
     return Check(name="cpu", status="warn", detail=f"{machine}: not an architecture the agent is tested on")
 
 
-def model_memory_mb(folder: ModelFolder) -> tuple[float, float]:
-    """Estimated (weights, KV cache) memory of a model, in MiB.
-
-    Weights: the graph and its external data files, times ``WEIGHTS_OVERHEAD``.
-    KV cache: a request that fills the whole context, in float32.
-    """
-    files = [folder.onnx_path, *sorted(folder.path.glob("*.data"))]
-    weights = sum(path.stat().st_size for path in files if path.is_file()) * WEIGHTS_OVERHEAD
-    decoder = folder.config.model.decoder
-    kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size
-    kv *= folder.context_length * KV_BYTES
-    return round(weights / _MiB, 1), round(kv / _MiB, 1)
-
-
 def check_memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> Check:
-    """Available memory covers the model and still leaves the health margin."""
+    """The model's expected peak (``memory_plan``) beside the box's available memory."""
     return _memory(config, reading, thresholds)[0]
 
 
 def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> tuple[Check, bool]:
     """The memory check, and whether the model may be loaded (False only when it is known not to fit)."""
     try:
-        folder = ModelFolder(served_model(config))
+        shape = model_shape(served_model(config))
     except AgentError as exc:
         return Check(name="memory", status="fail", detail=f"cannot size the model: {exc.message}"), True
-    weights, kv = model_memory_mb(folder)
-    need = weights + kv
-    detail = f"model needs ~{need:.1f} MiB (weights {weights} + KV {kv} at {folder.context_length} tokens)"
     available = reading.memory.available_mb
     if available is None:
-        return Check(name="memory", status="warn", detail=f"{detail}; available memory unknown"), True
-    detail += f", {available} MiB available"
-    if available < need:
-        return Check(name="memory", status="fail", detail=detail), False
-    if available - need < thresholds.min_mem_available_mb:
-        margin = thresholds.min_mem_available_mb
+        smallest = Budgets(
+            context_tokens=min(MIN_CONTEXT, shape.context_length),
+            max_batch=1,
+            prefix_cache_mb=0,
+            prefill_chunk_tokens=config.engine.prefill_chunk_tokens,
+        )
+        peak = estimate(shape, smallest)
         return Check(
-            name="memory", status="warn", detail=f"{detail}: less than {margin} MiB would be left"
+            name="memory", status="warn", detail=f"model expects {peak.describe()}; available memory unknown"
+        ), True
+    margin = thresholds.min_mem_available_mb
+    try:
+        budgets = fit(shape, config.engine, (available - margin) * _MiB)
+    except MemoryFitError as exc:
+        return Check(name="memory", status="fail", detail=f"{exc.message} ({available} MiB available)"), False
+    peak = estimate(shape, budgets)
+    detail = (
+        f"model expects peak {peak.describe()} at a {budgets.context_tokens}-token context, "
+        f"prefix cache {budgets.prefix_cache_mb} MiB; {available} MiB available"
+    )
+    if peak.total > (available - margin) * _MiB:
+        return Check(
+            name="memory",
+            status="warn",
+            detail=f"{detail}: the mapped model's pages do not fit beside it (they are read again from disk)",
+        ), True
+    if budgets.context_tokens < shape.context_length:
+        return Check(
+            name="memory",
+            status="warn",
+            detail=f"{detail}: the context is cut from the model's {shape.context_length} to fit",
         ), True
     return Check(name="memory", status="ok", detail=detail), True
 

@@ -26,8 +26,8 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import ValidationError
 
-from agent.errors import LinkError
 from agent.link.tls import client_context
+from edge_contract.errors import LinkError
 from edge_contract.protocol import EnrollAnswer, EnrollRequest, enroll_topics
 
 

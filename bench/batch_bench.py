@@ -65,14 +65,28 @@ def _prompts(n: int, count: int) -> list[list[int]]:
 
 def verify_cost(engine: Any, past: int, sizes: list[int], repeat: int = 7) -> dict[int, float]:
     """Median seconds of one pass over ``n`` new tokens after ``past`` cached ones, per ``n``."""
-    io = engine._io
-    binding, _cache, _ = engine._prefill(prompt_ids(past), past + max(sizes))
+    from agent.engine.kv_cache import KVCache
+
+    io = engine.graph
+    cache = KVCache(
+        layers=io.layers,
+        kv_heads=io.kv_heads,
+        head_size=io.head_size,
+        capacity=past + max(sizes),
+        dtype=io.kv_dtype,
+    )
+    binding = engine.session.io_binding()
+    cache.bind(binding, io.past_names, io.present_names)
+    prompt = np.asarray([prompt_ids(past)], dtype=np.int64)
+    first = np.empty((1, io.prefill_logits_rows(past), io.vocab), dtype=io.logits_dtype)
+    engine.bind_chunk(binding, prompt, past=0, logits=first)
+    engine.session.run_with_iobinding(binding)
     out: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(repeat):
         for n in sizes:
             ids = np.asarray([prompt_ids(n)], dtype=np.int64)
             logits = np.empty((1, n, io.vocab), dtype=io.logits_dtype)
-            engine._bind_step(binding, ids, past=past, logits=logits)
+            engine.bind_chunk(binding, ids, past=past, logits=logits)
             started = time.perf_counter()
             engine.session.run_with_iobinding(binding)
             out[n].append(time.perf_counter() - started)

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-from agent.updates import signing  # noqa: E402
+from edge_contract import signing  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402  (the same broker harness the tests use)
 from tests.support.releases import placeholder_release  # noqa: E402
 

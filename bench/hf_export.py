@@ -29,8 +29,11 @@ _CONVERT_SHIM = (
 )
 
 
-def ensure_checkpoint(out: Path, make_config: Callable[[], Any], seed: int) -> Path:
-    """``out``: a causal LM of ``make_config()`` with weights drawn after ``seed``, and the fixture tokenizer."""
+def ensure_checkpoint(out: Path, make_config: Callable[[], Any], seed: int, *, half: bool = False) -> Path:
+    """``out``: a causal LM of ``make_config()`` with weights drawn after ``seed``, and the fixture tokenizer.
+
+    ``half``: stored in float16 (half the memory to build and export it).
+    """
     if (out / "config.json").is_file():
         return out
     import torch
@@ -40,7 +43,7 @@ def ensure_checkpoint(out: Path, make_config: Callable[[], Any], seed: int) -> P
 
     config = make_config()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if half else torch.float32)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from engine_bench import ensure_models  # noqa: E402
 
-from agent.updates import signing  # noqa: E402
+from edge_contract import signing  # noqa: E402
 from tests.support.agent import AgentProcess  # noqa: E402  (the harnesses the tests use)
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.http import FileServer  # noqa: E402

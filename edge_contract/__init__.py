@@ -5,3 +5,6 @@ status, telemetry, manifests, desired state), ``Topics`` (the only place a topic
 spelled), the error codes and the sampling parameters.  It imports pydantic and
 nothing of the project; both sides import it.
 """
+
+#: The version of edge-agent and of this contract (the box and the fleet ship together).
+__version__ = "0.1.0"

@@ -65,6 +65,7 @@ UpdateErrorCode = Literal[
     "size_mismatch",
     "sha256_mismatch",
     "disk_full",
+    "insufficient_memory",
     "download_interrupted",
     "model_load",
     "smoke_test_failed",
@@ -317,10 +318,19 @@ def enroll_topics(prefix: str, claim: str, nonce: str) -> tuple[str, str]:
     return f"{base}/csr/{nonce}", f"{base}/answer/{nonce}"
 
 
-class Topics:
-    """Every topic the agent uses, from the prefix, device id and group."""
+class GroupTopics:
+    """The topics of a group: its jobs (taken through a shared subscription) and its desired model."""
 
-    def __init__(self, prefix: str, device_id: str, group: str | None) -> None:
+    def __init__(self, prefix: str, group: str) -> None:
+        self.jobs = f"{prefix}/groups/{group}/jobs"
+        self.model_desired = f"{prefix}/groups/{group}/model/desired"
+        self.shared_jobs = f"$share/{group}/{self.jobs}"
+
+
+class Topics:
+    """Every topic of one device, from the prefix, device id and group: the only place one is spelled."""
+
+    def __init__(self, prefix: str, device_id: str, group: str | None = None) -> None:
         base = f"{prefix}/{device_id}"
         self.membership = f"{base}/membership"
         self.renew_csr = f"{base}/renew/csr"
@@ -330,12 +340,38 @@ class Topics:
         self.status = f"{base}/status"
         self.telemetry = f"{base}/telemetry"
         self.results_prefix = f"{base}/results/"
+        self.results = f"{base}/results/#"
         self.model_desired = f"{base}/model/desired"
         self.model_state = f"{base}/model/state"
-        self.group_model_desired = f"{prefix}/groups/{group}/model/desired" if group else None
-        self.group_jobs = f"{prefix}/groups/{group}/jobs" if group else None
-        self.shared_group_jobs = f"$share/{group}/{self.group_jobs}" if group else None
+        self.replies = FleetTopics(prefix).replies
+        of_group = GroupTopics(prefix, group) if group else None
+        self.group_model_desired = of_group.model_desired if of_group else None
+        self.group_jobs = of_group.jobs if of_group else None
+        self.shared_group_jobs = of_group.shared_jobs if of_group else None
 
     def result(self, job_id: str) -> str:
         """Default reply topic of a job that names no response topic."""
         return self.results_prefix + job_id
+
+
+class FleetTopics:
+    """The fleet's view: any device's topics as filters, the replies subtree, a device's or group's topics."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.replies_prefix = f"{prefix}/replies/"
+        self.replies = f"{prefix}/replies/#"
+        self.any_status = f"{prefix}/+/status"
+        self.any_telemetry = f"{prefix}/+/telemetry"
+        self.any_model_state = f"{prefix}/+/model/state"
+        self.any_model_desired = f"{prefix}/+/model/desired"
+
+    def device(self, device_id: str, group: str | None = None) -> Topics:
+        return Topics(self.prefix, device_id, group)
+
+    def group(self, group: str) -> GroupTopics:
+        return GroupTopics(self.prefix, group)
+
+    def reply(self, token: str) -> str:
+        """A reply topic under the subtree the shipped ACL opens to every identity."""
+        return self.replies_prefix + token

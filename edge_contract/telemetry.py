@@ -143,6 +143,13 @@ class JobsTelemetry(_Part):
     store_resets: int = Field(
         0, description="Corrupt job databases moved aside in state_dir (and not deleted since)."
     )
+    http_total: int | None = Field(
+        None,
+        description=(
+            "Of the jobs counted in total, those that came over the HTTP API, whatever their status "
+            "(the rest came over MQTT); null when [http] listen is unset."
+        ),
+    )
 
 
 class SystemReading(_Part):

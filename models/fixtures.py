@@ -29,9 +29,10 @@ from transformers import (
     Qwen3Config,
 )
 
+from agent.engine.model_folder import MODEL_FAMILIES
 from models import builder, tokenizer
 
-FAMILIES: tuple[str, ...] = ("phi3", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = MODEL_FAMILIES
 SEED = 1234
 HIDDEN = 64
 LAYERS = 2

@@ -42,6 +42,9 @@ def _own_fleet_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "PROTOCOL",
         "TOPIC_PREFIX",
         "USERNAME",
+        "SERVER",
+        "TOKEN",
+        "SERVER_DB",
     ):
         monkeypatch.delenv(f"EDGE_FLEET_{name}", raising=False)
 
@@ -125,7 +128,7 @@ def file_server(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def releases(file_server):  # type: ignore[no-untyped-def]
     """Signed releases of the fixtures, served by ``file_server``, and the key that signs them."""
-    from agent.updates import signing
+    from edge_contract import signing
     from tests.support.releases import Releases
 
     return Releases(file_server, signing.generate())

@@ -1,4 +1,4 @@
-"""The agent daemon: jobs in over MQTT, stored durably, answered by one worker.
+"""The agent daemon: jobs in over MQTT (and HTTP), stored durably, answered by one worker.
 
 The pieces, each in its own module, and the thread that owns each:
 
@@ -16,8 +16,16 @@ module            owning thread          what it holds
                                          the retained status
 ``faults``        none (a lock)          storage errors: counted, logged sparingly, backoff
 ``results``       none (pure)            error results and the one log line per job
+``replies``       none (thread-safe)     the reply sink seam: each reply routed by its job's
+                                         address, MQTT topics to the outbox, ``http:<id>`` to
+                                         the HTTP server; HTTP jobs canceled at start
 ``agent``         main thread            ``Agent``: builds and wires them, runs the loop
 ================  =====================  ==================================================
+
+The HTTP API (``agent.daemon.http``, when ``[http] listen`` is set) is the second job
+source: its request threads (``edge-agent-http`` and one per connection)
+submit jobs through ``Inbox.submit``, the same admission as MQTT jobs, and
+receive their chunks and result through ``replies``.
 
 Other threads: paho's network thread (inside ``MQTTLink``) only queues events
 (and publishes the status and model state on connect); the updater's thread

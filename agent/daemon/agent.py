@@ -5,26 +5,29 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
 
-from agent import __version__
 from agent.config import AgentConfig
 from agent.daemon import membership
 from agent.daemon.faults import StorageFaults
+from agent.daemon.http.server import HTTPServer
 from agent.daemon.inbox import Inbox, rules_for
 from agent.daemon.outbox import Outbox
 from agent.daemon.renewal import Renewal
+from agent.daemon.replies import Replies, cancel_local_orphans
 from agent.daemon.supervisor import Supervisor, offline_status
 from agent.daemon.worker import Worker
-from agent.errors import StorageError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import open_store
 from agent.link.mqtt import MQTTLink, Published
 from agent.link.presence import AgentLock, LinkRecorder
 from agent.updates.updater import Updater
+from edge_contract import __version__
+from edge_contract.errors import StorageError
 from edge_contract.protocol import ModelState, Topics
 
 log = logging.getLogger("agent.daemon")
@@ -57,7 +60,7 @@ class Agent:
         self.lock = AgentLock(config.state_dir)
         self.lock.acquire()
         self.faults = StorageFaults()
-        self.stats = JobStats()
+        self.stats = JobStats(http=config.http.listen is not None)
         # Loads the active model (or falls back to the previous or configured one).
         self.updater = updater_factory(
             config,
@@ -86,14 +89,21 @@ class Agent:
         )
         self.renewal = Renewal(config, topics, self.link)
         self.outbox = Outbox(self.link, self.store, self.faults)
+        # The reply sink of every job: MQTT topics to the outbox, HTTP jobs to the HTTP server.
+        self.replies = Replies(
+            self.outbox,
+            lambda topic, payload, corr: self.link.publish(topic, payload, correlation=corr),
+            self.store,
+            self.faults,
+        )
         self.worker = Worker(
             self.store,
-            self.outbox,
+            self.replies,
             self.updater,
             device_id=config.device_id,
             stats=self.stats,
             faults=self.faults,
-            publish_chunk=lambda topic, payload, corr: self.link.publish(topic, payload, correlation=corr),
+            publish_chunk=self.replies.publish_chunk,
             hold=lambda: self.supervisor.holding(),
         )
         self.supervisor = Supervisor(
@@ -111,6 +121,7 @@ class Agent:
             rules_for(config, topics),
             store=self.store,
             outbox=self.outbox,
+            replies=self.replies,
             worker=self.worker,
             updater=self.updater,
             ack=self.link.ack,
@@ -121,6 +132,26 @@ class Agent:
             faults=self.faults,
             pushed={topics.membership: self.apply_membership, topics.renew_answer: self.renewal.answer},
         )
+        # HTTP jobs left queued or interrupted by the previous process have no client any more.
+        try:
+            cancel_local_orphans(
+                self.store, model=self.updater.serving.ref, device_id=config.device_id, stats=self.stats
+            )
+        except sqlite3.Error as exc:  # they would run for nobody: late, harmless
+            self.faults.failed("canceling HTTP jobs left from before the restart", exc)
+        # The second job source: the OpenAI- and Ollama-compatible HTTP API, when [http] listen is set.
+        self.http: HTTPServer | None = None
+        if config.http.listen is not None:
+            self.http = HTTPServer(
+                config.http,
+                inbox=self.inbox,
+                model=lambda: self.updater.serving.ref,
+                stats=self.stats,
+                max_body_bytes=config.jobs.max_payload_bytes,
+                max_tokens_limit=config.jobs.max_tokens_limit,
+                overloaded_retry_s=max(1, round(config.telemetry.interval_s)),
+            )
+            self.replies.attach(self.http.sink)
         self._stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -143,6 +174,15 @@ class Agent:
         self.worker.start()
         self.link.start()
         self.updater.start()
+        if self.http is not None:
+            self.http.start()
+            host, port = self.http.address
+            log.info(
+                "HTTP API on http://%s:%d (OpenAI /v1, Ollama /api)%s",
+                f"[{host}]" if ":" in host else host,
+                port,
+                "" if self.config.http.api_keys else ", no key asked",
+            )
         while not self._stopping.is_set():
             if self.faults.corrupt is not None:
                 self.shutdown()  # the damaged file is moved aside by the next start (systemd restarts us)
@@ -166,7 +206,11 @@ class Agent:
     def _finish(self) -> None:
         self.supervisor.notifier.stopping("finishing the running job, then disconnecting")
         self.updater.stop()
+        if self.http is not None:
+            self.http.stop_accepting()
         self.worker.join(timeout=self.config.jobs.shutdown_grace_s + 5)
+        if self.http is not None:
+            self.http.close()  # requests still waiting (their jobs stay queued) get a 503
         self._drain_acks(timeout=3.0)
         self.link.stop(final=(self.topics.status, offline_status(self.config)))
         self.store.close()

@@ -17,15 +17,19 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from agent.daemon.outcome import Outcome
-from agent.errors import AgentError, LinkError
-from edge_contract.protocol import Chunk, JobRequest
+from agent.daemon.hooks import PREFILL_ALLOWANCE_S_PER_TOKEN, JobHooks
+from agent.daemon.outcome import Models, Outcome
+from agent.health.telemetry import JobStats
+from edge_contract.errors import AgentError
+from edge_contract.protocol import JobRequest
 
 if TYPE_CHECKING:
-    from agent.daemon.worker import Worker
+    from agent.daemon.faults import StorageFaults
     from agent.engine.batch import Batcher, BatchJob
+    from agent.engine.engine import Completion
+    from agent.engine.sampling import SamplingParams
     from agent.jobs.store import StoredJob
 
 log = logging.getLogger(__name__)
@@ -36,34 +40,27 @@ _SLOT_TOKENS = 4096
 _MEMORY_SHARE = 0.5
 
 
-class JobHooks:
-    """One running job's streaming and stop test, handed to the engine."""
+class BatchHost(Protocol):
+    """What the batch runner needs from the worker (its public interface)."""
 
-    def __init__(self, worker: Worker, job: StoredJob) -> None:
-        self._worker = worker
-        self._job = job
-        self.seq = 0
-        self.checkpoint = False  # stopped for shutdown: requeue, do not finish
+    models: Models
+    stats: JobStats
+    faults: StorageFaults
+    beat: float
+    quiet_until: float
 
-    def on_text(self, text: str) -> None:
-        """Publish one chunk of the job's text."""
-        job = self._job
-        chunk = Chunk(id=job.id, seq=self.seq, text=text)
-        try:
-            self._worker._publish_chunk(job.reply_topic, chunk.model_dump_json().encode(), job.correlation)
-        except LinkError as exc:  # the stream has a gap; the result still carries the whole text
-            log.warning("job %s: chunk %d not published: %s", job.id, self.seq, exc)
-        self.seq += 1
-
-    def should_stop(self) -> bool:
-        """True when the job was canceled or the agent must stop now (a checkpoint)."""
-        worker = self._worker
-        worker.beat = time.monotonic()
-        if worker._deadline is not None and time.monotonic() > worker._deadline:
-            self.checkpoint = True
-            return True
-        with worker._lock:
-            return self._job.id in worker._cancel
+    def claim(self) -> StoredJob | None: ...
+    def run_alone(self, job: StoredJob) -> None: ...
+    def prepare(self, job: StoredJob) -> Outcome | tuple[JobRequest, list[int], SamplingParams]: ...
+    def finish(self, job: StoredJob, outcome: Outcome) -> None: ...
+    def requeue(self, job: StoredJob) -> None: ...
+    def failed(self, job: StoredJob, request: JobRequest, exc: Exception) -> Outcome: ...
+    def completed(self, job: StoredJob, completion: Completion) -> Outcome: ...
+    def may_claim_more(self) -> bool: ...
+    def set_running(self, job_ids: list[str]) -> None: ...
+    def forget_cancel(self, job_id: str) -> None: ...
+    def publish_chunk(self, topic: str, payload: bytes, correlation: bytes | None) -> object: ...
+    def stop_reason(self, job_id: str) -> str | None: ...
 
 
 @dataclass
@@ -77,7 +74,7 @@ class _Running:
 class BatchRunner:
     """Runs jobs together on the served engine; one per drain, owned by the worker thread."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: BatchHost) -> None:
         self._worker = worker
 
     def drain(self, first: StoredJob) -> None:
@@ -96,18 +93,14 @@ class BatchRunner:
             )
         except AgentError as exc:
             log.warning("batching off for now (%s): job %s runs alone", exc.message, first.id)
-            outcome = worker.run(first)
-            if outcome is None:
-                worker.requeue(first)
-            else:
-                worker.finish(first, outcome)
+            worker.run_alone(first)
             return
         running: dict[str, _Running] = {}
         self._start(batcher, first, running)
         try:
             while running:
                 self._claim_more(batcher, running)
-                self._set_running(running)
+                worker.set_running(list(running))
                 try:
                     finished = batcher.step()
                 except Exception as exc:  # the model failed: every job in the pass fails with it
@@ -121,17 +114,12 @@ class BatchRunner:
                     self._end(running.pop(entry.job.id), handle)
         finally:
             worker.quiet_until = 0.0
-            self._set_running({})
+            worker.set_running([])
             worker.stats.record_batch(batcher.rows, batcher.passes, batcher.max_batch)
 
     def _claim_more(self, batcher: Batcher, running: dict[str, _Running]) -> None:
         worker = self._worker
-        while (
-            batcher.active + batcher.queued < batcher.max_batch
-            and not worker._stopping.is_set()
-            and worker._tasks.empty()  # a model swap waits: let the batch drain
-            and not worker._hold()
-        ):
+        while batcher.active + batcher.queued < batcher.max_batch and worker.may_claim_more():
             try:
                 job = worker.claim()
             except sqlite3.Error as exc:
@@ -151,30 +139,22 @@ class BatchRunner:
         hooks = JobHooks(worker, job)
         try:
             handle = batcher.submit(
-                ids, params, on_text=hooks.on_text if request.stream else None, should_stop=hooks.should_stop
+                ids, params, on_text=hooks.streaming(request.stream), should_stop=hooks.should_stop
             )
         except Exception as exc:
             worker.finish(job, worker.failed(job, request, exc))
             return
-        from agent.daemon.worker import _PREFILL_ALLOWANCE_S_PER_TOKEN
-
         # A prefill gives no sign of life until it ends (see the worker's allowance).
-        allowance = time.monotonic() + _PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
+        allowance = time.monotonic() + PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
         worker.quiet_until = max(worker.quiet_until, allowance)
         running[job.id] = _Running(job, request, hooks, handle)
 
     def _end(self, entry: _Running, handle: BatchJob) -> None:
         worker = self._worker
-        with worker._lock:
-            worker._cancel.discard(entry.job.id)
+        worker.forget_cancel(entry.job.id)
         if entry.hooks.checkpoint:
             worker.requeue(entry.job)
         elif handle.error is not None:
             worker.finish(entry.job, worker.failed(entry.job, entry.request, handle.error))
         elif handle.completion is not None:
             worker.finish(entry.job, worker.completed(entry.job, handle.completion))
-
-    def _set_running(self, running: dict[str, _Running]) -> None:
-        worker = self._worker
-        with worker._lock:
-            worker._running = ", ".join(running) or None

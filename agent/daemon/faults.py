@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from agent.backoff import Backoff
 from agent.jobs.store import is_corruption
 
 log = logging.getLogger(__name__)
@@ -98,20 +99,6 @@ class StorageFaults:
             self._run_logged = False
 
 
-class Backoff:
-    """Delay before the next storage retry of one caller: doubling from 50 ms to 2 s, reset on success."""
-
-    def __init__(self, first_s: float = _FIRST_S, max_s: float = _MAX_S) -> None:
-        self._first = first_s
-        self._max = max_s
-        self._next = first_s
-
-    def next(self) -> float:
-        """The delay to wait now; the one after is twice as long (up to the cap)."""
-        delay = self._next
-        self._next = min(self._max, self._next * 2)
-        return delay
-
-    def reset(self) -> None:
-        """Storage worked: the next trouble starts with a short delay again."""
-        self._next = self._first
+def storage_backoff(first_s: float = _FIRST_S) -> Backoff:
+    """The delays before storage retries: doubling from ``first_s`` to 2 s, no jitter, reset on success."""
+    return Backoff(first_s=first_s, max_s=_MAX_S, jitter=False)

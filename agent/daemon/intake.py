@@ -12,6 +12,13 @@ what the rungs below it established (the parsed JSON, the id, the reply topic,
 the request).  The order matters where it says who gets the answer: nothing
 can be answered before an id is read, and nothing is answered outside the
 reply subtree.
+
+A transport that parses its requests itself (the HTTP API, ``agent.daemon.http``)
+hands admission a ``Submission`` instead: ``admit`` starts it on the rung
+where the JSON object is checked as a ``JobRequest`` (``REQUEST_RUNGS``), so
+it meets exactly the rules an MQTT job meets from there on (schema, repeats,
+expiry, token limit, load shedding, a full queue).  Its answers go to its
+reply address, a local one (see ``agent.daemon.replies``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
+from agent.daemon.replies import LOCAL_SCHEME, is_local
 from agent.link.mqtt import Message
 from edge_contract.protocol import CancelRequest, JobErrorCode, JobRequest, JobStatus, Topics
 
@@ -66,6 +74,15 @@ class View(Protocol):
     def shedding(self) -> list[str] | None:
         """The reasons the box turns new jobs away now (``shed_load = "reject"``), or None."""
         ...
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A job from a transport that parsed it itself: its id, its JSON object and where replies go."""
+
+    job_id: str
+    data: Any
+    reply_address: str
 
 
 @dataclass(frozen=True)
@@ -165,8 +182,19 @@ def decide(msg: Message, view: View, rules: Rules, now: float) -> Decision:
         if msg.truncated:
             return RefuseManifest(f"manifest is {msg.size} bytes; the limit is {rules.max_manifest_bytes}")
         return Manifest("device" if msg.topic == topics.model_desired else "group", msg.payload)
-    job = _Climb(msg, view, rules, now)
-    for rung in LADDER:
+    return _climb(_Climb(msg.correlation, view, rules, now, msg=msg), LADDER)
+
+
+def admit(submission: Submission, view: View, rules: Rules, now: float) -> Decision:
+    """What to do with a job a local transport parsed itself: the ladder from ``REQUEST_RUNGS`` up."""
+    job = _Climb(None, view, rules, now, data=submission.data)
+    job.job_id = submission.job_id
+    job.reply_topic = submission.reply_address
+    return _climb(job, REQUEST_RUNGS)
+
+
+def _climb(job: _Climb, rungs: tuple[Callable[[_Climb], Decision | None], ...]) -> Decision:
+    for rung in rungs:
         decision = rung(job)
         if decision is not None:
             return decision
@@ -192,10 +220,11 @@ def _cancel(msg: Message) -> Decision:
 class _Climb:
     """A job on its way up the ladder: what the rungs passed so far established."""
 
-    msg: Message
+    correlation: bytes | None
     view: View
     rules: Rules
     now: float
+    msg: Message | None = None  # None: a Submission, whose transport read the payload itself
     data: Any = None
     job_id: str = ""
     reply_topic: str = ""
@@ -205,11 +234,17 @@ class _Climb:
         """An error answer to this job, on its reply topic (or the default one)."""
         job_id = self.job_id
         reply_topic = self.reply_topic or self.rules.topics.result(job_id)
-        return Reply(job_id, reply_topic, _echoable(self.msg.correlation), status, code, message)
+        return Reply(job_id, reply_topic, _echoable(self.correlation), status, code, message)
+
+    @property
+    def message(self) -> Message:
+        """The MQTT message (only the rungs below ``REQUEST_RUNGS`` read it)."""
+        assert self.msg is not None
+        return self.msg
 
 
 def _too_large(job: _Climb) -> Decision | None:
-    msg, limit = job.msg, job.rules.max_payload_bytes
+    msg, limit = job.message, job.rules.max_payload_bytes
     if msg.truncated or len(msg.payload) > limit:
         size = max(msg.size, len(msg.payload))
         return _unreadable(job, "payload_too_large", f"payload is {size} bytes; the limit is {limit}")
@@ -218,7 +253,7 @@ def _too_large(job: _Climb) -> Decision | None:
 
 def _not_json(job: _Climb) -> Decision | None:
     try:
-        job.data = _loads(job.msg.payload)
+        job.data = _loads(job.message.payload)
     except ValueError as exc:
         return _unreadable(job, "invalid_json", f"payload is not valid JSON: {exc}")
     return None
@@ -227,14 +262,14 @@ def _not_json(job: _Climb) -> Decision | None:
 def _no_id(job: _Climb) -> Decision | None:
     job_id = job.data.get("id") if isinstance(job.data, dict) else None
     if not _valid_id(job_id):
-        return Drop(f"a job without a readable id on {job.msg.topic}")
+        return Drop(f"a job without a readable id on {job.message.topic}")
     assert isinstance(job_id, str)
     job.job_id = job_id
     return None
 
 
 def _bad_reply_topic(job: _Climb) -> Decision | None:
-    topic = job.msg.response_topic
+    topic = job.message.response_topic
     if topic is None:
         job.reply_topic = job.rules.topics.result(job.job_id)
         return None
@@ -246,7 +281,7 @@ def _bad_reply_topic(job: _Climb) -> Decision | None:
 
 
 def _correlation_too_large(job: _Climb) -> Decision | None:
-    size = len(job.msg.correlation or b"")
+    size = len(job.correlation or b"")
     if size > MAX_CORRELATION_BYTES:
         return job.reply(
             "invalid_request", f"correlation data is {size} bytes; the limit is {MAX_CORRELATION_BYTES}"
@@ -272,7 +307,7 @@ def _repeated(job: _Climb) -> Decision | None:
             f"job id {job.job_id} is taken by a different request: give each job its own id",
         )
     if known.state == "done" and known.result is not None:
-        return Resend(job.job_id, job.reply_topic, _echoable(job.msg.correlation), known.result)
+        return Resend(job.job_id, job.reply_topic, _echoable(job.correlation), known.result)
     return Ignore(f"job {job.job_id} is already {known.state}")
 
 
@@ -315,13 +350,24 @@ def _accept(job: _Climb) -> Decision:
         job.job_id,
         job.request,
         job.reply_topic,
-        job.msg.correlation,
+        job.correlation,
         job.request.deadline(job.now),
         job.now,
     )
 
 
-#: The admission ladder of a job, bottom rung first: (rule, what it answers).
+#: The rungs a parsed request climbs, whichever transport brought it (``admit`` starts here).
+REQUEST_RUNGS: tuple[Callable[[_Climb], Decision | None], ...] = (
+    _invalid,  # invalid_request naming the fields
+    _repeated,  # the stored result again, nothing (still running), or duplicate_id
+    _expired,  # expired
+    _over_token_limit,  # invalid_request
+    _shedding,  # overloaded
+    _queue_full,  # busy
+    _accept,
+)
+
+#: The admission ladder of an MQTT job, bottom rung first: (rule, what it answers).
 LADDER: tuple[Callable[[_Climb], Decision | None], ...] = (
     _too_large,  # payload_too_large, answered when an id shows in the head
     _not_json,  # invalid_json (also nesting too deep to parse), likewise
@@ -357,11 +403,12 @@ def _valid_id(value: object) -> bool:
 
 def _unreadable(job: _Climb, code: JobErrorCode, message: str) -> Decision:
     """Answer a payload that cannot be read, if its head shows an id; else drop it."""
-    found = _ID_PATTERN.search(job.msg.payload[:_ID_SCAN_BYTES])
+    msg = job.message
+    found = _ID_PATTERN.search(msg.payload[:_ID_SCAN_BYTES])
     if found is None:
-        return Drop(f"a message on {job.msg.topic} with no readable id: {message}")
+        return Drop(f"a message on {msg.topic} with no readable id: {message}")
     job.job_id = found.group(1).decode()
-    topic = job.msg.response_topic
+    topic = msg.response_topic
     if topic is not None and _reply_topic_problem(topic, job.rules.reply_prefix) is None:
         job.reply_topic = topic
     return job.reply(code, message)
@@ -380,6 +427,8 @@ def _reply_topic_problem(topic: str, prefix: str) -> str | None:
         )
     if not topic.startswith(prefix) or len(topic) == len(prefix):
         return f"response topic: must lie under {prefix} (e.g. {prefix}<your id>)"
+    if is_local(topic):  # a reply address of the HTTP API, not a topic (a very odd reply_topic_prefix)
+        return f"response topic: must not start with {LOCAL_SCHEME}"
     return None
 
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from agent.config import AgentConfig
 from agent.daemon.intake import CANCEL_MAX_BYTES
-from agent.updates.manifest import MAX_MANIFEST_BYTES
+from edge_contract.manifest import MAX_MANIFEST_BYTES
 from edge_contract.protocol import Membership, Topics
 
 log = logging.getLogger(__name__)

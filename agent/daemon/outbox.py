@@ -23,9 +23,10 @@ import time
 from concurrent.futures import Future
 from typing import Protocol
 
-from agent.daemon.faults import Backoff, StorageFaults
-from agent.errors import LinkError
+from agent.daemon.faults import StorageFaults, storage_backoff
+from agent.daemon.replies import is_local
 from agent.jobs.store import JobStore
+from edge_contract.errors import LinkError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Outbox:
         self._pending: dict[int, tuple[str, Future[None]]] = {}  # mid -> (job id, its ack)
         self._unmarked: set[str] = set()  # acknowledged, but the store did not take note yet
         self._republish = False  # a reconnect whose re-publication a storage error interrupted
-        self._backoff = Backoff()
+        self._backoff = storage_backoff()
         self._retry_at = 0.0
 
     @property
@@ -135,12 +136,14 @@ class Outbox:
         with self._lock:
             in_flight = {job_id for job_id, _ack in self._pending.values()}
         for job in undelivered:
+            if is_local(job.reply_topic):  # an HTTP job's: its client took it or is gone, never the broker's
+                continue
             if job.id not in in_flight and job.id not in self._unmarked and job.result is not None:
                 self.send_result(job.id, job.reply_topic, job.correlation, job.result)
 
     def _failed(self, what: str, exc: sqlite3.Error) -> None:
         self._faults.failed(what, exc)
-        self._retry_at = time.monotonic() + self._backoff.next()
+        self._retry_at = time.monotonic() + self._backoff.next_delay()
 
     def _succeeded(self) -> None:
         self._faults.ok()

@@ -18,7 +18,6 @@ import logging
 import sqlite3
 import time
 
-from agent import __version__
 from agent.config import AgentConfig
 from agent.daemon.faults import StorageFaults
 from agent.daemon.outbox import Outbox
@@ -30,6 +29,7 @@ from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, corrupt_copies
 from agent.link.mqtt import MQTTLink
 from agent.link.tls import CERT_WARN_DAYS, certificate_expiry, days_left
+from edge_contract import __version__
 from edge_contract.protocol import Health, HealthReason, Status, Topics
 from edge_contract.telemetry import ModelInfo, PrefixCacheTelemetry
 

@@ -32,14 +32,15 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from agent.daemon.batching import BatchRunner, JobHooks
-from agent.daemon.faults import Backoff, StorageFaults
-from agent.daemon.outbox import Outbox
+from agent.daemon.batching import BatchRunner
+from agent.daemon.faults import StorageFaults, storage_backoff
+from agent.daemon.hooks import PREFILL_ALLOWANCE_S_PER_TOKEN, JobHooks
 from agent.daemon.outcome import Models, Outcome, blame
+from agent.daemon.replies import Sender
 from agent.daemon.results import error_result, log_job
-from agent.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
+from edge_contract.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
 from edge_contract.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
 
 if TYPE_CHECKING:
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A prefill pass gives no sign of life until it ends; on a Pi a long prompt can
-# take minutes (Phi-3-mini prefills at roughly 10-40 tok/s there), so the
-# watchdog allows this much silence per prompt token before it stops pinging.
-_PREFILL_ALLOWANCE_S_PER_TOKEN = 0.2
 # Swapping models (unload, load, smoke test) gives no sign of life either;
 # loading a 2 GB int4 model from an SD card takes tens of seconds on a Pi.
 _MODEL_SWAP_ALLOWANCE_S = 180.0
@@ -63,7 +60,7 @@ class Worker:
     def __init__(
         self,
         store: JobStore,
-        outbox: Outbox,
+        outbox: Sender,
         models: Models,
         *,
         device_id: str,
@@ -91,7 +88,7 @@ class Worker:
         self._tasks: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
         self._unfinished: list[tuple[StoredJob, Outcome]] = []  # results the store did not take yet
         self._recovered = False
-        self._backoff = Backoff()
+        self._backoff = storage_backoff()
         self.beat = time.monotonic()  # last sign of life
         self.quiet_until = 0.0  # may be silent until then (a long prefill, a model swap)
 
@@ -153,6 +150,34 @@ class Worker:
                 self._published(job, Outcome(result))
         return True
 
+    # -- for the hooks and the batch runner (worker thread) -------------------------------------
+
+    def publish_chunk(self, topic: str, payload: bytes, correlation: bytes | None) -> object:
+        """Publish one streamed chunk of a running job."""
+        return self._publish_chunk(topic, payload, correlation)
+
+    def stop_reason(self, job_id: str) -> str | None:
+        """Why the running ``job_id`` must stop now: ``"checkpoint"``, ``"cancel"`` or None (a sign of life)."""
+        self.beat = time.monotonic()
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            return "checkpoint"
+        with self._lock:
+            return "cancel" if job_id in self._cancel else None
+
+    def may_claim_more(self) -> bool:
+        """Whether another job may join the running ones (not stopping, no model swap waiting, not held)."""
+        return not self._stopping.is_set() and self._tasks.empty() and not self._hold()
+
+    def set_running(self, job_ids: list[str]) -> None:
+        """The jobs running now (``running`` reports them)."""
+        with self._lock:
+            self._running = ", ".join(job_ids) or None
+
+    def forget_cancel(self, job_id: str) -> None:
+        """``job_id`` ended: a cancel asked for it is moot."""
+        with self._lock:
+            self._cancel.discard(job_id)
+
     # -- the thread ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -194,18 +219,14 @@ class Worker:
             return False
         if self.models.serving.engine.options.max_batch > 1:
             BatchRunner(self).drain(job)  # this job and others claimed while it runs
-            return True
-        outcome = self.run(job)
-        if outcome is None:
-            self.requeue(job)
         else:
-            self.finish(job, outcome)
+            self.run_alone(job)
         return True
 
     def _pause(self, what: str, exc: sqlite3.Error) -> None:
         """Storage failed: count it, wait a little (alive: the watchdog keeps being fed)."""
         self.faults.failed(what, exc)
-        self._stopping.wait(self._backoff.next())
+        self._stopping.wait(self._backoff.next_delay())
         self.beat = time.monotonic()
 
     def _recover(self) -> None:
@@ -235,6 +256,14 @@ class Worker:
             with self._lock:
                 self._running = None
                 self._cancel.discard(job.id)
+
+    def run_alone(self, job: StoredJob) -> None:
+        """Run ``job`` by itself, then finish it (or requeue it when it was checkpointed)."""
+        outcome = self.run(job)
+        if outcome is None:
+            self.requeue(job)
+        else:
+            self.finish(job, outcome)
 
     def finish(self, job: StoredJob, outcome: Outcome) -> None:
         """Store the result and publish it; kept for a retry when the store fails."""
@@ -284,10 +313,10 @@ class Worker:
             return prepared
         request, ids, params = prepared
         hooks = JobHooks(self, job)
-        self.quiet_until = time.monotonic() + _PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
+        self.quiet_until = time.monotonic() + PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
         try:
             completion = self.models.serving.engine.generate(
-                ids, params, on_text=hooks.on_text if request.stream else None, should_stop=hooks.should_stop
+                ids, params, on_text=hooks.streaming(request.stream), should_stop=hooks.should_stop
             )
         except Exception as exc:
             return self.failed(job, request, exc)

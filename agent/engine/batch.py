@@ -2,25 +2,29 @@
 
 Decode is memory-bound: a pass reads every weight once whether it carries one
 sequence's next token or eight.  :class:`Batcher` keeps up to ``max_batch``
-sequences in one key/value block ``[layers, 2, max_batch, kv_heads, slot_tokens,
-head_size]``; each sequence owns one *slot* (a row of that block) and its own
-length, sampler, detokenizer and stop strings.
+sequences in one :class:`~agent.engine.kv_cache.KVCache` of that many slots;
+each sequence (:class:`~agent.engine.sequence.Sequence`: its sampler, stop
+rules, streaming and completion, the same as the solo loop's) owns one slot.
+One :meth:`Batcher.step` admits waiting sequences, prefills one chunk, and
+runs one decode pass for every running sequence.
 
 How the exported graph makes this work (checked on every fixture family):
 
 * GroupQueryAttention takes each row's past length from the attention mask
   (``seqlens_k`` = ones in the row - 1) and places rotary positions from it, so
-  rows of different lengths share a pass: row ``b``'s mask has ones for its
-  own positions, zeros after.  A row attends to its own slot only.
-* A sequence is prefilled straight into its slot (the slot's rows bound as a
-  batch-1 cache): joining copies nothing.  Long prompts are prefilled in chunks
-  of ``prefill_chunk`` tokens, one chunk between decode steps, so running
-  sequences stall for one chunk at most.  Chunks are never a single token:
-  multi-token passes give bit-identical rows whatever their length, a
-  one-token pass does not (attention takes another kernel path).
+  rows of different lengths share a pass (``agent.engine.rows``).
+* At admission the prefix cache is looked up (the hit copied into the slot,
+  ``cached_tokens`` reported); the rest of the prompt is prefilled straight
+  into its slot in chunks of ``prefill_chunk_tokens`` planned as the solo
+  engine plans them (``agent.engine.prefill``: never a one-row chunk), one chunk
+  between decode steps, so running sequences stall for one chunk at most; the
+  prompt's blocks go into the prefix cache once it is prefilled.
 * Each row of a batched one-token pass is computed exactly as a solo decode
-  step (the matrix kernels work row by row; attention per row), so batched
-  output is solo output bit for bit -- the parity tests check this.
+  step: the matrix kernels compute each row of a pass of two or more rows alike,
+  attention runs per row.  Where a one-row pass rounds differently (int4 on
+  AVX2-only x86: ``Engine.two_row_decode``) the solo loop decodes with a filler
+  row, and so does a batch with a single running sequence, so batched output is
+  solo output bit for bit on every CPU the parity tests run on.
 * A slot that is free or still prefilling gets a filler row, which writes
   one position its own next pass overwrites (or position 0 of a free slot):
   a sequence leaves without moving anyone's cache.
@@ -37,15 +41,23 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.engine.engine import Completion, Engine, FinishReason, Timings
-from agent.engine.sampling import Sampler, SamplingParams
-from agent.engine.text_stream import IncrementalDecoder, StopFilter
-from agent.errors import AgentError, ContextOverflowError, InvalidRequestError
+from agent.engine.kv_cache import KVCache
+from agent.engine.prefill import plan_chunks
+from agent.engine.rows import DecodeRows
+from agent.engine.sampling import SamplingParams
+from agent.engine.sequence import Completion
+from agent.engine.sequence import Sequence as GenSequence
+from agent.engine.speculate import Speculator
+from edge_contract.errors import AgentError
+from edge_contract.protocol import FinishReason
+
+if TYPE_CHECKING:
+    from agent.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -53,49 +65,42 @@ _QUEUED, _PREFILL, _DECODE, _DONE = "queued", "prefill", "decode", "done"
 
 
 class BatchJob:
-    """One sequence's request and state; ``completion`` is set when it is done."""
+    """One sequence's place in the batch; ``completion`` (or ``error``) is set when it is done."""
 
     def __init__(
         self,
-        prompt_ids: list[int],
-        params: SamplingParams,
+        seq: GenSequence,
         on_text: Callable[[str], None] | None,
         should_stop: Callable[[], bool] | None,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.prompt_ids = prompt_ids
-        self.params = params
+        self.seq = seq
         self.state = _QUEUED
         self.completion: Completion | None = None
         self.error: AgentError | None = None
-        self._on_text = on_text
-        self._should_stop = should_stop
+        self.on_text = on_text
+        self.should_stop = should_stop
+        self.on_prefill = on_prefill
         self.slot = -1
         self.prefilled = 0  # prompt positions in the cache
         self.token = 0  # chosen, not yet fed
-        self.generated: list[int] = []
-        self.finish: FinishReason = "length"
-        self.max_new = 0
-        self.sampler: Sampler | None = None
-        self.decoder: IncrementalDecoder | None = None
-        self.stops = StopFilter(params.stop)
-        self.started = self.first_token_at = 0.0
+        self.spec: Speculator | None = None
+        self.ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
+
+    def prefill_progress(self) -> None:
+        """Report the prompt positions ready (``on_prefill``)."""
+        if self.on_prefill is not None:
+            self.on_prefill(self.prefilled, len(self.seq.prompt_ids))
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids."""
+        return self.seq.prompt_ids
 
     @property
     def done(self) -> bool:
         """True once the job has its completion (or its error)."""
         return self.state == _DONE
-
-    @property
-    def length(self) -> int:
-        """Positions of this sequence in its slot after the token in hand is fed."""
-        return len(self.prompt_ids) + len(self.generated)
-
-    def emit(self, text: str) -> None:
-        if text and self._on_text is not None:
-            self._on_text(text)
-
-    def canceled(self) -> bool:
-        return self._should_stop is not None and self._should_stop()
 
 
 class Batcher:
@@ -108,12 +113,16 @@ class Batcher:
         max_batch: int | None = None,
         slot_tokens: int | None = None,
         budget_bytes: int | None = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int | None = None,
+        speculate: bool = False,
     ) -> None:
-        io = engine._io
+        """``speculate``: draft and verify (``agent.engine.speculate``); one slot only, full-logits exports."""
+        graph = engine.graph
         self.engine = engine
         self.slot_tokens = min(slot_tokens or engine.context_length, engine.context_length)
-        self.position_bytes = io.layers * 2 * io.kv_heads * io.head_size * np.dtype(io.kv_dtype).itemsize
+        self.position_bytes = (
+            graph.layers * 2 * graph.kv_heads * graph.head_size * np.dtype(graph.kv_dtype).itemsize
+        )
         wanted = max_batch or engine.options.max_batch
         fits = wanted if budget_bytes is None else budget_bytes // (self.position_bytes * self.slot_tokens)
         if fits < 1:
@@ -125,15 +134,22 @@ class Batcher:
         if fits < wanted:
             log.warning("batch capped at %d sequences (of %d asked) by its memory budget", fits, wanted)
         self.max_batch = int(min(wanted, fits))
-        self.prefill_chunk = max(2, prefill_chunk)
-        # Pages are committed as positions are written (numpy.empty maps lazily).
-        self._block = np.empty(
-            (io.layers, 2, self.max_batch, io.kv_heads, self.slot_tokens, io.head_size), dtype=io.kv_dtype
+        if speculate and self.max_batch > 1:
+            raise ValueError("speculation runs with one slot: a batch row feeds one token")
+        self.speculate = speculate and graph.prefill_logits_rows(2) > 1  # last-position logits cannot verify
+        self.prefill_chunk = max(2, prefill_chunk or engine.options.prefill_chunk_tokens)
+        # A lone sequence decodes beside a filler row where one-row passes round differently;
+        # that slot only ever has position 0 written. Pages are committed as positions are written.
+        filler = 1 if engine.two_row_decode and self.max_batch == 1 else 0
+        self._cache = KVCache(
+            layers=graph.layers,
+            kv_heads=graph.kv_heads,
+            head_size=graph.head_size,
+            capacity=self.slot_tokens,
+            dtype=graph.kv_dtype,
+            slots=self.max_batch + filler,
         )
-        self._mask = np.zeros((self.max_batch, self.slot_tokens), dtype=np.int64)
-        self._ids = np.zeros((self.max_batch, 1), dtype=np.int64)
-        self._logits = np.empty((self.max_batch, 1, io.vocab), dtype=io.logits_dtype)
-        self._ones = np.ones((1, self.slot_tokens), dtype=np.int64)
+        self._rows = DecodeRows(engine.session, graph, self._cache)
         self._slots: list[BatchJob | None] = [None] * self.max_batch
         self._queue: deque[BatchJob] = deque()
         self.passes = 0  # batched decode passes
@@ -144,8 +160,8 @@ class Batcher:
 
     @property
     def nbytes(self) -> int:
-        """Size of the key/value block at most (committed as it fills)."""
-        return int(self._block.nbytes)
+        """Size of the sequences' key/value slots at most (committed as they fill)."""
+        return self.max_batch * self.slot_tokens * self.position_bytes
 
     @property
     def active(self) -> int:
@@ -169,22 +185,26 @@ class Batcher:
 
     def submit(
         self,
-        prompt_ids: Sequence[int],
+        prompt_ids: Sequence[int] | list[int],
         params: SamplingParams | None = None,
         *,
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> BatchJob:
         """Queue a sequence; it joins the batch at a later :meth:`step`. Bad prompts raise here."""
-        engine = self.engine
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
-            raise InvalidRequestError("the prompt is empty (no tokens)")
-        if any(i < 0 or i >= engine._io.vocab for i in ids):
-            raise InvalidRequestError(f"prompt token ids must lie in [0, {engine._io.vocab})")
-        if len(ids) >= engine.context_length:
-            raise ContextOverflowError(len(ids), engine.context_length)
-        job = BatchJob(ids, params or SamplingParams(), on_text, should_stop)
+        seq = self.engine.sequence(prompt_ids, params, on_text=on_text, should_stop=should_stop)
+        return self.submit_sequence(seq, on_text=on_text, should_stop=should_stop)
+
+    def submit_sequence(
+        self,
+        seq: GenSequence,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
+    ) -> BatchJob:
+        """Queue a sequence made by ``Engine.sequence`` (``on_prefill(done, total)``: prompt positions ready)."""
+        job = BatchJob(seq, on_text, should_stop, on_prefill)
         self._queue.append(job)
         return job
 
@@ -222,34 +242,33 @@ class Batcher:
     def _admit(self, finished: list[BatchJob]) -> None:
         while self._queue:
             job = self._queue[0]
-            if job.canceled():
-                self._queue.popleft()
-                job.started = job.first_token_at = time.perf_counter()
-                job.finish = "canceled"
-                self._finish(job, finished)
-                continue
-            room = self.engine.context_length - len(job.prompt_ids)
-            need = len(job.prompt_ids) + min(job.params.max_tokens, room) - 1
-            if need > self.slot_tokens:
-                if self.active:
-                    return  # runs alone once the batch has drained
+            free = next((i for i, s in enumerate(self._slots) if s is None), None)
+            alone = job.seq.capacity > self.slot_tokens  # runs alone once the batch has drained
+            if free is None or (alone and self.active):
+                if job.seq.canceled():  # canceled while it waits (polled only then, as the solo loop does)
+                    self._queue.popleft()
+                    self._finish(job, finished, "canceled")
+                    continue
+                return
+            if alone:
                 self._queue.popleft()
                 self._run_alone(job, finished)
                 continue
-            free = next((i for i, s in enumerate(self._slots) if s is None), None)
-            if free is None:
-                return
+            assert free is not None
             self._queue.popleft()
             self._slots[free] = job
-            job.slot, job.state, job.started = free, _PREFILL, time.perf_counter()
-            job.max_new = min(job.params.max_tokens, room)
-            job.sampler = Sampler(job.params, self.engine._io.vocab, job.prompt_ids)
-            job.decoder = IncrementalDecoder(self.engine.tokenizer.decode)
+            job.slot, job.state = free, _PREFILL
+            job.prefilled = job.seq.cached_tokens = self.engine.restore_prefix(
+                job.prompt_ids, self._cache, free
+            )
+            job.prefill_progress()
+            if self.speculate:
+                job.spec = self._speculator(job)
 
     def _run_alone(self, job: BatchJob, finished: list[BatchJob]) -> None:
         try:
             job.completion = self.engine.generate(
-                job.prompt_ids, job.params, on_text=job._on_text, should_stop=job._should_stop
+                job.prompt_ids, job.seq.params, on_text=job.on_text, should_stop=job.should_stop
             )
         except AgentError as exc:
             job.error = exc
@@ -257,119 +276,88 @@ class Batcher:
         finished.append(job)
 
     def _prefill_chunk(self, job: BatchJob, finished: list[BatchJob]) -> None:
-        engine, io = self.engine, self.engine._io
+        engine, graph, seq = self.engine, self.engine.graph, job.seq
         ids = job.prompt_ids
-        start = job.prefilled
-        end = min(len(ids), start + self.prefill_chunk)
-        if len(ids) - end == 1:
-            end += 1  # never leave a one-token chunk (see the module docstring)
-        chunk = np.asarray([ids[start:end]], dtype=np.int64)
-        rows = io.prefill_logits_rows(end - start)
-        logits = np.empty((1, rows, io.vocab), dtype=io.logits_dtype)
+        begin, end = plan_chunks(job.prefilled, len(ids), self.prefill_chunk)[0]
+        if begin > seq.cached_tokens and seq.canceled():  # between chunks, as the solo loop
+            return self._finish(job, finished, "canceled")
+        chunk = np.asarray([ids[begin:end]], dtype=np.int64)
+        rows = graph.prefill_logits_rows(end - begin)
+        logits = np.empty((1, rows, graph.vocab), dtype=graph.logits_dtype)
         binding = engine.session.io_binding()
-        self._bind_cache(binding, job.slot, 1)
-        binding.bind_input(io.input_ids, "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)
-        binding.bind_input(io.attention_mask, "cpu", 0, np.int64, (1, end), self._ones.ctypes.data)
-        binding.bind_output(io.logits, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        self._cache.bind(binding, graph.past_names, graph.present_names, first=job.slot)
+        engine.bind_chunk(binding, chunk, past=begin, logits=logits)
         engine.session.run_with_iobinding(binding)
         job.prefilled = end
+        job.prefill_progress()
         if end < len(ids):
-            return
-        assert job.sampler is not None
-        job.first_token_at = time.perf_counter()
+            return None
         job.state = _DECODE
-        self._mask[job.slot] = 0
-        self._mask[job.slot, : len(ids)] = 1
-        self._take(job, job.sampler(logits[0, -1]), finished)
+        token = seq.first(logits[0, rows - 1])
+        if engine.prefix_cache is not None:  # the prompt's positions are final from here on
+            kv = self._cache.block[:, :, job.slot : job.slot + 1]
+            engine.prefix_cache.insert(ids, kv, len(ids), tail=True)
+        return self._take(job, token, finished)
 
     def _decode(self, finished: list[BatchJob]) -> None:
-        engine, io = self.engine, self.engine._io
-        rows = 1 + max(i for i, job in enumerate(self._slots) if job is not None and job.state == _DECODE)
-        running: list[BatchJob] = []
+        running = [job for job in self._slots if job is not None and job.state == _DECODE]
+        if running[0].spec is not None:  # speculation: one slot
+            return self._speculate(running[0], running[0].spec, finished)
+        rows = 1 + max(job.slot for job in running)
+        if rows == 1 and self.engine.two_row_decode:
+            rows = 2  # never a one-row pass where it rounds differently (see the module docstring)
         for slot in range(rows):
-            job = self._slots[slot]
+            job = self._slots[slot] if slot < self.max_batch else None
             if job is not None and job.state == _DECODE:
-                self._ids[slot, 0] = job.token
-                self._mask[slot, job.length - 1] = 1
-                running.append(job)
+                self._rows.set_row(slot, job.token, job.seq.length)
             else:
                 # Filler: writes one position that is free or about to be overwritten by a chunk.
-                self._ids[slot, 0] = 0
-                self._mask[slot] = 0
-                self._mask[slot, : (job.prefilled if job is not None else 0) + 1] = 1
-        binding = engine.session.io_binding()
-        self._bind_cache(binding, 0, rows)
-        binding.bind_input(io.input_ids, "cpu", 0, np.int64, (rows, 1), self._ids.ctypes.data)
-        binding.bind_input(
-            io.attention_mask, "cpu", 0, np.int64, (rows, self.slot_tokens), self._mask.ctypes.data
-        )
-        binding.bind_output(
-            io.logits, "cpu", 0, self._logits.dtype, (rows, 1, io.vocab), self._logits.ctypes.data
-        )
+                self._rows.set_filler(slot, job.prefilled if job is not None else 0)
         started = time.perf_counter()
-        engine.session.run_with_iobinding(binding)
+        logits = self._rows.run(rows)
         self.decode_seconds += time.perf_counter() - started
         self.passes += 1
         self.rows += len(running)
         for job in running:
-            assert job.sampler is not None
-            self._take(job, job.sampler(self._logits[job.slot, 0]), finished)
-
-    def _take(self, job: BatchJob, token: int, finished: list[BatchJob]) -> None:
-        """The per-token rules of ``Engine.generate``: eos, stop strings, max_tokens, cancel."""
-        assert job.decoder is not None
-        eos = () if job.params.ignore_eos else self.engine.eos_ids
-        if token in eos:
-            job.finish = "stop"
-            return self._finish(job, finished)
-        job.generated.append(token)
-        job.emit(job.stops.push(job.decoder.push(token)))
-        if job.stops.stopped:
-            job.finish = "stop"
-            return self._finish(job, finished)
-        if len(job.generated) >= job.max_new:
-            return self._finish(job, finished)
-        if job.canceled():
-            job.finish = "canceled"
-            return self._finish(job, finished)
-        job.token = token
+            self._take(job, job.seq.sampler(logits[job.slot]), finished)
         return None
 
-    def _finish(self, job: BatchJob, finished: list[BatchJob]) -> None:
-        if job.decoder is not None and not job.stops.stopped:
-            tail = job.stops.push(job.decoder.flush())
-            job.emit(tail + job.stops.flush())
+    def _speculate(self, job: BatchJob, spec: Speculator, finished: list[BatchJob]) -> None:
+        seq = job.seq
+        if not job.ahead:
+            room = min(seq.capacity - seq.length, seq.max_new - len(seq.generated) - 1)
+            job.ahead = spec.step(job.token, seq.length - 1, room)
+        self._take(job, job.ahead.pop(0), finished)
+
+    def _speculator(self, job: BatchJob) -> Speculator:
+        engine, graph = self.engine, self.engine.graph
+        binding = engine.session.io_binding()
+        self._cache.bind(binding, graph.past_names, graph.present_names, first=job.slot)
+
+        def forward(new: npt.NDArray[np.int64], past: int, logits: npt.NDArray[Any]) -> None:
+            engine.bind_chunk(binding, new, past=past, logits=logits)
+            engine.session.run_with_iobinding(binding)
+
+        return Speculator(
+            forward,
+            job.seq.sampler,
+            job.prompt_ids,
+            vocab=graph.vocab,
+            logits_dtype=graph.logits_dtype,
+            max_k=engine.options.speculate_max_k,
+        )
+
+    def _take(self, job: BatchJob, token: int, finished: list[BatchJob]) -> None:
+        if job.seq.take(token):
+            self._finish(job, finished)
+        else:
+            job.token = token
+
+    def _finish(self, job: BatchJob, finished: list[BatchJob], finish: FinishReason | None = None) -> None:
         if 0 <= job.slot < self.max_batch and self._slots[job.slot] is job:
             self._slots[job.slot] = None
-        done = time.perf_counter()
-        prefill_s = job.first_token_at - job.started
-        decode_s = done - job.first_token_at
-        n = len(job.generated)
-        job.completion = Completion(
-            token_ids=job.generated,
-            text=job.stops.released_text,
-            finish_reason=job.finish,
-            prompt_tokens=len(job.prompt_ids),
-            completion_tokens=n,
-            timings=Timings(
-                prefill_ms=prefill_s * 1e3,
-                decode_ms=decode_s * 1e3,
-                total_ms=(done - job.started) * 1e3,
-                prefill_tokens_per_s=len(job.prompt_ids) / prefill_s if prefill_s > 0 else 0.0,
-                decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            ),
-        )
+        if job.spec is not None:
+            job.seq.drafted, job.seq.accepted = job.spec.drafted, job.spec.accepted
+        job.completion = job.seq.complete(finish)
         job.state = _DONE
         finished.append(job)
-
-    def _bind_cache(self, binding: Any, first_slot: int, rows: int) -> None:
-        io = self.engine._io
-        shape = (rows, io.kv_heads, self.slot_tokens, io.head_size)
-        for layer, ((past_k, past_v), (present_k, present_v)) in enumerate(
-            zip(io.past_names, io.present_names, strict=True)
-        ):
-            for kind, past, present in ((0, past_k, present_k), (1, past_v, present_v)):
-                view: npt.NDArray[Any] = self._block[layer, kind, first_slot : first_slot + rows]
-                ptr = view.ctypes.data
-                binding.bind_input(past, "cpu", 0, io.kv_dtype, shape, ptr)
-                binding.bind_output(present, "cpu", 0, io.kv_dtype, shape, ptr)

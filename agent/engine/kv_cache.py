@@ -19,7 +19,11 @@ import onnxruntime as ort
 
 
 class KVCache:
-    """Per-layer key and value tensors ``[1, kv_heads, capacity, head_size]`` in one block."""
+    """Per-layer key and value tensors ``[slots, kv_heads, capacity, head_size]`` in one block.
+
+    A slot is one sequence's row of the batch dimension (one slot for a request run
+    alone; ``agent.engine.batch`` shares a block of several).
+    """
 
     def __init__(
         self,
@@ -29,15 +33,17 @@ class KVCache:
         head_size: int,
         capacity: int,
         dtype: npt.DTypeLike,
+        slots: int = 1,
     ) -> None:
         self.capacity = capacity
+        self.slots = slots
         self.dtype = np.dtype(dtype)
-        self._block = np.empty((layers, 2, 1, kv_heads, capacity, head_size), dtype=self.dtype)
+        self._block = np.empty((layers, 2, slots, kv_heads, capacity, head_size), dtype=self.dtype)
         self.shape = (1, kv_heads, capacity, head_size)
 
     @property
     def block(self) -> npt.NDArray[np.generic]:
-        """The whole cache, ``[layers, 2 (key, value), 1, kv_heads, capacity, head_size]``."""
+        """The whole cache, ``[layers, 2 (key, value), slots, kv_heads, capacity, head_size]``."""
         return self._block
 
     @property
@@ -50,13 +56,17 @@ class KVCache:
         binding: ort.IOBinding,
         past_names: list[tuple[str, str]],
         present_names: list[tuple[str, str]],
+        *,
+        first: int = 0,
+        rows: int = 1,
     ) -> None:
-        """Bind layer ``i``'s past and present key/value to the same memory."""
+        """Bind layer ``i``'s past and present key/value of slots ``first .. first + rows`` to the same memory."""
+        shape = (rows, *self.shape[1:])
         for layer, ((past_k, past_v), (present_k, present_v)) in enumerate(
             zip(past_names, present_names, strict=True)
         ):
-            for slot, past, present in ((0, past_k, present_k), (1, past_v, present_v)):
-                view = self._block[layer, slot]
+            for kind, past, present in ((0, past_k, present_k), (1, past_v, present_v)):
+                view = self._block[layer, kind, first : first + rows]
                 ptr = view.ctypes.data
-                binding.bind_input(past, "cpu", 0, self.dtype, self.shape, ptr)
-                binding.bind_output(present, "cpu", 0, self.dtype, self.shape, ptr)
+                binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
+                binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)

@@ -3,8 +3,10 @@
 onnxruntime does not expose initializer sizes, and the ``onnx`` package is no
 runtime dependency, so this reads the protobuf wire format directly — only the
 few fields it needs (ONNX's ``onnx.proto``: ModelProto.graph = 7;
-GraphProto.node = 1, initializer = 5; NodeProto.input = 1, op_type = 4;
-TensorProto.dims = 1, data_type = 2, name = 8) — and skips every other field
+GraphProto.node = 1, initializer = 5, input = 11, output = 12; NodeProto.input = 1, op_type = 4;
+TensorProto.dims = 1, data_type = 2, name = 8; ValueInfoProto.name = 1, type = 2;
+TypeProto.tensor_type = 1; TypeProto.Tensor.elem_type = 1, shape = 2;
+TensorShapeProto.dim = 1; Dimension.dim_value = 1) — and skips every other field
 without decoding it.  Tensor bytes are counted from dims and element type, so
 weights stored inside the file and in external data files count alike, and the
 weights themselves are never read.
@@ -13,10 +15,10 @@ weights themselves are never read.
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import ModelFileError
+from edge_contract.errors import ModelFileError
 
 # TensorProto.DataType -> bits per element (STRING, 8, has no fixed size: counted as 0).
 _ELEMENT_BITS = {
@@ -67,10 +69,18 @@ class Node:
 
 @dataclass(frozen=True)
 class Graph:
-    """The main graph's nodes and initializers, in file order."""
+    """The main graph's nodes and initializers, in file order, and its inputs' element types."""
 
     nodes: tuple[Node, ...]
     initializers: tuple[Initializer, ...]
+    input_types: dict[str, int] = field(default_factory=dict)
+    #: Each output's dims, -1 for a named (dynamic) one.
+    output_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def input_element_bytes(self, name: str) -> float | None:
+        """Bytes per element of the graph input ``name`` (None when it is not a tensor input)."""
+        bits = _ELEMENT_BITS.get(self.input_types.get(name, 0))
+        return None if not bits else bits / 8
 
 
 class _Malformed(Exception):
@@ -164,6 +174,29 @@ def _node(buf: memoryview) -> Node:
     return Node(op_type=op_type, inputs=tuple(inputs))
 
 
+def _value_info(buf: memoryview) -> tuple[str, int, tuple[int, ...]]:
+    """(name, tensor element type, dims with -1 for a named one) of a ValueInfoProto."""
+    name, elem_type, dims = "", 0, []
+    for number, wire, value in _fields(buf):
+        if number == 1:
+            name = _text(value)
+        elif number == 2 and wire == _LEN and isinstance(value, memoryview):
+            for tensor in _messages(value, 1):  # TypeProto.tensor_type
+                for k, _w, item in _fields(tensor):
+                    if k == 1 and isinstance(item, int):  # elem_type
+                        elem_type = item
+                    elif k == 2 and isinstance(item, memoryview):  # shape: TensorShapeProto.dim
+                        for dim in _messages(item, 1):
+                            sizes = [v for n, _w2, v in _fields(dim) if n == 1 and isinstance(v, int)]
+                            dims.append(sizes[0] if sizes else -1)
+    return name, elem_type, tuple(dims)
+
+
+def _messages(buf: memoryview, number: int) -> list[memoryview]:
+    """The embedded messages of field ``number``."""
+    return [v for n, w, v in _fields(buf) if n == number and w == _LEN and isinstance(v, memoryview)]
+
+
 def read_graph(path: str | Path) -> Graph:
     """The main graph of the ONNX model at ``path`` (subgraphs of If/Loop nodes are not read)."""
     path = Path(path)
@@ -186,6 +219,8 @@ def _parse_model(view: memoryview) -> Graph:
         raise _Malformed("no graph")
     nodes: list[Node] = []
     initializers: list[Initializer] = []
+    input_types: dict[str, int] = {}
+    output_dims: dict[str, tuple[int, ...]] = {}
     for number, wire, value in _fields(graphs[0]):
         if wire != _LEN or not isinstance(value, memoryview):
             continue
@@ -193,4 +228,15 @@ def _parse_model(view: memoryview) -> Graph:
             nodes.append(_node(value))
         elif number == 5:
             initializers.append(_tensor(value))
-    return Graph(nodes=tuple(nodes), initializers=tuple(initializers))
+        elif number == 11:
+            name, elem_type, _ = _value_info(value)
+            input_types[name] = elem_type
+        elif number == 12:
+            name, _type, dims = _value_info(value)
+            output_dims[name] = dims
+    return Graph(
+        nodes=tuple(nodes),
+        initializers=tuple(initializers),
+        input_types=input_types,
+        output_dims=output_dims,
+    )

@@ -16,7 +16,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
 
 from agent.engine.model_folder import ModelFolder
-from agent.errors import InvalidRequestError, ModelConfigError, ModelFileError
+from edge_contract.errors import InvalidRequestError, ModelConfigError, ModelFileError
 
 
 class Tokenizer:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import psutil
 
-from agent.config import HealthThresholds
+from agent.health.options import HealthThresholds
 from agent.health.telemetry import assess
 from edge_contract.protocol import Health
 from edge_contract.telemetry import (

@@ -17,7 +17,7 @@ import math
 import threading
 from collections import deque
 
-from agent.config import HealthThresholds
+from agent.health.options import HealthThresholds
 from edge_contract.protocol import Health, HealthReason, JobStatus
 from edge_contract.telemetry import JobCounts, JobsTelemetry, Telemetry, percentile
 
@@ -72,10 +72,12 @@ class JobStats:
     most recent), which bounds memory whatever the job rate.
     """
 
-    def __init__(self, max_samples: int = 4096) -> None:
+    def __init__(self, max_samples: int = 4096, *, http: bool = False) -> None:
+        """``http``: the HTTP API is on, its jobs are counted apart too (``record_http``)."""
         self._lock = threading.Lock()
         self._interval = JobCounts()
         self._total = JobCounts()
+        self._http_total: int | None = 0 if http else None
         self._latencies: deque[float] = deque(maxlen=max_samples)
         self._speeds: deque[float] = deque(maxlen=max_samples)
         self._drafted = self._accepted = 0
@@ -99,6 +101,12 @@ class JobStats:
             if decode_tok_s is not None and math.isfinite(decode_tok_s) and decode_tok_s > 0:
                 self._speeds.append(decode_tok_s)
 
+    def record_http(self, status: JobStatus) -> None:
+        """Count one finished job as an HTTP one too (``record`` counts it among all jobs)."""
+        with self._lock:
+            if self._http_total is not None:
+                self._http_total += 1
+
     def record_speculation(self, drafted: int, accepted: int) -> None:
         """Count one job's draft tokens and the ones accepted (from its ``Usage``)."""
         with self._lock:
@@ -119,6 +127,7 @@ class JobStats:
             self._drafted = self._accepted = self._slot_steps = self._busy_slot_steps = 0
             interval, self._interval = self._interval, JobCounts()
             total = self._total.model_copy()
+            http_total = self._http_total
             latencies = sorted(self._latencies)
             speeds = list(self._speeds)
             self._latencies.clear()
@@ -134,6 +143,7 @@ class JobStats:
             accepted_tokens=accepted,
             acceptance_rate=_round(accepted / drafted if drafted else None, 3),
             batch_occupancy=_round(busy / slots if slots else None, 3),
+            http_total=http_total,
         )
 
 

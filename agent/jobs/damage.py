@@ -34,7 +34,7 @@ import stat
 import time
 from pathlib import Path
 
-from agent.errors import StorageError
+from edge_contract.errors import StorageError
 
 log = logging.getLogger("agent.jobs.store")  # the store's messages, under the store's name
 

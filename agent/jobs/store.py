@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import StorageError
 from agent.jobs.damage import (
     SCHEMA_COLUMNS,
     WAL_CHECKPOINT_PAGES,
@@ -46,6 +45,7 @@ from agent.jobs.damage import (
     not_a_file,
     stamp_version,
 )
+from edge_contract.errors import StorageError
 
 __all__ = [
     "CorruptStoreError",
@@ -189,6 +189,14 @@ class JobStore:
             ).fetchone()
             return int(count)
 
+    def open_jobs(self) -> list[StoredJob]:
+        """Jobs queued or running, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq"
+            ).fetchall()
+            return [_row(r) for r in rows]
+
     def claim_next(self) -> StoredJob | None:
         """Mark the oldest queued job running and return it.
 
@@ -233,10 +241,21 @@ class JobStore:
                 (job_id,),
             )
 
-    def mark_delivered(self, job_id: str) -> None:
-        """The broker acknowledged the result: it need not be sent again."""
+    def mark_delivered(self, job_id: str, *, durable: bool = True) -> None:
+        """The broker acknowledged the result: it need not be sent again.
+
+        ``durable`` False skips the fsync (as ``claim_next`` does): for a result handed over in
+        memory (an HTTP job's), where a mark lost to a power cut costs nothing but a row kept.
+        """
         with self._lock:
-            self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+            if durable:
+                self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+                return
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def undelivered(self) -> list[StoredJob]:
         """Finished jobs whose result the broker has not acknowledged yet, oldest first."""

@@ -19,10 +19,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import MQTTConfig
-from agent.errors import LinkError
+from agent.link.options import MQTTConfig
 from agent.link.reasons import explain
 from agent.link.tls import client_context
+from edge_contract.errors import LinkError
 
 
 @dataclass

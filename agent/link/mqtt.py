@@ -11,7 +11,7 @@ Guarantees it gives the daemon:
 * manual acknowledgement: a QoS 1 job is acknowledged only when the daemon
   calls ``ack`` after storing it, so a crash before that means redelivery;
 * re-subscription and the ``on_connect`` hook on every (re)connect;
-* reconnection with exponential backoff and jitter (``backoff.Backoff``),
+* reconnection with exponential backoff and jitter (``agent.backoff.Backoff``),
   reset only after a connection stayed up, so a fleet does not reconnect in
   lock-step after a broker restart and a broker that keeps dropping the box is
   not hammered; every refusal and disconnection is logged with its reason code
@@ -57,14 +57,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import MQTTConfig
-from agent.errors import LinkError
-from agent.link.backoff import Backoff
+from agent.backoff import Backoff
+from agent.link.options import MQTTConfig
 from agent.link.presence import LinkRecorder
 from agent.link.reasons import explain
 from agent.link.subscriptions import SubscriptionRecord
 from agent.link.takeover import TakeoverDetector
 from agent.link.tls import TLSFiles, client_context
+from edge_contract.errors import LinkError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import StorageError
+from edge_contract.errors import StorageError
 
 LOCK_FILE, LINK_FILE = "agent.lock", "link.json"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent.errors import LinkError
+from edge_contract.errors import LinkError
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import __version__
-from agent.errors import DownloadError, UpdateError
-from agent.updates.manifest import FileEntry
+from edge_contract import __version__
+from edge_contract.errors import DownloadError, UpdateError
+from edge_contract.manifest import FileEntry
 
 _CHUNK = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")

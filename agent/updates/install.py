@@ -11,13 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent import failpoints
-from agent.config import UpdateConfig
 from agent.engine.engine import Engine
-from agent.errors import DownloadError, LinkError, UpdateError
 from agent.link.tls import client_context
 from agent.updates.download import RateLimit, fetch, sha256_file
-from agent.updates.manifest import FileKey, Manifest
+from agent.updates.options import UpdateConfig
 from agent.updates.store import ModelStore
+from edge_contract.errors import DownloadError, LinkError, UpdateError
+from edge_contract.manifest import FileKey, Manifest
 from edge_contract.protocol import UpdatePhase
 
 # Progress is reported at most this often (a retained message per update).

@@ -14,10 +14,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import cast
 
-from agent.errors import UpdateError
-from agent.updates import signing
-from agent.updates.manifest import FileKey, Manifest, SemVer
 from agent.updates.record import REMEMBERED, UPDATE_CODES, UpdateCode
+from edge_contract import signing
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import FileKey, Manifest, SemVer
 
 
 @dataclass(frozen=True)

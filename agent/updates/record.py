@@ -16,7 +16,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.updates.manifest import Sha256
+from edge_contract.manifest import Sha256
 from edge_contract.protocol import UpdateErrorCode, UpdateStatus
 
 log = logging.getLogger(__name__)

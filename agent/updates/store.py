@@ -21,9 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import UpdateError
-from agent.updates.manifest import Manifest
 from agent.updates.record import UpdateRecord
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import Manifest
 
 RELEASE_FILE = "release.json"
 

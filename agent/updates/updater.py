@@ -30,19 +30,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import psutil
 
 from agent import failpoints
-from agent.config import AgentConfig
 from agent.engine.engine import Engine
-from agent.errors import AgentError, DownloadError, ModelError, UpdateError
+from agent.engine.memory_plan import MIN_CONTEXT, release_need, sized_options
+from agent.engine.options import EngineOptions
+from agent.health.options import HealthThresholds
 from agent.updates.install import download_and_install, files_on_disk, smoke_test
-from agent.updates.manifest import FileKey, Manifest
+from agent.updates.options import UpdateConfig
 from agent.updates.policy import Converged, Install, Refuse, RefusedBefore, Running, decide
 from agent.updates.record import REMEMBERED, Probation, UpdateRecord
 from agent.updates.store import ModelStore, Pointer
+from edge_contract.errors import AgentError, DownloadError, ModelError, UpdateError
+from edge_contract.manifest import FileKey, Manifest
 from edge_contract.protocol import ErrorInfo, ModelRef, ModelState, UpdateErrorCode, UpdatePhase, UpdateStatus
 
 log = logging.getLogger(__name__)
@@ -75,12 +78,41 @@ class Serving:
     precision: str | None = None
 
 
+class _ModelSettings(Protocol):
+    @property
+    def path(self) -> Path: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def version(self) -> str | None: ...
+
+
+class UpdaterConfig(Protocol):
+    """What the updater reads of the box's configuration (``agent.config.AgentConfig`` is one).
+
+    Declared here so that updates sit below the configuration that composes them.
+    """
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def state_dir(self) -> Path: ...
+    @property
+    def model(self) -> _ModelSettings: ...
+    @property
+    def engine(self) -> EngineOptions: ...
+    @property
+    def update(self) -> UpdateConfig: ...
+    @property
+    def health(self) -> HealthThresholds: ...
+
+
 class Updater:
     """Owns the served model's lifecycle: start-up choice, updates, probation, rollback."""
 
     def __init__(
         self,
-        config: AgentConfig,
+        config: UpdaterConfig,
         *,
         publish: Callable[[ModelState], None],
         between_jobs: Callable[[Callable[[], None]], concurrent.futures.Future[None]],
@@ -132,11 +164,33 @@ class Updater:
             return serving
         raise AssertionError("unreachable: the configured model either loads or raises")
 
+    def _options(self, path: Path, *, beside: bool = False) -> EngineOptions:
+        """The engine options with the unset budgets sized to this box's memory (``memory_plan``).
+
+        Raises ``MemoryFitError`` naming the setting to change when the model cannot fit.
+        ``beside``: another model is loaded in this process (an update under test), whose
+        memory the budgets may count on, since it is unloaded first when both do not fit.
+        """
+        available = psutil.virtual_memory().available
+        if beside:
+            available += psutil.Process().memory_info().rss
+        budget = available - self.config.health.min_mem_available_mb * 2**20
+        options, peak = sized_options(path, self.config.engine, budget)
+        log.info(
+            "model %s: expected peak %s; context %d tokens, prefix cache %d MiB, prefill chunk %d",
+            path.name,
+            peak.describe(),
+            options.context_tokens,
+            options.prefix_cache_mb,
+            options.prefill_chunk_tokens,
+        )
+        return options
+
     def _open(self, release: str | None) -> Serving:
         if release is None:
             engine = Engine(
                 self.config.model.path,
-                self.config.engine,
+                self._options(self.config.model.path),
                 prefix_cache_dir=self.config.state_dir / "prefix_cache",
             )
             name = self.config.model.name or engine.name
@@ -146,7 +200,7 @@ class Updater:
             raise ModelError(f"{release} is not installed")
         engine = Engine(
             self.store.path(release),
-            self.config.engine,
+            self._options(self.store.path(release)),
             prefix_cache_dir=self.config.state_dir / "prefix_cache",
         )
         return Serving(
@@ -279,6 +333,10 @@ class Updater:
             self._report_refusal(manifest, UpdateError(decision.message, code=decision.code))
             return None
         assert isinstance(decision, Install)
+        too_large = self._memory_refusal(manifest)
+        if too_large is not None:
+            self._report_refusal(manifest, UpdateError(too_large, code="insufficient_memory"))
+            return None
         try:
             self._apply(manifest)
         except _RolledBack as back:
@@ -304,6 +362,25 @@ class Updater:
             log.exception("update to %s failed unexpectedly", manifest.release_id)
             self._report_refusal(manifest, UpdateError(f"{type(exc).__name__}: {exc}", code="internal"))
         return None
+
+    def _memory_refusal(self, manifest: Manifest) -> str | None:
+        """Why ``manifest``'s model cannot fit this box (before any download), or None when it can.
+
+        The box's memory for it: what is available now plus what this process holds (the
+        running model is unloaded first when both do not fit), less the health margin.
+        """
+        options = self.config.engine
+        need = release_need(manifest.memory_bytes, manifest.kv_bytes_per_token, options)
+        have = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+        have -= self.config.health.min_mem_available_mb * 2**20
+        if need <= have:
+            return None
+        context = options.context_tokens or MIN_CONTEXT
+        return (
+            f"{manifest.release_id} needs ~{need >> 20} MiB (model {manifest.memory_bytes >> 20} MiB and "
+            f"a {context}-token context) and this box has ~{max(0, have) >> 20} MiB for it: release a "
+            "smaller model (or int4) for this box, or lower [engine] budgets"
+        )
 
     def _running(self, manifest: Manifest) -> Running:
         """What runs, for ``policy.decide``; its files only when ``manifest`` has its name and version."""
@@ -376,7 +453,7 @@ class Updater:
 
     def _load_and_test(self, path: Path, manifest: Manifest) -> Engine:
         try:
-            engine = Engine(path, self.config.engine)
+            engine = Engine(path, self._options(path, beside=True))
         except ModelError as exc:
             raise UpdateError(f"the new model does not load: {exc.message}", code="model_load") from exc
         try:

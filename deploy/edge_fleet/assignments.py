@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import paho.mqtt.client as paho
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
+from edge_contract.protocol import FleetTopics
 
 from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from
 from .output import table
@@ -67,9 +68,8 @@ class Assignment:
 
 def desired_topic(prefix: str, kind: Kind, target: str) -> str:
     """The retained desired-state topic of a device or a group."""
-    return (
-        f"{prefix}/{target}/model/desired" if kind == "device" else f"{prefix}/groups/{target}/model/desired"
-    )
+    fleet = FleetTopics(prefix)
+    return fleet.device(target).model_desired if kind == "device" else fleet.group(target).model_desired
 
 
 class Assignments:
@@ -221,7 +221,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def reconcile_command(args: argparse.Namespace) -> int:
-    """``edge-fleet reconcile``."""
+    """``edge-fleet reconcile`` (by the server when the profile names one)."""
+    from . import server_cmd
+    from .client import server_client
+
+    client = server_client()
+    if client is not None:
+        return server_cmd.reconcile(client, args.json)
     store = Assignments.open(args.db)
     if not store.current():
         raise FleetError(
@@ -241,8 +247,13 @@ def reconcile_command(args: argparse.Namespace) -> int:
 
 def history_command(args: argparse.Namespace) -> int:
     """``edge-fleet history DEVICE|GROUP``."""
+    from . import server_cmd
+    from .client import server_client
     from .inventory import Inventory  # (the inventory knows a device's group)
 
+    client = server_client()
+    if client is not None:
+        return server_cmd.history(client, args.target, args.json)
     db = open_db(args.db)
     store = Assignments(db)
     known = Inventory(db).get(args.target)

@@ -20,10 +20,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import PLAIN_PORT
-from agent.errors import LinkError
 from agent.link.mqtt import no_delay
 from agent.link.tls import client_context
+from edge_contract.errors import LinkError
+from edge_contract.names import PLAIN_PORT
 
 from .errors import FleetError
 from .flags import topic_level

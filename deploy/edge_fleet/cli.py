@@ -12,8 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agent import __version__
-from agent.errors import AgentError
+from edge_contract import __version__
+from edge_contract.errors import AgentError
 
 from . import (
     assignments,
@@ -26,10 +26,12 @@ from . import (
     pki,
     releases,
     rollout_cmd,
+    server_cmd,
     setup,
     simulate,
     views,
 )
+from .server import command as server_command
 
 #: Modules that add sub-commands, in the order ``--help`` lists them; each has ``register(sub)``.
 _COMMAND_MODULES = (
@@ -45,6 +47,8 @@ _COMMAND_MODULES = (
     identity,
     enroll,
     setup,
+    server_command,
+    server_cmd,
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from .assignments import Assignments, Kind, assign
 from .broker import FleetError, add_broker_args, options_from
@@ -102,6 +102,12 @@ def rollback_command(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace, manifest: Manifest | None, *, what: str) -> int:
+    from . import server_cmd
+    from .client import server_client
+
+    client = server_client()
+    if client is not None:
+        return server_cmd.deploy(client, args, manifest, what)
     kind: Kind = "device" if args.device else "group"
     target: str = args.device or args.group
     options = options_from(args)

@@ -35,6 +35,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_contract.protocol import GroupTopics, Topics
+
 from .broker import BrokerOptions, FleetError, connect, release
 
 CONTROL = "$CONTROL/dynamic-security/v1"
@@ -66,33 +68,23 @@ def _readable(topics: Iterable[str], subscribe_as: Iterable[str] = ()) -> list[d
 
 def device_acls(name: str, prefix: str = "edge") -> list[dict[str, Any]]:
     """What device ``name`` may read and write: its own topics, nothing else."""
-    base = f"{prefix}/{name}"
-    acls = _readable(
-        [f"{base}/jobs", f"{base}/jobs/cancel", f"{base}/model/desired", *fleet_pushed(name, prefix)]
-    )
-    for topic in (
-        f"{base}/status",
-        f"{base}/telemetry",
-        f"{base}/results/#",
-        f"{base}/model/state",
-        f"{base}/renew/csr",
-        f"{prefix}/replies/#",
-    ):
+    own = Topics(prefix, name)
+    acls = _readable([own.jobs, own.cancel, own.model_desired, *fleet_pushed(name, prefix)])
+    for topic in (own.status, own.telemetry, own.results, own.model_state, own.renew_csr, own.replies):
         acls.append(_acl("publishClientSend", topic))
     return acls
 
 
 def fleet_pushed(name: str, prefix: str = "edge") -> list[str]:
     """Topics the fleet pushes to a device since issue 24: its membership and its renewed certificate."""
-    return [f"{prefix}/{name}/membership", f"{prefix}/{name}/renew/answer"]
+    own = Topics(prefix, name)
+    return [own.membership, own.renew_answer]
 
 
 def group_acls(group: str, prefix: str = "edge") -> list[dict[str, Any]]:
     """What a member of ``group`` may read: the group's jobs (shared subscription) and desired model."""
-    jobs = f"{prefix}/groups/{group}/jobs"
-    return _readable(
-        [jobs, f"{prefix}/groups/{group}/model/desired"], subscribe_as=[f"$share/{group}/{jobs}"]
-    )
+    topics = GroupTopics(prefix, group)
+    return _readable([topics.jobs, topics.model_desired], subscribe_as=[topics.shared_jobs])
 
 
 def admin_acls() -> list[dict[str, Any]]:
@@ -321,7 +313,7 @@ class DynSec:
         """Let device ``name`` read its membership and renewal topics (roles made before issue 24 lack them)."""
         acls = [
             *_readable(fleet_pushed(name, prefix)),
-            _acl("publishClientSend", f"{prefix}/{name}/renew/csr"),
+            _acl("publishClientSend", Topics(prefix, name).renew_csr),
         ]
         self.run(
             *({"command": "addRoleACL", "rolename": device_role(name), **acl} for acl in acls),

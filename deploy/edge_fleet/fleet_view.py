@@ -20,7 +20,7 @@ from typing import Any, Literal
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from edge_contract.protocol import ModelState, Status
+from edge_contract.protocol import FleetTopics, ModelState, Status
 from edge_contract.telemetry import Telemetry
 
 from .broker import TLS_PORT, BrokerOptions, FleetError, connect, identity_of
@@ -85,7 +85,8 @@ class FleetView:
     def subscriptions(self) -> list[tuple[str, int]]:
         """The topic filters to subscribe to (QoS 1 for the retained ones)."""
         p = self.prefix
-        return [(f"{p}/+/status", 1), (f"{p}/+/model/state", 1), (f"{p}/+/telemetry", 0)]
+        topics = FleetTopics(p)
+        return [(topics.any_status, 1), (topics.any_model_state, 1), (topics.any_telemetry, 0)]
 
     def feed(self, topic: str, payload: bytes) -> tuple[str, Kind] | None:
         """Take one message; returns the device and what changed, or None if it was not for us."""
@@ -106,7 +107,7 @@ class FleetView:
                 value = Telemetry.model_validate_json(payload)
             elif rest == ["model", "desired"]:
                 kind = "desired"
-                value = _release_of(payload) if payload else None
+                value = release_of(payload) if payload else None
             else:
                 return None
         except ValidationError:
@@ -186,7 +187,7 @@ class FleetView:
         }
 
 
-def _release_of(payload: bytes) -> str:
+def release_of(payload: bytes) -> str:
     """``NAME@VERSION`` of a desired-state manifest (without checking it: only for display)."""
     try:
         data = json.loads(payload)
@@ -205,9 +206,9 @@ class FleetFeed:
         self.client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, bytes(msg.payload)))
         subscriptions = self.view.subscriptions()
         if not telemetry:
-            subscriptions = [s for s in subscriptions if not s[0].endswith("/telemetry")]
+            subscriptions = [s for s in subscriptions if s[0] != FleetTopics(options.prefix).any_telemetry]
         if desired:
-            subscriptions.append((f"{options.prefix}/+/model/desired", 1))
+            subscriptions.append((FleetTopics(options.prefix).any_model_desired, 1))
         answered = threading.Event()
         refused: list[str] = []
 

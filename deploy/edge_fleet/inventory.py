@@ -226,7 +226,13 @@ def _when(value: float | None) -> str:
 
 
 def devices_command(args: argparse.Namespace) -> int:
-    """``edge-fleet devices``."""
+    """``edge-fleet devices`` (from the server when the profile names one)."""
+    from . import server_cmd
+    from .client import server_client
+
+    client = server_client()
+    if client is not None:
+        return server_cmd.devices(client, args)
     inventory = Inventory.open(args.db)
     if not args.no_broker:
         refresh(inventory, args, args.wait)

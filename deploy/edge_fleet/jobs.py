@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edge_contract.protocol import Chunk, JobRequest, Result
+from edge_contract.protocol import Chunk, FleetTopics, JobRequest, Result
 from edge_contract.telemetry import percentile
 
 from .broker import FleetError, add_broker_args, options_from
@@ -91,11 +91,8 @@ def submit_command(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.file is None):
         raise FleetError("give a PROMPT or --file (one of them)")
     options = options_from(args)
-    topic = (
-        f"{options.prefix}/{args.device}/jobs"
-        if args.device
-        else f"{options.prefix}/groups/{args.group}/jobs"
-    )
+    fleet = FleetTopics(options.prefix)
+    topic = fleet.device(args.device).jobs if args.device else fleet.group(args.group).jobs
     if args.raw and args.chat:
         raise FleetError("--raw and --chat exclude each other")
     try:
@@ -112,7 +109,7 @@ def _check_target(submitter: Submitter, args: argparse.Namespace) -> None:
     """Say within seconds whether the device (or any device of the group) is there at all."""
     prefix = submitter.prefix
     if args.device:
-        found = submitter.statuses(f"{prefix}/{args.device}/status")
+        found = submitter.statuses(FleetTopics(prefix).device(args.device).status)
         if found is None:
             return  # this identity may not read statuses: the job itself will tell
         known = Inventory.open(args.db).get(args.device) if found == [] else None
@@ -138,7 +135,7 @@ def _check_target(submitter: Submitter, args: argparse.Namespace) -> None:
                 flush=True,
             )
         return
-    seen = submitter.statuses(f"{prefix}/+/status")
+    seen = submitter.statuses(FleetTopics(prefix).any_status)
     if seen is None:
         return
     statuses = [s for s in seen if s.group == args.group]

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import RESERVED_NAMES, TLS_PORT, parse_endpoint
+from edge_contract.names import RESERVED_NAMES, TLS_PORT, parse_endpoint
 
 from . import flags
 from .broker import FleetError
@@ -429,8 +429,8 @@ def ensure_operator_ca(ca_dir: Path, force: bool = False) -> Path:
 
 def _read_public_key(path: Path) -> str:
     """The ``ssh-ed25519`` line of a ``fleet.pub``, checked."""
-    from agent.errors import AgentError
-    from agent.updates.signing import PublicKey
+    from edge_contract.errors import AgentError
+    from edge_contract.signing import PublicKey
 
     try:
         line = path.read_text().strip()

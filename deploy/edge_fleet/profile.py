@@ -42,6 +42,8 @@ class Profile(BaseModel):
     plaintext: bool | None = None
     protocol: Protocol | None = None
     db: Path | None = None
+    server: str | None = None  # http(s)://HOST:PORT of `edge-fleet server`: commands become its clients
+    token: str | None = None  # the API token (better from EDGE_FLEET_TOKEN)
 
 
 def profile_path() -> Path:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_contract.protocol import ChatMessage, Chunk, JobRequest
+from edge_contract.protocol import ChatMessage, Chunk, JobRequest, Topics
 
 from .broker import BrokerOptions
 from .submit import JobFailed, Submitter
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             with Submitter(BrokerOptions("127.0.0.1", port, plaintext=True)) as submitter:
                 submitter.wait_online("demo-box")
-                result = submitter.run("edge/demo-box/jobs", request, on_chunk=show, timeout=120)
+                result = submitter.run(Topics("edge", "demo-box").jobs, request, on_chunk=show, timeout=120)
             print()
             if result.status != "succeeded":
                 print(f"job {result.status}: {result.error}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Signed model releases: ``keygen`` and ``release``.
 
 A release is a folder to serve over HTTP(S): the model's files and
-``manifest.json`` (see ``agent.updates.manifest``); ``deploy`` (module ``deploy``)
+``manifest.json`` (see ``edge_contract.manifest``); ``deploy`` (module ``deploy``)
 makes it the desired state of a device or a group.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import UpdateError
-from agent.updates import signing
-from agent.updates.manifest import FileEntry, Manifest, SemVer, SmokeTest
+from edge_contract import signing
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import FileEntry, Manifest, SemVer, SmokeTest
 
 from .errors import FleetError
 
@@ -234,6 +234,7 @@ def _build(
         precision=precision,
         files=entries,
         memory_bytes=memory,
+        kv_bytes_per_token=_kv_bytes_per_token(out),
         smoke_test=smoke,
         created_at=now,
         expires_at=now + int(expires_days * 86400),
@@ -242,6 +243,13 @@ def _build(
     manifest.check_paths()
     (out / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def _kv_bytes_per_token(folder: Path) -> int:
+    """The model's KV cache per token of context: boxes check a release fits before downloading it."""
+    from agent.engine.memory_plan import model_shape
+
+    return model_shape(folder).kv_bytes_per_token
 
 
 def _model_files(source: Path) -> list[str]:
@@ -317,15 +325,20 @@ def read_manifest(path: Path) -> Manifest:
 
 def read_deployable(path: Path) -> Manifest:
     """A manifest that boxes could accept: signed, not expired, every path inside its folder."""
-    manifest = read_manifest(path)
+    return check_deployable(read_manifest(path), str(path))
+
+
+def check_deployable(manifest: Manifest, where: str) -> Manifest:
+    """``manifest`` if boxes could accept it (signed, not expired, paths inside its folder); ``where``
+    names it in the error."""
     if not manifest.signature:
-        raise FleetError(f"{path} is not signed")
+        raise FleetError(f"{where} is not signed")
     if manifest.expires_at <= time.time():
-        raise FleetError(f"{path} has expired: sign a new release")
+        raise FleetError(f"{where} has expired: sign a new release")
     try:
         manifest.check_paths()
     except UpdateError as exc:
-        raise FleetError(f"{path}: {exc.message}") from exc
+        raise FleetError(f"{where}: {exc.message}") from exc
     return manifest
 
 

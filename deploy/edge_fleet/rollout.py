@@ -34,22 +34,36 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
 from .assignments import Assignments, assign
 from .broker import BrokerOptions, FleetError
+from .domain.evaluate import (
+    Action,
+    Advance,
+    Join,
+    Mark,
+    Observation,
+    Observations,
+    RolloutView,
+    Send,
+    SetState,
+    TargetView,
+    evaluate,
+)
 from .fleet_view import FleetFeed
-from .follow import outcome
+from .follow import Outcome, outcome
 from .inventory import DISCOVERY_MAX_S, Inventory
 from .rollout_store import (
-    FAILED,
     FINISHED,
     OPEN,
     Rollout,
     RolloutState,
     RolloutStore,
+    Target,
     TargetState,
     names,
     parse_waves,
@@ -157,123 +171,132 @@ class Controller:
         # which is harmless (the same retained message).
         self.store.set_targets(rollout.id, dict.fromkeys(devices, (state, None)))
 
-    def outcome(self, device: str, manifest: Manifest) -> tuple[TargetState, str | None] | None:
+    def outcome(self, device: str, manifest: Manifest) -> Outcome | None:
         """``active``/``failed`` once the device reports on ``manifest``, else None."""
         return outcome(self.view, device, manifest.name, manifest.version)
+
+    # -- the loop: evaluate (edge_fleet.domain.evaluate) decides, this applies ---------------------
+
+    def _view(self, rollout: Rollout) -> RolloutView:
+        return RolloutView(
+            id=rollout.id, state=rollout.state, wave=rollout.wave, waves=len(rollout.waves), canary=False,
+            max_failure_rate=rollout.max_failure_rate, max_parallel=0, timeout=rollout.wave_timeout,
+            accepted_failures=rollout.accepted_failures, resume_on_recovery=False, reason=rollout.reason,
+            defer_offline=rollout.defer_offline, cumulative=True,
+        )  # fmt: skip
+
+    def _observe(self, rollout: Rollout, targets: dict[str, Target], *, joins: bool) -> Observations:
+        devices = {}
+        for device, target in targets.items():
+            manifest, _payload = self._load(rollout, target.digest)
+            devices[device] = Observation(self.online(device), self.outcome(device, manifest))
+        matching = None
+        if (
+            joins and rollout.rollback_of is None
+        ):  # a rollback concerns exactly the devices it was planned for
+            matching = tuple(
+                d.device_id
+                for d in self.view.devices.values()
+                if d.status is not None and d.status.group == rollout.group
+            )
+        return Observations(time.time(), devices, matching)
+
+    def _targets(self, rollout: Rollout, targets: dict[str, Target]) -> dict[str, TargetView]:
+        sent_at = rollout.wave_started  # a wave sends every device at its start
+        return {
+            d: TargetView(d, t.wave, t.state, sent_at if t.state == "sent" else None, t.detail)
+            for d, t in targets.items()
+        }
 
     def refresh(self, rollout: Rollout) -> int:
         """Read the outcome of targets still open (``sent``, ``deferred``, ``timed_out``) from the
         broker; a ``waiting`` rollout whose deferred devices all reported becomes ``done``.
         Returns how many targets changed."""
-        changes: dict[str, tuple[TargetState, str | None]] = {}
-        for device, target in self.store.targets(rollout.id).items():
-            if target.state in OPEN:
-                manifest, _payload = self._load(rollout, target.digest)
-                outcome = self.outcome(device, manifest)
-                if outcome is not None and outcome[0] != target.state:
-                    changes[device] = outcome
-        self.store.set_targets(rollout.id, changes, only_from=OPEN)
-        if rollout.state == "waiting" and not any(
-            t.state == "deferred" for t in self.store.targets(rollout.id).values()
+        targets = self.store.targets(rollout.id)
+        view = self._view(rollout)
+        if view.state == "running":
+            view = replace(view, state="halted")  # only read outcomes: the controller drives it
+        changed = 0
+        for action in evaluate(
+            view, self._targets(rollout, targets), self._observe(rollout, targets, joins=False)
         ):
-            self.store.update(rollout.id, only_if=("waiting",), state="done", reason=None)
-        return len(changes)
-
-    # -- the loop ------------------------------------------------------------------------------
+            if isinstance(action, Mark):
+                changes = {d: c for d, c in action.changes.items() if targets[d].state in OPEN}
+                self.store.set_targets(rollout.id, changes, only_from=OPEN)
+                changed += len(changes)
+            elif isinstance(action, SetState) and action.state == "done" and rollout.state == "waiting":
+                self.store.update(rollout.id, only_if=("waiting",), state="done", reason=None)
+        return changed
 
     def run(self, rollout_id: str, poll_s: float = 0.2) -> RolloutState:
         """Drive the rollout; returns its final state (``done``, ``waiting``, ``halted`` or ``aborted``)."""
-        rollout = self.store.get(rollout_id)
-        assert rollout is not None
-        waves = len(rollout.waves)
         last_progress = (0.0, "")
         while True:
             rollout = self.store.get(rollout_id)
             assert rollout is not None
             if rollout.state != "running":
                 return rollout.state
+            if rollout.wave_started is not None:
+                self.feed.pump(poll_s)
             targets = self.store.targets(rollout_id)
-            wave = rollout.wave
-            if wave >= waves:
-                return self._finish(rollout)
-            members = [d for d, t in targets.items() if t.wave == wave]
+            actions = evaluate(
+                self._view(rollout),
+                self._targets(rollout, targets),
+                self._observe(rollout, targets, joins=True),
+            )
+            for action in actions:
+                self._apply(rollout, targets, action)
+            if rollout.wave_started is not None and rollout.wave < len(rollout.waves):
+                targets = self.store.targets(rollout_id)
+                members = [d for d, t in targets.items() if t.wave == rollout.wave]
+                last_progress = self._progress(rollout, targets, members, last_progress)
+
+    _LIVE: tuple[TargetState, ...] = ("pending", "sent", "deferred", "failed", "timed_out")
+
+    def _apply(self, rollout: Rollout, targets: dict[str, Target], action: Action) -> None:
+        """Do one action of ``evaluate``, saying what the lab mode says."""
+        if isinstance(action, Mark):
+            self.store.set_targets(rollout.id, action.changes, only_from=self._LIVE)
+            for device, (state, detail) in sorted(action.changes.items()):
+                self.say(f"  {device}: {state}" + (f" — {detail}" if detail else ""))
+        elif isinstance(action, Send):
             if rollout.wave_started is None:
-                offline = [d for d in members if not self.online(d)]
-                listed = names([d + (" (offline)" if d in offline else "") for d in members])
+                wave = rollout.wave
+                members = [d for d, t in targets.items() if t.wave == wave]
+                listed = names([d + (" (offline)" if not self.online(d) else "") for d in members])
                 self.say(
-                    f"rollout {rollout_id}: wave {wave + 1}/{waves} ({rollout.waves[wave]:g}%), "
+                    f"rollout {rollout.id}: wave {wave + 1}/{len(rollout.waves)} ({rollout.waves[wave]:g}%), "
                     f"{len(members)} devices: {listed}"
                 )
-                pending = [d for d in members if targets[d].state == "pending"]
-                deferred = [d for d in pending if d in offline] if rollout.defer_offline else []
-                self._send(rollout, [d for d in pending if d not in deferred], "sent")
-                if deferred:
-                    self._send(rollout, deferred, "deferred")
-                    self.say(
-                        f"  deferred (offline; they get the release when they return): {names(deferred)}"
-                    )
-                self.store.update(rollout_id, only_if=("running",), wave_started=time.time())
-                continue
-            self.feed.pump(poll_s)
-            if self._take_in_joined(rollout, targets, wave, waves):
-                continue
-            changes: dict[str, tuple[TargetState, str | None]] = {}
-            for device, target in targets.items():
-                if target.wave <= wave and target.state in ("sent", "deferred"):
-                    manifest, _payload = self._load(rollout, target.digest)
-                    outcome = self.outcome(device, manifest)
-                    if outcome is not None:
-                        changes[device] = outcome
-            assert rollout.wave_started is not None
-            timed_out = time.time() > rollout.wave_started + rollout.wave_timeout
-            if timed_out:
-                for device in members:
-                    if targets[device].state == "sent" and device not in changes:
-                        why = "offline" if not self.online(device) else "no answer"
-                        changes[device] = (
-                            "timed_out",
-                            f"{why} within the wave timeout of {rollout.wave_timeout:g} s",
-                        )
-            self.store.set_targets(rollout_id, changes)
-            for device, (state, detail) in sorted(changes.items()):
-                self.say(f"  {device}: {state}" + (f" — {detail}" if detail else ""))
-            targets = self.store.targets(rollout_id)
-            last_progress = self._progress(rollout, targets, members, last_progress)
-            in_play = [t.state for t in targets.values() if t.wave <= wave]
-            failures = sum(1 for s in in_play if s in FAILED) - rollout.accepted_failures
-            if failures > rollout.max_failure_rate * len(in_play):
-                span = f"wave {wave + 1}" if wave == 0 else f"waves 1-{wave + 1}"
-                reason = (
-                    f"{failures} of {len(in_play)} devices in {span} failed "
-                    f"(limit {rollout.max_failure_rate:.0%})"
-                )
-                self.store.update(rollout_id, only_if=("running",), state="halted", reason=reason)
-                self.say(f"rollout {rollout_id}: HALTED — {reason}")
-                return "halted"
-            if all(targets[d].state in (*FINISHED, "deferred") for d in members):
+            deferred = list(action.deferred)
+            sent = [d for d in action.devices if d not in deferred]
+            if sent:
+                self._send(rollout, sent, "sent")
+            if deferred:
+                self._send(rollout, deferred, "deferred")
+                self.say(f"  deferred (offline; they get the release when they return): {names(deferred)}")
+            if rollout.wave_started is None:
+                self.store.update(rollout.id, only_if=("running",), wave_started=time.time())
+        elif isinstance(action, Join):
+            self.store.add_targets(rollout.id, [(d, self.running(d)) for d in action.devices], action.wave)
+            self.say(f"  {', '.join(action.devices)} joined {rollout.group}: added to wave {action.wave + 1}")
+        elif isinstance(action, Advance):
+            self.say(
+                f"rollout {rollout.id}: wave {rollout.wave + 1} finished — {tally(self.store.counts(rollout.id))}"
+            )
+            self.store.update(rollout.id, only_if=("running",), wave=action.wave, wave_started=None)
+        elif isinstance(action, SetState):
+            self.store.update(rollout.id, only_if=("running",), state=action.state, reason=action.reason)
+            counts = tally(self.store.counts(rollout.id))
+            if action.state == "halted":
+                self.say(f"rollout {rollout.id}: HALTED — {action.reason}")
+            elif action.state == "waiting":
                 self.say(
-                    f"rollout {rollout_id}: wave {wave + 1} finished — {tally(self.store.counts(rollout_id))}"
+                    f"rollout {rollout.id}: NOT DONE — {counts}; {action.reason} "
+                    f"(`edge-fleet rollout status {rollout.id}` tracks them)"
                 )
-                self.store.update(rollout_id, only_if=("running",), wave=wave + 1, wave_started=None)
-
-    def _take_in_joined(self, rollout: Rollout, targets: dict[str, Any], wave: int, waves: int) -> bool:
-        """Devices that joined the group meanwhile get the release too: with the next wave, or at once
-        during the last one.  Returns whether any did."""
-        if rollout.rollback_of is not None:  # a rollback concerns exactly the devices it was planned for
-            return False
-        joined = [
-            d.device_id
-            for d in self.view.devices.values()
-            if d.status is not None and d.status.group == rollout.group and d.device_id not in targets
-        ]
-        if not joined:
-            return False
-        into = min(wave + 1, waves - 1)
-        self.store.add_targets(rollout.id, [(d, self.running(d)) for d in joined], into)
-        if into == wave:
-            self._send(rollout, joined, "sent")
-        self.say(f"  {', '.join(sorted(joined))} joined {rollout.group}: added to wave {into + 1}")
-        return True
+            elif action.state == "done":
+                self.say(f"rollout {rollout.id}: done — {counts}")
 
     def _progress(
         self, rollout: Rollout, targets: dict[str, Any], members: list[str], last: tuple[float, str]
@@ -292,21 +315,6 @@ class Controller:
                 f"  wave {rollout.wave + 1}: {text}; waiting for {names(waiting, 8)} ({left:.0f} s left)"
             )
         return now, text
-
-    def _finish(self, rollout: Rollout) -> RolloutState:
-        targets = self.store.targets(rollout.id)
-        deferred = sorted(d for d, t in targets.items() if t.state == "deferred")
-        if deferred:
-            reason = f"{len(deferred)} deferred devices have not reported yet: {names(deferred)}"
-            self.store.update(rollout.id, only_if=("running",), state="waiting", reason=reason)
-            self.say(
-                f"rollout {rollout.id}: NOT DONE — {tally(self.store.counts(rollout.id))}; {reason} "
-                f"(`edge-fleet rollout status {rollout.id}` tracks them)"
-            )
-            return "waiting"
-        self.store.update(rollout.id, only_if=("running",), state="done", reason=None)
-        self.say(f"rollout {rollout.id}: done — {tally(self.store.counts(rollout.id))}")
-        return "done"
 
     def withdraw(self, rollout_id: str) -> list[str]:
         """Clear the desired state of targets that had not finished; returns them."""

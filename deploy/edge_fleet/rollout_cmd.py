@@ -7,10 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
+from . import server_cmd
 from .assignments import Assignments
 from .broker import BrokerOptions, FleetError, add_broker_args, options_from
+from .client import server_client
 from .releases import load_private_key, read_deployable, sign_rollback
 from .rollout import Controller, controller_lock
 from .rollout import __doc__ as _ROLLOUT_DOC
@@ -80,6 +82,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="status: from the state file only (do not refresh from the broker)",
     )
     roll.add_argument("--json", action="store_true", help="status as JSON")
+    roll.add_argument(
+        "--select", help="server mode: the devices whose labels/group match, e.g. region=north,hw=pi5"
+    )
+    roll.add_argument(
+        "--canary",
+        type=int,
+        default=0,
+        help="server mode: a canary set of N devices first (any failure halts)",
+    )
+    roll.add_argument(
+        "--max-parallel",
+        type=int,
+        default=0,
+        help="server mode: devices updating at once at most (0: a wave)",
+    )
+    roll.add_argument(
+        "--resume-on-recovery", action="store_true",
+        help="server mode: a halted rollout continues by itself when its failing devices recover",
+    )  # fmt: skip
+    roll.add_argument(
+        "--follow", action="store_true", help="server mode: print the rollout's progress until it ends"
+    )
     add_db_arg(roll)
     add_broker_args(roll)
     roll.set_defaults(func=rollout_command)
@@ -91,7 +115,15 @@ def _store(args: argparse.Namespace) -> RolloutStore:
 
 
 def rollout_command(args: argparse.Namespace) -> int:
-    """Dispatch ``edge-fleet rollout …``."""
+    """Dispatch ``edge-fleet rollout …`` (to the server when the profile names one)."""
+    client = server_client()
+    if client is not None:
+        return server_cmd.rollout(client, args)
+    if args.select or args.canary or args.max_parallel or args.resume_on_recovery or args.follow:
+        raise FleetError(
+            "--select, --canary, --max-parallel, --resume-on-recovery and --follow need the fleet server "
+            "(server in the profile or EDGE_FLEET_SERVER; see docs/fleet-server.md)"
+        )
     store = _store(args)
     if args.target == "status":
         return _status(store, args)

@@ -8,20 +8,20 @@ import math
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
-from agent.updates.manifest import Manifest
+from edge_contract.manifest import Manifest
 
+from .domain.evaluate import FAILED, FINISHED, RolloutState, TargetState
 from .state import transaction
 
-#: ``running`` until every wave is through; then ``done``, or ``waiting`` while deferred (offline)
-#: devices have yet to report; ``halted`` by too many failures; ``aborted`` by the operator (final).
-RolloutState = Literal["running", "waiting", "halted", "aborted", "done"]
-#: pending -> sent -> active | failed | timed_out; sent -> canceled (abort); with --defer-offline an
-#: offline device goes pending -> deferred (its desired state published, not waited for) -> active | failed.
-TargetState = Literal["pending", "sent", "deferred", "active", "failed", "timed_out", "canceled"]
-FINISHED: tuple[TargetState, ...] = ("active", "failed", "timed_out", "canceled")
-FAILED: tuple[TargetState, ...] = ("failed", "timed_out")
+__all__ = ["FAILED", "FINISHED", "OPEN", "RolloutState", "TargetState"]
+
+# The states are the domain's (``edge_fleet.domain.evaluate``, shared with the server):
+# a rollout is ``running`` until every wave is through; then ``done``, or ``waiting`` while deferred
+# (offline) devices have yet to report; ``halted`` by too many failures; ``aborted`` by the operator.
+# A target goes pending -> sent -> active | failed | timed_out; sent -> canceled (abort); with
+# --defer-offline an offline device goes pending -> deferred (not waited for) -> active | failed.
 #: Targets whose outcome the broker can still change (``rollout status`` reads them again).
 OPEN: tuple[TargetState, ...] = ("sent", "deferred", "timed_out")
 

@@ -37,9 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import UpdateError
-from agent.updates import signing
-from agent.updates.manifest import Manifest
+from edge_contract import signing
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import Manifest
 from edge_contract.protocol import (
     ErrorInfo,
     Health,
@@ -47,6 +47,7 @@ from edge_contract.protocol import (
     ModelState,
     Result,
     Status,
+    Topics,
     UpdateErrorCode,
     UpdatePhase,
     UpdateStatus,
@@ -156,13 +157,14 @@ class SimulatedDevice:
         self.sim = sim
         self.device_id = device_id
         prefix = sim.options.prefix
+        own = Topics(prefix, device_id, sim.group)
         self.topics = {
-            "status": f"{prefix}/{device_id}/status",
-            "telemetry": f"{prefix}/{device_id}/telemetry",
-            "state": f"{prefix}/{device_id}/model/state",
-            "desired": f"{prefix}/{device_id}/model/desired",
-            "jobs": f"{prefix}/{device_id}/jobs",
-            "group_desired": f"{prefix}/groups/{sim.group}/model/desired" if sim.group else "",
+            "status": own.status,
+            "telemetry": own.telemetry,
+            "state": own.model_state,
+            "desired": own.model_desired,
+            "jobs": own.jobs,
+            "group_desired": own.group_model_desired or "",
         }
         self.active = model
         # Each device draws from its own generator: with a seed, which devices fail does not
@@ -327,10 +329,9 @@ class SimulatedDevice:
         except (ValueError, KeyError, TypeError):
             return
         props = getattr(msg, "properties", None)
-        reply = (
-            getattr(props, "ResponseTopic", None)
-            or f"{self.sim.options.prefix}/{self.device_id}/results/{job_id}"
-        )
+        reply = getattr(props, "ResponseTopic", None) or Topics(
+            self.sim.options.prefix, self.device_id
+        ).result(job_id)
         correlation = getattr(props, "CorrelationData", None)
 
         def answer() -> None:

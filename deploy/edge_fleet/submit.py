@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from agent.link.mqtt import no_delay
-from edge_contract.protocol import REPLY, Chunk, JobRequest, Result, Status
+from edge_contract.protocol import REPLY, Chunk, FleetTopics, JobRequest, Result, Status
 
 from .broker import BrokerOptions, FleetError, connection_error, refusal, release
 
@@ -42,7 +42,7 @@ class Submitter:
         self.prefix = prefix
         self._inbox: dict[bytes, queue.Queue[Chunk | Result]] = {}
         self._lock = threading.Lock()
-        self._reply_topic = f"{prefix}/replies/{uuid.uuid4().hex}"
+        self._reply_topic = FleetTopics(prefix).reply(uuid.uuid4().hex)
         self._ready = threading.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -154,7 +154,7 @@ class Submitter:
         """Block until ``device_id`` announces itself online (its retained status)."""
         online = threading.Event()
         found: list[Status] = []
-        topic = f"{self.prefix}/{device_id}/status"
+        topic = FleetTopics(self.prefix).device(device_id).status
 
         def on_status(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
             try:

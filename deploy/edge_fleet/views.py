@@ -302,15 +302,26 @@ def _device_detail(row: DeviceRow, desired: str | None, now: float) -> str:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    """``edge-fleet status [--group G | --device D] [--json]``."""
-    inventory = Inventory(open_db(args.db))
-    feed = FleetFeed(options_from(args), telemetry=False, desired=bool(args.device))
-    try:
-        feed.settle(args.wait)
-    finally:
-        feed.close()
-    inventory.observe(feed.view.devices.values())
-    rows = fleet_rows(feed.view, {r.device: r for r in inventory.rows()}, args.group)
+    """``edge-fleet status [--group G | --device D] [--json]`` (from the server when the profile names one)."""
+    from . import server_cmd
+    from .client import server_client
+
+    client = server_client()
+    desired: str | None = None
+    if client is not None:
+        rows = server_cmd.status_rows(client, args.group)
+    else:
+        inventory = Inventory(open_db(args.db))
+        feed = FleetFeed(options_from(args), telemetry=False, desired=bool(args.device))
+        try:
+            feed.settle(args.wait)
+        finally:
+            feed.close()
+        inventory.observe(feed.view.devices.values())
+        rows = fleet_rows(feed.view, {r.device: r for r in inventory.rows()}, args.group)
+        if args.device:
+            seen = feed.view.devices.get(args.device)
+            desired = seen.desired if seen else None
     if args.device:
         rows = [r for r in rows if r.device == args.device]
         if not rows:
@@ -324,8 +335,7 @@ def status_command(args: argparse.Namespace) -> int:
             print(json.dumps(row.as_json()))
         return 0
     if args.device:
-        seen = feed.view.devices.get(args.device)
-        print(_device_detail(rows[0], seen.desired if seen else None, now))
+        print(_device_detail(rows[0], desired, now))
         return 0
     if not rows:
         print("no devices found" + (f" in group {args.group}" if args.group else ""))

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from agent import Engine, SamplingParams
+from agent.engine.engine import EngineOptions
 from tests.support.models import fixture_path
 from tests.support.wait import wait_until
 
@@ -55,6 +56,32 @@ def test_batched_jobs_get_their_solo_output_streamed(batch_agent, caller) -> Non
         assert result["usage"]["completion_tokens"] == solo.completion_tokens
         by_seq = {c["seq"]: c["text"] for c in caller.chunks(job_id)}
         assert "".join(by_seq[i] for i in sorted(by_seq)) == result["text"]
+    assert "batching off" not in batch_agent.log_text()
+
+
+def test_warm_jobs_in_a_batch_reuse_the_prefix_cache_and_answer_as_a_cold_solo_run(
+    batch_agent, caller
+) -> None:  # type: ignore[no-untyped-def]
+    # Guarantees checked (docs/engine.md): batched = solo and prefix hit = cold, bit for bit,
+    # on every CPU family CI runs; so each answer equals a cold solo run on this machine.
+    instruction = "You are the till's assistant. Read the line below and answer in one line. " * 4
+    inputs = ["hello", "The quick brown fox", "a", "one two three", "x y"]
+    caller.send(JOBS, {"id": "w-0", "prompt": instruction + inputs[0], "max_tokens": 40})
+    assert (
+        caller.wait_result("w-0", timeout=60)["usage"]["cached_tokens"] == 0
+    )  # the cold one fills the cache
+    ids = [f"w-{i}" for i in range(1, len(inputs))]
+    for job_id, text in zip(ids, inputs[1:], strict=True):
+        caller.send(JOBS, {"id": job_id, "prompt": instruction + text, "max_tokens": 40})
+    results = _settle(caller, ids)
+    cold = Engine(fixture_path("llama-long"), EngineOptions(prefix_cache_mb=0))
+    shared = len(cold.prompt_ids(instruction))
+    for job_id, text in zip(ids, inputs[1:], strict=True):
+        (result,) = results[job_id]
+        want = cold.generate(cold.prompt_ids(instruction + text), SamplingParams(max_tokens=40))
+        assert result["status"] == "succeeded"
+        assert 0 < result["usage"]["cached_tokens"] <= shared, f"{job_id}: {result['usage']}"
+        assert result["text"] == want.text and result["usage"]["completion_tokens"] == want.completion_tokens
     assert "batching off" not in batch_agent.log_text()
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.updates.signing import private_pem
 from edge_contract.protocol import Status
+from edge_contract.signing import private_pem
 from edge_fleet.cli import main as fleet_cli
 from tests.daemon.test_fleet import (  # helpers of the rollout tests
     KEY,

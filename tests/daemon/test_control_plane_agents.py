@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.updates.signing import private_pem
+from edge_contract.signing import private_pem
 from tests.daemon.test_control_plane import _json_lines, _retained
 from tests.daemon.test_fleet import _run, _targets
 from tests.support.releases import replace_file

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import Engine, SamplingParams
-from agent.updates import signing
+from edge_contract import signing
 from tests.support.fleet import simulated_fleets
 from tests.support.models import ROOT
 from tests.support.releases import placeholder_release
@@ -252,7 +252,7 @@ def test_rollout_to_real_agents_with_a_real_release(broker, agents, releases, tm
 
 
 def test_a_rollback_release_rolls_out_in_waves_too(broker, fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from agent.updates.signing import private_pem
+    from edge_contract.signing import private_pem
 
     sim = fleet(6, update_delay_s=0.2)
     db = tmp_path / "rollouts.sqlite3"

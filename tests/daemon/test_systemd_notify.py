@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wait import wait_until
+
 pytestmark = pytest.mark.e2e
 
 JOBS = "edge/box-1/jobs"
@@ -54,8 +56,11 @@ def test_ready_status_watchdog_and_a_stalled_agent_stops_pinging(agents, caller,
     try:
         agent = agents()
         agent.start(env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"})
-        time.sleep(3.0)
-        assert notify.lines("READY=1"), notify.datagrams
+        wait_until(
+            lambda: notify.lines("READY=1") and len(notify.lines("WATCHDOG=1")) >= 2,
+            timeout=30,
+            what="READY=1 and two watchdog pings",
+        )
         statuses = [line for _, line in notify.lines("STATUS=")]
         assert any("serving phi3-int4" in s and "connected" in s for s in statuses), statuses
         pings = [t for t, _ in notify.lines("WATCHDOG=1")]
@@ -66,14 +71,26 @@ def test_ready_status_watchdog_and_a_stalled_agent_stops_pinging(agents, caller,
         db.execute("BEGIN EXCLUSIVE")
         caller.send(JOBS, {"id": "stalled-1", "prompt": "hi", "max_tokens": 3})
         stalled_at = time.monotonic()
-        time.sleep(4.0)
+        # The pings stop: wait until none came for twice their interval (1 s, half of WATCHDOG_USEC).
+        wait_until(
+            lambda: (
+                time.monotonic() - max(t for t, _ in notify.lines("WATCHDOG=1")) > 2.0
+                and time.monotonic() - stalled_at > 2.5
+            ),
+            timeout=30,
+            what="the watchdog pings to stop while storage hangs",
+        )
         db.execute("COMMIT")
         db.close()
         released_at = time.monotonic()
 
         result = caller.wait_result("stalled-1")
         assert result["status"] == "succeeded", "the job survives the stall"
-        time.sleep(2.5)
+        wait_until(
+            lambda: [t for t, _ in notify.lines("WATCHDOG=1") if t > released_at + 0.5],
+            timeout=30,
+            what="the watchdog pings to resume",
+        )
         during = [t for t, _ in notify.lines("WATCHDOG=1") if stalled_at + 0.5 < t < released_at]
         after = [t for t, _ in notify.lines("WATCHDOG=1") if t > released_at + 0.5]
         assert not during, "a hung agent must not ping the watchdog"

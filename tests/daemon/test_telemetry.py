@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wait import wait_until
+
 pytestmark = pytest.mark.e2e
 
 JOBS = "edge/box-1/jobs"
@@ -77,6 +79,7 @@ def test_a_hot_box_sheds_load_and_recovers(agents, caller, thermal: Path, mode: 
     )
     agent.start()
     caller.subscribe("edge/box-1/status")
+    caller.subscribe("edge/box-1/telemetry")
     thermal.write_text("85000\n")
     status = _wait_for(
         caller, "edge/box-1/status", lambda m: (m.get("health") or {}).get("verdict") == "degraded"
@@ -88,7 +91,22 @@ def test_a_hot_box_sheds_load_and_recovers(agents, caller, thermal: Path, mode: 
         assert result["status"] == "rejected" and result["error"]["code"] == "overloaded"
         assert "hot" in result["error"]["message"]
     else:
-        time.sleep(2.0)
+        # Two telemetry intervals pass with the box still hot (each a chance to start the job).
+        sent_at = len(_messages(caller, "edge/box-1/telemetry"))
+        wait_until(
+            lambda: (
+                len(
+                    [
+                        m
+                        for m in _messages(caller, "edge/box-1/telemetry")[sent_at:]
+                        if (m.get("health") or {}).get("verdict") == "degraded"
+                    ]
+                )
+                >= 2
+            ),
+            timeout=30,
+            what="two more telemetry messages from the hot box",
+        )
         assert caller.results("hot-1") == [], "a queued job waits while the box is hot"
     seen = len(_messages(caller, "edge/box-1/status"))
     thermal.write_text("50000\n")  # below 70 - 5 °C of hysteresis

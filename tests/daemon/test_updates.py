@@ -132,7 +132,7 @@ def test_offline_device_converges_when_it_comes_back(broker, caller, agents, rel
 
 def _refusals(releases, tmp_path: Path) -> dict[str, tuple[Any, str]]:  # type: ignore[no-untyped-def]
     """Each way a release must be refused: (desired-state payload builder, expected code)."""
-    from agent.updates import signing
+    from edge_contract import signing
     from tests.support.releases import replace_file, tampered
 
     def good():  # type: ignore[no-untyped-def]
@@ -366,7 +366,7 @@ def test_device_desired_state_wins_over_the_group(broker, caller, agents, releas
 def test_old_versions_are_collected_and_an_explicit_rollback_reuses_the_kept_one(  # type: ignore[no-untyped-def]
     broker, caller, agents, releases, tmp_path: Path
 ) -> None:
-    from agent.updates.signing import private_pem
+    from edge_contract.signing import private_pem
 
     caller.subscribe("edge/+/model/state")
     agent = agents(update={"trusted_keys": [releases.public_line], "keep_versions": 2})
@@ -460,7 +460,7 @@ def test_desiring_what_already_runs_is_quietly_converged(broker, caller, agents,
 
 
 def test_update_from_an_https_server_signed_by_a_private_ca(broker, caller, agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from agent.updates import signing
+    from edge_contract import signing
     from tests.support.http import FileServer
     from tests.support.pki import Fleet
     from tests.support.releases import Releases
@@ -525,7 +525,7 @@ def test_a_tampered_release_published_first_does_not_shadow_the_genuine_one(  # 
 def test_a_release_refused_as_untrusted_installs_once_its_key_is_trusted_and_the_agent_restarted(  # type: ignore[no-untyped-def]
     broker, caller, agents, releases
 ) -> None:
-    from agent.updates import signing
+    from edge_contract import signing
 
     new_key = signing.generate()
     new_line = signing.PublicKey(new_key.public_key(), signing.key_id(new_key.public_key())).to_line()

@@ -1,4 +1,4 @@
-"""CI (.ci/run) runs the emulated aarch64 step after the test suite and installs what it needs.
+"""CI (.ci/run) runs the emulated aarch64 and AVX2-only steps after the test suite and installs what they need.
 
 That the CI scripts parse and pass shellcheck is checked in test_install_script.py.
 """
@@ -19,6 +19,24 @@ def test_ci_runs_the_emulated_arm64_step_after_the_test_suite() -> None:
     lines = text.splitlines()
     assert lines.index("make test") < lines.index("make test-arm64")
     assert "need_apt+=(qemu-user-static)" in text
+
+
+def test_ci_runs_the_emulated_avx2_step_after_the_test_suite() -> None:
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert lines.index("make test") < lines.index("make test-avx2")
+    makefile = (ROOT / "Makefile").read_text()
+    assert "test-avx2: setup" in makefile and ".ci/x86_avx2_emulated.sh" in makefile
+
+
+def test_every_test_the_avx2_step_names_exists() -> None:
+    named = _bash_array((ROOT / ".ci" / "x86_avx2_emulated.sh").read_text(), "TESTS")
+    assert len(named) >= 3, named
+    for node in named:
+        path, _, test = node.strip('"').partition("::")
+        assert (ROOT / path).is_file(), node
+        if test:
+            name = test.split("[")[0]
+            assert f"def {name}(" in (ROOT / path).read_text(), f"{node}: no such test"
 
 
 def test_make_test_arm64_runs_the_emulation_script() -> None:

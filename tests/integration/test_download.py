@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import DownloadError, UpdateError
 from agent.updates.download import RateLimit, fetch
-from agent.updates.manifest import FileEntry
+from edge_contract.errors import DownloadError, UpdateError
+from edge_contract.manifest import FileEntry
 
 DATA = os.urandom(300_000)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent import ContextOverflowError, Engine, InvalidRequestError, SamplingParams
+from agent.engine.engine import EngineOptions
 
 
 def test_max_tokens_and_length_finish(phi3_engine: Engine) -> None:
@@ -128,3 +131,32 @@ def test_token_ranks_score_recorded_tokens_teacher_forced(phi3_engine: Engine) -
     assert all(rank > 5 for rank in phi3_engine.token_ranks(ids, shifted))
     with pytest.raises(ContextOverflowError):
         phi3_engine.token_ranks(ids, [1] * phi3_engine.context_length)
+
+
+def test_memory_options_reach_the_session(phi3_dir: Path) -> None:
+    prompt = [7 + i * 13 % 400 for i in range(40)]
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    default = Engine(phi3_dir)
+    no_arena = Engine(phi3_dir, EngineOptions(cpu_arena=False))
+    unpacked = Engine(phi3_dir, EngineOptions(prepack_weights=False))
+    assert default.session.get_session_options().enable_cpu_mem_arena
+    assert not no_arena.session.get_session_options().enable_cpu_mem_arena
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: prepacking on
+        default.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+    assert (
+        unpacked.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    )
+    # The arena does not change the arithmetic; unpacked weights take other kernels (other
+    # roundings: the tokens may differ, so only that it generates is checked).
+    assert no_arena.generate(prompt, greedy).token_ids == default.generate(prompt, greedy).token_ids
+    assert len(unpacked.generate(prompt, greedy).token_ids) == 16
+
+
+def test_context_tokens_caps_the_context(phi3_dir: Path) -> None:
+    capped = Engine(phi3_dir, EngineOptions(context_tokens=64))
+    assert capped.context_length == 64
+    with pytest.raises(ContextOverflowError):
+        capped.generate([7] * 64)
+    assert len(capped.generate([7] * 60, SamplingParams(max_tokens=10, ignore_eos=True)).token_ids) == 4
+    # Larger than the model's: the model's.
+    assert Engine(phi3_dir, EngineOptions(context_tokens=100_000)).context_length == 256

@@ -1,6 +1,6 @@
 """deploy/install.sh: parses, passes shellcheck, and refuses bad arguments before touching the box.
 
-The CI scripts (.ci/run, .ci/arm64_emulated.sh) must parse and pass shellcheck too.
+The CI scripts (.ci/run, .ci/arm64_emulated.sh, .ci/x86_avx2_emulated.sh) must parse and pass shellcheck too.
 
 The install itself (apt, a system user, /opt, /etc, systemctl) changes the
 machine, so the tests run only what stops before that.  A missing shellcheck
@@ -19,7 +19,12 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "install.sh"
-SHELL_SCRIPTS = [SCRIPT, ROOT / ".ci" / "run", ROOT / ".ci" / "arm64_emulated.sh"]
+SHELL_SCRIPTS = [
+    SCRIPT,
+    ROOT / ".ci" / "run",
+    ROOT / ".ci" / "arm64_emulated.sh",
+    ROOT / ".ci" / "x86_avx2_emulated.sh",
+]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,14 @@ def _loaded_after(code: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["agent", "edge_contract.protocol", "agent.config", "agent.errors", "edge_fleet", "edge_fleet.cli"],
+    [
+        "agent",
+        "edge_contract.protocol",
+        "agent.config",
+        "edge_contract.errors",
+        "edge_fleet",
+        "edge_fleet.cli",
+    ],
 )
 def test_light_modules_load_no_model_runtime(module: str) -> None:
     loaded = _loaded_after(f"import {module}")
@@ -59,8 +66,17 @@ def test_edge_fleet_commands_that_run_no_model_load_no_model_runtime(argv: list[
 
 
 def test_config_and_protocol_do_not_import_engine_or_telemetry() -> None:
+    # The config composes each package's options module (agent.engine.options, ...) and nothing else of them.
     probe = "import agent.config, edge_contract.protocol, sys\nprint(' '.join(m for m in sys.modules if m.startswith(('agent.', 'edge_contract.'))))"
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     loaded = set(proc.stdout.split())
-    assert {"agent.config", "edge_contract.protocol", "agent.errors"} <= loaded, "positive control"
-    assert not {m for m in loaded if m.startswith(("agent.engine", "agent.health"))}, sorted(loaded)
+    assert {
+        "agent.config",
+        "edge_contract.protocol",
+        "edge_contract.errors",
+        "agent.engine.options",
+    } <= loaded, "positive control"
+    beyond_options = {
+        m for m in loaded if m.startswith(("agent.engine.", "agent.health.")) and not m.endswith(".options")
+    }
+    assert not beyond_options, sorted(loaded)

@@ -189,3 +189,10 @@ def test_the_installed_quickstart_says_where_the_demo_model_is(installed: dict[s
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--model DIR" in proc.stderr and "make demo" in proc.stderr
+
+
+def test_the_wheel_ships_the_dashboards_page(wheel: Path) -> None:
+    static = ROOT / "deploy" / "edge_fleet" / "server" / "dashboard" / "static"
+    files = {f"edge_fleet/server/dashboard/static/{p.name}" for p in static.iterdir()}
+    assert "edge_fleet/server/dashboard/static/index.html" in files and len(files) >= 4  # positive control
+    assert files <= _names(wheel), f"missing from the wheel: {sorted(files - _names(wheel))}"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.updates.manifest import Manifest
 from agent.updates.policy import Install, Running
+from edge_contract.manifest import Manifest
 from tests.unit.test_update_policy import KEY, _code, _decide, _release
 
 pytestmark = pytest.mark.e2e  # runs edge-fleet as a subprocess
@@ -26,7 +26,7 @@ def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_rollback_can_sign_the_way_back_to_another_model(tmp_path: Path) -> None:
-    from agent.updates.signing import private_pem
+    from edge_contract.signing import private_pem
 
     key = tmp_path / "fleet.key"
     key.write_bytes(private_pem(KEY))
@@ -50,7 +50,7 @@ def test_rollback_can_sign_the_way_back_to_another_model(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("name", ["demo", "bad name", "x\n"])
 def test_release_refuses_a_replace_model_that_is_not_another_model(tmp_path: Path, name: str) -> None:
-    from agent.updates.signing import private_pem
+    from edge_contract.signing import private_pem
 
     (tmp_path / "k").write_bytes(private_pem(KEY))
     done = _fleet(

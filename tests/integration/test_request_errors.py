@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from agent import Engine, InvalidRequestError
-from agent.errors import ContextOverflowError
 from edge_contract import params
+from edge_contract.errors import ContextOverflowError
 from edge_contract.protocol import JobRequest
 
 

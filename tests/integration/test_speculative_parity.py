@@ -22,7 +22,6 @@ is checked exactly, with exact arithmetic, in tests/unit/test_speculate.py.
 
 from __future__ import annotations
 
-import platform
 import random
 from collections.abc import Callable
 
@@ -33,13 +32,15 @@ import pytest
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
 from agent.engine.speculate import DraftPolicy
+from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, PRECISIONS, ROOT, fixture_path
 
 NEAR_TIE = 0.3  # logits; about twice the largest kernel-path difference seen on the fixtures
-# On x86-64 (AVX2, AVX-512) rows of multi-row passes come out bit-identical whatever the pass
-# boundaries, so drafting cannot change a token.  On aarch64 (emulated Cortex-A76, NEON dot
-# product kernels) it can, at near-ties: measured, 3 of the 10 fixtures diverged there.
-MULTI_ROW_EXACT = platform.machine().lower() in ("x86_64", "amd64")
+# Guarantee DRAFT_EXACT (tests/support/cpu.py): on x86-64 (AVX2, AVX-512) rows of multi-row passes
+# come out bit-identical whatever the pass boundaries, so drafting cannot change a token.  On aarch64
+# (emulated Cortex-A76, NEON dot product kernels) it can, at near-ties: measured, 3 of the 10
+# fixtures diverged there, so there the near-tie bound (guarantee NEAR_TIE) is what is checked.
+MULTI_ROW_EXACT = cpu.family() in cpu.DRAFT_EXACT
 TEXTS = [
     "The quick brown fox",
     "a b a b a b a b",
@@ -53,16 +54,8 @@ TEXTS = [
 
 
 def _plain_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> list[npt.NDArray[np.float32]]:
-    """Logits plain decoding computes before each of ``tokens`` (prefill, then one-token passes)."""
-    binding, _cache, row = engine._prefill(prompt, len(prompt) + len(tokens))
-    rows = [row]
-    for step, token in enumerate(tokens[:-1]):
-        engine._token[0, 0] = token
-        total = len(prompt) + step + 1
-        engine._bind_mask(binding, total, positions_from=total - 1)
-        engine.session.run_with_iobinding(binding)
-        rows.append(engine._step_logits[0, -1].copy())
-    return rows
+    """Logits plain decoding computes before each of ``tokens`` (prefill, then decode steps)."""
+    return engine.teacher_forced_logits(prompt, tokens)
 
 
 def _copy_prompt(engine: Engine, text: str) -> list[int]:

@@ -43,7 +43,8 @@ def _settings() -> dict[str, list[str]]:
     return settings
 
 
-def test_security_exposure_is_at_most_2() -> None:
+def test_security_exposure_is_at_most_1_2() -> None:
+    """The unit's hardening (its comment says 1.2; issue 25 keeps it there with the HTTP API on)."""
     proc = subprocess.run(
         [_systemd_analyze(), "security", "--offline=yes", "--no-pager", str(UNIT)],
         capture_output=True,
@@ -52,7 +53,7 @@ def test_security_exposure_is_at_most_2() -> None:
     )
     found = re.search(r"Overall exposure level for edge-agent\.service: (\d+\.\d+)", proc.stdout)
     assert found, proc.stdout + proc.stderr
-    assert float(found.group(1)) <= 2.0, proc.stdout
+    assert float(found.group(1)) <= 1.2, proc.stdout
 
 
 def test_verify_passes_with_the_binary_in_place(tmp_path: Path) -> None:
@@ -139,7 +140,14 @@ socket.create_connection(server.getsockname(), timeout=5).close()
 print("sandboxed run ok")
 """
     proc = subprocess.run(
-        [SYSTEM_PYTHON, str(ROOT / "tests" / "_unit_sandbox.py"), str(UNIT), sys.executable, "-c", workload],
+        [
+            SYSTEM_PYTHON,
+            str(ROOT / "tests" / "support" / "unit_sandbox.py"),
+            str(UNIT),
+            sys.executable,
+            "-c",
+            workload,
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -11,8 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.config import AgentConfig
 from agent.updates.updater import Updater
+from edge_contract.errors import MemoryFitError
 from edge_contract.protocol import ModelState
 from tests.support.models import fixture_path
 from tests.support.releases import Releases, payload, tampered
@@ -29,13 +32,16 @@ def _now(task: Callable[[], None]) -> concurrent.futures.Future[None]:
     return future
 
 
-def _updater(tmp_path: Path, releases: Releases, **model: Any) -> tuple[Updater, list[ModelState]]:
+def _updater(
+    tmp_path: Path, releases: Releases, engine: dict[str, Any] | None = None, **model: Any
+) -> tuple[Updater, list[ModelState]]:
     config = AgentConfig(
         device_id="box-1",
         state_dir=tmp_path / "state",
         model={"path": fixture_path("phi3-int4"), **model},
         mqtt={"allow_plaintext": True},
         update={"trusted_keys": [releases.public_line]},
+        engine=engine or {},
     )
     states: list[ModelState] = []
     updater = Updater(config, publish=states.append, between_jobs=_now)
@@ -139,3 +145,41 @@ def test_a_second_manifest_failing_the_same_way_is_remembered_too(tmp_path: Path
     fetched = len(releases.server.requests)
     _offer(updater, payload(second))  # a reconnect
     assert len(releases.server.requests) == fetched
+
+
+def test_an_update_this_box_cannot_hold_is_refused_before_its_download(
+    tmp_path: Path, releases: Releases
+) -> None:
+    updater, _states = _updater(tmp_path, releases, version="1.0.0")
+    genuine = releases.make("2.0.0")
+    assert genuine.kv_bytes_per_token == 512  # edge-fleet release records the model's KV per token
+    # A release measured at 1 TiB (signed as such): no test machine holds it.
+    huge = releases.resign(genuine, memory_bytes=1 << 40)
+    state = _offer(updater, payload(huge))
+    assert _code(state) == "insufficient_memory"
+    assert state.update is not None and state.update.error is not None
+    assert "release a smaller model" in state.update.error.message
+    assert not [path for path, _range in releases.server.requests if path.startswith("assistant-2.0.0/")]
+    # Not remembered (the box's memory may change): checked again, refused again.
+    assert _code(_offer(updater, payload(huge))) == "insufficient_memory"
+
+    # Positive control: the release as measured downloads and serves.
+    state = _offer(updater, payload(genuine))
+    assert state.update is not None and state.update.phase == "active", state.update
+    assert [path for path, _range in releases.server.requests if path.startswith("assistant-2.0.0/")]
+
+
+def test_start_up_sizes_unset_budgets_and_refuses_set_ones_that_cannot_fit(
+    tmp_path: Path, releases: Releases
+) -> None:
+    updater, _states = _updater(tmp_path, releases)
+    options = updater.serving.engine.options
+    assert (options.context_tokens, options.prefix_cache_mb) == (256, 256)  # a roomy box: the model's
+
+    with pytest.raises(MemoryFitError) as refused:
+        _updater(tmp_path / "b", releases, engine={"context_tokens": 128, "prefix_cache_mb": 1_000_000})
+    assert refused.value.message.startswith("engine.prefix_cache_mb: ")
+    assert refused.value.message.endswith("lower [engine] prefix_cache_mb")
+
+    kept, _ = _updater(tmp_path / "c", releases, engine={"context_tokens": 128, "prefix_cache_mb": 8})
+    assert (kept.serving.engine.options.prefix_cache_mb, kept.serving.engine.context_length) == (8, 128)

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.engine.onnx_graph import read_graph
 from agent.engine.weight_traffic import model_weight_traffic
-from agent.errors import ModelFileError
+from edge_contract.errors import ModelFileError
 from tests.support.models import ALL_FIXTURES, ROOT, fixture_path
 
 MODELS = [*ALL_FIXTURES, "phi3-int4-pruned", "llama-long"]

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.engine.model_folder import MODEL_FAMILIES
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "models" / "fixtures"
-FAMILIES = ("phi3", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = MODEL_FAMILIES
 PRECISIONS = ("int8", "int4")
 ALL_FIXTURES = [f"{family}-{precision}" for family in FAMILIES for precision in PRECISIONS]
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.updates import signing
-from agent.updates.manifest import Manifest
+from edge_contract import signing
+from edge_contract.manifest import Manifest
 from edge_fleet.releases import build_release
 from tests.support.http import FileServer
 from tests.support.models import fixture_path
@@ -97,7 +97,7 @@ def placeholder_release(key: Ed25519PrivateKey, version: str, folder: Path) -> P
     written to ``folder/manifest-VERSION.json``, whose path is returned."""
     import time
 
-    from agent.updates.manifest import FileEntry, SmokeTest
+    from edge_contract.manifest import FileEntry, SmokeTest
 
     now = int(time.time())
     manifest = Manifest(

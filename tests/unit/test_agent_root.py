@@ -9,7 +9,7 @@ import pytest
 import agent.daemon
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from agent.errors import StorageError
+from edge_contract.errors import StorageError
 from tests.support.disk import read_only
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from agent.link.backoff import Backoff
+from agent.backoff import Backoff
 from agent.link.reasons import explain
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.errors import ConfigError
+from edge_contract.errors import ConfigError
 
 GOOD = """
 device_id = "box-7"
@@ -147,14 +147,17 @@ def test_config_check_fails_on_a_file_it_names_but_cannot_read(
 
 @pytest.mark.e2e  # runs the command line as a subprocess
 def test_config_check_names_a_missing_model_folder_and_every_other_problem(tmp_path: Path) -> None:
-    proc = _check(_write(tmp_path, GOOD))  # /opt/models/phi3 and /etc/edge-agent/ca.crt do not exist here
+    # Paths of its own, under tmp_path, that do not exist: never the host's /opt or /etc, which may.
+    model, ca = tmp_path / "absent" / "phi3", tmp_path / "absent" / "ca.crt"
+    text = GOOD.replace("/opt/models/phi3", str(model)).replace("/etc/edge-agent/ca.crt", str(ca))
+    proc = _check(_write(tmp_path, text))
     assert proc.returncode == 1
-    assert "model.path: /opt/models/phi3 does not exist: copy a model folder there" in proc.stderr
-    assert "mqtt.tls.ca: /etc/edge-agent/ca.crt does not exist" in proc.stderr
+    assert f"model.path: {model} does not exist: copy a model folder there" in proc.stderr
+    assert f"mqtt.tls.ca: {ca} does not exist" in proc.stderr
 
 
 def test_trusted_keys_must_be_openssh_ed25519_lines(tmp_path: Path) -> None:
-    from agent.updates import signing
+    from edge_contract import signing
 
     key = signing.generate()
     line = signing.PublicKey(key.public_key(), signing.key_id(key.public_key())).to_line()

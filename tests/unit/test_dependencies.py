@@ -17,12 +17,17 @@ import pytest
 from packaging.requirements import Requirement
 
 import agent
+import edge_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = [
     Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 ]
-AGENT_MODULES = sorted(m.name for m in pkgutil.walk_packages(agent.__path__, prefix="agent."))
+# The box's code: the agent and the contract it is built on.
+AGENT_MODULES = sorted(
+    [m.name for m in pkgutil.walk_packages(agent.__path__, prefix="agent.")]
+    + [m.name for m in pkgutil.walk_packages(edge_contract.__path__, prefix="edge_contract.")]
+)
 
 
 @pytest.mark.parametrize("requirement", RUNTIME, ids=lambda r: r.name)
@@ -41,3 +46,4 @@ def test_agent_module_imports(module: str) -> None:
 
 def test_the_list_of_agent_modules_is_not_empty() -> None:
     assert "agent.engine.engine" in AGENT_MODULES and "agent.daemon" in AGENT_MODULES
+    assert "edge_contract.manifest" in AGENT_MODULES

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, HealthThresholds, ModelConfig, MQTTConfig
-from agent.doctor import Check, check_broker, check_cpu, format_report, model_memory_mb, run_checks, worst
-from agent.engine.model_folder import ModelFolder
+from agent.doctor import Check, check_broker, check_cpu, format_report, run_checks, worst
+from agent.engine.memory_plan import Budgets, estimate, model_shape
 from agent.health.probe import SystemProbe
 from agent.updates.record import UpdateRecord
 from edge_contract.protocol import ErrorInfo, UpdateStatus
@@ -140,15 +140,17 @@ def test_config_file_path_and_invalid_file(tmp_path: Path, phi3_dir: Path, liste
     assert run_checks(tmp_path / "missing.toml")[-1].detail.endswith("file not found")
 
 
-def test_memory_estimate_and_a_model_too_big_for_this_box(
+def test_memory_reports_the_expected_peak_beside_what_is_available_and_a_model_too_big(
     tmp_path: Path, phi3_dir: Path, listening: int
 ) -> None:
-    folder = ModelFolder(phi3_dir)
-    weights, kv = model_memory_mb(folder)
-    size = (phi3_dir / "model.onnx").stat().st_size + (phi3_dir / "model.onnx.data").stat().st_size
-    assert weights == round(size * 1.2 / 2**20, 1)
-    d = folder.config.model.decoder
-    assert kv == round(2 * d.num_hidden_layers * d.num_key_value_heads * d.head_size * 256 * 4 / 2**20, 1)
+    found = _by_name(run_checks(_config(tmp_path, phi3_dir, listening)))
+    peak = estimate(
+        model_shape(phi3_dir),
+        Budgets(context_tokens=256, max_batch=1, prefix_cache_mb=256, prefill_chunk_tokens=512),
+    )
+    assert found["memory"].status == "ok"
+    assert found["memory"].detail.startswith(f"model expects peak {peak.describe()} at a 256-token context")
+    assert "MiB available" in found["memory"].detail
 
     huge = tmp_path / "huge-model"
     shutil.copytree(phi3_dir, huge)
@@ -156,11 +158,12 @@ def test_memory_estimate_and_a_model_too_big_for_this_box(
         data.truncate(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 2)
     found = _by_name(run_checks(_config(tmp_path, huge, listening)))
     assert found["memory"].status == "fail" and "MiB available" in found["memory"].detail
+    assert "serve a smaller model" in found["memory"].detail
     assert found["model"] == Check(name="model", status="fail", detail="not loaded: not enough memory")
 
     margin = HealthThresholds(min_mem_available_mb=1 << 20)  # a margin no machine leaves
     found = _by_name(run_checks(_config(tmp_path, phi3_dir, listening), thresholds=margin))
-    assert found["memory"].status == "warn" and "would be left" in found["memory"].detail
+    assert found["memory"].status == "fail" and "model.path: the model needs" in found["memory"].detail
 
 
 def test_a_broken_model_folder(tmp_path: Path, phi3_dir: Path, listening: int) -> None:
@@ -241,9 +244,9 @@ def test_updates_and_the_served_model_come_from_the_store(
 ) -> None:
     import time
 
-    from agent.updates import signing
-    from agent.updates.manifest import FileEntry, Manifest, SmokeTest
     from agent.updates.store import ModelStore, Pointer
+    from edge_contract import signing
+    from edge_contract.manifest import FileEntry, Manifest, SmokeTest
     from tests.support.models import fixture_path
 
     config = _config(tmp_path, phi3_dir, listening)

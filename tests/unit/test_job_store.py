@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import StorageError
 from agent.jobs.store import JobStore, corrupt_copies, open_store
+from edge_contract.errors import StorageError
 from tests.support.disk import DAMAGES, read_only
 
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent.errors import StorageError
 from agent.jobs.damage import MIN_FREE_BYTES, SCHEMA_VERSION, WAL_LIMIT_BYTES
 from agent.jobs.store import NewerStoreError, corrupt_copies, inspect_file, open_store
+from edge_contract.errors import StorageError
 from tests.support.disk import SmallDisk
 
 WRONG_FIX = "make state_dir writable"

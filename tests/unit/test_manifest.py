@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from agent.errors import SignatureError, UpdateError
-from agent.updates import signing
-from agent.updates.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SemVer, SmokeTest
+from edge_contract import signing
+from edge_contract.errors import SignatureError, UpdateError
+from edge_contract.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, SemVer, SmokeTest
 
 KEY = signing.generate()
 TRUSTED = [signing.PublicKey(KEY.public_key(), signing.key_id(KEY.public_key()))]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import UpdateError
-from agent.updates import signing
-from agent.updates.manifest import FileEntry, Manifest, SmokeTest
 from agent.updates.record import UpdateRecord
 from agent.updates.store import ModelStore, Pointer
+from edge_contract import signing
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import FileEntry, Manifest, SmokeTest
 
 KEY = signing.generate()
 

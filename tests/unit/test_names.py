@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import UpdateError
-from agent.updates.manifest import FileEntry, Manifest, SemVer
+from edge_contract.errors import UpdateError
+from edge_contract.manifest import FileEntry, Manifest, SemVer
 from edge_fleet.cli import main as fleet
 from tests.unit.test_manifest import _manifest
 

@@ -65,7 +65,7 @@ def test_inventory_keeps_a_group_an_offline_status_no_longer_says() -> None:
 
 
 def test_assignments_keep_history_and_the_current_state(tmp_path: Path) -> None:
-    from agent.updates import signing
+    from edge_contract import signing
 
     key = signing.generate()
     one = placeholder_release(key, "1.0.0", tmp_path).read_bytes()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import StorageError
 from agent.link.presence import AgentLock, LinkRecorder, read_link, running_agent
 from agent.link.takeover import FIGHT, SILENT, TakeoverDetector
+from edge_contract.errors import StorageError
 
 
 def test_one_agent_per_state_dir_and_doctor_sees_it(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
-from agent import errors
+from edge_contract import errors
 from edge_contract.protocol import (
     REPLY,
     CancelRequest,

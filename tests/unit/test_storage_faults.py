@@ -10,8 +10,8 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from agent.daemon.faults import Backoff, StorageFaults
-from agent.errors import StorageError
+from agent.daemon.faults import StorageFaults, storage_backoff
+from edge_contract.errors import StorageError
 
 
 def test_a_burst_of_errors_gives_one_line_then_one_summary_per_interval(
@@ -50,11 +50,11 @@ def test_flapping_storage_does_not_flood_the_log(caplog: pytest.LogCaptureFixtur
 
 
 def test_backoff_doubles_to_a_cap_and_resets() -> None:
-    backoff = Backoff(first_s=0.05, max_s=2.0)
-    delays = [backoff.next() for _ in range(8)]
+    backoff = storage_backoff()
+    delays = [backoff.next_delay() for _ in range(8)]
     assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
     backoff.reset()
-    assert backoff.next() == 0.05
+    assert backoff.next_delay() == 0.05
 
 
 def _real_corruption_error(tmp_path: Path) -> sqlite3.DatabaseError:

@@ -146,6 +146,7 @@ def test_worst_case_message_is_under_2kb() -> None:
             latency_p50_s=123456.789,
             latency_p95_s=123456.789,
             decode_tok_s=12345.6,
+            http_total=big,
         ),
         broker_backlog=big,
         health=Health(

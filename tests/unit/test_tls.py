@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import LinkError
 from agent.link.tls import client_context
+from edge_contract.errors import LinkError
 from edge_fleet.broker import BrokerOptions, add_broker_args, options_from
 from edge_fleet.pki import create_ca, provision
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.updates import signing
-from agent.updates.manifest import FileEntry, Manifest, SmokeTest
 from agent.updates.policy import Converged, Decision, Install, Refuse, RefusedBefore, Running, decide
 from agent.updates.record import MAX_REFUSED, REMEMBERED, UPDATE_CODES, Probation, UpdateRecord
+from edge_contract import signing
+from edge_contract.manifest import FileEntry, Manifest, SmokeTest
 
 KEY = signing.generate()
 OTHER_KEY = signing.generate()

@@ -15,9 +15,9 @@ from agent.daemon.outcome import Outcome
 from agent.daemon.worker import Worker
 from agent.engine.engine import Engine
 from agent.engine.sampling import Sampler
-from agent.errors import ModelError
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
+from edge_contract.errors import ModelError
 from edge_contract.protocol import JobRequest
 from tests.support.parts import Models, RecordingLink, models
 

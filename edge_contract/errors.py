@@ -6,7 +6,8 @@
     ├── StorageError               state_dir or the job database cannot be used (names the path and the fix)
     ├── ModelError                 the model folder cannot be used
     │   ├── ModelFileError         a file is missing, unreadable or corrupt (names the file)
-    │   └── ModelConfigError       genai_config.json is missing a field or has an unsupported one
+    │   ├── ModelConfigError       genai_config.json is missing a field or has an unsupported one
+    │   └── MemoryFitError         the model, with the budgets set, cannot fit the box's memory (names the setting)
     ├── GenerationError            a request cannot be run
     │   └── InvalidRequestError    the request itself is wrong: a parameter out of range, text that
     │       │                      is not Unicode, no chat template for messages (never the model's fault)
@@ -76,6 +77,12 @@ class ModelConfigError(ModelError):
     """``genai_config.json`` lacks a field the engine needs, or names an unsupported one."""
 
     code: JobErrorCode = "model_config"
+
+
+class MemoryFitError(ModelError):
+    """The model with the configured budgets cannot fit the box's memory; the message names the setting."""
+
+    code: JobErrorCode = "model_error"
 
 
 class GenerationError(AgentError):

@@ -35,8 +35,8 @@ from pydantic import (
     model_serializer,
 )
 
-from agent.errors import UpdateError
-from agent.updates import signing
+from edge_contract import signing
+from edge_contract.errors import UpdateError
 
 # Both matched with fullmatch: ``re.match(...$)`` would accept a trailing newline ("1.0.0\n").
 _SEMVER = re.compile(
@@ -149,21 +149,33 @@ class Manifest(_Signed):
     memory_bytes: int = Field(
         ge=0, le=1 << 40, description="Memory the loaded model takes, measured at release."
     )
+    kv_bytes_per_token: int | None = Field(
+        None,
+        ge=0,
+        le=1 << 30,
+        description=(
+            "The model's KV cache bytes per token of context: with memory_bytes, what a box checks "
+            "against its memory before downloading (agent.engine.memory_plan.release_need). Omitted "
+            "from the JSON, and so from the signed form, when unknown: older manifests still verify."
+        ),
+    )
     smoke_test: SmokeTest
     created_at: int = Field(ge=0, description="Unix time (seconds) of signing.")
     expires_at: int = Field(ge=0, description="Unix time after which boxes refuse to start installing it.")
     key_id: str = Field(
-        pattern=r"^[0-9a-f]{16}$", description="Id of the signing key (see agent.updates.signing)."
+        pattern=r"^[0-9a-f]{16}$", description="Id of the signing key (see edge_contract.signing)."
     )
     signature: str = Field("", max_length=256, description="Base64 Ed25519 signature of the canonical form.")
 
     _version_ok = field_validator("version")(_semver)
 
     @model_serializer(mode="wrap")
-    def _omit_empty_replaces(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_empty_optionals(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
         if not self.replaces:
             data.pop("replaces", None)
+        if self.kv_bytes_per_token is None:
+            data.pop("kv_bytes_per_token", None)
         return data
 
     @property

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The engine's exactness tests on an AVX2-only x86-64 CPU, emulated: the host's own
+# venv python run by qemu-user as a Haswell (AVX2, FMA, no AVX-512), so onnxruntime's
+# MLAS dispatches to its AVX2 kernels whatever the host has.
+#
+#   .ci/x86_avx2_emulated.sh               the default tests below (about 2 minutes here)
+#   .ci/x86_avx2_emulated.sh PYTEST_ARGS…  these tests instead (docs/engine.md has the full set)
+#
+# The tests find the CPU family themselves (tests/support/cpu.py reads CPUID through
+# numpy, which qemu answers as a Haswell; /proc/cpuinfo would still list the host's
+# flags) and check the guarantees claimed for it.  Nothing forks inside the emulator.
+# Anything missing fails the run; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() {
+  echo "x86_avx2_emulated: $*" >&2
+  exit 1
+}
+
+HOST_PYTHON=${HOST_PYTHON:-.venv/bin/python}
+TESTS=(
+  # The engine measures one-row vs two-row rounding as it was measured for AVX2 (int4: differs).
+  tests/integration/test_kernel_rows.py
+  # Batched output is solo output, bit for bit (the filler row makes it so on AVX2).
+  tests/integration/test_batch_parity.py
+  # A prefix-cache hit gives the cold run's tokens (one int4 fixture: each costs ~25 s emulated).
+  "tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens[llama-int4]"
+)
+# Haswell without what qemu's TCG cannot emulate (TSX, PCID, x2APIC, TSC deadline, INVPCID:
+# none matters to user code), or it warns on every start.
+export QEMU_CPU=Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid
+
+QEMU=$(command -v qemu-x86_64-static) || die "qemu-x86_64-static is missing: apt-get install qemu-user-static"
+[ "$(uname -m)" = x86_64 ] || die "this emulates an x86-64 CPU on an x86-64 host"
+[ -x "$HOST_PYTHON" ] || die "$HOST_PYTHON is missing: run make setup first"
+
+family=$("$QEMU" "$HOST_PYTHON" -c "from tests.support import cpu; print(cpu.family())")
+[ "$family" = "x86-64 AVX2-only" ] || die "the emulated CPU reads as '$family', not x86-64 AVX2-only"
+
+if [ $# -gt 0 ]; then
+  TESTS=("$@")
+fi
+echo "x86_avx2_emulated: ${TESTS[*]} on an emulated ${QEMU_CPU%%,*} ($family)"
+exec "$QEMU" "$HOST_PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}"

@@ -1,0 +1,281 @@
+"""What a model needs in memory, and the budgets that make it fit a box: pure decisions.
+
+The estimate (docs/memory.md has the measurements behind every constant):
+
+    anonymous = weights + runtime + activations(prefill chunk) + KV per token x context x max_batch
+                + the prefix cache's budget
+    mapped    = the pages of the memory-mapped model file read while serving
+
+* **weights**: onnxruntime repacks the int4/int8 matrices into its kernels'
+  layout at load (anonymous memory, 1.24x their file bytes measured); the float32
+  embedding table and parts of the rest are read from the memory-mapped file
+  (**mapped**: file-backed pages the kernel can drop, and must then read again).
+* **runtime**: Python, onnxruntime's libraries and arena, the tokenizer.
+* **activations**: a prefill chunk's intermediates, per row, and its attention
+  scores (rows x context x heads, float32); plus the logits of every row when the
+  export computes them (a pruned export returns one row).
+* **KV**: layers x 2 x KV heads x head size x the cache's element size, per
+  token (float32, or float16 when the graph declares it: ``models.kv_dtype``).
+
+``fit`` keeps the anonymous peak within the box's memory (the mapped pages are
+reported beside it: doctor warns when they do not fit too), and turns it into budgets: what the operator set is kept (and
+refused, with the setting to change, when it cannot fit), what they left unset
+is sized: the context first (up to the model's), then the prefix cache (up to
+one context's worth of prompts), the prefill chunk shrunk when memory is tight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.engine.options import EngineOptions
+from edge_contract.errors import MemoryFitError
+
+_MiB = 1 << 20
+#: Anonymous bytes per byte of repacked weights file: onnxruntime's repacked copy (1.24 measured on
+#: Phi-3-mini-shaped int4 layers, docs/memory.md).
+WEIGHTS_FACTOR = 1.25
+#: File-backed bytes per byte of repacked weights file still read from the mapped model (fitted 0.16
+#: over 2-6 layers; the issue saw less at full size).
+MAPPED_FACTOR = 0.18
+#: Python, onnxruntime, tokenizer and libraries beyond the above (fitted: 36 MiB).
+RUNTIME_BYTES = 64 * _MiB
+#: A prefill row's intermediates, per unit of hidden size (fitted: 68 bytes at hidden 3072).
+ACTIVATION_BYTES_PER_HIDDEN = 80
+#: The shortest context worth serving; below it a model does not fit.
+MIN_CONTEXT = 512
+#: Auto-sized contexts are multiples of this.
+CONTEXT_STEP = 256
+#: The prefix cache the daemon gives when memory allows (EngineOptions' default).
+DEFAULT_PREFIX_CACHE_MB = 256
+#: Prefill chunks the sizing may fall back to when memory is tight (never below 64 rows).
+CHUNK_CHOICES = (512, 256, 128, 64)
+
+
+class ModelShape(BaseModel):
+    """What the estimate needs to know of a model (from its folder, or a release manifest)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    file_bytes: int = Field(ge=0, description="Bytes of the graph and its external weights.")
+    embedding_bytes: int = Field(
+        0,
+        ge=0,
+        description="Bytes of the float token-embedding table (read from the mapped file, not repacked).",
+    )
+    kv_bytes_per_token: int = Field(ge=0, description="KV cache bytes per token of context.")
+    hidden_size: int = Field(ge=1, description="Width of the residual stream.")
+    attention_heads: int = Field(
+        ge=1, description="Query heads (a prefill chunk scores rows x context per head)."
+    )
+    vocab_size: int = Field(ge=1, description="Rows of logits per position.")
+    context_length: int = Field(ge=1, description="The model's longest sequence.")
+    full_logits: bool = Field(description="The prompt pass returns logits for every row (no pruned lm_head).")
+
+
+class Budgets(BaseModel):
+    """The engine settings that decide its memory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    context_tokens: int = Field(ge=1, description="Longest sequence served.")
+    max_batch: int = Field(ge=1, description="Sequences decoded together.")
+    prefix_cache_mb: int = Field(ge=0, description="The prefix cache's memory budget, MiB.")
+    prefill_chunk_tokens: int = Field(ge=2, description="Longest prefill pass.")
+
+
+class PeakEstimate(BaseModel):
+    """The expected peak resident memory by part, in bytes: anonymous parts and the mapped file's pages."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: int = Field(description="The repacked weights (anonymous).")
+    runtime: int = Field(description="Python, onnxruntime, tokenizer (anonymous).")
+    activations: int = Field(description="A prefill chunk's intermediates (anonymous).")
+    kv: int = Field(description="The requests' KV caches (anonymous).")
+    prefix_cache: int = Field(description="The prefix cache's budget (anonymous).")
+    mapped: int = Field(description="Pages of the memory-mapped model read while serving (file-backed).")
+
+    @property
+    def anonymous(self) -> int:
+        """What the box must hold: the kernel cannot drop it."""
+        return self.weights + self.runtime + self.activations + self.kv + self.prefix_cache
+
+    @property
+    def total(self) -> int:
+        """The whole working set: anonymous and file-backed (dropped pages are read again from disk)."""
+        return self.anonymous + self.mapped
+
+    def describe(self) -> str:
+        """One line: the peaks and the parts in MiB."""
+        parts = ("weights", "runtime", "activations", "kv", "prefix_cache")
+        detail = ", ".join(f"{p.replace('_', ' ')} {getattr(self, p) / _MiB:.0f}" for p in parts)
+        return (
+            f"~{self.anonymous / _MiB:.0f} MiB anonymous ({detail}) + ~{self.mapped / _MiB:.0f} MiB "
+            "of the mapped model"
+        )
+
+
+def weights_bytes(shape: ModelShape) -> int:
+    """The repacked weights (anonymous): every matrix but the float embedding table."""
+    return int((shape.file_bytes - min(shape.embedding_bytes, shape.file_bytes)) * WEIGHTS_FACTOR)
+
+
+def mapped_bytes(shape: ModelShape) -> int:
+    """Pages of the mapped model file read while serving: the embedding table and parts of the rest."""
+    embedding = min(shape.embedding_bytes, shape.file_bytes)
+    return int((shape.file_bytes - embedding) * MAPPED_FACTOR) + embedding
+
+
+def activation_bytes(shape: ModelShape, chunk: int, context: int) -> int:
+    """A prefill chunk's intermediates: per row, its attention scores over the context (float32,
+    every head), and its logits when the export returns every row's."""
+    rows = max(2, chunk)
+    logits = rows * shape.vocab_size * 4 * 2 if shape.full_logits else shape.vocab_size * 4
+    scores = rows * context * shape.attention_heads * 4
+    return rows * shape.hidden_size * ACTIVATION_BYTES_PER_HIDDEN + scores + logits
+
+
+def estimate(shape: ModelShape, budgets: Budgets) -> PeakEstimate:
+    """The expected peak of ``shape`` served with ``budgets``."""
+    return PeakEstimate(
+        weights=weights_bytes(shape),
+        runtime=RUNTIME_BYTES,
+        activations=activation_bytes(
+            shape, min(budgets.prefill_chunk_tokens, budgets.context_tokens), budgets.context_tokens
+        ),
+        kv=shape.kv_bytes_per_token * budgets.context_tokens * budgets.max_batch,
+        prefix_cache=budgets.prefix_cache_mb * _MiB,
+        mapped=mapped_bytes(shape),
+    )
+
+
+def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets:
+    """Budgets for ``shape`` within ``memory_bytes``: set ones kept, unset ones sized.
+
+    Raises ``MemoryFitError`` naming the setting to change when the set ones cannot
+    fit, or when the model does not fit at ``MIN_CONTEXT`` whatever the settings.
+    """
+    chosen = options.model_fields_set
+    batch = options.max_batch
+    chunk = options.prefill_chunk_tokens
+    model_ctx = shape.context_length
+    context = min(options.context_tokens, model_ctx) if options.context_tokens else None
+    prefix_mb = options.prefix_cache_mb if "prefix_cache_mb" in chosen else None
+
+    def budgets(ctx: int, mb: int, rows: int) -> Budgets:
+        return Budgets(context_tokens=ctx, max_batch=batch, prefix_cache_mb=mb, prefill_chunk_tokens=rows)
+
+    smallest = budgets(min(MIN_CONTEXT, model_ctx), 0, min(chunk, CHUNK_CHOICES[-1]))
+    if estimate(shape, smallest).anonymous > memory_bytes:
+        need = estimate(shape, smallest)
+        raise MemoryFitError(
+            f"model.path: the model needs {need.describe()} at a {smallest.context_tokens}-token context "
+            f"and the box has {memory_bytes / _MiB:.0f} MiB for it: serve a smaller model (or int4), "
+            "or free memory"
+        )
+    # The prefill chunk: the configured one, or the largest that leaves the context its room.
+    chunks = (
+        [chunk] if "prefill_chunk_tokens" in chosen else [c for c in CHUNK_CHOICES if c <= chunk] or [chunk]
+    )
+    for rows in chunks:
+        floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, rows)
+        if estimate(shape, floor).anonymous <= memory_bytes:
+            break
+    else:
+        floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, chunks[-1])
+        need = estimate(shape, floor)
+        setting = _culprit(options, context, prefix_mb)
+        raise MemoryFitError(
+            f"engine.{setting}: with it the model needs {need.describe()} and the box has "
+            f"{memory_bytes / _MiB:.0f} MiB for it: lower [engine] {setting}"
+        )
+    rows = floor.prefill_chunk_tokens
+    fixed = estimate(shape, budgets(1, prefix_mb or 0, rows))
+    per_context_token = shape.kv_bytes_per_token * batch
+    if context is None:  # the longest context that fits, leaving a quarter of the rest to the prefix cache
+        spare = memory_bytes - fixed.anonymous + per_context_token
+        share = spare if prefix_mb is not None else spare * 3 // 4
+        context = min(model_ctx, max(MIN_CONTEXT, share // max(1, per_context_token)))
+        if context < model_ctx:
+            context = max(MIN_CONTEXT, context // CONTEXT_STEP * CONTEXT_STEP)
+    if prefix_mb is None:  # one context's worth of prompt prefixes (at least the usual 256 MiB) if it fits
+        left = memory_bytes - estimate(shape, budgets(context, 0, rows)).anonymous
+        wanted = max(DEFAULT_PREFIX_CACHE_MB * _MiB, shape.kv_bytes_per_token * context)
+        prefix_mb = max(0, min(left, wanted) // _MiB)
+    return budgets(context, prefix_mb, rows)
+
+
+def sized_options(
+    path: str | Path, options: EngineOptions, memory_bytes: int
+) -> tuple[EngineOptions, PeakEstimate]:
+    """``options`` with the unset budgets sized for the model at ``path`` in ``memory_bytes``, and the peak.
+
+    Raises ``MemoryFitError`` (naming the setting) when it cannot fit.
+    """
+    shape = model_shape(path)
+    chosen = fit(shape, options, memory_bytes)
+    sized = options.model_copy(
+        update={
+            "context_tokens": chosen.context_tokens,
+            "prefix_cache_mb": chosen.prefix_cache_mb,
+            "prefill_chunk_tokens": chosen.prefill_chunk_tokens,
+        }
+    )
+    return sized, estimate(shape, chosen)
+
+
+def release_need(memory_bytes: int, kv_bytes_per_token: int | None, options: EngineOptions) -> int:
+    """The least a release needs on a box with ``options``: its measured memory, the runtime and a minimal context.
+
+    ``memory_bytes`` is what loading it and running its smoke test took at release;
+    the context is the configured one, or ``MIN_CONTEXT`` when the box sizes it.
+    """
+    context = options.context_tokens or MIN_CONTEXT
+    prefix = options.prefix_cache_mb * _MiB if "prefix_cache_mb" in options.model_fields_set else 0
+    kv = (kv_bytes_per_token or 0) * context * options.max_batch
+    return memory_bytes + RUNTIME_BYTES + kv + prefix
+
+
+def _culprit(options: EngineOptions, context: int | None, prefix_mb: int | None) -> str:
+    """The set option that weighs most: the one to lower."""
+    if prefix_mb:
+        return "prefix_cache_mb"
+    if options.max_batch > 1:
+        return "max_batch"
+    if context is not None:
+        return "context_tokens"
+    return "prefill_chunk_tokens"
+
+
+def model_shape(path: str | Path) -> ModelShape:
+    """The shape of the model folder at ``path`` (genai_config.json, the graph's KV type, file sizes)."""
+    from agent.engine.model_folder import ModelFolder
+    from agent.engine.onnx_graph import read_graph
+
+    folder = ModelFolder(path)
+    decoder = folder.config.model.decoder
+    graph = read_graph(folder.onnx_path)
+    past = decoder.inputs.past_key_names % 0
+    element = graph.input_element_bytes(past) or 4.0
+    files = [folder.onnx_path, *sorted(folder.path.glob("*.data"))]
+    kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size * element
+    logits = graph.output_dims.get(decoder.outputs.logits, ())
+    vocab, hidden = folder.config.model.vocab_size, decoder.hidden_size
+    # The token-embedding table: a float (float32/16) initializer of vocab x hidden, read by a Gather.
+    tables = [
+        i.nbytes for i in graph.initializers if i.dims == (vocab, hidden) and i.data_type in (1, 10, 16)
+    ]
+    return ModelShape(
+        file_bytes=sum(p.stat().st_size for p in files if p.is_file()),
+        embedding_bytes=max(tables, default=0),
+        kv_bytes_per_token=int(kv),
+        hidden_size=hidden,
+        attention_heads=decoder.num_attention_heads,
+        vocab_size=vocab,
+        context_length=folder.context_length,
+        # A pruned lm_head (the prompt pass returns the last position only) declares 1 row.
+        full_logits=len(logits) < 2 or logits[1] != 1,
+    )

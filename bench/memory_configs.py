@@ -1,0 +1,100 @@
+"""Published configurations for Raspberry Pi 5 boxes: what the daemon's sizing gives, projected.
+
+    python bench/memory_configs.py
+
+Every figure here is a projection: the estimator of ``agent.engine.memory_plan``
+(calibrated on Phi-3-mini-shaped int4 layers measured by ``memory_bench``) applied
+to model shapes computed from their published dimensions, as onnxruntime-genai's
+builder exports them for CPU (block 32, float32 scales, 4-bit zero points, a float32
+embedding table, a quantized lm_head, pruned logits).  No Pi ran these.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.config import EngineOptions
+from agent.engine.memory_plan import ModelShape, estimate, fit
+from edge_contract.errors import MemoryFitError
+
+_MiB = 1 << 20
+#: Bytes per weight of a MatMulNBits matrix, block 32: packed data, float32 scale, 4-bit or 8-bit zero point.
+BYTES_PER_WEIGHT = {"int4": 0.5 + 4 / 32 + 0.5 / 32, "int8": 1.0 + 4 / 32 + 1.0 / 32}
+#: What a Pi 5 leaves to the agent: RAM less the OS (an estimate: a lite OS takes a few hundred MB)
+#: and the agent's health margin (min_mem_available_mb, 200 MiB).
+BOXES = {"Pi 5, 4 GB": 3500 * 10**6 - 200 * _MiB, "Pi 5, 8 GB": 7500 * 10**6 - 200 * _MiB}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A decoder's published dimensions."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_size: int
+    intermediate: int
+    vocab: int
+    context: int
+
+
+MODELS = [
+    Dims("Phi-3-mini (3.8 B)", 3072, 32, 32, 32, 96, 8192, 32064, 4096),
+    Dims("Llama-3.2-3B-shaped", 3072, 28, 24, 8, 128, 8192, 128256, 131072),
+    Dims("Qwen2.5-1.5B-shaped", 1536, 28, 12, 2, 128, 8960, 151936, 32768),
+]
+
+
+def shape(d: Dims, precision: str) -> ModelShape:
+    """The builder's CPU export of ``d`` at ``precision``, as the estimator sees it."""
+    attention = d.hidden * d.heads * d.head_size * 2 + d.hidden * d.kv_heads * d.head_size * 2
+    per_layer = attention + 3 * d.hidden * d.intermediate
+    quantized = (d.layers * per_layer + d.vocab * d.hidden) * BYTES_PER_WEIGHT[precision]  # + lm_head
+    embedding = d.vocab * d.hidden * 4
+    return ModelShape(
+        file_bytes=int(quantized) + embedding,
+        embedding_bytes=embedding,
+        kv_bytes_per_token=d.layers * 2 * d.kv_heads * d.head_size * 4,
+        hidden_size=d.hidden,
+        attention_heads=d.heads,
+        vocab_size=d.vocab,
+        context_length=d.context,
+        full_logits=False,
+    )
+
+
+def main() -> int:
+    print(
+        "| model | precision | file | box | context | prefix cache | prefill chunk | anonymous peak | + mapped |"
+    )
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for dims in MODELS:
+        for precision in ("int4", "int8"):
+            s = shape(dims, precision)
+            for box, memory in BOXES.items():
+                cells = [dims.name, precision, f"{s.file_bytes / 1e9:.2f} GB", box]
+                try:
+                    b = fit(s, EngineOptions(), memory)
+                except MemoryFitError:
+                    print("| " + " | ".join([*cells, "does not fit", "", "", "", ""]) + " |")
+                    continue
+                peak = estimate(s, b)
+                cells += [
+                    f"{b.context_tokens:,}",
+                    f"{b.prefix_cache_mb:,} MiB",
+                    str(b.prefill_chunk_tokens),
+                    f"{peak.anonymous / _MiB:,.0f} MiB",
+                    f"{peak.mapped / _MiB:,.0f} MiB",
+                ]
+                print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

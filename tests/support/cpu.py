@@ -1,0 +1,65 @@
+"""Which CPU family the tests run on, as the kernels see it, and the exactness guarantees per family.
+
+The family is read from what the process may execute (CPUID on x86-64, through
+numpy's run-time dispatch table), not from ``/proc/cpuinfo``: under
+``qemu-x86_64 -cpu Haswell`` (``.ci/x86_avx2_emulated.sh``) and on some VMs
+``/proc/cpuinfo`` lists the host's AVX-512 flags while the process cannot run
+them, and onnxruntime's MLAS dispatches on CPUID as numpy does.
+
+The guarantees (``docs/engine.md`` says why each holds):
+
+* ``BATCH_EXACT`` -- a sequence's tokens are the same alone and in a batch, bit for bit;
+* ``PREFIX_EXACT`` -- a prefix-cache hit gives the cold run's tokens, bit for bit;
+* ``DRAFT_EXACT`` -- a speculating engine's tokens do not depend on what it drafted, bit for
+  bit; where it does not hold (aarch64) the near-tie bound is what is checked;
+* ``NEAR_TIE`` -- a speculating engine's token is plain decoding's arg-max or within
+  ``NEAR_TIE`` logits of it (every family).
+"""
+
+from __future__ import annotations
+
+import platform
+
+X86_AVX512 = "x86-64 AVX-512"
+X86_AVX2 = "x86-64 AVX2-only"
+AARCH64 = "aarch64"
+OTHER = "other"
+
+
+def _x86_features() -> dict[str, bool]:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return dict(__cpu_features__)
+
+
+def family() -> str:
+    """The CPU family the kernels run on: ``X86_AVX512``, ``X86_AVX2``, ``AARCH64`` or ``OTHER``."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return AARCH64
+    if machine in ("x86_64", "amd64"):
+        features = _x86_features()
+        if features.get("AVX512F") and features.get("AVX512BW"):
+            return X86_AVX512
+        if features.get("AVX2") and features.get("FMA3"):
+            return X86_AVX2
+    return OTHER
+
+
+BATCH_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
+PREFIX_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
+DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2})
+# Where a one-row matrix pass rounds like a row of a many-row pass, per precision of the
+# fixtures (int4/int8 MatMulNBits, int8 activations): the engine measures it when it opens
+# (Engine.two_row_decode); this is what was measured, so a new onnxruntime that changes it
+# fails tests/integration/test_kernel_rows.py and the docs get updated.
+ONE_ROW_MATCHES = {
+    (X86_AVX512, "int4"): True,
+    (X86_AVX512, "int8"): True,
+    (X86_AVX2, "int4"): False,
+    (X86_AVX2, "int8"): True,
+    (AARCH64, "int4"): True,  # emulated Cortex-A76 (NEON dot product), onnxruntime 1.32
+    (AARCH64, "int8"): True,
+}
