@@ -365,6 +365,13 @@ class FleetTopics:
         self.any_telemetry = f"{prefix}/+/telemetry"
         self.any_model_state = f"{prefix}/+/model/state"
         self.any_model_desired = f"{prefix}/+/model/desired"
+        self.any_results = f"{prefix}/+/results/#"
+        self.any_renew_csr = f"{prefix}/+/renew/csr"
+        self.enroll_requests = f"{prefix}/enroll/+/csr/+"
+
+    def claim(self, claim: str) -> tuple[str, str]:
+        """The filters a claim identity may use: ``(requests, answers)`` (``enroll_topics`` spells one)."""
+        return enroll_topics(self.prefix, claim, "+")
 
     def device(self, device_id: str, group: str | None = None) -> Topics:
         return Topics(self.prefix, device_id, group)

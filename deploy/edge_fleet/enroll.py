@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
-from edge_contract.protocol import EnrollAnswer, EnrollRequest, Topics
+from edge_contract.protocol import EnrollAnswer, EnrollRequest, FleetTopics, Topics, enroll_topics
 
 from . import pki
 from .broker import FleetError, add_broker_args, connect, options_from, release
@@ -46,11 +46,11 @@ CLAIMS_DIR = "claims"
 
 def claim_acls(claim: str, prefix: str) -> list[dict[str, Any]]:
     """What a claim identity may do: ask for certificates, read the answers, nothing else."""
-    base = f"{prefix}/enroll/{claim}"
+    requests, answers = FleetTopics(prefix).claim(claim)
     return [
-        _acl("publishClientSend", f"{base}/csr/+"),
-        _acl("subscribePattern", f"{base}/answer/+"),
-        _acl("publishClientReceive", f"{base}/answer/+"),
+        _acl("publishClientSend", requests),
+        _acl("subscribePattern", answers),
+        _acl("publishClientReceive", answers),
     ]
 
 
@@ -121,7 +121,8 @@ def serve_command(args: argparse.Namespace) -> int:
     answered = 0
     try:
         client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
-        client.subscribe([(f"{options.prefix}/enroll/+/csr/+", 1), (f"{options.prefix}/+/renew/csr", 1)])
+        fleet = FleetTopics(options.prefix)
+        client.subscribe([(fleet.enroll_requests, 1), (fleet.any_renew_csr, 1)])
         print(f"answering enrollment requests under {options.prefix}/enroll/ (Ctrl-C stops)", flush=True)
         while args.count is None or answered < args.count:
             try:
@@ -150,7 +151,7 @@ def serve_command(args: argparse.Namespace) -> int:
                 with DynSec(admin) as api:
                     api.add_device(answer.name, group, options.prefix)
                 publish_membership(options, answer.name, group)
-            answer_topic = f"{options.prefix}/enroll/{claim}/answer/{nonce}"
+            answer_topic = enroll_topics(options.prefix, claim, nonce)[1]
             publish_retained(
                 options, [(answer_topic, answer.model_dump_json(exclude_none=True).encode()), (topic, b"")]
             )
