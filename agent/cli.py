@@ -13,6 +13,7 @@ import resource
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from agent.config import check_files, load_config
@@ -125,6 +126,18 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this box: versions, CPU features, memory, broker, model")
     doctor.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
 
+    enroll = sub.add_parser("enroll", help="make this box's key and get its certificate from a claim")
+    enroll.add_argument("name", metavar="NAME", help="this box's device id")
+    enroll.add_argument(
+        "--claim", type=Path, required=True, metavar="DIR", help="claim-NAME.crt/.key and ca.crt"
+    )
+    enroll.add_argument("--broker", required=True, metavar="HOST[:PORT]", help="the devices' listener (8883)")
+    enroll.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="where NAME.key and NAME.crt go"
+    )
+    enroll.add_argument("--topic-prefix", default="edge")
+    enroll.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a configuration file without starting")
@@ -151,6 +164,24 @@ def _doctor(args: argparse.Namespace) -> int:
     checks = run_checks(config, thresholds=config.health)
     print(format_report(checks))
     return 1 if worst(checks) == "fail" else 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import enroll
+    from edge_contract.names import TLS_PORT, parse_endpoint
+
+    try:
+        broker = parse_endpoint(args.broker, TLS_PORT)
+    except ValueError as exc:
+        print(f"edge-agent: error: --broker {exc}", file=sys.stderr)
+        return 2
+    cert = enroll(args.name, args.claim, broker, args.out, prefix=args.topic_prefix, timeout_s=args.timeout)
+    key = cert.with_suffix(".key")
+    print(
+        f"enrolled as {args.name}: {cert} and {key} (made here, never sent), {args.out / 'ca.crt'}; "
+        f'[mqtt.tls] ca = "{args.out / "ca.crt"}", cert = "{cert}", key = "{key}"'
+    )
+    return 0
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -372,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command == "enroll":
+            return _enroll(args)
         return _config_check(args)
     except AgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ def topic_safe(value: str) -> str:
 
 
 #: Topic levels under the prefix that belong to the fleet, not to a device: no device may be named so.
-RESERVED_NAMES = frozenset({"groups", "replies", "operator"})
+RESERVED_NAMES = frozenset({"groups", "replies", "operator", "enroll"})
 _ENDPOINT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?")
 #: The IANA ports of MQTT over TLS and plain MQTT: an endpoint without a port gets the one that fits.
 TLS_PORT, PLAIN_PORT = 8883, 1883

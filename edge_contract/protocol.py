@@ -296,6 +296,28 @@ class Membership(_Wire):
     at: float = Field(default_factory=time.time)
 
 
+class EnrollRequest(_Wire):
+    """A box asking for its certificate: its name and a CSR for the key it made (``docs/identity.md``)."""
+
+    name: str = Field(pattern=_LEVEL)
+    csr: str = Field(max_length=8192, description="PEM certificate signing request, CN = name.")
+
+
+class EnrollAnswer(_Wire):
+    """The approver's answer: the certificate and the fleet CA, or why not."""
+
+    name: str
+    cert: str | None = None
+    ca: str | None = None
+    error: str | None = None
+
+
+def enroll_topics(prefix: str, claim: str, nonce: str) -> tuple[str, str]:
+    """``(request, answer)`` topics of one enrollment under claim identity ``claim``."""
+    base = f"{prefix}/enroll/{claim}"
+    return f"{base}/csr/{nonce}", f"{base}/answer/{nonce}"
+
+
 class GroupTopics:
     """The topics of a group: its jobs (taken through a shared subscription) and its desired model."""
 
@@ -311,6 +333,8 @@ class Topics:
     def __init__(self, prefix: str, device_id: str, group: str | None = None) -> None:
         base = f"{prefix}/{device_id}"
         self.membership = f"{base}/membership"
+        self.renew_csr = f"{base}/renew/csr"
+        self.renew_answer = f"{base}/renew/answer"
         self.jobs = f"{base}/jobs"
         self.cancel = f"{base}/jobs/cancel"
         self.status = f"{base}/status"
@@ -341,6 +365,13 @@ class FleetTopics:
         self.any_telemetry = f"{prefix}/+/telemetry"
         self.any_model_state = f"{prefix}/+/model/state"
         self.any_model_desired = f"{prefix}/+/model/desired"
+        self.any_results = f"{prefix}/+/results/#"
+        self.any_renew_csr = f"{prefix}/+/renew/csr"
+        self.enroll_requests = f"{prefix}/enroll/+/csr/+"
+
+    def claim(self, claim: str) -> tuple[str, str]:
+        """The filters a claim identity may use: ``(requests, answers)`` (``enroll_topics`` spells one)."""
+        return enroll_topics(self.prefix, claim, "+")
 
     def device(self, device_id: str, group: str | None = None) -> Topics:
         return Topics(self.prefix, device_id, group)

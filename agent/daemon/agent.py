@@ -17,6 +17,7 @@ from agent.daemon.faults import StorageFaults
 from agent.daemon.http.server import HTTPServer
 from agent.daemon.inbox import Inbox, rules_for
 from agent.daemon.outbox import Outbox
+from agent.daemon.renewal import Renewal
 from agent.daemon.replies import Replies, cancel_local_orphans
 from agent.daemon.supervisor import Supervisor, offline_status
 from agent.daemon.worker import Worker
@@ -81,9 +82,12 @@ class Agent:
             recorder=LinkRecorder(config.state_dir),
             optional={
                 topics.membership: "this box's broker role predates membership pushes: it keeps the "
-                "group of its agent.toml (`edge-fleet move NAME --group G` grants the topic)"
+                "group of its agent.toml (`edge-fleet move NAME --group G` grants the topic)",
+                topics.renew_answer: "this box's broker role predates renewal over the link: renew its "
+                "certificate with `edge-fleet renew` (`edge-fleet move NAME --group G` grants the topic)",
             },
         )
+        self.renewal = Renewal(config, topics, self.link)
         self.outbox = Outbox(self.link, self.store, self.faults)
         # The reply sink of every job: MQTT topics to the outbox, HTTP jobs to the HTTP server.
         self.replies = Replies(
@@ -126,7 +130,7 @@ class Agent:
             device_id=config.device_id,
             stats=self.stats,
             faults=self.faults,
-            on_membership=self.apply_membership,
+            pushed={topics.membership: self.apply_membership, topics.renew_answer: self.renewal.answer},
         )
         # HTTP jobs left queued or interrupted by the previous process have no client any more.
         try:
@@ -189,7 +193,8 @@ class Agent:
             self.inbox.handle(event)
             try:
                 self.supervisor.tick()
-            except Exception:  # telemetry or systemd trouble must not stop the intake
+                self.renewal.tick()
+            except Exception:  # telemetry, systemd or renewal trouble must not stop the intake
                 log.exception("supervision tick failed")
         self._finish()
         if self.faults.corrupt is not None:

@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
 from agent.config import AgentConfig
@@ -91,12 +91,13 @@ class Inbox:
         stats: JobStats,
         faults: StorageFaults,
         replies: Sender | None = None,
-        on_membership: Callable[[bytes], None] | None = None,
+        pushed: Mapping[str, Callable[[bytes], None]] | None = None,
     ) -> None:
         """``replies``: where answers go (``Replies``, routing HTTP jobs' to the HTTP server); default the outbox.
-        ``on_membership``: where the fleet's membership messages go (``Agent.apply_membership``)."""
+        ``pushed``: topics the fleet pushes to the box (its membership, a renewed certificate),
+        each with where its messages go."""
         self.rules = rules
-        self._on_membership = on_membership
+        self._pushed = dict(pushed or {})
         self.store = store
         self.outbox = outbox
         self.replies: Sender = replies if replies is not None else outbox
@@ -138,12 +139,13 @@ class Inbox:
     def on_message(self, msg: Message) -> None:
         """Decide, carry out, acknowledge; after a storage error, retry later unacknowledged."""
         log.debug("message on %s (%d bytes, mid %d)", msg.topic, len(msg.payload), msg.mid)
-        if msg.topic == self.rules.topics.membership:
-            if self._on_membership is not None and not msg.truncated:
+        handler = self._pushed.get(msg.topic)
+        if handler is not None:
+            if not msg.truncated:
                 try:
-                    self._on_membership(msg.payload)
+                    handler(msg.payload)
                 except Exception:  # a bug applying it must not stop the intake
-                    log.exception("unexpected error applying the membership message")
+                    log.exception("unexpected error applying the message on %s", msg.topic)
             self._ack(msg)
             return
         try:

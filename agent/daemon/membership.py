@@ -37,7 +37,7 @@ FILE = "membership.json"
 def subscriptions_for(config: AgentConfig, topics: Topics) -> tuple[list[str], dict[str, int]]:
     """What the agent subscribes to with this configuration and group, and each one's payload limit
     (the others get the link's default)."""
-    subscriptions = [topics.jobs, topics.cancel, topics.model_desired, topics.membership]
+    subscriptions = [topics.jobs, topics.cancel, topics.model_desired, topics.membership, topics.renew_answer]
     limits = {
         topics.jobs: config.jobs.max_payload_bytes,
         topics.cancel: CANCEL_MAX_BYTES,

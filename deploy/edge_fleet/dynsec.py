@@ -69,10 +69,16 @@ def _readable(topics: Iterable[str], subscribe_as: Iterable[str] = ()) -> list[d
 def device_acls(name: str, prefix: str = "edge") -> list[dict[str, Any]]:
     """What device ``name`` may read and write: its own topics, nothing else."""
     own = Topics(prefix, name)
-    acls = _readable([own.jobs, own.cancel, own.model_desired, own.membership])
-    for topic in (own.status, own.telemetry, own.results, own.model_state, own.replies):
+    acls = _readable([own.jobs, own.cancel, own.model_desired, *fleet_pushed(name, prefix)])
+    for topic in (own.status, own.telemetry, own.results, own.model_state, own.renew_csr, own.replies):
         acls.append(_acl("publishClientSend", topic))
     return acls
+
+
+def fleet_pushed(name: str, prefix: str = "edge") -> list[str]:
+    """Topics the fleet pushes to a device since issue 24: its membership and its renewed certificate."""
+    own = Topics(prefix, name)
+    return [own.membership, own.renew_answer]
 
 
 def group_acls(group: str, prefix: str = "edge") -> list[dict[str, Any]]:
@@ -304,10 +310,13 @@ class DynSec:
         return [g.removeprefix("group-") for g in left]
 
     def grant_membership(self, name: str, prefix: str) -> None:
-        """Let device ``name`` read its membership topic (roles made before issue 24 lack it)."""
-        topic = f"{prefix}/{name}/membership"
+        """Let device ``name`` read its membership and renewal topics (roles made before issue 24 lack them)."""
+        acls = [
+            *_readable(fleet_pushed(name, prefix)),
+            _acl("publishClientSend", Topics(prefix, name).renew_csr),
+        ]
         self.run(
-            *({"command": "addRoleACL", "rolename": device_role(name), **acl} for acl in _readable([topic])),
+            *({"command": "addRoleACL", "rolename": device_role(name), **acl} for acl in acls),
             allow=["already", "exists"],
         )
 

@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from agent.link.tls import certificate_expiry
 from edge_contract.protocol import Membership, Status, Topics
@@ -33,6 +36,8 @@ from .broker import BrokerOptions, FleetError, add_broker_args, connect, options
 from .dynsec import ADMIN_ROLE, DynSec
 from .sessions import Settled, settle
 from .setup import DEVICE_PORT
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -121,10 +126,12 @@ def move_command(args: argparse.Namespace) -> int:
             raise FleetError(f"{args.name!r} is not a device on this broker; provision it first")
         current = [str(g.get("groupname", "")).removeprefix("group-") for g in client.get("groups", [])]
         leaving = [g for g in current if g != group]
-        before = settle(data, args.name, leaving, end=False) if leaving else Settled()
+        before = (
+            _operators_side(lambda: settle(data, args.name, leaving, end=False)) if leaving else Settled()
+        )
         left = api.set_group(args.name, group, options.prefix)
-    after = settle(data, args.name, left, end=False) if left else Settled()
-    publish_membership(data, args.name, group)
+    after = _operators_side(lambda: settle(data, args.name, left, end=False)) if left else Settled()
+    _operators_side(lambda: publish_membership(data, args.name, group))
     was = f" (left {', '.join(left)}{_handed(before, after)})" if left else ""
     now = f"group {group}" if group else "no group"
     print(
@@ -133,6 +140,22 @@ def move_command(args: argparse.Namespace) -> int:
         "agent.toml and a restart)"
     )
     return 0
+
+
+def _operators_side(step: Callable[[], T]) -> T | Settled:
+    """A step on the operators' listener after (or before) the rules changed: when it cannot be
+    done (no operator certificate given, say), the rules still changed — warn, naming what is
+    missing and the fix, and go on."""
+    try:
+        return step()
+    except FleetError as exc:
+        print(
+            f"edge-fleet: warning: on the operators' listener: {exc} — the device's rules changed, but its "
+            "session, status or membership were not updated: run the command again with an operator "
+            "certificate (--tls-cert/--tls-key) and --broker HOST:8884 (it is safe to repeat)",
+            file=sys.stderr,
+        )
+        return Settled()
 
 
 def _handed(*results: Settled) -> str:
@@ -148,11 +171,11 @@ def revoke_command(args: argparse.Namespace) -> int:
         groups = [
             str(g.get("groupname", "")).removeprefix("group-") for g in (client or {}).get("groups", [])
         ]
-        before = settle(data, args.name, groups, end=True) if client is not None else Settled()
+        before = _operators_side(lambda: settle(data, args.name, groups, end=True)) if client else Settled()
         api.revoke(args.name)
     # Its agent may have connected again in between, under the old rules: end that session too.
-    after = settle(data, args.name, groups, end=True)
-    announce_revoked(data, args.name)
+    after = _operators_side(lambda: settle(data, args.name, groups, end=True))
+    _operators_side(lambda: announce_revoked(data, args.name))
     print(
         f"revoked {args.name}: disconnected, its session ended{_handed(before, after)}, every subscription "
         "and publication of its certificate refused from now on; `status` shows it revoked"

@@ -276,7 +276,9 @@ def devices_command(args: argparse.Namespace) -> int:
         "online": sum(1 for r in rows if r.online),
         "offline": sum(1 for r in rows if r.online is False),
         "never seen": sum(1 for r in rows if r.online is None),
-        "revoked": sum(1 for r in rows if r.revoked),
     }
+    revoked = sum(1 for r in rows if r.revoked)
+    if revoked:
+        counts["revoked"] = revoked
     print("  ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -282,6 +282,10 @@ def provision(
     ``hosts``).  ``not_before`` (default: now) lets tests make certificates that already expired.
     """
     check_name(name)
+    if kind in ("device", "operator") and name.startswith("claim-"):
+        raise FleetError(
+            f"{name!r}: names starting with claim- are enrollment claims (edge-fleet claim create)"
+        )
     if kind == "device" and name in RESERVED_NAMES:
         raise FleetError(f"{name!r} cannot be a device: it is reserved ({', '.join(sorted(RESERVED_NAMES))})")
     if kind == "device" and name in operator_names(ca_dir):
@@ -312,6 +316,28 @@ def provision(
     cert_path, key_path, ca_copy = out / f"{name}.crt", out / f"{name}.key", out / CA_CERT
     _refuse_overwrite([cert_path, key_path], force)
     key = ec.generate_private_key(ec.SECP256R1())
+    cert = _certificate(
+        name, kind, key.public_key(), ca_cert, ca_key, days=days, hosts=hosts, not_before=not_before
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_copy.write_bytes(fleet_ca.public_bytes(serialization.Encoding.PEM))
+    return [cert_path, key_path, ca_copy]
+
+
+def _certificate(
+    name: str,
+    kind: str,
+    public_key: ec.EllipticCurvePublicKey,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    days: int,
+    hosts: list[str] | None,
+    not_before: datetime.datetime | None,
+) -> x509.Certificate:
+    """A certificate for ``public_key`` named ``name`` (CN, and OU ``kind``), signed by the CA."""
     start = (not_before or datetime.datetime.now(datetime.UTC)) - _BACKDATE
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
     # The OU says what the identity is for; mosquitto uses the CN only.
@@ -320,7 +346,7 @@ def provision(
         x509.CertificateBuilder()
         .subject_name(x509.Name(attributes))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + _BACKDATE + datetime.timedelta(days=days))
@@ -331,7 +357,7 @@ def provision(
             ),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
@@ -339,11 +365,31 @@ def provision(
     if kind == "broker":
         builder = builder.add_extension(x509.SubjectAlternativeName(_alt_names(hosts or [])), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    out.mkdir(parents=True, exist_ok=True)
-    _write_key(key_path, key)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    ca_copy.write_bytes(fleet_ca.public_bytes(serialization.Encoding.PEM))
-    return [cert_path, key_path, ca_copy]
+    return cert
+
+
+def issue_for_key(
+    name: str,
+    ca_dir: Path,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    days: int = IDENTITY_DAYS,
+    renewal: bool = False,
+) -> bytes:
+    """A device certificate (PEM) for a key made elsewhere (a CSR's: enrollment), recorded as a device.
+
+    ``renewal``: for a device of this CA that asked for itself (the name must be a device's).
+    """
+    check_name(name)
+    if renewal and name not in device_names(ca_dir):
+        raise FleetError(f"{name!r} is not a device of this CA: nothing to renew")
+    taken = name in RESERVED_NAMES or name in operator_names(ca_dir) or name in device_names(ca_dir)
+    if not renewal and taken:
+        raise FleetError(f"{name!r} is taken (a device, an operator or a reserved name of this CA)")
+    ca_cert, ca_key = _load_ca(ca_dir)
+    _add_name(ca_dir / DEVICES_FILE, name)
+    cert = _certificate(name, "device", public_key, ca_cert, ca_key, days=days, hosts=None, not_before=None)
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def check_name(name: str, what: str = "a name") -> None:

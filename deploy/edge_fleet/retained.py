@@ -28,6 +28,8 @@ import time
 import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge_contract.protocol import FleetTopics
+
 from .broker import BrokerOptions, add_broker_args, connect, options_from, release
 
 #: A sweep without --follow ends after this long without a retained message to clear.
@@ -36,7 +38,8 @@ QUIET_S = 1.0
 
 def swept_filters(prefix: str) -> list[str]:
     """The topics where devices may publish but have no reason to retain."""
-    return [f"{prefix}/replies/#", f"{prefix}/+/results/#", f"{prefix}/+/telemetry"]
+    fleet = FleetTopics(prefix)
+    return [fleet.replies, fleet.any_results, fleet.any_telemetry]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -38,6 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.link.mqtt import no_delay
+from edge_contract.protocol import GroupTopics, Topics
 
 from .broker import BrokerOptions, FleetError, connect, connection_error, release
 
@@ -58,8 +59,8 @@ _KEPT_PROPERTIES = (
 
 def group_filters(prefix: str, group: str) -> list[str]:
     """Every subscription a member of ``group`` may hold (the agent's and a plain one)."""
-    jobs = f"{prefix}/groups/{group}/jobs"
-    return [f"$share/{group}/{jobs}", jobs, f"{prefix}/groups/{group}/model/desired"]
+    topics = GroupTopics(prefix, group)
+    return [topics.shared_jobs, topics.jobs, topics.model_desired]
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,12 @@ class Settled:
 def disposition(topic: str, prefix: str, left: list[str], *, end: bool) -> str:
     """What becomes of a message the session held: ``group`` (to its group again), ``own``
     (back into the session) or ``drop``."""
-    parts = topic.split("/")
-    if len(parts) >= 4 and parts[0] == prefix and parts[1] == "groups" and parts[2] in left:
-        return "group" if parts[3:] == ["jobs"] else "drop"
+    for group in left:
+        of_group = GroupTopics(prefix, group)
+        if topic == of_group.jobs:
+            return "group"
+        if topic == of_group.model_desired:
+            return "drop"  # the old group's desired model: no longer this box's
     return "drop" if end else "own"
 
 
@@ -184,7 +188,8 @@ def _settle_once(
                 )
             result.present = result.present or state.present
         filters = [f for group in left for f in group_filters(options.prefix, group)]
-        barrier = filters or [f"{options.prefix}/{name}/settle"]  # unsubscribing nothing: a round trip
+        # Unsubscribing from a filter the session never held: a round trip that changes nothing.
+        barrier = filters or [Topics(options.prefix, name).status]
         taken = 0
         for _round in range(1000):
             _round_trip(client, state, barrier, name)

@@ -1,0 +1,257 @@
+"""Enrollment from a claim: the box makes its own key, the fleet signs its CSR (``docs/identity.md``).
+
+``edge-fleet claim create NAME --group G --count N`` issues a *claim identity*
+``claim-NAME`` (a certificate of the fleet CA, baked into the image) and registers
+it on the broker with one right: publish ``PREFIX/enroll/claim-NAME/csr/+`` and read
+``PREFIX/enroll/claim-NAME/answer/+``.  Its policy (group, how many boxes, until
+when) is kept in the CA folder (``claims/NAME.json``).
+
+``edge-fleet enroll serve`` (next to the CA key) takes each request on the
+operators' listener: the broker guarantees that only the claim's certificate
+published it; the claim must be known, unexpired and not used up; the name free
+in the one name space; the CSR's signature sound and its CN the name.  It then
+issues a device certificate for the CSR's public key, registers the device and
+its group on the broker, pushes its membership, and answers with the certificate
+(retained: a box that was disconnected meanwhile finds it when it subscribes
+again).  Requests are retained too, so they wait for an approver that was not
+running; each is cleared once answered.  The private key never leaves the box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sqlite3
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
+
+from edge_contract.protocol import EnrollAnswer, EnrollRequest, FleetTopics, Topics, enroll_topics
+
+from . import pki
+from .broker import FleetError, add_broker_args, connect, options_from, release
+from .dynsec import DynSec, _acl, device_role
+from .identity import publish_membership, publish_retained
+from .setup import DEVICE_PORT
+
+CLAIM_PREFIX = "claim-"
+CLAIMS_DIR = "claims"
+
+
+def claim_acls(claim: str, prefix: str) -> list[dict[str, Any]]:
+    """What a claim identity may do: ask for certificates, read the answers, nothing else."""
+    requests, answers = FleetTopics(prefix).claim(claim)
+    return [
+        _acl("publishClientSend", requests),
+        _acl("subscribePattern", answers),
+        _acl("publishClientReceive", answers),
+    ]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``claim create`` and ``enroll serve``."""
+    claim = sub.add_parser("claim", help="enrollment claims: boxes that enroll themselves")
+    claim_sub = claim.add_subparsers(dest="claim_command", required=True)
+    create = claim_sub.add_parser("create", help="issue a claim identity for a batch of boxes")
+    create.add_argument("name", metavar="NAME", help="the batch (its identity is claim-NAME)")
+    create.add_argument("--ca", type=Path, required=True, metavar="DIR")
+    create.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the claim's files go")
+    create.add_argument("--group", help="the group every box of the batch joins")
+    create.add_argument("--count", type=int, default=1, help="how many boxes may enroll with it (default 1)")
+    create.add_argument("--days", type=int, default=30, help="how long it may be used (default 30)")
+    _admin_args(create)
+    create.set_defaults(func=claim_command)
+
+    enroll = sub.add_parser("enroll", help="sign the certificate requests of claimed boxes")
+    enroll_sub = enroll.add_subparsers(dest="enroll_command", required=True)
+    serve = enroll_sub.add_parser("serve", help="answer enrollment requests (until Ctrl-C or --count)")
+    serve.add_argument("--ca", type=Path, required=True, metavar="DIR")
+    serve.add_argument("--count", type=int, help="stop after this many answers")
+    _admin_args(serve)
+    serve.set_defaults(func=serve_command)
+
+
+def _admin_args(parser: argparse.ArgumentParser) -> None:
+    add_broker_args(parser)
+    parser.add_argument("--admin-port", type=int, default=DEVICE_PORT, help="the devices' listener")
+
+
+def claim_command(args: argparse.Namespace) -> int:
+    """``edge-fleet claim create NAME``."""
+    pki.check_name(args.name, "a claim name")
+    if args.group:
+        pki.check_name(args.group, "--group")
+    if args.count < 1 or args.days < 1:
+        raise FleetError("--count and --days must be at least 1")
+    identity = f"{CLAIM_PREFIX}{args.name}"
+    written = pki.provision(identity, args.ca, args.out, kind="claim", days=args.days)
+    record = {"group": args.group, "left": args.count, "expires": time.time() + args.days * 86400}
+    claims = args.ca / CLAIMS_DIR
+    claims.mkdir(exist_ok=True)
+    (claims / f"{args.name}.json").write_text(json.dumps(record))
+    options = options_from(args)
+    with DynSec(replace(options, port=args.admin_port)) as api:
+        api.run(
+            {"command": "createRole", "rolename": identity, "acls": claim_acls(identity, options.prefix)},
+            {"command": "createClient", "username": identity, "roles": [{"rolename": identity}]},
+            allow=["already exists"],
+        )
+    for path in written:
+        print(f"wrote {path}")
+    print(
+        f"claim {identity}: {args.count} box(es) until {time.strftime('%Y-%m-%d', time.localtime(record['expires']))}"
+        f"{' into group ' + args.group if args.group else ''}; put {args.out} on the boxes' image and run "
+        "`edge-fleet enroll serve` beside the CA"
+    )
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``edge-fleet enroll serve --ca DIR``."""
+    options = options_from(args)
+    admin = replace(options, port=args.admin_port)
+    inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    client = connect(options, name="edge-fleet-enroll")
+    answered = 0
+    try:
+        client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
+        fleet = FleetTopics(options.prefix)
+        client.subscribe([(fleet.enroll_requests, 1), (fleet.any_renew_csr, 1)])
+        print(f"answering enrollment requests under {options.prefix}/enroll/ (Ctrl-C stops)", flush=True)
+        while args.count is None or answered < args.count:
+            try:
+                topic, payload = inbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if not payload:
+                continue  # a request this loop cleared
+            parts = topic.split("/")
+            if parts[2:] == ["renew", "csr"]:
+                with DynSec(admin) as api:
+                    answer = renew(args.ca, parts[1], payload, api.get_client(parts[1]))
+                answer_topic = Topics(options.prefix, parts[1], None).renew_answer
+                publish_retained(
+                    options,
+                    [(answer_topic, answer.model_dump_json(exclude_none=True).encode()), (topic, b"")],
+                )
+                print(f"renewal: {parts[1]}: {answer.error or 'renewed'}", flush=True)
+                answered += 1
+                continue
+            claim, nonce = parts[2], parts[4]
+            answer = decide(args.ca, claim, payload)
+            if answer.cert is not None:
+                record = _claim_record(args.ca, claim)
+                group = record.get("group") if record else None
+                with DynSec(admin) as api:
+                    api.add_device(answer.name, group, options.prefix)
+                publish_membership(options, answer.name, group)
+            answer_topic = enroll_topics(options.prefix, claim, nonce)[1]
+            publish_retained(
+                options, [(answer_topic, answer.model_dump_json(exclude_none=True).encode()), (topic, b"")]
+            )
+            print(f"{claim}: {answer.name}: {answer.error or 'enrolled'}", flush=True)
+            answered += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        release(client)
+    return 0
+
+
+def _claim_record(ca_dir: Path, claim: str) -> dict[str, Any] | None:
+    if not claim.startswith(CLAIM_PREFIX):
+        return None
+    path = ca_dir / CLAIMS_DIR / f"{claim.removeprefix(CLAIM_PREFIX)}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def renew(ca_dir: Path, device: str, payload: bytes, client: dict[str, Any] | None) -> EnrollAnswer:
+    """A device asking, over its own identity, for a certificate for a new key of its own: granted
+    when it is a device of this CA, registered, enabled and holding its role (not revoked)."""
+    try:
+        request = EnrollRequest.model_validate_json(payload)
+    except ValidationError as exc:
+        return EnrollAnswer(name=device, error=f"not a renewal request: {exc.errors()[0]['msg']}")
+    roles = [r.get("rolename") for r in (client or {}).get("roles", [])]
+    if client is None or client.get("disabled") or device_role(device) not in roles:
+        return EnrollAnswer(name=device, error=f"{device} is revoked or not registered on this broker")
+    if request.name != device:
+        return EnrollAnswer(name=device, error="a device renews its own certificate only")
+    key, problem = _csr_key(request)
+    if key is None:
+        return EnrollAnswer(name=device, error=problem)
+    try:
+        cert = pki.issue_for_key(device, ca_dir, key, renewal=True)
+    except FleetError as exc:
+        return EnrollAnswer(name=device, error=str(exc))
+    _record(cert)
+    return EnrollAnswer(name=device, cert=cert.decode(), ca=(ca_dir / pki.CA_CERT).read_text())
+
+
+def _record(cert_pem: bytes) -> None:
+    """The new serial and expiry in the operator's inventory (``devices``); a warning if it fails."""
+    from .inventory import Inventory
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    [cn] = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    try:
+        Inventory.open().record_provisioned(
+            str(cn.value), None, format(cert.serial_number, "x"), cert.not_valid_after_utc.timestamp()
+        )
+    except (OSError, sqlite3.Error) as exc:
+        print(f"warning: not recorded in the inventory ({exc})")
+
+
+def _csr_key(request: EnrollRequest) -> tuple[ec.EllipticCurvePublicKey | None, str]:
+    """The CSR's public key when its signature is sound, its CN the request's name and its key ECDSA."""
+    try:
+        csr = x509.load_pem_x509_csr(request.csr.encode())
+    except ValueError:
+        return None, "the CSR is not a PEM certificate request"
+    names = [a.value for a in csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    if not csr.is_signature_valid or names != [request.name]:
+        return None, "the CSR's signature or common name is wrong"
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return None, "the key must be ECDSA (P-256)"
+    return key, ""
+
+
+def decide(ca_dir: Path, claim: str, payload: bytes) -> EnrollAnswer:
+    """Check one request under ``claim`` and issue its certificate, or say why not (the claim's
+    count is spent only by a certificate issued)."""
+    try:
+        request = EnrollRequest.model_validate_json(payload)
+    except ValidationError as exc:
+        return EnrollAnswer(name="?", error=f"not an enrollment request: {exc.errors()[0]['msg']}")
+    record = _claim_record(ca_dir, claim)
+    if record is None:
+        return EnrollAnswer(name=request.name, error=f"{claim} is not a claim of this CA")
+    if record.get("left", 0) < 1:
+        return EnrollAnswer(name=request.name, error=f"{claim} is used up: ask for a new claim")
+    if time.time() > float(record.get("expires", 0)):
+        return EnrollAnswer(name=request.name, error=f"{claim} expired: ask for a new claim")
+    if request.name.startswith(CLAIM_PREFIX):
+        return EnrollAnswer(name=request.name, error="a device name cannot start with claim-")
+    key, problem = _csr_key(request)
+    if key is None:
+        return EnrollAnswer(name=request.name, error=problem)
+    try:
+        cert = pki.issue_for_key(request.name, ca_dir, key)
+    except FleetError as exc:
+        return EnrollAnswer(name=request.name, error=str(exc))
+    _record(cert)
+    record["left"] = int(record["left"]) - 1
+    (ca_dir / CLAIMS_DIR / f"{claim.removeprefix(CLAIM_PREFIX)}.json").write_text(json.dumps(record))
+    ca = (ca_dir / pki.CA_CERT).read_text()
+    return EnrollAnswer(name=request.name, cert=cert.decode(), ca=ca)
