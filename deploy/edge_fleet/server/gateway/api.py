@@ -1,0 +1,204 @@
+"""The gateway's routes on ``edge-fleet server``: OpenAI's ``/v1/…`` and Ollama's ``/api/…``.
+
+``GET /v1/models`` and ``GET /api/tags`` list what can be asked for (model names served by
+online boxes, ``group:GROUP``, ``device:DEVICE``) to any token (viewer and up);
+``POST /v1/chat/completions``, ``/v1/completions``, ``/api/chat`` and ``/api/generate`` run
+jobs and need an operator token (or admin).  Errors are in the dialect's shape (OpenAI's
+``{"error": {message, type, code, param}}``, Ollama's ``{"error": message}``), with the status
+the box would give; bodies are mapped by ``edge_contract.openai_compat``, as on the box.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
+
+from edge_contract import __version__
+from edge_contract import openai_compat as api
+from edge_contract.openai_compat import ApiError, Call
+from edge_contract.params import DEFAULTS
+
+from ..auth import require
+from ..store import Principal, Role
+from .dispatch import Dispatcher
+from .relay import Gateway
+from .routing import DEVICE, GROUP
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["gateway (OpenAI, Ollama)"])
+_lock = threading.Lock()
+#: What Ollama's ``num_predict`` -1 ("until the end") becomes: the contract's default limit.
+_OLLAMA_UNTIL_END = DEFAULTS.max_tokens
+#: The response header naming the box that answered.
+DEVICE_HEADER = "X-Edge-Device"
+
+
+def _who(role: Role) -> Callable[[Request], Principal]:
+    """The server's tokens (``auth.require``), with their 401/403 in the dialect's error shape."""
+    check = require(role)
+
+    def principal(request: Request) -> Principal:
+        scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+        credentials = (
+            HTTPAuthorizationCredentials(scheme=scheme, credentials=token) if scheme and token else None
+        )
+        try:
+            return check(request, credentials)
+        except HTTPException as exc:
+            denied = exc.status_code == 401
+            raise ApiError(
+                exc.status_code,
+                str(exc.detail),
+                type="authentication_error" if denied else "permission_error",
+                code="invalid_api_key" if denied else "insufficient_role",
+            ) from None
+
+    return principal
+
+
+_VIEWER = Depends(_who("viewer"))
+_OPERATOR = Depends(_who("operator"))
+
+
+def _gateway(request: Request) -> Gateway:
+    app = request.app
+    found: Gateway | None = getattr(app.state, "gateway", None)
+    if found is not None:
+        return found
+    link = app.state.link
+    if link is None:
+        raise ApiError(503, "this server has no broker link: start it with --broker", type="server_error")
+    with _lock:
+        if getattr(app.state, "gateway", None) is None:
+            app.state.gateway = Gateway(link, Dispatcher(link.options))
+        gateway: Gateway = app.state.gateway
+        return gateway
+
+
+async def _body(request: Request) -> Any:
+    data = await request.body()
+    if not data:
+        raise api.bad_request(None, "the request needs a JSON body", code="invalid_json")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise api.bad_request(None, f"the body is not valid JSON ({exc})", code="invalid_json") from None
+
+
+# -- what can be asked for ---------------------------------------------------------------------------
+
+
+def _names(gateway: Gateway) -> list[str]:
+    """Model names served by online boxes, then ``group:G`` and ``device:D`` of online boxes."""
+    online = [c for c in gateway.candidates() if c.online]
+    models = sorted({c.model for c in online if c.model})
+    groups = sorted({GROUP + c.group for c in online if c.group})
+    devices = sorted(DEVICE + c.device_id for c in online)
+    return models + groups + devices
+
+
+@router.get("/v1/models")
+def openai_models(request: Request, _who: Principal = _VIEWER) -> dict[str, Any]:
+    """What a request's ``model`` may name (see docs/http-api.md, "Through the fleet")."""
+    now = int(time.time())
+    return {
+        "object": "list",
+        "data": [api.openai_model(n, now, "edge-fleet") for n in _names(_gateway(request))],
+    }
+
+
+@router.get("/v1/models/{name:path}")
+def openai_model(request: Request, name: str, _who: Principal = _VIEWER) -> dict[str, Any]:
+    """One routable name (404 when nothing online answers to it)."""
+    if name.removesuffix(":latest") not in _names(_gateway(request)):
+        raise ApiError(
+            404,
+            f"model {name!r} not found: GET /v1/models lists what can be asked for",
+            code="model_not_found",
+            param="model",
+        )
+    return api.openai_model(name, int(time.time()), "edge-fleet")
+
+
+@router.get("/api/tags")
+def ollama_tags(request: Request, _who: Principal = _VIEWER) -> dict[str, Any]:
+    """Ollama's list: model names as ``NAME:latest``, groups and devices as they are."""
+    now = int(time.time())
+    names = _names(_gateway(request))
+    return {"models": [api.ollama_model(n if ":" in n else f"{n}:latest", now) for n in names]}
+
+
+@router.get("/api/version")
+def ollama_version() -> dict[str, str]:
+    """Ollama's version probe (no token, as Ollama)."""
+    return {"version": __version__}
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+
+
+async def _run(request: Request, call: Call) -> Response:
+    gateway = _gateway(request)
+    if call.load_only:
+        return JSONResponse(api.ollama_final(call, None))
+    answer = await gateway.start(call)
+    served_by = {DEVICE_HEADER: answer.device_id}
+    if not call.stream:
+        result = await answer.result()
+        body = api.whole_answer(call, answer.job_id, result, answer.created)
+        return JSONResponse(body, headers=served_by)
+    return StreamingResponse(
+        answer.stream(),
+        media_type=api.stream_content_type(call),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by},
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, _who: Principal = _OPERATOR) -> Response:
+    """OpenAI's chat completions, on the best box for ``model``."""
+    return await _run(request, api.openai_chat(await _body(request)))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, _who: Principal = _OPERATOR) -> Response:
+    """OpenAI's (legacy) completions: the prompt as is."""
+    return await _run(request, api.openai_completion(await _body(request)))
+
+
+@router.post("/api/chat")
+async def ollama_chat(request: Request, _who: Principal = _OPERATOR) -> Response:
+    """Ollama's chat (NDJSON stream unless ``"stream": false``)."""
+    return await _run(request, api.ollama_chat(await _body(request), _OLLAMA_UNTIL_END))
+
+
+@router.post("/api/generate")
+async def ollama_generate(request: Request, _who: Principal = _OPERATOR) -> Response:
+    """Ollama's generate."""
+    return await _run(request, api.ollama_generate(await _body(request), _OLLAMA_UNTIL_END))
+
+
+def _error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    dialect = "ollama" if request.url.path.startswith("/api/") else "openai"
+    return JSONResponse(api.error_body(None, exc, dialect=dialect), status_code=exc.status, headers=headers)
+
+
+def mount(app: FastAPI) -> None:
+    """Add the gateway's routes (and its error shape) to the server's app."""
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _error)
