@@ -67,11 +67,11 @@ class Fleet:
         return {"Authorization": f"Bearer {self.server.tokens[role]}"}
 
 
-@pytest.fixture()
-def fleet(broker, agents, tmp_path: Path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+def _fleet(broker, agents, tmp_path: Path, **settings: Any) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
     started = {}
     for name in BOXES:
-        agent = agents(fixture_path(MODEL), device_id=name, group=GROUP, jobs={"max_tokens_limit": 4000})
+        jobs = {"max_tokens_limit": 4000, **settings.pop("jobs", {})}
+        agent = agents(fixture_path(MODEL), device_id=name, group=GROUP, jobs=jobs, **settings)
         agent.start()
         started[name] = agent
     server = FleetServer(str(tmp_path / "server.sqlite3"), broker, tmp_path / "server.log").start()
@@ -86,6 +86,11 @@ def fleet(broker, agents, tmp_path: Path) -> Iterator[Fleet]:  # type: ignore[no
         yield found
     finally:
         server.stop()
+
+
+@pytest.fixture()
+def fleet(broker, agents, tmp_path: Path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+    yield from _fleet(broker, agents, tmp_path)
 
 
 def _mqtt(caller, device: str, job_id: str, **job: Any) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -269,3 +274,29 @@ def test_a_box_killed_mid_stream_ends_the_stream_with_an_error_and_the_next_goes
     after = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
     assert after.headers["X-Edge-Device"] == next(b for b in BOXES if b != victim)
     assert after.parse().choices[0].finish_reason == "length"
+
+
+def test_a_box_that_refuses_passes_the_request_to_another(broker, agents, caller, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """till-1's queue (one job) is filled over MQTT, behind the gateway's back (telemetry once a
+    minute does not tell it): the gateway tries till-1 first (the tie goes by name), is refused
+    (busy) and the request is answered by till-2."""
+    settings = {"jobs": {"max_queue": 1}, "telemetry": {"interval_s": 60.0}}
+    made = _fleet(broker, agents, tmp_path, **settings)
+    fleet = next(made)
+    try:
+        caller.send(
+            "edge/till-1/jobs", {"id": "m-long", "messages": MESSAGES, "max_tokens": 4000, "stream": True}
+        )
+        # Positive control: till-1 turns the next job away now.
+        caller.send("edge/till-1/jobs", {"id": "m-refused", "messages": MESSAGES, "max_tokens": 4})
+        assert caller.wait_result("m-refused", timeout=60)["error"]["code"] == "busy"
+        client = fleet.openai()
+        answer = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4
+        )  # type: ignore[arg-type]
+        assert answer.headers["X-Edge-Device"] == "till-2"
+        assert answer.parse().choices[0].finish_reason == "length"
+        log = fleet.server.log.read_text()
+        assert "on till-1: the queue is full" in log and "trying another" in log
+    finally:
+        made.close()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
@@ -38,6 +39,8 @@ router = APIRouter(tags=["gateway (OpenAI, Ollama)"])
 _lock = threading.Lock()
 #: What Ollama's ``num_predict`` -1 ("until the end") becomes: the contract's default limit.
 _OLLAMA_UNTIL_END = DEFAULTS.max_tokens
+#: Seconds a request waits for the gateway's broker connection (its first use, a reconnection).
+_CONNECT_S = 10.0
 #: The response header naming the box that answered.
 DEVICE_HEADER = "X-Edge-Device"
 
@@ -70,18 +73,31 @@ _OPERATOR = Depends(_who("operator"))
 
 
 def _gateway(request: Request) -> Gateway:
+    """The app's gateway, made on first use (its broker connection waited for, up to ``_CONNECT_S``)."""
     app = request.app
     found: Gateway | None = getattr(app.state, "gateway", None)
-    if found is not None:
-        return found
-    link = app.state.link
-    if link is None:
-        raise ApiError(503, "this server has no broker link: start it with --broker", type="server_error")
-    with _lock:
-        if getattr(app.state, "gateway", None) is None:
-            app.state.gateway = Gateway(link, Dispatcher(link.options))
-        gateway: Gateway = app.state.gateway
-        return gateway
+    if found is None:
+        link = app.state.link
+        if link is None:
+            raise ApiError(503, "this server has no broker link: start it with --broker", type="server_error")
+        with _lock:
+            if getattr(app.state, "gateway", None) is None:
+                app.state.gateway = Gateway(link, Dispatcher(link.options))
+            found = app.state.gateway
+            assert found is not None
+    if not found.dispatcher.connected.wait(_CONNECT_S):
+        raise ApiError(
+            503,
+            "the fleet server's gateway is not connected to the broker (see the server's log); retry",
+            type="server_error",
+            code="broker_unavailable",
+            retry_after=5,
+        )
+    return found
+
+
+async def _gateway_of(request: Request) -> Gateway:
+    return await anyio.to_thread.run_sync(_gateway, request)
 
 
 async def _body(request: Request) -> Any:
@@ -146,8 +162,18 @@ def ollama_version() -> dict[str, str]:
 # -- jobs --------------------------------------------------------------------------------------------
 
 
-async def _run(request: Request, call: Call) -> Response:
-    gateway = _gateway(request)
+async def _run(request: Request, parse: Callable[[Any], Call]) -> Response:
+    try:
+        call = parse(await _body(request))
+        return await _answer(await _gateway_of(request), call)
+    except ApiError:
+        raise
+    except Exception:  # a bug: logged, answered in the dialect's shape, the server goes on
+        log.exception("gateway: %s failed", request.url.path)
+        raise ApiError(500, "internal error (logged by the fleet server)", type="server_error") from None
+
+
+async def _answer(gateway: Gateway, call: Call) -> Response:
     if call.load_only:
         return JSONResponse(api.ollama_final(call, None))
     answer = await gateway.start(call)
@@ -166,25 +192,25 @@ async def _run(request: Request, call: Call) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, _who: Principal = _OPERATOR) -> Response:
     """OpenAI's chat completions, on the best box for ``model``."""
-    return await _run(request, api.openai_chat(await _body(request)))
+    return await _run(request, api.openai_chat)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, _who: Principal = _OPERATOR) -> Response:
     """OpenAI's (legacy) completions: the prompt as is."""
-    return await _run(request, api.openai_completion(await _body(request)))
+    return await _run(request, api.openai_completion)
 
 
 @router.post("/api/chat")
 async def ollama_chat(request: Request, _who: Principal = _OPERATOR) -> Response:
     """Ollama's chat (NDJSON stream unless ``"stream": false``)."""
-    return await _run(request, api.ollama_chat(await _body(request), _OLLAMA_UNTIL_END))
+    return await _run(request, lambda body: api.ollama_chat(body, _OLLAMA_UNTIL_END))
 
 
 @router.post("/api/generate")
 async def ollama_generate(request: Request, _who: Principal = _OPERATOR) -> Response:
     """Ollama's generate."""
-    return await _run(request, api.ollama_generate(await _body(request), _OLLAMA_UNTIL_END))
+    return await _run(request, lambda body: api.ollama_generate(body, _OLLAMA_UNTIL_END))
 
 
 def _error(request: Request, exc: Exception) -> Response:

@@ -73,6 +73,7 @@ class Dispatcher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         host, port = options.address
         self.client.connect_async(host, port)
         self.client.loop_start()
@@ -82,6 +83,16 @@ class Dispatcher:
             log.error("gateway: the broker refused the connection (%s)", reason)
             return
         client.subscribe([(self._reply_topic, 1), (self._fleet.any_status, 1)])
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:  # replies would never come: say so, and take no job
+            log.error(
+                "gateway: the broker refused the subscriptions to %s and %s (%s): give the server's "
+                "identity read access to them (docs/fleet-server.md)",
+                self._reply_topic, self._fleet.any_status, ", ".join(refused),
+            )  # fmt: skip
+            return
         self.connected.set()
 
     def _on_disconnect(self, *_a: Any) -> None:

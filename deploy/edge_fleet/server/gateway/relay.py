@@ -101,6 +101,11 @@ class Answer:
                 for event in api.stream_end(self.call, self.job_id, self.created, outcome, first=first):
                     yield event
                 return
+        except Exception:  # a bug: logged, and the stream still ends with a word
+            log.exception("gateway: relaying %s from %s failed", self.job_id, self.device_id)
+            failed = ApiError(500, "internal error (logged by the fleet server)", type="server_error")
+            for event in api.stream_end(self.call, self.job_id, self.created, failed, first=first):
+                yield event
         finally:
             await self.close()
 
