@@ -76,30 +76,42 @@ class Answer:
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The dialect's events; an error event (not a hang) when the box goes away mid-answer."""
-        first, seen, streamed = True, set[int](), ""
+        first, seen, streamed = True, set[int](), False
         try:
             item: Item = self.first
             while True:
-                if isinstance(item, Chunk):
+                # What came meanwhile goes out in one write: a busy server makes fewer sends, never more.
+                out: list[bytes] = []
+                while isinstance(item, Chunk):
                     if item.seq not in seen:  # QoS 1 may deliver a chunk twice
                         seen.add(item.seq)
-                        streamed += item.text
-                        yield api.stream_piece(self.call, self.job_id, self.created, item.text, first=first)
+                        streamed = True
+                        out.append(
+                            api.stream_piece(self.call, self.job_id, self.created, item.text, first=first)
+                        )
                         first = False
+                    if self.queue.empty():
+                        break
+                    item = self.queue.get_nowait()
+                if isinstance(item, Chunk):
+                    if out:
+                        yield b"".join(out)
                     item = await self._next()
                     continue
                 self._ended = isinstance(item, Result)
                 if isinstance(item, Result) and item.status == "succeeded":
                     if item.text and not streamed:  # a box that streams nothing (an older agent)
-                        yield api.stream_piece(self.call, self.job_id, self.created, item.text, first=first)
+                        out.append(
+                            api.stream_piece(self.call, self.job_id, self.created, item.text, first=first)
+                        )
                         first = False
                     outcome: Result | ApiError = item
                 elif isinstance(item, Result):
                     outcome = self.gateway.error_of(self.call, item)
                 else:
                     outcome = self.gateway.lost(self.device_id, item, started=True)
-                for event in api.stream_end(self.call, self.job_id, self.created, outcome, first=first):
-                    yield event
+                out += api.stream_end(self.call, self.job_id, self.created, outcome, first=first)
+                yield b"".join(out)
                 return
         except Exception:  # a bug: logged, and the stream still ends with a word
             log.exception("gateway: relaying %s from %s failed", self.job_id, self.device_id)
@@ -111,7 +123,8 @@ class Answer:
 
     async def _next(self) -> Item:
         try:
-            return await asyncio.wait_for(self.queue.get(), self.gateway.timeout_s)
+            async with asyncio.timeout(self.gateway.timeout_s):
+                return await self.queue.get()
         except TimeoutError:
             return LinkDown(f"no reply from {self.device_id} within {self.gateway.timeout_s:.0f} s")
 
@@ -213,7 +226,8 @@ class Gateway:
             queue: asyncio.Queue[Item] = asyncio.Queue()
             ticket = self._send(device, job, queue, loop)
             try:
-                first = await asyncio.wait_for(queue.get(), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    first = await queue.get()
             except TimeoutError:
                 first = LinkDown(f"no reply from {device} within {self.timeout_s:.0f} s")
             except BaseException:  # the client left while waiting
