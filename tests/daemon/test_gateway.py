@@ -8,6 +8,7 @@ eos, so a job runs exactly ``max_tokens`` tokens (long enough to be interrupted 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -300,3 +301,32 @@ def test_a_box_that_refuses_passes_the_request_to_another(broker, agents, caller
         assert "on till-1: the queue is full" in log and "trying another" in log
     finally:
         made.close()
+
+
+def test_a_client_that_disconnects_cancels_its_job_on_the_box(fleet: Fleet) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
+    with (
+        httpx.Client(timeout=60) as raw,
+        raw.stream(
+            "POST", f"{fleet.server.url}/v1/chat/completions", json=body, headers=fleet.headers()
+        ) as response,
+    ):
+        assert response.status_code == 200
+        box = fleet.agents[response.headers["X-Edge-Device"]]
+        first = next(line for line in response.iter_lines() if line)
+        assert "content" in json.loads(first.removeprefix("data: "))["choices"][0]["delta"]  # it runs
+    # The client closed its connection mid-stream: the gateway cancels the job on its box.
+    line = wait_until(
+        lambda: next(
+            (
+                m
+                for m in re.findall(
+                    r"job gw-\S+ (canceled: \d+ prompt \+ \d+ completion tokens)", box.log_text()
+                )
+            ),
+            None,
+        ),
+        timeout=60,
+        what="the job canceled on its box",
+    )
+    assert 0 < int(re.search(r"(\d+) completion tokens", line).group(1)) < 4000  # type: ignore[union-attr]

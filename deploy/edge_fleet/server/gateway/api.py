@@ -14,7 +14,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -41,6 +42,8 @@ _lock = threading.Lock()
 _OLLAMA_UNTIL_END = DEFAULTS.max_tokens
 #: Seconds a request waits for the gateway's broker connection (its first use, a reconnection).
 _CONNECT_S = 10.0
+#: The largest request body taken (a box takes 64 KiB by default: ``[jobs] max_payload_bytes``).
+MAX_BODY_BYTES = 1 << 20
 #: The response header naming the box that answered.
 DEVICE_HEADER = "X-Edge-Device"
 
@@ -82,7 +85,17 @@ def _gateway(request: Request) -> Gateway:
             raise ApiError(503, "this server has no broker link: start it with --broker", type="server_error")
         with _lock:
             if getattr(app.state, "gateway", None) is None:
-                app.state.gateway = Gateway(link, Dispatcher(link.options))
+                try:
+                    app.state.gateway = Gateway(link, Dispatcher(link.options))
+                except Exception as exc:  # e.g. TLS files the server's --tls-* options name are unreadable
+                    log.exception("gateway: cannot connect to the broker")
+                    raise ApiError(
+                        503,
+                        f"the fleet server's gateway cannot connect to the broker ({exc}); check its --broker "
+                        "and --tls-* options",
+                        type="server_error",
+                        code="broker_unavailable",
+                    ) from None
             found = app.state.gateway
             assert found is not None
     if not found.dispatcher.connected.wait(_CONNECT_S):
@@ -97,17 +110,35 @@ def _gateway(request: Request) -> Gateway:
 
 
 async def _gateway_of(request: Request) -> Gateway:
+    found: Gateway | None = getattr(request.app.state, "gateway", None)
+    if found is not None and found.dispatcher.connected.is_set():
+        return found  # the usual case: no thread needed
     return await anyio.to_thread.run_sync(_gateway, request)
 
 
 async def _body(request: Request) -> Any:
-    data = await request.body()
+    declared = request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large(int(declared))
+    data = b""
+    async for piece in request.stream():
+        data += piece
+        if len(data) > MAX_BODY_BYTES:
+            raise _too_large(len(data))
     if not data:
         raise api.bad_request(None, "the request needs a JSON body", code="invalid_json")
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise api.bad_request(None, f"the body is not valid JSON ({exc})", code="invalid_json") from None
+
+
+def _too_large(size: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the body is {size} bytes or more; the gateway takes at most {MAX_BODY_BYTES} (shorten the messages)",
+        code="payload_too_large",
+    )
 
 
 # -- what can be asked for ---------------------------------------------------------------------------
@@ -225,6 +256,20 @@ def _error(request: Request, exc: Exception) -> Response:
 
 
 def mount(app: FastAPI) -> None:
-    """Add the gateway's routes (and its error shape) to the server's app."""
+    """Add the gateway's routes (and its error shape) to the server's app; its broker connection,
+    made on first use, is closed when the app stops."""
     app.include_router(router)
     app.add_exception_handler(ApiError, _error)
+    previous = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        try:
+            async with previous(a) as state:
+                yield state
+        finally:
+            gateway: Gateway | None = getattr(app.state, "gateway", None)
+            if gateway is not None:
+                gateway.dispatcher.close()
+
+    app.router.lifespan_context = lifespan
