@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -330,3 +332,40 @@ def test_a_client_that_disconnects_cancels_its_job_on_the_box(fleet: Fleet) -> N
         what="the job canceled on its box",
     )
     assert 0 < int(re.search(r"(\d+) completion tokens", line).group(1)) < 4000  # type: ignore[union-attr]
+
+
+def test_a_client_that_leaves_a_whole_answer_cancels_its_job_on_the_box(fleet: Fleet) -> None:
+    """``stream`` false: nothing is sent until the result, yet a client that leaves is noticed."""
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 4000}).encode()
+    sock = socket.create_connection(("127.0.0.1", fleet.server.port), timeout=60)
+    try:
+        token = fleet.server.tokens["operator"]
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        running = wait_until(lambda: _running(fleet), timeout=60, what="the job running on a box")
+    finally:
+        sock.close()
+    device, job_id = running
+    line = wait_until(
+        lambda: re.search(
+            rf"job {job_id} canceled: \d+ prompt \+ (\d+) completion tokens", fleet.agents[device].log_text()
+        ),
+        timeout=60,
+        what="the job canceled on its box",
+    )
+    assert int(line.group(1)) < 4000
+
+
+def _running(fleet: Fleet) -> tuple[str, str] | None:
+    for name, agent in fleet.agents.items():
+        db = sqlite3.connect(f"file:{agent.state_dir / 'jobs.sqlite3'}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'running' AND id LIKE 'gw-%'").fetchone()
+        finally:
+            db.close()
+        if row:
+            return name, str(row[0])
+    return None

@@ -10,11 +10,13 @@ the box would give; bodies are mapped by ``edge_contract.openai_compat``, as on 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -196,12 +198,38 @@ def ollama_version() -> dict[str, str]:
 async def _run(request: Request, parse: Callable[[Any], Call]) -> Response:
     try:
         call = parse(await _body(request))
-        return await _answer(await _gateway_of(request), call)
+        return await _unless_gone(request, _answer(await _gateway_of(request), call))
     except ApiError:
         raise
     except Exception:  # a bug: logged, answered in the dialect's shape, the server goes on
         log.exception("gateway: %s failed", request.url.path)
         raise ApiError(500, "internal error (logged by the fleet server)", type="server_error") from None
+
+
+async def _gone(request: Request) -> None:
+    """Returns when the client closes its connection (its body is read: nothing else can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """``work``, canceled (and with it the job on its box) if the client leaves before the answer
+    starts: while its job waits in a queue, or runs with ``stream`` false."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_gone(request))
+    try:
+        done, _pending = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ApiError):
+            await task
+        log.info(
+            "gateway: the client of %s went away before its answer; its job is canceled", request.url.path
+        )
+        return Response(status_code=499)  # (nobody reads it)
+    finally:
+        watch.cancel()
 
 
 async def _answer(gateway: Gateway, call: Call) -> Response:

@@ -140,7 +140,7 @@ class Gateway:
     """The routing state (jobs in flight, refusals) and the request loop over a ``Dispatcher``."""
 
     def __init__(
-        self, link: BrokerLink, dispatcher: Dispatcher, *, timeout_s: float = 300.0, max_attempts: int = 3
+        self, link: BrokerLink, dispatcher: Dispatcher, *, timeout_s: float = 900.0, max_attempts: int = 3
     ) -> None:
         self.link = link
         self.dispatcher = dispatcher
