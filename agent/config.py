@@ -110,8 +110,8 @@ class HTTPConfig(_Section):
         None,
         description=(
             "HOST:PORT (or [IPV6]:PORT) to serve the HTTP API on, e.g. '127.0.0.1:8080' for apps on this "
-            "box. Unset: no HTTP server. Any address other than loopback needs api_keys. Its jobs go "
-            "through the same queue and limits as MQTT jobs."
+            "box (port 0: any free port, logged at start). Unset: no HTTP server. Any address other than "
+            "loopback needs api_keys. Its jobs go through the same queue and limits as MQTT jobs."
         ),
     )
     api_keys: list[SecretStr] = Field(
@@ -139,7 +139,7 @@ class HTTPConfig(_Section):
     def _endpoint(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                parse_endpoint(value, 0)  # no default port: one must be given
+                parse_endpoint(value, -1, any_port=True)  # no default: a port must be given (0: any free one)
             except ValueError:
                 raise ValueError(f"{value!r}: give HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:8080") from None
         return value
@@ -165,9 +165,9 @@ class HTTPConfig(_Section):
 
     @property
     def endpoint(self) -> tuple[str, int]:
-        """(host, port) to bind; only meaningful when ``listen`` is set."""
+        """(host, port) to bind (port 0: any free one); only meaningful when ``listen`` is set."""
         assert self.listen is not None
-        return parse_endpoint(self.listen, 0)
+        return parse_endpoint(self.listen, -1, any_port=True)
 
 
 class AgentConfig(BaseSettings):

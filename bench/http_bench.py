@@ -48,7 +48,7 @@ from daemon_bench import Collector  # noqa: E402
 from agent.engine.engine import Engine  # noqa: E402
 from edge_contract.params import SamplingParams  # noqa: E402
 from tests.support.agent import AgentProcess  # noqa: E402
-from tests.support.broker import Broker, free_port  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
 
 MESSAGES = [
     {"role": "system", "content": "You are the till's assistant."},
@@ -174,9 +174,8 @@ def _transport(max_tokens: int, requests: int) -> dict[bool, list[float]]:
             pass
 
     fake = Instant()
-    port = free_port()
     server = HTTPServer(
-        HTTPConfig(listen=f"127.0.0.1:{port}"),
+        HTTPConfig(listen="127.0.0.1:0"),
         inbox=fake,
         model=lambda: ModelRef(name="demo"),
         stats=JobStats(),
@@ -186,6 +185,7 @@ def _transport(max_tokens: int, requests: int) -> dict[bool, list[float]]:
     )
     fake.server = server
     server.start()
+    port = server.address[1]
     times: dict[bool, list[float]] = {False: [], True: []}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -227,11 +227,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="http-bench-") as tmp:
         broker = Broker(Path(tmp) / "broker")
         broker.start()
-        port = free_port()
         agent = AgentProcess(
-            broker, Path(tmp) / "agent", model, jobs={"max_queue": 64}, http={"listen": f"127.0.0.1:{port}"}
+            broker, Path(tmp) / "agent", model, jobs={"max_queue": 64}, http={"listen": "127.0.0.1:0"}
         )
         agent.start()
+        port = agent.http_port()
         collector = Collector(broker)
         name = json.loads(_get(port, "/v1/models"))["data"][0]["id"]
         try:

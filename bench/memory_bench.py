@@ -93,12 +93,47 @@ def child(model: Path, options: dict[str, Any], prompt: int, new: int) -> None:
     )
 
 
+def llama_child(gguf: Path, prompt: int, new: int, threads: int) -> None:
+    """The same run on llama.cpp (llama-cpp-python), for a GGUF file of the same weights."""
+
+    def mark(phase: str, **extra: Any) -> None:
+        print(json.dumps({"phase": phase, "t": time.time(), **extra}), flush=True)
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    mark("imports")
+    mark("tokenizer")
+    started = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_ctx=prompt + new + 16, n_threads=threads, n_batch=512, verbose=False)
+    mark("load", seconds=time.perf_counter() - started)
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(7, llm.n_vocab(), size=prompt)]
+    begun = time.perf_counter()
+    tokens = llm.generate(ids, temp=0.0, reset=True)
+    next(tokens)
+    prefilled = time.perf_counter()
+    mark("prefill")
+    for _ in range(new - 1):
+        next(tokens)
+    done = time.perf_counter()
+    mark(
+        "decode",
+        prefill_tok_s=prompt / (prefilled - begun),
+        decode_tok_s=(new - 1) / (done - prefilled),
+        kv_dtype="f16",
+    )
+
+
 # -- the parent --------------------------------------------------------------------
 
 
 def measure(model: Path, options: dict[str, Any], prompt: int, new: int, limit_mb: int) -> dict[str, Any]:
     """Run one child and return per-phase peaks and end values (MiB), plus its markers."""
-    cmd = [sys.executable, __file__, "--child", str(model), "--options", json.dumps(options)]
+    if model.suffix == ".gguf":
+        cmd = [sys.executable, __file__, "--llama-child", str(model), "--threads", str(options["threads"])]
+    else:
+        cmd = [sys.executable, __file__, "--child", str(model), "--options", json.dumps(options)]
     cmd += ["--prompt", str(prompt), "--new", str(new)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     markers: list[dict[str, Any]] = []
@@ -173,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--llama-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--gguf", default=None, help="also run llama.cpp on bench/models/<model>-<KIND>.gguf (e.g. q4_0)"
+    )
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--precision", default="int4")
     parser.add_argument("--full-logits", action="store_true", help="the export with logits for every row")
@@ -195,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         child(args.child, json.loads(args.options), args.prompt, args.new)
         return 0
+    if args.llama_child is not None:
+        llama_child(args.llama_child, args.prompt, args.new, args.threads)
+        return 0
     import memory_models
 
     variants = [parse_variant(v) for v in args.variant or ["default"]]
@@ -207,8 +249,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             for n in args.layers
         }
+    if args.gguf:  # llama.cpp on the same checkpoints (the GGUF files made by hf_export)
+        import hf_export
+
+        ggufs = {
+            n: hf_export.gguf_path(memory_models.MODELS_DIR / f"phi3-mini-shape-{n}l", args.gguf)
+            for n in models
+        }
+        variants.append((f"llama.cpp {args.gguf}", {"gguf": ggufs}))
     results: dict[str, dict[int, Any]] = {}
     for name, options in variants:
+        if "gguf" in options:
+            for layers, path in options["gguf"].items():
+                got = measure(path, {"threads": args.threads}, args.prompt, args.new, args.limit_mb)
+                results.setdefault(name, {})[layers] = got
+                print(f"{name} {path.name}: " + summary(got), flush=True)
+            continue
         options.setdefault("threads", args.threads)
         for layers, path in models.items():
             got = measure(path, options, args.prompt, args.new, args.limit_mb)

@@ -22,10 +22,10 @@ _ENDPOINT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)
 TLS_PORT, PLAIN_PORT = 8883, 1883
 
 
-def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT`` or ``[IPV6]:PORT`` as a (host, port) pair."""
+def parse_endpoint(text: str, default_port: int, *, any_port: bool = False) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[IPV6]:PORT`` as a (host, port) pair (``any_port``: 0 allowed)."""
     found = _ENDPOINT.fullmatch(text.strip())
     port = int(found.group("port")) if found and found.group("port") else default_port
-    if found is None or not 1 <= port <= 65535:
+    if found is None or not (0 if any_port else 1) <= port <= 65535:
         raise ValueError(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT with a port in 1-65535")
     return found.group("v6") or found.group("host"), port

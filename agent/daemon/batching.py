@@ -50,7 +50,7 @@ class BatchHost(Protocol):
     quiet_until: float
 
     def claim(self) -> StoredJob | None: ...
-    def run(self, job: StoredJob) -> Outcome | None: ...
+    def run_alone(self, job: StoredJob) -> None: ...
     def prepare(self, job: StoredJob) -> Outcome | tuple[JobRequest, list[int], SamplingParams]: ...
     def finish(self, job: StoredJob, outcome: Outcome) -> None: ...
     def requeue(self, job: StoredJob) -> None: ...
@@ -93,11 +93,7 @@ class BatchRunner:
             )
         except AgentError as exc:
             log.warning("batching off for now (%s): job %s runs alone", exc.message, first.id)
-            outcome = worker.run(first)
-            if outcome is None:
-                worker.requeue(first)
-            else:
-                worker.finish(first, outcome)
+            worker.run_alone(first)
             return
         running: dict[str, _Running] = {}
         self._start(batcher, first, running)

@@ -105,8 +105,8 @@ class Replies:
         if not is_local(reply_topic):
             return self._mqtt.send_result(job_id, reply_topic, correlation, payload)
         self._deliver(reply_topic, payload)
-        try:
-            self._store.mark_delivered(job_id)
+        try:  # no second fsync on the worker's path: the result itself is stored durably already
+            self._store.mark_delivered(job_id, durable=False)
         except sqlite3.Error as exc:  # harmless: the outbox never re-publishes a local result
             self._faults.failed(f"noting the delivery of HTTP job {job_id}", exc)
         done: Future[None] = Future()

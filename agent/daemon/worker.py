@@ -219,12 +219,8 @@ class Worker:
             return False
         if self.models.serving.engine.options.max_batch > 1:
             BatchRunner(self).drain(job)  # this job and others claimed while it runs
-            return True
-        outcome = self.run(job)
-        if outcome is None:
-            self.requeue(job)
         else:
-            self.finish(job, outcome)
+            self.run_alone(job)
         return True
 
     def _pause(self, what: str, exc: sqlite3.Error) -> None:
@@ -260,6 +256,14 @@ class Worker:
             with self._lock:
                 self._running = None
                 self._cancel.discard(job.id)
+
+    def run_alone(self, job: StoredJob) -> None:
+        """Run ``job`` by itself, then finish it (or requeue it when it was checkpointed)."""
+        outcome = self.run(job)
+        if outcome is None:
+            self.requeue(job)
+        else:
+            self.finish(job, outcome)
 
     def finish(self, job: StoredJob, outcome: Outcome) -> None:
         """Store the result and publish it; kept for a retry when the store fails."""

@@ -295,7 +295,8 @@ class Batcher:
         job.state = _DECODE
         token = seq.first(logits[0, rows - 1])
         if engine.prefix_cache is not None:  # the prompt's positions are final from here on
-            engine.prefix_cache.insert(ids, self._cache.block[:, :, job.slot : job.slot + 1], len(ids))
+            kv = self._cache.block[:, :, job.slot : job.slot + 1]
+            engine.prefix_cache.insert(ids, kv, len(ids), tail=True)
         return self._take(job, token, finished)
 
     def _decode(self, finished: list[BatchJob]) -> None:

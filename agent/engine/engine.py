@@ -252,10 +252,13 @@ class Engine:
         size = self.prefix_cache.block_tokens
         # At least two positions are left to compute: the last one's logits pick the first token,
         # and a one-row pass would take kernels that round differently (see ``prefill``).
-        blocks = self.prefix_cache.lookup(ids, max_tokens=len(ids) - 2)
-        for i, block in enumerate(blocks):
+        found = self.prefix_cache.match(ids, max_tokens=len(ids) - 2)
+        for i, block in enumerate(found.blocks):
             cache.block[:, :, slot, :, i * size : (i + 1) * size, :] = block.kv
-        return len(blocks) * size
+        if found.tail is not None:
+            start, n = len(found.blocks) * size, found.tail_tokens
+            cache.block[:, :, slot, :, start : start + n, :] = found.tail.kv[:, :, :, :n, :]
+        return found.tokens(size)
 
     def bind_chunk(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]

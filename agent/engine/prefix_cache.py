@@ -21,6 +21,14 @@ copied into the request's cache block (the block is bound once to the graph's
 past and present, so it cannot alias blocks scattered in memory); copying
 1,000 tokens of a 4-layer model takes milliseconds.
 
+Reuse is token-exact: after the last whole block that matches, the walk looks
+at the blocks stored under that one (in memory and on disk) and reuses the
+first positions of the one that shares the most leading tokens with the prompt
+(keys and values of position ``i`` depend on tokens ``0..i`` only).  So a
+prompt's last, partial block is stored too (``insert(..., tail=True)``): the
+next prompt with the same instruction and another input reuses the instruction
+to its last token, as llama.cpp's prompt cache does, not to a block boundary.
+
 Blocks can also live on disk (``prefix_store``); a block missing in memory is
 looked up there lazily, during the walk.
 """
@@ -80,6 +88,22 @@ class BlockStore(Protocol):
     def touch(self, chain: Sequence[bytes]) -> None:
         """Mark ``chain`` (keys, root first) as just used."""
 
+    def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
+        """(key, tokens) of the stored blocks whose parent is ``parent``."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a lookup found: whole ``blocks``, then the first ``tail_tokens`` positions of ``tail``."""
+
+    blocks: list[Block]
+    tail: Block | None = None
+    tail_tokens: int = 0
+
+    def tokens(self, block_tokens: int) -> int:
+        """Prompt positions the match covers."""
+        return len(self.blocks) * block_tokens + self.tail_tokens
+
 
 class PrefixCacheStats(BaseModel):
     """What the cache holds and how often it helped (telemetry reports it)."""
@@ -120,6 +144,7 @@ class PrefixCache:
         self.root = root_key(identity)
         self._store = store
         self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recent first
+        self._children: dict[bytes, set[bytes]] = {}  # parent key -> keys held in memory
         self._bytes = 0
         self._lock = threading.Lock()
         self._lookups = self._hits = self._cached_tokens = self._disk_loads = 0
@@ -136,7 +161,11 @@ class PrefixCache:
         return out
 
     def lookup(self, ids: Sequence[int], *, max_tokens: int) -> list[Block]:
-        """The longest chain of cached blocks that starts ``ids`` and covers at most ``max_tokens``."""
+        """The longest chain of cached whole blocks that starts ``ids`` and covers at most ``max_tokens``."""
+        return self.match(ids, max_tokens=max_tokens, partial=False).blocks
+
+    def match(self, ids: Sequence[int], *, max_tokens: int, partial: bool = True) -> Match:
+        """The longest cached prefix of ``ids`` of at most ``max_tokens``: whole blocks, then (``partial``) a tail."""
         with self._lock:
             self._lookups += 1
             found: list[Block] = []
@@ -150,32 +179,72 @@ class PrefixCache:
                 if block is None or block.tokens != tokens:
                     break
                 found.append(block)
-            self._touch(found)
-            if found and self._store is not None:
-                self._store.touch([b.key for b in found])
-            if found:
+            tail, tail_tokens = None, 0
+            if partial:
+                start = len(found) * self.block_tokens
+                want = tuple(ids[start : min(start + self.block_tokens, max_tokens)])
+                tail, tail_tokens = self._best_child(found[-1].key if found else self.root, want)
+            chain = found + ([tail] if tail is not None else [])
+            self._touch(chain)
+            if chain and self._store is not None:
+                self._store.touch([b.key for b in chain])
+            covered = len(found) * self.block_tokens + tail_tokens
+            if covered:
                 self._hits += 1
-                self._cached_tokens += len(found) * self.block_tokens
+                self._cached_tokens += covered
             self._evict()
             # A block evicted just now (the budget shrank below one chain) is still valid to use.
-            return found
+            return Match(found, tail, tail_tokens)
 
-    def insert(self, ids: Sequence[int], kv: npt.NDArray[np.generic], rows: int) -> int:
+    def _best_child(self, parent: bytes, want: tuple[int, ...]) -> tuple[Block | None, int]:
+        """The block under ``parent`` sharing the most leading tokens with ``want``, and how many."""
+        candidates = {key: self._blocks[key].tokens for key in self._children.get(parent, ())}
+        if self._store is not None and want:
+            for key, tokens in self._store.children(parent):
+                candidates.setdefault(key, tokens)
+        best, best_n = None, 0
+        for key, tokens in candidates.items():
+            n = 0
+            for a, b in zip(tokens, want, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = key, n
+        if best is None:
+            return None, 0
+        block = self._blocks.get(best)
+        if block is None and self._store is not None:
+            block = self._store.load(best, parent, candidates[best])
+            if block is not None:
+                self._disk_loads += 1
+                self._add(block)
+        return (block, best_n) if block is not None else (None, 0)
+
+    def insert(
+        self, ids: Sequence[int], kv: npt.NDArray[np.generic], rows: int, *, tail: bool = False
+    ) -> int:
         """Store the whole blocks of ``ids[:rows]`` not cached yet; returns how many were new.
 
         ``kv`` is the request's cache, ``[layers, 2, 1, kv_heads, capacity, head_size]``;
         blocks are copied out of it, as many as fit in the budget (the first ones first).
+        ``tail``: the positions after the last whole block go in too, as a shorter block.
         """
         if self.budget_bytes <= 0:
             return 0
         new: list[Block] = []
         chain: list[Block] = []
         with self._lock:
-            for i, (key, parent, tokens) in enumerate(self.keys(ids, rows // self.block_tokens)):
+            spans = self.keys(ids, rows // self.block_tokens)
+            whole = len(spans) * self.block_tokens
+            if tail and whole < rows:
+                last = spans[-1][0] if spans else self.root
+                spans.append((chain_key(last, ids[whole:rows]), last, tuple(ids[whole:rows])))
+            for i, (key, parent, tokens) in enumerate(spans):
                 block = self._blocks.get(key)
                 if block is None:
                     start = i * self.block_tokens
-                    data = np.ascontiguousarray(kv[:, :, 0, :, start : start + self.block_tokens, :])
+                    data = np.ascontiguousarray(kv[:, :, 0, :, start : start + len(tokens), :])
                     if self._bytes + data.nbytes > self.budget_bytes and not self._can_free(
                         data.nbytes, chain
                     ):
@@ -209,6 +278,7 @@ class PrefixCache:
         """Forget every block held in memory (the disk copy stays)."""
         with self._lock:
             self._blocks.clear()
+            self._children.clear()
             self._bytes = 0
 
     # -- under the lock ----------------------------------------------------------------
@@ -216,6 +286,7 @@ class PrefixCache:
     def _add(self, block: Block) -> None:
         if block.key not in self._blocks:
             self._blocks[block.key] = block
+            self._children.setdefault(block.parent, set()).add(block.key)
             self._bytes += block.nbytes
 
     def _touch(self, chain: list[Block]) -> None:
@@ -232,4 +303,5 @@ class PrefixCache:
     def _evict(self) -> None:
         while self._bytes > self.budget_bytes and self._blocks:
             _, block = self._blocks.popitem(last=False)
+            self._children.get(block.parent, set()).discard(block.key)
             self._bytes -= block.nbytes

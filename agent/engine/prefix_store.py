@@ -75,8 +75,31 @@ def runtime_fingerprint(threads: int) -> str:
             if line.startswith(("flags", "Features")):
                 flags = " ".join(sorted(line.split(":", 1)[1].split()))
                 break
-    parts = (f"v{FORMAT_VERSION}", onnxruntime.__version__, platform.machine(), flags, f"threads={threads}")
+    parts = (
+        f"v{FORMAT_VERSION}",
+        onnxruntime.__version__,
+        platform.machine(),
+        flags,
+        _executable_features(),
+        f"threads={threads}",
+    )
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _executable_features() -> str:
+    """The instruction sets this process may run, from CPUID (numpy's dispatch table).
+
+    ``/proc/cpuinfo`` can list more than a process may run (some VMs, and qemu-user,
+    which passes the host's through), and the kernels dispatch on CPUID.
+    """
+    import importlib
+
+    try:
+        umath = importlib.import_module("numpy._core._multiarray_umath")
+    except ImportError:  # pragma: no cover - numpy 1.x
+        umath = importlib.import_module("numpy.core._multiarray_umath")
+    features: dict[str, bool] = umath.__cpu_features__
+    return " ".join(sorted(name for name, on in features.items() if on))
 
 
 def model_identity(model_files: Iterable[Path], threads: int) -> str:
@@ -137,6 +160,8 @@ class DiskBlockStore:
         self._opened = False
         self._used: int = 0
         self._warned_write = False
+        # parent key -> {key: tokens} of the files here, read from their headers on first need.
+        self._index: dict[bytes, dict[bytes, tuple[int, ...]]] | None = None
 
     # -- lazily, on first use ------------------------------------------------------------
 
@@ -203,6 +228,25 @@ class DiskBlockStore:
             self._remove(path)
             return None
         return block
+
+    def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
+        """(key, tokens) of the files whose parent is ``parent`` (unchecked: ``load`` checks a file)."""
+        self._open()
+        if self._index is None:
+            self._index = {}
+            try:
+                paths = [p for p in self.dir.iterdir() if p.suffix == _SUFFIX]
+            except OSError:
+                paths = []
+            for path in paths:
+                entry = _read_header(path)
+                if entry is not None:
+                    self._indexed(*entry)
+        return list(self._index.get(parent, {}).items())
+
+    def _indexed(self, key: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:
+        if self._index is not None:
+            self._index.setdefault(parent, {})[key] = tokens
 
     def _decode(
         self, data: bytes, key: bytes, parent: bytes, tokens: tuple[int, ...]
@@ -274,6 +318,7 @@ class DiskBlockStore:
                 tmp.write_bytes(data)
                 tmp.replace(path)
                 self._used += len(data) - previous
+                self._indexed(block.key, block.parent, block.tokens)
             except OSError as exc:
                 self._remove(tmp)
                 if not self._warned_write:
@@ -327,9 +372,31 @@ class DiskBlockStore:
             return
         if path.suffix == _SUFFIX:
             self._used -= size
+            if self._index is not None:
+                with contextlib.suppress(ValueError):
+                    key = bytes.fromhex(path.stem)
+                    for children in self._index.values():
+                        children.pop(key, None)
 
     @property
     def used_bytes(self) -> int:
         """Bytes of block files in the directory (as this process has counted them)."""
         self._open()
         return self._used
+
+
+def _read_header(path: Path) -> tuple[bytes, bytes, tuple[int, ...]] | None:
+    """(key, parent, tokens) from a block file's header, or None when it has none readable."""
+    head = len(MAGIC) + 4
+    try:
+        with path.open("rb") as f:
+            start = f.read(head)
+            if len(start) < head or not start.startswith(MAGIC):
+                return None
+            (size,) = struct.unpack("<I", start[len(MAGIC) :])
+            if size > _MAX_HEADER:
+                return None
+            header = json.loads(f.read(size))
+        return bytes.fromhex(header["key"]), bytes.fromhex(header["parent"]), tuple(header["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

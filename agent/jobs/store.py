@@ -20,9 +20,7 @@ path and the fix.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sqlite3
 import tempfile
 import threading
@@ -32,13 +30,18 @@ from pathlib import Path
 from typing import Literal
 
 from agent.jobs.damage import (
-    SCHEMA_VERSION,
+    SCHEMA_COLUMNS,
     WAL_CHECKPOINT_PAGES,
     WAL_LIMIT_BYTES,
     CorruptStoreError,
     NewerStoreError,
     check_free_space,
     check_objects,
+    corrupt_copies,
+    fix_for,
+    inspect_file,
+    is_corruption,
+    move_aside,
     not_a_file,
     stamp_version,
 )
@@ -124,10 +127,10 @@ class JobStore:
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
                 problems = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
             except sqlite3.DatabaseError as exc:
-                if _is_corruption(exc):
+                if is_corruption(exc):
                     raise CorruptStoreError(str(exc)) from exc
                 raise
-        missing = sorted(_SCHEMA_COLUMNS - columns)
+        missing = sorted(SCHEMA_COLUMNS - columns)
         if missing:
             raise CorruptStoreError(f"the jobs table lacks column(s) {', '.join(missing)}")
         if problems != ["ok"]:
@@ -238,10 +241,21 @@ class JobStore:
                 (job_id,),
             )
 
-    def mark_delivered(self, job_id: str) -> None:
-        """The broker acknowledged the result: it need not be sent again."""
+    def mark_delivered(self, job_id: str, *, durable: bool = True) -> None:
+        """The broker acknowledged the result: it need not be sent again.
+
+        ``durable`` False skips the fsync (as ``claim_next`` does): for a result handed over in
+        memory (an HTTP job's), where a mark lost to a power cut costs nothing but a row kept.
+        """
         with self._lock:
-            self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+            if durable:
+                self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+                return
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def undelivered(self) -> list[StoredJob]:
         """Finished jobs whose result the broker has not acknowledged yet, oldest first."""
@@ -280,10 +294,6 @@ class JobStore:
             return cur.rowcount
 
 
-_SCHEMA_COLUMNS = frozenset(
-    {"seq", "id", "request", "reply_topic", "correlation", "received_at", "deadline", "state", "attempts"}
-    | {"result", "delivered", "finished_at"}
-)
 _COLUMNS = "id, request, reply_topic, correlation, received_at, deadline, state, attempts, result, delivered"
 
 
@@ -301,39 +311,6 @@ def _row(row: tuple[object, ...]) -> StoredJob:
         result=str(result) if result is not None else None,
         delivered=bool(delivered),
     )
-
-
-# SQLite's own verdicts on a file that is not (or no longer) a database; a schema that
-# lacks a column shows as a plain SQL error naming it while the schema is set up.
-_CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX", "SQLITE_CORRUPT_SEQUENCE"})
-
-
-def is_corruption(exc: BaseException) -> bool:
-    """Whether SQLite says the database file itself is damaged (not full, locked or unwritable)."""
-    return isinstance(exc, sqlite3.Error) and _is_corruption(exc)
-
-
-def _is_corruption(exc: sqlite3.Error) -> bool:
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    if name in _CORRUPT or name.startswith("SQLITE_CORRUPT"):
-        return True
-    text = str(exc)
-    return "malformed" in text or "not a database" in text or text.startswith("no such column")
-
-
-def _fix(exc: BaseException) -> str:
-    """What an operator should do about an error opening the job database."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    text = str(exc)
-    if name.startswith("SQLITE_FULL") or "disk is full" in text:
-        return "free space on that file system"
-    if name.startswith("SQLITE_BUSY") or "locked" in text:
-        return "another process holds it: is a second edge-agent running with this state_dir?"
-    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) or "readonly" in text:
-        return "make state_dir writable by the agent's user, or point state_dir at a writable directory"
-    if name.startswith("SQLITE_IOERR") or "I/O error" in text:
-        return "the storage failed to read or write it: check the disk or SD card (dmesg), then move the file aside"
-    return "it is not a usable job database: move it aside (the agent then starts with an empty queue)"
 
 
 def open_store(path: str | Path, *, max_attempts: int = 3) -> tuple[JobStore, Path | None]:
@@ -361,7 +338,7 @@ def open_store(path: str | Path, *, max_attempts: int = 3) -> tuple[JobStore, Pa
     moved: Path | None = None
     odd = not_a_file(path)
     if odd is not None:  # SQLite would fail on it with "disk I/O error": the wrong lead
-        moved = _move_aside(path, f"{odd}, not a database file")
+        moved = move_aside(path, f"{odd}, not a database file")
     retried = False
     for _attempt in range(2):
         store: JobStore | None = None
@@ -372,101 +349,15 @@ def open_store(path: str | Path, *, max_attempts: int = 3) -> tuple[JobStore, Pa
             if store is not None:
                 store.close()
             if retried:
-                raise StorageError(f"job database {path}: {exc.message}: {_fix(exc)}") from None
-            moved, retried = _move_aside(path, exc.message), True
+                raise StorageError(f"job database {path}: {exc.message}: {fix_for(exc)}") from None
+            moved, retried = move_aside(path, exc.message), True
             continue
         except sqlite3.Error as exc:
             if store is not None:
                 store.close()
-            if not _is_corruption(exc) or retried:
-                raise StorageError(f"job database {path}: {exc}: {_fix(exc)}") from None
-            moved, retried = _move_aside(path, str(exc)), True
+            if not is_corruption(exc) or retried:
+                raise StorageError(f"job database {path}: {exc}: {fix_for(exc)}") from None
+            moved, retried = move_aside(path, str(exc)), True
             continue
         return store, moved
     raise AssertionError("unreachable: a fresh database either opens or raises")
-
-
-def _move_aside(path: Path, why: str) -> Path:
-    """Rename a corrupt database (and its WAL and shared-memory files) to ``<name>.corrupt-<UTC time>``."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-    try:
-        path.rename(target)
-        for suffix in ("-wal", "-shm"):
-            side = path.with_name(path.name + suffix)
-            if side.exists():
-                side.rename(target.with_name(target.name + suffix))
-        with contextlib.suppress(OSError):  # make the renames durable where the file system allows it
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except OSError as exc:
-        raise StorageError(
-            f"job database {path} is corrupt ({why}) and cannot be moved aside ({exc.strerror}): "
-            "move or delete it by hand"
-        ) from None
-    log.critical(
-        "JOB DATABASE CORRUPT: %s (%s). It was moved to %s and the agent starts with an EMPTY queue: "
-        "jobs stored there are not answered. Keep the file for inspection, delete it to clear this warning.",
-        path,
-        why,
-        target,
-    )
-    return target
-
-
-def corrupt_copies(path: str | Path) -> list[Path]:
-    """Corrupt databases moved aside next to ``path`` and not yet deleted, oldest first."""
-    path = Path(path)
-    try:
-        found = [
-            p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith(("-wal", "-shm"))
-        ]
-    except OSError:
-        return []
-    return sorted(found)
-
-
-def inspect_file(path: str | Path) -> tuple[int, int]:
-    """Read-only look at a job database: (jobs queued or running, results kept).
-
-    Raises ``CorruptStoreError`` when the agent would move it aside at start,
-    ``NewerStoreError`` when a newer agent wrote it, and ``sqlite3.Error`` when it
-    cannot be read at all.  Writes nothing.
-    """
-    odd = not_a_file(Path(path))
-    if odd is not None:  # opening a FIFO to read would wait for a writer
-        raise CorruptStoreError(f"{odd}, not a database file")
-    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    try:
-        check_objects(db)
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version < 0:
-            raise CorruptStoreError(f"schema version {version}")
-        if version > SCHEMA_VERSION:
-            raise NewerStoreError(
-                f"schema version {version}, newer than this agent's ({SCHEMA_VERSION}): run the newer "
-                "edge-agent, or move the file aside to start with an empty queue"
-            )
-        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-        missing = sorted(_SCHEMA_COLUMNS - columns)
-        if missing:
-            raise CorruptStoreError(f"the jobs table lacks column(s) {', '.join(missing)}")
-        problems = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
-        if problems != ["ok"]:
-            raise CorruptStoreError("integrity check: " + "; ".join(problems[:3]).replace("\n", " "))
-        (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()
-        (done,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()
-        return int(waiting), int(done)
-    except sqlite3.DatabaseError as exc:
-        if _is_corruption(exc):
-            raise CorruptStoreError(str(exc)) from exc
-        raise
-    finally:
-        db.close()

@@ -2,7 +2,11 @@
 
 ``move`` and ``revoke`` change the running broker's authorization state through
 the dynamic-security API (``dynsec.DynSec``): they take effect within a second,
-with no restart, no SIGHUP, no file edited by hand.  They go to the devices'
+with no restart, no SIGHUP, no file edited by hand.  Both also settle the device's
+persistent session from the operators' listener (``sessions``: its old group's
+subscriptions and jobs leave it, so none is lost), ``move`` pushes the new group as
+the box's retained membership, and ``revoke`` publishes its status as revoked
+(``docs/identity.md``).  They go to the devices'
 listener (``--admin-port``, default 8883: where the plugin runs) on the host of
 ``--broker``, as the operator certificate given by ``--tls-cert``/``--tls-key``.
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from edge_contract.openai_compat.answers import (
     SSE_DONE,
+    ChunkTemplate,
+    StreamWriter,
     created_at,
     error_body,
     error_for,
@@ -48,7 +50,9 @@ __all__ = [
     "SSE_DONE",
     "ApiError",
     "Call",
+    "ChunkTemplate",
     "Kind",
+    "StreamWriter",
     "bad_request",
     "created_at",
     "error_body",

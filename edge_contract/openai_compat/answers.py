@@ -77,6 +77,25 @@ def openai_chunk(
     }
 
 
+class ChunkTemplate:
+    """The SSE events of one streamed OpenAI answer, fast: the JSON around the text is built once.
+
+    ``event(text)`` equals ``b"data: " + json.dumps(openai_chunk(call, job_id, created, text)) + b"\\n\\n"``
+    for any non-empty ``text`` (a unit test checks it); a token costs one ``json.dumps`` of a string.
+    """
+
+    _MARKER = "\u0000text\u0000"
+
+    def __init__(self, call: Call, job_id: str, created: int) -> None:
+        whole = json.dumps(openai_chunk(call, job_id, created, self._MARKER))
+        head, tail = whole.split(json.dumps(self._MARKER), 1)
+        self._head = b"data: " + head.encode()
+        self._tail = tail.encode() + b"\n\n"
+
+    def event(self, text: str) -> bytes:
+        return self._head + json.dumps(text).encode() + self._tail
+
+
 def openai_usage_chunk(call: Call, job_id: str, created: int, result: Result) -> dict[str, Any]:
     """The chunk after the last one when ``stream_options.include_usage`` is set: no choices, the usage."""
     chunk = openai_chunk(call, job_id, created, "")
@@ -204,10 +223,29 @@ def stream_content_type(call: Call) -> str:
 
 
 def stream_piece(call: Call, job_id: str, created: int, text: str, *, first: bool) -> bytes:
-    """One piece of streamed text, as the dialect writes it."""
+    """One piece of streamed text, as the dialect writes it (``StreamWriter`` for many: faster)."""
     if call.dialect == "openai":
         return sse(openai_chunk(call, job_id, created, text, first=first))
     return ndjson(ollama_piece(call, text))
+
+
+class StreamWriter:
+    """The pieces of one streamed answer: OpenAI's from a ``ChunkTemplate`` (after the first, which
+    also opens the assistant's turn), Ollama's NDJSON lines."""
+
+    def __init__(self, call: Call, job_id: str, created: int) -> None:
+        self.call = call
+        self.job_id = job_id
+        self.created = created
+        self._template = ChunkTemplate(call, job_id, created) if call.dialect == "openai" else None
+
+    def piece(self, text: str, *, first: bool) -> bytes:
+        """One piece of text."""
+        if self._template is None:
+            return ndjson(ollama_piece(self.call, text))
+        if first:
+            return sse(openai_chunk(self.call, self.job_id, self.created, text, first=True))
+        return self._template.event(text)
 
 
 def stream_end(

@@ -274,6 +274,8 @@ def test_screenshots_of_each_page(stack: Stack, browser: Any) -> None:
     expect(page.locator('[data-fact="Certificate expires"]')).to_contain_text("days", timeout=10 * _S)
     code, series = stack.call("GET", "/api/v1/devices/box-0/telemetry", "viewer")
     assert code == 200 and len(series["at"]) >= 300 and series["at"][0] < time.time() - 3000, series["at"][:3]
+    # The last rows are the agent's own, recorded live by the server:
+    assert series["at"][-1] > stack.started and series["mem_mb"][-1]
     page.screenshot(path=str(SCREENSHOTS / "device.png"), full_page=True)
     page.context.close()
     phone.context.close()

@@ -10,14 +10,15 @@ interrupted on purpose).
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +28,6 @@ import pytest
 from langchain_openai import ChatOpenAI
 
 from tests.support.agent import AgentProcess
-from tests.support.broker import free_port
 from tests.support.models import fixture_path
 from tests.support.wait import wait_until
 
@@ -71,18 +71,6 @@ class Box:
         _CLIENTS.append(client._client.close)
         return client
 
-    def status_of(self, body: dict[str, Any]) -> tuple[int, str | None]:
-        """POST a chat request with a plain http.client: (status, Retry-After)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-            conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
-            response = conn.getresponse()
-            response.read()
-            return response.status, response.getheader("Retry-After")
-        finally:
-            conn.close()
-
     def job_lines(self) -> dict[str, str]:
         """The daemon's one log line per finished job, by job id."""
         found = re.findall(r"job (\S+) (\w+: \d+ prompt \+ \d+ completion tokens.*)", self.agent.log_text())
@@ -90,15 +78,14 @@ class Box:
 
 
 def _box(agents, engine: dict[str, Any] | None = None, **jobs: Any) -> Box:  # type: ignore[no-untyped-def]
-    port = free_port()
     agent = agents(
         fixture_path(MODEL),
         jobs={"max_tokens_limit": 4000, **jobs},
-        http={"listen": f"127.0.0.1:{port}", "api_keys": [KEY]},
+        http={"listen": "127.0.0.1:0", "api_keys": [KEY]},
         engine=engine,
     )
     agent.start()
-    return Box(agent, port)
+    return Box(agent, agent.http_port())
 
 
 @pytest.fixture()
@@ -143,6 +130,23 @@ def test_openai_sdk_answers_equal_the_mqtt_answers(box: Box, caller) -> None:  #
     # The same prompt a third time: its prefix came from the cache, as for MQTT jobs.
     assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens > 0
 
+    # stop, and seeded sampling (temperature, top_p, seed): as the same MQTT job does.
+    stop = answer[8:12]
+    assert stop.strip() and answer.index(stop) > 0
+    stopped = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, stop=stop)  # type: ignore[arg-type]
+    assert stopped.choices[0].message.content == answer[: answer.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    sampled = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=24,
+        temperature=0.9,
+        top_p=0.95,
+        seed=7,
+    )
+    seeded = _mqtt(caller, "m-seed", messages=MESSAGES, max_tokens=24, temperature=0.9, top_p=0.95, seed=7)
+    assert sampled.choices[0].message.content == seeded["text"]
+
     completion = client.completions.create(
         model=MODEL, prompt="The device reports", max_tokens=16, temperature=0
     )
@@ -169,6 +173,9 @@ def test_openai_sdk_errors_are_its_exception_classes(box: Box) -> None:
     assert missing.value.code == "model_not_found"
     ok = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
     assert ok.choices[0].message.content  # the agent kept serving
+    log = box.agent.log_text()
+    assert "POST /v1/chat/completions" in log  # requests are logged (positive control) ...
+    assert KEY not in log and "wrong-key" not in log  # ... their keys never
 
 
 def test_langchain_chat_openai(box: Box, caller) -> None:  # type: ignore[no-untyped-def]
@@ -281,15 +288,15 @@ def test_a_client_that_disconnects_cancels_its_job_and_the_next_is_served(agents
     client = box.openai()
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
     headers = {"Authorization": f"Bearer {KEY}"}
+    # Positive control: a client that stays gets all 4000 tokens (llama-long never stops early).
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4000)  # type: ignore[arg-type]
+    assert whole.usage is not None and whole.usage.completion_tokens == 4000
     with (
         httpx.Client(timeout=60) as raw,
         raw.stream("POST", f"{box.url}/v1/chat/completions", json=body, headers=headers) as response,
     ):
         assert response.status_code == 200
-        first = next(response.iter_lines())
-        assert first.startswith("data: ")
-        # While it runs, the queue is full: positive control for what follows.
-        assert box.status_of({"model": MODEL, "messages": MESSAGES, "max_tokens": 4}) == (429, "1")
+        assert next(response.iter_lines()).startswith("data: ")
     # The client closed its connection mid-stream: its job ends canceled, short of its 4000 tokens.
     line = wait_until(
         lambda: next((v for v in box.job_lines().values() if v.startswith("canceled")), None),
@@ -298,7 +305,7 @@ def test_a_client_that_disconnects_cancels_its_job_and_the_next_is_served(agents
     )
     completion_tokens = int(re.search(r"(\d+) completion tokens", line).group(1))  # type: ignore[union-attr]
     assert 0 < completion_tokens < 4000
-    # The queue is free again: the next request is served, not turned away.
+    # The queue (one job at most) is free again: the next request is served, not turned away with 429.
     after = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
     assert after.choices[0].finish_reason == "length"
 
@@ -327,6 +334,7 @@ def test_http_jobs_do_not_run_for_nobody_after_a_restart(agents, caller) -> None
     assert errors  # their connections died with the agent
     before = len(box.agent.log_text())
     box.agent.start()
+    box = Box(box.agent, box.agent.http_port(after=before))  # port 0: another one this time
     # The MQTT job resumes (positive control); the HTTP jobs left are canceled, never run.
     assert caller.wait_result("m-queued", timeout=60)["status"] == "succeeded"
     restarted = box.agent.log_text()[before:]
@@ -374,3 +382,68 @@ def test_apps_on_the_box_are_served_while_the_broker_is_away(box: Box, broker) -
     during = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
     assert during.choices[0].message.content == before.choices[0].message.content
     assert during.choices[0].finish_reason == "length"
+
+
+def _hot_box(agents, tmp_path: Path, shed_load: str, **jobs: Any) -> tuple[Box, Path]:  # type: ignore[no-untyped-def]
+    """A box whose (simulated) SoC sensor reads 85 °C, over its 70 °C limit: it sheds load."""
+    zone = tmp_path / "sys" / "class" / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("85000\n")
+    agent = agents(
+        fixture_path(MODEL),
+        jobs={"max_tokens_limit": 4000, **jobs},
+        http={"listen": "127.0.0.1:0", "api_keys": [KEY]},
+        telemetry={"interval_s": 1.0, "sysfs_root": str(tmp_path / "sys")},
+        health={"max_temp_c": 70, "shed_load": shed_load},
+    )
+    agent.start()
+    wait_until(lambda: "health: degraded" in agent.log_text(), what="the box to find itself hot")
+    return Box(agent, agent.http_port()), zone / "temp"
+
+
+def test_a_box_shedding_load_answers_503_with_retry_after(agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    box, temp = _hot_box(agents, tmp_path, "reject")
+    client = box.openai()
+    with pytest.raises(openai.InternalServerError) as shed:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    assert shed.value.status_code == 503 and shed.value.code == "overloaded"
+    assert shed.value.response.headers["retry-after"] == "1"  # one telemetry interval
+    with pytest.raises(ollama.ResponseError) as also:
+        box.ollama().chat(model=MODEL, messages=MESSAGES, options={"num_predict": 4})
+    assert also.value.status_code == 503 and "hot" in also.value.error
+    temp.write_text("50000\n")  # cool again (below 70 - 5 °C of hysteresis)
+    served = wait_until(lambda: _served(client), timeout=30, what="the box to serve again once cool")
+    assert served.choices[0].finish_reason == "length"
+
+
+def _served(client: openai.OpenAI) -> Any:
+    try:
+        return client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    except openai.InternalServerError:
+        return None
+
+
+def test_a_full_queue_is_429_and_a_queued_job_whose_client_leaves_never_runs(agents, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """shed_load = "queue" holds every job while the box is hot: the queue fills deterministically."""
+    box, temp = _hot_box(agents, tmp_path, "queue", max_queue=1)
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", box.port), timeout=60) as held:  # stored, then held
+        held.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: box\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: len(_open(box)) == 1, what="the first job stored")
+        with pytest.raises(openai.RateLimitError) as busy:
+            box.openai().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+        assert busy.value.code == "busy" and busy.value.response.headers["retry-after"] == "1"
+    # The client left while its job waited in the queue.
+    line = wait_until(
+        lambda: next((v for v in box.job_lines().values() if v.startswith("canceled")), None),
+        what="the queued job to be canceled",
+    )
+    assert "0 completion tokens" in line and "before it started" in line
+    temp.write_text("50000\n")
+    after = box.openai().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    assert after.choices[0].finish_reason == "length"  # the queue was free: served, once cool

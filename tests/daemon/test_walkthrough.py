@@ -55,7 +55,8 @@ def test_the_lab_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert "rollout demo@1.1.0/shop-3: done — 51 active" in out, out[-4000:]
     assert "rollout demo@1.1.0/shop-3/rollback: done — 51 active" in out, out[-4000:]
     # The streamed answer: the line after the devices' summary, before deploy's first line.
-    after = out.split("devices 51  online 51  offline 0  never seen 0\n", 1)[1]
+    summary = next(line for line in out.splitlines() if line.startswith("devices 51  online 51  offline 0"))
+    after = out.split(summary + "\n", 1)[1]
     answer = next(line for line in after.splitlines() if not line.startswith("edge-fleet: warning"))
     assert answer.strip() and not answer.startswith("desired model"), after[:500]
     assert "shop-3-till-1" in out and "rollout demo@1.1.0/shop-3/rollback" in out

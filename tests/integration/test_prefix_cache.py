@@ -47,11 +47,12 @@ def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
             reference = cold.generate(prompt, params)
             warm = engine.generate(prompt, params)
             assert warm.token_ids == reference.token_ids, f"{name} salt {salt}"
-            # The first prompt fills the cache; every later one reuses the instruction's blocks.
-            assert warm.cached_tokens == (0 if salt == 0 else 88)
+            # The first prompt fills the cache; every later one reuses the instruction to its last
+            # token (11 whole blocks of 8, then 2 of the 7 positions of the first prompt's tail).
+            assert warm.cached_tokens == (0 if salt == 0 else len(instruction))
         again = engine.generate(prompt, params)  # the whole prompt is cached but two positions
         assert again.token_ids == reference.token_ids
-        assert again.cached_tokens == len(prompt) - len(prompt) % 8 - (8 if len(prompt) % 8 < 2 else 0)
+        assert again.cached_tokens == len(prompt) - 2
 
 
 def test_chat_turns_reuse_the_previous_prompt(phi3_dir: Path) -> None:
@@ -111,9 +112,9 @@ def test_a_restarted_engine_loads_the_prefix_from_disk(tmp_path: Path) -> None:
     restarted = Engine(fixture_path("qwen2-int8"), SMALL, prefix_cache_dir=tmp_path / "pc")
     warm = restarted.generate(prompt, GREEDY)
     assert warm.token_ids == cold.token_ids
-    assert warm.cached_tokens == 80
+    assert warm.cached_tokens == len(prompt) - 2  # token-exact from disk too: the tail block was saved
     stats = restarted.prefix_cache_stats()
-    assert stats is not None and stats.disk_loads == 10 and stats.hits == 1
+    assert stats is not None and stats.disk_loads == 11 and stats.hits == 1  # 10 whole blocks and the tail
 
 
 def test_a_model_update_invalidates_the_cache(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_a_model_update_invalidates_the_cache(tmp_path: Path) -> None:
     prompt = ids_of(64) + ids_of(4, 9)
     Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc").generate(prompt, GREEDY)
     control = Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc").generate(prompt, GREEDY)
-    assert control.cached_tokens == 64  # positive control: the same model hits
+    assert control.cached_tokens == len(prompt) - 2  # positive control: the same model hits
     shutil.rmtree(folder)
     shutil.copytree(fixture_path("mistral-int4"), folder)  # the "update": same shapes, other weights
     updated = Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc")
@@ -140,7 +141,7 @@ def test_a_corrupt_cache_file_is_ignored_with_a_warning(
     prompt = ids_of(40) + ids_of(4, 2)
     cold = Engine(fixture_path("phi3-int4"), SMALL, prefix_cache_dir=tmp_path).generate(prompt, GREEDY)
     files = sorted(tmp_path.glob("*/*.kv"))
-    assert len(files) == 5
+    assert len(files) == 6  # 5 whole blocks of 8 and the 4-token tail
     for f in files:  # flip one byte in the middle of each block's keys and values
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0x40

@@ -45,3 +45,42 @@ def test_the_run_a_model_commands_run_as_written() -> None:
     as_json = [json.loads(line) for line in lines if line.startswith("{")]
     assert as_json and as_json[0]["text"] and as_json[0]["completion_tokens"] <= 20, proc.stdout[-2000:]
     assert any("tok/s" in line or "t/s" in line for line in lines), proc.stdout[-2000:]
+
+
+def _code(fence: str, after: str) -> str:
+    return README.split(after, 1)[1].split(f"```{fence}\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.e2e  # a real agent serving HTTP, and the README's curl and openai lines against it
+def test_the_use_it_from_your_app_lines_run_as_written(agents) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.broker import free_port
+    from tests.support.wait import wait_until
+
+    port = free_port()
+    agent = agents(REPO / "models" / "demo", http={"listen": f"127.0.0.1:{port}"})
+    agent.start()
+    curl = _code("sh", "## Use it from your app").replace("8080", str(port))
+    python = _code("python", "## Use it from your app").replace("8080", str(port))
+    assert "curl -N" in curl and "OpenAI(" in python
+
+    streamed = subprocess.run(
+        ["bash", "-e", "-c", curl], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    events = [line for line in streamed.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) > 2, streamed.stdout[-2000:]
+    text = "".join(
+        json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+        for e in events[:-1]
+        if json.loads(e[6:])["choices"]
+    )
+    assert text.strip(), streamed.stdout[-2000:]
+
+    import sys
+
+    answered = subprocess.run(
+        [sys.executable, "-c", python], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.strip(), "the SDK printed the box's answer"
+    wait_until(lambda: "job " in agent.log_text(), what="the agent's job log lines")

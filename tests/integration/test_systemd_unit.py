@@ -140,7 +140,14 @@ socket.create_connection(server.getsockname(), timeout=5).close()
 print("sandboxed run ok")
 """
     proc = subprocess.run(
-        [SYSTEM_PYTHON, str(ROOT / "tests" / "_unit_sandbox.py"), str(UNIT), sys.executable, "-c", workload],
+        [
+            SYSTEM_PYTHON,
+            str(ROOT / "tests" / "support" / "unit_sandbox.py"),
+            str(UNIT),
+            sys.executable,
+            "-c",
+            workload,
+        ],
         capture_output=True,
         text=True,
         check=False,

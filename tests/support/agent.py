@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -148,6 +149,19 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def http_port(self, after: int = 0) -> int:
+        """The port its HTTP API took (``[http] listen`` port 0: any free one, logged at start).
+
+        ``after``: read the log from this offset (a restart takes another port). A port picked
+        by the test and handed over would race the test's own MQTT clients, whose outgoing
+        connections take free ports from the same range.
+        """
+        found = wait_until(
+            lambda: re.search(r"HTTP API on http://[^:]+:(\d+)", self.log_text()[after:]),
+            what="the HTTP API's port in the agent's log",
+        )
+        return int(found.group(1))
 
     def log_text(self) -> str:
         """What the daemon logged so far."""

@@ -62,6 +62,13 @@ def test_history_keeps_a_day_at_full_resolution_then_5_minute_means_then_nothing
     assert history.compact(now) == (0, 0)  # nothing left to do
 
 
+def test_a_message_recorded_twice_is_kept_once(store: Store) -> None:
+    history = History(store.db)  # (two servers on one database both record every message)
+    history.add([_point(100.0, 50.0), _point(110.0, 51.0)])
+    history.add([_point(110.0, 51.0), _point(120.0, 52.0)])
+    assert [p.at for p in history.points("box-1", 0.0)] == [100.0, 110.0, 120.0]
+
+
 def test_series_averages_into_at_most_max_points(store: Store) -> None:
     history = History(store.db)
     now = time.time()
@@ -146,3 +153,32 @@ def test_the_page_is_served_with_a_strict_policy_and_no_outside_asset(store: Sto
         assert api.get(f"/ui/{name}").status_code == 200
     assert "innerHTML" not in sources["app.js"] + sources["core.js"]
     assert "insertAdjacentHTML" not in sources["app.js"] + sources["core.js"]
+
+
+def test_pause_halts_a_running_rollout_and_resume_continues_it(store: Store, tmp_path: Path) -> None:
+    import json
+
+    from edge_contract import signing
+    from tests.support.releases import placeholder_release
+
+    api = TestClient(create_app(store))
+    operator = {"Authorization": f"Bearer {store.create_token('alice', 'operator', 'test')}"}
+    viewer = {"Authorization": f"Bearer {store.create_token('vic', 'viewer', 'test')}"}
+    manifest = json.loads(placeholder_release(signing.generate(), "2.0.0", tmp_path).read_text())
+    created = api.post("/api/v1/rollouts", json={"manifest": manifest, "group": "shop"}, headers=operator)
+    assert created.status_code == 201, created.text
+    rollout_id = created.json()["id"]
+    assert api.post(f"/api/v1/rollouts/{rollout_id}/pause", headers=viewer).status_code == 403
+    paused = api.post(f"/api/v1/rollouts/{rollout_id}/pause", headers=operator)
+    assert paused.status_code == 200 and paused.json()["state"] == "halted", paused.text
+    assert paused.json()["reason"] == "paused by alice"
+    again = api.post(f"/api/v1/rollouts/{rollout_id}/pause", headers=operator)
+    assert again.status_code == 409 and "only a running one pauses" in again.json()["detail"]
+    resumed = api.post(f"/api/v1/rollouts/{rollout_id}/resume", headers=operator)
+    assert resumed.status_code == 200 and resumed.json()["state"] == "running"
+    actions = [(e.actor, e.action) for e in store.audit_log() if e.target == rollout_id]
+    assert ("alice", "rollout.pause") in actions and ("alice", "rollout.resume") in actions
+    detail = api.get("/api/v1/targets", params={"rollout": rollout_id}, headers=viewer).json()
+    assert [t["device"] for t in detail["targets"]] == ["box-1"] and "PAUSED by alice" in str(
+        detail["events"]
+    )

@@ -231,6 +231,7 @@ KEY = "k" * 24
 def test_http_config_needs_keys_off_loopback() -> None:
     assert HTTPConfig().listen is None
     assert HTTPConfig(listen="127.0.0.1:8080").endpoint == ("127.0.0.1", 8080)
+    assert HTTPConfig(listen="127.0.0.1:0").endpoint == ("127.0.0.1", 0)  # any free port
     assert HTTPConfig(listen="[::1]:8080").endpoint == ("::1", 8080)
     assert HTTPConfig(listen="localhost:8080").api_keys == []
     assert HTTPConfig(listen="0.0.0.0:8080", api_keys=[KEY]).endpoint == ("0.0.0.0", 8080)
@@ -254,7 +255,7 @@ def test_the_config_file_refuses_an_open_listener_without_keys(tmp_path: Path) -
     assert load_config(path).http.listen is None  # no [http]: no server
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "http://127.0.0.1:80"])
+@pytest.mark.parametrize("listen", ["127.0.0.1", "127.0.0.1:", "127.0.0.1:70000", "http://127.0.0.1:80"])
 def test_http_listen_needs_host_and_port(listen: str) -> None:
     with pytest.raises(ValidationError, match="HOST:PORT"):
         HTTPConfig(listen=listen)
@@ -450,3 +451,17 @@ def test_a_faulty_http_sink_does_not_disturb_the_worker(tmp_path: Path) -> None:
     assert replies.send_result("http-1", local_address("http-1"), None, "result").done()
     job = store.get("http-1")
     assert job is not None and job.delivered  # the bookkeeping went on
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_the_chunk_template_writes_what_the_chunk_function_does(kind: str) -> None:
+    import json
+
+    body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
+    call = api.openai_chat(body) if kind == "chat" else api.openai_completion(body)
+    template = api.ChunkTemplate(call, "http-1", 1_800_000_000)
+    for text in ["It", ' "quoted"\n', "é ü 中文 🙂", "\\u0000 \x00 \t", "data: [DONE]"]:
+        expected = (
+            b"data: " + json.dumps(api.openai_chunk(call, "http-1", 1_800_000_000, text)).encode() + b"\n\n"
+        )
+        assert template.event(text) == expected

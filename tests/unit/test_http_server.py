@@ -23,7 +23,6 @@ from agent.daemon.http.server import HTTPServer
 from agent.daemon.results import error_result
 from agent.health.telemetry import JobStats
 from edge_contract.protocol import Chunk, ModelRef, Result, Usage
-from tests.support.broker import free_port
 from tests.support.wait import wait_until
 from tests.unit.test_intake import NOW, RULES, View
 
@@ -93,7 +92,7 @@ class FakeIntake:
 def _serve(keys: list[str], max_connections: int = 8) -> tuple[HTTPServer, FakeIntake]:
     fake = FakeIntake()
     server = HTTPServer(
-        HTTPConfig(listen=f"127.0.0.1:{free_port()}", api_keys=keys, max_connections=max_connections),
+        HTTPConfig(listen="127.0.0.1:0", api_keys=keys, max_connections=max_connections),
         inbox=fake,
         model=lambda: MODEL,
         stats=JobStats(http=True),

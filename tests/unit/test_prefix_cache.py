@@ -259,3 +259,48 @@ def test_a_full_disk_loses_the_copy_not_the_request(tmp_path: Path, caplog: pyte
         assert c.insert(ids, kv_for(ids), 8) == 2
     assert len(c.lookup(ids, max_tokens=8)) == 2  # memory still serves it
     assert "prefix cache" in caplog.text
+
+
+# -- token-exact reuse -------------------------------------------------------------------------
+
+
+def matched(c: PrefixCache, ids: list[int], max_tokens: int) -> list[int]:
+    """The token values a match covers, read back from the keys and values it would copy."""
+    found = c.match(ids, max_tokens=max_tokens)
+    tail = [] if found.tail is None else [int(v) for v in found.tail.kv[0, 0, 0, : found.tail_tokens, 0]]
+    assert found.tokens(BLOCK) == len(positions(found.blocks)) + len(tail)
+    return positions(found.blocks) + tail
+
+
+def test_reuse_goes_to_the_last_matching_token_not_a_block_boundary() -> None:
+    c = cache()
+    instruction = list(range(100, 110))  # 2 whole blocks of 4 and 2 tokens
+    first = [*instruction, 7, 8, 9]  # blocks: 100-103, 104-107, 108 109 7 8, tail 9
+    c.insert(first, kv_for(first), len(first), tail=True)
+    second = [*instruction, 5, 6, 4, 3]
+    assert matched(c, second, len(second) - 2) == instruction  # into the third block, to its 2nd token
+    assert matched(c, first, len(first)) == first  # the tail block too
+    assert matched(c, first, len(first) - 2) == first[:-2]  # max_tokens cuts inside a block
+    assert matched(c, [1, 2, 3], 3) == []  # positive control: a miss
+    assert (
+        c.lookup(second, max_tokens=len(second)) == c.match(second, max_tokens=9).blocks
+    )  # whole blocks only
+
+
+def test_the_best_of_several_stored_continuations_is_reused() -> None:
+    c = cache()
+    base = list(range(20, 24))
+    for tail in ([1, 2, 3, 4], [1, 2, 9, 9], [5, 5]):
+        ids = base + tail
+        c.insert(ids, kv_for(ids), len(ids), tail=True)
+    assert matched(c, [*base, 1, 2, 9, 7, 0], 9) == [*base, 1, 2, 9]
+    assert matched(c, [*base, 5, 6, 0], 7) == [*base, 5]
+
+
+def test_tails_are_found_on_disk_after_a_restart(tmp_path: Path) -> None:
+    first = list(range(40, 51))  # 2 whole blocks and a 3-token tail
+    cache(store=disk(tmp_path)).insert(first, kv_for(first), len(first), tail=True)
+    restarted = cache(store=disk(tmp_path))
+    second = [*first[:10], 0, 0]
+    assert matched(restarted, second, len(second) - 2) == first[:10]
+    assert restarted.stats().disk_loads == 3

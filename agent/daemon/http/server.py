@@ -575,6 +575,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, api.whole_answer(call, job_id, item, created))
             return
         self._start_stream(api.stream_content_type(call))
+        writer = api.StreamWriter(call, job_id, created)
         first = True
         while True:
             # What came meanwhile goes out in one write: a client that reads slower than the
@@ -583,7 +584,7 @@ class _Handler(BaseHTTPRequestHandler):
             ended = False
             while True:
                 if isinstance(item, str):
-                    out.append(api.stream_piece(call, job_id, created, item, first=first))
+                    out.append(writer.piece(item, first=first))
                     first = False
                 else:
                     good = isinstance(item, Result) and item.status == "succeeded"

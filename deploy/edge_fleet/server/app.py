@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from agent import __version__
+from edge_contract import __version__
 
 from .api import audit, deployments, devices, jobs, metrics, rollouts, tokens
 from .broker_link import BrokerLink

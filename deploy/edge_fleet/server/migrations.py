@@ -62,7 +62,8 @@ _V2 = [
     "CREATE TABLE telemetry_history (device TEXT NOT NULL, at {float} NOT NULL, span {float} NOT NULL, "
     "res INTEGER NOT NULL, tok_s {float}, temp_c {float}, mem_mb {float}, queue {float}, jobs {float}, "
     "cert_expires_at {float})",
-    "CREATE INDEX telemetry_history_by_device ON telemetry_history (device, at)",
+    # Unique: two servers on one PostgreSQL both record every message; the second insert is dropped.
+    "CREATE UNIQUE INDEX telemetry_history_by_device ON telemetry_history (device, at)",
     "CREATE INDEX telemetry_history_by_age ON telemetry_history (res, at)",
     "CREATE TABLE dashboard_sessions (id_hash TEXT PRIMARY KEY, token_hash TEXT NOT NULL, "
     "csrf TEXT NOT NULL, created {float} NOT NULL, expires {float} NOT NULL)",

@@ -57,8 +57,8 @@ class Point:
 
 _INSERT = (
     "INSERT INTO telemetry_history (device, at, span, res, tok_s, temp_c, mem_mb, queue, jobs, "
-    "cert_expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
-)
+    "cert_expires_at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (device, at) DO NOTHING"
+)  # (several servers on one database record the same messages: one row each)
 
 
 def _finished(counts: JobCounts) -> int:

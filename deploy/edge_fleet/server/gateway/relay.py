@@ -77,6 +77,7 @@ class Answer:
     async def stream(self) -> AsyncIterator[bytes]:
         """The dialect's events; an error event (not a hang) when the box goes away mid-answer."""
         first, seen, streamed = True, set[int](), False
+        writer = api.StreamWriter(self.call, self.job_id, self.created)
         try:
             item: Item = self.first
             while True:
@@ -86,9 +87,7 @@ class Answer:
                     if item.seq not in seen:  # QoS 1 may deliver a chunk twice
                         seen.add(item.seq)
                         streamed = True
-                        out.append(
-                            api.stream_piece(self.call, self.job_id, self.created, item.text, first=first)
-                        )
+                        out.append(writer.piece(item.text, first=first))
                         first = False
                     if self.queue.empty():
                         break
@@ -101,9 +100,7 @@ class Answer:
                 self._ended = isinstance(item, Result)
                 if isinstance(item, Result) and item.status == "succeeded":
                     if item.text and not streamed:  # a box that streams nothing (an older agent)
-                        out.append(
-                            api.stream_piece(self.call, self.job_id, self.created, item.text, first=first)
-                        )
+                        out.append(writer.piece(item.text, first=first))
                         first = False
                     outcome: Result | ApiError = item
                 elif isinstance(item, Result):
