@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -369,3 +370,38 @@ def _running(fleet: Fleet) -> tuple[str, str] | None:
         if row:
             return name, str(row[0])
     return None
+
+
+def test_a_box_gone_before_answering_passes_the_request_to_another(fleet: Fleet, caller) -> None:  # type: ignore[no-untyped-def]
+    """till-1 is frozen (SIGSTOP: still online for the broker) and takes the request (the tie goes
+    by name); it is then killed before it answered: the gateway sends the request to till-2."""
+    caller.subscribe("edge/+/jobs")  # watches where the gateway sends jobs
+    caller.client.publish("edge/nobody/jobs", b"{}", qos=1)
+    wait_until(lambda: _seen(caller, "edge/nobody/jobs", b"{}"), what="the watch subscribed")
+    frozen = fleet.agents["till-1"]
+    assert frozen.proc is not None
+    frozen.proc.send_signal(signal.SIGSTOP)
+    answers: list[Any] = []
+    client = fleet.openai()
+
+    def ask() -> None:
+        answers.append(
+            client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+        )
+
+    asking = threading.Thread(target=ask)
+    try:
+        asking.start()
+        wait_until(lambda: _seen(caller, "edge/till-1/jobs", b'"id":"gw-'), what="the job sent to till-1")
+    finally:
+        frozen.proc.send_signal(signal.SIGKILL)  # its socket closes: the broker publishes its Last Will
+        frozen.proc.wait(timeout=10)
+    asking.join(60)
+    assert answers and answers[0].headers["X-Edge-Device"] == "till-2"
+    assert answers[0].parse().choices[0].finish_reason == "length"
+    log = fleet.server.log.read_text()
+    assert "box till-1 went offline before answering" in log and "trying another" in log
+
+
+def _seen(caller, topic: str, fragment: bytes) -> bool:  # type: ignore[no-untyped-def]
+    return any(t == topic and fragment in body for t, body, _c in list(caller.raw.queue))
