@@ -12,13 +12,13 @@ from pydantic import ValidationError
 from agent.config import HTTPConfig
 from agent.daemon import intake
 from agent.daemon.faults import StorageFaults
-from agent.daemon.http import api
-from agent.daemon.http.api import ApiError
 from agent.daemon.intake import Accept, Reply, Rules, Submission
 from agent.daemon.outbox import Outbox
 from agent.daemon.replies import Replies, cancel_local_orphans, local_address
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
+from edge_contract import openai_compat as api
+from edge_contract.openai_compat import ApiError
 from edge_contract.protocol import JobRequest, Result, Timings, Topics, Usage
 from tests.unit.test_intake import NOW, RULES, View, msg
 

@@ -7,10 +7,11 @@ open connection, at most ``[http] max_connections`` of them (more are answered
 1. checks the key (``Authorization: Bearer KEY``, ``hmac.compare_digest``
    against every configured key; a key is never logged), reads a body of at
    most ``[jobs] max_payload_bytes`` and parses it (a precise 400 otherwise);
-2. maps it to a job (``agent.daemon.http.api``), checks the model's name (404),
-   opens a waiter on ``HTTPSink`` for the job's reply address and submits the
-   job to the ``Inbox`` (``Inbox.submit``): the same admission, the same
-   durable queue, batching and prefix cache as an MQTT job;
+2. maps it to a job (``edge_contract.openai_compat``, shared with the fleet's
+   gateway), checks the model's name (404), opens a waiter on ``HTTPSink`` for
+   the job's reply address and submits the job to the ``Inbox``
+   (``Inbox.submit``): the same admission, the same durable queue, batching and
+   prefix cache as an MQTT job;
 3. relays what the sink receives from the worker (chunks, then the result) as
    the dialect's answer: SSE ``data:`` lines ending ``data: [DONE]``, NDJSON
    lines, or one JSON object; an error before anything was sent is the
@@ -43,12 +44,12 @@ from typing import Any, Protocol
 
 from agent.config import HTTPConfig
 from agent.daemon import intake
-from agent.daemon.http import api
-from agent.daemon.http.api import ApiError, Call
 from agent.daemon.replies import local_address
 from agent.health.telemetry import JobStats
 from edge_contract import __version__
+from edge_contract import openai_compat as api
 from edge_contract.errors import ConfigError
+from edge_contract.openai_compat import ApiError, Call
 from edge_contract.protocol import ModelRef, Result
 
 log = logging.getLogger(__name__)
@@ -343,9 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _send_error(self, error: ApiError, dialect: str | None = None) -> None:
-        body = (
-            api.ollama_error(error) if (dialect or self._dialect()) == "ollama" else api.openai_error(error)
-        )
+        body = api.error_body(None, error, dialect=dialect or self._dialect())
         headers = {}
         if error.retry_after is not None:
             headers["Retry-After"] = str(error.retry_after)
@@ -441,17 +440,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no route {path}", code="not_found")
 
     def _openai_model(self, ref: ModelRef) -> dict[str, Any]:
-        return {"id": ref.name, "object": "model", "created": self._api.started, "owned_by": "edge-agent"}
+        return api.openai_model(ref.name, self._api.started, "edge-agent")
 
     def _ollama_model(self, ref: ModelRef) -> dict[str, Any]:
-        return {
-            "name": f"{ref.name}:latest",
-            "model": f"{ref.name}:latest",
-            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._api.started)),
-            "size": 0,
-            "digest": "",
-            "details": {"format": "onnx", "family": "", "parameter_size": "", "quantization_level": ""},
-        }
+        return api.ollama_model(f"{ref.name}:latest", self._api.started)
 
     def _unknown_model(self, name: str, ref: ModelRef) -> ApiError:
         return ApiError(
@@ -568,10 +560,7 @@ class _Handler(BaseHTTPRequestHandler):
                 code="shutting_down",
                 retry_after=5,
             )
-        error = result.error
-        code = error.code if error is not None else "internal"
-        message = error.message if error is not None else f"the job ended {result.status}"
-        return api.error_for(call, code, message, overloaded_retry_s=self._api.overloaded_retry_s)
+        return api.result_error(call, result, overloaded_retry_s=self._api.overloaded_retry_s)
 
     def _relay(self, call: Call, job_id: str, waiter: queue.SimpleQueue[_Item]) -> None:
         created = api.created_at()
@@ -583,14 +572,10 @@ class _Handler(BaseHTTPRequestHandler):
                 item = self._next(waiter)
             if isinstance(item, _Closed) or item.status != "succeeded":
                 raise self._job_error(call, item)
-            if call.dialect == "openai":
-                self._send_json(200, api.openai_response(call, job_id, item, created))
-            else:
-                self._send_json(200, api.ollama_final(call, item, text=item.text))
+            self._send_json(200, api.whole_answer(call, job_id, item, created))
             return
-        sse = call.dialect == "openai"
-        self._start_stream("text/event-stream" if sse else "application/x-ndjson")
-        template = api.ChunkTemplate(call, job_id, created) if sse else None
+        self._start_stream(api.stream_content_type(call))
+        writer = api.StreamWriter(call, job_id, created)
         first = True
         while True:
             # What came meanwhile goes out in one write: a client that reads slower than the
@@ -599,16 +584,12 @@ class _Handler(BaseHTTPRequestHandler):
             ended = False
             while True:
                 if isinstance(item, str):
-                    if template is not None:
-                        if first:  # the first chunk also opens the assistant's turn
-                            out.append(_event(api.openai_chunk(call, job_id, created, item, first=True)))
-                        else:
-                            out.append(template.event(item))
-                    else:
-                        out.append(_line(api.ollama_piece(call, item)))
+                    out.append(writer.piece(item, first=first))
                     first = False
                 else:
-                    out += self._ending(call, job_id, created, item, sse=sse, first=first)
+                    good = isinstance(item, Result) and item.status == "succeeded"
+                    outcome = item if good and isinstance(item, Result) else self._job_error(call, item)
+                    out += api.stream_end(call, job_id, created, outcome, first=first)
                     ended = True
                     break
                 try:
@@ -622,34 +603,6 @@ class _Handler(BaseHTTPRequestHandler):
             if ended:
                 return
             item = self._next(waiter)
-
-    def _ending(
-        self, call: Call, job_id: str, created: int, item: Result | _Closed, *, sse: bool, first: bool
-    ) -> list[bytes]:
-        """The last events of a stream: the finish (and usage), or the error; then SSE's [DONE]."""
-        out = []
-        if isinstance(item, _Closed) or item.status != "succeeded":
-            error = self._job_error(call, item)
-            out.append(_event(api.openai_error(error)) if sse else _line(api.ollama_error(error)))
-        elif sse:
-            if first:  # nothing was streamed (an empty answer): still open the assistant's turn
-                out.append(_event(api.openai_chunk(call, job_id, created, "", first=True)))
-            out.append(_event(api.openai_chunk(call, job_id, created, "", finish=item.finish_reason)))
-            if call.include_usage:
-                out.append(_event(api.openai_usage_chunk(call, job_id, created, item)))
-        else:
-            out.append(_line(api.ollama_final(call, item)))
-        if sse:
-            out.append(b"data: [DONE]\n\n")
-        return out
-
-
-def _event(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-def _line(body: dict[str, Any]) -> bytes:
-    return json.dumps(body).encode() + b"\n"
 
 
 def _openai_chat(body: Any, _limit: int) -> Call:

@@ -16,6 +16,7 @@ from edge_contract import __version__
 from .api import audit, deployments, devices, jobs, metrics, rollouts, tokens
 from .broker_link import BrokerLink
 from .dashboard.mount import mount as mount_dashboard
+from .gateway import mount as mount_gateway
 from .service import FleetService
 from .store import Store
 
@@ -45,6 +46,7 @@ def create_app(
         app.include_router(router)
     app.include_router(metrics.public_router if metrics_public else metrics.router)
     mount_dashboard(app)  # the web page at / and its routes (issue 26)
+    mount_gateway(app)  # OpenAI- and Ollama-compatible /v1/… and /api/… over the fleet (issue 25)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, Any]:

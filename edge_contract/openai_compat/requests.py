@@ -1,4 +1,4 @@
-"""The two HTTP dialects, mapped onto the job contract: pure functions, no I/O.
+"""The two HTTP dialects' requests, mapped onto the job contract: pure functions, no I/O.
 
 A request body (OpenAI's ``/v1/chat/completions`` and ``/v1/completions``,
 Ollama's ``/api/chat`` and ``/api/generate``) becomes a ``Call``: the JSON
@@ -9,26 +9,19 @@ text-only message parts, the model's name); every field the contract has
 copied as given, so the intake's admission checks it exactly as it checks an
 MQTT job, and its message names the field (``error_for`` translates the name
 back to the dialect's, e.g. ``options.num_predict`` for Ollama's ``max_tokens``).
+Unknown fields of a request are ignored, as OpenAI's and Ollama's servers do.
 
 Defaults are the job contract's, not OpenAI's: greedy (``temperature`` 0) and
 ``max_tokens`` 256 when not given (see docs/http-api.md).
 
-Results and chunks (``edge_contract.protocol``) become the dialect's
-responses: OpenAI's objects and SSE chunks, Ollama's objects and NDJSON lines.
 Errors: ``ApiError`` carries the HTTP status and OpenAI's error fields;
 ``openai_error`` and ``ollama_error`` give each dialect's body.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
-
-from edge_contract.protocol import JobErrorCode, Result
 
 Kind = Literal["chat", "completion", "ollama_chat", "ollama_generate"]
 
@@ -304,174 +297,3 @@ def ollama_generate(body: Any, max_tokens_limit: int) -> Call:
 def serves(requested: str, served: str) -> bool:
     """Whether the model a request names is the served one (Ollama's ``name:latest`` included)."""
     return requested == served or requested == f"{served}:latest"
-
-
-# -- answers -------------------------------------------------------------------------------------
-
-
-def _usage(result: Result) -> dict[str, Any]:
-    usage = result.usage
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
-
-
-def response_id(call: Call, job_id: str) -> str:
-    """The id of an OpenAI answer."""
-    return ("chatcmpl-" if call.kind == "chat" else "cmpl-") + job_id
-
-
-def openai_response(call: Call, job_id: str, result: Result, created: int) -> dict[str, Any]:
-    """The whole answer of a request with ``stream`` false."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
-    if call.kind == "chat":
-        choice["message"] = {"role": "assistant", "content": result.text}
-        kind = "chat.completion"
-    else:
-        choice["text"] = result.text
-        kind = "text_completion"
-    return {
-        "id": response_id(call, job_id),
-        "object": kind,
-        "created": created,
-        "model": call.model,
-        "choices": [choice],
-        "usage": _usage(result),
-    }
-
-
-def openai_chunk(
-    call: Call, job_id: str, created: int, text: str, *, first: bool = False, finish: str | None = None
-) -> dict[str, Any]:
-    """One SSE chunk: a piece of text, or (``finish``) the last one with the finish reason."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-    if call.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant"} if first else {}
-        if text or first:
-            delta["content"] = text
-        choice["delta"] = delta
-        kind = "chat.completion.chunk"
-    else:
-        choice["text"] = text
-        kind = "text_completion"
-    return {
-        "id": response_id(call, job_id),
-        "object": kind,
-        "created": created,
-        "model": call.model,
-        "choices": [choice],
-    }
-
-
-class ChunkTemplate:
-    """The SSE events of one streamed OpenAI answer, fast: the JSON around the text is built once.
-
-    ``event(text)`` equals ``b"data: " + json.dumps(openai_chunk(call, job_id, created, text)) + b"\\n\\n"``
-    for any non-empty ``text`` (a unit test checks it); a token costs one ``json.dumps`` of a string.
-    """
-
-    _MARKER = "\u0000text\u0000"
-
-    def __init__(self, call: Call, job_id: str, created: int) -> None:
-        whole = json.dumps(openai_chunk(call, job_id, created, self._MARKER))
-        head, tail = whole.split(json.dumps(self._MARKER), 1)
-        self._head = b"data: " + head.encode()
-        self._tail = tail.encode() + b"\n\n"
-
-    def event(self, text: str) -> bytes:
-        return self._head + json.dumps(text).encode() + self._tail
-
-
-def openai_usage_chunk(call: Call, job_id: str, created: int, result: Result) -> dict[str, Any]:
-    """The chunk after the last one when ``stream_options.include_usage`` is set: no choices, the usage."""
-    chunk = openai_chunk(call, job_id, created, "")
-    chunk["choices"] = []
-    chunk["usage"] = _usage(result)
-    return chunk
-
-
-def _now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def ollama_piece(call: Call, text: str) -> dict[str, Any]:
-    """One NDJSON line of a streamed Ollama answer."""
-    line: dict[str, Any] = {"model": call.model, "created_at": _now_rfc3339()}
-    if call.kind == "ollama_chat":
-        line["message"] = {"role": "assistant", "content": text}
-    else:
-        line["response"] = text
-    line["done"] = False
-    return line
-
-
-def ollama_final(call: Call, result: Result | None, *, text: str = "") -> dict[str, Any]:
-    """Ollama's last line (or its whole answer, with ``text``); ``result`` None: a load-only request."""
-    line = ollama_piece(call, text)
-    line["done"] = True
-    if result is None:
-        line["done_reason"] = "load"
-        return line
-    line["done_reason"] = result.finish_reason or "stop"
-    timings = result.timings
-    ns = 1_000_000
-    line.update(
-        {
-            "total_duration": int(timings.total_ms * ns) if timings else 0,
-            "load_duration": 0,
-            "prompt_eval_count": result.usage.prompt_tokens,
-            "prompt_eval_duration": int(timings.prefill_ms * ns) if timings else 0,
-            "eval_count": result.usage.completion_tokens,
-            "eval_duration": int(timings.decode_ms * ns) if timings else 0,
-        }
-    )
-    return line
-
-
-def created_at(ts: float | None = None) -> int:
-    """OpenAI's ``created``: whole seconds."""
-    return int(time.time() if ts is None else ts)
-
-
-# -- errors of jobs --------------------------------------------------------------------------------
-
-#: (HTTP status, OpenAI error type) of each job error code.
-_STATUS: dict[str, tuple[int, str]] = {
-    "invalid_json": (400, "invalid_request_error"),
-    "invalid_request": (400, "invalid_request_error"),
-    "duplicate_id": (400, "invalid_request_error"),
-    "context_overflow": (400, "invalid_request_error"),
-    "payload_too_large": (413, "invalid_request_error"),
-    "busy": (429, "rate_limit_error"),
-    "overloaded": (503, "server_error"),
-    "expired": (503, "server_error"),
-    "interrupted": (503, "server_error"),
-    "canceled": (503, "server_error"),
-}
-_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): ")
-
-
-def error_for(
-    call: Call | None, code: JobErrorCode | str, message: str, *, overloaded_retry_s: int
-) -> ApiError:
-    """The HTTP error for a job that ended with ``code`` (admission's or the worker's)."""
-    status, kind = _STATUS.get(code, (500, "server_error"))
-    names = call.names if call is not None else {}
-    param = None
-    found = _FIELD.match(message)
-    if status == 400 and found:
-        param = found.group(1)
-        for contract, dialect in names.items():
-            if param == contract or param.startswith(contract + "."):
-                renamed = dialect + param[len(contract) :]
-                message = renamed + message[len(param) :]
-                param = renamed
-                break
-    if code == "context_overflow":
-        param = "messages" if call is not None and "messages" in call.job else "prompt"
-        code = "context_length_exceeded"
-    retry = 1 if code == "busy" else overloaded_retry_s if status == 503 else None
-    return ApiError(status, message, type=kind, code=str(code), param=param, retry_after=retry)
