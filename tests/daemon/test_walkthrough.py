@@ -7,8 +7,10 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support.broker import free_port
@@ -53,10 +55,26 @@ def _run(script: str, tmp_path: Path, ports: tuple[str, ...]) -> tuple[int, str]
         )
         try:
             proc.wait(timeout=900)
+            # Its last line stops the lab: nothing the block started may outlive it.
+            deadline = time.monotonic() + 10
+            while (leftover := _session(proc.pid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, log.read_text()
+    out = log.read_text()
+    if proc.returncode == 0:
+        assert not leftover, f"still running after the walkthrough: {leftover}\n{out[-2000:]}"
+    return proc.returncode, out
+
+
+def _session(sid: int) -> list[list[str]]:
+    found = []
+    for candidate in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if os.getsid(candidate.pid) == sid and candidate.status() != psutil.STATUS_ZOMBIE:
+                found.append(candidate.cmdline())
+    return found
 
 
 def test_the_lab_walkthrough_runs_as_written(tmp_path: Path) -> None:
