@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
-from edge_contract.protocol import ChatMessage, JobRequest, Topics
+from edge_contract.protocol import ChatMessage, FleetTopics, JobRequest
 
 from ..auth import Operator, Viewer
 from ..schemas import JobIn
@@ -57,35 +57,44 @@ def _run(app: Any, job_id: str, topic: str, request: JobRequest, timeout: float)
         )
 
 
+def record_job(app: Any, actor: str, body: JobIn, *, stream: bool) -> tuple[str, str, JobRequest]:
+    """Check ``body``, record the job as running (and audit it): its id, topic and request.
+
+    One place for the API's jobs and the dashboard's streamed ones.
+    """
+    if app.state.link is None:
+        raise HTTPException(503, "this server has no broker link (start it with --broker)")
+    if (body.device is None) == (body.group is None):
+        raise HTTPException(422, "give exactly one of device and group")
+    fleet = FleetTopics(app.state.link.prefix)
+    topic = fleet.device(body.device).jobs if body.device else fleet.group(str(body.group)).jobs
+    job_id = f"srv-{uuid.uuid4().hex[:16]}"
+    common: dict[str, Any] = {"id": job_id, "max_tokens": body.max_tokens}
+    if stream:
+        common["stream"] = True
+    job = (
+        JobRequest(prompt=body.prompt, **common)
+        if body.raw
+        else JobRequest(messages=[ChatMessage(role="user", content=body.prompt)], **common)
+    )
+    store: Store = app.state.store
+    target = f"device {body.device}" if body.device else f"group {body.group}"
+    detail: dict[str, Any] = {"job": job_id, "stream": True} if stream else {"job": job_id}
+    with store.db.transaction():
+        store.db.execute(
+            "INSERT INTO jobs (id, target, state, request, actor, created) VALUES (?,?,?,?,?,?)",
+            (job_id, target, "running", job.model_dump_json(), actor, time.time()),
+        )
+        store.audit(actor, "job.submit", target, detail)
+    return job_id, topic, job
+
+
 @router.post("/jobs", status_code=202)
 def submit_job(request: Request, who: Operator, body: JobIn, wait: bool = False) -> dict[str, Any]:
     """Send a job; answers at once with its id (``wait=true``: with its result)."""
     app = request.app
-    if app.state.link is None:
-        raise HTTPException(503, "this server has no broker link")
-    if (body.device is None) == (body.group is None):
-        raise HTTPException(422, "give exactly one of device and group")
-    prefix = app.state.link.prefix
-    topic = (
-        Topics(prefix, body.device, None).jobs if body.device else Topics(prefix, "-", body.group).group_jobs
-    )
-    assert topic is not None
-    job_id = f"srv-{uuid.uuid4().hex[:16]}"
-    job = (
-        JobRequest(id=job_id, prompt=body.prompt, max_tokens=body.max_tokens)
-        if body.raw
-        else JobRequest(
-            id=job_id, messages=[ChatMessage(role="user", content=body.prompt)], max_tokens=body.max_tokens
-        )
-    )
+    job_id, topic, job = record_job(app, who.name, body, stream=False)
     store: Store = app.state.store
-    target = f"device {body.device}" if body.device else f"group {body.group}"
-    with store.db.transaction():
-        store.db.execute(
-            "INSERT INTO jobs (id, target, state, request, actor, created) VALUES (?,?,?,?,?,?)",
-            (job_id, target, "running", job.model_dump_json(), who.name, time.time()),
-        )
-        store.audit(who.name, "job.submit", target, {"job": job_id})
     worker = threading.Thread(target=_run, args=(app, job_id, topic, job, body.timeout), daemon=True)
     worker.start()
     if wait:

@@ -11,15 +11,13 @@ import json
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from edge_contract.protocol import ChatMessage, JobRequest, Topics
-
+from ..api.jobs import record_job
 from ..auth import Operator
 from ..schemas import JobIn
 from ..store import Store
@@ -47,30 +45,9 @@ def stream_job(request: Request, who: Operator, body: JobIn) -> StreamingRespons
     from ...submit import JobFailed
 
     app = request.app
-    if app.state.link is None:
-        raise HTTPException(503, "this server has no broker link (start it with --broker)")
-    if (body.device is None) == (body.group is None):
-        raise HTTPException(422, "give exactly one of device and group")
-    prefix = app.state.link.prefix
-    topic = (
-        Topics(prefix, body.device, None).jobs if body.device else Topics(prefix, "-", body.group).group_jobs
-    )
-    assert topic is not None
-    job_id = f"srv-{uuid.uuid4().hex[:16]}"
-    common: dict[str, Any] = {"id": job_id, "max_tokens": body.max_tokens, "stream": True}
-    job = (
-        JobRequest(prompt=body.prompt, **common)
-        if body.raw
-        else JobRequest(messages=[ChatMessage(role="user", content=body.prompt)], **common)
-    )
+    job_id, topic, job = record_job(app, who.name, body, stream=True)
     store: Store = app.state.store
     target = f"device {body.device}" if body.device else f"group {body.group}"
-    with store.db.transaction():
-        store.db.execute(
-            "INSERT INTO jobs (id, target, state, request, actor, created) VALUES (?,?,?,?,?,?)",
-            (job_id, target, "running", job.model_dump_json(), who.name, time.time()),
-        )
-        store.audit(who.name, "job.submit", target, {"job": job_id, "stream": True})
     replies: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
 
     def work() -> None:
