@@ -76,6 +76,9 @@ __all__ = ["Controller", "RolloutStore", "controller_lock", "parse_waves", "plan
 
 # A line on the wave's progress at most this often while nothing else is said.
 _PROGRESS_EVERY_S = 15.0
+#: Counts that change print at most this often: a wave of hundreds of boxes finishing one by one
+#: reads as a few lines, not one per box.
+_PROGRESS_MIN_GAP_S = 3.0
 
 
 @contextlib.contextmanager
@@ -257,8 +260,11 @@ class Controller:
         """Do one action of ``evaluate``, saying what the lab mode says."""
         if isinstance(action, Mark):
             self.store.set_targets(rollout.id, action.changes, only_from=self._LIVE)
+            # A line per device that did not converge; the converged are counted by the wave's
+            # progress and end lines (a line per device was 426 lines for 51 boxes).
             for device, (state, detail) in sorted(action.changes.items()):
-                self.say(f"  {device}: {state}" + (f" — {detail}" if detail else ""))
+                if state != "active":
+                    self.say(f"  {device}: {state}" + (f" — {detail}" if detail else ""))
         elif isinstance(action, Send):
             if rollout.wave_started is None:
                 wave = rollout.wave
@@ -301,12 +307,14 @@ class Controller:
     def _progress(
         self, rollout: Rollout, targets: dict[str, Any], members: list[str], last: tuple[float, str]
     ) -> tuple[float, str]:
-        """A line on the wave when its counts change, or every ``_PROGRESS_EVERY_S`` seconds."""
+        """A line on the wave when its counts change (at most every ``_PROGRESS_MIN_GAP_S``), or every
+        ``_PROGRESS_EVERY_S`` seconds."""
         finished = [d for d in members if targets[d].state in FINISHED]
         waiting = [d for d in members if targets[d].state == "sent"]
         text = f"{len(finished)} of {len(members)} finished"
         now = time.time()
-        if text == last[1] and now - last[0] < _PROGRESS_EVERY_S:
+        quiet_for = now - last[0]
+        if quiet_for < _PROGRESS_MIN_GAP_S or (text == last[1] and quiet_for < _PROGRESS_EVERY_S):
             return last
         if waiting:
             assert rollout.wave_started is not None
