@@ -24,6 +24,9 @@ from agent.link.reasons import explain
 from agent.link.tls import client_context
 from edge_contract.errors import LinkError
 
+#: Seconds paho waits before reconnecting after a drop (the check stops it long before).
+_NO_RECONNECT_S = 0.05
+
 
 @dataclass
 class LoginReport:
@@ -87,6 +90,9 @@ def try_login(
         return LoginReport(problem=f"TLS handshake failed: {exc.reason or exc}")
     except OSError as exc:
         return LoginReport(problem=f"unreachable: {exc.strerror or exc}")
+    # One login, never a second: paho's network thread would otherwise sleep out a 1 s
+    # reconnection delay after a broker hangs up, and stopping it would wait for that sleep.
+    client.reconnect_delay_set(min_delay=_NO_RECONNECT_S, max_delay=_NO_RECONNECT_S)  # type: ignore[arg-type]
     client.loop_start()
     try:
         if not answered.wait(timeout_s):
