@@ -32,13 +32,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
+from edge_contract.names import TLS_PORT as DEVICE_PORT
 from edge_contract.protocol import EnrollAnswer, EnrollRequest, FleetTopics, Topics, enroll_topics
 
 from . import pki
 from .broker import FleetError, add_broker_args, connect, options_from, release
 from .dynsec import DynSec, _acl, device_role
 from .identity import publish_membership, publish_retained
-from .setup import DEVICE_PORT
 
 CLAIM_PREFIX = "claim-"
 CLAIMS_DIR = "claims"

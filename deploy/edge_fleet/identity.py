@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent.link.tls import certificate_expiry
+from edge_contract.names import TLS_PORT as DEVICE_PORT
 from edge_contract.protocol import Membership, Status, Topics
 
 from . import pki
 from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, parse_address, release
 from .dynsec import ADMIN_ROLE, DynSec
+from .inventory import record_certificate_file
 from .sessions import Settled, settle
-from .setup import DEVICE_PORT
 
 T = TypeVar("T")
 
@@ -290,7 +291,7 @@ def renew_command(args: argparse.Namespace) -> int:
         raise FleetError(f"{cert}: no certificate to renew (issue one with `edge-fleet provision {name}`)")
     before = certificate_expiry(cert)
     renew(name, args.ca, args.out, days=args.days)
-    pki.record_provisioned(cert, None)  # `devices` shows the new serial (the group stays)
+    record_certificate_file(cert, None)  # `devices` shows the new serial (the group stays)
     after = certificate_expiry(cert)
     print(
         f"renewed {cert} and {key} (valid until {after:%Y-%m-%d}, was {before:%Y-%m-%d}): copy them over the "

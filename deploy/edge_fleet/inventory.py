@@ -282,3 +282,13 @@ def devices_command(args: argparse.Namespace) -> int:
         counts["revoked"] = revoked
     print("  ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
+
+
+def record_certificate_file(cert: Path, group: str | None) -> None:
+    """Record a device certificate in the operator's inventory (a warning if the state file cannot be written)."""
+    try:
+        Inventory.open().record_certificate(cert, group)
+    except (OSError, sqlite3.Error) as exc:
+        print(
+            f"warning: not recorded in the inventory ({exc}); `edge-fleet devices` shows it once it connects"
+        )

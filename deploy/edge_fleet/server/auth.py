@@ -3,7 +3,7 @@
 ``require("operator")`` is a FastAPI dependency: 401 without a token or with an unknown or
 revoked one, 403 when the token's role ranks below the one asked for; it returns the
 ``Principal`` (whose name the audit log records).  Without a Bearer token, the dashboard's
-session cookie is accepted in its place (``dashboard/session.py``).  Routers added later (a dashboard, an
+session cookie is accepted in its place (``sessions.py``).  Routers added later (a dashboard, an
 OpenAI-compatible gateway) use the same dependency.
 """
 
@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .dashboard.session import session_principal
+from .sessions import session_principal
 from .store import ROLES, Principal, Role
 
 _bearer = HTTPBearer(auto_error=False, description="A token of `edge-fleet server token create`.")

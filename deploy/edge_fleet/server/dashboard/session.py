@@ -10,7 +10,6 @@ must carry the session's CSRF token in ``X-CSRF-Token`` (the page reads it from
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import time
 from typing import Any
@@ -18,12 +17,8 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..store import Principal, Store, hash_token
-
-COOKIE = "efs_session"
-CSRF_HEADER = "X-CSRF-Token"
-LIFETIME_S = 12 * 3600.0
-_SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+from ..sessions import COOKIE, LIFETIME_S, find_session, session_principal
+from ..store import Store, hash_token
 
 router = APIRouter(prefix="/api/v1", tags=["session"])
 
@@ -33,36 +28,6 @@ class SignIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     token: str = Field(min_length=1, max_length=200)
-
-
-def _session(store: Store, cookie: str) -> tuple[Principal, str] | None:
-    row = store.db.one(
-        "SELECT t.name, t.role, s.csrf FROM dashboard_sessions s JOIN tokens t ON t.hash = s.token_hash "
-        "WHERE s.id_hash = ? AND s.expires > ? AND t.revoked IS NULL",
-        (hash_token(cookie), time.time()),
-    )
-    return None if row is None else (Principal(row[0], row[1]), str(row[2]))
-
-
-def session_principal(request: Request) -> Principal | None:
-    """Who the session cookie signs in (None: no cookie or an ended session); a change without the
-    session's CSRF token is refused (403)."""
-    cookie = request.cookies.get(COOKIE)
-    if not cookie:
-        return None
-    found = _session(request.app.state.store, cookie)
-    if found is None:
-        return None
-    principal, csrf = found
-    if request.method not in _SAFE and not hmac.compare_digest(
-        request.headers.get(CSRF_HEADER, "").encode(), csrf.encode()
-    ):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"a change made with the dashboard's cookie needs its CSRF token in {CSRF_HEADER} "
-            "(GET /api/v1/session gives it; reload the page)",
-        )
-    return principal
 
 
 @router.post("/session")
@@ -95,7 +60,7 @@ def whoami(request: Request) -> dict[str, Any]:
     """Who is signed in (cookie or Bearer token): name, role, and the CSRF token of a cookie session."""
     store: Store = request.app.state.store
     cookie = request.cookies.get(COOKIE)
-    found = _session(store, cookie) if cookie else None
+    found = find_session(store, cookie) if cookie else None
     if found is not None:
         return {"name": found[0].name, "role": found[0].role, "csrf": found[1]}
     authorization = request.headers.get("Authorization", "")
