@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from daemon_bench import Collector  # noqa: E402
+from http_bench import read_stream  # noqa: E402
 
 from tests.support.agent import AgentProcess  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
@@ -85,20 +86,7 @@ def _gateway_one(port: int, token: str, model: str, max_tokens: int) -> Sample:
     response = _post(
         conn, token, {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True}
     )
-    assert response.status == 200, response.read()
-    first, tail = None, b""
-    while True:  # big reads, no parsing: the client must cost as little as MQTT's does
-        data = response.read1(65536)
-        if not data:
-            raise SystemExit("the stream ended without data: [DONE]")
-        if first is None and b'"content": "' in tail + data:
-            first = time.perf_counter()
-        tail = (tail + data)[-64:]
-        if b"data: [DONE]" in tail:
-            break
-    done = time.perf_counter()
-    conn.close()
-    return done - start, (first or done) - start
+    return read_stream(conn, response, start)
 
 
 def _gateway(port: int, token: str, model: str, concurrency: int, max_tokens: int) -> list[Sample]:

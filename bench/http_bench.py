@@ -106,11 +106,15 @@ def _http_one(port: int, model: str, max_tokens: int) -> Sample:
     conn.connect()
     start = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
+    return read_stream(conn, conn.getresponse(), start)
+
+
+def read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPResponse, start: float) -> Sample:
+    """Read an SSE answer to its ``data: [DONE]``: (total, time to the first content) since ``start``."""
     assert response.status == 200, response.read()
     first = None
     tail = b""
-    while True:  # big reads, no parsing: the client must cost the box as little as MQTT's does
+    while True:  # big reads, no parsing: the client must cost the server as little as MQTT's does
         data = response.read1(65536)
         if not data:
             raise SystemExit("the stream ended without data: [DONE]")
