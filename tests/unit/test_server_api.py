@@ -213,3 +213,21 @@ def test_selectors_read_reported_facts_and_history_takes_a_selector(
         ("group", "shop-4", "assistant@2.0.0")
     ]
     assert api.get("/api/v1/history/region=south", headers=viewer).status_code == 404
+
+
+def test_a_revoked_device_shows_revoked_in_the_api(store: Store) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from edge_contract.protocol import Status
+    from edge_fleet.fleet_view import FleetView
+
+    view = FleetView("edge")
+    for device, revoked in (("box-0", False), ("box-1", True)):
+        status = Status(device_id=device, online=not revoked, group="shop-3", revoked=revoked)
+        view.feed(f"edge/{device}/status", status.model_dump_json().encode())
+    link = SimpleNamespace(lock=threading.Lock(), view=view, prefix="edge", online=lambda _d: False)
+    api = TestClient(create_app(store, link))  # type: ignore[arg-type]
+    found = {d["device_id"]: d for d in api.get("/api/v1/devices", headers=_auth(store, "viewer")).json()}
+    assert found["box-1"]["revoked"] is True and found["box-1"]["online"] is False
+    assert found["box-0"]["revoked"] is False and found["box-0"]["online"] is True  # positive control

@@ -16,6 +16,7 @@ class DeviceOut(_Body):
 
     device_id: str
     online: bool | None = Field(description="null: never seen")
+    revoked: bool = Field(False, description="its identity was revoked (`edge-fleet revoke`): it may not connect")
     group: str | None
     labels: dict[str, str]
     model: str | None

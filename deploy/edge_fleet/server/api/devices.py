@@ -25,6 +25,7 @@ def device_out(request: Request, record: DeviceRecord) -> DeviceOut:
     return DeviceOut(
         device_id=record.device_id,
         online=live.online if live and live.online is not None else record.online,
+        revoked=bool(live and live.revoked),
         group=(live.group if live and live.group else None) or record.group,
         labels=record.labels,
         model=(live.model if live else None) or record.model,

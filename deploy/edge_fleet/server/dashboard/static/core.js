@@ -90,6 +90,7 @@ function num(value, digits = 1) {
 }
 
 function stateOf(d) {
+  if (d.revoked) return "revoked";
   if (d.online === null) return "never seen";
   return d.online ? "online" : "offline";
 }
