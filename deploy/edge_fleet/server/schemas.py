@@ -16,7 +16,9 @@ class DeviceOut(_Body):
 
     device_id: str
     online: bool | None = Field(description="null: never seen")
-    revoked: bool = Field(False, description="its identity was revoked (`edge-fleet revoke`): it may not connect")
+    revoked: bool = Field(
+        False, description="its identity was revoked (`edge-fleet revoke`): it may not connect"
+    )
     group: str | None
     labels: dict[str, str]
     model: str | None
