@@ -85,7 +85,12 @@ def test_killing_the_current_broker_mid_stream_loses_no_job(tmp_path: Path, flee
         while not all(_results(callers, job_id) for job_id in jobs):
             assert time.monotonic() < end, {j: len(_results(callers, j)) for j in jobs}
             time.sleep(0.05)
-        time.sleep(1.0)  # time for a duplicate to show up, if there were one
+        # A job sent after them is answered after any duplicate of theirs would have been.
+        callers[1].send(JOBS, {"id": "fo-marker", "prompt": "hi", "max_tokens": 1}, response_topic=REPLIES)
+        end = time.monotonic() + 90
+        while not _results(callers, "fo-marker"):
+            assert time.monotonic() < end, "the marker job was not answered"
+            time.sleep(0.05)
         for job_id, max_tokens in jobs.items():
             results = _results(callers, job_id)
             assert len(results) == 1, f"{job_id}: {len(results)} results"

@@ -120,7 +120,10 @@ def test_an_agent_survives_losing_its_node_and_the_operator_tools_work_on_the_cl
             result = caller.wait_result(job, timeout=180)
             assert result["status"] == "succeeded", result
         assert caller.results("j0")[0]["usage"]["completion_tokens"] > len(caller.chunks("j0")) // 2 > 0
-        time.sleep(3.0)  # late duplicates would arrive by now
+        # A job sent after them is answered after any late duplicate of theirs would have been
+        # delivered (the agent takes its jobs in order, and a redelivery comes before new messages).
+        caller.send("edge/box-1/jobs", {"id": "marker", "prompt": "hi", "max_tokens": 2}, response_topic=None)
+        assert caller.wait_result("marker", timeout=120)["status"] == "succeeded"
         for job in jobs:
             distinct = {r["text"] for r in caller.results(job)}
             assert len(distinct) == 1, (job, caller.results(job))  # answered exactly once
