@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
+import uuid
 
 import pytest
 
@@ -37,11 +38,14 @@ def _wait_chunks(caller, job_id: str, n: int = 1, timeout: float = 20) -> None: 
     )
 
 
-def _settle(caller, ids: list[str], timeout: float = 60) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]
-    """Wait for every job's result, then a little longer to catch any duplicate."""
+def _settle(caller, ids: list[str], timeout: float = 60, topic: str = JOBS) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]
+    """Wait for every job's result, then for a job sent after them (any duplicate of theirs is
+    delivered before it: the broker redelivers before new messages, the agent takes jobs in order)."""
     for job_id in ids:
         caller.wait_result(job_id, timeout=timeout)
-    time.sleep(1.0)
+    marker = f"marker-{uuid.uuid4().hex[:8]}"
+    caller.send(topic, {"id": marker, "prompt": "hi", "max_tokens": 1})
+    caller.wait_result(marker, timeout=timeout)
     return {job_id: caller.results(job_id) for job_id in ids}
 
 
@@ -129,7 +133,7 @@ def test_group_jobs_spread_over_two_agents_by_shared_subscription(agents, caller
         caller.send(
             "edge/groups/pool/jobs", {"id": job_id, "prompt": "hi", "max_tokens": 100}, response_topic=None
         )
-    results = _settle(caller, ids)
+    results = _settle(caller, ids, topic="edge/groups/pool/jobs")
     served_by = collections.Counter()
     for job_id in ids:
         assert len(results[job_id]) == 1, f"{job_id} answered {len(results[job_id])} times"
