@@ -212,7 +212,13 @@ def test_only_the_operator_publishes_desired_state_and_group_jobs(tls_broker: Br
     device = Probe(tls_broker, fleet.device("box-c"))
     try:
         assert operator.first_outcome() == device.first_outcome() == "connected"
-        for topic in ("edge/groups/pool/jobs", "edge/groups/pool/model/desired", "edge/box-c/model/desired"):
+        # Its own membership too: a box may not move itself into another group.
+        for topic in (
+            "edge/groups/pool/jobs",
+            "edge/groups/pool/model/desired",
+            "edge/box-c/model/desired",
+            "edge/box-c/membership",
+        ):
             assert operator.publish(topic) in ACCEPTED, topic
             assert device.publish(topic) == "Not authorized", topic
     finally:
