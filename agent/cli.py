@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     enroll.add_argument("--topic-prefix", default="edge")
     enroll.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    enroll.add_argument(
+        "--approval-timeout",
+        type=float,
+        default=24 * 3600.0,
+        help="seconds to wait once told the claim needs an operator's approval (default a day)",
+    )
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -175,7 +181,16 @@ def _enroll(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-agent: error: --broker {exc}", file=sys.stderr)
         return 2
-    cert = enroll(args.name, args.claim, broker, args.out, prefix=args.topic_prefix, timeout_s=args.timeout)
+    cert = enroll(
+        args.name,
+        args.claim,
+        broker,
+        args.out,
+        prefix=args.topic_prefix,
+        timeout_s=args.timeout,
+        approval_timeout_s=args.approval_timeout,
+        notify=lambda text: print(f"edge-agent: {text}", file=sys.stderr, flush=True),
+    )
     key = cert.with_suffix(".key")
     print(
         f"enrolled as {args.name}: {cert} and {key} (made here, never sent), {args.out / 'ca.crt'}; "

@@ -11,24 +11,28 @@ the membership the approver pushes.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
-import ssl
+import queue
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as paho
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import ValidationError
 
-from agent.link.tls import client_context
+from agent.link.mqtt import Message, MQTTLink, Published
+from agent.link.options import MQTTConfig, TLSConfig
 from edge_contract.errors import LinkError
 from edge_contract.protocol import EnrollAnswer, EnrollRequest, enroll_topics
+
+log = logging.getLogger(__name__)
 
 
 class EnrollError(LinkError):
@@ -65,6 +69,8 @@ def enroll(
     *,
     prefix: str = "edge",
     timeout_s: float = 120.0,
+    approval_timeout_s: float = 24 * 3600.0,
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
     """Enroll as ``name``; returns the certificate written to ``out/NAME.crt`` (key ``out/NAME.key``)."""
     claims = sorted(claim_dir.glob("claim-*.crt"))
@@ -86,9 +92,17 @@ def enroll(
     else:
         key = make_key(key_path)
     nonce = uuid.uuid4().hex
-    request_topic, answer_topic = enroll_topics(prefix, claim, nonce)
     payload = EnrollRequest(name=name, csr=csr_for(name, key)).model_dump_json().encode()
-    answer = _ask(claim_dir, claim_cert, broker, request_topic, answer_topic, payload, timeout_s)
+    answer = _ask(
+        claim_dir,
+        claim_cert,
+        broker,
+        enroll_topics(prefix, claim, nonce),
+        payload,
+        timeout_s,
+        approval_timeout_s,
+        notify or log.warning,
+    )
     if answer.error or not answer.cert or not answer.ca:
         raise EnrollError(f"enrollment as {name} refused: {answer.error or 'an empty answer'}")
     cert = x509.load_pem_x509_certificate(answer.cert.encode())
@@ -103,47 +117,87 @@ def _ask(
     claim_dir: Path,
     claim_cert: Path,
     broker: tuple[str, int],
-    request_topic: str,
-    answer_topic: str,
+    topics: tuple[str, str],
     payload: bytes,
     timeout_s: float,
+    approval_timeout_s: float,
+    notify: Callable[[str], None],
 ) -> EnrollAnswer:
-    """Publish the request and wait for the (retained) answer, reconnecting when dropped."""
-    answers: list[EnrollAnswer] = []
-    done = threading.Event()
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=MQTTProtocolVersion.MQTTv5)
-    client.tls_set_context(client_context(claim_dir / "ca.crt", claim_cert, claim_cert.with_suffix(".key")))
-    sent: list[bool] = []
+    """Publish the request and wait for the (retained) answer, through ``agent.link``.
 
-    def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            return
-        c.subscribe(answer_topic, qos=1)
-        if not sent:
-            sent.append(True)
-            # Retained: it waits for an approver that is not running yet (who clears it once answered).
-            c.publish(request_topic, payload, qos=1, retain=True)
+    Boxes of one batch share the claim's client id, so they take the connection from each other:
+    the link reconnects with jittered exponential backoff, the request is sent again on each
+    connection until the broker acknowledged it, and the answer is retained, so each box finds its
+    own whenever it is connected.  A ``pending`` answer (a claim that needs an operator) extends the
+    wait to ``approval_timeout_s``.
+    """
+    request_topic, answer_topic = topics
+    tls = TLSConfig(ca=claim_dir / "ca.crt", cert=claim_cert, key=claim_cert.with_suffix(".key"))
+    # Session expiry 0: a claim's session (shared by its boxes) keeps nothing once a box leaves.
+    config = MQTTConfig(host=broker[0], port=broker[1], tls=tls, session_expiry_s=0)
+    acked = threading.Event()
+    sent: set[int] = set()
 
-    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            answers.append(EnrollAnswer.model_validate_json(msg.payload))
-        except ValidationError:
-            return
-        done.set()
+    def send() -> None:
+        # Retained: it waits for an approver that is not running yet (who clears it once answered).
+        if not acked.is_set():
+            sent.add(link.publish(request_topic, payload, retain=True))
 
-    client.on_connect, client.on_message = on_connect, on_message
+    link = MQTTLink(config, "", subscriptions=[answer_topic], on_connect=send)
     try:
-        client.connect(*broker)
-    except (OSError, ssl.SSLError) as exc:
+        link.start()
+    except LinkError as exc:
         raise EnrollError(f"cannot reach the broker at {broker[0]}:{broker[1]}: {exc}") from exc
-    client.loop_start()
+    deadline = time.monotonic() + timeout_s
+    told_pending = False
     try:
-        if not done.wait(timeout_s):
-            raise EnrollError(
-                f"no answer within {timeout_s:.0f} s: is `edge-fleet enroll serve` running, and the claim "
-                "registered on this broker?"
-            )
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if told_pending:
+                    raise EnrollError(
+                        f"still waiting for an operator to approve {_name(payload)} after "
+                        f"{approval_timeout_s:.0f} s: ask for `edge-fleet approve {_name(payload)}`, then run "
+                        "`edge-agent enroll` again (the key made here is kept)"
+                    )
+                raise EnrollError(
+                    f"no answer within {timeout_s:.0f} s: is `edge-fleet enroll serve` running, and the claim "
+                    "registered on this broker?"
+                )
+            try:
+                event = link.events.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if isinstance(event, Published) and event.mid in sent:
+                acked.set()
+            if not isinstance(event, Message) or event.topic != answer_topic:
+                continue  # another box's answer, left in the shared session
+            link.ack(event)
+            try:
+                answer = EnrollAnswer.model_validate_json(event.payload)
+            except ValidationError:
+                continue
+            if not answer.pending:
+                return answer
+            if not told_pending:
+                told_pending = True
+                deadline = time.monotonic() + approval_timeout_s
+                notify(
+                    f"waiting for an operator to approve {answer.name} (key {_fingerprint(payload)}): "
+                    f"`edge-fleet approve {answer.name}` on the operator's machine"
+                )
     finally:
-        client.disconnect()
-        client.loop_stop()
-    return answers[0]
+        link.stop()
+
+
+def _name(payload: bytes) -> str:
+    return EnrollRequest.model_validate_json(payload).name
+
+
+def _fingerprint(payload: bytes) -> str:
+    """The fingerprint ``edge-fleet enroll pending`` shows for this box's key."""
+    csr = x509.load_pem_x509_csr(EnrollRequest.model_validate_json(payload).csr.encode())
+    der = csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "SHA256:" + hashlib.sha256(der).hexdigest()[:32]

@@ -304,12 +304,14 @@ class EnrollRequest(_Wire):
 
 
 class EnrollAnswer(_Wire):
-    """The approver's answer: the certificate and the fleet CA, or why not."""
+    """The approver's answer: the certificate and the fleet CA, or why not — or, under a claim that
+    needs an operator's approval, ``pending`` until ``edge-fleet approve``/``reject`` replaces it."""
 
     name: str
     cert: str | None = None
     ca: str | None = None
     error: str | None = None
+    pending: bool = False
 
 
 def enroll_topics(prefix: str, claim: str, nonce: str) -> tuple[str, str]:

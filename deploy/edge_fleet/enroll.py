@@ -15,6 +15,11 @@ its group on the broker, pushes its membership, and answers with the certificate
 (retained: a box that was disconnected meanwhile finds it when it subscribes
 again).  Requests are retained too, so they wait for an approver that was not
 running; each is cleared once answered.  The private key never leaves the box.
+
+A claim made with ``--approve manual`` files each sound request for an operator
+(``approval``): ``edge-fleet enroll pending`` lists them, ``edge-fleet approve
+NAME`` signs, ``edge-fleet reject NAME`` refuses; the box waits on ``pending``.
+A claim's ``--label KEY=VALUE`` labels travel with its group in the membership.
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
+from edge_contract.names import RESERVED_NAMES
 from edge_contract.names import TLS_PORT as DEVICE_PORT
 from edge_contract.protocol import EnrollAnswer, EnrollRequest, FleetTopics, Topics, enroll_topics
 
-from . import pki
-from .broker import FleetError, add_broker_args, connect, options_from, release
+from . import approval, pki
+from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, release
 from .dynsec import DynSec, _acl, device_role
+from .flags import file_text
 from .identity import publish_membership, publish_retained
+from .output import ago
 
 CLAIM_PREFIX = "claim-"
 CLAIMS_DIR = "claims"
@@ -65,6 +73,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--group", help="the group every box of the batch joins")
     create.add_argument("--count", type=int, default=1, help="how many boxes may enroll with it (default 1)")
     create.add_argument("--days", type=int, default=30, help="how long it may be used (default 30)")
+    create.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label every box of the batch gets with its membership (repeat for more)",
+    )
+    create.add_argument(
+        "--approve",
+        choices=["auto", "manual"],
+        default="auto",
+        help="auto: a valid request is signed at once (default); manual: it waits for `edge-fleet approve`",
+    )
     _admin_args(create)
     create.set_defaults(func=claim_command)
 
@@ -75,6 +96,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--count", type=int, help="stop after this many answers")
     _admin_args(serve)
     serve.set_defaults(func=serve_command)
+    pending = enroll_sub.add_parser("pending", help="enrollments waiting for `edge-fleet approve`")
+    pending.add_argument("--ca", type=Path, required=True, metavar="DIR")
+    pending.add_argument("--json", action="store_true", help="as JSON")
+    pending.set_defaults(func=pending_command)
+    for verb, text in (("approve", "sign a pending enrollment"), ("reject", "refuse a pending enrollment")):
+        decide_cmd = sub.add_parser(verb, help=f"{text} (claims made with --approve manual)")
+        decide_cmd.add_argument("name", metavar="NAME", help="the box's name, as `enroll pending` lists it")
+        decide_cmd.add_argument("--ca", type=Path, required=True, metavar="DIR")
+        if verb == "reject":
+            decide_cmd.add_argument("--reason", help="told to the box with the refusal")
+        _admin_args(decide_cmd)
+        decide_cmd.set_defaults(func=approve_command if verb == "approve" else reject_command)
 
 
 def _admin_args(parser: argparse.ArgumentParser) -> None:
@@ -89,9 +122,16 @@ def claim_command(args: argparse.Namespace) -> int:
         pki.check_name(args.group, "--group")
     if args.count < 1 or args.days < 1:
         raise FleetError("--count and --days must be at least 1")
+    labels = parse_labels(args.label)
     identity = f"{CLAIM_PREFIX}{args.name}"
     written = pki.provision(identity, args.ca, args.out, kind="claim", days=args.days)
-    record = {"group": args.group, "left": args.count, "expires": time.time() + args.days * 86400}
+    record = {
+        "group": args.group,
+        "labels": labels,
+        "approve": args.approve,
+        "left": args.count,
+        "expires": time.time() + args.days * 86400,
+    }
     claims = args.ca / CLAIMS_DIR
     claims.mkdir(exist_ok=True)
     (claims / f"{args.name}.json").write_text(json.dumps(record))
@@ -106,10 +146,25 @@ def claim_command(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(
         f"claim {identity}: {args.count} box(es) until {time.strftime('%Y-%m-%d', time.localtime(record['expires']))}"
-        f"{' into group ' + args.group if args.group else ''}; put {args.out} on the boxes' image and run "
-        "`edge-fleet enroll serve` beside the CA"
+        f"{' into group ' + args.group if args.group else ''}"
+        f"{', each approved by an operator (`edge-fleet approve`)' if args.approve == 'manual' else ''}; "
+        f"put {args.out} on the boxes' image and run `edge-fleet enroll serve` beside the CA"
     )
     return 0
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """``--label KEY=VALUE`` flags as a dict (a key is a name, a value has no control character)."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FleetError(f"--label {item!r}: give KEY=VALUE")
+        pki.check_name(key, "a --label key")
+        labels[key] = file_text(value, f"--label {key}")[:256]
+    if len(labels) > 64:
+        raise FleetError("--label: at most 64 labels")
+    return labels
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -119,6 +174,7 @@ def serve_command(args: argparse.Namespace) -> int:
     inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
     client = connect(options, name="edge-fleet-enroll")
     answered = 0
+    seen: set[tuple[str, str]] = set()
     try:
         client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
         fleet = FleetTopics(options.prefix)
@@ -144,23 +200,100 @@ def serve_command(args: argparse.Namespace) -> int:
                 answered += 1
                 continue
             claim, nonce = parts[2], parts[4]
-            answer = decide(args.ca, claim, payload)
-            if answer.cert is not None:
-                record = _claim_record(args.ca, claim)
-                group = record.get("group") if record else None
-                with DynSec(admin) as api:
-                    api.add_device(answer.name, group, options.prefix)
-                publish_membership(options, answer.name, group)
-            answer_topic = enroll_topics(options.prefix, claim, nonce)[1]
-            publish_retained(
-                options, [(answer_topic, answer.model_dump_json(exclude_none=True).encode()), (topic, b"")]
-            )
-            print(f"{claim}: {answer.name}: {answer.error or 'enrolled'}", flush=True)
+            if (claim, nonce) in seen:
+                # The box sent it again (its connection was taken before the broker's ack reached
+                # it): answering twice would replace its certificate with "name taken".
+                publish_retained(options, [(topic, b"")])
+                continue
+            seen.add((claim, nonce))
+            answer = take_request(options, admin, args.ca, claim, nonce, payload)
+            print(f"{claim}: {answer.name}: {_outcome(answer)}", flush=True)
             answered += 1
     except KeyboardInterrupt:
         pass
     finally:
         release(client)
+    return 0
+
+
+def _outcome(answer: EnrollAnswer) -> str:
+    if answer.pending:
+        return f"waiting for approval (`edge-fleet approve {answer.name}` or `reject`)"
+    return answer.error or "enrolled"
+
+
+def take_request(
+    options: BrokerOptions, admin: BrokerOptions, ca_dir: Path, claim: str, nonce: str, payload: bytes
+) -> EnrollAnswer:
+    """Decide one request (sign it, file it for approval, or refuse it), answer the box (retained)
+    and clear the request."""
+    checked = check(ca_dir, claim, payload)
+    if isinstance(checked, EnrollAnswer):
+        answer = checked
+    else:
+        request, key, record = checked
+        if record.get("approve") == "manual":
+            problem = approval.file_request(ca_dir, claim, nonce, request, key)
+            answer = EnrollAnswer(name=request.name, error=problem or None, pending=not problem)
+        else:
+            answer = issue(ca_dir, claim, request, key, record)
+            _admit(options, admin, answer, record)
+    _answer(options, claim, nonce, answer, clear=True)
+    return answer
+
+
+def _admit(
+    options: BrokerOptions, admin: BrokerOptions, answer: EnrollAnswer, record: dict[str, Any]
+) -> None:
+    """A box just issued its certificate: registered on the broker, its membership pushed."""
+    if answer.cert is None:
+        return
+    group = record.get("group")
+    with DynSec(admin) as api:
+        api.add_device(answer.name, group, options.prefix)
+    publish_membership(options, answer.name, group, dict(record.get("labels") or {}))
+
+
+def _answer(options: BrokerOptions, claim: str, nonce: str, answer: EnrollAnswer, *, clear: bool) -> None:
+    request_topic, answer_topic = enroll_topics(options.prefix, claim, nonce)
+    messages = [(answer_topic, answer.model_dump_json(exclude_none=True).encode())]
+    publish_retained(options, [*messages, (request_topic, b"")] if clear else messages)
+
+
+def pending_command(args: argparse.Namespace) -> int:
+    """``edge-fleet enroll pending --ca DIR``."""
+    if args.json:
+        print(approval.dumps(args.ca))
+        return 0
+    rows = approval.rows(args.ca)
+    if not rows:
+        print("no enrollment is waiting for approval")
+    for row in rows:
+        print(
+            f"{row['name']:<24} {row['claim']:<20} {row['fingerprint']:<42} waiting {ago(time.time(), row['since'])}"
+        )
+    return 0
+
+
+def approve_command(args: argparse.Namespace) -> int:
+    """``edge-fleet approve NAME --ca DIR``: sign a pending enrollment (its checks run again)."""
+    options = options_from(args)
+    entry = approval.take(args.ca, args.name)
+    answer = decide(args.ca, entry.claim, entry.request.encode())
+    record = _claim_record(args.ca, entry.claim) or {}
+    _admit(options, replace(options, port=args.admin_port), answer, record)
+    _answer(options, entry.claim, entry.nonce, answer, clear=False)
+    print(f"{entry.claim}: {answer.name}: {_outcome(answer)}")
+    return 0 if answer.cert is not None else 1
+
+
+def reject_command(args: argparse.Namespace) -> int:
+    """``edge-fleet reject NAME --ca DIR``: refuse a pending enrollment; the box is told why."""
+    options = options_from(args)
+    entry = approval.take(args.ca, args.name)
+    answer = approval.rejected(entry.name, entry.claim, args.reason)
+    _answer(options, entry.claim, entry.nonce, answer, clear=False)
+    print(f"{entry.claim}: {entry.name}: rejected; the box was told")
     return 0
 
 
@@ -230,6 +363,16 @@ def _csr_key(request: EnrollRequest) -> tuple[ec.EllipticCurvePublicKey | None, 
 def decide(ca_dir: Path, claim: str, payload: bytes) -> EnrollAnswer:
     """Check one request under ``claim`` and issue its certificate, or say why not (the claim's
     count is spent only by a certificate issued)."""
+    checked = check(ca_dir, claim, payload)
+    if isinstance(checked, EnrollAnswer):
+        return checked
+    return issue(ca_dir, claim, *checked)
+
+
+def check(
+    ca_dir: Path, claim: str, payload: bytes
+) -> tuple[EnrollRequest, ec.EllipticCurvePublicKey, dict[str, Any]] | EnrollAnswer:
+    """The request, its key and its claim's record when every check passes; else the refusal."""
     try:
         request = EnrollRequest.model_validate_json(payload)
     except ValidationError as exc:
@@ -243,9 +386,21 @@ def decide(ca_dir: Path, claim: str, payload: bytes) -> EnrollAnswer:
         return EnrollAnswer(name=request.name, error=f"{claim} expired: ask for a new claim")
     if request.name.startswith(CLAIM_PREFIX):
         return EnrollAnswer(name=request.name, error="a device name cannot start with claim-")
+    if request.name in RESERVED_NAMES | pki.operator_names(ca_dir) | pki.device_names(ca_dir):
+        return EnrollAnswer(
+            name=request.name,
+            error=f"{request.name!r} is taken (a device, an operator or a reserved name): enroll under another name",
+        )
     key, problem = _csr_key(request)
     if key is None:
         return EnrollAnswer(name=request.name, error=problem)
+    return request, key, record
+
+
+def issue(
+    ca_dir: Path, claim: str, request: EnrollRequest, key: ec.EllipticCurvePublicKey, record: dict[str, Any]
+) -> EnrollAnswer:
+    """Sign ``request``'s key under ``claim`` and spend one of the claim's boxes."""
     try:
         cert = pki.issue_for_key(request.name, ca_dir, key)
     except FleetError as exc:

@@ -68,6 +68,7 @@ class DeviceRow:
     last_seen: float
     offline_since: float | None = None
     revoked: bool = False  # `edge-fleet revoke` published so (retained)
+    labels: dict[str, str] = field(default_factory=dict)  # pushed with its membership (a claim's, say)
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict."""
@@ -158,6 +159,7 @@ class FleetView:
             tok_s=tele.jobs.decode_tok_s if tele else None,
             last_seen=device.last_seen,
             offline_since=device.offline_since if status is not None and not status.online else None,
+            labels=dict(status.labels) if status else {},
             revoked=bool(status and status.revoked),
         )
 

@@ -192,9 +192,12 @@ def announce_revoked(options: BrokerOptions, name: str) -> None:
     publish_retained(options, [(topics.status, payload), (topics.membership, b"")])
 
 
-def publish_membership(options: BrokerOptions, name: str, group: str | None) -> None:
-    """The box's group, pushed as retained desired state: its agent applies it without a restart."""
-    payload = Membership(device_id=name, group=group).model_dump_json().encode()
+def publish_membership(
+    options: BrokerOptions, name: str, group: str | None, labels: dict[str, str] | None = None
+) -> None:
+    """The box's group (and labels), pushed as retained desired state: its agent applies it without
+    a restart."""
+    payload = Membership(device_id=name, group=group, labels=labels or {}).model_dump_json().encode()
     publish_retained(options, [(Topics(options.prefix, name, None).membership, payload)])
 
 

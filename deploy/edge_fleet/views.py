@@ -288,6 +288,7 @@ def _device_detail(row: DeviceRow, desired: str | None, now: float) -> str:
     fields = [
         ("device", row.device),
         ("group", _fmt(row.group)),
+        ("labels", ",".join(f"{k}={v}" for k, v in sorted(row.labels.items())) or "-"),
         ("online", _presence(row)),
         ("offline since", ago(now, row.offline_since) if row.offline_since and not row.online else "-"),
         ("last seen", "now" if row.online else ago(now, row.last_seen or None)),

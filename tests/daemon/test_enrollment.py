@@ -3,7 +3,10 @@ certificate, group and labels from the fleet — and serves a group job."""
 
 from __future__ import annotations
 
+import json
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,8 +14,11 @@ from typing import Any
 import pytest
 
 from agent.enroll import EnrollError, enroll
+from edge_contract.protocol import FleetTopics, Topics, enroll_topics
 from edge_fleet.cli import main as fleet_cli
 from tests.daemon.test_identity import REPLIES, _answered, _job, _operator
+from tests.daemon.test_identity_life import _status
+from tests.daemon.test_security import ACCEPTED, Probe
 from tests.support.broker import Broker
 from tests.support.pki import Fleet, Identity
 from tests.support.wait import wait_until
@@ -35,13 +41,17 @@ def _serve(broker: Broker, fleet: Fleet, count: int) -> threading.Thread:
     return thread
 
 
+def _claim(broker: Broker, fleet: Fleet, name: str, out: Path, *flags: str) -> Path:
+    """`edge-fleet claim create NAME --out OUT FLAGS…` on ``broker``; returns ``out``."""
+    create = ["claim", "create", name, "--ca", str(fleet.ca_dir), "--out", str(out), *flags]
+    assert fleet_cli([*create, *broker.admin_flags()]) == 0
+    return out
+
+
 def test_a_fresh_box_enrolls_from_a_claim_and_serves_its_group(
     tls_broker: Broker, fleet: Fleet, agents: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    claim = tmp_path / "image" / "claim"
-    flags = tls_broker.admin_flags()
-    create = ["claim", "create", "shop3", "--ca", str(fleet.ca_dir), "--out", str(claim), "--group", "g1"]
-    assert fleet_cli([*create, "--count", "1", *flags]) == 0
+    claim = _claim(tls_broker, fleet, "shop3", tmp_path / "image" / "claim", "--group", "g1", "--count", "1")
     serving = _serve(tls_broker, fleet, count=2)
     box = tmp_path / "box-z" / "identity"  # the box's own disk: nothing here comes from the operator
     cert = enroll("box-z", claim, (tls_broker.host, tls_broker.port), box, timeout_s=60)
@@ -94,3 +104,120 @@ def test_a_certificate_near_expiry_is_renewed_over_the_boxs_own_link_without_an_
         assert "loaded the renewed TLS files" in agent.log_text()
     finally:
         caller.close()
+
+
+def _pending(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    capsys.readouterr()
+    assert fleet_cli(["enroll", "pending", "--ca", str(fleet.ca_dir), "--json"]) == 0
+    # `enroll serve` prints on its own thread meanwhile: the answer is the line that is a JSON list.
+    [answer] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    return [row["name"] for row in json.loads(answer)]
+
+
+def test_a_claim_needing_approval_waits_for_the_operator_and_brings_its_group_and_labels(
+    tls_broker: Broker, fleet: Fleet, agents: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = tls_broker.admin_flags()
+    labels = ["--label", "site=shop4", "--label", "hw=pi5", "--approve", "manual", "--count", "2"]
+    claim = _claim(tls_broker, fleet, "shop4", tmp_path / "image" / "claim", "--group", "g1", *labels)
+    serving = _serve(tls_broker, fleet, count=2)  # two requests, each answered "pending"
+    # box-p through the library, box-q as the real `edge-agent enroll` process.
+    box_p = tmp_path / "box-p" / "identity"
+    outcome: list[Path | Exception] = []
+    told: list[str] = []
+
+    def enroll_p() -> None:
+        try:
+            outcome.append(
+                enroll("box-p", claim, (tls_broker.host, tls_broker.port), box_p, notify=told.append)
+            )
+        except Exception as exc:  # the test reads it below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=enroll_p, daemon=True)
+    thread.start()
+    box_q = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "enroll", "box-q", "--claim", str(claim), "--broker",
+         f"{tls_broker.host}:{tls_broker.port}", "--out", str(tmp_path / "box-q")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: sorted(_pending(fleet, capsys)) == ["box-p", "box-q"], what="both boxes to wait")
+        wait_until(lambda: bool(told), what="box-p to be told it waits for approval")
+        assert "edge-fleet approve box-p" in told[0]
+        assert not (box_p / "box-p.crt").exists() and not outcome, "nothing is signed before the approval"
+
+        assert fleet_cli(["approve", "box-p", "--ca", str(fleet.ca_dir), *flags]) == 0
+        thread.join(timeout=60)
+        assert outcome == [box_p / "box-p.crt"]
+        assert fleet_cli(["reject", "box-q", "--ca", str(fleet.ca_dir), "--reason", "not ours", *flags]) == 0
+        _out, err = box_q.communicate(timeout=60)
+        assert box_q.returncode != 0
+        assert "waiting for an operator to approve box-q" in err
+        assert "rejected the enrollment of box-q under claim-shop4 (not ours)" in err
+        assert not (tmp_path / "box-q" / "box-q.crt").exists()
+        assert _pending(fleet, capsys) == []
+        assert fleet_cli(["approve", "box-q", "--ca", str(fleet.ca_dir), *flags]) == 1, (
+            "nothing left to approve"
+        )
+        assert "no enrollment of 'box-q' is waiting" in capsys.readouterr().err
+    finally:
+        if box_q.poll() is None:
+            box_q.kill()
+            box_q.communicate()
+    serving.join(timeout=30)
+
+    # The approved box, agent.toml without a group or labels, gets both from the fleet and serves.
+    identity = Identity("box-p", box_p / "ca.crt", box_p / "box-p.crt", box_p / "box-p.key")
+    agent = agents(on=tls_broker, device_id="box-p", identity=identity)
+    agent.start()
+    caller = _operator(tls_broker, fleet)
+    try:
+        caller.send("edge/groups/g1/jobs", _job("approved-1"), response_topic=REPLIES)
+        assert _answered(caller, ["approved-1"]) == 1
+    finally:
+        caller.close()
+    wait_until(
+        lambda: _status(tls_broker, capsys).get("box-p", {}).get("labels") == {"site": "shop4", "hw": "pi5"},
+        what="status to show box-p's labels from the claim",
+        timeout=15,
+    )
+    assert _status(tls_broker, capsys)["box-p"]["group"] == "g1"
+
+
+def test_neither_a_device_nor_a_claim_can_approve_read_others_answers_or_set_membership(
+    tls_broker: Broker, fleet: Fleet, tmp_path: Path
+) -> None:
+    for name in ("shop5", "shop6"):
+        _claim(tls_broker, fleet, name, tmp_path / name, "--approve", "manual")
+    claim = Identity(
+        "claim-shop5",
+        tmp_path / "shop5" / "ca.crt",
+        tmp_path / "shop5" / "claim-shop5.crt",
+        tmp_path / "shop5" / "claim-shop5.key",
+    )
+    own_request, own_answer = enroll_topics("edge", "claim-shop5", "n1")
+    _other_request, other_answer = enroll_topics("edge", "claim-shop6", "n1")
+    device = Probe(tls_broker, fleet.device("box-x", group="g1"), name="box-x")
+    holder = Probe(tls_broker, claim)
+    try:
+        assert device.first_outcome() == holder.first_outcome() == "connected"
+        # The claim asks and reads its own answers (the control) ...
+        assert holder.publish(own_request) in ACCEPTED
+        assert holder.subscribe(FleetTopics("edge").claim("claim-shop5")[1]) == ["Granted QoS 1"]
+        # ... but cannot answer (approve) itself, read another claim's answers, or push a membership.
+        assert holder.publish(own_answer, b'{"name": "box-new", "cert": "x"}') == "Not authorized"
+        assert holder.subscribe(FleetTopics("edge").claim("claim-shop6")[1], "edge/enroll/#") == [
+            "Not authorized",
+            "Not authorized",
+        ]
+        assert holder.publish(Topics("edge", "box-new", None).membership) == "Not authorized"
+        # A device with a valid certificate: its own status (the control), nothing of enrollment.
+        assert device.publish(Topics("edge", "box-x", None).status, b'{"online": true}') in ACCEPTED
+        assert device.publish(own_answer) == device.publish(other_answer) == "Not authorized"
+        assert device.publish(own_request) == "Not authorized"
+        assert device.subscribe(FleetTopics("edge").claim("claim-shop5")[1]) == ["Not authorized"]
+        assert device.publish(Topics("edge", "box-x", None).membership) == "Not authorized"
+    finally:
+        device.close()
+        holder.close()
