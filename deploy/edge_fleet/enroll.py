@@ -28,10 +28,12 @@ import argparse
 import json
 import queue
 import sqlite3
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -45,10 +47,15 @@ from . import approval, pki
 from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, release
 from .dynsec import DynSec, _acl, device_role
 from .flags import file_text
-from .identity import publish_membership, publish_retained
+from .identity import membership_message, publish_acked, publish_retained
 from .output import ago
 
+if TYPE_CHECKING:
+    import paho.mqtt.client as paho
+
 CLAIM_PREFIX = "claim-"
+#: Seconds before a request whose handling failed (the broker did not answer in time) is tried again.
+RETRY_S = 5.0
 CLAIMS_DIR = "claims"
 
 
@@ -174,46 +181,73 @@ def serve_command(args: argparse.Namespace) -> int:
     inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
     client = connect(options, name="edge-fleet-enroll")
     answered = 0
-    seen: set[tuple[str, str]] = set()
+    decided: dict[tuple[str, str], EnrollAnswer] = {}  # every request decided, by (claim, nonce)
+    sent: set[tuple[str, str]] = set()  # ... and answered
     try:
         client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
         fleet = FleetTopics(options.prefix)
         client.subscribe([(fleet.enroll_requests, 1), (fleet.any_renew_csr, 1)])
         print(f"answering enrollment requests under {options.prefix}/enroll/ (Ctrl-C stops)", flush=True)
+        later: list[tuple[float, str, bytes]] = []  # requests whose handling failed, tried again
         while args.count is None or answered < args.count:
+            now = time.monotonic()
+            for item in [r for r in later if r[0] <= now]:
+                later.remove(item)
+                inbox.put(item[1:])
             try:
                 topic, payload = inbox.get(timeout=1.0)
             except queue.Empty:
                 continue
             if not payload:
                 continue  # a request this loop cleared
-            parts = topic.split("/")
-            if parts[2:] == ["renew", "csr"]:
-                with DynSec(admin) as api:
-                    answer = renew(args.ca, parts[1], payload, api.get_client(parts[1]))
-                answer_topic = Topics(options.prefix, parts[1], None).renew_answer
-                publish_retained(
-                    options,
-                    [(answer_topic, answer.model_dump_json(exclude_none=True).encode()), (topic, b"")],
-                )
-                print(f"renewal: {parts[1]}: {answer.error or 'renewed'}", flush=True)
-                answered += 1
-                continue
-            claim, nonce = parts[2], parts[4]
-            if (claim, nonce) in seen:
-                # The box sent it again (its connection was taken before the broker's ack reached
-                # it): answering twice would replace its certificate with "name taken".
-                publish_retained(options, [(topic, b"")])
-                continue
-            seen.add((claim, nonce))
-            answer = take_request(options, admin, args.ca, claim, nonce, payload)
-            print(f"{claim}: {answer.name}: {_outcome(answer)}", flush=True)
-            answered += 1
+            try:
+                if _handle(client, admin, args.ca, options.prefix, topic, payload, decided, sent):
+                    answered += 1
+            except FleetError as exc:
+                # A busy broker (a batch booting at once) may not answer in time: the request
+                # stays retained and is tried again, the server keeps serving.
+                print(f"{topic}: {exc}; trying again in {RETRY_S:.0f} s", file=sys.stderr, flush=True)
+                later.append((time.monotonic() + RETRY_S, topic, payload))
     except KeyboardInterrupt:
         pass
     finally:
         release(client)
     return 0
+
+
+def _handle(
+    client: paho.Client,
+    admin: BrokerOptions,
+    ca_dir: Path,
+    prefix: str,
+    topic: str,
+    payload: bytes,
+    decided: dict[tuple[str, str], EnrollAnswer],
+    sent: set[tuple[str, str]],
+) -> bool:
+    """Answer one request (renewal or enrollment); False when it was a repeat, only cleared."""
+
+    def publish(messages: list[tuple[str, bytes]]) -> None:
+        publish_acked(client, messages)
+
+    parts = topic.split("/")
+    if parts[2:] == ["renew", "csr"]:
+        with DynSec(admin) as api:
+            answer = renew(ca_dir, parts[1], payload, api.get_client(parts[1]))
+        answer_topic = Topics(prefix, parts[1], None).renew_answer
+        publish([(answer_topic, answer.model_dump_json(exclude_none=True).encode()), (topic, b"")])
+        print(f"renewal: {parts[1]}: {answer.error or 'renewed'}", flush=True)
+        return True
+    claim, nonce = parts[2], parts[4]
+    if (claim, nonce) in sent:
+        # The box sent it again (its connection was taken before the broker's ack reached it):
+        # answering twice would replace its certificate with "name taken".
+        publish([(topic, b"")])
+        return False
+    answer = take_request(publish, admin, ca_dir, prefix, (claim, nonce), payload, decided)
+    sent.add((claim, nonce))
+    print(f"{claim}: {answer.name}: {_outcome(answer)}", flush=True)
+    return True
 
 
 def _outcome(answer: EnrollAnswer) -> str:
@@ -222,42 +256,59 @@ def _outcome(answer: EnrollAnswer) -> str:
     return answer.error or "enrolled"
 
 
+Publish = Callable[[list[tuple[str, bytes]]], None]
+
+
 def take_request(
-    options: BrokerOptions, admin: BrokerOptions, ca_dir: Path, claim: str, nonce: str, payload: bytes
+    publish: Publish,
+    admin: BrokerOptions,
+    ca_dir: Path,
+    prefix: str,
+    request_id: tuple[str, str],
+    payload: bytes,
+    decided: dict[tuple[str, str], EnrollAnswer],
 ) -> EnrollAnswer:
-    """Decide one request (sign it, file it for approval, or refuse it), answer the box (retained)
-    and clear the request."""
-    checked = check(ca_dir, claim, payload)
-    if isinstance(checked, EnrollAnswer):
-        answer = checked
-    else:
-        request, key, record = checked
-        if record.get("approve") == "manual":
-            problem = approval.file_request(ca_dir, claim, nonce, request, key)
-            answer = EnrollAnswer(name=request.name, error=problem or None, pending=not problem)
+    """Decide one request ``(claim, nonce)`` (sign it, file it for approval, or refuse it), answer
+    the box (retained) and clear the request.  The decision is kept in ``decided`` first: when the
+    broker fails to take the answer, the retry sends the same certificate again (deciding anew
+    would find the name taken by this very box)."""
+    claim, nonce = request_id
+    answer = decided.get(request_id)
+    if answer is None:
+        checked = check(ca_dir, claim, payload)
+        if isinstance(checked, EnrollAnswer):
+            answer = checked
         else:
-            answer = issue(ca_dir, claim, request, key, record)
-            _admit(options, admin, answer, record)
-    _answer(options, claim, nonce, answer, clear=True)
+            request, key, record = checked
+            if record.get("approve") == "manual":
+                problem = approval.file_request(ca_dir, claim, nonce, request, key)
+                answer = EnrollAnswer(name=request.name, error=problem or None, pending=not problem)
+            else:
+                answer = issue(ca_dir, claim, request, key, record)
+        decided[request_id] = answer
+    _admit(publish, admin, prefix, answer, _claim_record(ca_dir, claim) or {})
+    _answer(publish, prefix, claim, nonce, answer, clear=True)
     return answer
 
 
 def _admit(
-    options: BrokerOptions, admin: BrokerOptions, answer: EnrollAnswer, record: dict[str, Any]
+    publish: Publish, admin: BrokerOptions, prefix: str, answer: EnrollAnswer, record: dict[str, Any]
 ) -> None:
     """A box just issued its certificate: registered on the broker, its membership pushed."""
     if answer.cert is None:
         return
     group = record.get("group")
     with DynSec(admin) as api:
-        api.add_device(answer.name, group, options.prefix)
-    publish_membership(options, answer.name, group, dict(record.get("labels") or {}))
+        api.add_device(answer.name, group, prefix)
+    publish([membership_message(prefix, answer.name, group, dict(record.get("labels") or {}))])
 
 
-def _answer(options: BrokerOptions, claim: str, nonce: str, answer: EnrollAnswer, *, clear: bool) -> None:
-    request_topic, answer_topic = enroll_topics(options.prefix, claim, nonce)
+def _answer(
+    publish: Publish, prefix: str, claim: str, nonce: str, answer: EnrollAnswer, *, clear: bool
+) -> None:
+    request_topic, answer_topic = enroll_topics(prefix, claim, nonce)
     messages = [(answer_topic, answer.model_dump_json(exclude_none=True).encode())]
-    publish_retained(options, [*messages, (request_topic, b"")] if clear else messages)
+    publish([*messages, (request_topic, b"")] if clear else messages)
 
 
 def pending_command(args: argparse.Namespace) -> int:
@@ -281,8 +332,12 @@ def approve_command(args: argparse.Namespace) -> int:
     entry = approval.take(args.ca, args.name)
     answer = decide(args.ca, entry.claim, entry.request.encode())
     record = _claim_record(args.ca, entry.claim) or {}
-    _admit(options, replace(options, port=args.admin_port), answer, record)
-    _answer(options, entry.claim, entry.nonce, answer, clear=False)
+
+    def publish(messages: list[tuple[str, bytes]]) -> None:
+        publish_retained(options, messages)
+
+    _admit(publish, replace(options, port=args.admin_port), options.prefix, answer, record)
+    _answer(publish, options.prefix, entry.claim, entry.nonce, answer, clear=False)
     print(f"{entry.claim}: {answer.name}: {_outcome(answer)}")
     return 0 if answer.cert is not None else 1
 
@@ -292,7 +347,9 @@ def reject_command(args: argparse.Namespace) -> int:
     options = options_from(args)
     entry = approval.take(args.ca, args.name)
     answer = approval.rejected(entry.name, entry.claim, args.reason)
-    _answer(options, entry.claim, entry.nonce, answer, clear=False)
+    _answer(
+        lambda m: publish_retained(options, m), options.prefix, entry.claim, entry.nonce, answer, clear=False
+    )
     print(f"{entry.claim}: {entry.name}: rejected; the box was told")
     return 0
 

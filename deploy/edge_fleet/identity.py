@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from agent.link.tls import certificate_expiry
 from edge_contract.names import TLS_PORT as DEVICE_PORT
@@ -37,6 +37,9 @@ from .broker import BrokerOptions, FleetError, add_broker_args, connect, options
 from .dynsec import ADMIN_ROLE, DynSec
 from .inventory import record_certificate_file
 from .sessions import Settled, settle
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as paho
 
 T = TypeVar("T")
 
@@ -197,21 +200,36 @@ def publish_membership(
 ) -> None:
     """The box's group (and labels), pushed as retained desired state: its agent applies it without
     a restart."""
+    publish_retained(options, [membership_message(options.prefix, name, group, labels)])
+
+
+def membership_message(
+    prefix: str, name: str, group: str | None, labels: dict[str, str] | None = None
+) -> tuple[str, bytes]:
+    """The retained ``(topic, payload)`` that pushes a box's group and labels."""
     payload = Membership(device_id=name, group=group, labels=labels or {}).model_dump_json().encode()
-    publish_retained(options, [(Topics(options.prefix, name, None).membership, payload)])
+    return Topics(prefix, name, None).membership, payload
 
 
 def publish_retained(options: BrokerOptions, messages: list[tuple[str, bytes]]) -> None:
     """Publish retained ``(topic, payload)`` pairs on the operators' listener, each acknowledged."""
     client = connect(options, name="edge-fleet-identity")
     try:
-        for topic, payload in messages:
-            info = client.publish(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(DynSec.TIMEOUT_S)
-            if not info.is_published():
-                raise FleetError(f"the broker did not acknowledge the retained message on {topic}")
+        publish_acked(client, messages)
     finally:
         release(client)
+
+
+def publish_acked(client: paho.Client, messages: list[tuple[str, bytes]]) -> None:
+    """Publish retained ``(topic, payload)`` pairs through a connected ``client``, each acknowledged."""
+    for topic, payload in messages:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        try:
+            info.wait_for_publish(DynSec.TIMEOUT_S)
+        except RuntimeError as exc:  # paho: the connection is gone
+            raise FleetError(f"the retained message on {topic} was not sent: {exc}") from exc
+        if not info.is_published():
+            raise FleetError(f"the broker did not acknowledge the retained message on {topic}")
 
 
 def identities_command(args: argparse.Namespace) -> int:

@@ -221,3 +221,32 @@ def test_neither_a_device_nor_a_claim_can_approve_read_others_answers_or_set_mem
     finally:
         device.close()
         holder.close()
+
+
+def test_a_batch_booting_at_once_on_one_claim_all_enroll(
+    tls_broker: Broker, fleet: Fleet, tmp_path: Path
+) -> None:
+    """The boxes share the claim's client id, so each connection takes the session from another;
+    each box's request is resent until acknowledged and its answer is retained: none is lost."""
+    count = 8
+    claim = _claim(tls_broker, fleet, "burst", tmp_path / "claim", "--group", "g1", "--count", str(count))
+    serving = _serve(tls_broker, fleet, count=count)
+    outcome: dict[str, Path | Exception] = {}
+
+    def box(name: str) -> None:
+        try:
+            outcome[name] = enroll(
+                name, claim, (tls_broker.host, tls_broker.port), tmp_path / name, timeout_s=240
+            )
+        except Exception as exc:  # reported by the assertion below
+            outcome[name] = exc
+
+    names = [f"burst-{i}" for i in range(count)]
+    threads = [threading.Thread(target=box, args=(name,), daemon=True) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    serving.join(timeout=30)
+    assert outcome == {name: tmp_path / name / f"{name}.crt" for name in names}
+    assert set(names) <= set((fleet.ca_dir / "devices.txt").read_text().split())
