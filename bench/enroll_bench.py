@@ -104,12 +104,12 @@ def main() -> int:
         broker.start()
         try:
             for n in (int(x) for x in args.boxes.split(",")):
+                sequential, _ = _run(broker, fleet, work, n, burst=False)
                 drops.count = 0
                 burst, _ = _run(broker, fleet, work, n, burst=True)
                 taken = drops.count
-                drops.count = 0
-                sequential, _ = _run(broker, fleet, work, n, burst=False)
                 rows.append((n, burst, taken, sequential))
+                print(f"{n} boxes: burst {burst:.1f} s ({taken} taken), sequential {sequential:.1f} s", flush=True)
         finally:
             broker.cleanup()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -275,3 +275,48 @@ def test_move_is_one_command_the_box_switches_group_without_a_restart(
         assert "group g2" in again.log_text().split("starting: device box-b, ")[-1][:20]
     finally:
         caller.close()
+
+
+def _identities(broker: Broker, capsys: pytest.CaptureFixture[str]) -> dict[str, dict[str, object]]:
+    """The broker's own authorization state, through `identities --json` on the devices' listener."""
+    flags = broker.admin_flags()
+    flags[flags.index("--broker") + 1] = f"{broker.host}:{broker.port}"
+    at = flags.index("--admin-port")
+    capsys.readouterr()
+    assert fleet_cli(["identities", "--json", *flags[:at], *flags[at + 2 :]]) == 0
+    return {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+
+
+def test_an_operator_named_like_a_device_and_the_reverse_are_refused_on_a_live_broker(
+    tls_broker: Broker, fleet: Fleet, agents: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fleet.device("box-a", group="g1")
+    box_a = agents(on=tls_broker, device_id="box-a", group="g1")
+    box_a.start()
+    before = _identities(tls_broker, capsys)
+    assert before["box-a"]["kind"] == "device" and before["operator"]["kind"] == "operator"
+    live = ["--live", f"{tls_broker.host}:{tls_broker.port}", *tls_broker.admin_flags()[4:]]
+    ca = ["--ca", str(fleet.ca_dir)]
+    # An operator certificate named like the running device: refused, nothing written.
+    assert fleet_cli(["provision", "box-a", "--operator", *ca, "--out", str(tmp_path / "op-a")]) == 1
+    assert "box-a" in capsys.readouterr().err
+    assert not (tmp_path / "op-a" / "box-a.crt").exists()
+    # A device named like the fleet's operator, registered live: refused, the broker unchanged.
+    device_op = ["provision", "operator", *ca, "--out", str(tmp_path / "dev-op"), "--group", "g1", *live]
+    assert fleet_cli(device_op) == 1
+    assert "operator" in capsys.readouterr().err
+    assert not (tmp_path / "dev-op" / "operator.crt").exists()
+    # The control: a free name is provisioned live the same way.
+    free = ["provision", "box-c", *ca, "--out", str(tmp_path / "box-c"), "--group", "g1", *live]
+    assert fleet_cli(free) == 0
+    after = _identities(tls_broker, capsys)
+    assert after["box-c"]["kind"] == "device"
+    assert after["operator"] == before["operator"] and after["box-a"] == before["box-a"]
+    # box-a's agent kept its session: it answers, and never saw a takeover.
+    caller = _operator(tls_broker, fleet)
+    try:
+        caller.send("edge/box-a/jobs", _job("still-box-a"), response_topic=REPLIES)
+        assert _answered(caller, ["still-box-a"]) == 1
+    finally:
+        caller.close()
+    assert "taken over" not in box_a.log_text()
