@@ -109,7 +109,10 @@ def main() -> int:
                 burst, _ = _run(broker, fleet, work, n, burst=True)
                 taken = drops.count
                 rows.append((n, burst, taken, sequential))
-                print(f"{n} boxes: burst {burst:.1f} s ({taken} taken), sequential {sequential:.1f} s", flush=True)
+                print(
+                    f"{n} boxes: burst {burst:.1f} s ({taken} taken), sequential {sequential:.1f} s",
+                    flush=True,
+                )
         finally:
             broker.cleanup()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -16,7 +16,7 @@ import pytest
 from agent.enroll import EnrollError, enroll
 from edge_contract.protocol import FleetTopics, Topics, enroll_topics
 from edge_fleet.cli import main as fleet_cli
-from tests.daemon.test_identity import REPLIES, _answered, _job, _operator
+from tests.daemon.test_identity import REPLIES, _answered, _answers_one, _job, _operator
 from tests.daemon.test_identity_life import _status
 from tests.daemon.test_security import ACCEPTED, Probe
 from tests.support.broker import Broker
@@ -171,12 +171,7 @@ def test_a_claim_needing_approval_waits_for_the_operator_and_brings_its_group_an
     identity = Identity("box-p", box_p / "ca.crt", box_p / "box-p.crt", box_p / "box-p.key")
     agent = agents(on=tls_broker, device_id="box-p", identity=identity)
     agent.start()
-    caller = _operator(tls_broker, fleet)
-    try:
-        caller.send("edge/groups/g1/jobs", _job("approved-1"), response_topic=REPLIES)
-        assert _answered(caller, ["approved-1"]) == 1
-    finally:
-        caller.close()
+    assert _answers_one(tls_broker, fleet, "edge/groups/g1/jobs", "approved-1")
     wait_until(
         lambda: _status(tls_broker, capsys).get("box-p", {}).get("labels") == {"site": "shop4", "hw": "pi5"},
         what="status to show box-p's labels from the claim",

@@ -49,6 +49,16 @@ def _answered(caller: Caller, ids: list[str], timeout: float = 120.0) -> int:
     return sum(1 for i in ids if any(r["status"] == "succeeded" for r in caller.results(i)))
 
 
+def _answers_one(broker: Broker, fleet: Fleet, topic: str, job_id: str) -> bool:
+    """Whether a job sent on ``topic`` (as the fleet's operator) gets a succeeded result."""
+    caller = _operator(broker, fleet)
+    try:
+        caller.send(topic, _job(job_id), response_topic=REPLIES)
+        return _answered(caller, [job_id]) == 1
+    finally:
+        caller.close()
+
+
 def _job(job_id: str) -> dict[str, object]:
     return {"id": job_id, "prompt": "hi", "max_tokens": 2}
 

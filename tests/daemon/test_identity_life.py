@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from edge_fleet.cli import main as fleet_cli
-from tests.daemon.test_identity import REPLIES, _answered, _doctor, _job, _login_line, _operator
+from tests.daemon.test_identity import REPLIES, _answered, _answers_one, _doctor, _job, _login_line, _operator
 from tests.daemon.test_security import ACCEPTED, Probe
 from tests.support.broker import Broker
 from tests.support.pki import Fleet
@@ -313,10 +313,5 @@ def test_an_operator_named_like_a_device_and_the_reverse_are_refused_on_a_live_b
     assert after["box-c"]["kind"] == "device"
     assert after["operator"] == before["operator"] and after["box-a"] == before["box-a"]
     # box-a's agent kept its session: it answers, and never saw a takeover.
-    caller = _operator(tls_broker, fleet)
-    try:
-        caller.send("edge/box-a/jobs", _job("still-box-a"), response_topic=REPLIES)
-        assert _answered(caller, ["still-box-a"]) == 1
-    finally:
-        caller.close()
+    assert _answers_one(tls_broker, fleet, "edge/box-a/jobs", "still-box-a")
     assert "taken over" not in box_a.log_text()
