@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from agent.link.mqtt import Message, MQTTLink, Published
+from agent.link.mqtt import Message, MQTTLink
 from agent.link.options import MQTTConfig, TLSConfig
 from edge_contract.errors import LinkError
 from edge_contract.protocol import EnrollAnswer, EnrollRequest, enroll_topics
@@ -127,7 +127,7 @@ def _ask(
 
     Boxes of one batch share the claim's client id, so they take the connection from each other:
     the link reconnects with jittered exponential backoff, the request is sent again on each
-    connection until the broker acknowledged it, and the answer is retained, so each box finds its
+    connection until answered, and the answer is retained, so each box finds its
     own whenever it is connected.  A ``pending`` answer (a claim that needs an operator) extends the
     wait to ``approval_timeout_s``.
     """
@@ -135,13 +135,16 @@ def _ask(
     tls = TLSConfig(ca=claim_dir / "ca.crt", cert=claim_cert, key=claim_cert.with_suffix(".key"))
     # Session expiry 0: a claim's session (shared by its boxes) keeps nothing once a box leaves.
     config = MQTTConfig(host=broker[0], port=broker[1], tls=tls, session_expiry_s=0)
-    acked = threading.Event()
-    sent: set[int] = set()
+    answered = threading.Event()
 
     def send() -> None:
         # Retained: it waits for an approver that is not running yet (who clears it once answered).
-        if not acked.is_set():
-            sent.add(link.publish(request_topic, payload, retain=True))
+        # Sent on every connection until answered, not until acknowledged: the boxes of a batch
+        # share one session, so a PUBACK may be for another box's message with the same packet
+        # id.  A repeat is harmless: `enroll serve` answers a (claim, nonce) once, and the same
+        # key asking again for its name gets the same certificate.
+        if not answered.is_set():
+            link.publish(request_topic, payload, retain=True)
 
     link = MQTTLink(config, "", subscriptions=[answer_topic], on_connect=send)
     try:
@@ -168,8 +171,6 @@ def _ask(
                 event = link.events.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
-            if isinstance(event, Published) and event.mid in sent:
-                acked.set()
             if not isinstance(event, Message) or event.topic != answer_topic:
                 continue  # another box's answer, left in the shared session
             link.ack(event)
@@ -178,6 +179,7 @@ def _ask(
             except ValidationError:
                 continue
             if not answer.pending:
+                answered.set()
                 return answer
             if not told_pending:
                 told_pending = True

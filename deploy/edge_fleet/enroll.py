@@ -57,6 +57,8 @@ CLAIM_PREFIX = "claim-"
 #: Seconds before a request whose handling failed (the broker did not answer in time) is tried again.
 RETRY_S = 5.0
 CLAIMS_DIR = "claims"
+#: Certificates issued from claims, by name (public): a repeated request gets the same one.
+ISSUED_DIR = "issued"
 
 
 def claim_acls(claim: str, prefix: str) -> list[dict[str, Any]]:
@@ -437,6 +439,9 @@ def check(
     record = _claim_record(ca_dir, claim)
     if record is None:
         return EnrollAnswer(name=request.name, error=f"{claim} is not a claim of this CA")
+    again = _issued_before(ca_dir, claim, request)
+    if again is not None:
+        return again
     if record.get("left", 0) < 1:
         return EnrollAnswer(name=request.name, error=f"{claim} is used up: ask for a new claim")
     if time.time() > float(record.get("expires", 0)):
@@ -454,6 +459,20 @@ def check(
     return request, key, record
 
 
+def _issued_before(ca_dir: Path, claim: str, request: EnrollRequest) -> EnrollAnswer | None:
+    """The certificate this claim already issued for this name and this very key: a box whose
+    connection was taken before it read its answer asks again, and gets the same answer."""
+    try:
+        kept = json.loads((ca_dir / CLAIMS_DIR / ISSUED_DIR / f"{request.name}.json").read_text())
+        cert = x509.load_pem_x509_certificate(str(kept["cert"]).encode())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    key, _problem = _csr_key(request)
+    if kept.get("claim") != claim or key is None or cert.public_key() != key:
+        return None
+    return EnrollAnswer(name=request.name, cert=kept["cert"], ca=(ca_dir / pki.CA_CERT).read_text())
+
+
 def issue(
     ca_dir: Path, claim: str, request: EnrollRequest, key: ec.EllipticCurvePublicKey, record: dict[str, Any]
 ) -> EnrollAnswer:
@@ -463,6 +482,9 @@ def issue(
     except FleetError as exc:
         return EnrollAnswer(name=request.name, error=str(exc))
     _record(cert)
+    issued = ca_dir / CLAIMS_DIR / ISSUED_DIR
+    issued.mkdir(exist_ok=True)
+    (issued / f"{request.name}.json").write_text(json.dumps({"claim": claim, "cert": cert.decode()}))
     record["left"] = int(record["left"]) - 1
     (ca_dir / CLAIMS_DIR / f"{claim.removeprefix(CLAIM_PREFIX)}.json").write_text(json.dumps(record))
     ca = (ca_dir / pki.CA_CERT).read_text()
