@@ -278,12 +278,16 @@ class DynSec:
                 }
             )
         else:
-            # Re-provisioning (or a revoked device brought back): its own role, enabled.
-            self.run(
-                {"command": "addClientRole", "username": name, "rolename": device_role(name)},
-                {"command": "enableClient", "username": name},
-                allow=["already"],
+            # Re-provisioning (or a revoked device brought back): its own role, enabled.  A role
+            # the client holds already is not added again (mosquitto 2.0.11 answers "Internal
+            # error" to that, which made a retried enrollment fail for ever).
+            held = {r.get("rolename") for r in existing.get("roles", [])}
+            add = (
+                []
+                if device_role(name) in held
+                else [{"command": "addClientRole", "username": name, "rolename": device_role(name)}]
             )
+            self.run(*add, {"command": "enableClient", "username": name}, allow=["already"])
             if password is not None:
                 self.run({"command": "setClientPassword", "username": name, "password": password})
                 self.run({"command": "setClientId", "username": name, "clientid": name})

@@ -130,14 +130,18 @@ class Broker:
 
     def start(self) -> None:
         """Start mosquitto and wait until it accepts connections (and knows the fleet's devices)."""
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # Its stderr goes to a file: a pipe nobody reads fills up (64 KiB of connection log
+        # under a burst of reconnections) and then blocks the broker in write().
+        stderr = self.workdir / "mosquitto.stderr"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with stderr.open("ab") as sink:
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=sink
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                pytest.fail(f"mosquitto exited at start: {err}")
+                pytest.fail(f"mosquitto exited at start: {stderr.read_text(errors='replace')[-4000:]}")
             try:
                 for port in {self.port, self.operator_port}:
                     with socket.create_connection((self.host, port), timeout=0.2):
