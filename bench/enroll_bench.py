@@ -9,7 +9,7 @@ For each N: a real mosquitto from ``edge-fleet broker init``, one claim for N bo
   with the claim's identity, so the broker gives each new connection the session of
   the one before): wall time until every box holds its certificate, and how many
   connections were taken from a box meanwhile;
-* **sequential**: N boxes one after another on a fresh claim (no contention: the best
+* **sequential** (first): N boxes one after another on a fresh claim (no contention: the best
   case a batch could hope for).
 
 Prints a Markdown table with the ratio burst/sequential and the machine.
@@ -55,8 +55,9 @@ def _claim(broker: Broker, fleet: Fleet, name: str, out: Path, count: int) -> Pa
     return out
 
 
-def _serve(broker: Broker, fleet: Fleet, count: int) -> threading.Thread:
-    argv = ["enroll", "serve", "--ca", str(fleet.ca_dir), "--count", str(count), *broker.admin_flags()]
+def _serve(broker: Broker, fleet: Fleet) -> threading.Thread:
+    """One `edge-fleet enroll serve` for the whole run (a daemon thread: it ends with the bench)."""
+    argv = ["enroll", "serve", "--ca", str(fleet.ca_dir), *broker.admin_flags()]
     thread = threading.Thread(target=fleet_cli, args=(argv,), daemon=True)
     thread.start()
     return thread
@@ -65,7 +66,6 @@ def _serve(broker: Broker, fleet: Fleet, count: int) -> threading.Thread:
 def _run(broker: Broker, fleet: Fleet, work: Path, n: int, *, burst: bool) -> tuple[float, int]:
     tag = f"{'b' if burst else 's'}{n}"
     claim = _claim(broker, fleet, tag, work / f"claim-{tag}", n)
-    serving = _serve(broker, fleet, n)
     enrolled: list[str] = []
 
     def box(name: str) -> None:
@@ -84,7 +84,6 @@ def _run(broker: Broker, fleet: Fleet, work: Path, n: int, *, burst: bool) -> tu
         for name in names:
             box(name)
     wall = time.monotonic() - start
-    serving.join(timeout=60)
     assert sorted(enrolled) == sorted(names), f"{n - len(enrolled)} box(es) did not enroll"
     return wall, 0
 
@@ -102,6 +101,7 @@ def main() -> int:
         fleet = Fleet(work / "pki")
         broker = Broker(work / "broker", fleet)
         broker.start()
+        _serve(broker, fleet)
         try:
             for n in (int(x) for x in args.boxes.split(",")):
                 sequential, _ = _run(broker, fleet, work, n, burst=False)

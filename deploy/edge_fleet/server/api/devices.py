@@ -27,7 +27,8 @@ def device_out(request: Request, record: DeviceRecord) -> DeviceOut:
         online=live.online if live and live.online is not None else record.online,
         revoked=bool(live and live.revoked),
         group=(live.group if live and live.group else None) or record.group,
-        labels=record.labels,
+        # The box's own labels (pushed with its membership, e.g. from its claim) under the server's.
+        labels={**(live.labels if live else {}), **record.labels},
         model=(live.model if live else None) or record.model,
         version=(live.version if live else None) or record.version,
         health=live.health if live else record.health,
