@@ -331,29 +331,42 @@ def pending_command(args: argparse.Namespace) -> int:
 def approve_command(args: argparse.Namespace) -> int:
     """``edge-fleet approve NAME --ca DIR``: sign a pending enrollment (its checks run again)."""
     options = options_from(args)
-    entry = approval.take(args.ca, args.name)
-    answer = decide(args.ca, entry.claim, entry.request.encode())
-    record = _claim_record(args.ca, entry.claim) or {}
-
-    def publish(messages: list[tuple[str, bytes]]) -> None:
-        publish_retained(options, messages)
-
-    _admit(publish, replace(options, port=args.admin_port), options.prefix, answer, record)
-    _answer(publish, options.prefix, entry.claim, entry.nonce, answer, clear=False)
+    entry, answer = approve_pending(args.ca, args.name, options, replace(options, port=args.admin_port))
     print(f"{entry.claim}: {answer.name}: {_outcome(answer)}")
     return 0 if answer.cert is not None else 1
 
 
 def reject_command(args: argparse.Namespace) -> int:
     """``edge-fleet reject NAME --ca DIR``: refuse a pending enrollment; the box is told why."""
-    options = options_from(args)
-    entry = approval.take(args.ca, args.name)
-    answer = approval.rejected(entry.name, entry.claim, args.reason)
+    entry = reject_pending(args.ca, args.name, args.reason, options_from(args))
+    print(f"{entry.claim}: {entry.name}: rejected; the box was told")
+    return 0
+
+
+def approve_pending(
+    ca_dir: Path, name: str, options: BrokerOptions, admin: BrokerOptions
+) -> tuple[approval.Pending, EnrollAnswer]:
+    """Sign ``name``'s pending request (the claim's checks run again), register it on the broker,
+    push its membership and answer the box (``approve``, and the fleet server's API)."""
+    entry = approval.take(ca_dir, name)
+    answer = decide(ca_dir, entry.claim, entry.request.encode())
+
+    def publish(messages: list[tuple[str, bytes]]) -> None:
+        publish_retained(options, messages)
+
+    _admit(publish, admin, options.prefix, answer, _claim_record(ca_dir, entry.claim) or {})
+    _answer(publish, options.prefix, entry.claim, entry.nonce, answer, clear=False)
+    return entry, answer
+
+
+def reject_pending(ca_dir: Path, name: str, reason: str | None, options: BrokerOptions) -> approval.Pending:
+    """Refuse ``name``'s pending request; the box is told who, why and what to do."""
+    entry = approval.take(ca_dir, name)
+    answer = approval.rejected(entry.name, entry.claim, reason)
     _answer(
         lambda m: publish_retained(options, m), options.prefix, entry.claim, entry.nonce, answer, clear=False
     )
-    print(f"{entry.claim}: {entry.name}: rejected; the box was told")
-    return 0
+    return entry
 
 
 def _claim_record(ca_dir: Path, claim: str) -> dict[str, Any] | None:

@@ -245,3 +245,69 @@ def test_a_batch_booting_at_once_on_one_claim_all_enroll(
     serving.join(timeout=30)
     assert outcome == {name: tmp_path / name / f"{name}.crt" for name in names}
     assert set(names) <= set((fleet.ca_dir / "devices.txt").read_text().split())
+
+
+def test_the_fleet_servers_api_approves_and_rejects_pending_enrollments_audited(
+    tls_broker: Broker, fleet: Fleet, tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from edge_fleet.broker import BrokerOptions
+    from edge_fleet.server.api.enrollments import EnrollmentDesk
+    from edge_fleet.server.app import create_app
+    from edge_fleet.server.db import Database
+    from edge_fleet.server.store import Store
+
+    claim = _claim(
+        tls_broker, fleet, "shop7", tmp_path / "claim", "--group", "g1", "--approve", "manual", "--count", "2"
+    )
+    serving = _serve(tls_broker, fleet, count=2)
+    op = fleet.operator
+    options = BrokerOptions(tls_broker.host, tls_broker.operator_port, ca=op.ca, cert=op.cert, key=op.key)
+    admin = BrokerOptions(tls_broker.host, tls_broker.port, ca=op.ca, cert=op.cert, key=op.key)
+    store = Store(Database(str(tmp_path / "server.sqlite3")))
+    api = TestClient(create_app(store, enroll=EnrollmentDesk(fleet.ca_dir, options, admin)))
+    auth = {role: {"Authorization": f"Bearer {store.create_token(f'{role}-1', role, 'test')}"} for role in ("viewer", "operator")}  # fmt: skip
+    outcome: dict[str, Path | Exception] = {}
+
+    def box(name: str) -> None:
+        try:
+            outcome[name] = enroll(
+                name, claim, (tls_broker.host, tls_broker.port), tmp_path / name, timeout_s=60
+            )
+        except Exception as exc:  # read below
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=box, args=(name,), daemon=True) for name in ("box-s", "box-t")]
+    for thread in threads:
+        thread.start()
+    wait_until(
+        lambda: (
+            sorted(r["name"] for r in api.get("/api/v1/enrollments", headers=auth["viewer"]).json())
+            == ["box-s", "box-t"]
+        ),
+        what="the API to list both boxes as pending",
+    )
+    assert api.post("/api/v1/enrollments/box-s/approve", headers=auth["viewer"]).status_code == 403
+    answer = api.post("/api/v1/enrollments/box-s/approve", headers=auth["operator"])
+    assert answer.status_code == 200 and answer.json()["outcome"] == "enrolled"
+    refused = api.post(
+        "/api/v1/enrollments/box-t/reject", headers=auth["operator"], json={"reason": "unknown box"}
+    )
+    assert refused.status_code == 200
+    for thread in threads:
+        thread.join(timeout=60)
+    serving.join(timeout=30)
+    assert outcome["box-s"] == tmp_path / "box-s" / "box-s.crt"
+    assert isinstance(outcome["box-t"], EnrollError)
+    assert "rejected the enrollment of box-t under claim-shop7 (unknown box)" in str(outcome["box-t"])
+    assert api.get("/api/v1/enrollments", headers=auth["viewer"]).json() == []
+    again = api.post("/api/v1/enrollments/box-t/approve", headers=auth["operator"])
+    assert again.status_code == 404 and "no enrollment of 'box-t' is waiting" in again.json()["detail"]
+    decisions = [
+        (e.actor, e.action, e.target) for e in store.audit_log() if e.action.startswith("enrollment.")
+    ]
+    assert decisions == [
+        ("operator-1", "enrollment.approve", "box-s"),
+        ("operator-1", "enrollment.reject", "box-t"),
+    ]

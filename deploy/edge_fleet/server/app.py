@@ -13,7 +13,8 @@ from fastapi import FastAPI
 
 from edge_contract import __version__
 
-from .api import audit, deployments, devices, jobs, metrics, rollouts, tokens
+from .api import audit, deployments, devices, enrollments, jobs, metrics, rollouts, tokens
+from .api.enrollments import EnrollmentDesk
 from .broker_link import BrokerLink
 from .dashboard.mount import mount as mount_dashboard
 from .gateway import mount as mount_gateway
@@ -22,9 +23,15 @@ from .store import Store
 
 
 def create_app(
-    store: Store, link: BrokerLink | None = None, *, controller: Any = None, metrics_public: bool = False
+    store: Store,
+    link: BrokerLink | None = None,
+    *,
+    controller: Any = None,
+    metrics_public: bool = False,
+    enroll: EnrollmentDesk | None = None,
 ) -> FastAPI:
-    """The API over ``store`` (and the broker ``link``, when there is one)."""
+    """The API over ``store`` (and the broker ``link``, when there is one; the enrollment queue
+    with ``enroll``, a server beside the fleet CA)."""
     app = FastAPI(
         title="edge-fleet server",
         version=__version__,
@@ -34,6 +41,7 @@ def create_app(
     app.state.link = link
     app.state.service = FleetService(store, link)
     app.state.controller = controller
+    app.state.enroll = enroll
     app.state.registry = metrics.registry_for(app)
     for router in (
         devices.router,
@@ -42,6 +50,7 @@ def create_app(
         jobs.router,
         audit.router,
         tokens.router,
+        enrollments.router,
     ):
         app.include_router(router)
     app.include_router(metrics.public_router if metrics_public else metrics.router)

@@ -11,8 +11,11 @@ import os
 import socket
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from edge_contract.names import TLS_PORT
 
 from ..broker import add_broker_args, options_from
 from ..client import server_client
@@ -67,6 +70,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_db(server)
     add_broker_args(server)
+    server.add_argument(
+        "--enroll-ca",
+        type=Path,
+        metavar="DIR",
+        help="the fleet CA: pending enrollments are listed, approved and rejected in the API and dashboard",
+    )
+    server.add_argument(
+        "--enroll-admin-port", type=int, default=TLS_PORT, help="with --enroll-ca: the devices' listener"
+    )
     server.set_defaults(func=serve_command)
     actions = server.add_subparsers(dest="server_action", required=False, metavar="token")
     tokens = actions.add_parser("token", help="API tokens: create NAME --role R | list | revoke NAME")
@@ -167,7 +179,13 @@ def serve_command(args: argparse.Namespace) -> int:
     controller = Controller(
         FleetService(store, link), link, args.server_id or f"{socket.gethostname()}:{port}", tick_s=args.tick
     )
-    app = create_app(store, link, controller=controller, metrics_public=args.metrics_public)
+    desk = None
+    if args.enroll_ca is not None:
+        from .api.enrollments import EnrollmentDesk
+
+        options = options_from(args)
+        desk = EnrollmentDesk(args.enroll_ca, options, replace(options, port=args.enroll_admin_port))
+    app = create_app(store, link, controller=controller, metrics_public=args.metrics_public, enroll=desk)
     loop = threading.Thread(target=controller.run, name="controller", daemon=True)
     loop.start()
     config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False)
