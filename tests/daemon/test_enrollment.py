@@ -48,6 +48,69 @@ def _claim(broker: Broker, fleet: Fleet, name: str, out: Path, *flags: str) -> P
     return out
 
 
+def _enrolling(
+    broker: Broker, claim: Path, out: Path, names: list[str], timeout_s: float = 60
+) -> tuple[list[threading.Thread], dict[str, Path | Exception]]:
+    """Boxes ``names`` enrolling at once on ``claim`` (started threads), and where each one's
+    certificate or error lands."""
+    outcome: dict[str, Path | Exception] = {}
+
+    def box(name: str) -> None:
+        try:
+            outcome[name] = enroll(name, claim, (broker.host, broker.port), out / name, timeout_s=timeout_s)
+        except Exception as exc:  # the caller reads it
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=box, args=(name,), daemon=True) for name in names]
+    for thread in threads:
+        thread.start()
+    return threads, outcome
+
+
+def enrollment_desk(broker: Broker, fleet: Fleet) -> Any:
+    """The fleet server's enrollment desk beside ``fleet``'s CA, as its operator on ``broker``."""
+    from edge_fleet.broker import BrokerOptions
+    from edge_fleet.server.api.enrollments import EnrollmentDesk
+
+    op = fleet.operator
+    options = BrokerOptions(broker.host, broker.operator_port, ca=op.ca, cert=op.cert, key=op.key)
+    return EnrollmentDesk(
+        fleet.ca_dir, options, BrokerOptions(broker.host, broker.port, ca=op.ca, cert=op.cert, key=op.key)
+    )
+
+
+def _two_waiting(broker: Broker, fleet: Fleet, tmp_path: Path, claim: str, names: list[str]) -> Any:
+    """A manual claim, `enroll serve` for two requests, a server store, and boxes ``names``
+    enrolling: ``(serving, store, threads, outcome)``."""
+    from edge_fleet.server.db import Database
+    from edge_fleet.server.store import Store
+
+    flags = ["--group", "g1", "--approve", "manual", "--count", "2"]
+    path = _claim(broker, fleet, claim, tmp_path / "claim", *flags)
+    serving = _serve(broker, fleet, count=2)
+    store = Store(Database(str(tmp_path / "server.sqlite3")))
+    return (serving, store, *_enrolling(broker, path, tmp_path, names, timeout_s=90))
+
+
+def _check_decisions(waiting: Any, out: Path, claim: str, approved: str, rejected: str) -> None:
+    """Both boxes of ``_two_waiting`` heard their decision (``approved`` has its certificate,
+    ``rejected`` the operator's reason), and the audit log holds both, by the operator."""
+    serving, store, threads, outcome = waiting
+    for thread in threads:
+        thread.join(timeout=60)
+    serving.join(timeout=30)
+    assert outcome[approved] == out / approved / f"{approved}.crt"
+    assert isinstance(outcome[rejected], EnrollError)
+    assert f"rejected the enrollment of {rejected} under {claim} (unknown box)" in str(outcome[rejected])
+    decisions = [
+        (e.actor, e.action, e.target) for e in store.audit_log() if e.action.startswith("enrollment.")
+    ]
+    assert decisions == [
+        ("operator-1", "enrollment.approve", approved),
+        ("operator-1", "enrollment.reject", rejected),
+    ]
+
+
 def test_a_fresh_box_enrolls_from_a_claim_and_serves_its_group(
     tls_broker: Broker, fleet: Fleet, agents: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -252,35 +315,12 @@ def test_the_fleet_servers_api_approves_and_rejects_pending_enrollments_audited(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from edge_fleet.broker import BrokerOptions
-    from edge_fleet.server.api.enrollments import EnrollmentDesk
     from edge_fleet.server.app import create_app
-    from edge_fleet.server.db import Database
-    from edge_fleet.server.store import Store
 
-    claim = _claim(
-        tls_broker, fleet, "shop7", tmp_path / "claim", "--group", "g1", "--approve", "manual", "--count", "2"
-    )
-    serving = _serve(tls_broker, fleet, count=2)
-    op = fleet.operator
-    options = BrokerOptions(tls_broker.host, tls_broker.operator_port, ca=op.ca, cert=op.cert, key=op.key)
-    admin = BrokerOptions(tls_broker.host, tls_broker.port, ca=op.ca, cert=op.cert, key=op.key)
-    store = Store(Database(str(tmp_path / "server.sqlite3")))
-    api = TestClient(create_app(store, enroll=EnrollmentDesk(fleet.ca_dir, options, admin)))
+    waiting = _two_waiting(tls_broker, fleet, tmp_path, "shop7", ["box-s", "box-t"])
+    store = waiting[1]
+    api = TestClient(create_app(store, enroll=enrollment_desk(tls_broker, fleet)))
     auth = {role: {"Authorization": f"Bearer {store.create_token(f'{role}-1', role, 'test')}"} for role in ("viewer", "operator")}  # fmt: skip
-    outcome: dict[str, Path | Exception] = {}
-
-    def box(name: str) -> None:
-        try:
-            outcome[name] = enroll(
-                name, claim, (tls_broker.host, tls_broker.port), tmp_path / name, timeout_s=60
-            )
-        except Exception as exc:  # read below
-            outcome[name] = exc
-
-    threads = [threading.Thread(target=box, args=(name,), daemon=True) for name in ("box-s", "box-t")]
-    for thread in threads:
-        thread.start()
     wait_until(
         lambda: (
             sorted(r["name"] for r in api.get("/api/v1/enrollments", headers=auth["viewer"]).json())
@@ -295,19 +335,7 @@ def test_the_fleet_servers_api_approves_and_rejects_pending_enrollments_audited(
         "/api/v1/enrollments/box-t/reject", headers=auth["operator"], json={"reason": "unknown box"}
     )
     assert refused.status_code == 200
-    for thread in threads:
-        thread.join(timeout=60)
-    serving.join(timeout=30)
-    assert outcome["box-s"] == tmp_path / "box-s" / "box-s.crt"
-    assert isinstance(outcome["box-t"], EnrollError)
-    assert "rejected the enrollment of box-t under claim-shop7 (unknown box)" in str(outcome["box-t"])
+    _check_decisions(waiting, tmp_path, "claim-shop7", "box-s", "box-t")
     assert api.get("/api/v1/enrollments", headers=auth["viewer"]).json() == []
     again = api.post("/api/v1/enrollments/box-t/approve", headers=auth["operator"])
     assert again.status_code == 404 and "no enrollment of 'box-t' is waiting" in again.json()["detail"]
-    decisions = [
-        (e.actor, e.action, e.target) for e in store.audit_log() if e.action.startswith("enrollment.")
-    ]
-    assert decisions == [
-        ("operator-1", "enrollment.approve", "box-s"),
-        ("operator-1", "enrollment.reject", "box-t"),
-    ]

@@ -1,4 +1,4 @@
-// edge-fleet dashboard: sign-in, the router and the pages (Fleet, Device, Rollouts, Jobs).
+// edge-fleet dashboard: sign-in, the router and the pages (Fleet, Device, Rollouts, Jobs, Enrollments).
 "use strict";
 
 const main = () => document.getElementById("main");
@@ -268,13 +268,53 @@ async function jobsPage() {
   main().replaceChildren(h("h1", {}, "Jobs"), form, h("h2", {}, "Answer"), answer, status);
 }
 
+// -- Enrollments ------------------------------------------------------------------------------
+
+function enrollmentsPage() {
+  const body = h("tbody");
+  const note = h("p", { class: "muted" });
+  main().replaceChildren(h("h1", {}, "Enrollments"), note, h("div", { class: "scroll" },
+    h("table", { class: "cards", id: "enrollments" }, h("thead", {}, h("tr", {},
+      ["Box", "Claim", "Key fingerprint", "Waiting", ""].map((c) => h("th", {}, c)))), body)));
+  const decide = (name, action, reason) => async () => {
+    try {
+      const options = action === "reject" ? { method: "POST", body: { reason: reason.value.trim() || null } } : { method: "POST" };
+      await api(`/enrollments/${encodeURIComponent(name)}/${action}`, options);
+      showError(null);
+      shown = null;
+      route();
+    } catch (e) { showError(e); }
+  };
+  let shown = null;  // redrawn only when the queue changes: a reason being typed stays
+  every(3000, async () => {
+    const rows = await api("/enrollments");
+    const key = rows.map((p) => `${p.name}/${p.fingerprint}`).join(" ");
+    if (key === shown) return;
+    shown = key;
+    const now = Date.now() / 1000;
+    note.textContent = rows.length
+      ? "Compare each key's fingerprint with the one the box printed before approving."
+      : "No box is waiting for approval (claims made with --approve manual queue here).";
+    body.replaceChildren(...rows.map((p) => {
+      const td = (label, ...content) => h("td", { dataset: { label } }, ...content);
+      const reason = h("input", { name: "reason", placeholder: "reason (told to the box)", "aria-label": `reason for ${p.name}` });
+      const actions = may("operator") ? [
+        h("button", { type: "button", onclick: decide(p.name, "approve", reason) }, "Approve"), " ", reason, " ",
+        h("button", { type: "button", class: "danger", onclick: decide(p.name, "reject", reason) }, "Reject"),
+      ] : [h("span", { class: "muted" }, "an operator decides")];
+      return h("tr", { dataset: { enrollment: p.name } }, td("Box", p.name), td("Claim", p.claim),
+        td("Key fingerprint", h("code", {}, p.fingerprint)), td("Waiting", ago(p.since, now)), td("", ...actions));
+    }));
+  });
+}
+
 // -- Router and sign-in -----------------------------------------------------------------------
 
 function route() {
   if (!session.me) return;
   const [page, ...rest] = (location.hash.replace(/^#\/?/, "") || "fleet").split("/");
   for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("current", a.dataset.page === page);
-  const pages = { fleet: fleetPage, rollouts: rolloutsPage, jobs: jobsPage,
+  const pages = { fleet: fleetPage, rollouts: rolloutsPage, jobs: jobsPage, enrollments: enrollmentsPage,
     device: () => devicePage(decodeURIComponent(rest.join("/"))) };
   Promise.resolve((pages[page] || fleetPage)()).catch(showError);
 }
