@@ -114,7 +114,8 @@ def _check_decisions(waiting: Any, out: Path, claim: str, approved: str, rejecte
 def test_a_fresh_box_enrolls_from_a_claim_and_serves_its_group(
     tls_broker: Broker, fleet: Fleet, agents: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    claim = _claim(tls_broker, fleet, "shop3", tmp_path / "image" / "claim", "--group", "g1", "--count", "1")
+    flags = ["--group", "g1", "--label", "site=shop3", "--count", "1"]
+    claim = _claim(tls_broker, fleet, "shop3", tmp_path / "image" / "claim", *flags)
     serving = _serve(tls_broker, fleet, count=2)
     box = tmp_path / "box-z" / "identity"  # the box's own disk: nothing here comes from the operator
     cert = enroll("box-z", claim, (tls_broker.host, tls_broker.port), box, timeout_s=60)
@@ -127,16 +128,16 @@ def test_a_fresh_box_enrolls_from_a_claim_and_serves_its_group(
         enroll("box-y", claim, (tls_broker.host, tls_broker.port), tmp_path / "box-y", timeout_s=60)
     serving.join(timeout=30)
 
-    # Its agent.toml names no group: the fleet pushed g1 with the certificate.
+    # Its agent.toml names no group or labels: the fleet pushed g1 and site=shop3 with the certificate.
     agent = agents(on=tls_broker, device_id="box-z", identity=Identity("box-z", box / "ca.crt", cert, key))
     agent.start()
-    caller = _operator(tls_broker, fleet)
-    try:
-        caller.send("edge/groups/g1/jobs", _job("enrolled-1"), response_topic=REPLIES)
-        assert _answered(caller, ["enrolled-1"]) == 1
-        assert "membership from the fleet: group g1" in agent.log_text()
-    finally:
-        caller.close()
+    assert _answers_one(tls_broker, fleet, "edge/groups/g1/jobs", "enrolled-1")
+    assert 'membership from the fleet: group g1, labels {"site": "shop3"}' in agent.log_text()
+    wait_until(
+        lambda: _status(tls_broker, capsys).get("box-z", {}).get("labels") == {"site": "shop3"},
+        what="status to show the claim's labels",
+        timeout=15,
+    )
 
 
 def test_a_certificate_near_expiry_is_renewed_over_the_boxs_own_link_without_an_operator(
