@@ -19,14 +19,18 @@ revoked device stays revoked: renewing gives it a certificate, not its rights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import ValidationError
 
 from agent.link.tls import certificate_expiry
 from edge_contract.names import TLS_PORT as DEVICE_PORT
@@ -135,7 +139,8 @@ def move_command(args: argparse.Namespace) -> int:
         )
         left = api.set_group(args.name, group, options.prefix)
     after = _operators_side(lambda: settle(data, args.name, left, end=False)) if left else Settled()
-    _operators_side(lambda: publish_membership(data, args.name, group))
+    # The labels pushed before (a claim's) stay: a move changes the group only.
+    _operators_side(lambda: publish_membership(data, args.name, group, pushed_labels(data, args.name)))
     was = f" (left {', '.join(left)}{_handed(before, after)})" if left else ""
     now = f"group {group}" if group else "no group"
     print(
@@ -209,6 +214,29 @@ def membership_message(
     """The retained ``(topic, payload)`` that pushes a box's group and labels."""
     payload = Membership(device_id=name, group=group, labels=labels or {}).model_dump_json().encode()
     return Topics(prefix, name, None).membership, payload
+
+
+def pushed_labels(options: BrokerOptions, name: str, wait_s: float = 1.0) -> dict[str, str]:
+    """The labels of the box's retained membership (none when there is none)."""
+    found: dict[str, str] = {}
+    subscribed, arrived = threading.Event(), threading.Event()
+
+    def on_message(_c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        with contextlib.suppress(ValidationError):
+            found.update(Membership.model_validate_json(msg.payload).labels if msg.payload else {})
+        arrived.set()
+
+    client = connect(options, name="edge-fleet-identity")
+    try:
+        client.on_message = on_message
+        client.on_subscribe = lambda *_a: subscribed.set()
+        client.subscribe(Topics(options.prefix, name, None).membership, qos=1)
+        # A retained message follows the SUBACK at once; no message within wait_s: there is none.
+        if subscribed.wait(DynSec.TIMEOUT_S):
+            arrived.wait(wait_s)
+    finally:
+        release(client)
+    return found
 
 
 def publish_retained(options: BrokerOptions, messages: list[tuple[str, bytes]]) -> None:

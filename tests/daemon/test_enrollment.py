@@ -138,6 +138,14 @@ def test_a_fresh_box_enrolls_from_a_claim_and_serves_its_group(
         what="status to show the claim's labels",
         timeout=15,
     )
+    # A move changes the group and keeps the claim's labels.
+    assert fleet_cli(["move", "box-z", "--group", "g2", *tls_broker.admin_flags()]) == 0
+    wait_until(
+        lambda: _status(tls_broker, capsys).get("box-z", {}).get("group") == "g2",
+        what="status to show box-z in g2",
+        timeout=15,
+    )
+    assert _status(tls_broker, capsys)["box-z"]["labels"] == {"site": "shop3"}
 
 
 def test_a_certificate_near_expiry_is_renewed_over_the_boxs_own_link_without_an_operator(
