@@ -199,10 +199,11 @@ def test_a_device_provisioned_and_moved_while_the_broker_runs(
         moved.workdir, moved.state_dir = agent.workdir, agent.state_dir
         moved.config.write_text(agent.config.read_text().replace('group = "g2"', 'group = "g3"'))
         moved.start()
-        # Logged as it connects, which may come after start() returns (the old agent's recent
-        # online status can satisfy start()'s wait): wait for the line, do not race it.
+        # Left by the running agent when the pushed membership reached it before it stopped, else
+        # by the restarted one as it connects (which may come after start() returns: the old
+        # agent's recent online status can satisfy start()'s wait): wait for the line.
         wait_until(
-            lambda: "leaving $share/g2/edge/groups/g2/jobs" in moved.log_text(),
+            lambda: "leaving $share/g2/edge/groups/g2/jobs" in agent.log_text() + moved.log_text(),
             what="the moved agent to leave g2's shared subscription",
         )
         fleet.device("box-m", group="g2")
