@@ -48,16 +48,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hf_export
+from harness import save_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
 NAME = "llama-650m-4l"
 SHAPE: dict[str, Any] = {
-    "hidden_size": 3072,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "intermediate_size": 8192,
-    "vocab_size": 32064,
+    **hf_export.PHI3_MINI_WIDTHS,
     "num_hidden_layers": 4,
     "max_position_embeddings": 8192,
 }
@@ -457,10 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             res["blocks"] = rows
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"prefill_bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"prefill_bench-{stamp}.md").write_text(text + "\n")
+    save_report(args.out, "prefill_bench", report, text)
     return 0
 
 
