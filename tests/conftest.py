@@ -56,12 +56,19 @@ def _own_fleet_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture()
 def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A fresh mosquitto on a free port, stopped after the test."""
-    from tests.support.broker import Broker
+    from tests.support.broker import Broker, running
 
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
+    yield from running(Broker(tmp_path / "broker"))
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    """One PostgreSQL cluster for the session; ``dsn()`` gives each test a new, empty database."""
+    from tests.support.postgres import Postgres
+
+    cluster = Postgres()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture()
@@ -148,7 +155,7 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     disk.close()
 
 
-_E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller"})
+_E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller", "postgres"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -7,6 +7,7 @@ eos, so a job runs exactly ``max_tokens`` tokens (long enough to be interrupted 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -54,6 +55,21 @@ class Fleet:
 
     def headers(self, role: str = "operator") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.server.tokens[role]}"}
+
+    @contextlib.contextmanager
+    def running_stream(self) -> Iterator[tuple[httpx.Response, Iterator[str]]]:
+        """A streamed chat of 4000 tokens whose first text came: the response and its lines left."""
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
+        url = f"{self.server.url}/v1/chat/completions"
+        with (
+            httpx.Client(timeout=60) as raw,
+            raw.stream("POST", url, json=body, headers=self.headers()) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            first = next(line for line in lines if line)
+            assert "content" in json.loads(first.removeprefix("data: "))["choices"][0]["delta"]  # it runs
+            yield response, lines
 
 
 def _fleet(broker, agents, tmp_path: Path, **settings: Any) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
@@ -211,18 +227,8 @@ def test_eight_concurrent_streams_all_complete(fleet: Fleet) -> None:
 def test_a_box_killed_mid_stream_ends_the_stream_with_an_error_and_the_next_goes_elsewhere(
     fleet: Fleet,
 ) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
-    with (
-        httpx.Client(timeout=60) as raw,
-        raw.stream(
-            "POST", f"{fleet.server.url}/v1/chat/completions", json=body, headers=fleet.headers()
-        ) as response,
-    ):
-        assert response.status_code == 200
+    with fleet.running_stream() as (response, lines):
         victim = response.headers["X-Edge-Device"]
-        lines = response.iter_lines()
-        first = next(line for line in lines if line)
-        assert "content" in json.loads(first.removeprefix("data: "))["choices"][0]["delta"]
         fleet.agents[victim].kill()  # kill -9, mid-stream
         rest = [line for line in lines if line]  # ends: no hang (the client's timeout is 60 s)
     assert rest[-1] == "data: [DONE]"
@@ -263,17 +269,8 @@ def test_a_box_that_refuses_passes_the_request_to_another(broker, agents, caller
 
 
 def test_a_client_that_disconnects_cancels_its_job_on_the_box(fleet: Fleet) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
-    with (
-        httpx.Client(timeout=60) as raw,
-        raw.stream(
-            "POST", f"{fleet.server.url}/v1/chat/completions", json=body, headers=fleet.headers()
-        ) as response,
-    ):
-        assert response.status_code == 200
+    with fleet.running_stream() as (response, _lines):
         box = fleet.agents[response.headers["X-Edge-Device"]]
-        first = next(line for line in response.iter_lines() if line)
-        assert "content" in json.loads(first.removeprefix("data: "))["choices"][0]["delta"]  # it runs
     # The client closed its connection mid-stream: the gateway cancels the job on its box.
     line = wait_until(
         lambda: next(

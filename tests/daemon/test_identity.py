@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 
 from edge_fleet.cli import main as fleet_cli
 from tests.daemon.test_security import Probe
+from tests.support.agent import run_doctor
 from tests.support.broker import Broker, mosquitto_binary, open_folder
 from tests.support.mqtt_client import Caller
 from tests.support.pki import Fleet, Identity
@@ -275,13 +275,7 @@ def test_a_renewed_certificate_keeps_the_agent_serving(
 
 
 def _doctor(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_doctor(config, timeout=180)
 
 
 def _login_line(proc: subprocess.CompletedProcess[str]) -> str:

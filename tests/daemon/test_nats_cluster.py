@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agent import AgentProcess
+from tests.support.broker import running
 from tests.support.models import fixture_path
 from tests.support.mqtt_client import Caller
 from tests.support.nats_cluster import NatsCluster
@@ -28,10 +29,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture()
 def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Three nats-server nodes on free ports, stopped after the test."""
-    nodes = NatsCluster(tmp_path / "nats")
-    nodes.start()
-    yield nodes
-    nodes.stop()
+    yield from running(NatsCluster(tmp_path / "nats"))
 
 
 def _fleet(node, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]

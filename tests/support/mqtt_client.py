@@ -164,6 +164,19 @@ class Caller:
                     raise AssertionError(f"no result for job {job_id} within {timeout} s")
                 self._cond.wait(left)
 
+    def settle(
+        self, topic: str, job_ids: list[str], timeout: float = 60.0
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Every result of ``job_ids`` once any duplicate of theirs would have come: after their
+        results, a marker job sent to ``topic`` is answered (the broker redelivers before it
+        delivers new messages, the agent takes jobs in order)."""
+        for job_id in job_ids:
+            self.wait_result(job_id, timeout=timeout)
+        marker = f"marker-{uuid.uuid4().hex[:8]}"
+        self.send(topic, {"id": marker, "prompt": "hi", "max_tokens": 1})
+        self.wait_result(marker, timeout=timeout)
+        return {job_id: self.results(job_id) for job_id in job_ids}
+
     def chunks(self, job_id: str) -> list[dict[str, Any]]:
         """Streamed chunks received for ``job_id``, in arrival order."""
         with self._cond:
