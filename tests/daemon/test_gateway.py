@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -30,6 +29,7 @@ from tests.support import http_clients
 from tests.support.fleet_server import FleetServer
 from tests.support.http_clients import close_clients_after_each_test  # noqa: F401 (an autouse fixture)
 from tests.support.models import fixture_path
+from tests.support.tools import tool
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -195,8 +195,7 @@ def test_ollama_client_chat(fleet: Fleet, caller) -> None:  # type: ignore[no-un
 
 
 def test_curl_sse_and_a_wrong_token(fleet: Fleet) -> None:
-    curl = shutil.which("curl")
-    assert curl, "curl is missing: apt-get install curl"
+    curl = tool("curl")
     body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "stream": True})
 
     def run(token: str) -> subprocess.CompletedProcess[str]:

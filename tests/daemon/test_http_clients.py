@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -30,6 +29,7 @@ from tests.support import http_clients
 from tests.support.agent import AgentProcess
 from tests.support.http_clients import close_clients_after_each_test  # noqa: F401 (an autouse fixture)
 from tests.support.models import fixture_path
+from tests.support.tools import tool
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -200,8 +200,7 @@ def test_ollama_client_chat_and_generate(box: Box, caller) -> None:  # type: ign
 
 
 def test_curl_sse(box: Box) -> None:
-    curl = shutil.which("curl")
-    assert curl, "curl is missing: apt-get install curl"
+    curl = tool("curl")
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "stream": True}
     proc = subprocess.run(
         [
