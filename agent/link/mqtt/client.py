@@ -42,6 +42,7 @@ from edge_contract.errors import LinkError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], None]
+RawClient = paho.Client
 
 #: A CONNACK, SUBACK or PUBACK takes milliseconds; 10 s covers a busy broker and a slow link.
 ANSWER_TIMEOUT_S = 10.0
@@ -107,13 +108,14 @@ class Client:
         reconnect_delay_s: float = 1.0,
         on_connect: Callable[[bool], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.client_id = client_id or f"{name}-{uuid.uuid4().hex[:12]}"
         self.mqtt5 = protocol == "5"
         self.where = "the broker"
         self._keep_session = keep_session
         self._session_expiry_s = session_expiry_s
-        self._on_connect, self._on_drop = on_connect, on_drop
+        self._on_connect, self._on_drop, self._on_refused = on_connect, on_drop, on_refused
         self.messages: queue.SimpleQueue[Message] = queue.SimpleQueue()  # those no route took
         self.connected = threading.Event()
         self._lock = threading.Lock()
@@ -223,24 +225,40 @@ class Client:
             self._routes.pop(topic_filter, None)
 
     def subscribe(
-        self, filters: str | Sequence[str], *, qos: int = 1, retain_as_published: bool = False
+        self,
+        filters: str | Sequence[str | tuple[str, int]],
+        *,
+        qos: int = 1,
+        retain_as_published: bool = False,
     ) -> Ack:
-        """SUBSCRIBE to ``filters``; ``Ack.wait`` gives one refusal (or None) per filter."""
-        topics = [filters] if isinstance(filters, str) else list(filters)
+        """SUBSCRIBE to ``filters`` (each at ``qos``, or at the QoS paired with it); ``Ack.wait`` gives
+        one refusal (or None) per filter."""
+        pairs = [
+            (f, qos) if isinstance(f, str) else f
+            for f in ([filters] if isinstance(filters, str) else filters)
+        ]
+        topics = [topic for topic, _qos in pairs]
         drops = self._drops
         if retain_as_published and self.mqtt5:
-            options = SubscribeOptions(qos=qos, retainAsPublished=True)
-            rc, mid = self._paho.subscribe([(t, options) for t in topics])
+            rap = [(t, SubscribeOptions(qos=q, retainAsPublished=True)) for t, q in pairs]
+            rc, mid = self._paho.subscribe(rap)
         else:
-            rc, mid = self._paho.subscribe([(t, qos) for t in topics])
+            rc, mid = self._paho.subscribe(pairs)
         return self._register(rc, mid, f"the SUBSCRIBE to {', '.join(topics)}", topics, None, drops)
 
     def subscribed(
-        self, filters: str | Sequence[str], *, timeout: float = ANSWER_TIMEOUT_S, **options: Any
+        self,
+        filters: str | Sequence[str | tuple[str, int]],
+        *,
+        timeout: float = ANSWER_TIMEOUT_S,
+        **options: Any,
     ) -> None:
         """SUBSCRIBE and wait: raises ``SubscribeRefused`` for the first filter refused."""
-        topics = [filters] if isinstance(filters, str) else list(filters)
-        for topic, refused in zip(topics, self.subscribe(topics, **options).wait(timeout), strict=False):
+        ack = self.subscribe(filters, **options)
+        topics = [
+            f if isinstance(f, str) else f[0] for f in ([filters] if isinstance(filters, str) else filters)
+        ]
+        for topic, refused in zip(topics, ack.wait(timeout), strict=False):
             if refused is not None:
                 raise SubscribeRefused(self.where, refused, topic)
 
@@ -325,6 +343,12 @@ class Client:
         for ack, _topics, _refusal in pending.values():
             ack._settle(ConnectionLost(self.where, reason))
 
+    @property
+    def raw(self) -> RawClient:
+        """The paho client underneath, for code not yet moved onto ``Client`` (``edge-fleet enroll``):
+        its answers reach ``on_refused`` only.  New code must not use it."""
+        return self._paho
+
     # -- paho's callbacks (network thread: hand over only) --------------------------------------
 
     def _handle_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
@@ -336,10 +360,10 @@ class Client:
             return
         self.connected.set()
         present = bool(flags.session_present)
+        if self._on_connect is not None:  # first: what it sends is under way when ``connect`` returns
+            self._on_connect(present)
         if not self._first.done():
             self._first.set_result(present)
-        if self._on_connect is not None:
-            self._on_connect(present)
 
     def _handle_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
@@ -367,7 +391,11 @@ class Client:
             found = self._pending.pop(mid, None)
             if found is None:
                 self._early[mid] = words
-                return
+        if found is None:
+            refused = next((w for w in words if w is not None), None)
+            if refused is not None and self._on_refused is not None:  # a packet sent through ``raw``
+                self._on_refused(refused)
+            return
         ack, topics, refusal = found
         ack._settle(_answer(self.where, words, topics, refusal))
 
@@ -378,3 +406,12 @@ def _answer(
     if refusal is PublishRefused and words and words[0] is not None:
         return PublishRefused(where, words[0], topics[0])
     return words
+
+
+def release_raw(client: RawClient) -> None:
+    """Close what ``Client.raw`` gave out: disconnect, stop the network thread, close the socket."""
+    client.disconnect()
+    client.loop_stop()
+    sock = client.socket()
+    if sock is not None:
+        sock.close()
