@@ -44,7 +44,7 @@ __all__ = ["BrokerOptions", "FleetError", "add_broker_args", "open_client", "opt
 
 
 class _Configurable(typing.Protocol):
-    """What ``BrokerOptions.configure`` sets up: a paho client (tests drive their own)."""
+    """What ``BrokerOptions.configure`` sets up: an MQTT client of the tests' own."""
 
     def tls_set_context(self, context: ssl.SSLContext) -> None: ...
     def username_pw_set(self, username: str, password: str | None) -> None: ...
@@ -142,7 +142,7 @@ class BrokerOptions:
             raise FleetError(exc.message) from exc
 
     def configure(self, client: _Configurable) -> None:
-        """Set TLS (or warn about plain TCP) and the login on an unconnected paho ``client``."""
+        """Set TLS (or warn about plain TCP) and the login on an unconnected ``client`` (tests' own)."""
         context = self.tls_context()
         if context is not None:
             client.tls_set_context(context)
@@ -263,7 +263,7 @@ def connect_client(options: BrokerOptions, client: Client, *, timeout: float = 1
 
 
 def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float = 10.0) -> RawClient:
-    """The paho client of ``open_client``, refusals said on stderr at once — only for `edge-fleet enroll`
+    """The raw client of ``open_client``, refusals said on stderr at once — only for `edge-fleet enroll`
     until it moves onto ``open_client``; delete then."""
 
     def say(reason: str) -> None:

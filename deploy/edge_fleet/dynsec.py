@@ -3,7 +3,7 @@
 Who may do what is held by the plugin (``dynamic-security.json`` on the broker)
 and changed while the broker runs by publishing commands to
 ``$CONTROL/dynamic-security/v1`` — what ``mosquitto_ctrl`` does, done here with
-paho so the operator's box needs no mosquitto-clients.
+the agent's MQTT link so the operator's box needs no mosquitto-clients.
 
 The rules, all checked by mosquitto at SUBSCRIBE time and again at delivery:
 

@@ -175,7 +175,7 @@ class Submitter:
                     str(refusal(self._broker, f"publishing job {request.id} to {topic}", exc.reason))
                 ) from exc
             except (NoAnswer, ConnectionLost):
-                pass  # paho sends it again once connected; the result's wait below bounds it
+                pass  # sent again once connected; the result's wait below bounds it
             seen: set[int] = set()
             end = time.monotonic() + timeout
             while True:

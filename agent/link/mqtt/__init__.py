@@ -9,7 +9,8 @@
 Paho's callbacks run on its network thread; here they only hand work over (queues, futures).
 """
 
-from agent.link.mqtt.client import ANSWER_TIMEOUT_S, Ack, Client
+from agent.link.mqtt.ack import ANSWER_TIMEOUT_S, Ack
+from agent.link.mqtt.client import Client
 from agent.link.mqtt.errors import (
     ClosedBeforeLogin,
     ConnectionLost,

@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as _Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.link.mqtt.ack import ANSWER_TIMEOUT_S, Ack, answer
 from agent.link.mqtt.errors import (
     ClosedBeforeLogin,
     ConnectionLost,
@@ -44,43 +45,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], None]
 RawClient = paho.Client
 
-#: A CONNACK, SUBACK or PUBACK takes milliseconds; 10 s covers a busy broker and a slow link.
-ANSWER_TIMEOUT_S = 10.0
 #: The longest wait between reconnections after repeated drops (paho doubles the wait up to it):
 #: a server that outlives a broker restart is back within a minute, without hammering it.
 _MAX_RECONNECT_S = 60.0
-
-
-class Ack:
-    """The broker's answer to one packet: a PUBACK (``[None]``, or raises ``PublishRefused``) or a
-    SUBACK/UNSUBACK (one entry per filter: None granted, else the refusal in words)."""
-
-    def __init__(self, where: str, what: str) -> None:
-        self._future: Future[list[str | None]] = Future()
-        self._where, self.what = where, what
-
-    def wait(self, timeout: float = ANSWER_TIMEOUT_S) -> list[str | None]:
-        """The answer; ``NoAnswer`` after ``timeout`` s, ``ConnectionLost`` when the connection dropped."""
-        try:
-            return self._future.result(timeout)
-        except FutureTimeout:
-            raise NoAnswer(self._where, self.what, timeout) from None
-
-    def done(self) -> bool:
-        """Whether the answer (or the error) is in."""
-        return self._future.done()
-
-    def then(self, callback: Callable[[Ack], None]) -> None:
-        """Call ``callback(self)`` once answered (at once if it is; else on paho's thread)."""
-        self._future.add_done_callback(lambda _f: callback(self))
-
-    def _settle(self, reasons: list[str | None] | LinkError) -> None:
-        if self._future.done():
-            return
-        if isinstance(reasons, LinkError):
-            self._future.set_exception(reasons)
-        else:
-            self._future.set_result(reasons)
 
 
 class Client:
@@ -323,7 +290,7 @@ class Client:
         ack = Ack(self.where, what)
         error = publish_error(self.where, topics[0], rc)
         if error is not None or mid is None:
-            ack._settle(error or ConnectionLost(self.where, "not connected"))
+            ack.settle(error or ConnectionLost(self.where, "not connected"))
             return ack
         with self._lock:
             early = self._early.pop(mid, None)
@@ -331,9 +298,9 @@ class Client:
             if early is None and not lost:
                 self._pending[mid] = (ack, topics, refusal)
         if lost:
-            ack._settle(ConnectionLost(self.where, "dropped"))
+            ack.settle(ConnectionLost(self.where, "dropped"))
         elif early is not None:
-            ack._settle(_answer(self.where, early, topics, refusal))
+            ack.settle(answer(self.where, early, topics, refusal))
         return ack
 
     def _fail_pending(self, reason: str) -> None:
@@ -341,7 +308,7 @@ class Client:
             self._drops += 1
             pending, self._pending = self._pending, {}
         for ack, _topics, _refusal in pending.values():
-            ack._settle(ConnectionLost(self.where, reason))
+            ack.settle(ConnectionLost(self.where, reason))
 
     @property
     def raw(self) -> RawClient:
@@ -397,15 +364,7 @@ class Client:
                 self._on_refused(refused)
             return
         ack, topics, refusal = found
-        ack._settle(_answer(self.where, words, topics, refusal))
-
-
-def _answer(
-    where: str, words: list[str | None], topics: list[str], refusal: type[LinkError] | None
-) -> list[str | None] | LinkError:
-    if refusal is PublishRefused and words and words[0] is not None:
-        return PublishRefused(where, words[0], topics[0])
-    return words
+        ack.settle(answer(self.where, words, topics, refusal))
 
 
 def release_raw(client: RawClient) -> None:
