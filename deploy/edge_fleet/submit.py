@@ -113,7 +113,7 @@ class Submitter:
                 if found and time.monotonic() - last[0] > 0.5:
                     break
             try:
-                refused = suback.wait(0.5 if suback.done() else wait)[0]
+                refused = suback.wait()[0]  # answered long before the retained messages ended
             except LinkError:
                 refused = None
             if refused is not None:  # not allowed to look: say nothing, refuse nothing

@@ -119,6 +119,28 @@ def test_a_drop_while_waiting_fails_the_ack_at_once() -> None:
         broker.close()
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_kept_session_under_3_1_1_connects_with_clean_session_off(keep: bool) -> None:
+    connects: list[bytes] = []
+
+    def answer(kind: int, body: bytes) -> bytes | None:
+        if kind != CONNECT:
+            return None
+        connects.append(body)
+        return b"\x20\x02\x01\x00"  # 3.1.1 CONNACK: session present, accepted
+
+    broker = FakeBroker(answer)
+    client = Client("box-1", protocol="3.1.1", keep_session=keep, session_expiry_s=60)
+    try:
+        assert client.connect("127.0.0.1", broker.port, timeout=5) is True
+    finally:
+        client.close()
+        broker.close()
+    flags = connects[0][7]  # after the protocol name (6 bytes) and level
+    assert connects[0][6] == 4, "MQTT 3.1.1"
+    assert bool(flags & 0x02) is not keep, "clean session off exactly when the session is kept"
+
+
 def test_socket_errors_become_link_errors() -> None:
     where = "the broker at b:1"
     unverified = ssl.SSLCertVerificationError(1, "certificate verify failed")

@@ -50,6 +50,11 @@ RawClient = paho.Client
 _MAX_RECONNECT_S = 60.0
 
 
+#: Answers kept for packet ids not registered yet: one is registered microseconds after paho
+#: sent it, so a few hundred cover any burst; older ones answer packets sent through ``raw``.
+_EARLY_KEPT = 256
+
+
 class Client:
     """One MQTT connection (5, or 3.1.1 for brokers without it); see the module.
 
@@ -120,14 +125,11 @@ class Client:
 
         Raises ``Unreachable``/``TLSFailed`` (the socket), ``LoginRefused``, ``ClosedBeforeLogin``
         or ``NoAnswer``; the client is closed then."""
-        self.where = f"the broker at {host}:{port}"
         try:
-            self._paho.connect(
-                host, port, keepalive, clean_start=self._clean_start(), properties=self._props()
-            )
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._dial(host, port, keepalive, background=False)
+        except LinkError:
             self.close()
-            raise socket_error(self.where, exc) from exc
+            raise
         self._paho.loop_start()
         try:
             return self._first.result(timeout)
@@ -140,13 +142,7 @@ class Client:
 
     def start(self, host: str, port: int, *, keepalive: int = 60) -> None:
         """Connect in the background, again after every drop, until ``close`` (``connected`` says when)."""
-        self.where = f"the broker at {host}:{port}"
-        try:
-            self._paho.connect_async(
-                host, port, keepalive, clean_start=self._clean_start(), properties=self._props()
-            )
-        except (OSError, ValueError) as exc:
-            raise socket_error(self.where, exc) from exc
+        self._dial(host, port, keepalive, background=True)
         self._paho.loop_start()
 
     def close(self, *, end_session: bool = False) -> None:
@@ -169,8 +165,21 @@ class Client:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def _dial(self, host: str, port: int, keepalive: int, *, background: bool) -> None:
+        """paho's connect (TCP and TLS now) or connect_async (on the network thread), errors translated."""
+        self.where = f"the broker at {host}:{port}"
+        how = self._paho.connect_async if background else self._paho.connect
+        try:
+            how(host, port, keepalive, clean_start=self._clean_start(), properties=self._props())
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise socket_error(self.where, exc) from exc
+
     def _clean_start(self) -> bool | Literal[3]:
-        return False if self._keep_session else paho.MQTT_CLEAN_START_FIRST_ONLY
+        # Under 3.1.1 the session is kept by clean_session (set at construction); paho refuses any
+        # other clean_start there.
+        if self._keep_session and self.mqtt5:
+            return False
+        return paho.MQTT_CLEAN_START_FIRST_ONLY
 
     def _props(self) -> Any:
         if not self.mqtt5 or self._session_expiry_s is None:
@@ -358,6 +367,8 @@ class Client:
             found = self._pending.pop(mid, None)
             if found is None:
                 self._early[mid] = words
+                if len(self._early) > _EARLY_KEPT:  # answers to ``raw`` packets nobody awaits
+                    del self._early[next(iter(self._early))]
         if found is None:
             refused = next((w for w in words if w is not None), None)
             if refused is not None and self._on_refused is not None:  # a packet sent through ``raw``

@@ -48,13 +48,7 @@ class SelectorLoop:
 
     def connect(self, client: Client, host: str, port: int, *, keepalive: int = 60) -> None:
         """Open the connection (``poll`` completes the handshake); raises ``Unreachable``/``TLSFailed``."""
-        client.where = f"the broker at {host}:{port}"
-        try:
-            client._paho.connect(
-                host, port, keepalive, clean_start=client._clean_start(), properties=client._props()
-            )
-        except (OSError, ValueError) as exc:
-            raise socket_error(client.where, exc) from exc
+        client._dial(host, port, keepalive, background=False)
 
     def reconnect(self, client: Client) -> None:
         """Open the connection again, after a drop; raises as ``connect``."""
