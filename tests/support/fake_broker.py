@@ -37,6 +37,12 @@ def puback(body: bytes, reason: int) -> bytes:
     return bytes([0x40, 0x04]) + packet_id(0x3, body) + bytes([reason, 0x00])
 
 
+def publish(topic: str, payload: bytes) -> bytes:
+    """A QoS 0 PUBLISH of ``payload`` on ``topic`` (MQTT 5, no properties)."""
+    rest = len(topic).to_bytes(2, "big") + topic.encode() + b"\x00" + payload
+    return bytes([0x30, len(rest)]) + rest
+
+
 class FakeBroker:
     """Accepts one connection and answers every packet (kind = the high nibble) through ``script``."""
 

@@ -3,6 +3,7 @@ nothing) comes out as one ``LinkError`` naming it — never a paho return code o
 
 from __future__ import annotations
 
+import queue
 import socket
 import ssl
 
@@ -15,6 +16,7 @@ from agent.link.mqtt import (
     ClosedBeforeLogin,
     ConnectionLost,
     LoginRefused,
+    Message,
     NoAnswer,
     PublishRefused,
     SubscribeRefused,
@@ -23,7 +25,7 @@ from agent.link.mqtt import (
 )
 from agent.link.mqtt.errors import failure, socket_error
 from edge_contract.errors import LinkError
-from tests.support.fake_broker import CONNACK_OK, FakeBroker, connack, puback, suback
+from tests.support.fake_broker import CONNACK_OK, FakeBroker, connack, puback, publish, suback
 
 CONNECT, PUBLISH, SUBSCRIBE = 0x1, 0x3, 0x8
 
@@ -104,6 +106,27 @@ def test_a_refused_puback_raises_and_an_accepted_one_returns() -> None:
         with pytest.raises(PublishRefused) as caught:
             client.publish("no/x", b"1").wait(5)
         assert (caught.value.topic, caught.value.reason) == ("no/x", "Not authorized")
+    finally:
+        client.close()
+        broker.close()
+
+
+def test_a_routed_filter_goes_to_its_handler_and_the_rest_to_the_queue() -> None:
+    def answer(kind: int, body: bytes) -> bytes | None:
+        if kind == CONNECT:
+            return CONNACK_OK
+        if kind == SUBSCRIBE:
+            return suback(body, 0x00) + publish("jobs/1", b"routed") + publish("other", b"queued")
+        return None
+
+    broker, client = _connected(answer)
+    routed: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    try:
+        client.route("jobs/+", routed.put)
+        client.subscribed("#", timeout=5)
+        assert client.messages.get(timeout=5).payload == b"queued"
+        assert routed.get(timeout=5).payload == b"routed"
+        assert client.messages.empty(), "a routed message is not queued too"
     finally:
         client.close()
         broker.close()
