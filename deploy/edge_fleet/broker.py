@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.link.mqtt import (
+    ANSWER_TIMEOUT_S,
     Client,
     ClosedBeforeLogin,
     LoginRefused,
@@ -244,7 +245,11 @@ def options_from(args: argparse.Namespace) -> BrokerOptions:
 
 
 def open_client(
-    options: BrokerOptions, *, name: str = "edge-fleet", timeout: float = 10.0, **client_options: Any
+    options: BrokerOptions,
+    *,
+    name: str = "edge-fleet",
+    timeout: float = ANSWER_TIMEOUT_S,
+    **client_options: Any,
 ) -> Client:
     """A connected ``Client``; a failure raises ``FleetError`` naming the fix."""
     client = options.client(name, **client_options)
@@ -252,7 +257,7 @@ def open_client(
     return client
 
 
-def connect_client(options: BrokerOptions, client: Client, *, timeout: float = 10.0) -> bool:
+def connect_client(options: BrokerOptions, client: Client, *, timeout: float = ANSWER_TIMEOUT_S) -> bool:
     """Connect ``client`` (made by ``options.client``) to the broker of ``options``; returns whether the
     broker kept a session.  A failure raises ``FleetError`` naming the fix."""
     host, port = options.address
@@ -262,7 +267,9 @@ def connect_client(options: BrokerOptions, client: Client, *, timeout: float = 1
         raise connection_error(options, exc) from exc
 
 
-def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float = 10.0) -> RawClient:
+def connect(
+    options: BrokerOptions, *, name: str = "edge-fleet", timeout: float = ANSWER_TIMEOUT_S
+) -> RawClient:
     """The raw client of ``open_client``, refusals said on stderr at once — only for `edge-fleet enroll`
     until it moves onto ``open_client``; delete then."""
 

@@ -169,7 +169,7 @@ class SimulatedDevice:
     def connect(self) -> None:
         """Open the connection (the loop completes the handshake)."""
         host, port = self.sim.options.address
-        self.sim.loop.connect(self.client, host, port, keepalive=60)
+        self.sim.loop.connect(self.client, host, port)
 
     def disconnect(self) -> None:
         """Leave cleanly: the retained status says offline."""

@@ -53,6 +53,9 @@ _MAX_RECONNECT_S = 60.0
 #: Answers kept for packet ids not registered yet: one is registered microseconds after paho
 #: sent it, so a few hundred cover any burst; older ones answer packets sent through ``raw``.
 _EARLY_KEPT = 256
+#: Seconds between pings on an idle connection (paho's default): a tool's connection lives seconds
+#: to minutes, and a broker gone silent is noticed within 1.5 times this.
+KEEPALIVE_S = 60
 
 
 class Client:
@@ -119,7 +122,7 @@ class Client:
     # -- connection ----------------------------------------------------------------------------
 
     def connect(
-        self, host: str, port: int, *, keepalive: int = 60, timeout: float = ANSWER_TIMEOUT_S
+        self, host: str, port: int, *, keepalive: int = KEEPALIVE_S, timeout: float = ANSWER_TIMEOUT_S
     ) -> bool:
         """Connect and wait for the CONNACK; returns whether the broker kept a session.
 
@@ -140,7 +143,7 @@ class Client:
             self.close()
             raise
 
-    def start(self, host: str, port: int, *, keepalive: int = 60) -> None:
+    def start(self, host: str, port: int, *, keepalive: int = KEEPALIVE_S) -> None:
         """Connect in the background, again after every drop, until ``close`` (``connected`` says when)."""
         self._dial(host, port, keepalive, background=True)
         self._paho.loop_start()

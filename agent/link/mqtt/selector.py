@@ -12,7 +12,7 @@ import contextlib
 import selectors
 from typing import Any
 
-from agent.link.mqtt.client import Client
+from agent.link.mqtt.client import KEEPALIVE_S, Client
 from agent.link.mqtt.errors import socket_error
 from agent.link.mqtt.messages import no_delay
 
@@ -46,7 +46,7 @@ class SelectorLoop:
         raw.on_socket_register_write, raw.on_socket_unregister_write = want_write, wrote
         self.clients.append(client)
 
-    def connect(self, client: Client, host: str, port: int, *, keepalive: int = 60) -> None:
+    def connect(self, client: Client, host: str, port: int, *, keepalive: int = KEEPALIVE_S) -> None:
         """Open the connection (``poll`` completes the handshake); raises ``Unreachable``/``TLSFailed``."""
         client._dial(host, port, keepalive, background=False)
 
