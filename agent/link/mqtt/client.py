@@ -212,10 +212,7 @@ class Client:
     ) -> Ack:
         """SUBSCRIBE to ``filters`` (each at ``qos``, or at the QoS paired with it); ``Ack.wait`` gives
         one refusal (or None) per filter."""
-        pairs = [
-            (f, qos) if isinstance(f, str) else f
-            for f in ([filters] if isinstance(filters, str) else filters)
-        ]
+        pairs = _pairs(filters, qos)
         topics = [topic for topic, _qos in pairs]
         drops = self._drops
         if retain_as_published and self.mqtt5:
@@ -234,9 +231,7 @@ class Client:
     ) -> None:
         """SUBSCRIBE and wait: raises ``SubscribeRefused`` for the first filter refused."""
         ack = self.subscribe(filters, **options)
-        topics = [
-            f if isinstance(f, str) else f[0] for f in ([filters] if isinstance(filters, str) else filters)
-        ]
+        topics = [topic for topic, _qos in _pairs(filters, 1)]
         for topic, refused in zip(topics, ack.wait(timeout), strict=False):
             if refused is not None:
                 raise SubscribeRefused(self.where, refused, topic)
@@ -300,7 +295,9 @@ class Client:
         drops: int,
     ) -> Ack:
         ack = Ack(self.where, what)
-        error = publish_error(self.where, topics[0], rc)
+        error: LinkError | None = publish_error(self.where, topics[0], rc)
+        if isinstance(error, PublishRefused) and refusal is None:  # not a PUBLISH: say what it was
+            error = LinkError(f"{what} failed: {error.reason}")
         if error is not None or mid is None:
             ack.settle(error or ConnectionLost(self.where, "not connected"))
             return ack
@@ -388,3 +385,10 @@ def release_raw(client: RawClient) -> None:
     sock = client.socket()
     if sock is not None:
         sock.close()
+
+
+def _pairs(filters: str | Sequence[str | tuple[str, int]], qos: int) -> list[tuple[str, int]]:
+    """``filters`` as (filter, QoS) pairs, ``qos`` where none is given."""
+    return [
+        (f, qos) if isinstance(f, str) else f for f in ([filters] if isinstance(filters, str) else filters)
+    ]
