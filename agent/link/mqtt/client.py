@@ -258,16 +258,20 @@ class Client:
         """PUBLISH; ``Ack.wait`` returns once the broker took it (QoS 1) or it was sent (QoS 0), and
         raises ``PublishRefused`` when the broker refused it.  MQTT 5 properties are dropped under 3.1.1."""
         props = None
-        if self.mqtt5:
-            props = _Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        given = [
+            (name, value)
             for name, value in (
                 ("ResponseTopic", response_topic),
                 ("CorrelationData", correlation),
                 ("MessageExpiryInterval", expiry_s),
                 *extra,
-            ):
-                if value is not None:
-                    setattr(props, name, value)
+            )
+            if value is not None
+        ]
+        if given and self.mqtt5:  # none given: no Properties to build and pack for each message
+            props = _Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            for name, value in given:
+                setattr(props, name, value)
         drops = self._drops
         info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
         return self._register(info.rc, info.mid, f"the PUBLISH to {topic}", [topic], PublishRefused, drops)
