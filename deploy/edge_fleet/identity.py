@@ -32,8 +32,8 @@ from agent.link.tls import certificate_expiry
 from edge_contract.names import TLS_PORT as DEVICE_PORT
 from edge_contract.protocol import Membership, Status, Topics
 
-from . import pki
-from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, parse_address, release
+from . import broker, pki
+from .broker import BrokerOptions, FleetError, add_broker_args, open_client, options_from, parse_address
 from .dynsec import ADMIN_ROLE, DynSec
 from .inventory import record_certificate_file
 from .sessions import Settled, settle
@@ -200,15 +200,8 @@ def publish_membership(options: BrokerOptions, name: str, group: str | None) -> 
 
 def publish_retained(options: BrokerOptions, messages: list[tuple[str, bytes]]) -> None:
     """Publish retained ``(topic, payload)`` pairs on the operators' listener, each acknowledged."""
-    client = connect(options, name="edge-fleet-identity")
-    try:
-        for topic, payload in messages:
-            info = client.publish(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(DynSec.TIMEOUT_S)
-            if not info.is_published():
-                raise FleetError(f"the broker did not acknowledge the retained message on {topic}")
-    finally:
-        release(client)
+    with open_client(options, name="edge-fleet-identity") as client:
+        broker.publish_retained(client, messages, timeout=DynSec.TIMEOUT_S)
 
 
 def identities_command(args: argparse.Namespace) -> int:
