@@ -8,7 +8,12 @@ Anonymous memory is what the box must hold; file-backed pages (a memory-mapped
 model) the kernel can drop and read again.
 
     python bench/memory_bench.py --layers 2 4 --variant default \
-        --variant no-prepack:prepack_weights=false --prompt 512 --new 32
+        --variant no-prepack:prepack_weights=false --prompt 512 --new 32 \
+        --variant on-disk:prepacked_dir=bench/models/prepacked
+
+``prepacked_dir``: the engine maps its weights repacked for this CPU from there
+(``agent.engine.prepacked``); the first run makes the copy (its load is then the
+repacking and the writing), the next ones map it.
 
 Models are Phi-3-mini-shaped (full widths) with a few layers (``memory_models``);
 the report fits ``a + b * layers`` through the layer counts measured and
@@ -72,7 +77,8 @@ def child(model: Path, options: dict[str, Any], prompt: int, new: int) -> None:
     tokenizer = Tokenizer(folder)
     mark("tokenizer")
     started = time.perf_counter()
-    engine = Engine(model, EngineOptions(**options))
+    prepacked = options.pop("prepacked_dir", None)  # the repacked copy's root (agent.engine.prepacked)
+    engine = Engine(model, EngineOptions(**options), prepacked_dir=prepacked)
     mark("load", seconds=time.perf_counter() - started)
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(7, engine._io.vocab, size=prompt)]
