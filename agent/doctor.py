@@ -207,7 +207,9 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
         budgets = fit(shape, config.engine, (available - margin) * _MiB)
     except MemoryFitError as exc:
         return Check(name="memory", status="fail", detail=f"{exc.message} ({available} MiB available)"), False
-    peak = estimate(shape, budgets, weights_mapped=weights_on_disk(config.engine))
+    peak = estimate(
+        shape, budgets, weights_mapped=budgets.prepacked_on_disk and config.engine.prepack_weights
+    )
     detail = (
         f"model expects peak {peak.describe()} at a {budgets.context_tokens}-token context, "
         f"prefix cache {budgets.prefix_cache_mb} MiB; {available} MiB available"

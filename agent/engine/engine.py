@@ -158,17 +158,18 @@ class Engine:
         graph = self._graph_path()
         if graph != self.folder.onnx_path:
             try:
-                return self._session(graph)
+                return self._session(graph, optimized=True)
             except ModelFileError as exc:
                 log.warning("%s; removing that copy and serving the model's own graph", exc.message)
                 shutil.rmtree(graph.parent, ignore_errors=True)
         return self._session(self.folder.onnx_path)
 
-    def _session(self, graph: Path) -> ort.InferenceSession:
+    def _session(self, graph: Path, *, optimized: bool = False) -> ort.InferenceSession:
+        so = self._session_options()
+        if optimized:  # the repacked copy was saved optimized (with these options): not again
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(
-                str(graph), sess_options=self._session_options(), providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(str(graph), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises untyped errors for bad files
             raise ModelFileError(graph, f"onnxruntime cannot load it: {exc}") from exc
 

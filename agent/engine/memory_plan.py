@@ -88,6 +88,9 @@ class Budgets(BaseModel):
     max_batch: int = Field(ge=1, description="Sequences decoded together.")
     prefix_cache_mb: int = Field(ge=0, description="The prefix cache's memory budget, MiB.")
     prefill_chunk_tokens: int = Field(ge=2, description="Longest prefill pass.")
+    prepacked_on_disk: bool = Field(
+        True, description="Map the weights from their repacked copy on disk (agent.engine.prepacked)."
+    )
 
 
 class PeakEstimate(BaseModel):
@@ -206,17 +209,27 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
     def need(budgets: Budgets) -> PeakEstimate:
         return estimate(shape, budgets, weights_mapped=mapped)
 
+    def budgets(ctx: int, mb: int, rows: int) -> Budgets:
+        return Budgets(
+            context_tokens=ctx,
+            max_batch=batch,
+            prefix_cache_mb=mb,
+            prefill_chunk_tokens=rows,
+            prepacked_on_disk=options.prepacked_on_disk and mapped,
+        )
+
     batch = options.max_batch
     chunk = options.prefill_chunk_tokens
     model_ctx = shape.context_length
     context = min(options.context_tokens, model_ctx) if options.context_tokens else None
     prefix_mb = options.prefix_cache_mb if "prefix_cache_mb" in chosen else None
 
-    def budgets(ctx: int, mb: int, rows: int) -> Budgets:
-        return Budgets(context_tokens=ctx, max_batch=batch, prefix_cache_mb=mb, prefill_chunk_tokens=rows)
-
     smallest = budgets(min(MIN_CONTEXT, model_ctx), 0, min(chunk, CHUNK_CHOICES[-1]))
     peak = need(smallest)
+    if peak.needed <= memory_bytes < peak.first_load and "prepacked_on_disk" not in chosen:
+        # Making the copy does not fit where serving does: repack in memory at every load instead.
+        mapped = False
+        peak = need(smallest)
     if peak.needed <= memory_bytes < peak.first_load:
         raise MemoryFitError(
             f"engine.prepacked_on_disk: making the repacked copy of the weights at the first start needs "
@@ -275,9 +288,10 @@ def sized_options(
             "context_tokens": chosen.context_tokens,
             "prefix_cache_mb": chosen.prefix_cache_mb,
             "prefill_chunk_tokens": chosen.prefill_chunk_tokens,
+            "prepacked_on_disk": chosen.prepacked_on_disk,
         }
     )
-    return sized, estimate(shape, chosen, weights_mapped=weights_on_disk(options))
+    return sized, estimate(shape, chosen, weights_mapped=weights_on_disk(sized))
 
 
 def release_need(memory_bytes: int, kv_bytes_per_token: int | None, options: EngineOptions) -> int:
