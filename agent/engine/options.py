@@ -91,7 +91,7 @@ class EngineOptions(_Section):
         True,
         description=(
             "Keep the repacked weights in a file made for this CPU at the first start "
-            "(state_dir/prepacked, about 2.2x the model's size on disk) and memory-map it at load: "
+            "(state_dir/prepacked, about twice the model's size on disk) and memory-map it at load: "
             "the weights become file-backed pages instead of anonymous memory and later loads skip "
             "the repacking. false: repack in memory at every load."
         ),
