@@ -110,3 +110,18 @@ def test_copies_of_removed_models_and_torn_writes_are_removed(model: Path, tmp_p
     prepacked.remove_orphans(root)
     assert not _copy_of(root, other).exists() and not torn.exists()
     assert prepacked.read_manifest(_copy_of(root, model)) is not None  # the live model's stays
+
+
+def test_a_disk_without_room_for_the_copy_is_left_alone(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "prepacked"
+    real = shutil.disk_usage
+    monkeypatch.setattr(prepacked.shutil, "disk_usage", lambda path: real(path)._replace(free=100 << 20))
+    with caplog.at_level(logging.WARNING):
+        Engine(model, prepacked_dir=root)
+    assert "MiB free and the copy needs" in caplog.text
+    assert not _copy_of(root, model).exists()
+    monkeypatch.setattr(prepacked.shutil, "disk_usage", real)  # positive control: room again
+    Engine(model, prepacked_dir=root)
+    assert prepacked.read_manifest(_copy_of(root, model)) is not None
