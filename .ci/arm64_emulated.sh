@@ -54,6 +54,8 @@ EMULATED_TESTS=(
   # The prefix cache rests on the same rounding rule: a hit must give the cold run's tokens.
   tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens
   tests/integration/test_prefix_cache.py::test_chunk_size_does_not_change_tokens
+  # The weights repacked for Arm's kernels, saved and mapped, give the in-memory session's tokens.
+  tests/integration/test_prepacked.py::test_the_mapped_copy_gives_the_same_tokens
 )
 # Run by the host's pytest, starting the emulated CLI and daemon through
 # EDGE_AGENT_TEST_PYTHON: qemu-user can deadlock when an emulated process with

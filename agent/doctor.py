@@ -33,7 +33,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
-from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, fit, model_shape
+from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, fit, model_shape, weights_on_disk
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
 from agent.link.presence import read_link, running_agent
@@ -198,7 +198,7 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
             prefix_cache_mb=0,
             prefill_chunk_tokens=config.engine.prefill_chunk_tokens,
         )
-        peak = estimate(shape, smallest)
+        peak = estimate(shape, smallest, weights_mapped=weights_on_disk(config.engine))
         return Check(
             name="memory", status="warn", detail=f"model expects {peak.describe()}; available memory unknown"
         ), True
@@ -207,7 +207,9 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
         budgets = fit(shape, config.engine, (available - margin) * _MiB)
     except MemoryFitError as exc:
         return Check(name="memory", status="fail", detail=f"{exc.message} ({available} MiB available)"), False
-    peak = estimate(shape, budgets)
+    peak = estimate(
+        shape, budgets, weights_mapped=budgets.prepacked_on_disk and config.engine.prepack_weights
+    )
     detail = (
         f"model expects peak {peak.describe()} at a {budgets.context_tokens}-token context, "
         f"prefix cache {budgets.prefix_cache_mb} MiB; {available} MiB available"

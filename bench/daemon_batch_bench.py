@@ -17,15 +17,14 @@ import argparse
 import json
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from daemon_bench import REPO, AgentProcess, Broker, Collector, _pct
+from daemon_bench import AgentProcess, Broker, Collector
+from harness import REPO
+from harness import pct as _pct
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -55,8 +54,7 @@ def copy_prompts(count: int) -> tuple[str, ...]:
     """Prompts of copy-task jobs, each after ``<s>`` as the copy model was trained."""
     import random
 
-    sys.path.append(str(REPO))
-    from models.copy_task import job
+    from models.copy_task import job  # the repository is on sys.path (harness)
 
     rng = random.Random(11)
     return tuple("<s>" + job(rng)[0] for _ in range(count))

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,16 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from harness import REPO, machine
+from harness import pct as _pct
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from agent.link.mqtt import no_delay  # noqa: E402
-from tests.support.agent import AgentProcess  # noqa: E402  (the same process harness the tests use)
-from tests.support.broker import Broker  # noqa: E402
+from agent.link.mqtt import no_delay
+from tests.support.agent import AgentProcess  # the same process harness the tests use
+from tests.support.broker import Broker
 
 
 class Collector:
@@ -87,10 +84,6 @@ class Collector:
                     )
 
 
-def _pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
@@ -135,18 +128,8 @@ def main() -> int:
             agent.stop()
             broker.stop()
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     per_job_ms = wall / args.drain * 1e3
-    print(
-        f"Machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}; model {args.model.name}; mosquitto on loopback.\n"
-    )
+    print(f"Machine: {machine()}; model {args.model.name}; mosquitto on loopback.\n")
     print("| measure | value |\n|---|---:|")
     print(f"| first chunk - publish - prefill, p50 ({len(overheads)} jobs) | {_pct(overheads, 50):.2f} ms |")
     print(f"| same, p95 | {_pct(overheads, 95):.2f} ms |")

@@ -35,17 +35,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hf_export
+from harness import save_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
 RUNNERS: tuple[str, ...] = ("engine", "genai", "bare")
 EXTRA_RUNNERS: tuple[str, ...] = ("engine-nospin", "genai-defaults")  # for investigations
 SHAPE: dict[str, Any] = {
-    "hidden_size": 3072,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "intermediate_size": 8192,
-    "vocab_size": 32064,
+    **hf_export.PHI3_MINI_WIDTHS,
     "num_hidden_layers": 4,
     "max_position_embeddings": 4096,
 }
@@ -459,10 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {"machine": machine(), "config": config | {"model": SHAPE}, "results": results, "note": NOTE}
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"engine_bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"engine_bench-{stamp}.md").write_text(text + "\n")
+    save_report(args.out, "engine_bench", report, text)
     return 0
 
 

@@ -28,8 +28,6 @@ import collections
 import http.client
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,24 +37,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+from daemon_bench import Collector
+from harness import MESSAGES, REPO, Sample, at_once, machine
+from harness import pct_ms as _pct
+from http_bench import read_stream
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from tests.support.agent import AgentProcess
+from tests.support.broker import Broker
+from tests.support.fleet_server import FleetServer
+from tests.support.wait import wait_until
 
-from daemon_bench import Collector  # noqa: E402
-from http_bench import read_stream  # noqa: E402
-
-from tests.support.agent import AgentProcess  # noqa: E402
-from tests.support.broker import Broker  # noqa: E402
-from tests.support.fleet_server import FleetServer  # noqa: E402
-from tests.support.wait import wait_until  # noqa: E402
-
-MESSAGES = [
-    {"role": "system", "content": "You are the till's assistant."},
-    {"role": "user", "content": "Is the device hot?"},
-]
-Sample = tuple[float, float]  # (latency, time to first token), seconds
 _rounds = iter(range(1 << 30))
 
 
@@ -90,20 +80,7 @@ def _gateway_one(port: int, token: str, model: str, max_tokens: int) -> Sample:
 
 
 def _gateway(port: int, token: str, model: str, concurrency: int, max_tokens: int) -> list[Sample]:
-    samples: list[Sample] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        sample = _gateway_one(port, token, model, max_tokens)
-        with lock:
-            samples.append(sample)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return samples
+    return at_once(lambda: _gateway_one(port, token, model, max_tokens), concurrency)
 
 
 def _throughput(
@@ -146,10 +123,6 @@ def _throughput(
     if failures:
         raise SystemExit(f"{len(failures)} requests failed, e.g. {failures[0]}")
     return requests / elapsed, latencies, boxes
-
-
-def _pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1e3
 
 
 def main() -> int:
@@ -221,13 +194,8 @@ def main() -> int:
             agent.stop()
             broker.stop()
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
     print(
-        f"Machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}; model {model.name}, "
+        f"Machine: {machine()}; model {model.name}, "
         f"{args.max_tokens} new tokens at most, greedy, streamed; {args.requests} requests per row.\n"
     )
     print("| mode | streams | p50 ms | p95 ms | TTFT p50 ms | TTFT p95 ms | p50 added | TTFT p50 added |")

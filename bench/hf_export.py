@@ -18,6 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: Phi-3-mini's widths (3.8B at 32 layers): the benches' checkpoints take them and choose a depth.
+PHI3_MINI_WIDTHS: dict[str, Any] = {
+    "hidden_size": 3072,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 8192,
+    "vocab_size": 32064,
+}
+
 # The fixture tokenizer is a byte-level BPE unknown to the converter: say its pre-tokenization
 # is GPT-2's, and let Phi-3 (whose converter wants a sentencepiece model) take the BPE path.
 _CONVERT_SHIM = (

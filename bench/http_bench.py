@@ -29,33 +29,20 @@ import argparse
 import gc
 import http.client
 import json
-import os
-import platform
-import statistics
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from daemon_bench import Collector
+from harness import MESSAGES, REPO, Sample, at_once, machine
+from harness import pct_ms as _pct
 
-from daemon_bench import Collector  # noqa: E402
-
-from agent.engine.engine import Engine  # noqa: E402
-from edge_contract.params import SamplingParams  # noqa: E402
-from tests.support.agent import AgentProcess  # noqa: E402
-from tests.support.broker import Broker  # noqa: E402
-
-MESSAGES = [
-    {"role": "system", "content": "You are the till's assistant."},
-    {"role": "user", "content": "Is the device hot?"},
-]
-
-Sample = tuple[float, float]  # (latency, time to first token), seconds
+from agent.engine.engine import Engine
+from edge_contract.params import SamplingParams
+from tests.support.agent import AgentProcess
+from tests.support.broker import Broker
 
 
 def _engine(engine: Engine, rounds: int, concurrency: int, max_tokens: int) -> list[Sample]:
@@ -130,19 +117,8 @@ def read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPResp
 
 def _http(port: int, model: str, rounds: int, concurrency: int, max_tokens: int) -> list[Sample]:
     samples: list[Sample] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        sample = _http_one(port, model, max_tokens)
-        with lock:
-            samples.append(sample)
-
     for _round in range(rounds):
-        threads = [threading.Thread(target=client) for _ in range(concurrency)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        samples += at_once(lambda: _http_one(port, model, max_tokens), concurrency)
     return samples
 
 
@@ -207,10 +183,6 @@ def _transport(max_tokens: int, requests: int) -> dict[bool, list[float]]:
     return times
 
 
-def _pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1e3
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
@@ -256,16 +228,8 @@ def main() -> int:
             agent.stop()
             broker.stop()
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     print(
-        f"Machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}; model {model.name}, "
+        f"Machine: {machine()}; model {model.name}, "
         f"{args.max_tokens} new tokens at most, greedy, streamed; {args.requests} requests per row.\n"
     )
     print("| mode | streams | p50 ms | p95 ms | TTFT p50 ms | TTFT p95 ms | p50 added over engine |")

@@ -15,23 +15,17 @@ kernels' speed (``prefill_bench.py`` measures those).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from daemon_bench import Collector
+from harness import REPO, machine
 
-from daemon_bench import Collector  # noqa: E402
-
-from tests.support.agent import AgentProcess  # noqa: E402
-from tests.support.broker import Broker  # noqa: E402
+from tests.support.agent import AgentProcess
+from tests.support.broker import Broker
 
 WORDS = [
     "pump",
@@ -99,16 +93,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="jobmix-bench-") as tmp:
         on = run(args.model, 256, jobs, Path(tmp))
         off = run(args.model, 0, jobs, Path(tmp))
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
     print(
-        f"Machine: {cpu}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} (shared); model "
+        f"Machine: {machine()} (shared); model "
         f"{args.model.name}; {len(jobs)} jobs = {args.instructions} instructions x {args.inputs} inputs, "
         f"max_tokens 8, one at a time.\n"
     )

@@ -8,7 +8,12 @@ Anonymous memory is what the box must hold; file-backed pages (a memory-mapped
 model) the kernel can drop and read again.
 
     python bench/memory_bench.py --layers 2 4 --variant default \
-        --variant no-prepack:prepack_weights=false --prompt 512 --new 32
+        --variant no-prepack:prepack_weights=false --prompt 512 --new 32 \
+        --variant on-disk:prepacked_dir=bench/models/prepacked
+
+``prepacked_dir``: the engine maps its weights repacked for this CPU from there
+(``agent.engine.prepacked``); the first run makes the copy (its load is then the
+repacking and the writing), the next ones map it.
 
 Models are Phi-3-mini-shaped (full widths) with a few layers (``memory_models``);
 the report fits ``a + b * layers`` through the layer counts measured and
@@ -72,7 +77,8 @@ def child(model: Path, options: dict[str, Any], prompt: int, new: int) -> None:
     tokenizer = Tokenizer(folder)
     mark("tokenizer")
     started = time.perf_counter()
-    engine = Engine(model, EngineOptions(**options))
+    prepacked = options.pop("prepacked_dir", None)  # the repacked copy's root (agent.engine.prepacked)
+    engine = Engine(model, EngineOptions(**options), prepacked_dir=prepacked)
     mark("load", seconds=time.perf_counter() - started)
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(7, engine._io.vocab, size=prompt)]
@@ -93,14 +99,30 @@ def child(model: Path, options: dict[str, Any], prompt: int, new: int) -> None:
     )
 
 
-def llama_child(gguf: Path, prompt: int, new: int, threads: int) -> None:
-    """The same run on llama.cpp (llama-cpp-python), for a GGUF file of the same weights."""
+def llama_child(gguf: Path, prompt: int, new: int, threads: int, *, repack: bool = True) -> None:
+    """The same run on llama.cpp (llama-cpp-python), for a GGUF file of the same weights.
+
+    ``repack`` false: llama.cpp's "extra buffer types" off (``use_extra_bufts``: no repacked
+    or AMX copy of the weights, which it then reads from the mapped file).
+    """
 
     def mark(phase: str, **extra: Any) -> None:
         print(json.dumps({"phase": phase, "t": time.time(), **extra}), flush=True)
 
+    import llama_cpp
+    import llama_cpp.llama
     import numpy as np
     from llama_cpp import Llama
+
+    if not repack:
+        defaults = llama_cpp.llama_model_default_params
+
+        def no_extra_buffers() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = no_extra_buffers
 
     mark("imports")
     mark("tokenizer")
@@ -132,6 +154,7 @@ def measure(model: Path, options: dict[str, Any], prompt: int, new: int, limit_m
     """Run one child and return per-phase peaks and end values (MiB), plus its markers."""
     if model.suffix == ".gguf":
         cmd = [sys.executable, __file__, "--llama-child", str(model), "--threads", str(options["threads"])]
+        cmd += [] if options.get("repack", True) else ["--llama-no-repack"]
     else:
         cmd = [sys.executable, __file__, "--child", str(model), "--options", json.dumps(options)]
     cmd += ["--prompt", str(prompt), "--new", str(new)]
@@ -210,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--llama-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
+        "--llama-no-repack",
+        action="store_true",
+        help="llama.cpp without its repacked (extra buffer type) weights: it reads the mapped file",
+    )
+    parser.add_argument(
         "--gguf", default=None, help="also run llama.cpp on bench/models/<model>-<KIND>.gguf (e.g. q4_0)"
     )
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
@@ -235,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, json.loads(args.options), args.prompt, args.new)
         return 0
     if args.llama_child is not None:
-        llama_child(args.llama_child, args.prompt, args.new, args.threads)
+        llama_child(args.llama_child, args.prompt, args.new, args.threads, repack=not args.llama_no_repack)
         return 0
     import memory_models
 
@@ -256,12 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             n: hf_export.gguf_path(memory_models.MODELS_DIR / f"phi3-mini-shape-{n}l", args.gguf)
             for n in models
         }
-        variants.append((f"llama.cpp {args.gguf}", {"gguf": ggufs}))
+        name = f"llama.cpp {args.gguf}" + (" no repack" if args.llama_no_repack else "")
+        variants.append((name, {"gguf": ggufs, "repack": not args.llama_no_repack}))
     results: dict[str, dict[int, Any]] = {}
     for name, options in variants:
         if "gguf" in options:
             for layers, path in options["gguf"].items():
-                got = measure(path, {"threads": args.threads}, args.prompt, args.new, args.limit_mb)
+                runner = {"threads": args.threads, "repack": options["repack"]}
+                got = measure(path, runner, args.prompt, args.new, args.limit_mb)
                 results.setdefault(name, {})[layers] = got
                 print(f"{name} {path.name}: " + summary(got), flush=True)
             continue

@@ -23,11 +23,7 @@ import hf_export
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 WIDTHS: dict[str, Any] = {
-    "hidden_size": 3072,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "intermediate_size": 8192,
-    "vocab_size": 32064,
+    **hf_export.PHI3_MINI_WIDTHS,
     "max_position_embeddings": 4096,
 }
 SEED = 20240501

@@ -48,16 +48,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hf_export
+from harness import save_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
 NAME = "llama-650m-4l"
 SHAPE: dict[str, Any] = {
-    "hidden_size": 3072,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "intermediate_size": 8192,
-    "vocab_size": 32064,
+    **hf_export.PHI3_MINI_WIDTHS,
     "num_hidden_layers": 4,
     "max_position_embeddings": 8192,
 }
@@ -457,10 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             res["blocks"] = rows
     text = markdown(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"prefill_bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"prefill_bench-{stamp}.md").write_text(text + "\n")
+    save_report(args.out, "prefill_bench", report, text)
     return 0
 
 
@@ -492,6 +486,16 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
     return f"{value * scale:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def _table(
+    header: list[str], rows: dict[str, dict[str, Any]], line: Callable[[str, dict[str, Any]], str]
+) -> list[str]:
+    """A Markdown table: ``header``, a line per row (an error where the runner failed), a blank line."""
+    out = list(header)
+    for key, row in rows.items():
+        out.append(f"| {key} | error: {row['error'][-200:]} | | | | |" if "error" in row else line(key, row))
+    return [*out, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Tables of the report, with ratios against llama.cpp."""
     m, res = report["machine"], report["results"]
@@ -503,41 +507,34 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if "ttft" in res:
-        out += [
-            "| runner | cold s | warm (memory) s | warm (restart, disk) s | warm/cold | other cores | cache MiB / budget |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for runner, row in res["ttft"].items():
-            if "error" in row:
-                out.append(f"| {runner} | error: {row['error'][-200:]} | | | | |")
-                continue
+
+        def ttft_line(runner: str, row: dict[str, Any]) -> str:
             ratio = row["warm"] / row["cold"] if row.get("cold") else None
-            out.append(
+            cache = (
+                f"{row['cache_bytes'] / 2**20:.0f} / {row['cache_budget_bytes'] / 2**20:.0f} |"
+                if "cache_bytes" in row
+                else "n/a |"
+            )
+            return (
                 f"| {runner} | {_fmt(row.get('cold'))} | {_fmt(row.get('warm'), digits=3)} | "
                 f"{_fmt(row.get('restart'), digits=3)} | {_fmt(ratio, 100, 1)} % | {_fmt(row.get('other_cores'))} | "
-                + (
-                    f"{row['cache_bytes'] / 2**20:.0f} / {row['cache_budget_bytes'] / 2**20:.0f} |"
-                    if "cache_bytes" in row
-                    else "n/a |"
-                )
+                + cache
             )
-        out.append("")
+
+        header = "| runner | cold s | warm (memory) s | warm (restart, disk) s | warm/cold | other cores | cache MiB / budget |"
+        out += _table([header, "|---|---:|---:|---:|---:|---:|---:|"], res["ttft"], ttft_line)
     if "prefill" in res:
-        out += [
-            "| runner@prompt | prefill s | tok/s | vs llama.cpp | peak RSS MB | other cores |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for key, row in res["prefill"].items():
-            if "error" in row:
-                out.append(f"| {key} | error: {row['error'][-200:]} | | | | |")
-                continue
+
+        def prefill_line(key: str, row: dict[str, Any]) -> str:
             llama = res["prefill"].get(f"llama@{key.split('@')[1]}", {}).get("tok_s")
             ratio = row["tok_s"] / llama if llama else None
-            out.append(
+            return (
                 f"| {key} | {_fmt(row['seconds'])} | {_fmt(row['tok_s'], digits=1)} | {_fmt(ratio)} | "
                 f"{_fmt(row['peak_rss_mb'], digits=0)} | {_fmt(row['other_cores'])} |"
             )
-        out.append("")
+
+        header = "| runner@prompt | prefill s | tok/s | vs llama.cpp | peak RSS MB | other cores |"
+        out += _table([header, "|---|---:|---:|---:|---:|---:|"], res["prefill"], prefill_line)
     if "chunks" in res:
         out += ["| prefill chunk (1,024 tokens) | tok/s | other cores |", "|---:|---:|---:|"]
         for chunk, row in res["chunks"].items():

@@ -8,7 +8,11 @@ at collection.  The rest is the fast, in-process tier: ``pytest -m "not e2e"``.
 
 from __future__ import annotations
 
+import re
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,12 +56,19 @@ def _own_fleet_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture()
 def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A fresh mosquitto on a free port, stopped after the test."""
-    from tests.support.broker import Broker
+    from tests.support.broker import Broker, running
 
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
+    yield from running(Broker(tmp_path / "broker"))
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    """One PostgreSQL cluster for the session; ``dsn()`` gives each test a new, empty database."""
+    from tests.support.postgres import Postgres
+
+    cluster = Postgres()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture()
@@ -136,7 +147,7 @@ def releases(file_server):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A 4 MiB tmpfs (real ENOSPC when filled with dd), unmounted after the test."""
+    """A 4 MiB tmpfs (real ENOSPC when filled), unmounted after the test."""
     from tests.support.disk import SmallDisk
 
     disk = SmallDisk(tmp_path / "small")
@@ -144,7 +155,7 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     disk.close()
 
 
-_E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller"})
+_E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller", "postgres"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -163,3 +174,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "these tests start a broker or an agent but are not marked e2e "
             "(add `pytestmark = pytest.mark.e2e` to the module): " + ", ".join(undeclared)
         )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Keep the fast tier in-process: a test without the ``e2e`` mark that starts a process fails.
+
+    Recorded rather than only raised, so that code under test catching the error cannot hide it.
+    """
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    started: list[str] = []
+    original = subprocess.Popen.__init__
+
+    def refuse(self: subprocess.Popen[Any], args: Any, *rest: Any, **options: Any) -> None:
+        started.append(str(args)[:200])
+        raise AssertionError(f"a test without the e2e mark started a process: {args!r}")
+
+    subprocess.Popen.__init__ = refuse  # type: ignore[method-assign]
+    try:
+        result = yield
+    finally:
+        subprocess.Popen.__init__ = original  # type: ignore[method-assign]
+    if started:
+        raise AssertionError(
+            f"{item.nodeid} starts processes ({'; '.join(started)}) but is not marked e2e: mark it "
+            "(`pytestmark = pytest.mark.e2e` on the module, or on the test) or keep it in-process"
+        )
+    return result
+
+
+_DECLARED_E2E = re.compile(r"^pytestmark = .*\bpytest\.mark\.e2e\b", re.MULTILINE)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """For ``-m "not e2e"``, do not import a module whose every test is e2e (it declares so at the top).
+
+    Its tests would all be deselected anyway; importing them (openai, langchain, playwright, ...)
+    only costs the fast tier seconds.
+    """
+    if collection_path.suffix != ".py" or " ".join(config.option.markexpr.split()) != "not e2e":
+        return None
+    if not collection_path.name.startswith("test_"):
+        return None
+    return True if _DECLARED_E2E.search(collection_path.read_text(encoding="utf-8")) else None

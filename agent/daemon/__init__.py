@@ -27,7 +27,7 @@ source: its request threads (``edge-agent-http`` and one per connection)
 submit jobs through ``Inbox.submit``, the same admission as MQTT jobs, and
 receive their chunks and result through ``replies``.
 
-Other threads: paho's network thread (inside ``MQTTLink``) only queues events
+Other threads: the link's network thread (inside ``MQTTLink``) only queues events
 (and publishes the status and model state on connect); the updater's thread
 (``agent.updates.updater``) downloads and tests releases and hands the switch
 to the worker.

@@ -1,14 +1,14 @@
 """Supervision: health and telemetry, the systemd watchdog and status line, the retained status.
 
 Owned by the intake thread, which calls ``tick`` at least twice a second
-between messages; ``publish_status`` also runs on paho's network thread (on
+between messages; ``publish_status`` also runs on the link's network thread (on
 every connect).  It reads the other pieces and never blocks on them for long:
 a storage error while counting the queue leaves that figure out, it does not
 stop the tick.
 
 The watchdog is fed only while the agent really works: the worker showed life
 recently (it keeps doing so while it waits for a failing disk), or is in a
-prefill or model swap it announced; paho's thread runs; and this tick runs.
+prefill or model swap it announced; the link's thread runs; and this tick runs.
 A full disk is not a hang: restarting would not free space.
 """
 
@@ -117,7 +117,7 @@ class Supervisor:
                 self.faults.failed("pruning delivered results", exc)
 
     def working(self, now: float, patience_s: float) -> bool:
-        """The worker showed life recently (or announced a long silence) and paho's thread runs."""
+        """The worker showed life recently (or announced a long silence) and the link's thread runs."""
         worker = self.worker
         worker_ok = now - worker.beat < patience_s or now < worker.quiet_until
         return worker_ok and worker.alive and self.link.alive

@@ -14,7 +14,9 @@ is prefilled.  ``token_ranks`` is a forced sequence through the same loop.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from agent.engine.model_folder import ModelFolder
 from agent.engine.options import EngineOptions as EngineOptions
 from agent.engine.prefill import open_prefix_cache
 from agent.engine.prefix_cache import PrefixCacheStats
+from agent.engine.prepacked import prepacked_model
 from agent.engine.rows import one_row_matches_many
 from agent.engine.sampling import SamplingParams
 from agent.engine.sequence import Completion as Completion
@@ -37,6 +40,8 @@ from agent.engine.tokenizer import Tokenizer
 from edge_contract.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
 from edge_contract.protocol import FinishReason as FinishReason
 from edge_contract.protocol import Timings as Timings
+
+log = logging.getLogger(__name__)
 
 _ORT_TYPES: dict[str, npt.DTypeLike] = {
     "tensor(float)": np.float32,
@@ -67,11 +72,13 @@ class Engine:
         options: EngineOptions | None = None,
         *,
         prefix_cache_dir: str | Path | None = None,
+        prepacked_dir: str | Path | None = None,
     ) -> None:
         self.options = options or EngineOptions()
         self.folder = ModelFolder(path)
         self.tokenizer = Tokenizer(self.folder)
         self.threads = self.options.threads or _default_threads()
+        self.prepacked_dir = Path(prepacked_dir) if prepacked_dir is not None else None
         self.session = self._open_session()
         self._io = _GraphIO(self.folder, self.session)
         self.eos_ids = frozenset(self.folder.eos_token_ids)
@@ -110,7 +117,7 @@ class Engine:
         """Bytes, blocks and hit rate of the prefix cache; None when it is off."""
         return self.prefix_cache.stats() if self.prefix_cache is not None else None
 
-    def _open_session(self) -> ort.InferenceSession:
+    def _session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
@@ -126,12 +133,45 @@ class Engine:
         so.enable_cpu_mem_arena = self.options.cpu_arena
         if not self.options.prepack_weights:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        return so
+
+    def _graph_path(self) -> Path:
+        """The graph to open: the model's, or its repacked copy for this CPU (``agent.engine.prepacked``)."""
+        source = self.folder.onnx_path
+        if self.prepacked_dir is None or not (
+            self.options.prepack_weights and self.options.prepacked_on_disk
+        ):
+            return source
         try:
-            return ort.InferenceSession(
-                str(self.folder.onnx_path), sess_options=so, providers=["CPUExecutionProvider"]
+            return prepacked_model(self.prepacked_dir, self.folder.path, source, self._session_options)
+        except Exception as exc:  # OSError (disk full, read-only) or onnxruntime's untyped errors
+            log.warning(
+                "serving %s with its weights repacked in memory: the repacked copy in %s could not be "
+                "made (%s); free disk space there or set [engine] prepacked_on_disk = false",
+                self.folder.name,
+                self.prepacked_dir,
+                exc,
             )
+            return source
+
+    def _open_session(self) -> ort.InferenceSession:
+        graph = self._graph_path()
+        if graph != self.folder.onnx_path:
+            try:
+                return self._session(graph, optimized=True)
+            except ModelFileError as exc:
+                log.warning("%s; removing that copy and serving the model's own graph", exc.message)
+                shutil.rmtree(graph.parent, ignore_errors=True)
+        return self._session(self.folder.onnx_path)
+
+    def _session(self, graph: Path, *, optimized: bool = False) -> ort.InferenceSession:
+        so = self._session_options()
+        if optimized:  # the repacked copy was saved optimized (with these options): not again
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(graph), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises untyped errors for bad files
-            raise ModelFileError(self.folder.onnx_path, f"onnxruntime cannot load it: {exc}") from exc
+            raise ModelFileError(graph, f"onnxruntime cannot load it: {exc}") from exc
 
     # -- prompts -----------------------------------------------------------------
 

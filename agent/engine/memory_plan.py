@@ -2,14 +2,18 @@
 
 The estimate (docs/memory.md has the measurements behind every constant):
 
-    anonymous = weights + runtime + activations(prefill chunk) + KV per token x context x max_batch
-                + the prefix cache's budget
+    needed    = weights + runtime + activations(prefill chunk) + KV per token x context x max_batch
+                + the prefix cache's budget                 (anonymous, but the weights when mapped)
     mapped    = the pages of the memory-mapped model file read while serving
 
 * **weights**: onnxruntime repacks the int4/int8 matrices into its kernels'
-  layout at load (anonymous memory, 1.24x their file bytes measured); the float32
-  embedding table and parts of the rest are read from the memory-mapped file
-  (**mapped**: file-backed pages the kernel can drop, and must then read again).
+  layout (1.24x their file bytes measured): at every load into anonymous memory,
+  or once into a file the daemon maps afterwards (``agent.engine.prepacked``:
+  then they are file-backed, but read by every pass, so they must stay resident
+  all the same); the float32 embedding table and parts of the rest are read from
+  the memory-mapped file (**mapped**: file-backed pages the kernel can drop, and
+  must then read again). Making that file at the first start holds the repacked
+  weights and the embedding table in anonymous memory for a moment (**first load**).
 * **runtime**: Python, onnxruntime's libraries and arena, the tokenizer.
 * **activations**: a prefill chunk's intermediates, per row, and its attention
   scores (rows x context x heads, float32); plus the logits of every row when the
@@ -17,7 +21,7 @@ The estimate (docs/memory.md has the measurements behind every constant):
 * **KV**: layers x 2 x KV heads x head size x the cache's element size, per
   token (float32, or float16 when the graph declares it: ``models.kv_dtype``).
 
-``fit`` keeps the anonymous peak within the box's memory (the mapped pages are
+``fit`` keeps what is needed (and the first load) within the box's memory (the mapped pages are
 reported beside it: doctor warns when they do not fit too), and turns it into budgets: what the operator set is kept (and
 refused, with the setting to change, when it cannot fit), what they left unset
 is sized: the context first (up to the model's), then the prefix cache (up to
@@ -84,6 +88,9 @@ class Budgets(BaseModel):
     max_batch: int = Field(ge=1, description="Sequences decoded together.")
     prefix_cache_mb: int = Field(ge=0, description="The prefix cache's memory budget, MiB.")
     prefill_chunk_tokens: int = Field(ge=2, description="Longest prefill pass.")
+    prepacked_on_disk: bool = Field(
+        True, description="Map the weights from their repacked copy on disk (agent.engine.prepacked)."
+    )
 
 
 class PeakEstimate(BaseModel):
@@ -91,29 +98,48 @@ class PeakEstimate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weights: int = Field(description="The repacked weights (anonymous).")
+    weights: int = Field(description="The repacked weights (anonymous, or file-backed when mapped).")
     runtime: int = Field(description="Python, onnxruntime, tokenizer (anonymous).")
     activations: int = Field(description="A prefill chunk's intermediates (anonymous).")
     kv: int = Field(description="The requests' KV caches (anonymous).")
     prefix_cache: int = Field(description="The prefix cache's budget (anonymous).")
     mapped: int = Field(description="Pages of the memory-mapped model read while serving (file-backed).")
+    weights_mapped: bool = Field(
+        False, description="The repacked weights are mapped from a copy on disk (agent.engine.prepacked)."
+    )
+    first_load: int = Field(
+        0, description="Anonymous peak while the repacked copy is made at the first start (0: none made)."
+    )
 
     @property
     def anonymous(self) -> int:
-        """What the box must hold: the kernel cannot drop it."""
+        """What the kernel cannot drop: the OOM killer's measure."""
+        weights = 0 if self.weights_mapped else self.weights
+        return weights + self.runtime + self.activations + self.kv + self.prefix_cache
+
+    @property
+    def needed(self) -> int:
+        """What must stay resident to serve at full speed: anonymous memory and the weights every pass reads."""
         return self.weights + self.runtime + self.activations + self.kv + self.prefix_cache
 
     @property
     def total(self) -> int:
         """The whole working set: anonymous and file-backed (dropped pages are read again from disk)."""
-        return self.anonymous + self.mapped
+        return self.needed + self.mapped
 
     def describe(self) -> str:
         """One line: the peaks and the parts in MiB."""
-        parts = ("weights", "runtime", "activations", "kv", "prefix_cache")
+        parts: tuple[str, ...] = ("runtime", "activations", "kv", "prefix_cache")
+        if not self.weights_mapped:
+            parts = ("weights", *parts)
         detail = ", ".join(f"{p.replace('_', ' ')} {getattr(self, p) / _MiB:.0f}" for p in parts)
+        on_disk = (
+            f" + ~{self.weights / _MiB:.0f} MiB of weights mapped from their repacked copy"
+            if self.weights_mapped
+            else ""
+        )
         return (
-            f"~{self.anonymous / _MiB:.0f} MiB anonymous ({detail}) + ~{self.mapped / _MiB:.0f} MiB "
+            f"~{self.anonymous / _MiB:.0f} MiB anonymous ({detail}){on_disk} + ~{self.mapped / _MiB:.0f} MiB "
             "of the mapped model"
         )
 
@@ -138,10 +164,15 @@ def activation_bytes(shape: ModelShape, chunk: int, context: int) -> int:
     return rows * shape.hidden_size * ACTIVATION_BYTES_PER_HIDDEN + scores + logits
 
 
-def estimate(shape: ModelShape, budgets: Budgets) -> PeakEstimate:
-    """The expected peak of ``shape`` served with ``budgets``."""
+def estimate(shape: ModelShape, budgets: Budgets, *, weights_mapped: bool = False) -> PeakEstimate:
+    """The expected peak of ``shape`` served with ``budgets``.
+
+    ``weights_mapped``: the repacked weights come from their copy on disk (made at the first
+    start, which holds them and the embedding table in anonymous memory once: ``first_load``).
+    """
+    weights = weights_bytes(shape)
     return PeakEstimate(
-        weights=weights_bytes(shape),
+        weights=weights,
         runtime=RUNTIME_BYTES,
         activations=activation_bytes(
             shape, min(budgets.prefill_chunk_tokens, budgets.context_tokens), budgets.context_tokens
@@ -149,7 +180,21 @@ def estimate(shape: ModelShape, budgets: Budgets) -> PeakEstimate:
         kv=shape.kv_bytes_per_token * budgets.context_tokens * budgets.max_batch,
         prefix_cache=budgets.prefix_cache_mb * _MiB,
         mapped=mapped_bytes(shape),
+        weights_mapped=weights_mapped,
+        first_load=weights + min(shape.embedding_bytes, shape.file_bytes) + RUNTIME_BYTES
+        if weights_mapped
+        else 0,
     )
+
+
+def weights_on_disk(options: EngineOptions) -> bool:
+    """Whether the daemon serves these options' weights from their repacked copy (agent.engine.prepacked)."""
+    return options.prepack_weights and options.prepacked_on_disk
+
+
+def peak_need(peak: PeakEstimate) -> int:
+    """The most the box must hold at once: serving, or making the repacked copy at the first start."""
+    return max(peak.needed, peak.first_load)
 
 
 def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets:
@@ -159,20 +204,41 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
     fit, or when the model does not fit at ``MIN_CONTEXT`` whatever the settings.
     """
     chosen = options.model_fields_set
+    mapped = weights_on_disk(options)
+
+    def need(budgets: Budgets) -> PeakEstimate:
+        return estimate(shape, budgets, weights_mapped=mapped)
+
+    def budgets(ctx: int, mb: int, rows: int) -> Budgets:
+        return Budgets(
+            context_tokens=ctx,
+            max_batch=batch,
+            prefix_cache_mb=mb,
+            prefill_chunk_tokens=rows,
+            prepacked_on_disk=options.prepacked_on_disk and mapped,
+        )
+
     batch = options.max_batch
     chunk = options.prefill_chunk_tokens
     model_ctx = shape.context_length
     context = min(options.context_tokens, model_ctx) if options.context_tokens else None
     prefix_mb = options.prefix_cache_mb if "prefix_cache_mb" in chosen else None
 
-    def budgets(ctx: int, mb: int, rows: int) -> Budgets:
-        return Budgets(context_tokens=ctx, max_batch=batch, prefix_cache_mb=mb, prefill_chunk_tokens=rows)
-
     smallest = budgets(min(MIN_CONTEXT, model_ctx), 0, min(chunk, CHUNK_CHOICES[-1]))
-    if estimate(shape, smallest).anonymous > memory_bytes:
-        need = estimate(shape, smallest)
+    peak = need(smallest)
+    if peak.needed <= memory_bytes < peak.first_load and "prepacked_on_disk" not in chosen:
+        # Making the copy does not fit where serving does: repack in memory at every load instead.
+        mapped = False
+        peak = need(smallest)
+    if peak.needed <= memory_bytes < peak.first_load:
         raise MemoryFitError(
-            f"model.path: the model needs {need.describe()} at a {smallest.context_tokens}-token context "
+            f"engine.prepacked_on_disk: making the repacked copy of the weights at the first start needs "
+            f"~{peak.first_load / _MiB:.0f} MiB and the box has {memory_bytes / _MiB:.0f} MiB for it: "
+            "set [engine] prepacked_on_disk = false"
+        )
+    if peak.needed > memory_bytes:
+        raise MemoryFitError(
+            f"model.path: the model needs {peak.describe()} at a {smallest.context_tokens}-token context "
             f"and the box has {memory_bytes / _MiB:.0f} MiB for it: serve a smaller model (or int4), "
             "or free memory"
         )
@@ -182,27 +248,27 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
     )
     for rows in chunks:
         floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, rows)
-        if estimate(shape, floor).anonymous <= memory_bytes:
+        if peak_need(need(floor)) <= memory_bytes:
             break
     else:
         floor = budgets(context or min(MIN_CONTEXT, model_ctx), prefix_mb or 0, chunks[-1])
-        need = estimate(shape, floor)
+        peak = need(floor)
         setting = _culprit(options, context, prefix_mb)
         raise MemoryFitError(
-            f"engine.{setting}: with it the model needs {need.describe()} and the box has "
+            f"engine.{setting}: with it the model needs {peak.describe()} and the box has "
             f"{memory_bytes / _MiB:.0f} MiB for it: lower [engine] {setting}"
         )
     rows = floor.prefill_chunk_tokens
-    fixed = estimate(shape, budgets(1, prefix_mb or 0, rows))
+    fixed = need(budgets(1, prefix_mb or 0, rows))
     per_context_token = shape.kv_bytes_per_token * batch
     if context is None:  # the longest context that fits, leaving a quarter of the rest to the prefix cache
-        spare = memory_bytes - fixed.anonymous + per_context_token
+        spare = memory_bytes - fixed.needed + per_context_token
         share = spare if prefix_mb is not None else spare * 3 // 4
         context = min(model_ctx, max(MIN_CONTEXT, share // max(1, per_context_token)))
         if context < model_ctx:
             context = max(MIN_CONTEXT, context // CONTEXT_STEP * CONTEXT_STEP)
     if prefix_mb is None:  # one context's worth of prompt prefixes (at least the usual 256 MiB) if it fits
-        left = memory_bytes - estimate(shape, budgets(context, 0, rows)).anonymous
+        left = memory_bytes - need(budgets(context, 0, rows)).needed
         wanted = max(DEFAULT_PREFIX_CACHE_MB * _MiB, shape.kv_bytes_per_token * context)
         prefix_mb = max(0, min(left, wanted) // _MiB)
     return budgets(context, prefix_mb, rows)
@@ -222,9 +288,10 @@ def sized_options(
             "context_tokens": chosen.context_tokens,
             "prefix_cache_mb": chosen.prefix_cache_mb,
             "prefill_chunk_tokens": chosen.prefill_chunk_tokens,
+            "prepacked_on_disk": chosen.prepacked_on_disk,
         }
     )
-    return sized, estimate(shape, chosen)
+    return sized, estimate(shape, chosen, weights_mapped=weights_on_disk(sized))
 
 
 def release_need(memory_bytes: int, kv_bytes_per_token: int | None, options: EngineOptions) -> int:

@@ -87,6 +87,15 @@ class EngineOptions(_Section):
             "it is (file-backed pages the kernel can reclaim; see docs/memory.md for what it costs)."
         ),
     )
+    prepacked_on_disk: bool = Field(
+        True,
+        description=(
+            "Keep the repacked weights in a file made for this CPU at the first start "
+            "(state_dir/prepacked, about twice the model's size on disk) and memory-map it at load: "
+            "the weights become file-backed pages instead of anonymous memory and later loads skip "
+            "the repacking. false: repack in memory at every load."
+        ),
+    )
     cpu_arena: bool = Field(
         True,
         description=(

@@ -9,16 +9,17 @@ queued for the box stay queued for the agent.
 
 from __future__ import annotations
 
-import ssl
-import threading
 from dataclasses import dataclass, field
-from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+from agent.link.mqtt.client import Client
+from agent.link.mqtt.errors import (
+    ClosedBeforeLogin,
+    ConnectionLost,
+    LoginRefused,
+    NoAnswer,
+    TLSFailed,
+    Unreachable,
+)
 from agent.link.options import MQTTConfig
 from agent.link.reasons import explain
 from agent.link.tls import client_context
@@ -46,79 +47,52 @@ def try_login(
     timeout_s: float = 5.0,
 ) -> LoginReport:
     """CONNECT to ``endpoint`` as the configured identity and SUBSCRIBE to ``subscriptions``."""
-    mqtt5 = mqtt.protocol == "5"
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
-        clean_session=None if mqtt5 else False,
-    )
-    client.manual_ack_set(True)  # nothing delivered here is acknowledged: the agent gets it again
-    if mqtt.username:
-        client.username_pw_set(mqtt.username, mqtt.password.get_secret_value() if mqtt.password else None)
     try:
-        if mqtt.tls is not None:
-            client.tls_set_context(client_context(mqtt.tls.ca, mqtt.tls.cert, mqtt.tls.key))
+        tls = client_context(mqtt.tls.ca, mqtt.tls.cert, mqtt.tls.key) if mqtt.tls is not None else None
     except LinkError as exc:
         return LoginReport(problem=exc.message)
-    answered, subscribed = threading.Event(), threading.Event()
+    client = Client(
+        client_id,
+        protocol=mqtt.protocol,
+        tls=tls,
+        username=mqtt.username,
+        password=mqtt.password.get_secret_value() if mqtt.password else None,
+        keep_session=True,
+        session_expiry_s=mqtt.session_expiry_s,
+        manual_ack=True,  # nothing delivered here is acknowledged: the agent gets it again
+        # One login, never a second: paho's network thread would otherwise sleep out a 1 s
+        # reconnection delay after a broker hangs up, and closing would wait for that sleep.
+        reconnect_delay_s=_NO_RECONNECT_S,
+    )
     report = LoginReport()
-    connack: list[str] = []
-    suback: list[str] = []
-
-    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        connack.append(str(reason) if reason.is_failure else "")
-        answered.set()
-
-    def on_disconnect(_c: Any, _u: Any, _f: Any, _reason: Any, _p: Any) -> None:
-        answered.set()
-        subscribed.set()
-
-    def on_subscribe(_c: Any, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
-        suback.extend(str(r) if r.is_failure else "" for r in reasons)
-        subscribed.set()
-
-    client.on_connect, client.on_disconnect, client.on_subscribe = on_connect, on_disconnect, on_subscribe
-    props = None
-    if mqtt5:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = mqtt.session_expiry_s
-    host, port = endpoint
     try:
-        client.connect(host, port, keepalive=mqtt.keepalive, clean_start=False, properties=props)
-    except ssl.SSLError as exc:  # before OSError: it is one
-        return LoginReport(problem=f"TLS handshake failed: {exc.reason or exc}")
-    except OSError as exc:
-        return LoginReport(problem=f"unreachable: {exc.strerror or exc}")
-    # One login, never a second: paho's network thread would otherwise sleep out a 1 s
-    # reconnection delay after a broker hangs up, and stopping it would wait for that sleep.
-    client.reconnect_delay_set(min_delay=_NO_RECONNECT_S, max_delay=_NO_RECONNECT_S)  # type: ignore[arg-type]
-    client.loop_start()
-    try:
-        if not answered.wait(timeout_s):
-            report.problem = f"no CONNACK within {timeout_s:.0f} s (is this an MQTT broker?)"
-        elif not connack:
-            report.problem = (
-                "the broker closed the connection before accepting the login: it rejected this "
-                "client certificate (not signed by the fleet CA, expired, or for another broker) — "
-                "check [mqtt.tls] cert and key"
-            )
-        elif connack[0]:
-            report.problem = f"login refused: {explain(connack[0], 'connack')}"
+        client.connect(*endpoint, keepalive=mqtt.keepalive, timeout=timeout_s)
+        try:
+            suback = client.subscribe(subscriptions).wait(timeout_s)
+        except (NoAnswer, ConnectionLost):
+            suback = []
+        if len(suback) != len(subscriptions):
+            report.problem = "the broker did not answer the SUBSCRIBE"
         else:
-            client.subscribe([(topic, 1) for topic in subscriptions])
-            if not subscribed.wait(timeout_s) or len(suback) != len(subscriptions):
-                report.problem = "the broker did not answer the SUBSCRIBE"
-            else:
-                for topic, reason in zip(subscriptions, suback, strict=True):
-                    if reason:
-                        report.refused[topic] = explain(reason, "suback")
-                    else:
-                        report.granted.append(topic)
+            for topic, reason in zip(subscriptions, suback, strict=True):
+                if reason:
+                    report.refused[topic] = explain(reason, "suback")
+                else:
+                    report.granted.append(topic)
+    except TLSFailed as exc:
+        report.problem = f"TLS handshake failed: {exc.detail}"
+    except Unreachable as exc:
+        report.problem = f"unreachable: {exc.detail}"
+    except NoAnswer:
+        report.problem = f"no CONNACK within {timeout_s:.0f} s (is this an MQTT broker?)"
+    except ClosedBeforeLogin:
+        report.problem = (
+            "the broker closed the connection before accepting the login: it rejected this "
+            "client certificate (not signed by the fleet CA, expired, or for another broker) — "
+            "check [mqtt.tls] cert and key"
+        )
+    except LoginRefused as exc:
+        report.problem = f"login refused: {explain(exc.reason, 'connack')}"
     finally:
-        client.disconnect()
-        client.loop_stop()
-        sock = client.socket()
-        if sock is not None:  # a connection the broker dropped is otherwise left open
-            sock.close()
+        client.close()
     return report

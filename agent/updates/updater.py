@@ -192,6 +192,7 @@ class Updater:
                 self.config.model.path,
                 self._options(self.config.model.path),
                 prefix_cache_dir=self.config.state_dir / "prefix_cache",
+                prepacked_dir=self.config.state_dir / "prepacked",
             )
             name = self.config.model.name or engine.name
             return Serving(engine, ModelRef(name=name, version=self.config.model.version), None)
@@ -202,6 +203,7 @@ class Updater:
             self.store.path(release),
             self._options(self.store.path(release)),
             prefix_cache_dir=self.config.state_dir / "prefix_cache",
+            prepacked_dir=self.config.state_dir / "prepacked",
         )
         return Serving(
             engine, ModelRef(name=manifest.name, version=manifest.version), release, manifest.precision
@@ -453,7 +455,9 @@ class Updater:
 
     def _load_and_test(self, path: Path, manifest: Manifest) -> Engine:
         try:
-            engine = Engine(path, self._options(path, beside=True))
+            engine = Engine(
+                path, self._options(path, beside=True), prepacked_dir=self.config.state_dir / "prepacked"
+            )
         except ModelError as exc:
             raise UpdateError(f"the new model does not load: {exc.message}", code="model_load") from exc
         try:

@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import paho.mqtt.client as paho
-
+from agent.link.mqtt import Client
 from edge_contract.manifest import Manifest
 from edge_contract.protocol import FleetTopics
 
-from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from
+from .broker import BrokerOptions, FleetError, add_broker_args, open_client, options_from, publish_retained
 from .output import table
 from .state import add_db_arg, default_db, open_db, transaction
 
@@ -44,9 +43,6 @@ CREATE TABLE IF NOT EXISTS assignments (
 );
 CREATE INDEX IF NOT EXISTS assignments_by_target ON assignments (kind, target, seq);
 """
-# How long a publication may wait for the broker's acknowledgement: generous, a broker
-# taking in thousands of retained messages at once is slow but not gone.
-_ACK_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -153,21 +149,9 @@ def _assignment(row: tuple[Any, ...]) -> Assignment:
     )
 
 
-def publish_retained(client: paho.Client, messages: list[tuple[str, bytes]]) -> None:
-    """Publish every message (retained, QoS 1) at once, then wait for all the acknowledgements."""
-    sent = [(topic, client.publish(topic, payload, qos=1, retain=True)) for topic, payload in messages]
-    for topic, info in sent:
-        info.wait_for_publish(timeout=_ACK_TIMEOUT_S)
-        if not info.is_published():
-            raise FleetError(
-                f"the broker did not acknowledge {topic} within {_ACK_TIMEOUT_S:.0f} s "
-                "(is this identity allowed to publish there?); `edge-fleet reconcile` publishes it again"
-            )
-
-
 def assign(
     store: Assignments,
-    client: paho.Client,
+    client: Client,
     prefix: str,
     kind: Kind,
     targets: list[str],
@@ -190,12 +174,8 @@ def reconcile(store: Assignments, options: BrokerOptions) -> dict[str, int]:
             raise FleetError(f"the state file lost the manifest of {a.release} (digest {a.digest})")
         messages.append((desired_topic(options.prefix, a.kind, a.target), payload))
         counts[a.kind if payload else "cleared"] += 1
-    client = connect(options)
-    try:
+    with open_client(options) as client:
         publish_retained(client, messages)
-    finally:
-        client.disconnect()
-        client.loop_stop()
     return counts
 
 

@@ -11,16 +11,21 @@ import argparse
 import os
 import ssl
 import sys
-import threading
-import uuid
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.reasoncodes import ReasonCode
-
-from agent.link.mqtt import no_delay
+from agent.link.mqtt import (
+    ANSWER_TIMEOUT_S,
+    Client,
+    ClosedBeforeLogin,
+    LoginRefused,
+    NoAnswer,
+    PublishRefused,
+    TLSFailed,
+    Unreachable,
+)
 from agent.link.tls import client_context
 from edge_contract.errors import LinkError
 from edge_contract.names import PLAIN_PORT
@@ -29,10 +34,20 @@ from .errors import FleetError
 from .flags import topic_level
 from .profile import Protocol, load_profile
 
+# How long a publication may wait for the broker's acknowledgement: generous, a broker
+# taking in thousands of retained messages at once is slow but not gone.
+_ACK_TIMEOUT_S = 30.0
 #: The operators' listener of `edge-fleet broker init` (devices use 8883).
 TLS_PORT = 8884
 
-__all__ = ["BrokerOptions", "FleetError", "add_broker_args", "connect", "options_from"]
+__all__ = ["BrokerOptions", "FleetError", "add_broker_args", "open_client", "options_from"]
+
+
+class _Configurable(typing.Protocol):
+    """What ``BrokerOptions.configure`` sets up: an MQTT client of the tests' own."""
+
+    def tls_set_context(self, context: ssl.SSLContext) -> None: ...
+    def username_pw_set(self, username: str, password: str | None) -> None: ...
 
 
 def identity_of(options: BrokerOptions) -> str:
@@ -58,21 +73,25 @@ def refusal(options: BrokerOptions, what: str, reason: object) -> FleetError:
     )
 
 
-def connection_error(options: BrokerOptions, exc: BaseException | None) -> FleetError:
-    """A failed TLS/TCP connection (or one closed before CONNACK, ``exc`` None) with its fix."""
+def connection_error(options: BrokerOptions, exc: LinkError | None) -> FleetError:
+    """A failed connection (``None``: closed before its CONNACK) as the operator should read it: the fix."""
     host, port = options.address
     where = f"the broker at {host}:{port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, TLSFailed) and exc.unverified is not None:
         return FleetError(
-            f"cannot verify the certificate of {where} ({exc.verify_message}): give the fleet CA "
+            f"cannot verify the certificate of {where} ({exc.unverified}): give the fleet CA "
             "with --tls-ca (ca.crt of `edge-fleet ca init`, copied by `provision --operator`)"
         )
-    if isinstance(exc, ssl.SSLError):
-        return FleetError(
-            f"TLS with {where} failed ({exc.reason or exc}); is it a TLS port? (--plaintext for 1883)"
-        )
-    if isinstance(exc, OSError):
-        return FleetError(f"cannot reach {where}: {exc.strerror or exc}")
+    if isinstance(exc, TLSFailed):
+        return FleetError(f"TLS with {where} failed ({exc.detail}); is it a TLS port? (--plaintext for 1883)")
+    if isinstance(exc, Unreachable):
+        return FleetError(f"cannot reach {where}: {exc.detail}")
+    if isinstance(exc, LoginRefused):
+        return FleetError(f"{where} refused the connection {identity_of(options)}: {exc.reason}")
+    if isinstance(exc, NoAnswer):
+        return FleetError(f"{where} refused the connection: no answer within {exc.timeout:.0f} s")
+    if exc is not None and not isinstance(exc, ClosedBeforeLogin):
+        return FleetError(exc.message)
     if options.cert is None and not options.plaintext:
         return FleetError(
             f"{where} closed the connection: it wants a client certificate — give --tls-cert and --tls-key "
@@ -105,8 +124,8 @@ class BrokerOptions:
         """(host, port), the port defaulted for the transport."""
         return self.host, self.port or (PLAIN_PORT if self.plaintext else TLS_PORT)
 
-    def configure(self, client: paho.Client) -> None:
-        """Set TLS (or warn about plain TCP) and the login on an unconnected ``client``."""
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS settings (None, and a warning, with ``--plaintext``)."""
         if self.plaintext:
             if self.ca or self.cert:
                 raise FleetError("--plaintext excludes --tls-ca/--tls-cert/--tls-key")
@@ -114,15 +133,30 @@ class BrokerOptions:
                 "edge-fleet: warning: plain TCP (--plaintext): the link is neither encrypted nor authenticated",
                 file=sys.stderr,
             )
-        else:
-            if (self.cert is None) != (self.key is None):
-                raise FleetError("give both --tls-cert and --tls-key, or neither")
-            try:
-                client.tls_set_context(client_context(self.ca, self.cert, self.key))
-            except LinkError as exc:
-                raise FleetError(exc.message) from exc
+            return None
+        if (self.cert is None) != (self.key is None):
+            raise FleetError("give both --tls-cert and --tls-key, or neither")
+        try:
+            return client_context(self.ca, self.cert, self.key)
+        except LinkError as exc:
+            raise FleetError(exc.message) from exc
+
+    def configure(self, client: _Configurable) -> None:
+        """Set TLS (or warn about plain TCP) and the login on an unconnected ``client`` (tests' own)."""
+        context = self.tls_context()
+        if context is not None:
+            client.tls_set_context(context)
         if self.username:
             client.username_pw_set(self.username, self.password)
+
+    def client(self, name: str = "edge-fleet", **options: Any) -> Client:
+        """An unconnected ``Client`` with these settings (``options``: those of ``Client``)."""
+        settings: dict[str, Any] = {
+            "protocol": self.protocol,
+            "username": self.username,
+            "password": self.password,
+        }
+        return Client(name=name, tls=self.tls_context(), **{**settings, **options})
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -209,79 +243,43 @@ def options_from(args: argparse.Namespace) -> BrokerOptions:
     )
 
 
-def connect(options: BrokerOptions, *, name: str = "edge-fleet", timeout: float = 10.0) -> paho.Client:
-    """A connected MQTT 5 client with its network loop running."""
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{name}-{uuid.uuid4().hex[:12]}",
-        protocol=MQTTProtocolVersion.MQTTv311 if options.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5,
-    )
-    client.on_socket_open = no_delay
-    options.configure(client)
-    host, port = options.address
-    connected = threading.Event()
-    refused: list[str] = []
-    dropped: list[bool] = []
-
-    def on_connect(_c: paho.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
-        if reason.is_failure:
-            refused.append(str(reason))
-        connected.set()
-
-    def on_disconnect(*_a: object) -> None:
-        if not connected.is_set():
-            dropped.append(True)
-            connected.set()
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    try:
-        client.connect(host, port)
-    except (OSError, ssl.SSLError) as exc:
-        raise connection_error(options, exc) from exc
-    client.loop_start()
-    answered = connected.wait(timeout)
-    if dropped:
-        release(client)
-        raise connection_error(options, None)
-    if not answered or refused:
-        release(client)
-        why = refused[0] if refused else f"no answer within {timeout:.0f} s"
-        who = f" {identity_of(options)}" if refused else ""
-        raise FleetError(f"the broker at {host}:{port} refused the connection{who}: {why}")
-    client.on_disconnect = None
-    _report_refusals(client, options)
+def open_client(
+    options: BrokerOptions,
+    *,
+    name: str = "edge-fleet",
+    timeout: float = ANSWER_TIMEOUT_S,
+    **client_options: Any,
+) -> Client:
+    """A connected ``Client``; a failure raises ``FleetError`` naming the fix."""
+    client = options.client(name, **client_options)
+    connect_client(options, client, timeout=timeout)
     return client
 
 
-def release(client: paho.Client) -> None:
-    """Disconnect, stop the network loop and close the socket (a refused or dropped connection
-    leaves it open to paho otherwise)."""
-    client.disconnect()
-    client.loop_stop()
-    sock = client.socket()
-    if sock is not None:
-        sock.close()
+def connect_client(options: BrokerOptions, client: Client, *, timeout: float = ANSWER_TIMEOUT_S) -> bool:
+    """Connect ``client`` (made by ``options.client``) to the broker of ``options``; returns whether the
+    broker kept a session.  A failure raises ``FleetError`` naming the fix."""
+    host, port = options.address
+    try:
+        return client.connect(host, port, timeout=timeout)
+    except LinkError as exc:
+        raise connection_error(options, exc) from exc
 
 
-def _report_refusals(client: paho.Client, options: BrokerOptions) -> None:
-    """Say at once, on stderr, when the broker refuses a subscription or a publication.
-
-    A command that installs its own ``on_subscribe``/``on_publish`` replaces these; the others
-    would otherwise wait for messages the broker will never send.
-    """
-
-    def on_subscribe(_c: object, _u: object, mid: int, reasons: list[ReasonCode], _p: object) -> None:
-        for reason in reasons:
-            if reason.is_failure:
-                print(
-                    f"edge-fleet: {refusal(options, f'subscription {mid}', reason)}",
-                    file=sys.stderr,
-                )
-
-    def on_publish(_c: object, _u: object, _mid: int, reason: ReasonCode, _p: object) -> None:
-        if reason.is_failure:
-            print(f"edge-fleet: {refusal(options, 'publishing', reason)}", file=sys.stderr)
-
-    client.on_subscribe = on_subscribe
-    client.on_publish = on_publish
+def publish_retained(
+    client: Client, messages: list[tuple[str, bytes]], *, timeout: float = _ACK_TIMEOUT_S
+) -> None:
+    """Publish every message (retained, QoS 1) at once, then wait for all the acknowledgements."""
+    try:
+        client.publish_all(messages, timeout=timeout)
+    except PublishRefused as exc:
+        raise FleetError(
+            f"the broker refused {exc.topic} ({exc.reason}): is this identity allowed to publish there?"
+        ) from exc
+    except NoAnswer as exc:
+        raise FleetError(
+            f"the broker did not acknowledge {exc.what} within {timeout:.0f} s (is this identity allowed "
+            "to publish there?); `edge-fleet reconcile` publishes it again"
+        ) from exc
+    except LinkError as exc:
+        raise FleetError(f"{exc.message}; `edge-fleet reconcile` publishes it again") from exc

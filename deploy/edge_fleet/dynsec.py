@@ -3,7 +3,7 @@
 Who may do what is held by the plugin (``dynamic-security.json`` on the broker)
 and changed while the broker runs by publishing commands to
 ``$CONTROL/dynamic-security/v1`` — what ``mosquitto_ctrl`` does, done here with
-paho so the operator's box needs no mosquitto-clients.
+the agent's MQTT link so the operator's box needs no mosquitto-clients.
 
 The rules, all checked by mosquitto at SUBSCRIBE time and again at delivery:
 
@@ -32,12 +32,11 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.reasoncodes import ReasonCode
-
+from agent.link.mqtt import Message, SubscribeRefused
+from edge_contract.errors import LinkError
 from edge_contract.protocol import GroupTopics, Topics
 
-from .broker import BrokerOptions, FleetError, connect, release
+from .broker import BrokerOptions, FleetError, open_client
 
 CONTROL = "$CONTROL/dynamic-security/v1"
 RESPONSE = f"{CONTROL}/response"
@@ -151,23 +150,23 @@ class DynSec:
         self.options = options
         self._responses: list[dict[str, Any]] = []
         self._answered = threading.Condition()
-        self._subscribed = threading.Event()
-        self._refused: list[str] = []
         self._dropped: list[str] = []
-        self.client: paho.Client = connect(options, name="edge-fleet-admin", timeout=self.TIMEOUT_S)
-        self.client.on_message = self._on_message
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.subscribe(RESPONSE, qos=1)
-        if not self._subscribed.wait(self.TIMEOUT_S) or self._refused:
+        self.client = open_client(
+            options, name="edge-fleet-admin", timeout=self.TIMEOUT_S, on_drop=self._on_drop
+        )
+        self.client.route(RESPONSE, self._on_message)
+        try:
+            self.client.subscribed(RESPONSE, timeout=self.TIMEOUT_S)
+        except LinkError as exc:
             self.close()
             who = self.options.cert.stem if self.options.cert else "this login"
+            why = exc.reason if isinstance(exc, SubscribeRefused) else "no answer"
             raise FleetError(
                 f"the broker at {options.host}:{options.address[1]} refused the dynamic-security API "
-                f"({', '.join(self._refused) or 'no answer'}): not authorized as {who}; identity commands "
+                f"({why}): not authorized as {who}; identity commands "
                 "need an operator certificate (edge-fleet provision NAME --operator, registered by "
                 "`edge-fleet broker init --operator NAME`) on the devices' port (--admin-port)"
-            )
+            ) from exc
 
     def __enter__(self) -> DynSec:
         return self
@@ -177,18 +176,14 @@ class DynSec:
 
     def close(self) -> None:
         """Disconnect."""
-        release(self.client)
+        self.client.close()
 
-    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
-        self._refused = [str(r) for r in reasons if r.is_failure]
-        self._subscribed.set()
-
-    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def _on_drop(self, reason: str) -> None:
         with self._answered:
-            self._dropped.append(str(reason))
+            self._dropped.append(reason)
             self._answered.notify_all()
 
-    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         try:
             responses = json.loads(msg.payload).get("responses", [])
         except (ValueError, AttributeError):
@@ -204,7 +199,7 @@ class DynSec:
         """
         with self._answered:
             self._responses.clear()
-        info = self.client.publish(CONTROL, json.dumps({"commands": list(commands)}), qos=1)
+        self.client.publish(CONTROL, json.dumps({"commands": list(commands)}))
         with self._answered:
             done = self._answered.wait_for(
                 lambda: len(self._responses) >= len(commands) or bool(self._dropped), self.TIMEOUT_S
@@ -221,7 +216,6 @@ class DynSec:
                     f"(is the plugin loaded on {self.options.host}:{self.options.address[1]}?)"
                 )
             responses = list(self._responses)
-        del info
         allowed = list(allow)
         for command, response in zip(commands, responses, strict=False):
             error = response.get("error")

@@ -33,25 +33,23 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
+from agent.link.mqtt import Client
 from edge_contract.names import RESERVED_NAMES
 from edge_contract.names import TLS_PORT as DEVICE_PORT
 from edge_contract.protocol import EnrollAnswer, EnrollRequest, FleetTopics, Topics, enroll_topics
 
-from . import approval, pki
-from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, release
+from . import approval, broker, pki
+from .broker import BrokerOptions, FleetError, add_broker_args, open_client, options_from
 from .dynsec import DynSec, _acl, device_role
 from .flags import file_text
-from .identity import membership_message, publish_acked, publish_retained
+from .identity import membership_message, publish_retained
 from .output import ago
-
-if TYPE_CHECKING:
-    import paho.mqtt.client as paho
 
 CLAIM_PREFIX = "claim-"
 #: Seconds before a request whose handling failed (the broker did not answer in time) is tried again.
@@ -181,14 +179,15 @@ def serve_command(args: argparse.Namespace) -> int:
     options = options_from(args)
     admin = replace(options, port=args.admin_port)
     inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-    client = connect(options, name="edge-fleet-enroll")
+    client = open_client(options, name="edge-fleet-enroll")
     answered = 0
     decided: dict[tuple[str, str], EnrollAnswer] = {}  # every request decided, by (claim, nonce)
     sent: set[tuple[str, str]] = set()  # ... and answered
     try:
-        client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
         fleet = FleetTopics(options.prefix)
-        client.subscribe([(fleet.enroll_requests, 1), (fleet.any_renew_csr, 1)])
+        for topic_filter in (fleet.enroll_requests, fleet.any_renew_csr):
+            client.route(topic_filter, lambda message: inbox.put((message.topic, message.payload)))
+        client.subscribed([(fleet.enroll_requests, 1), (fleet.any_renew_csr, 1)])
         print(f"answering enrollment requests under {options.prefix}/enroll/ (Ctrl-C stops)", flush=True)
         later: list[tuple[float, str, bytes]] = []  # requests whose handling failed, tried again
         while args.count is None or answered < args.count:
@@ -213,12 +212,12 @@ def serve_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        release(client)
+        client.close()
     return 0
 
 
 def _handle(
-    client: paho.Client,
+    client: Client,
     admin: BrokerOptions,
     ca_dir: Path,
     prefix: str,
@@ -230,7 +229,7 @@ def _handle(
     """Answer one request (renewal or enrollment); False when it was a repeat, only cleared."""
 
     def publish(messages: list[tuple[str, bytes]]) -> None:
-        publish_acked(client, messages)
+        broker.publish_retained(client, messages, timeout=DynSec.TIMEOUT_S)
 
     parts = topic.split("/")
     if parts[2:] == ["renew", "csr"]:

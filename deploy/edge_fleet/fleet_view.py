@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import queue
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
+from agent.link.mqtt import SubscribeRefused
+from edge_contract.errors import LinkError
 from edge_contract.protocol import FleetTopics, ModelState, Status
 from edge_contract.telemetry import Telemetry
 
-from .broker import TLS_PORT, BrokerOptions, FleetError, connect, identity_of
+from .broker import TLS_PORT, BrokerOptions, FleetError, identity_of, open_client
 
 Kind = Literal["status", "model", "telemetry", "desired"]
 # Retained messages arrive in one burst right after subscribing; this much quiet ends it.
@@ -203,42 +203,33 @@ class FleetFeed:
 
     def __init__(self, options: BrokerOptions, *, telemetry: bool, desired: bool = False) -> None:
         self.view = FleetView(options.prefix)
-        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-        self.client = connect(options, name="edge-fleet")
-        self.client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, bytes(msg.payload)))
+        self.client = open_client(options, name="edge-fleet")
         subscriptions = self.view.subscriptions()
         if not telemetry:
             subscriptions = [s for s in subscriptions if s[0] != FleetTopics(options.prefix).any_telemetry]
         if desired:
             subscriptions.append((FleetTopics(options.prefix).any_model_desired, 1))
-        answered = threading.Event()
-        refused: list[str] = []
-
-        def on_subscribe(_c: object, _u: object, _mid: int, reasons: list[ReasonCode], _p: object) -> None:
-            refused.extend(str(r) for r in reasons if r.is_failure)
-            answered.set()
-
-        self.client.on_subscribe = on_subscribe
-        self.client.subscribe(subscriptions)
-        if not answered.wait(_SUBACK_S) or refused:
+        try:
+            self.client.subscribed(subscriptions, timeout=_SUBACK_S)
+        except LinkError as exc:
             self.close()
             host, port = options.address
-            why = refused[0] if refused else f"no answer within {_SUBACK_S:.0f} s"
+            why = exc.reason if isinstance(exc, SubscribeRefused) else f"no answer within {_SUBACK_S:.0f} s"
             raise FleetError(
                 f"the broker at {host}:{port} refused to show the fleet's status ({why}): not authorized as "
                 f"{identity_of(options)} — is {port} the devices' listener? Operators' tools use the "
                 f"operators' port (--broker {host}:{TLS_PORT}) with an operator certificate"
-            )
+            ) from exc
 
     def pump(self, wait: float) -> int:
         """Feed what arrived (waiting up to ``wait`` for the first); returns how many."""
         count = 0
         try:
-            topic, payload = self._inbox.get(timeout=wait)
+            msg = self.client.messages.get(timeout=wait)
             while True:
-                self.view.feed(topic, payload)
+                self.view.feed(msg.topic, msg.payload)
                 count += 1
-                topic, payload = self._inbox.get_nowait()
+                msg = self.client.messages.get_nowait()
         except queue.Empty:
             return count
 
@@ -253,5 +244,4 @@ class FleetFeed:
 
     def close(self) -> None:
         """Disconnect."""
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.close()

@@ -22,13 +22,13 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -36,14 +36,11 @@ from agent.link.tls import certificate_expiry
 from edge_contract.names import TLS_PORT as DEVICE_PORT
 from edge_contract.protocol import Membership, Status, Topics
 
-from . import pki
-from .broker import BrokerOptions, FleetError, add_broker_args, connect, options_from, parse_address, release
+from . import broker, pki
+from .broker import BrokerOptions, FleetError, add_broker_args, open_client, options_from, parse_address
 from .dynsec import ADMIN_ROLE, DynSec
 from .inventory import record_certificate_file
 from .sessions import Settled, settle
-
-if TYPE_CHECKING:
-    import paho.mqtt.client as paho
 
 T = TypeVar("T")
 
@@ -218,46 +215,22 @@ def membership_message(
 
 def pushed_labels(options: BrokerOptions, name: str, wait_s: float = 1.0) -> dict[str, str]:
     """The labels of the box's retained membership (none when there is none)."""
-    found: dict[str, str] = {}
-    subscribed, arrived = threading.Event(), threading.Event()
-
-    def on_message(_c: object, _u: object, msg: paho.MQTTMessage) -> None:
-        with contextlib.suppress(ValidationError):
-            found.update(Membership.model_validate_json(msg.payload).labels if msg.payload else {})
-        arrived.set()
-
-    client = connect(options, name="edge-fleet-identity")
-    try:
-        client.on_message = on_message
-        client.on_subscribe = lambda *_a: subscribed.set()
-        client.subscribe(Topics(options.prefix, name, None).membership, qos=1)
-        # A retained message follows the SUBACK at once; no message within wait_s: there is none.
-        if subscribed.wait(DynSec.TIMEOUT_S):
-            arrived.wait(wait_s)
-    finally:
-        release(client)
-    return found
+    with open_client(options, name="edge-fleet-identity") as client:
+        client.subscribed(Topics(options.prefix, name, None).membership)
+        # A retained message follows the SUBACK at once; none within wait_s: there is none.
+        try:
+            message = client.messages.get(timeout=wait_s)
+        except queue.Empty:
+            return {}
+    with contextlib.suppress(ValidationError):
+        return dict(Membership.model_validate_json(message.payload).labels) if message.payload else {}
+    return {}
 
 
 def publish_retained(options: BrokerOptions, messages: list[tuple[str, bytes]]) -> None:
     """Publish retained ``(topic, payload)`` pairs on the operators' listener, each acknowledged."""
-    client = connect(options, name="edge-fleet-identity")
-    try:
-        publish_acked(client, messages)
-    finally:
-        release(client)
-
-
-def publish_acked(client: paho.Client, messages: list[tuple[str, bytes]]) -> None:
-    """Publish retained ``(topic, payload)`` pairs through a connected ``client``, each acknowledged."""
-    for topic, payload in messages:
-        info = client.publish(topic, payload, qos=1, retain=True)
-        try:
-            info.wait_for_publish(DynSec.TIMEOUT_S)
-        except RuntimeError as exc:  # paho: the connection is gone
-            raise FleetError(f"the retained message on {topic} was not sent: {exc}") from exc
-        if not info.is_published():
-            raise FleetError(f"the broker did not acknowledge the retained message on {topic}")
+    with open_client(options, name="edge-fleet-identity") as client:
+        broker.publish_retained(client, messages, timeout=DynSec.TIMEOUT_S)
 
 
 def identities_command(args: argparse.Namespace) -> int:

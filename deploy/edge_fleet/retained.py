@@ -25,12 +25,11 @@ import argparse
 import queue
 import time
 
-import paho.mqtt.client as paho
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
+from agent.link.mqtt import Message, PublishRefused, SubscribeRefused
+from edge_contract.errors import LinkError
 from edge_contract.protocol import FleetTopics
 
-from .broker import BrokerOptions, add_broker_args, connect, options_from, release
+from .broker import BrokerOptions, FleetError, add_broker_args, open_client, options_from, refusal
 
 #: A sweep without --follow ends after this long without a retained message to clear.
 QUIET_S = 1.0
@@ -66,27 +65,34 @@ def sweep(options: BrokerOptions, *, follow: bool = False, quiet_s: float = QUIE
     """Clear the retained messages under ``swept_filters``; returns how many."""
     found: queue.SimpleQueue[str] = queue.SimpleQueue()
 
-    def on_message(_c: object, _u: object, msg: paho.MQTTMessage) -> None:
+    def take(msg: Message) -> None:
         if msg.retain and msg.payload:
             found.put(msg.topic)
 
-    client = connect(options, name="edge-fleet-sweep")
+    client = open_client(options, name="edge-fleet-sweep")
     cleared = 0
     try:
-        client.on_message = on_message
-        rap = SubscribeOptions(qos=1, retainAsPublished=True)
-        client.subscribe([(f, rap) for f in swept_filters(options.prefix)])
+        client.route("#", take)
+        try:
+            client.subscribed(swept_filters(options.prefix), retain_as_published=True)
+        except SubscribeRefused as exc:
+            raise refusal(options, f"subscribing to {exc.topic}", exc.reason) from exc
         last = time.monotonic()
         while follow or time.monotonic() - last < quiet_s:
             try:
                 topic = found.get(timeout=0.1)
             except queue.Empty:
                 continue
-            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10.0)
+            try:
+                client.publish(topic, b"", retain=True).wait()
+            except PublishRefused as exc:
+                raise refusal(options, f"clearing {topic}", exc.reason) from exc
+            except LinkError as exc:
+                raise FleetError(f"clearing {topic}: {exc.message}") from exc
             cleared += 1
             last = time.monotonic()
     except KeyboardInterrupt:
         pass
     finally:
-        release(client)
+        client.close()
     return cleared

@@ -28,33 +28,20 @@ done again (up to ``ATTEMPTS`` times).
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from typing import Any
+import queue
+from dataclasses import dataclass
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from agent.link.mqtt import no_delay
+from agent.link.mqtt import Client, ConnectionLost, Message, NoAnswer
+from edge_contract.errors import LinkError
 from edge_contract.protocol import GroupTopics, Topics
 
-from .broker import BrokerOptions, FleetError, connect, connection_error, release
+from .broker import BrokerOptions, FleetError, connect_client, open_client
 
 #: How long the broker keeps a moved device's session (the agent's default ``session_expiry_s``).
 KEPT_EXPIRY_S = 7 * 24 * 3600
 ATTEMPTS = 5
+#: An UNSUBACK or PUBACK takes milliseconds; 10 s covers a busy broker and a slow link.
 TIMEOUT_S = 10.0
-#: Properties of a job that must survive being published again.
-_KEPT_PROPERTIES = (
-    "ResponseTopic",
-    "CorrelationData",
-    "UserProperty",
-    "ContentType",
-    "PayloadFormatIndicator",
-    "MessageExpiryInterval",
-)
 
 
 def group_filters(prefix: str, group: str) -> list[str]:
@@ -63,13 +50,9 @@ def group_filters(prefix: str, group: str) -> list[str]:
     return [topics.shared_jobs, topics.jobs, topics.model_desired]
 
 
-@dataclass(frozen=True)
-class Held:
-    """A message taken from the session."""
-
-    topic: str
-    payload: bytes
-    properties: Any
+#: A message taken from the session: its response topic, correlation and other properties are
+#: kept when it is published again (``Message.extra``).
+Held = Message
 
 
 @dataclass
@@ -94,18 +77,6 @@ def disposition(topic: str, prefix: str, left: list[str], *, end: bool) -> str:
     return "drop" if end else "own"
 
 
-@dataclass
-class _Connection:
-    """The takeover connection's state, filled by paho's thread."""
-
-    ready: threading.Condition = field(default_factory=threading.Condition)
-    connack: str | None = None
-    present: bool = False
-    dropped: bool = False
-    unacked: dict[int, int] = field(default_factory=dict)  # barrier mid -> answered
-    held: list[tuple[int, Held]] = field(default_factory=list)
-
-
 def settle(options: BrokerOptions, name: str, left: list[str], *, end: bool) -> Settled:
     """Settle device ``name``'s session (see the module); ``left``: the groups it left."""
     result = Settled()
@@ -122,12 +93,9 @@ def settle(options: BrokerOptions, name: str, left: list[str], *, end: bool) -> 
             "run the command again"
         )
     if requeue:
-        client = connect(options, name="edge-fleet-requeue")
-        try:
+        with open_client(options, name="edge-fleet-requeue") as client:
             for held in requeue:
                 _publish(client, held)
-        finally:
-            release(client)
         result.requeued += len(requeue)
     return result
 
@@ -139,108 +107,70 @@ class _TakenBack(Exception):
 def _settle_once(
     options: BrokerOptions, name: str, left: list[str], *, end: bool, result: Settled, requeue: list[Held]
 ) -> None:
-    state = _Connection()
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=MQTTProtocolVersion.MQTTv5)
-    client.on_socket_open = no_delay
-    client.manual_ack_set(True)
-    options.configure(client)
-
-    def on_connect(_c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
-        with state.ready:
-            state.connack = str(reason) if reason.is_failure else "ok"
-            state.present = bool(flags.session_present)
-            state.ready.notify_all()
-
-    def on_disconnect(*_a: Any) -> None:
-        with state.ready:
-            state.dropped = True
-            state.ready.notify_all()
-
-    def on_unsubscribe(_c: Any, _u: Any, mid: int, _r: Any, _p: Any) -> None:
-        with state.ready:
-            state.unacked[mid] = 1
-            state.ready.notify_all()
-
-    def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
-        held = Held(msg.topic, bytes(msg.payload), getattr(msg, "properties", None))
-        with state.ready:
-            state.held.append((msg.mid, held))
-
-    client.on_connect, client.on_disconnect = on_connect, on_disconnect
-    client.on_unsubscribe, client.on_message = on_unsubscribe, on_message
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 0 if end else KEPT_EXPIRY_S
-    host, port = options.address
+    client = options.client(
+        client_id=name,
+        keep_session=True,
+        session_expiry_s=0 if end else KEPT_EXPIRY_S,
+        manual_ack=True,
+    )
+    present = connect_client(options, client, timeout=TIMEOUT_S)
     try:
-        client.connect(host, port, clean_start=False, properties=props)
-    except OSError as exc:
-        raise connection_error(options, exc) from exc
-    client.loop_start()
-    try:
-        with state.ready:
-            if not state.ready.wait_for(lambda: state.connack is not None or state.dropped, TIMEOUT_S):
-                raise FleetError(f"the broker at {host}:{port} did not answer within {TIMEOUT_S:.0f} s")
-            if state.connack is None:
-                raise connection_error(options, None)
-            if state.connack != "ok":
-                raise FleetError(
-                    f"the broker at {host}:{port} refused to settle {name}'s session: {state.connack}"
-                )
-            result.present = result.present or state.present
+        result.present = result.present or present
         filters = [f for group in left for f in group_filters(options.prefix, group)]
         # Unsubscribing from a filter the session never held: a round trip that changes nothing.
         barrier = filters or [Topics(options.prefix, name).status]
-        taken = 0
         for _round in range(1000):
-            _round_trip(client, state, barrier, name)
-            with state.ready:
-                fresh = state.held[taken:]
-                taken = len(state.held)
+            _round_trip(client, barrier, name)
+            fresh = _drain(client.messages)  # arrived before the UNSUBACK
             if not fresh:
                 break
-            for mid, held in fresh:
-                what = disposition(held.topic, options.prefix, left, end=end)
+            for message in fresh:
+                what = disposition(message.topic, options.prefix, left, end=end)
                 if what == "group":
-                    _publish(client, held)
+                    _publish(client, message)
                     result.handed_back += 1
                 elif what == "own":
-                    requeue.append(held)
+                    requeue.append(message)
                 else:
                     result.dropped += 1
-                client.ack(mid, 1)
-        if not end and not state.present:
-            # No session was there: leave none behind either.
-            gone = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
-            gone.SessionExpiryInterval = 0
-            client.disconnect(properties=gone)
-        else:
-            client.disconnect()
+                client.ack(message)
+    except ConnectionLost as exc:
+        raise _TakenBack(name) from exc
     finally:
-        client.loop_stop()
-        sock = client.socket()
-        if sock is not None:
-            sock.close()
+        # No session was there: leave none behind either.
+        client.close(end_session=not end and not present)
 
 
-def _round_trip(client: paho.Client, state: _Connection, filters: list[str], name: str) -> None:
+def _drain(held: queue.SimpleQueue[Held]) -> list[Held]:
+    taken = []
+    while True:
+        try:
+            taken.append(held.get_nowait())
+        except queue.Empty:
+            return taken
+
+
+def _round_trip(client: Client, filters: list[str], name: str) -> None:
     """UNSUBSCRIBE ``filters`` and wait for the UNSUBACK: every message the broker sent before it
     has arrived by then (one connection's packets keep their order)."""
-    _rc, mid = client.unsubscribe(filters)
-    with state.ready:
-        state.ready.wait_for(lambda: mid in state.unacked or state.dropped, TIMEOUT_S)
-        if state.dropped:
-            raise _TakenBack(name)
-        if mid not in state.unacked:
-            raise FleetError(f"the broker did not answer an UNSUBSCRIBE within {TIMEOUT_S:.0f} s")
+    try:
+        client.unsubscribe(filters).wait(TIMEOUT_S)
+    except NoAnswer as exc:
+        raise FleetError(f"the broker did not answer an UNSUBSCRIBE within {TIMEOUT_S:.0f} s") from exc
 
 
-def _publish(client: paho.Client, held: Held) -> None:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    for name in _KEPT_PROPERTIES:
-        value = getattr(held.properties, name, None) if held.properties is not None else None
-        if value is not None:
-            setattr(props, name, value)
-    info = client.publish(held.topic, held.payload, qos=1, properties=props)
-    info.wait_for_publish(TIMEOUT_S)
-    if not info.is_published():
-        raise FleetError(f"publishing a held message again to {held.topic} was not acknowledged")
+def _publish(client: Client, held: Held) -> None:
+    try:
+        client.publish(
+            held.topic,
+            held.payload,
+            response_topic=held.response_topic,
+            correlation=held.correlation,
+            extra=held.extra,
+        ).wait(TIMEOUT_S)
+    except ConnectionLost:
+        raise
+    except LinkError as exc:
+        raise FleetError(
+            f"publishing a held message again to {held.topic} was not acknowledged ({exc.message})"
+        ) from exc

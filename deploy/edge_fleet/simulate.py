@@ -8,9 +8,8 @@ download, load, smoke test, inference — is replaced by a configurable delay an
 failure rate.  It exists to test rollouts and fleet views at a scale no lab
 has boxes for; nothing here runs on a box.
 
-All clients share one thread: paho's external-loop hooks
-(``on_socket_open``/``close``/``register_write``/``unregister_write``) feed a
-``selectors`` loop, and a heap of timers drives updates and telemetry.  A
+All clients share one thread: the link's ``SelectorLoop`` (a ``selectors`` loop
+in place of a network thread per client), and a heap of timers drives updates and telemetry.  A
 thousand devices cost a thousand sockets, not a thousand threads.
 """
 
@@ -24,7 +23,6 @@ import json
 import logging
 import random
 import resource
-import selectors
 import signal
 import sys
 import threading
@@ -32,13 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+from agent.link.mqtt import Client, Message
+from agent.link.mqtt.selector import SelectorLoop
 from edge_contract import signing
-from edge_contract.errors import UpdateError
+from edge_contract.errors import LinkError, UpdateError
 from edge_contract.manifest import Manifest
 from edge_contract.protocol import (
     ErrorInfo,
@@ -87,7 +82,9 @@ class Simulator:
         self.telemetry_interval_s = telemetry_interval_s
         self.trusted = trusted
         self.seed = seed
-        self.selector = selectors.DefaultSelector()
+        self.loop = SelectorLoop()
+        # One TLS context for every device (the plain-TCP warning is given once, by the command).
+        self.tls = None if options.plaintext else options.tls_context()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._tick = itertools.count()
         self._stop = threading.Event()
@@ -118,36 +115,16 @@ class Simulator:
             wait = 0.05
             if self._timers:
                 wait = max(0.0, min(wait, self._timers[0][0] - time.monotonic()))
-            for key, mask in self.selector.select(wait):
-                client: paho.Client = key.data
-                if mask & selectors.EVENT_READ:
-                    client.loop_read()
-                if mask & selectors.EVENT_WRITE:
-                    client.loop_write()
+            self.loop.poll(wait)
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 _t, _n, action = heapq.heappop(self._timers)
                 action()
             if now >= next_misc:  # keepalive pings and retries, once a second
                 next_misc = now + 1.0
-                for device in self.devices:
-                    device.client.loop_misc()
+                self.loop.tick()
         for device in self.devices:
             device.disconnect()
-
-    # paho's external-loop hooks: keep the selector in step with each client's socket.
-    def _open(self, client: paho.Client, _u: Any, sock: Any) -> None:
-        self.selector.register(sock, selectors.EVENT_READ, client)
-
-    def _close(self, _c: paho.Client, _u: Any, sock: Any) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(sock)
-
-    def _want_write(self, client: paho.Client, _u: Any, sock: Any) -> None:
-        self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
-
-    def _wrote(self, client: paho.Client, _u: Any, sock: Any) -> None:
-        self.selector.modify(sock, selectors.EVENT_READ, client)
 
 
 class SimulatedDevice:
@@ -176,66 +153,58 @@ class SimulatedDevice:
         self.desired: dict[str, bytes] = {}
         self.working_on: str | None = None
         self.refused: set[str] = set()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=device_id, protocol=MQTTProtocolVersion.MQTTv5
-        )
-        client = self.client
-        if not sim.options.plaintext:
-            sim.options.configure(client)  # TLS and login, as every edge-fleet command
-        elif sim.options.username:  # (the plain-TCP warning is given once, by the command)
-            client.username_pw_set(sim.options.username, sim.options.password)
         offline = Status(online=False, device_id=device_id, group=sim.group)
-        client.will_set(self.topics["status"], offline.model_dump_json(), qos=1, retain=True)
-        client.on_socket_open = sim._open
-        client.on_socket_close = sim._close
-        client.on_socket_register_write = sim._want_write
-        client.on_socket_unregister_write = sim._wrote
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        self.client = Client(
+            device_id,
+            tls=sim.tls,
+            username=sim.options.username,
+            password=sim.options.password,
+            will=(self.topics["status"], offline.model_dump_json()),
+            on_connect=self._on_connect,
+            on_drop=self._on_disconnect,
+        )
+        self.client.route("#", self._on_message)
+        sim.loop.add(self.client)
 
     def connect(self) -> None:
         """Open the connection (the loop completes the handshake)."""
         host, port = self.sim.options.address
-        self.client.connect(host, port, keepalive=60)
+        self.sim.loop.connect(self.client, host, port)
 
     def disconnect(self) -> None:
         """Leave cleanly: the retained status says offline."""
         offline = Status(online=False, device_id=self.device_id, group=self.sim.group)
         self.client.publish(self.topics["status"], offline.model_dump_json(), qos=0, retain=True)
-        self.client.disconnect()
-        self.client.loop_write()
+        self.sim.loop.leave(self.client)
 
-    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            return
+    def _on_connect(self, _session_present: bool) -> None:
         self.sim.connected += 1
-        client.subscribe([(self.topics["desired"], 1), (self.topics["jobs"], 1)])
+        self.client.subscribe([self.topics["desired"], self.topics["jobs"]])
         if self.topics["group_desired"]:
-            client.subscribe(self.topics["group_desired"], qos=1)
+            self.client.subscribe(self.topics["group_desired"])
         self._publish_status()
         self._publish_state()
         # Spread the fleet's telemetry over the interval, as boxes booted at random times would.
         self.sim.later(self.noise.uniform(0, self.sim.telemetry_interval_s), self._telemetry)
 
-    def _on_disconnect(self, *_a: Any) -> None:
+    def _on_disconnect(self, _reason: str) -> None:
         self.sim.connected -= 1
         if not self.sim._stop.is_set():
             self.sim.later(1.0 + self.noise.random(), self._reconnect)
 
     def _reconnect(self) -> None:
         try:
-            self.client.reconnect()
-        except OSError:
+            self.sim.loop.reconnect(self.client)
+        except LinkError:
             self.sim.later(2.0, self._reconnect)
 
-    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         if msg.topic == self.topics["jobs"]:
             self._on_job(msg)
             return
         source = "device" if msg.topic == self.topics["desired"] else "group"
         if msg.payload:
-            self.desired[source] = bytes(msg.payload)
+            self.desired[source] = msg.payload
         else:
             self.desired.pop(source, None)
         self._converge()
@@ -323,16 +292,13 @@ class SimulatedDevice:
 
     # -- jobs and telemetry, simulated -----------------------------------------------------------
 
-    def _on_job(self, msg: paho.MQTTMessage) -> None:
+    def _on_job(self, msg: Message) -> None:
         try:
             job_id = str(json.loads(msg.payload)["id"])[:128]
         except (ValueError, KeyError, TypeError):
             return
-        props = getattr(msg, "properties", None)
-        reply = getattr(props, "ResponseTopic", None) or Topics(
-            self.sim.options.prefix, self.device_id
-        ).result(job_id)
-        correlation = getattr(props, "CorrelationData", None)
+        reply = msg.response_topic or Topics(self.sim.options.prefix, self.device_id).result(job_id)
+        correlation = msg.correlation
 
         def answer() -> None:
             # (device_id: with the agents' protocol that names the device that answered)
@@ -345,10 +311,7 @@ class SimulatedDevice:
             if "device_id" in Result.model_fields:
                 fields["device_id"] = self.device_id
             result = Result.model_validate(fields)
-            out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if correlation is not None:
-                out.CorrelationData = correlation
-            self.client.publish(reply, result.model_dump_json(exclude_none=True), qos=1, properties=out)
+            self.client.publish(reply, result.model_dump_json(exclude_none=True), correlation=correlation)
 
         self.sim.later(self.sim.job_delay_s, answer)
 

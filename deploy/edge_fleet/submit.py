@@ -11,18 +11,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
-from agent.link.mqtt import no_delay
+from agent.link.mqtt import Ack, ConnectionLost, Message, NoAnswer, PublishRefused
+from edge_contract.errors import LinkError
 from edge_contract.protocol import REPLY, Chunk, FleetTopics, JobRequest, Result, Status
 
-from .broker import BrokerOptions, FleetError, connection_error, refusal, release
+from .broker import BrokerOptions, FleetError, connect_client, connection_error, refusal
 
 
 class JobFailed(Exception):
@@ -43,59 +39,38 @@ class Submitter:
         self._inbox: dict[bytes, queue.Queue[Chunk | Result]] = {}
         self._lock = threading.Lock()
         self._reply_topic = FleetTopics(prefix).reply(uuid.uuid4().hex)
-        self._ready = threading.Event()
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edge-fleet-{uuid.uuid4().hex[:12]}",
-            protocol=MQTTProtocolVersion.MQTTv5,
-        )
-        self._client.on_socket_open = no_delay
+        self._broker = broker
+        self._suback: Ack | None = None
         try:
-            broker.configure(self._client)
+            # MQTT 5 whatever the profile says: replies need a response topic.
+            self._client = broker.client("edge-fleet", protocol="5", on_connect=self._subscribe)
+            self._client.route(self._reply_topic, self._on_reply)
+            connect_client(broker, self._client, timeout=timeout)
         except FleetError as exc:
             raise JobFailed(str(exc)) from exc
         host, port = broker.address
-        self._client.on_connect = self._on_connect
-        self._broker = broker
-        self._refused: list[str] = []  # SUBACK/PUBACK refusals, named at once (issue 13)
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_publish = self._on_publish
-        self._client.on_message = self._on_message
+        assert self._suback is not None  # sent by the connection's hook
         try:
-            self._client.connect(host, port)
-        except OSError as exc:
-            raise JobFailed(str(connection_error(broker, exc))) from exc
-        dropped: list[bool] = []
-
-        def on_disconnect(*_a: Any) -> None:
-            dropped.append(True)
-            self._ready.set()
-
-        self._client.on_disconnect = on_disconnect
-        self._client.loop_start()
-        answered = self._ready.wait(timeout)
-        self._client.on_disconnect = None
-        if dropped:  # closed before the subscription was answered: the broker refused this client
+            refused = self._suback.wait(timeout)[0]
+        except ConnectionLost:  # closed before the subscription was answered: the broker refused this client
             self.close()
-            raise JobFailed(str(connection_error(broker, None)))
-        if not answered:
+            raise JobFailed(str(connection_error(broker, None))) from None
+        except NoAnswer:
             self.close()
-            raise JobFailed(f"the broker at {host}:{port} did not accept the subscription in {timeout} s")
-        if self._refused:
+            raise JobFailed(
+                f"the broker at {host}:{port} did not accept the subscription in {timeout} s"
+            ) from None
+        if refused is not None:
             self.close()
-            raise JobFailed(str(refusal(broker, f"subscribing to {self._reply_topic}", self._refused[0])))
+            raise JobFailed(str(refusal(broker, f"subscribing to {self._reply_topic}", refused)))
 
-    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
-        self._refused += [str(r) for r in reasons if r.is_failure]
-        self._ready.set()
-
-    def _on_publish(self, _c: Any, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            self._refused.append(str(reason))
+    def _subscribe(self, _session_present: bool) -> None:
+        # Every (re)connection subscribes again: the session ends with the connection.
+        self._suback = self._client.subscribe(self._reply_topic)
 
     def close(self) -> None:
         """Disconnect."""
-        release(self._client)
+        self._client.close()
 
     def __enter__(self) -> Submitter:
         return self
@@ -103,13 +78,9 @@ class Submitter:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _on_connect(self, client: paho.Client, *_a: Any) -> None:
-        client.subscribe(self._reply_topic, qos=1)
-
-    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        correlation = getattr(getattr(msg, "properties", None), "CorrelationData", None)
+    def _on_reply(self, msg: Message) -> None:
         with self._lock:
-            box = self._inbox.get(bytes(correlation or b""))
+            box = self._inbox.get(msg.correlation or b"")
         if box is None:
             return
         try:
@@ -122,19 +93,18 @@ class Submitter:
         """The retained statuses under ``topic_filter`` (``{prefix}/D/status`` or ``{prefix}/+/status``):
         what arrives within ``wait`` seconds of subscribing, ending early after a short quiet.  None
         when this identity may not read them (the broker refused the subscription)."""
-        refusals_before = len(self._refused)
         found: dict[str, Status] = {}
         last = [time.monotonic()]
 
-        def on_status(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        def on_status(msg: Message) -> None:
             last[0] = time.monotonic()
             try:
                 found[msg.topic] = Status.model_validate_json(msg.payload)
             except ValidationError:
                 return
 
-        self._client.message_callback_add(topic_filter, on_status)
-        self._client.subscribe(topic_filter, qos=1)
+        self._client.route(topic_filter, on_status)
+        suback = self._client.subscribe(topic_filter)
         try:
             end = time.monotonic() + wait
             while time.monotonic() < end:
@@ -142,13 +112,16 @@ class Submitter:
                 # Retained messages follow the subscription at once; 0.5 s of quiet after them ends it.
                 if found and time.monotonic() - last[0] > 0.5:
                     break
-            if len(self._refused) > refusals_before:  # not allowed to look: say nothing, refuse nothing
-                del self._refused[refusals_before:]
+            try:
+                refused = suback.wait()[0]  # answered long before the retained messages ended
+            except LinkError:
+                refused = None
+            if refused is not None:  # not allowed to look: say nothing, refuse nothing
                 return None
             return list(found.values())
         finally:
             self._client.unsubscribe(topic_filter)
-            self._client.message_callback_remove(topic_filter)
+            self._client.unroute(topic_filter)
 
     def wait_online(self, device_id: str, timeout: float = 60.0) -> Status:
         """Block until ``device_id`` announces itself online (its retained status)."""
@@ -156,7 +129,7 @@ class Submitter:
         found: list[Status] = []
         topic = FleetTopics(self.prefix).device(device_id).status
 
-        def on_status(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        def on_status(msg: Message) -> None:
             try:
                 status = Status.model_validate_json(msg.payload)
             except ValidationError:
@@ -165,15 +138,15 @@ class Submitter:
                 found.append(status)
                 online.set()
 
-        self._client.message_callback_add(topic, on_status)
-        self._client.subscribe(topic, qos=1)
+        self._client.route(topic, on_status)
+        self._client.subscribe(topic)
         try:
             if not online.wait(timeout):
                 raise JobFailed(f"device {device_id} did not come online within {timeout:.0f} s")
             return found[-1]
         finally:
             self._client.unsubscribe(topic)
-            self._client.message_callback_remove(topic)
+            self._client.unroute(topic)
 
     def run(
         self,
@@ -189,17 +162,20 @@ class Submitter:
         with self._lock:
             self._inbox[correlation] = box
         try:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ResponseTopic = self._reply_topic
-            props.CorrelationData = correlation
-            info = self._client.publish(
-                topic, request.model_dump_json(exclude_none=True).encode(), qos=1, properties=props
+            sent = self._client.publish(
+                topic,
+                request.model_dump_json(exclude_none=True).encode(),
+                response_topic=self._reply_topic,
+                correlation=correlation,
             )
-            info.wait_for_publish(timeout=10)
-            if self._refused:
+            try:
+                sent.wait(10)
+            except PublishRefused as exc:
                 raise JobFailed(
-                    str(refusal(self._broker, f"publishing job {request.id} to {topic}", self._refused[-1]))
-                )
+                    str(refusal(self._broker, f"publishing job {request.id} to {topic}", exc.reason))
+                ) from exc
+            except (NoAnswer, ConnectionLost):
+                pass  # sent again once connected; the result's wait below bounds it
             seen: set[int] = set()
             end = time.monotonic() + timeout
             while True:

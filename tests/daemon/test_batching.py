@@ -9,7 +9,6 @@ batch's occupancy.
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -32,14 +31,7 @@ def batch_agent(agents):  # type: ignore[no-untyped-def]
 
 
 def _settle(caller, ids: list[str], timeout: float = 90) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]
-    for job_id in ids:
-        caller.wait_result(job_id, timeout=timeout)
-    # A job sent after them is answered after any duplicate of theirs would have been: the broker
-    # redelivers before it delivers new messages, and the agent takes jobs in order.
-    marker = f"marker-{uuid.uuid4().hex[:8]}"
-    caller.send(JOBS, {"id": marker, "prompt": "hi", "max_tokens": 1})
-    caller.wait_result(marker, timeout=timeout)
-    return {job_id: caller.results(job_id) for job_id in ids}
+    return caller.settle(JOBS, ids, timeout=timeout)
 
 
 def test_batched_jobs_get_their_solo_output_streamed(batch_agent, caller) -> None:  # type: ignore[no-untyped-def]

@@ -55,13 +55,11 @@ def _gone(broker, fleet, name_prefix: str = "gone") -> None:  # type: ignore[no-
         caller.close()
 
 
-def _retained(broker, topic_filter: str, settle: float = 1.5) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+def _retained(broker, topic_filter: str) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
     """Non-empty retained messages under ``topic_filter`` right now."""
     caller = Caller(broker.host, broker.port, reply_filter="test/nothing/#")
     try:
-        caller.subscribe(topic_filter)
-        time.sleep(settle)
-        return {t: body for t, body, _c in list(caller.raw.queue) if body}
+        return {t: body for t, body in caller.retained(topic_filter) if body}
     finally:
         caller.close()
 

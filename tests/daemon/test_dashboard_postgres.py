@@ -4,7 +4,6 @@ history's downsampling and retention, and browser sessions, as on SQLite (``test
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,13 +15,6 @@ from edge_fleet.server.store import Seen, Store
 from tests.support.postgres import Postgres
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    cluster = Postgres()
-    yield cluster
-    cluster.stop()
 
 
 def test_history_and_sessions_on_postgresql(postgres: Postgres) -> None:

@@ -25,6 +25,10 @@ from tests.support.models import fixture_path
 from tests.support.wait import wait_until
 
 JOBS = "edge/box-1/jobs"
+TELEMETRY = "edge/box-1/telemetry"
+# How long the disk stays full, in events: jobs sent meanwhile, store errors met meanwhile.
+FULL_FLOOD = 500
+FULL_ERRORS = 8
 pytestmark = pytest.mark.e2e
 
 
@@ -40,6 +44,20 @@ def mounts():  # type: ignore[no-untyped-def]
     yield mount
     for disk in made:
         disk.close()
+
+
+def _more_sent(sent: list[str], n: int) -> None:
+    """Wait until the flood has sent ``n`` more jobs (a stretch counted in jobs, not seconds)."""
+    target = len(sent) + n
+    wait_until(lambda: len(sent) >= target, timeout=120, what=f"{n} more jobs sent")
+
+
+def _store_errors(caller) -> int:  # type: ignore[no-untyped-def]
+    """The highest job-store error count the agent's telemetry reported so far."""
+    counts = [
+        json.loads(body)["jobs"]["store_errors"] for t, body, _c in list(caller.raw.queue) if t == TELEMETRY
+    ]
+    return max(counts, default=0)
 
 
 def _error_lines(log: str) -> list[str]:
@@ -68,19 +86,22 @@ def test_a_disk_that_fills_while_jobs_stream_in_loses_nothing_and_the_agent_live
         wait_until(lambda: len(sent) > 50, what="jobs flowing")
         disk.fill()
         wait_until(lambda: "disk is full" in agent.log_text(), what="the agent meeting the full disk")
-        time.sleep(6)  # jobs keep coming while the disk is full
+        _more_sent(sent, FULL_FLOOD)  # jobs keep coming while the disk is full
         assert agent.proc.poll() is None, agent.log_text()[-3000:]
         disk.free()
-        time.sleep(1)
+        wait_until(lambda: "job store works again" in agent.log_text(), what="the agent recovering")
+        _more_sent(sent, 50)  # and after it is freed
     finally:
         stop.set()
         sender.join()
     for job_id in sent:
         caller.wait_result(job_id, timeout=120)
     caller.send(JOBS, {"id": "after-full", "prompt": "hi", "max_tokens": 1})
+    # "after-full" is the marker and the positive control: sent after every other job was answered,
+    # it is answered after any duplicate of theirs (the broker redelivers before it delivers new
+    # messages, the agent takes jobs in order, the outbox publishes in order).
     after = caller.wait_result("after-full", timeout=120)
     assert after["status"] == "succeeded", after
-    time.sleep(1)  # any duplicate would arrive now; "after-full" above is the positive control
     statuses = {job_id: [r["status"] for r in caller.results(job_id)] for job_id in sent}
     assert all(len(s) == 1 for s in statuses.values()), {k: v for k, v in statuses.items() if len(v) != 1}
     assert {s[0] for s in statuses.values()} <= {"succeeded", "rejected"}
@@ -94,6 +115,7 @@ def test_a_disk_that_fills_while_jobs_stream_in_loses_nothing_and_the_agent_live
 def test_a_disk_that_fills_while_jobs_run_leaves_no_job_stuck(agents, caller, mounts) -> None:  # type: ignore[no-untyped-def]
     agent = agents(fixture_path("llama-long"), jobs={"max_tokens_limit": 4000})
     disk = mounts(agent.state_dir)
+    caller.subscribe(TELEMETRY)
     agent.start()
     ids = [f"r-{i}" for i in range(20)]
     for job_id in ids:
@@ -101,11 +123,13 @@ def test_a_disk_that_fills_while_jobs_run_leaves_no_job_stuck(agents, caller, mo
     wait_until(lambda: caller.results("r-0"), what="the first result")
     disk.fill()
     wait_until(lambda: "disk is full" in agent.log_text(), timeout=60, what="the agent meeting the full disk")
-    time.sleep(4)
+    # The disk stays full across several failed writes (results kept for a retry, retries backing off).
+    wait_until(lambda: _store_errors(caller) >= FULL_ERRORS, timeout=60, what=f"{FULL_ERRORS} store errors")
     disk.free()
     results = {job_id: caller.wait_result(job_id, timeout=120) for job_id in ids}
     assert all(r["status"] == "succeeded" for r in results.values())
-    time.sleep(1)
+    caller.send(JOBS, {"id": "r-marker", "prompt": "hello", "max_tokens": 1})  # after any duplicate
+    assert caller.wait_result("r-marker", timeout=120)["status"] == "succeeded"
     assert all(len(caller.results(job_id)) == 1 for job_id in ids)
     assert agent.proc.poll() is None
     assert agent.terminate() == 0

@@ -5,11 +5,7 @@ selector rollouts halted by their canary, roles and the audit log, metrics, lead
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +23,6 @@ from tests.support.releases import placeholder_release
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    """One PostgreSQL 15 cluster for the module (each test gets its own database)."""
-    cluster = Postgres()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -88,22 +76,10 @@ def test_a_rollout_survives_the_cli_sigkill_and_the_server_kill9(
     server = servers(database).start()
     wait_until(lambda: len(server.get("/api/v1/devices")) == 6, timeout=30, what="6 devices in the inventory")
     manifest = placeholder_release(KEY, "2.0.0", tmp_path)
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "edge_fleet.cli", "rollout", str(manifest), "--group", "shop",
-         "--waves", "50%,100%", "--max-parallel", "1", "--follow"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **server.env()},
-    )  # fmt: skip
-    assert cli.stdout is not None
-    rollout_id = cli.stdout.readline().strip()
-    assert rollout_id == "assistant@2.0.0/shop"
-    wait_until(
-        lambda: server.rollout(rollout_id)["targets"].get("active", 0) >= 1,
-        timeout=60,
-        what="a first box active",
+    rollout_id = server.rollout_killed_once(
+        str(manifest), "--group", "shop", "--waves", "50%,100%", "--max-parallel", "1", until="active"
     )
-    cli.send_signal(signal.SIGKILL)
-    cli.wait(timeout=10)
-    cli.stdout.close()
+    assert rollout_id == "assistant@2.0.0/shop"
     # The rollout goes on without the CLI ...
     wait_until(
         lambda: server.rollout(rollout_id)["targets"].get("active", 0) >= 3, timeout=60, what="3 boxes active"

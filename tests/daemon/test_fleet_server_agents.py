@@ -4,10 +4,6 @@ server's ``kill -9``; the box the selector does not match is never touched."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +38,10 @@ def test_a_selector_rollout_over_real_agents_outlives_the_cli_and_the_server(
         wait_until(lambda: len(_versions(server)) == 3, timeout=60, what="3 agents in the inventory")
         for device, hw in (("till-1", "pi5"), ("till-2", "pi5"), ("till-4", "pi4")):
             assert fleet_cli("label", device, f"hw={hw}", env=server.env()).returncode == 0
-        cli = subprocess.Popen(
-            [sys.executable, "-m", "edge_fleet.cli", "rollout", str(manifest), "--select", "hw=pi5",
-             "--canary", "1", "--waves", "100%", "--follow"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **server.env()},
-        )  # fmt: skip
-        assert cli.stdout is not None
-        rollout_id = cli.stdout.readline().strip()
-        assert rollout_id == f"{FIXTURE}@1.5.0/select:hw=pi5"
-        wait_until(
-            lambda: server.rollout(rollout_id)["targets"].get("sent", 0) >= 1,
-            timeout=60,
-            what="the canary sent",
+        rollout_id = server.rollout_killed_once(
+            str(manifest), "--select", "hw=pi5", "--canary", "1", "--waves", "100%", until="sent"
         )
-        cli.send_signal(signal.SIGKILL)
-        cli.wait(timeout=10)
-        cli.stdout.close()
+        assert rollout_id == f"{FIXTURE}@1.5.0/select:hw=pi5"
         server.kill9()
         server.start()
         done = server.wait_state(rollout_id, "done", "halted", timeout=180)

@@ -7,15 +7,15 @@ eos, so a job runs exactly ``max_tokens`` tokens (long enough to be interrupted 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +25,19 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
+from tests.support import http_clients
 from tests.support.fleet_server import FleetServer
+from tests.support.http_clients import close_clients_after_each_test  # noqa: F401 (an autouse fixture)
 from tests.support.models import fixture_path
+from tests.support.tools import tool
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
+MESSAGES = http_clients.MESSAGES
 
 MODEL = "llama-long"
 GROUP = "shop-3"
 BOXES = ("till-1", "till-2")
-MESSAGES = [
-    {"role": "system", "content": "You are the till's assistant. Answer in one short sentence, politely."},
-    {"role": "user", "content": "Is the device hot?"},
-]
-_CLIENTS: list[Callable[[], None]] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop()()
 
 
 class Fleet:
@@ -56,19 +48,28 @@ class Fleet:
         self.agents = agents
 
     def openai(self, role: str = "operator", token: str | None = None) -> openai.OpenAI:
-        key = token or self.server.tokens[role]
-        client = openai.OpenAI(base_url=f"{self.server.url}/v1", api_key=key, max_retries=0, timeout=60)
-        _CLIENTS.append(client.close)
-        return client
+        return http_clients.openai_client(self.server.url, token or self.server.tokens[role])
 
     def ollama(self, role: str = "operator") -> ollama.Client:
-        headers = {"Authorization": f"Bearer {self.server.tokens[role]}"}
-        client = ollama.Client(host=self.server.url, headers=headers, timeout=60)
-        _CLIENTS.append(client._client.close)
-        return client
+        return http_clients.ollama_client(self.server.url, self.server.tokens[role])
 
     def headers(self, role: str = "operator") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.server.tokens[role]}"}
+
+    @contextlib.contextmanager
+    def running_stream(self) -> Iterator[tuple[httpx.Response, Iterator[str]]]:
+        """A streamed chat of 4000 tokens whose first text came: the response and its lines left."""
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
+        url = f"{self.server.url}/v1/chat/completions"
+        with (
+            httpx.Client(timeout=60) as raw,
+            raw.stream("POST", url, json=body, headers=self.headers()) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            first = next(line for line in lines if line)
+            assert "content" in json.loads(first.removeprefix("data: "))["choices"][0]["delta"]  # it runs
+            yield response, lines
 
 
 def _fleet(broker, agents, tmp_path: Path, **settings: Any) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
@@ -98,10 +99,7 @@ def fleet(broker, agents, tmp_path: Path) -> Iterator[Fleet]:  # type: ignore[no
 
 
 def _mqtt(caller, device: str, job_id: str, **job: Any) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    caller.send(f"edge/{device}/jobs", {"id": job_id, **job})
-    result: dict[str, Any] = caller.wait_result(job_id, timeout=60)
-    assert result["status"] == "succeeded", result
-    return result
+    return http_clients.mqtt_answer(caller, f"edge/{device}/jobs", job_id, **job)
 
 
 def test_models_list_what_is_routable(fleet: Fleet) -> None:
@@ -197,8 +195,7 @@ def test_ollama_client_chat(fleet: Fleet, caller) -> None:  # type: ignore[no-un
 
 
 def test_curl_sse_and_a_wrong_token(fleet: Fleet) -> None:
-    curl = shutil.which("curl")
-    assert curl, "curl is missing: apt-get install curl"
+    curl = tool("curl")
     body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "stream": True})
 
     def run(token: str) -> subprocess.CompletedProcess[str]:
@@ -210,10 +207,8 @@ def test_curl_sse_and_a_wrong_token(fleet: Fleet) -> None:
 
     ok = run(fleet.server.tokens["operator"])
     *events, status = [line for line in ok.stdout.split("\n") if line]
-    assert status == "200" and events and all(line.startswith("data: ") for line in events)
-    assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert status == "200"
+    text = http_clients.sse_text(events)
     whole = fleet.openai().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24)  # type: ignore[arg-type]
     assert text == whole.choices[0].message.content and text
     denied = run("wrong-token-0123456789")
@@ -224,49 +219,15 @@ def test_curl_sse_and_a_wrong_token(fleet: Fleet) -> None:
 def test_eight_concurrent_streams_all_complete(fleet: Fleet) -> None:
     client = fleet.openai()
     expected = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32)  # type: ignore[arg-type]
-    texts: dict[int, str] = {}
-    errors: list[BaseException] = []
-
-    def stream(i: int) -> None:
-        try:
-            parts = []
-            for chunk in client.chat.completions.create(
-                model=MODEL,
-                messages=MESSAGES,
-                max_tokens=32,
-                stream=True,  # type: ignore[arg-type]
-            ):
-                if chunk.choices:
-                    parts.append(chunk.choices[0].delta.content or "")
-            texts[i] = "".join(parts)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    assert not errors, errors
-    assert sorted(texts) == list(range(8))
+    texts, _reasons = http_clients.concurrent_streams(client, MODEL, max_tokens=32)
     assert set(texts.values()) == {expected.choices[0].message.content}
 
 
 def test_a_box_killed_mid_stream_ends_the_stream_with_an_error_and_the_next_goes_elsewhere(
     fleet: Fleet,
 ) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
-    with (
-        httpx.Client(timeout=60) as raw,
-        raw.stream(
-            "POST", f"{fleet.server.url}/v1/chat/completions", json=body, headers=fleet.headers()
-        ) as response,
-    ):
-        assert response.status_code == 200
+    with fleet.running_stream() as (response, lines):
         victim = response.headers["X-Edge-Device"]
-        lines = response.iter_lines()
-        first = next(line for line in lines if line)
-        assert "content" in json.loads(first.removeprefix("data: "))["choices"][0]["delta"]
         fleet.agents[victim].kill()  # kill -9, mid-stream
         rest = [line for line in lines if line]  # ends: no hang (the client's timeout is 60 s)
     assert rest[-1] == "data: [DONE]"
@@ -307,17 +268,8 @@ def test_a_box_that_refuses_passes_the_request_to_another(broker, agents, caller
 
 
 def test_a_client_that_disconnects_cancels_its_job_on_the_box(fleet: Fleet) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4000, "stream": True}
-    with (
-        httpx.Client(timeout=60) as raw,
-        raw.stream(
-            "POST", f"{fleet.server.url}/v1/chat/completions", json=body, headers=fleet.headers()
-        ) as response,
-    ):
-        assert response.status_code == 200
+    with fleet.running_stream() as (response, _lines):
         box = fleet.agents[response.headers["X-Edge-Device"]]
-        first = next(line for line in response.iter_lines() if line)
-        assert "content" in json.loads(first.removeprefix("data: "))["choices"][0]["delta"]  # it runs
     # The client closed its connection mid-stream: the gateway cancels the job on its box.
     line = wait_until(
         lambda: next(

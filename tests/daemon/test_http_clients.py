@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +25,19 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
+from tests.support import http_clients
 from tests.support.agent import AgentProcess
+from tests.support.http_clients import close_clients_after_each_test  # noqa: F401 (an autouse fixture)
 from tests.support.models import fixture_path
+from tests.support.tools import tool
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
+MESSAGES = http_clients.MESSAGES
 
 JOBS = "edge/box-1/jobs"
 KEY = "test-key-0123456789abcdef"
 MODEL = "llama-long"
-MESSAGES = [
-    {"role": "system", "content": "You are the till's assistant. Answer in one short sentence, politely."},
-    {"role": "user", "content": "Is the device hot?"},
-]
-
-
-#: Every client a test made, closed after it (an unclosed socket is a ResourceWarning, an error here).
-_CLIENTS: list[Callable[[], None]] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _CLIENTS:
-        _CLIENTS.pop()()
 
 
 class Box:
@@ -62,14 +49,10 @@ class Box:
         self.url = f"http://127.0.0.1:{port}"
 
     def openai(self, key: str = KEY) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
-        _CLIENTS.append(client.close)
-        return client
+        return http_clients.openai_client(self.url, key)
 
     def ollama(self, key: str = KEY) -> ollama.Client:
-        client = ollama.Client(host=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        _CLIENTS.append(client._client.close)
-        return client
+        return http_clients.ollama_client(self.url, key)
 
     def job_lines(self) -> dict[str, str]:
         """The daemon's one log line per finished job, by job id."""
@@ -94,10 +77,7 @@ def box(agents) -> Box:  # type: ignore[no-untyped-def]
 
 
 def _mqtt(caller, job_id: str, **job: Any) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    caller.send(JOBS, {"id": job_id, **job})
-    result: dict[str, Any] = caller.wait_result(job_id, timeout=60)
-    assert result["status"] == "succeeded", result
-    return result
+    return http_clients.mqtt_answer(caller, JOBS, job_id, **job)
 
 
 def test_openai_sdk_answers_equal_the_mqtt_answers(box: Box, caller) -> None:  # type: ignore[no-untyped-def]
@@ -220,8 +200,7 @@ def test_ollama_client_chat_and_generate(box: Box, caller) -> None:  # type: ign
 
 
 def test_curl_sse(box: Box) -> None:
-    curl = shutil.which("curl")
-    assert curl, "curl is missing: apt-get install curl"
+    curl = tool("curl")
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "stream": True}
     proc = subprocess.run(
         [
@@ -237,11 +216,7 @@ def test_curl_sse(box: Box) -> None:
         timeout=60,
         check=True,
     )
-    events = [line for line in proc.stdout.split("\n") if line]
-    assert events and all(line.startswith("data: ") for line in events)
-    assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    text = http_clients.sse_text([line for line in proc.stdout.split("\n") if line])
     whole = box.openai().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24)  # type: ignore[arg-type]
     assert text == whole.choices[0].message.content and text
 
@@ -252,33 +227,7 @@ def test_eight_concurrent_streams_all_complete(agents, max_batch: int) -> None: 
     box = _box(agents, engine={"max_batch": max_batch})
     client = box.openai()
     expected = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=48)  # type: ignore[arg-type]
-    texts: dict[int, str] = {}
-    reasons: dict[int, str | None] = {}
-    errors: list[BaseException] = []
-
-    def stream(i: int) -> None:
-        try:
-            parts, reason = [], None
-            for chunk in client.chat.completions.create(
-                model=MODEL,
-                messages=MESSAGES,  # type: ignore[arg-type]
-                max_tokens=48,
-                stream=True,
-            ):
-                if chunk.choices:
-                    parts.append(chunk.choices[0].delta.content or "")
-                    reason = chunk.choices[0].finish_reason or reason
-            texts[i], reasons[i] = "".join(parts), reason
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    assert sorted(texts) == list(range(8))
+    texts, reasons = http_clients.concurrent_streams(client, MODEL, max_tokens=48, timeout=120)
     assert set(texts.values()) == {expected.choices[0].message.content}
     assert set(reasons.values()) == {"length"}
 

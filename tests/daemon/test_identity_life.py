@@ -19,6 +19,7 @@ from edge_fleet.cli import main as fleet_cli
 from tests.daemon.test_identity import REPLIES, _answered, _answers_one, _doctor, _job, _login_line, _operator
 from tests.daemon.test_security import ACCEPTED, Probe
 from tests.support.broker import Broker
+from tests.support.mqtt_client import Caller
 from tests.support.pki import Fleet
 from tests.support.wait import wait_until
 
@@ -38,17 +39,25 @@ def _status(broker: Broker, capsys: pytest.CaptureFixture[str]) -> dict[str, dic
     return {row["device"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
 
 
+def _members(broker: Broker, fleet: Fleet, agents: Any, *names: str) -> dict[str, Any]:
+    """Boxes of group g1, provisioned and running, by name."""
+    for name in names:
+        fleet.device(name, group="g1")
+    members = {name: agents(on=broker, device_id=name, group="g1") for name in names}
+    for agent in members.values():
+        agent.start()
+    return members
+
+
+def _send(caller: Caller, topic: str, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        caller.send(topic, _job(job_id), response_topic=REPLIES)
+
+
 def test_revoke_ends_the_session_and_the_group_answers_every_job(
     tls_broker: Broker, fleet: Fleet, agents, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
-    for name in ("box-a", "box-b", "box-r", "box-s"):
-        fleet.device(name, group="g1")
-    members = {
-        name: agents(on=tls_broker, device_id=name, group="g1")
-        for name in ("box-a", "box-b", "box-r", "box-s")
-    }
-    for agent in members.values():
-        agent.start()
+    members = _members(tls_broker, fleet, agents, "box-a", "box-b", "box-r", "box-s")
     # box-s goes offline: its session (and its share of g1) stays on the broker.
     assert members["box-s"].terminate() == 0
     caller = _operator(tls_broker, fleet)
@@ -64,8 +73,7 @@ def test_revoke_ends_the_session_and_the_group_answers_every_job(
             what="the revoked agent to come back and be refused",
         )
         jobs = [f"after-revoke-{i}" for i in range(30)]
-        for job_id in jobs:
-            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        _send(caller, "edge/groups/g1/jobs", jobs)
         assert _answered(caller, jobs, timeout=240) == 30, "the other members answer every group job"
 
         # Revoked, visibly, in `status` (the box's own status is refused from now on) ...
@@ -88,27 +96,19 @@ def test_revoke_ends_the_session_and_the_group_answers_every_job(
 def test_a_move_while_offline_loses_no_job_of_the_old_group(
     tls_broker: Broker, fleet: Fleet, agents, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
-    fleet.device("box-a", group="g1")
-    fleet.device("box-b", group="g1")
-    box_a = agents(on=tls_broker, device_id="box-a", group="g1")
-    box_b = agents(on=tls_broker, device_id="box-b", group="g1")
-    box_a.start()
-    box_b.start()
+    box_b = _members(tls_broker, fleet, agents, "box-a", "box-b")["box-b"]
     assert box_b.terminate() == 0
     caller = _operator(tls_broker, fleet)
     try:
         # While box-b is away: its own jobs, and group jobs (some queue in box-b's session).
         own = ["own-1", "own-2"]
-        for job_id in own:
-            caller.send("edge/box-b/jobs", _job(job_id), response_topic=REPLIES)
+        _send(caller, "edge/box-b/jobs", own)
         before = [f"before-move-{i}" for i in range(10)]
-        for job_id in before:
-            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        _send(caller, "edge/groups/g1/jobs", before)
         assert fleet_cli(["move", "box-b", "--group", "g2", *tls_broker.admin_flags()]) == 0
         assert "left g1" in capsys.readouterr().out
         after = [f"after-move-{i}" for i in range(20)]
-        for job_id in after:
-            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        _send(caller, "edge/groups/g1/jobs", after)
         assert _answered(caller, after, timeout=240) == 20, "every job sent to g1 after the move"
         assert _answered(caller, before, timeout=120) == 10, "and those held in box-b's session"
 
@@ -126,12 +126,7 @@ def test_a_move_while_offline_loses_no_job_of_the_old_group(
 def test_a_move_while_online_loses_no_job_of_the_old_group(
     tls_broker: Broker, fleet: Fleet, agents: Any
 ) -> None:
-    fleet.device("box-a", group="g1")
-    fleet.device("box-b", group="g1")
-    box_a = agents(on=tls_broker, device_id="box-a", group="g1")
-    box_b = agents(on=tls_broker, device_id="box-b", group="g1")
-    box_a.start()
-    box_b.start()
+    box_b = _members(tls_broker, fleet, agents, "box-a", "box-b")["box-b"]
     caller = _operator(tls_broker, fleet)
     try:
         # box-b's agent.toml still says g1: it comes back, asks for g1's share again, and is refused.
@@ -141,8 +136,7 @@ def test_a_move_while_online_loses_no_job_of_the_old_group(
             what="the moved agent to come back under the new rules",
         )
         jobs = [f"online-move-{i}" for i in range(20)]
-        for job_id in jobs:
-            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        _send(caller, "edge/groups/g1/jobs", jobs)
         assert _answered(caller, jobs, timeout=240) == 20
         caller.send("edge/box-b/jobs", _job("own-after-move"), response_topic=REPLIES)
         assert _answered(caller, ["own-after-move"]) == 1, "box-b itself still serves (the control)"
@@ -236,12 +230,7 @@ def test_doctor_leaves_a_running_agent_alone_and_a_takeover_is_named(
 def test_move_is_one_command_the_box_switches_group_without_a_restart(
     tls_broker: Broker, fleet: Fleet, agents: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fleet.device("box-a", group="g1")
-    fleet.device("box-b", group="g1")
-    box_a = agents(on=tls_broker, device_id="box-a", group="g1")
-    box_b = agents(on=tls_broker, device_id="box-b", group="g1")
-    box_a.start()
-    box_b.start()
+    box_b = _members(tls_broker, fleet, agents, "box-a", "box-b")["box-b"]
     assert box_b.proc is not None
     pid, toml = box_b.proc.pid, box_b.config.read_text()
     caller = _operator(tls_broker, fleet)
@@ -259,8 +248,7 @@ def test_move_is_one_command_the_box_switches_group_without_a_restart(
         caller.send("edge/groups/g2/jobs", _job("g2-only-b"), response_topic=REPLIES)
         assert _answered(caller, ["g2-only-b"]) == 1, "box-b serves g2 (its only member)"
         jobs = [f"g1-after-{i}" for i in range(20)]
-        for job_id in jobs:
-            caller.send("edge/groups/g1/jobs", _job(job_id), response_topic=REPLIES)
+        _send(caller, "edge/groups/g1/jobs", jobs)
         assert _answered(caller, jobs, timeout=240) == 20
         assert box_b.proc.pid == pid and box_b.proc.poll() is None, "no restart"
         assert box_b.config.read_text() == toml, "no agent.toml edit"

@@ -15,10 +15,18 @@ from tests.support.wait import wait_until
 pytestmark = pytest.mark.e2e
 
 JOBS = "edge/box-1/jobs"
+PROBE = "test/probe/cli"
+
+
+def _mosquitto_pub(broker, *args: str) -> None:  # type: ignore[no-untyped-def]
+    """``mosquitto_pub`` (MQTT 5, QoS 1) to the test broker with ``args``."""
+    command = ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-V", "mqttv5", "-q", "1"]
+    subprocess.run([*command, *args], check=True, timeout=10)
 
 
 def test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation(broker, agents) -> None:  # type: ignore[no-untyped-def]
     agents().start()
+    _mosquitto_pub(broker, "-r", "-t", PROBE, "-m", "probe")
     sub = subprocess.Popen(
         [
             "mosquitto_sub",
@@ -29,9 +37,11 @@ def test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation(broker,
             "-V",
             "mqttv5",
             "-t",
+            PROBE,
+            "-t",
             "edge/replies/cli",
             "-C",
-            "1",
+            "2",
             "-W",
             "30",
             "-F",
@@ -40,33 +50,13 @@ def test_mosquitto_pub_v5_job_answers_on_response_topic_with_correlation(broker,
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)  # let the subscription land before the job is sent
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-h",
-            broker.host,
-            "-p",
-            str(broker.port),
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-t",
-            JOBS,
-            "-m",
-            json.dumps({"id": "cli-1", "prompt": "The quick brown fox", "max_tokens": 12}),
-            "-D",
-            "publish",
-            "response-topic",
-            "edge/replies/cli",
-            "-D",
-            "publish",
-            "correlation-data",
-            "corr-42",
-        ],
-        check=True,
-        timeout=10,
+    # The retained probe is sent on subscribing: once it is printed, the reply cannot be missed.
+    assert sub.stdout is not None and sub.stdout.readline() == "|probe\n"
+    _mosquitto_pub(
+        broker,
+        *("-t", JOBS, "-m", json.dumps({"id": "cli-1", "prompt": "The quick brown fox", "max_tokens": 12})),
+        *("-D", "publish", "response-topic", "edge/replies/cli"),
+        *("-D", "publish", "correlation-data", "corr-42"),
     )
     out, _ = sub.communicate(timeout=40)
     correlation, _, payload = out.strip().partition("|")

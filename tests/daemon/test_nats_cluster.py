@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agent import AgentProcess
+from tests.support.broker import running
 from tests.support.models import fixture_path
 from tests.support.mqtt_client import Caller
 from tests.support.nats_cluster import NatsCluster
@@ -28,10 +29,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture()
 def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Three nats-server nodes on free ports, stopped after the test."""
-    nodes = NatsCluster(tmp_path / "nats")
-    nodes.start()
-    yield nodes
-    nodes.stop()
+    yield from running(NatsCluster(tmp_path / "nats"))
 
 
 def _fleet(node, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -47,13 +45,18 @@ def _fleet(node, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignor
     )
 
 
-def _retained(node, topic: str, settle: float = 2.0) -> bytes | None:  # type: ignore[no-untyped-def]
+def _retained(node, topic: str, within: float = 2.0) -> bytes | None:  # type: ignore[no-untyped-def]
+    """The retained message on ``topic`` if one arrives ``within`` seconds of subscribing (a poll:
+    NATS sends retained messages from JetStream, in no order relative to other traffic)."""
     caller = Caller(node.host, node.port, reply_filter="test/nothing/#", mqtt5=False)
     try:
         caller.subscribe(topic)
-        time.sleep(settle)
-        found = [body for t, body, _c in list(caller.raw.queue) if t == topic and body]
-        return found[-1] if found else None
+        end = time.monotonic() + within
+        while True:
+            found = [body for t, body, _c in list(caller.raw.queue) if t == topic and body]
+            if found or time.monotonic() >= end:
+                return found[-1] if found else None
+            time.sleep(0.05)
     finally:
         caller.close()
 

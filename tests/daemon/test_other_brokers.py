@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agent import AgentProcess
-from tests.support.broker import NatsBroker
+from tests.support.broker import NatsBroker, running
 from tests.support.models import fixture_path
 from tests.support.mqtt_client import Caller
 from tests.support.releases import payload
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture()
 def nats(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A nats-server with MQTT on a free port, stopped after the test."""
-    broker = NatsBroker(tmp_path / "nats")
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from running(NatsBroker(tmp_path / "nats"))
 
 
 def test_jobs_presence_and_a_model_update_over_nats_mqtt(nats, releases, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

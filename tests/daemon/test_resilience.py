@@ -8,8 +8,6 @@ long enough to be interrupted mid-stream on purpose.
 from __future__ import annotations
 
 import collections
-import time
-import uuid
 
 import pytest
 
@@ -39,14 +37,7 @@ def _wait_chunks(caller, job_id: str, n: int = 1, timeout: float = 20) -> None: 
 
 
 def _settle(caller, ids: list[str], timeout: float = 60, topic: str = JOBS) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]
-    """Wait for every job's result, then for a job sent after them (any duplicate of theirs is
-    delivered before it: the broker redelivers before new messages, the agent takes jobs in order)."""
-    for job_id in ids:
-        caller.wait_result(job_id, timeout=timeout)
-    marker = f"marker-{uuid.uuid4().hex[:8]}"
-    caller.send(topic, {"id": marker, "prompt": "hi", "max_tokens": 1})
-    caller.wait_result(marker, timeout=timeout)
-    return {job_id: caller.results(job_id) for job_id in ids}
+    return caller.settle(topic, ids, timeout=timeout)
 
 
 def _assert_stream_complete(caller, job_id: str, result: dict) -> None:  # type: ignore[no-untyped-def]
@@ -93,7 +84,8 @@ def test_kill_9_mid_job_then_restart_gives_exactly_one_result_per_job(long_agent
 def test_broker_restart_mid_stream_loses_nothing(broker, long_agent, caller) -> None:  # type: ignore[no-untyped-def]
     caller.send(JOBS, {"id": "br-1", "prompt": "hello", "max_tokens": 3000, "stream": True})
     _wait_chunks(caller, "br-1", n=5)
-    broker.restart(down_s=0.5)
+    # Down until the agent has seen it go (it keeps generating meanwhile, chunks held for later).
+    broker.restart(until=lambda: "disconnected from broker" in long_agent.log_text())
     caller.send(JOBS, {"id": "br-2", "prompt": "hello", "max_tokens": 50, "stream": True})
     results = _settle(caller, ["br-1", "br-2"])
     for job_id, max_tokens in (("br-1", 3000), ("br-2", 50)):
@@ -110,7 +102,7 @@ def test_jobs_sent_while_the_agent_is_down_are_served_when_it_returns(agents, ca
     ids = [f"off-{i}" for i in range(3)]
     for job_id in ids:
         caller.send(JOBS, {"id": job_id, "prompt": "hi", "max_tokens": 5})
-    time.sleep(0.5)
+    # The agent has exited, so nothing answers yet; the results after it starts are the positive control.
     assert not any(caller.results(j) for j in ids)
     agent.start()
     results = _settle(caller, ids)
@@ -156,7 +148,8 @@ def test_sigterm_past_the_grace_checkpoints_the_job_and_it_runs_after_restart(ag
     caller.send(JOBS, {"id": "ckpt-1", "prompt": "hello", "max_tokens": 4000, "stream": True})
     _wait_chunks(caller, "ckpt-1")
     assert agent.terminate(timeout=15) == 0
-    time.sleep(0.5)
+    # A result the agent published before it exited would arrive before the one after the restart
+    # (the broker delivers one subscriber's messages in order): the single result after it rules it out.
     assert caller.results("ckpt-1") == [], "a checkpointed job has no result yet"
     agent.start()
     results = _settle(caller, ["ckpt-1"])

@@ -15,7 +15,6 @@ import json
 import queue
 import stat
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,6 +32,7 @@ from edge_contract.protocol import JobRequest
 from edge_fleet.broker import BrokerOptions
 from edge_fleet.cli import main as fleet_cli
 from edge_fleet.submit import Submitter
+from tests.support.agent import run_doctor
 from tests.support.broker import Broker
 from tests.support.pki import Fleet, Identity
 
@@ -366,13 +366,7 @@ def test_agent_over_tls_answers_edge_fleet_and_leaks_no_secret(
 
 
 def _doctor(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_doctor(config, timeout=120)
 
 
 def test_doctor_verifies_the_tls_handshake_and_the_certificates(

@@ -6,7 +6,11 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support.agent import agent_python
+
+pytestmark = pytest.mark.e2e  # the command line as a subprocess, as a user runs it
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

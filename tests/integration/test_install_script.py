@@ -9,11 +9,12 @@ is a failure, never a skip.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.support.tools import tool
 
 pytestmark = pytest.mark.e2e
 
@@ -41,11 +42,8 @@ def test_bash_parses_it(script: Path) -> None:
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_is_clean(script: Path) -> None:
-    tool = shutil.which("shellcheck")
-    if tool is None:
-        pytest.fail("shellcheck is missing: apt-get install shellcheck")
     proc = subprocess.run(
-        [tool, "--severity=style", str(script)], capture_output=True, text=True, check=False
+        [tool("shellcheck"), "--severity=style", str(script)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout
 

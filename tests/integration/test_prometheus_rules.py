@@ -5,41 +5,27 @@ CI installs Debian's ``prometheus`` package for ``promtool``; a missing one fail
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 
 from tests.support.models import ROOT
+from tests.support.tools import tool
 
 pytestmark = pytest.mark.e2e  # runs promtool
 
 RULES = ROOT / "deploy" / "prometheus"
 
 
-def _promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail("promtool is missing (CI installs it: apt-get install prometheus)")
-    return found
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [tool("promtool", "prometheus"), *args]
+    return subprocess.run(command, cwd=RULES, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_the_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
-    checked = subprocess.run(
-        [_promtool(), "check", "rules", "edge-fleet-rules.yml"],
-        cwd=RULES,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    checked = _promtool("check", "rules", "edge-fleet-rules.yml")
     assert checked.returncode == 0 and "4 rules found" in checked.stdout, checked.stdout + checked.stderr
-    tested = subprocess.run(
-        [_promtool(), "test", "rules", "edge-fleet-rules.test.yml"],
-        cwd=RULES,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    tested = _promtool("test", "rules", "edge-fleet-rules.test.yml")
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 

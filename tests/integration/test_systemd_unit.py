@@ -8,8 +8,6 @@ the file, and the engine under the same seccomp filters the unit asks for
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.models import fixture_path
+from tests.support.tools import systemd_exposure, tool
 
 pytestmark = pytest.mark.e2e
 
@@ -27,10 +26,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def _systemd_analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.fail("systemd-analyze is missing: apt-get install systemd")
-    return tool
+    return tool("systemd-analyze", "systemd")
 
 
 def _settings() -> dict[str, list[str]]:
@@ -45,15 +41,7 @@ def _settings() -> dict[str, list[str]]:
 
 def test_security_exposure_is_at_most_1_2() -> None:
     """The unit's hardening (its comment says 1.2; issue 25 keeps it there with the HTTP API on)."""
-    proc = subprocess.run(
-        [_systemd_analyze(), "security", "--offline=yes", "--no-pager", str(UNIT)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    found = re.search(r"Overall exposure level for edge-agent\.service: (\d+\.\d+)", proc.stdout)
-    assert found, proc.stdout + proc.stderr
-    assert float(found.group(1)) <= 1.2, proc.stdout
+    assert systemd_exposure(UNIT) <= 1.2
 
 
 def test_verify_passes_with_the_binary_in_place(tmp_path: Path) -> None:
@@ -63,18 +51,18 @@ def test_verify_passes_with_the_binary_in_place(tmp_path: Path) -> None:
     ``edge-agent`` console script of the environment running the tests, is
     verified; and the original is shown to fail for that one reason only.
     """
-    tool = _systemd_analyze()
+    analyze = _systemd_analyze()
     binary = Path(sys.executable).parent / "edge-agent"
     assert binary.is_file(), f"{binary}: install the project (pip install -e .)"
     text = UNIT.read_text()
     assert text.count(f"ExecStart={INSTALLED_BINARY} ") == 1
     copy = tmp_path / "edge-agent.service"
     copy.write_text(text.replace(INSTALLED_BINARY, str(binary)))
-    proc = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False)
     # verify exits 0 on unknown keys and unparsable values, warning on stderr: demand silence.
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr
 
-    original = subprocess.run([tool, "verify", str(UNIT)], capture_output=True, text=True, check=False)
+    original = subprocess.run([analyze, "verify", str(UNIT)], capture_output=True, text=True, check=False)
     if Path(INSTALLED_BINARY).exists():  # a box where deploy/install.sh ran
         assert original.returncode == 0 and original.stderr == "", original.stderr
     else:

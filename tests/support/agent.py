@@ -35,6 +35,17 @@ def agent_python() -> list[str]:
     return shlex.split(override) if override else [sys.executable]
 
 
+def run_doctor(config: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``edge-agent doctor --config CONFIG`` as a user runs it; its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 #: How long an agent may take to come online: importing onnxruntime and loading the model. An
 #: emulated aarch64 interpreter (``EDGE_AGENT_TEST_PYTHON``) takes about 5 s for the imports alone on
 #: an idle host, and 40 s and more on a busy one (seen at a load of 12 on 2 cores).

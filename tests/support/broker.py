@@ -17,16 +17,38 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pytest
 
 from edge_fleet.cli import main as fleet_cli
 from tests.support.pki import Identity
+from tests.support.wait import wait_until
 
 if TYPE_CHECKING:
     from tests.support.pki import Fleet
+
+
+class _Part(Protocol):
+    def start(self) -> object: ...
+    def stop(self) -> object: ...
+
+
+_P = TypeVar("_P", bound=_Part)
+
+
+def running(part: _P) -> Iterator[_P]:
+    """A fixture's body: ``part`` (a broker, a cluster) started, yielded, stopped after the test.
+
+    Use as ``yield from running(Broker(...))``.
+    """
+    part.start()
+    try:
+        yield part
+    finally:
+        part.stop()
 
 
 def free_port() -> int:
@@ -181,10 +203,14 @@ class Broker:
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
 
-    def restart(self, down_s: float = 0.5) -> None:
-        """Stop, stay down ``down_s`` seconds, start again on the same port."""
+    def restart(self, down_s: float = 0.5, *, until: Callable[[], bool] | None = None) -> None:
+        """Stop, stay down until ``until()`` holds (say, a client noticed) or else ``down_s`` seconds,
+        and start again on the same port."""
         self.stop()
-        time.sleep(down_s)
+        if until is not None:
+            wait_until(until, what="the outage to be noticed")
+        else:
+            time.sleep(down_s)
         self.start()
 
     def admin_flags(self) -> list[str]:

@@ -4,28 +4,55 @@ and the ways an SD card damages a database file (``DAMAGES``)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import sqlite3
-import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# mount(2) and umount2(2) straight from libc: the tests stay in-process (no mount/umount/dd commands).
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_MS_RDONLY, _MS_REMOUNT, _MS_BIND = 1, 32, 4096
+_MNT_DETACH = 2
+
+
+def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str | None = None) -> None:
+    done = _LIBC.mount(
+        source.encode(),
+        str(target).encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    if done != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mount {source} on {target} ({fstype or 'bind'}): {os.strerror(code)}")
+
+
+def _unmount_lazily(target: Path) -> None:
+    """Detach ``target`` (a process under test may still hold files there); nothing mounted is no error."""
+    _LIBC.umount2(str(target).encode(), _MNT_DETACH)
 
 
 class SmallDisk:
-    """A tmpfs of ``size`` mounted at ``path``: ``fill`` it with dd, ``free`` it again."""
+    """A tmpfs of ``size`` mounted at ``path``: ``fill`` it up, ``free`` it again."""
 
     def __init__(self, path: Path, size: str = "4m") -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        _mount("tmpfs", path, "tmpfs", 0, f"size={size}")
         self._filler = path / ".filler"
 
     def fill(self) -> None:
-        """Write zeros until the file system is full (dd ends with 'No space left on device')."""
-        done = subprocess.run(
-            ["dd", "if=/dev/zero", f"of={self._filler}", "bs=4k"], capture_output=True, text=True
-        )
-        assert "No space left on device" in done.stderr, done.stderr
+        """Write zeros until the file system is full (the write that fails says 'No space left on device')."""
+        block = bytes(4096)
+        with open(self._filler, "wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
 
     def free(self) -> None:
         """Delete what ``fill`` wrote."""
@@ -33,18 +60,18 @@ class SmallDisk:
 
     def close(self) -> None:
         """Unmount (lazily: a process under test may still hold files there)."""
-        subprocess.run(["umount", "-l", str(self.path)], check=False)
+        _unmount_lazily(self.path)
 
 
 @contextlib.contextmanager
-def read_only(path: Path):  # type: ignore[no-untyped-def]
+def read_only(path: Path) -> Iterator[Path]:
     """Bind-mount ``path`` read-only onto itself for the duration."""
-    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    _mount(str(path), path, None, _MS_BIND)
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        _mount(str(path), path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+        _unmount_lazily(path)
 
 
 def garbage(p: Path) -> None:

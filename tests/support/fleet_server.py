@@ -116,3 +116,25 @@ class FleetServer:
             lambda: (r := self.rollout(rollout_id))["state"] in states and r,
             timeout=timeout, interval=0.1, what=f"rollout {rollout_id} in {states}",
         )  # fmt: skip
+
+    def rollout_killed_once(self, *args: str, until: str, at_least: int = 1, timeout: float = 60) -> str:
+        """Start ``edge-fleet rollout ARGS --follow`` against this server, wait until ``at_least``
+        of its targets are ``until``, then kill -9 the CLI (the rollout must go on without it).
+        Returns the rollout's id (the CLI's first line)."""
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "edge_fleet.cli", "rollout", *args, "--follow"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env()},
+        )  # fmt: skip
+        assert cli.stdout is not None
+        try:
+            rollout_id = cli.stdout.readline().strip()
+            wait_until(
+                lambda: self.rollout(rollout_id)["targets"].get(until, 0) >= at_least,
+                timeout=timeout,
+                what=f"{at_least} target(s) {until} in rollout {rollout_id!r}",
+            )
+        finally:
+            cli.send_signal(signal.SIGKILL)
+            cli.wait(timeout=10)
+            cli.stdout.close()
+        return rollout_id

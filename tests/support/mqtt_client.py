@@ -74,6 +74,33 @@ class Caller:
         self.filters.append(topic_filter)
         self.client.subscribe(topic_filter, qos=1)
 
+    def retained(self, topic_filter: str, timeout: float = 20.0) -> list[tuple[str, bytes]]:
+        """Subscribe to ``topic_filter``; return what the broker sent for it before a probe published right after.
+
+        The broker handles one client's packets in order: the retained messages it queues on
+        the subscription go out before the probe it handles next, so the probe bounds the wait
+        (no fixed settle time) and an empty answer means no retained message, not "too early".
+        """
+        probe = f"test/probe/{uuid.uuid4().hex[:8]}"
+        start = self.raw.qsize()
+        self.subscribe(topic_filter)
+        self.subscribe(probe)
+        self.send(probe, b"probe", response_topic=None)
+
+        def until_probe() -> list[tuple[str, bytes]] | None:
+            seen = list(self.raw.queue)[start:]
+            topics = [topic for topic, _b, _c in seen]
+            if probe not in topics:
+                return None
+            before = seen[: topics.index(probe)]
+            return [(t, b) for t, b, _c in before if paho.topic_matches_sub(topic_filter, t)]
+
+        end = time.monotonic() + timeout
+        while (found := until_probe()) is None:
+            assert time.monotonic() < end, f"the probe on {probe} did not come back within {timeout} s"
+            time.sleep(0.02)
+        return found
+
     def close(self) -> None:
         """Disconnect."""
         self.client.disconnect()
@@ -136,6 +163,19 @@ class Caller:
                 if left <= 0:
                     raise AssertionError(f"no result for job {job_id} within {timeout} s")
                 self._cond.wait(left)
+
+    def settle(
+        self, topic: str, job_ids: list[str], timeout: float = 60.0
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Every result of ``job_ids`` once any duplicate of theirs would have come: after their
+        results, a marker job sent to ``topic`` is answered (the broker redelivers before it
+        delivers new messages, the agent takes jobs in order)."""
+        for job_id in job_ids:
+            self.wait_result(job_id, timeout=timeout)
+        marker = f"marker-{uuid.uuid4().hex[:8]}"
+        self.send(topic, {"id": marker, "prompt": "hi", "max_tokens": 1})
+        self.wait_result(marker, timeout=timeout)
+        return {job_id: self.results(job_id) for job_id in job_ids}
 
     def chunks(self, job_id: str) -> list[dict[str, Any]]:
         """Streamed chunks received for ``job_id``, in arrival order."""

@@ -43,6 +43,7 @@ def shared() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.e2e  # the printed fix runs as commands, as an operator types them
 def test_an_unreadable_key_gets_its_group_and_mode_as_the_fix(shared: Path) -> None:
     config = load_config(_write(shared, _present(shared)))
     for path in [

@@ -147,6 +147,7 @@ def test_memory_reports_the_expected_peak_beside_what_is_available_and_a_model_t
     peak = estimate(
         model_shape(phi3_dir),
         Budgets(context_tokens=256, max_batch=1, prefix_cache_mb=256, prefill_chunk_tokens=512),
+        weights_mapped=True,  # the daemon's default: the weights mapped from their repacked copy
     )
     assert found["memory"].status == "ok"
     assert found["memory"].detail.startswith(f"model expects peak {peak.describe()} at a 256-token context")

@@ -149,6 +149,24 @@ def test_models_routes(served: tuple[HTTPServer, FakeIntake]) -> None:
     assert status == 200 and "version" in json.loads(body)
 
 
+def test_head_the_greeting_and_the_other_methods(served: tuple[HTTPServer, FakeIntake]) -> None:
+    server, fake = served
+    status, headers, body = _request(server, "HEAD", "/v1/models")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0  # GET's headers, no body
+    status, _, body = _request(server, "GET", "/")
+    assert status == 200 and body.startswith(b"edge-agent is running")
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, _, body = _request(server, method, "/v1/chat/completions", CHAT)
+        assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed", method
+    status, _, _ = _request(server, "POST", "/api/tags", CHAT)
+    assert status == 405
+    status, _, body = _request(server, "GET", "/v1/models/gpt-4o")
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    assert fake.submitted == []
+    status, _, _ = _request(server, "POST", "/v1/chat/completions", CHAT)  # the positive control
+    assert status == 200 and len(fake.submitted) == 1
+
+
 def test_a_missing_or_wrong_key_is_401_and_the_right_one_passes(
     served: tuple[HTTPServer, FakeIntake],
 ) -> None:

@@ -126,3 +126,41 @@ def test_what_a_release_needs_counts_its_memory_a_context_and_set_budgets() -> N
     assert release_need(1000 * MiB, None, EngineOptions()) == 1000 * MiB + RUNTIME_BYTES
     longer = release_need(1000 * MiB, 768 * 1024, EngineOptions(context_tokens=2048, prefix_cache_mb=10))
     assert longer == 1000 * MiB + RUNTIME_BYTES + 768 * 1024 * 2048 + 10 * MiB
+
+
+def test_weights_mapped_from_their_repacked_copy_leave_anonymous_memory_but_are_still_needed() -> None:
+    budgets = Budgets(context_tokens=2048, max_batch=1, prefix_cache_mb=100, prefill_chunk_tokens=512)
+    in_memory = estimate(PHI3, budgets)
+    on_disk = estimate(PHI3, budgets, weights_mapped=True)
+    assert on_disk.anonymous == in_memory.anonymous - in_memory.weights
+    # Every pass reads them: what must stay resident, and so the sizing, does not change.
+    assert on_disk.needed == in_memory.needed == in_memory.anonymous
+    assert on_disk.total == in_memory.total
+    assert "weights mapped from their repacked copy" in on_disk.describe()
+    assert "(weights" not in on_disk.describe() and "(weights" in in_memory.describe()
+    # Making the copy at the first start holds the repacked weights and the embedding table.
+    assert on_disk.first_load == on_disk.weights + PHI3.embedding_bytes + RUNTIME_BYTES
+    assert in_memory.first_load == 0
+    on, off = (
+        fit(PHI3, EngineOptions(), 12 << 30),
+        fit(PHI3, EngineOptions(prepacked_on_disk=False), 12 << 30),
+    )
+    assert on.prepacked_on_disk and not off.prepacked_on_disk
+    assert on.model_copy(update={"prepacked_on_disk": False}) == off
+
+
+def test_a_first_start_that_cannot_make_the_repacked_copy_repacks_in_memory_or_names_the_setting() -> None:
+    # A large float embedding table (Llama-3.2-3B's is 1.6 GB): making the copy weighs more than serving.
+    big = PHI3.model_copy(update={"file_bytes": 4_000_000_000, "embedding_bytes": 2_000_000_000})
+    smallest = Budgets(context_tokens=MIN_CONTEXT, max_batch=1, prefix_cache_mb=0, prefill_chunk_tokens=64)
+    peak = estimate(big, smallest, weights_mapped=True)
+    room = peak.needed + 64 * MiB
+    assert room < peak.first_load
+    # Unset: the daemon repacks in memory at every load instead.
+    sized = fit(big, EngineOptions(), room)
+    assert not sized.prepacked_on_disk and sized.context_tokens == MIN_CONTEXT
+    with pytest.raises(MemoryFitError, match=r"^engine\.prepacked_on_disk: .*prepacked_on_disk = false"):
+        fit(big, EngineOptions(prepacked_on_disk=True), room)
+    assert fit(big, EngineOptions(prepacked_on_disk=False), room).context_tokens == MIN_CONTEXT
+    # Positive control: with room for the first start, the copy is kept.
+    assert fit(big, EngineOptions(), peak.first_load + 64 * MiB).prepacked_on_disk

@@ -9,19 +9,21 @@ read afresh, so a broker that lost them is noticed (``desired_settled``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
 
-import paho.mqtt.client as paho
-
+from agent.link.mqtt import Ack, Message
+from edge_contract.errors import LinkError
 from edge_contract.protocol import Topics
 
-from ..assignments import publish_retained
-from ..broker import BrokerOptions, connect, release
+from ..broker import BrokerOptions, connect_client, publish_retained
 from ..fleet_view import FleetView, release_of
 from ..follow import outcome
 from .store import Seen
+
+log = logging.getLogger(__name__)
 
 # Retained messages arrive right after subscribing; the desired states are trusted this long after.
 _SETTLE_S = 3.0
@@ -39,11 +41,10 @@ class BrokerLink:
         self.group_desired: dict[str, str] = {}  # group -> NAME@VERSION of its retained desired state
         self.connected_at = 0.0
         self.messages = 0
-        self.client = connect(options, name="edge-fleet-server")
-        self.client.on_message = self._on_message
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self._subscribe(self.client)
+        # Every (re)connection subscribes again: the server's session ends with its connection.
+        self.client = options.client("edge-fleet-server", on_connect=self._on_connect, on_drop=self._on_drop)
+        self.client.route("#", self._on_message)
+        connect_client(options, self.client)
 
     def _topics(self) -> list[tuple[str, int]]:
         every = Topics(self.prefix, "+", None)
@@ -57,33 +58,42 @@ class BrokerLink:
             (groups, 1),
         ]
 
-    def _subscribe(self, client: paho.Client) -> None:
+    def _on_connect(self, _session_present: bool) -> None:
         with self.lock:
             for device in self.view.devices.values():
                 device.desired = None  # read afresh: a broker that lost them sends none
             self.group_desired.clear()
             self.connected_at = time.monotonic()
-        client.subscribe(self._topics())
+        self.client.subscribe(self._topics()).then(self._subscribed)
 
-    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if not reason.is_failure:
-            self._subscribe(client)
+    def _subscribed(self, ack: Ack) -> None:
+        try:
+            refused = [r for r in ack.wait(0) if r is not None]
+        except LinkError as exc:  # the connection dropped first: the next one subscribes again
+            log.info("fleet server: subscribing was cut short (%s)", exc)
+            return
+        if refused:
+            log.error(
+                "fleet server: the broker refused subscriptions of %s (%s): give the server's identity "
+                "read access to them (docs/fleet-server.md)",
+                ", ".join(t for t, _q in self._topics()), ", ".join(refused),
+            )  # fmt: skip
 
-    def _on_disconnect(self, *_a: Any) -> None:
+    def _on_drop(self, _reason: str) -> None:
         with self.lock:
             self.connected_at = 0.0
 
-    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         with self.lock:
             self.messages += 1
             parts = msg.topic.split("/")
             if len(parts) == 5 and parts[1] == "groups" and parts[3:] == ["model", "desired"]:
                 if msg.payload:
-                    self.group_desired[parts[2]] = release_of(bytes(msg.payload))
+                    self.group_desired[parts[2]] = release_of(msg.payload)
                 else:
                     self.group_desired.pop(parts[2], None)
                 return
-            changed = self.view.feed(msg.topic, bytes(msg.payload))
+            changed = self.view.feed(msg.topic, msg.payload)
             if changed is not None and changed[1] in ("status", "model"):
                 self._dirty.add(changed[0])
 
@@ -157,4 +167,4 @@ class BrokerLink:
 
     def close(self) -> None:
         """Disconnect."""
-        release(self.client)
+        self.client.close()

@@ -2,7 +2,7 @@
 
 Each job carries the gateway's response topic (under ``{prefix}/replies/``, the subtree the
 shipped ACL opens to callers) and a fresh correlation id; replies go to the ``sink`` the
-request registered (called on paho's thread: the sink hands them to the request's event
+request registered (called on the link's network thread: the sink hands them to the request's event
 loop).  The connection also follows every box's retained status, so a box that goes offline
 (its Last Will, at once after a ``kill -9``) is told to the requests waiting on it —
 ``OFFLINE`` — rather than leaving them to time out; and a dropped broker connection is
@@ -17,18 +17,14 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
-from agent.link.mqtt import no_delay
+from agent.link.mqtt import Ack, Message, PublishRefused
+from edge_contract.errors import LinkError
 from edge_contract.protocol import REPLY, CancelRequest, Chunk, FleetTopics, JobRequest, Result, Status
 
-from ...broker import BrokerOptions, release
+from ...broker import BrokerOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +59,22 @@ class Dispatcher:
         self._jobs: dict[bytes, tuple[str, Sink]] = {}  # correlation -> (device, sink)
         self._offline: set[str] = set()  # boxes whose last retained status said offline
         self.connected = threading.Event()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edge-fleet-gateway-{uuid.uuid4().hex[:12]}",
-            protocol=MQTTProtocolVersion.MQTTv5,
+        # Every (re)connection subscribes again: the gateway's session ends with its connection.
+        self.client = options.client(
+            "edge-fleet-gateway", protocol="5", on_connect=self._on_connect, on_drop=self._on_drop
         )
-        self.client.on_socket_open = no_delay
-        options.configure(self.client)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
-        host, port = options.address
-        self.client.connect_async(host, port)
-        self.client.loop_start()
+        self.client.route(self._reply_topic, self._reply)
+        self.client.route(self._fleet.any_status, self._on_status)
+        self.client.start(*options.address)
 
-    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.error("gateway: the broker refused the connection (%s)", reason)
+    def _on_connect(self, _session_present: bool) -> None:
+        self.client.subscribe([self._reply_topic, self._fleet.any_status]).then(self._subscribed)
+
+    def _subscribed(self, ack: Ack) -> None:
+        try:
+            refused = [r for r in ack.wait(0) if r is not None]
+        except LinkError:  # the connection dropped first: the next one subscribes again
             return
-        client.subscribe([(self._reply_topic, 1), (self._fleet.any_status, 1)])
-
-    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
-        refused = [str(r) for r in reasons if r.is_failure]
         if refused:  # replies would never come: say so, and take no job
             log.error(
                 "gateway: the broker refused the subscriptions to %s and %s (%s): give the server's "
@@ -95,26 +84,16 @@ class Dispatcher:
             return
         self.connected.set()
 
-    def _on_disconnect(self, *_a: Any) -> None:
+    def _on_drop(self, _reason: str) -> None:
         self.connected.clear()
         with self._lock:
             waiting = list(self._jobs.values())
         for _device, sink in waiting:
             sink(LinkDown("the fleet server lost its broker connection"))
 
-    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            if msg.topic == self._reply_topic:
-                self._reply(msg)
-            elif msg.topic.endswith("/status"):
-                self._status(msg.topic.split("/")[-2], bytes(msg.payload))
-        except Exception:  # a bad message must not end paho's thread
-            log.exception("gateway: cannot take a message on %s", msg.topic)
-
-    def _reply(self, msg: paho.MQTTMessage) -> None:
-        correlation = getattr(getattr(msg, "properties", None), "CorrelationData", None)
+    def _reply(self, msg: Message) -> None:
         with self._lock:
-            found = self._jobs.get(bytes(correlation or b""))
+            found = self._jobs.get(msg.correlation or b"")
         if found is None:
             return  # a job given up on (or a duplicate after its result)
         try:
@@ -123,6 +102,9 @@ class Dispatcher:
             log.warning("gateway: a reply from %s does not parse (%s); ignored", found[0], exc)
             return
         found[1](reply)
+
+    def _on_status(self, msg: Message) -> None:
+        self._status(msg.topic.split("/")[-2], msg.payload)
 
     def _status(self, device_id: str, payload: bytes) -> None:
         try:
@@ -148,15 +130,28 @@ class Dispatcher:
         correlation = uuid.uuid4().bytes
         with self._lock:
             self._jobs[correlation] = (device_id, sink)
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = self._reply_topic
-        props.CorrelationData = correlation
-        props.MessageExpiryInterval = self.expiry_s
         topic = self._fleet.device(device_id).jobs
-        info = self.client.publish(topic, job.model_dump_json(exclude_none=True), qos=1, properties=props)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            sink(LinkDown(f"cannot publish to {topic} ({paho.error_string(info.rc)})"))
+        sent = self.client.publish(
+            topic,
+            job.model_dump_json(exclude_none=True),
+            response_topic=self._reply_topic,
+            correlation=correlation,
+            expiry_s=self.expiry_s,
+        )
+        if not self.client.connected.is_set():
+            sink(LinkDown(f"cannot publish to {topic} (the fleet server is not connected to the broker)"))
+        else:
+            sent.then(lambda ack: self._refused(ack, topic, sink))
         return correlation
+
+    @staticmethod
+    def _refused(ack: Ack, topic: str, sink: Sink) -> None:
+        try:
+            ack.wait(0)
+        except PublishRefused as exc:
+            sink(LinkDown(f"the broker refused the job on {topic} ({exc.reason})"))
+        except LinkError:
+            pass  # the connection dropped: ``_on_drop`` told every waiting request
 
     def forget(self, ticket: bytes) -> None:
         """No more replies for this job."""
@@ -166,8 +161,8 @@ class Dispatcher:
     def cancel(self, device_id: str, job_id: str) -> None:
         """Ask the box to cancel the job (queued in its session when it is offline)."""
         body = CancelRequest(id=job_id).model_dump_json()
-        self.client.publish(self._fleet.device(device_id).cancel, body, qos=1)
+        self.client.publish(self._fleet.device(device_id).cancel, body)
 
     def close(self) -> None:
         """Disconnect."""
-        release(self.client)
+        self.client.close()

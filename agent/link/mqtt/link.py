@@ -43,21 +43,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.backoff import Backoff
+from agent.link.mqtt.messages import (
+    DEFAULT_PAYLOAD_LIMIT,
+    Connected,
+    Event,
+    Message,
+    Published,
+    matches,
+    message_of,
+    new_paho,
+    without_share,
+)
 from agent.link.options import MQTTConfig
 from agent.link.presence import LinkRecorder
 from agent.link.reasons import explain
@@ -71,50 +79,6 @@ log = logging.getLogger(__name__)
 # Reconnect backoff: the first retry comes after 0.5-1 s, doubling up to a minute —
 # quick after a blip, gentle on a broker that is coming back up under a whole fleet.
 _BACKOFF_MAX = 60
-#: Limit of a subscription given no limit of its own: a job or a manifest fits, a flood does not.
-DEFAULT_PAYLOAD_LIMIT = 64 * 1024
-#: What the daemon still sees of an oversized message: enough to find its id and answer it.
-HEAD_BYTES = 4096
-
-
-def no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
-    """Send small packets at once: with Nagle's algorithm a PUBACK or a chunk can wait
-    for the peer's delayed ACK (40 ms on Linux) — measured here as 45 ms per hop."""
-    with contextlib.suppress(OSError, AttributeError):  # not TCP (a Unix or WebSocket transport)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-@dataclass(frozen=True)
-class Message:
-    """A message received on a subscription."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    retain: bool
-    response_topic: str | None
-    correlation: bytes | None
-    generation: int  # which connection delivered it: acks go to that one only
-    size: int = 0  # the payload's size as received (payload may be cut: see truncated)
-    truncated: bool = False  # over its subscription's limit: payload holds only the first HEAD_BYTES
-
-
-@dataclass(frozen=True)
-class Published:
-    """The broker acknowledged the QoS 1 publication ``mid``."""
-
-    mid: int
-
-
-@dataclass(frozen=True)
-class Connected:
-    """A (re)connection completed and the subscriptions were renewed."""
-
-    session_present: bool
-
-
-Event = Message | Published | Connected
 
 
 class MQTTLink:
@@ -149,7 +113,7 @@ class MQTTLink:
         self._current = 0  # index in endpoints of the broker being (or last) tried
         self._failed = False  # the last attempt failed: the next one goes to the next broker
         self._limits = [
-            (_without_share(topic), (payload_limits or {}).get(topic, DEFAULT_PAYLOAD_LIMIT))
+            (without_share(topic), (payload_limits or {}).get(topic, DEFAULT_PAYLOAD_LIMIT))
             for topic in subscriptions
         ]
         self.events: queue.Queue[Event] = queue.Queue()
@@ -160,35 +124,29 @@ class MQTTLink:
         self._on_connect_hook = on_connect
         self._generation = 0
         self._max_packet = max_packet_bytes
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if self.mqtt5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self.mqtt5 else False,
+        password = config.password.get_secret_value() if config.password else None
+        tls = config.tls
+        self._client = new_paho(
+            client_id,
+            mqtt5=self.mqtt5,
+            keep_session=True,
+            manual_ack=True,
+            tls=client_context(tls.ca, tls.cert, tls.key) if tls is not None else None,
+            login=(config.username, password) if config.username else None,
+            will=will,
+            on_connect=self._handle_connect,
+            on_disconnect=self._handle_disconnect,
+            on_connect_fail=self._handle_connect_fail,
+            on_pre_connect=self._choose_endpoint,
+            on_message=self._handle_message,
+            on_publish=self._handle_publish,
+            on_subscribe=self._handle_subscribe,
+            on_unsubscribe=self._handle_unsubscribe,
         )
-        client = self._client
-        client.manual_ack_set(True)
-        client.max_inflight_messages_set(64)
-        client.max_queued_messages_set(0)  # unbounded: results wait for the broker
+        self._client.max_inflight_messages_set(64)
         self.backoff = Backoff(max_s=_BACKOFF_MAX)
-        client.reconnect_delay_set(min_delay=1, max_delay=_BACKOFF_MAX)
-        if config.username:
-            password = config.password.get_secret_value() if config.password else None
-            client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            client.tls_set_context(client_context(config.tls.ca, config.tls.cert, config.tls.key))
-        self._tls_files = TLSFiles(config.tls.ca, config.tls.cert, config.tls.key) if config.tls else None
-        if will is not None:
-            client.will_set(will[0], will[1], qos=1, retain=True)
-        client.on_socket_open = no_delay
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_connect_fail = self._handle_connect_fail
-        client.on_pre_connect = self._choose_endpoint
-        client.on_message = self._handle_message
-        client.on_publish = self._handle_publish
-        client.on_subscribe = self._handle_subscribe
-        client.on_unsubscribe = self._handle_unsubscribe
+        self._client.reconnect_delay_set(min_delay=1, max_delay=_BACKOFF_MAX)
+        self._tls_files = TLSFiles(tls.ca, tls.cert, tls.key) if tls is not None else None
         self._pending_subscriptions: dict[int, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
@@ -267,7 +225,7 @@ class MQTTLink:
         dropped ones left now when connected, else at the next connection (``subscriptions_file``)."""
         old = list(self._subscriptions)
         self._limits = [
-            (_without_share(topic), payload_limits.get(topic, DEFAULT_PAYLOAD_LIMIT))
+            (without_share(topic), payload_limits.get(topic, DEFAULT_PAYLOAD_LIMIT))
             for topic in subscriptions
         ]
         self._subscriptions = list(subscriptions)
@@ -408,30 +366,12 @@ class MQTTLink:
 
     def _limit(self, topic: str) -> int:
         for topic_filter, limit in self._limits:
-            if paho.topic_matches_sub(topic_filter, topic):
+            if matches(topic_filter, topic):
                 return limit
         return DEFAULT_PAYLOAD_LIMIT
 
     def _handle_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        size = len(msg.payload)
-        truncated = size > self._limit(msg.topic)
-        props = getattr(msg, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        self.events.put(
-            Message(
-                topic=msg.topic,
-                payload=bytes(msg.payload[:HEAD_BYTES] if truncated else msg.payload),
-                qos=msg.qos,
-                mid=msg.mid,
-                retain=bool(msg.retain),
-                response_topic=response_topic if isinstance(response_topic, str) else None,
-                correlation=bytes(correlation) if correlation is not None else None,
-                generation=self._generation,
-                size=size,
-                truncated=truncated,
-            )
-        )
+        self.events.put(message_of(msg, generation=self._generation, limit=self._limit(msg.topic)))
 
     def _handle_subscribe(self, _c: paho.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
         topic = self._pending_subscriptions.pop(mid, "?")
@@ -454,10 +394,3 @@ class MQTTLink:
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
         self.events.put(Published(mid=mid))
-
-
-def _without_share(topic_filter: str) -> str:
-    """The filter messages of a subscription match: ``$share/NAME/`` removed."""
-    if topic_filter.startswith("$share/"):
-        return topic_filter.split("/", 2)[2]
-    return topic_filter
