@@ -43,7 +43,6 @@ from edge_contract.errors import LinkError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], None]
-RawClient = paho.Client
 
 #: The longest wait between reconnections after repeated drops (paho doubles the wait up to it):
 #: a server that outlives a broker restart is back within a minute, without hammering it.
@@ -51,7 +50,7 @@ _MAX_RECONNECT_S = 60.0
 
 
 #: Answers kept for packet ids not registered yet: one is registered microseconds after paho
-#: sent it, so a few hundred cover any burst; older ones answer packets sent through ``raw``.
+#: sent it, so a few hundred cover any burst.
 _EARLY_KEPT = 256
 #: Seconds between pings on an idle connection (paho's default): a tool's connection lives seconds
 #: to minutes, and a broker gone silent is noticed within 1.5 times this.
@@ -83,14 +82,13 @@ class Client:
         reconnect_delay_s: float = 1.0,
         on_connect: Callable[[bool], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
-        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.client_id = client_id or f"{name}-{uuid.uuid4().hex[:12]}"
         self.mqtt5 = protocol == "5"
         self.where = "the broker"
         self._keep_session = keep_session
         self._session_expiry_s = session_expiry_s
-        self._on_connect, self._on_drop, self._on_refused = on_connect, on_drop, on_refused
+        self._on_connect, self._on_drop = on_connect, on_drop
         self.messages: queue.SimpleQueue[Message] = queue.SimpleQueue()  # those no route took
         self.connected = threading.Event()
         self._lock = threading.Lock()
@@ -323,12 +321,6 @@ class Client:
         for ack, _topics, _refusal in pending.values():
             ack.settle(ConnectionLost(self.where, reason))
 
-    @property
-    def raw(self) -> RawClient:
-        """The paho client underneath, for code not yet moved onto ``Client`` (``edge-fleet enroll``):
-        its answers reach ``on_refused`` only.  New code must not use it."""
-        return self._paho
-
     # -- paho's callbacks (network thread: hand over only) --------------------------------------
 
     def _handle_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
@@ -371,24 +363,12 @@ class Client:
             found = self._pending.pop(mid, None)
             if found is None:
                 self._early[mid] = words
-                if len(self._early) > _EARLY_KEPT:  # answers to ``raw`` packets nobody awaits
+                if len(self._early) > _EARLY_KEPT:  # never expected: bounded all the same
                     del self._early[next(iter(self._early))]
         if found is None:
-            refused = next((w for w in words if w is not None), None)
-            if refused is not None and self._on_refused is not None:  # a packet sent through ``raw``
-                self._on_refused(refused)
             return
         ack, topics, refusal = found
         ack.settle(answer(self.where, words, topics, refusal))
-
-
-def release_raw(client: RawClient) -> None:
-    """Close what ``Client.raw`` gave out: disconnect, stop the network thread, close the socket."""
-    client.disconnect()
-    client.loop_stop()
-    sock = client.socket()
-    if sock is not None:
-        sock.close()
 
 
 def _pairs(filters: str | Sequence[str | tuple[str, int]], qos: int) -> list[tuple[str, int]]:
