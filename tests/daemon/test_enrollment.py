@@ -168,7 +168,7 @@ def test_a_certificate_near_expiry_is_renewed_over_the_boxs_own_link_without_an_
     assert (out / "box-n.key").read_bytes() != old_key and not list(out.glob("*.renew"))
     assert stat.S_IMODE((out / "box-n.key").stat().st_mode) == 0o600
     # The next connection uses the new pair; the box serves on.
-    tls_broker.restart()
+    tls_broker.restart(until=lambda: "disconnected from broker" in agent.log_text())
     caller = _operator(tls_broker, fleet)
     try:
         caller.send("edge/box-n/jobs", _job("after-renewal"), response_topic=REPLIES)

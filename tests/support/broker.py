@@ -203,7 +203,7 @@ class Broker:
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
 
-    def restart(self, down_s: float = 0.5, *, until: Callable[[], bool] | None = None) -> None:
+    def restart(self, down_s: float = 0.2, *, until: Callable[[], bool] | None = None) -> None:
         """Stop, stay down until ``until()`` holds (say, a client noticed) or else ``down_s`` seconds,
         and start again on the same port."""
         self.stop()
