@@ -32,10 +32,15 @@ How the exported graph makes this work (checked on every fixture family):
 Memory: the block is ``max_batch * slot_tokens`` positions; a budget caps
 ``max_batch`` at construction (and says so), and a request that needs more
 positions than a slot holds runs alone once the batch has drained.
-A scheduler of one slot may speculate (``speculate=True``: what ``Engine.generate``
-runs when ``[engine] speculate`` is on): its decode step is the speculator's verify
-pass, or a plain step while the speculator rests.  Speculation is not combined with
-batching: a batch row feeds one token, and a row's tokens must not depend on its company.
+With ``speculate=True`` (what ``Engine.generate`` and the daemon run when
+``[engine] speculate`` is on) every sequence carries a speculator: each step it
+drafts and runs its verify pass, in a pass of its own (onnxruntime's
+GroupQueryAttention takes several new tokens per row only in a batch of one,
+"batch_size must be 1 when sequence_length > 1 and past context is given"), so
+that pass is the one it runs alone; while it rests it takes a row of the
+batched one-token pass like any other sequence.  For the same reason a joining
+prompt's chunk runs in a pass of its own between decode passes, never beside
+decode rows.
 """
 
 from __future__ import annotations
@@ -157,6 +162,7 @@ class Batcher:
         self._queue: deque[BatchJob] = deque()
         self.passes = 0  # batched decode passes
         self.rows = 0  # sequences decoded over all passes (occupancy = rows / passes / max_batch)
+        self.decoded = 0  # tokens chosen by decode and verify passes
         self.decode_seconds = 0.0  # time in batched decode passes
 
     # -- public surface --------------------------------------------------------
@@ -342,6 +348,7 @@ class Batcher:
         self.decode_seconds += time.perf_counter() - started
         self.passes += 1
         self.rows += len(running)
+        self.decoded += len(running)
         for job in running:
             token = self._sample(job, job.seq.sampler, logits[job.slot], finished)
             if token is not None:
@@ -356,6 +363,9 @@ class Batcher:
         if chosen == []:
             return False  # resting: nothing to draft for a while
         self.decode_seconds += time.perf_counter() - started
+        self.passes += 1
+        self.rows += 1
+        self.decoded += len(chosen or ())
         for token in chosen or ():  # the accepted drafts, then the token chosen after them
             if seq.take(token):
                 self._finish(job, finished)
