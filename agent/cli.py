@@ -262,8 +262,6 @@ def _bench(args: argparse.Namespace) -> int:
         raise AgentError("--prefix-tokens must be 0 or more")
     if not 1 <= args.concurrency <= 64:
         raise AgentError("--concurrency must lie in [1, 64]")
-    if args.concurrency > 1 and args.speculate:
-        raise AgentError("--speculate and --concurrency > 1 do not combine (a batch row feeds one token)")
     # Repeated prompts would hit the prefix cache: the speed figures are cold ones, so it is off
     # unless --prefix-tokens asks to measure it.
     engine = _engine(args, **({} if args.prefix_tokens else {"prefix_cache_mb": 0}))
@@ -376,15 +374,24 @@ def _bench_batch(args: argparse.Namespace, engine: Engine, ids: list[int], param
 
     aggregate: list[float] = []
     per_job: list[float] = []
+    drafted = accepted = 0
     for _ in range(args.repeat):
-        batcher = Batcher(engine, max_batch=args.concurrency, slot_tokens=len(ids) + args.new_tokens)
+        batcher = Batcher(
+            engine,
+            max_batch=args.concurrency,
+            slot_tokens=len(ids) + args.new_tokens,
+            speculate=engine.options.speculate,
+        )
         # Each job starts at another offset of the prompt so that no two rows are the same sequence.
         jobs = [
             batcher.submit(ids[j % len(ids) :] + ids[: j % len(ids)], params) for j in range(args.concurrency)
         ]
         batcher.run()
-        aggregate.append(batcher.rows / batcher.decode_seconds if batcher.decode_seconds else 0.0)
-        per_job += [j.completion.timings.decode_tokens_per_s for j in jobs if j.completion is not None]
+        aggregate.append(batcher.decoded / batcher.decode_seconds if batcher.decode_seconds else 0.0)
+        done = [j.completion for j in jobs if j.completion is not None]
+        per_job += [c.timings.decode_tokens_per_s for c in done]
+        drafted += sum(c.drafted_tokens for c in done)
+        accepted += sum(c.accepted_tokens for c in done)
     result = {
         "model": engine.name,
         "threads": engine.threads,
@@ -394,6 +401,9 @@ def _bench_batch(args: argparse.Namespace, engine: Engine, ids: list[int], param
         "aggregate_decode_tokens_per_s": statistics.median(aggregate),
         "decode_tokens_per_s": statistics.median(per_job),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "speculate": engine.options.speculate,
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
     }
     if args.json:
         print(json.dumps(result))

@@ -162,6 +162,48 @@ def measure(kind: str, path: Path, args: argparse.Namespace, sizes: Counter[int]
     }
 
 
+def measure_batched(kind: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The workload's jobs ``--batch`` at a time through one scheduler, plain vs speculating (same jobs).
+
+    Tokens generated per second of wall time, prefill included (the same for both arms).
+    """
+    from agent.engine.batch import Batcher
+    from agent.engine.engine import Engine, EngineOptions
+    from agent.engine.sampling import SamplingParams
+
+    engines = {
+        "plain": Engine(path, EngineOptions(threads=args.threads)),
+        "spec": Engine(path, EngineOptions(threads=args.threads, speculate=True)),
+    }
+    jobs = workload(kind, engines["plain"], args.batch)
+    ignore_eos = kind == "nothing-to-copy"
+    rates: dict[str, list[float]] = {"plain": [], "spec": []}
+    outputs: dict[str, list[list[int]]] = {}
+    box0, own0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    for round_ in range(args.rounds):
+        order = list(engines.items())
+        for name, engine in order if round_ % 2 == 0 else order[::-1]:
+            batcher = Batcher(engine, max_batch=args.batch, speculate=name == "spec", slot_tokens=1024)
+            started = time.perf_counter()
+            done = batcher.generate_all(
+                [(ids, SamplingParams(max_tokens=new, ignore_eos=ignore_eos)) for ids, new in jobs]
+            )
+            rates[name].append(sum(c.completion_tokens for c in done) / (time.perf_counter() - started))
+            outputs[name] = [c.token_ids for c in done]
+    box1, own1 = _cpu_seconds()
+    p, s = statistics.median(rates["plain"]), statistics.median(rates["spec"])
+    same = sum(a == b for a, b in zip(outputs["plain"], outputs["spec"], strict=True))
+    return {
+        "batch": args.batch,
+        "plain_tok_s": p,
+        "spec_tok_s": s,
+        "speedup": s / p,
+        "identical_outputs": f"{same}/{len(jobs)}",
+        "others_cores": max(0.0, (box1 - box0) - (own1 - own0)) / (time.perf_counter() - t0),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -169,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=6)
     parser.add_argument("--precisions", nargs="+", default=["int4", "int8"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    parser.add_argument("--batch", type=int, default=0, help="also run the jobs N at a time (batched)")
+    parser.add_argument("--only", nargs="*", default=None, help="workloads to run (default: all)")
     args = parser.parse_args(argv)
     if not (COPY_MODEL / "hf" / "config.json").is_file():
         raise SystemExit(f"{COPY_MODEL} is missing: python -m models.copy_task")
@@ -181,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             (f"copy (padded) {precision}", ensure_padded(precision)),
         ]
     runs += [("recite", ROOT / "models" / "demo"), ("nothing-to-copy", edge)]
+    if args.only:
+        runs = [(kind, path) for kind, path in runs if kind in args.only]
     sizes = _pass_sizes()
     report: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     for kind, path in runs:
@@ -194,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
             f"identical {r['identical_outputs']}; others kept {r['others_cores']:.1f} cores busy",
             flush=True,
         )
+        if args.batch > 1:
+            b = report[f"{kind}, {args.batch} at a time"] = measure_batched(kind.split(" ")[0], path, args)
+            print(
+                f"{kind:>22} ({path.name}), {args.batch} at a time: plain {b['plain_tok_s']:.1f} tok/s, "
+                f"speculative {b['spec_tok_s']:.1f} tok/s = {b['speedup']:.2f}x; identical "
+                f"{b['identical_outputs']}; others kept {b['others_cores']:.1f} cores busy",
+                flush=True,
+            )
     from agent.engine.engine import Engine, EngineOptions
 
     cost = verify_cost(Engine(edge, EngineOptions(threads=args.threads)), 64, list(range(1, 10)))

@@ -189,10 +189,9 @@ class Supervisor:
             queued = f"{self.store.queued_count()} queued"
         except sqlite3.Error:
             queued = "queue unreadable"
-        line = (
-            f"serving {self.models.serving.ref.name}: {'1 running' if self.worker.running else 'idle'}, "
-            f"{queued}, health {health}, {link}"
-        )
+        running = self.worker.running  # the running jobs' ids, comma-separated (several when batching)
+        busy = f"{len(running.split(', '))} running" if running else "idle"
+        line = f"serving {self.models.serving.ref.name}: {busy}, {queued}, health {health}, {link}"
         if self.faults.failing:
             line += "; JOB STORE FAILING (disk full?)"
         resets = corrupt_copies(self.store.path)

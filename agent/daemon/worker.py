@@ -1,15 +1,14 @@
-"""The worker: claim the oldest queued job, run it on the served model, finish it, one at a time.
+"""The worker: claims queued jobs and runs them through one scheduler, alone or several together.
 
 Owned by the ``edge-agent-worker`` thread, which also runs the updater's
-between-job tasks (a model swap happens only here, so a job always ends on the
-model it started on).  The intake thread may ``cancel`` a job and ``wake`` the
-worker; the supervisor reads ``beat`` and ``quiet_until`` for the watchdog.
-
-With ``max_batch`` 1 a job runs alone (``Engine.generate``: the scheduler with one
-slot); with more, ``daemon.batching.BatchRunner`` runs jobs together through the
-worker's public interface (its ``BatchHost`` protocol): ``claim``, ``prepare``,
-``run_alone``, ``finish`` (store, publish, count, probation), ``requeue``, and
-``stop_reason`` / ``publish_chunk`` for the jobs' hooks (``daemon.hooks``).
+between-job tasks (a model swap happens only while no job runs, so a job always
+ends on the model it started on).  Every job runs through the engine's scheduler
+(``daemon.running``): one slot when ``[engine] max_batch = 1``, more otherwise;
+there is no other path.  Other threads talk to the worker through one command
+queue (a job was queued, cancel a job, forget a cancel, run a task between jobs,
+stop); the worker reads it between scheduler steps and between a job's tokens
+and prefill chunks.  Its heartbeat out is ``beat`` (and ``quiet_until`` during a
+long prefill or a model swap), read by the supervisor's watchdog.
 
 Storage errors never end the thread: a claim that fails is retried with
 backoff; a result that cannot be stored is kept in memory and stored (then
@@ -27,28 +26,32 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from agent.daemon.batching import BatchRunner
 from agent.daemon.faults import StorageFaults, storage_backoff
-from agent.daemon.hooks import PREFILL_ALLOWANCE_S_PER_TOKEN, JobHooks
-from agent.daemon.outcome import Models, Outcome, blame
+from agent.daemon.outcome import Models, Outcome
 from agent.daemon.replies import Sender
 from agent.daemon.results import error_result, log_job
+from agent.daemon.running import RunningJobs
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore, StoredJob
-from edge_contract.errors import ContextOverflowError, GenerationError, InvalidRequestError, ModelError
-from edge_contract.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
-
-if TYPE_CHECKING:
-    from agent.engine.engine import Completion
-    from agent.engine.sampling import SamplingParams
+from edge_contract.protocol import JobErrorCode, JobStatus, Result
 
 log = logging.getLogger(__name__)
 
 # Swapping models (unload, load, smoke test) gives no sign of life either;
 # loading a 2 GB int4 model from an SD card takes tens of seconds on a Pi.
 _MODEL_SWAP_ALLOWANCE_S = 180.0
+
+
+@dataclass(frozen=True)
+class _Command:
+    """One message to the worker thread: ``wake``, ``cancel``/``forget`` (a job id), ``task``, ``stop``."""
+
+    kind: str
+    job_id: str = ""
+    task: tuple[Callable[[], None], Future[None]] | None = None
+    deadline: float = 0.0
 
 
 class Worker:
@@ -76,35 +79,35 @@ class Worker:
         self._publish_chunk = publish_chunk
         self._hold = hold
         self._thread = threading.Thread(target=self._loop, name="edge-agent-worker", daemon=True)
-        self._work = threading.Event()
-        self._stopping = threading.Event()
-        self._deadline: float | None = None  # monotonic time past which a running job is checkpointed
-        self._lock = threading.Lock()  # guards _cancel and _running
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        # The worker thread's own state, changed only by the commands it reads:
+        self._stopping = False
+        self._deadline: float | None = None  # monotonic time past which running jobs are checkpointed
         self._cancel: set[str] = set()
+        self._tasks: list[tuple[Callable[[], None], Future[None]]] = []
+        self._jobs = RunningJobs(self)
+        self._running_lock = threading.Lock()  # ``running`` is read by other threads
         self._running: str | None = None
-        self._tasks: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
         self._unfinished: list[tuple[StoredJob, Outcome]] = []  # results the store did not take yet
         self._recovered = False
         self._backoff = storage_backoff()
         self.beat = time.monotonic()  # last sign of life
         self.quiet_until = 0.0  # may be silent until then (a long prefill, a model swap)
 
-    # -- control (any thread) ------------------------------------------------------------------
+    # -- control (any thread): commands --------------------------------------------------------
 
     def start(self) -> None:
         """Start the thread."""
         self._thread.start()
-        self._work.set()
+        self.wake()
 
     def wake(self) -> None:
         """A job was queued (or something else changed): look at the queue now."""
-        self._work.set()
+        self._commands.put(_Command("wake"))
 
     def stop(self, grace_s: float) -> None:
-        """Start no new job; checkpoint the running one if it is not done within ``grace_s``."""
-        self._deadline = time.monotonic() + grace_s
-        self._stopping.set()
-        self._work.set()
+        """Start no new job; checkpoint the running ones if they are not done within ``grace_s``."""
+        self._commands.put(_Command("stop", deadline=time.monotonic() + grace_s))
 
     def join(self, timeout: float) -> None:
         """Wait for the thread to end."""
@@ -118,15 +121,14 @@ class Worker:
 
     @property
     def running(self) -> str | None:
-        """The id of the job running now."""
-        with self._lock:
+        """The ids of the jobs running now (comma-separated), or None."""
+        with self._running_lock:
             return self._running
 
     def between_jobs(self, task: Callable[[], None]) -> Future[None]:
-        """Have the worker run ``task`` before it starts its next job (the model swaps this way)."""
+        """Have the worker run ``task`` once no job runs, before it starts another (the model swaps this way)."""
         future: Future[None] = Future()
-        self._tasks.put((task, future))
-        self._work.set()
+        self._commands.put(_Command("task", task=(task, future)))
         return future
 
     def cancel(self, job_id: str) -> bool:
@@ -137,17 +139,37 @@ class Worker:
         job = self.store.get(job_id)
         if job is None or job.state == "done":
             return False
-        with self._lock:
-            self._cancel.add(job_id)
+        # First the command: should the worker claim the job before the store below finishes it,
+        # the job is canceled at its first token.
+        self._commands.put(_Command("cancel", job_id))
         if job.state == "queued":
             result = self._error(job.id, "canceled", "canceled", "canceled before it started")
             if self.store.finish(job.id, result.model_dump_json(exclude_none=True), only_queued=True):
-                with self._lock:
-                    self._cancel.discard(job_id)
+                self._commands.put(_Command("forget", job_id))  # it never reaches the worker
                 self._published(job, Outcome(result))
         return True
 
-    # -- for the hooks and the batch runner (worker thread) -------------------------------------
+    def _read_commands(self, wait_s: float = 0.0) -> None:
+        """Apply the commands queued so far (worker thread); wait up to ``wait_s`` for the first."""
+        try:
+            command = self._commands.get(timeout=wait_s) if wait_s > 0 else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if command.kind == "cancel":
+                self._cancel.add(command.job_id)
+            elif command.kind == "forget":
+                self._cancel.discard(command.job_id)
+            elif command.kind == "task" and command.task is not None:
+                self._tasks.append(command.task)
+            elif command.kind == "stop":
+                self._stopping, self._deadline = True, command.deadline
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    # -- for the running jobs' hooks (worker thread) ---------------------------------------------
 
     def publish_chunk(self, topic: str, payload: bytes, correlation: bytes | None) -> object:
         """Publish one streamed chunk of a running job."""
@@ -156,45 +178,39 @@ class Worker:
     def stop_reason(self, job_id: str) -> str | None:
         """Why the running ``job_id`` must stop now: ``"checkpoint"``, ``"cancel"`` or None (a sign of life)."""
         self.beat = time.monotonic()
+        self._read_commands()
         if self._deadline is not None and time.monotonic() > self._deadline:
             return "checkpoint"
-        with self._lock:
-            return "cancel" if job_id in self._cancel else None
+        return "cancel" if job_id in self._cancel else None
 
-    def may_claim_more(self) -> bool:
-        """Whether another job may join the running ones (not stopping, no model swap waiting, not held)."""
-        return not self._stopping.is_set() and self._tasks.empty() and not self._hold()
-
-    def set_running(self, job_ids: list[str]) -> None:
-        """The jobs running now (``running`` reports them)."""
-        with self._lock:
-            self._running = ", ".join(job_ids) or None
-
-    def forget_cancel(self, job_id: str) -> None:
-        """``job_id`` ended: a cancel asked for it is moot."""
-        with self._lock:
-            self._cancel.discard(job_id)
+    def ended(self, job_id: str) -> None:
+        """``job_id`` left the scheduler: a cancel asked for it is moot."""
+        self._cancel.discard(job_id)
 
     # -- the thread ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            self._work.wait(timeout=1.0)
-            self._work.clear()
+            self._read_commands(wait_s=1.0)
             self.beat = time.monotonic()
-            while not self._stopping.is_set():
+            while not self._stopping:
                 try:
                     if not self.step():
                         break
                 except Exception:  # a bug must not end the worker: log it, pause, go on
                     log.exception("unexpected error in the worker")
-                    self._stopping.wait(1.0)
+                    self._read_commands(wait_s=1.0)
                 self.beat = time.monotonic()
-            if self._stopping.is_set():
+            if self._stopping:
+                self._drain()  # running jobs end (or are checkpointed at the deadline)
                 return
 
     def step(self) -> bool:
-        """Do one thing: tasks, pending bookkeeping, then one job. False: nothing to do until woken."""
+        """Tasks, pending bookkeeping, then claim a job and run the scheduler until no job runs.
+
+        Jobs queued meanwhile join while the scheduler has a free slot. False: nothing to do until woken.
+        """
+        self._read_commands()
         self._run_tasks()
         doing = "recovering interrupted jobs"
         try:
@@ -204,8 +220,8 @@ class Worker:
                 doing = "storing a finished job's result"
                 self._finish_now(*self._unfinished[0])
                 self._unfinished.pop(0)
-            if self._hold():
-                return False  # jobs wait in the queue until the box recovers
+            if self._hold() or self._stopping:
+                return False  # jobs wait in the queue until the box recovers (or the next start)
             doing = "claiming a job"
             job = self.claim()
         except sqlite3.Error as exc:
@@ -214,16 +230,47 @@ class Worker:
         self._backoff.reset()
         if job is None:
             return False
-        if self.models.serving.engine.options.max_batch > 1:
-            BatchRunner(self).drain(job)  # this job and others claimed while it runs
-        else:
-            self.run_alone(job)
+        self._ended([(job, self._jobs.admit(job))])
+        self._drain()
         return True
+
+    def _drain(self) -> None:
+        """Step the scheduler until no job runs, admitting queued jobs while there is room."""
+        jobs = self._jobs
+        while not jobs.idle:
+            self._read_commands()
+            while jobs.room and not jobs.idle and self._may_claim_more():
+                try:
+                    job = self.claim()
+                except sqlite3.Error as exc:
+                    self.faults.failed("claiming a job", exc)
+                    break
+                if job is None:
+                    break
+                self._ended([(job, jobs.admit(job))])
+            self._set_running(jobs.ids)
+            self._ended(jobs.step())
+        self._set_running([])
+
+    def _ended(self, ended: list[tuple[StoredJob, Outcome | None]]) -> None:
+        """Finish the jobs that ended, requeue those checkpointed (a job admitted runs: no outcome yet)."""
+        for job, outcome in ended:
+            if outcome is not None:
+                self.finish(job, outcome)
+            elif job.id not in self._jobs.ids:
+                self.requeue(job)
+
+    def _may_claim_more(self) -> bool:
+        return not self._stopping and not self._tasks and not self._hold()
+
+    def _set_running(self, job_ids: list[str]) -> None:
+        with self._running_lock:
+            self._running = ", ".join(job_ids) or None
 
     def _pause(self, what: str, exc: sqlite3.Error) -> None:
         """Storage failed: count it, wait a little (alive: the watchdog keeps being fed)."""
         self.faults.failed(what, exc)
-        self._stopping.wait(self._backoff.next_delay())
+        self._read_commands(wait_s=self._backoff.next_delay())
         self.beat = time.monotonic()
 
     def _recover(self) -> None:
@@ -244,23 +291,21 @@ class Worker:
         return job
 
     def run(self, job: StoredJob) -> Outcome | None:
-        """Run ``job`` on the served model; None when it was checkpointed at shutdown."""
-        with self._lock:
-            self._running = job.id
-        try:
-            return self._execute(job)
-        finally:
-            with self._lock:
-                self._running = None
-                self._cancel.discard(job.id)
+        """Run ``job`` (claimed) through the scheduler by itself; its outcome, None when checkpointed.
 
-    def run_alone(self, job: StoredJob) -> None:
-        """Run ``job`` by itself, then finish it (or requeue it when it was checkpointed)."""
-        outcome = self.run(job)
-        if outcome is None:
-            self.requeue(job)
-        else:
-            self.finish(job, outcome)
+        The outcome is returned, not stored: the caller finishes (or requeues) the job.
+        """
+        outcome = self._jobs.admit(job)
+        try:
+            while not self._jobs.idle:
+                self._read_commands()
+                self._set_running(self._jobs.ids)
+                ended = self._jobs.step()
+                if ended:
+                    outcome = ended[0][1]
+        finally:
+            self._set_running([])
+        return outcome
 
     def finish(self, job: StoredJob, outcome: Outcome) -> None:
         """Store the result and publish it; kept for a retry when the store fails."""
@@ -302,95 +347,14 @@ class Worker:
             job.id, job.reply_topic, job.correlation, result.model_dump_json(exclude_none=True)
         )
 
-    # -- running one job -------------------------------------------------------------------------------
-
-    def _execute(self, job: StoredJob) -> Outcome | None:
-        prepared = self.prepare(job)
-        if isinstance(prepared, Outcome):
-            return prepared
-        request, ids, params = prepared
-        hooks = JobHooks(self, job)
-        self.quiet_until = time.monotonic() + PREFILL_ALLOWANCE_S_PER_TOKEN * len(ids)
-        try:
-            completion = self.models.serving.engine.generate(
-                ids, params, on_text=hooks.streaming(request.stream), should_stop=hooks.should_stop
-            )
-        except Exception as exc:
-            return self.failed(job, request, exc)
-        finally:
-            self.quiet_until = 0.0
-        if hooks.checkpoint:
-            return None
-        return self.completed(job, completion)
-
-    def prepare(self, job: StoredJob) -> Outcome | tuple[JobRequest, list[int], SamplingParams]:
-        """The request, prompt ids and sampling parameters of ``job``, or the outcome that ends it now."""
-        request = JobRequest.model_validate_json(job.request)
-        if job.deadline is not None and job.deadline <= time.time():
-            return Outcome(
-                self._error(job.id, "expired", "expired", "the job expired while it waited in the queue")
-            )
-        try:
-            engine = self.models.serving.engine
-            if request.messages is not None:
-                ids = engine.prompt_ids(messages=[m.model_dump() for m in request.messages])
-            else:
-                ids = engine.prompt_ids(request.prompt)
-            return request, ids, request.sampling_params()
-        except InvalidRequestError as exc:
-            return Outcome(self._error(job.id, "rejected", exc.code, exc.message))
-        except Exception as exc:  # a template that fails to render, a tokenizer fault
-            log.exception("job %s: cannot build the prompt", job.id)
-            return Outcome(self._error(job.id, "failed", "internal", f"{type(exc).__name__}: {exc}"))
-
-    def failed(self, job: StoredJob, request: JobRequest, exc: Exception) -> Outcome:
-        """The outcome of a job whose generation raised ``exc``."""
-        if isinstance(exc, ContextOverflowError | InvalidRequestError):
-            return Outcome(self._error(job.id, "rejected", exc.code, exc.message))
-        if isinstance(exc, ModelError | GenerationError):  # the engine says the model failed
-            return Outcome(self._error(job.id, "failed", exc.code, exc.message), "failure")
-        # the engine failing must not take the daemon down
-        log.error("job %s failed", job.id, exc_info=exc)
-        result = self._error(job.id, "failed", "internal", f"{type(exc).__name__}: {exc}")
-        return Outcome(result, blame(exc, request))
-
-    def completed(self, job: StoredJob, completion: Completion) -> Outcome:
-        """The outcome of a job that generated ``completion``."""
-        status: JobStatus = "canceled" if completion.finish_reason == "canceled" else "succeeded"
-        result = Result(
-            id=job.id,
-            status=status,
-            text=completion.text,
-            finish_reason=completion.finish_reason,
-            usage=Usage(
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                cached_tokens=completion.cached_tokens,
-                drafted_tokens=completion.drafted_tokens or None,
-                accepted_tokens=completion.accepted_tokens if completion.drafted_tokens else None,
-            ),
-            timings=completion.timings,
-            model=self.models.serving.ref,
-            device_id=self.device_id,
-            error=ErrorInfo(code="canceled", message="canceled while running")
-            if status == "canceled"
-            else None,
-        )
-        if completion.drafted_tokens:
-            self.stats.record_speculation(completion.drafted_tokens, completion.accepted_tokens)
-        return Outcome(result, "success" if status == "succeeded" else "none")
-
     def _error(self, job_id: str, status: JobStatus, code: JobErrorCode, message: str) -> Result:
         return error_result(
             job_id, status, code, message, model=self.models.serving.ref, device_id=self.device_id
         )
 
     def _run_tasks(self) -> None:
-        while True:
-            try:
-                task, future = self._tasks.get_nowait()
-            except queue.Empty:
-                return
+        while self._tasks:
+            task, future = self._tasks.pop(0)
             if not future.set_running_or_notify_cancel():
                 continue
             self.quiet_until = time.monotonic() + _MODEL_SWAP_ALLOWANCE_S

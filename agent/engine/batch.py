@@ -32,10 +32,15 @@ How the exported graph makes this work (checked on every fixture family):
 Memory: the block is ``max_batch * slot_tokens`` positions; a budget caps
 ``max_batch`` at construction (and says so), and a request that needs more
 positions than a slot holds runs alone once the batch has drained.
-A scheduler of one slot may speculate (``speculate=True``: what ``Engine.generate``
-runs when ``[engine] speculate`` is on): its decode step is the speculator's verify
-pass, or a plain step while the speculator rests.  Speculation is not combined with
-batching: a batch row feeds one token, and a row's tokens must not depend on its company.
+With ``speculate=True`` (what ``Engine.generate`` and the daemon run when
+``[engine] speculate`` is on) every sequence carries a speculator: each step it
+drafts and runs its verify pass, in a pass of its own (onnxruntime's
+GroupQueryAttention takes several new tokens per row only in a batch of one,
+"batch_size must be 1 when sequence_length > 1 and past context is given"), so
+that pass is the one it runs alone; while it rests it takes a row of the
+batched one-token pass like any other sequence.  For the same reason a joining
+prompt's chunk runs in a pass of its own between decode passes, never beside
+decode rows.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _QUEUED, _PREFILL, _DECODE, _DONE = "queued", "prefill", "decode", "done"
 
 
@@ -80,7 +86,7 @@ class BatchJob:
         self.seq = seq
         self.state = _QUEUED
         self.completion: Completion | None = None
-        self.error: AgentError | None = None
+        self.error: Exception | None = None  # a fault of this sequence alone (its sampler)
         self.on_text = on_text
         self.should_stop = should_stop
         self.on_prefill = on_prefill
@@ -88,7 +94,7 @@ class BatchJob:
         self.prefilled = 0  # prompt positions in the cache
         self.token = 0  # chosen, not yet fed
         self.spec: Speculator | None = None
-        self.ahead: list[int] = []  # tokens a verify pass chose beyond the one in hand
+        self.forward: Callable[[Any, int, Any], None] | None = None  # its verify passes (speculating)
 
     def prefill_progress(self) -> None:
         """Report the prompt positions ready (``on_prefill``)."""
@@ -119,7 +125,7 @@ class Batcher:
         prefill_chunk: int | None = None,
         speculate: bool = False,
     ) -> None:
-        """``speculate``: draft and verify (``agent.engine.speculate``); one slot only, full-logits exports."""
+        """``speculate``: every sequence drafts and verifies (``agent.engine.speculate``); full-logits exports."""
         graph = engine.graph
         self.engine = engine
         self.slot_tokens = min(slot_tokens or engine.context_length, engine.context_length)
@@ -137,8 +143,6 @@ class Batcher:
         if fits < wanted:
             log.warning("batch capped at %d sequences (of %d asked) by its memory budget", fits, wanted)
         self.max_batch = int(min(wanted, fits))
-        if speculate and self.max_batch > 1:
-            raise ValueError("speculation runs with one slot: a batch row feeds one token")
         self.speculate = speculate and graph.prefill_logits_rows(2) > 1  # last-position logits cannot verify
         self.prefill_chunk = max(2, prefill_chunk or engine.options.prefill_chunk_tokens)
         # A lone sequence decodes beside a filler row where one-row passes round differently;
@@ -158,6 +162,7 @@ class Batcher:
         self._queue: deque[BatchJob] = deque()
         self.passes = 0  # batched decode passes
         self.rows = 0  # sequences decoded over all passes (occupancy = rows / passes / max_batch)
+        self.decoded = 0  # tokens chosen by decode and verify passes
         self.decode_seconds = 0.0  # time in batched decode passes
 
     # -- public surface --------------------------------------------------------
@@ -299,27 +304,42 @@ class Batcher:
         if end < len(ids):
             return None
         job.state = _DECODE
-        token = seq.first(logits[0, rows - 1])
+        token = self._sample(job, seq.first, logits[0, rows - 1], finished)
+        if token is None:
+            return None
         if engine.prefix_cache is not None:  # the prompt's positions are final from here on
             kv = self._cache.block[:, :, job.slot : job.slot + 1]
             engine.prefix_cache.insert(ids, kv, len(ids), tail=True)
         return self._take(job, token, finished)
 
     def _decode(self, finished: list[BatchJob]) -> None:
+        """One step for every running sequence: a verify pass of its own for each speculating one,
+        then one batched one-token pass for the others (those not speculating, or resting).
+
+        Verify rows cannot share a pass: onnxruntime's GroupQueryAttention takes several new tokens
+        per row only in a batch of one ("batch_size must be 1 when sequence_length > 1 and past
+        context is given"). Each verify pass is therefore the one the sequence runs alone.
+        """
         running = [job for job in self._slots if job is not None and job.state == _DECODE]
-        if running[0].spec is not None:  # speculation: one slot
-            return self._speculate(running[0], running[0].spec, finished)
-        return self._plain(running, finished)
+        plain: list[BatchJob] = []
+        for job in running:
+            if job.spec is None or not self._speculate(job, job.spec, finished):
+                plain.append(job)
+        if plain:
+            self._plain(plain, finished)
 
     def _plain(self, running: list[BatchJob], finished: list[BatchJob]) -> None:
-        """One decode pass: one token for every running sequence (fillers elsewhere)."""
+        """One decode pass: one token for every sequence in ``running`` (fillers elsewhere)."""
         rows = 1 + max(job.slot for job in running)
         if rows == 1 and self.engine.two_row_decode:
             rows = 2  # never a one-row pass where it rounds differently (see the module docstring)
         for slot in range(rows):
             job = self._slots[slot] if slot < self.max_batch else None
-            if job is not None and job.state == _DECODE:
+            if job is not None and job in running:
                 self._rows.set_row(slot, job.token, job.seq.length)
+            elif job is not None and job.state == _DECODE:
+                # Filler: writes the position its token in hand takes next (a verify pass ran this step).
+                self._rows.set_filler(slot, job.seq.length - 1)
             else:
                 # Filler: writes one position that is free or about to be overwritten by a chunk.
                 self._rows.set_filler(slot, job.prefilled if job is not None else 0)
@@ -328,18 +348,32 @@ class Batcher:
         self.decode_seconds += time.perf_counter() - started
         self.passes += 1
         self.rows += len(running)
+        self.decoded += len(running)
         for job in running:
-            self._take(job, job.seq.sampler(logits[job.slot]), finished)
-        return None
+            token = self._sample(job, job.seq.sampler, logits[job.slot], finished)
+            if token is not None:
+                self._take(job, token, finished)
 
-    def _speculate(self, job: BatchJob, spec: Speculator, finished: list[BatchJob]) -> None:
+    def _speculate(self, job: BatchJob, spec: Speculator, finished: list[BatchJob]) -> bool:
+        """Draft and verify ``job`` in a pass of its own; False: it rests, decode it plainly."""
         seq = job.seq
-        if not job.ahead:
-            room = min(seq.capacity - seq.length, seq.max_new - len(seq.generated) - 1)
-            job.ahead = spec.step(job.token, seq.length - 1, room)
-            if not job.ahead:  # resting: nothing to draft for a while
-                return self._plain([job], finished)
-        return self._take(job, job.ahead.pop(0), finished)
+        room = min(seq.capacity - seq.length, seq.max_new - len(seq.generated) - 1)
+        started = time.perf_counter()
+        chosen = self._sample(job, lambda t: spec.step(t, seq.length - 1, room), job.token, finished)
+        if chosen == []:
+            return False  # resting: nothing to draft for a while
+        self.decode_seconds += time.perf_counter() - started
+        self.passes += 1
+        self.rows += 1
+        self.decoded += len(chosen or ())
+        for token in chosen or ():  # the accepted drafts, then the token chosen after them
+            if seq.take(token):
+                self._finish(job, finished)
+                break
+        else:
+            if chosen:
+                job.token = chosen[-1]
+        return True
 
     def _speculator(self, job: BatchJob) -> Speculator:
         engine, graph = self.engine, self.engine.graph
@@ -359,6 +393,17 @@ class Batcher:
             max_k=engine.options.speculate_max_k,
         )
 
+    def _sample(
+        self, job: BatchJob, sampler: Callable[[Any], _T], logits: Any, finished: list[BatchJob]
+    ) -> _T | None:
+        """``sampler(logits)``; a fault there (a request's extreme parameters) ends this sequence alone."""
+        try:
+            return sampler(logits)
+        except Exception as exc:
+            job.error = exc
+            self._finish(job, finished)
+            return None
+
     def _take(self, job: BatchJob, token: int, finished: list[BatchJob]) -> None:
         if job.seq.take(token):
             self._finish(job, finished)
@@ -370,6 +415,7 @@ class Batcher:
             self._slots[job.slot] = None
         if job.spec is not None:
             job.seq.drafted, job.seq.accepted = job.spec.drafted, job.spec.accepted
-        job.completion = job.seq.complete(finish)
+        if job.error is None:
+            job.completion = job.seq.complete(finish)
         job.state = _DONE
         finished.append(job)

@@ -282,6 +282,8 @@ class Engine:
         batcher = Batcher(self, max_batch=1, slot_tokens=seq.capacity, speculate=speculate)
         job = batcher.submit_sequence(seq, on_text=None, should_stop=seq.canceled, on_prefill=on_prefill)
         batcher.run()
+        if job.error is not None:
+            raise job.error
         assert job.completion is not None  # a slot sized to the sequence never sends it elsewhere
         return job.completion
 

@@ -141,9 +141,22 @@ def test_telemetry_reports_batch_occupancy(batch_agent, caller) -> None:  # type
     assert 0.25 < (occupancy() or 0.0) <= 1.0
 
 
-def test_a_speculating_agent_reports_drafted_and_accepted_tokens(agents, caller) -> None:  # type: ignore[no-untyped-def]
-    agents(fixture_path("llama-long"), engine={"speculate": True}).start()
-    caller.send(JOBS, {"id": "s-1", "prompt": "a b a b a b a b a b", "max_tokens": 200})
-    usage = caller.wait_result("s-1", timeout=60)["usage"]
-    assert usage["completion_tokens"] == 200
-    assert usage["drafted_tokens"] >= 1 and 0 <= usage["accepted_tokens"] <= usage["drafted_tokens"]
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_a_speculating_agent_reports_drafted_accepted_and_cached_tokens(
+    agents, caller, max_batch: int
+) -> None:  # type: ignore[no-untyped-def]
+    # Speculation, the prefix cache and batching compose: every job drafts, warm ones reuse the cache.
+    agents(fixture_path("llama-long"), engine={"speculate": True, "max_batch": max_batch}).start()
+    prompt = "a b a b a b a b a b"
+    caller.send(JOBS, {"id": "s-0", "prompt": prompt, "max_tokens": 200})
+    assert (
+        caller.wait_result("s-0", timeout=60)["usage"]["cached_tokens"] == 0
+    )  # the cold one fills the cache
+    ids = ["s-1", "s-2", "s-3"]
+    for job_id in ids:  # sent together: with max_batch = 4 they run at once
+        caller.send(JOBS, {"id": job_id, "prompt": prompt + " a b", "max_tokens": 200})
+    for job_id in ids:
+        usage = caller.wait_result(job_id, timeout=90)["usage"]
+        assert usage["completion_tokens"] >= 1
+        assert usage["drafted_tokens"] >= 1 and 0 <= usage["accepted_tokens"] <= usage["drafted_tokens"]
+        assert usage["cached_tokens"] > 0, f"{job_id}: {usage}"

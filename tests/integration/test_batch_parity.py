@@ -18,6 +18,9 @@ import pytest
 
 from agent import Engine, SamplingParams
 from agent.engine.batch import Batcher
+from agent.engine.engine import Completion
+from agent.engine.options import EngineOptions
+from agent.engine.speculate import DraftPolicy, Speculator
 from edge_contract.errors import AgentError, InvalidRequestError
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, fixture_path
@@ -58,6 +61,16 @@ def _batched_is_solo(engine: Engine, name: str) -> None:
     requests = _requests(engine, seed=len(name))
     solo = [engine.generate(ids, params) for ids, params in requests]
     batcher = Batcher(engine, max_batch=4, prefill_chunk=4, slot_tokens=128)
+    _assert_batched_is_solo(batcher, requests, solo)
+    # Positive controls: the batch really ran several sequences per pass, and the outputs vary.
+    assert batcher.occupancy * batcher.max_batch > 1.5
+    assert len({tuple(c.token_ids) for c in solo}) > 4
+
+
+def _assert_batched_is_solo(
+    batcher: Batcher, requests: list[tuple[list[int], SamplingParams]], solo: list[Completion]
+) -> list[Completion]:
+    """Run ``requests`` through ``batcher``, joining while others run; each equals its solo run."""
     streamed: list[list[str]] = [[] for _ in requests]
     jobs = []
     for i, (ids, params) in enumerate(requests):
@@ -65,15 +78,43 @@ def _batched_is_solo(engine: Engine, name: str) -> None:
         for _ in range(i % 3):  # the others join while earlier ones run (and some leave)
             batcher.step()
     batcher.run()
+    out = []
     for i, (job, want) in enumerate(zip(jobs, solo, strict=True)):
         got = job.completion
         assert got is not None
         assert got.token_ids == want.token_ids, f"request {i}"
         assert (got.text, got.finish_reason) == (want.text, want.finish_reason), f"request {i}"
         assert "".join(streamed[i]) == got.text
-    # Positive controls: the batch really ran several sequences per pass, and the outputs vary.
-    assert batcher.occupancy * batcher.max_batch > 1.5
-    assert len({tuple(c.token_ids) for c in solo}) > 4
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("rests", ["never-rests", "rests-often"])
+@pytest.mark.parametrize("name", ["llama-int4", "qwen3-int4", "phi3-int8"])
+def test_speculating_sequences_batched_give_their_solo_speculating_output(
+    name: str, rests: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guarantee BATCH_DRAFT_EXACT. Each sequence drafts as much as it may (random weights accept
+    # few drafts and the adaptive policy would stop); resting never, or after 2 dry steps, so that
+    # steps mix resting rows (one batched one-token pass) with verify passes (one per sequence).
+    if cpu.family() not in cpu.BATCH_DRAFT_EXACT:
+        pytest.skip(f"batched speculation claims no exactness on {cpu.family()} (NEAR_TIE only)")
+    monkeypatch.setattr(Speculator, "REST_AFTER", 10**9 if rests == "never-rests" else 2)
+    monkeypatch.setattr(DraftPolicy, "choose", lambda self, limit: min(self.max_k, limit))
+    engine = Engine(fixture_path(name), EngineOptions(speculate=True, speculate_max_k=4))
+    requests = _requests(engine, seed=len(name))
+    for text in ("The quick brown fox", "a b a b"):  # something to copy: the model's own text, then its start
+        ids = engine.prompt_ids(text)
+        own = engine.generate(ids, SamplingParams(max_tokens=30, ignore_eos=True)).token_ids
+        requests.append((ids + own + ids, SamplingParams(max_tokens=30, ignore_eos=True)))
+    solo = [engine.generate(ids, params) for ids, params in requests]
+    batcher = Batcher(engine, max_batch=4, prefill_chunk=4, slot_tokens=128, speculate=True)
+    got = _assert_batched_is_solo(batcher, requests, solo)
+    # Positive controls: drafts were verified (never resting), resting rows shared passes.
+    if rests == "never-rests":
+        assert sum(c.drafted_tokens for c in got) > 0
+    else:
+        assert batcher.occupancy * batcher.max_batch > 1.5, "resting rows share one-token passes"
 
 
 def test_a_canceled_sequence_leaves_without_disturbing_the_others() -> None:

@@ -39,8 +39,17 @@ def test_bench_speculate_reports_drafted_and_accepted_tokens(phi3_dir: Path) -> 
     assert plain["speculate"] is False and plain["drafted_tokens"] == 0
 
 
-def test_bench_refuses_flags_that_do_not_combine(phi3_dir: Path) -> None:
-    both = _cli("bench", str(phi3_dir), "--speculate", "--concurrency", "2")
-    assert both.returncode == 1 and "do not combine" in both.stderr
+def test_bench_speculates_in_a_batch(phi3_dir: Path) -> None:
+    args = ("--new-tokens", "24", "--repeat", "1", "--concurrency", "2", "--json")
+    both = _cli("bench", str(phi3_dir), "--speculate", *args)
+    assert both.returncode == 0, both.stderr
+    out = json.loads(both.stdout)
+    assert out["speculate"] is True and out["concurrency"] == 2
+    assert 0 <= out["accepted_tokens"] <= out["drafted_tokens"] and out["aggregate_decode_tokens_per_s"] > 0
+    plain = json.loads(_cli("bench", str(phi3_dir), *args).stdout)
+    assert plain["speculate"] is False and plain["drafted_tokens"] == 0
+
+
+def test_bench_refuses_bad_flags(phi3_dir: Path) -> None:
     zero = _cli("bench", str(phi3_dir), "--concurrency", "0")
     assert zero.returncode == 1 and "--concurrency must lie in [1, 64]" in zero.stderr

@@ -12,6 +12,8 @@ The guarantees (``docs/engine.md`` says why each holds):
 * ``PREFIX_EXACT`` -- a prefix-cache hit gives the cold run's tokens, bit for bit;
 * ``DRAFT_EXACT`` -- a speculating engine's tokens do not depend on what it drafted, bit for
   bit; where it does not hold (aarch64) the near-tie bound is what is checked;
+* ``BATCH_DRAFT_EXACT`` -- a speculating sequence's tokens are the same alone and in a batch of
+  speculating sequences (verify passes of its own, resting rows batched), bit for bit;
 * ``NEAR_TIE`` -- a speculating engine's token is plain decoding's arg-max or within
   ``NEAR_TIE`` logits of it (every family).
 """
@@ -52,6 +54,8 @@ def family() -> str:
 BATCH_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 PREFIX_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2})
+# A verify pass is the one run alone; resting rows are batched one-token rows (BATCH_EXACT).
+BATCH_DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # Where a one-row matrix pass rounds like a row of a many-row pass, per precision of the
 # fixtures (int4/int8 MatMulNBits, int8 activations): the engine measures it when it opens
 # (Engine.two_row_decode); this is what was measured, so a new onnxruntime that changes it

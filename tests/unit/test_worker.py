@@ -14,7 +14,6 @@ from agent.daemon.outbox import Outbox
 from agent.daemon.outcome import Outcome
 from agent.daemon.worker import Worker
 from agent.engine.engine import Engine
-from agent.engine.sampling import Sampler
 from agent.health.telemetry import JobStats
 from agent.jobs.store import JobStore
 from edge_contract.errors import ModelError
@@ -121,13 +120,20 @@ def test_a_claim_on_a_full_disk_waits_and_the_job_runs_once_space_returns(
 class _SamplerFault(Engine):
     """The real engine, whose sampler is handed logits it cannot use: an error raised inside sampling.py."""
 
-    def generate(self, prompt_ids: Any, params: Any = None, **_kw: Any) -> Any:
-        Sampler(params, 8, list(prompt_ids))(None)  # type: ignore[arg-type]
-        raise AssertionError("unreachable")
+    def sequence(self, prompt_ids: Any, params: Any = None, **kw: Any) -> Any:
+        seq = super().sequence(prompt_ids, params, **kw)
+        sampler = seq.sampler
+
+        def broken(_logits: Any) -> int:
+            sampler(None)  # type: ignore[arg-type]
+            raise AssertionError("unreachable")
+
+        seq.sampler = broken  # type: ignore[assignment]
+        return seq
 
 
 class _ModelFault(Engine):
-    def generate(self, prompt_ids: Any, params: Any = None, **_kw: Any) -> Any:
+    def bind_chunk(self, *_args: Any, **_kw: Any) -> None:
         raise ModelError("the session failed to run")
 
 
