@@ -67,7 +67,7 @@ class ModelShape(BaseModel):
     embedding_bytes: int = Field(
         0,
         ge=0,
-        description="Bytes of the float token-embedding table (read from the mapped file, not repacked).",
+        description="Bytes of the token-embedding table (read from the mapped file, not repacked).",
     )
     kv_bytes_per_token: int = Field(ge=0, description="KV cache bytes per token of context.")
     hidden_size: int = Field(ge=1, description="Width of the residual stream.")
@@ -145,7 +145,7 @@ class PeakEstimate(BaseModel):
 
 
 def weights_bytes(shape: ModelShape) -> int:
-    """The repacked weights (anonymous): every matrix but the float embedding table."""
+    """The repacked weights (anonymous): every matrix but the embedding table."""
     return int((shape.file_bytes - min(shape.embedding_bytes, shape.file_bytes)) * WEIGHTS_FACTOR)
 
 
@@ -331,10 +331,22 @@ def model_shape(path: str | Path) -> ModelShape:
     kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size * element
     logits = graph.output_dims.get(decoder.outputs.logits, ())
     vocab, hidden = folder.config.model.vocab_size, decoder.hidden_size
-    # The token-embedding table: a float (float32/16) initializer of vocab x hidden, read by a Gather.
-    tables = [
-        i.nbytes for i in graph.initializers if i.dims == (vocab, hidden) and i.data_type in (1, 10, 16)
-    ]
+    # The token-embedding table: vocab rows read by a Gather (float) or a GatherBlockQuantized (with
+    # its scales: models.embedding), never repacked.
+    read_by_rows = {
+        name
+        for node in graph.nodes
+        if node.op_type in ("Gather", "GatherBlockQuantized")
+        for name in (node.inputs[:1] if node.op_type == "Gather" else node.inputs[:1] + node.inputs[2:4])
+    }
+    # A table tied to the lm_head (the same tensor read by a MatMulNBits too) is repacked: not counted.
+    read_by_rows -= {
+        name
+        for node in graph.nodes
+        if node.op_type not in ("Gather", "GatherBlockQuantized")
+        for name in node.inputs
+    }
+    tables = [sum(i.nbytes for i in graph.initializers if i.name in read_by_rows and i.dims[:1] == (vocab,))]
     return ModelShape(
         file_bytes=sum(p.stat().st_size for p in files if p.is_file()),
         embedding_bytes=max(tables, default=0),
