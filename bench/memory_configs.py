@@ -5,8 +5,9 @@
 Every figure here is a projection: the estimator of ``agent.engine.memory_plan``
 (calibrated on Phi-3-mini-shaped int4 layers measured by ``memory_bench``) applied
 to model shapes computed from their published dimensions, as onnxruntime-genai's
-builder exports them for CPU (block 32, float32 scales, 4-bit zero points, a float32
-embedding table, a quantized lm_head, pruned logits).  No Pi ran these.
+builder exports them for CPU and ``models.convert`` leaves them (block 32, float32
+scales, 4-bit zero points, a quantized lm_head, pruned logits, the embedding table
+in int8 blocks of 32 by ``models.embedding``).  No Pi ran these.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def shape(d: Dims, precision: str) -> ModelShape:
     attention = d.hidden * d.heads * d.head_size * 2 + d.hidden * d.kv_heads * d.head_size * 2
     per_layer = attention + 3 * d.hidden * d.intermediate
     quantized = (d.layers * per_layer + d.vocab * d.hidden) * BYTES_PER_WEIGHT[precision]  # + lm_head
-    embedding = d.vocab * d.hidden * 4
+    embedding = d.vocab * d.hidden * 9 // 8  # int8 values + a float32 scale per 32 (models.embedding)
     return ModelShape(
         file_bytes=int(quantized) + embedding,
         embedding_bytes=embedding,

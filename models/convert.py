@@ -62,9 +62,10 @@ def convert(
     prefill speed and ~100 MB less peak memory, with identical tokens.
 
     ``int8_embedding`` stores the float32 embedding table as int8 blocks of 32
-    values (``models.embedding``): Phi-3-mini's 376 MiB table becomes
-    106 MiB of resident pages; greedy tokens can change where the two best
-    logits are nearly tied (docs/memory.md: within 0.26 logits on every fixture).
+    values (``models.embedding``): Phi-3-mini's 376 MiB table becomes 106 MiB
+    (the file, the repacked copy and the first start's anonymous peak shrink by
+    ~270 MiB); greedy tokens can change where the two best logits are nearly
+    tied (docs/memory.md: within 0.26 logits on every fixture).
     """
     check_input(hf_dir)
     prepare_output(out_dir, force)

@@ -10,7 +10,8 @@ The estimate (docs/memory.md has the measurements behind every constant):
   layout (1.24x their file bytes measured): at every load into anonymous memory,
   or once into a file the daemon maps afterwards (``agent.engine.prepacked``:
   then they are file-backed, but read by every pass, so they must stay resident
-  all the same); the float32 embedding table and parts of the rest are read from
+  all the same); the embedding table (float32 as the builder exports it, int8
+  blocks as ``models.convert`` leaves it) and parts of the rest are read from
   the memory-mapped file (**mapped**: file-backed pages the kernel can drop, and
   must then read again). Making that file at the first start holds the repacked
   weights and the embedding table in anonymous memory for a moment (**first load**).
