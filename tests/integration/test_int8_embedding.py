@@ -113,3 +113,18 @@ def test_convert_writes_the_int8_table_unless_told(
     assert ("GatherBlockQuantized" in ops) is not float_embedding
     engine = Engine(out)
     assert engine.generate(engine.prompt_ids("The edge agent"), SamplingParams(max_tokens=4)).token_ids
+
+
+def test_a_table_tied_to_another_node_is_refused_untouched(tmp_path: Path) -> None:
+    folder = tmp_path / "tied"
+    shutil.copytree(fixture_path("phi3-int4"), folder)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    # A second reader of the table (as a tied lm_head would be): an Identity to a spare output.
+    model.graph.node.append(onnx.helper.make_node("Identity", ["model.embed_tokens.weight"], ["tied_copy"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("tied_copy", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(folder / "model.onnx"))
+    data = (folder / "model.onnx.data").read_bytes()
+    with pytest.raises(SystemExit, match="read by 2 nodes"):
+        embedding.quantize_embedding(folder)
+    assert (folder / "model.onnx.data").read_bytes() == data
+    _int8("phi3-int4", tmp_path)  # the positive control: the untied fixture is rewritten
