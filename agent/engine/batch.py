@@ -18,11 +18,12 @@ How the exported graph makes this work (checked on every fixture family):
   scheduler starts with the buffer the engine kept from the last one-slot run:
   :meth:`Batcher.close`), and the prefix cache is looked up (its hit copied
   into the slot where it is longer; ``cached_tokens`` reported either way); the
-  rest of the prompt is prefilled straight into its slot in chunks of
-  ``prefill_chunk_tokens`` planned as the solo engine plans them
-  (``agent.engine.prefill``: never a one-row chunk), one chunk between decode
-  steps, so running sequences stall for one chunk at most; the prompt's blocks
-  go into the prefix cache once it is prefilled.  Only prompt positions are ever reused, never those
+  rest of the prompt is prefilled straight into its slot in chunks planned as
+  the solo engine plans them (``agent.engine.prefill``: never a one-row chunk),
+  one chunk between decode steps, so running sequences stall for one chunk at
+  most: of ``JOIN_CHUNK_TOKENS`` at most while others decode, of
+  ``prefill_chunk_tokens`` alone; the prompt's blocks go into the prefix cache
+  once it is prefilled.  Only prompt positions are ever reused, never those
   decoding wrote.
 * Each row of a batched one-token pass is computed exactly as a solo decode
   step: the matrix kernels compute each row of a pass of two or more rows alike,
@@ -76,6 +77,12 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _QUEUED, _PREFILL, _DECODE, _DONE = "queued", "prefill", "decode", "done"
+#: A joining prompt's chunk while others decode. Each chunk is a pass the running sequences wait
+#: for, so its size is their longest gap between tokens; the joiner pays one decode pass of theirs
+#: per extra chunk (~0.1 s for 3 rows on a 2-vCPU AVX-512 box, against seconds per 512-token
+#: chunk). Measured there (docs/engine.md, "Capped chunks"): longest gap 9.8 s -> 2.7-3.4 s,
+#: the joiner's first token within noise of before.
+JOIN_CHUNK_TOKENS = 128
 #: A one-slot buffer is allocated in multiples of this many positions (committed only as written),
 #: so that it can be kept for a next job a few tokens longer (``Batcher.close``).
 _KEPT_ROUNDING = 256
@@ -241,10 +248,13 @@ class Batcher:
         self._admit(finished)
         prefilling = [job for job in self._slots if job is not None and job.state == _PREFILL]
         decoding = any(job is not None and job.state == _DECODE for job in self._slots)
+        # While others decode, a joining prompt's chunk is capped: each chunk is a pass the running
+        # sequences wait for (the GQA kernel cannot take it beside their rows). Alone: the configured size.
+        chunk = min(self.prefill_chunk, JOIN_CHUNK_TOKENS) if decoding else self.prefill_chunk
         for job in prefilling:
             # With nobody decoding, nobody waits: prefill whole prompts back to back.
             while job.state == _PREFILL:
-                self._prefill_chunk(job, finished)
+                self._prefill_chunk(job, finished, chunk)
                 if decoding:
                     break
             if decoding:
@@ -331,10 +341,10 @@ class Batcher:
         job.state = _DONE
         finished.append(job)
 
-    def _prefill_chunk(self, job: BatchJob, finished: list[BatchJob]) -> None:
+    def _prefill_chunk(self, job: BatchJob, finished: list[BatchJob], size: int) -> None:
         engine, graph, seq = self.engine, self.engine.graph, job.seq
         ids = job.prompt_ids
-        begin, end = plan_chunks(job.prefilled, len(ids), self.prefill_chunk)[0]
+        begin, end = plan_chunks(job.prefilled, len(ids), size)[0]
         if begin > seq.cached_tokens and seq.canceled():  # between chunks, as the solo loop
             return self._finish(job, finished, "canceled")
         chunk = np.asarray([ids[begin:end]], dtype=np.int64)
