@@ -316,10 +316,13 @@ class Batcher:
     def _free_slot(self, ids: list[int]) -> tuple[int | None, int]:
         """The free slot holding the longest prefix of ``ids``, and how many positions of it are usable.
 
-        Usable: the common tokens, leaving two positions to compute (as a prefix cache hit does).
+        Usable: the common tokens, leaving two positions to compute (as a prefix cache hit does);
+        none with the prefix cache off (every run cold).
         """
         best: tuple[int | None, int] = (None, -1)
         for slot, job in enumerate(self._slots):
+            if job is None and self.engine.prefix_cache is None:
+                return slot, 0
             if job is None:
                 tokens, n = self._held[slot]
                 common = 0

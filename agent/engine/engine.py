@@ -319,9 +319,10 @@ class Engine:
         """Hold ``cache`` (a one-slot run's, done) whose slot 0 holds the positions of ``tokens``.
 
         A buffer held between runs is within the memory a running one takes (``memory_plan``
-        budgets a full context per slot); ``release_kept`` frees it.
+        budgets a full context per slot); ``release_kept`` frees it. With the prefix cache off
+        (``prefix_cache_mb = 0``) nothing is reused, in place or not: every run is cold.
         """
-        self._kept = (cache, tokens) if tokens else None
+        self._kept = (cache, tokens) if tokens and self.prefix_cache is not None else None
 
     def take_kept(self, slots: int, capacity: int) -> tuple[KVCache, list[int]] | None:
         """The kept buffer, if it has ``slots`` slots of ``capacity`` positions at least; it is the caller's now.

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import Engine, SamplingParams
-from agent.engine.engine import EngineOptions
+from agent.engine.engine import Completion, EngineOptions
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, fixture_path
 
@@ -58,28 +58,36 @@ def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
 
 @pytest.mark.parametrize("name", [*ALL_FIXTURES, "phi3-int4-pruned"])
 def test_the_last_runs_buffer_reused_in_place_gives_the_cold_runs_tokens(name: str) -> None:
-    # The prefix cache is off: whatever is reused comes from the last run's buffer, in place.
+    # The prefix cache is emptied before each run: whatever is reused comes from the last run's
+    # buffer, in place.
     assert cpu.family() in cpu.PREFIX_EXACT, f"the prefix cache claims no exactness on {cpu.family()}"
-    options = SMALL.model_copy(update={"prefix_cache_mb": 0})
-    engine = Engine(fixture_path(name), options)
+    options = SMALL.model_copy(update={"prefix_cache_mb": 0})  # the cold references
+    engine = Engine(fixture_path(name), SMALL)
+    cache = engine.prefix_cache
+    assert cache is not None
+
+    def generate(prompt: list[int], params: SamplingParams) -> Completion:
+        cache.clear()
+        return engine.generate(prompt, params)
+
     instruction = ids_of(90)
     for params in (GREEDY, SEEDED):
         engine.release_kept()
         for salt in range(3):
             prompt = instruction + ids_of(5 + salt, salt + 1)
             reference = Engine(fixture_path(name), options).generate(prompt, params)
-            warm = engine.generate(prompt, params)
+            warm = generate(prompt, params)
             assert warm.token_ids == reference.token_ids, f"{name} salt {salt}"
             assert warm.cached_tokens == (0 if salt == 0 else len(instruction))  # to the token
-        again = engine.generate(prompt, params)  # the whole prompt is held but two positions
+        again = generate(prompt, params)  # the whole prompt is held but two positions
         assert (again.token_ids, again.cached_tokens) == (reference.token_ids, len(prompt) - 2)
         # The next turn of a chat: the positions decoding wrote are never reused, only the prompt's.
         follow = prompt + again.token_ids + ids_of(4, 9)
-        turn = engine.generate(follow, params)
+        turn = generate(follow, params)
         assert turn.token_ids == Engine(fixture_path(name), options).generate(follow, params).token_ids
         assert turn.cached_tokens == len(prompt)
     engine.release_kept()  # a model swap or memory pressure: nothing held, nothing reused
-    assert engine.generate(prompt, params).cached_tokens == 0
+    assert generate(prompt, params).cached_tokens == 0
 
 
 def test_chat_turns_reuse_the_previous_prompt(phi3_dir: Path) -> None:
@@ -197,7 +205,6 @@ def test_prefill_reports_progress_and_stops_between_chunks() -> None:
         return len(polls) > 3
 
     seen: list[int] = []
-    engine.release_kept()  # else the prompt is held in place from the run above: nothing to prefill
     canceled = engine.generate(
         prompt, GREEDY, should_stop=stop_after_three_chunks, on_prefill=lambda d, _t: seen.append(d)
     )
