@@ -26,6 +26,8 @@ TESTS=(
   tests/integration/test_batch_parity.py
   # A prefix-cache hit gives the cold run's tokens (one int4 fixture: each costs ~25 s emulated).
   "tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens[llama-int4]"
+  # The same for the last run's buffer reused in place.
+  "tests/integration/test_prefix_cache.py::test_the_last_runs_buffer_reused_in_place_gives_the_cold_runs_tokens[llama-int4]"
 )
 # Haswell without what qemu's TCG cannot emulate (TSX, PCID, x2APIC, TSC deadline, INVPCID:
 # none matters to user code), or it warns on every start.

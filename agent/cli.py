@@ -275,7 +275,7 @@ def _bench(args: argparse.Namespace) -> int:
     engine.generate(ids, params)  # warm-up: first-run allocations and prepacking
     if args.concurrency > 1:
         return _bench_batch(args, engine, ids, params)
-    runs = [engine.generate(ids, params) for _ in range(args.repeat)]
+    runs = [engine.generate(ids, params) for _ in range(args.repeat)]  # cold: the cache is off
     result: dict[str, Any] = {
         "model": engine.name,
         "threads": engine.threads,
@@ -356,6 +356,7 @@ def _bench_prefix(engine: Engine, seed_ids: list[int], args: argparse.Namespace)
 
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     engine.prefix_cache.clear()
+    engine.release_kept()  # nor the last run's positions in place
     cold = engine.generate(job(0), params)
     warm = [engine.generate(job(run), params) for run in range(1, args.repeat + 1)]
     warm_ms = statistics.median(w.timings.prefill_ms for w in warm)

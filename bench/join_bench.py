@@ -10,7 +10,9 @@ Phi-3-mini-shaped 4-layer int4 model (random weights) when a 4th joins with a
 ``--prompt``-token prompt.  Per chunk size: the joiner's time to first token, the
 longest gap between two tokens of a running sequence while it prefilled (one
 chunk's pass plus one decode pass), the running sequences' mean decode rate over
-the join, and the rate with nobody joining.  Cores other processes kept busy are
+the join, and the rate with nobody joining.  ``--chunks`` sets
+``prefill_chunk_tokens``; while others decode the scheduler caps a joining
+prompt's chunk at ``JOIN_CHUNK_TOKENS`` (128) whatever it is.  Cores other processes kept busy are
 reported with each row.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,6 +85,10 @@ def main() -> None:
                     "chunk": chunk or None,
                     "joiner_ttft_ms": round((first[0] - joined_at) * 1e3, 1) if first else None,
                     "max_gap_ms": round(max(gaps) * 1e3, 1) if gaps else None,
+                    # Under other load the longest gap is one spike: the median and the 90th
+                    # percentile say what the chunks cost the running sequences.
+                    "median_gap_ms": round(statistics.median(gaps) * 1e3, 1) if gaps else None,
+                    "p90_gap_ms": round(sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1e3, 1) if gaps else None,
                     "running_tok_s_each": round(tokens / 3 / (ended - joined_at), 1),
                     "other_cores": round(max(0.0, (box1 - box0) - (own1 - own0)) / (t1 - t0), 2),
                 }

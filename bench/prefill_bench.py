@@ -275,6 +275,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             run(warmup)  # prepacking and first-touch, as a running daemon has done
             if stage == "first":
                 run.engine.prefix_cache.clear()  # type: ignore[attr-defined]
+                run.engine.release_kept()  # type: ignore[attr-defined]
                 cold, other_c = _other_cores(lambda: run(job(0)))
                 warm, other_w = _other_cores(lambda: run(job(1)))
                 stats = run.engine.prefix_cache_stats()  # type: ignore[attr-defined]

@@ -147,7 +147,7 @@ class RunningJobs:
                 self._jobs.pop(entry.job.id)
                 host.ended(entry.job.id)
                 ended.append((entry.job, self.failed(entry.job, entry.request, exc)))
-            self._close()
+            self._close(keep=False)
             return ended
         host.beat = time.monotonic()
         for handle in finished:
@@ -165,6 +165,7 @@ class RunningJobs:
         engine = self._host.models.serving.engine
         speculate = engine.options.speculate
         if engine.options.max_batch > 1:
+            engine.release_kept()  # measure the memory free without the last one-slot run's buffer
             budget = int(psutil.virtual_memory().available * _MEMORY_SHARE)
             try:
                 return Batcher(engine, slot_tokens=_SLOT_TOKENS, budget_bytes=budget, speculate=speculate)
@@ -172,9 +173,11 @@ class RunningJobs:
                 log.warning("batching off for now (%s): one slot", exc.message)
         return Batcher(engine, max_batch=1, slot_tokens=capacity, speculate=speculate)
 
-    def _close(self) -> None:
+    def _close(self, *, keep: bool = True) -> None:
         batcher, self._batcher = self._batcher, None
         self._host.quiet_until = 0.0
+        if batcher is not None:
+            batcher.close(keep=keep)  # one slot: the engine keeps its buffer for the next job
         if batcher is not None and batcher.max_batch > 1:
             self._host.stats.record_batch(batcher.rows, batcher.passes, batcher.max_batch)
 

@@ -221,6 +221,7 @@ class Worker:
                 self._finish_now(*self._unfinished[0])
                 self._unfinished.pop(0)
             if self._hold() or self._stopping:
+                self.models.serving.engine.release_kept()  # overloaded (low memory): hold no spare KV
                 return False  # jobs wait in the queue until the box recovers (or the next start)
             doing = "claiming a job"
             job = self.claim()
@@ -357,6 +358,7 @@ class Worker:
             task, future = self._tasks.pop(0)
             if not future.set_running_or_notify_cancel():
                 continue
+            self.models.serving.engine.release_kept()  # a model swap: the old model's kept KV goes first
             self.quiet_until = time.monotonic() + _MODEL_SWAP_ALLOWANCE_S
             try:
                 task()

@@ -13,12 +13,18 @@ How the exported graph makes this work (checked on every fixture family):
 * GroupQueryAttention takes each row's past length from the attention mask
   (``seqlens_k`` = ones in the row - 1) and places rotary positions from it, so
   rows of different lengths share a pass (``agent.engine.rows``).
-* At admission the prefix cache is looked up (the hit copied into the slot,
-  ``cached_tokens`` reported); the rest of the prompt is prefilled straight
-  into its slot in chunks of ``prefill_chunk_tokens`` planned as the solo
-  engine plans them (``agent.engine.prefill``: never a one-row chunk), one chunk
-  between decode steps, so running sequences stall for one chunk at most; the
-  prompt's blocks go into the prefix cache once it is prefilled.
+* At admission a sequence takes the free slot holding the longest prefix of
+  its prompt (a previous prompt's positions, reused in place; a one-slot
+  scheduler starts with the buffer the engine kept from the last one-slot run:
+  :meth:`Batcher.close`), and the prefix cache is looked up (its hit copied
+  into the slot where it is longer; ``cached_tokens`` reported either way); the
+  rest of the prompt is prefilled straight into its slot in chunks planned as
+  the solo engine plans them (``agent.engine.prefill``: never a one-row chunk),
+  one chunk between decode steps, so running sequences stall for one chunk at
+  most: of ``JOIN_CHUNK_TOKENS`` at most while others decode, of
+  ``prefill_chunk_tokens`` alone; the prompt's blocks go into the prefix cache
+  once it is prefilled.  Only prompt positions are ever reused, never those
+  decoding wrote.
 * Each row of a batched one-token pass is computed exactly as a solo decode
   step: the matrix kernels compute each row of a pass of two or more rows alike,
   attention runs per row.  Where a one-row pass rounds differently (int4 on
@@ -26,8 +32,8 @@ How the exported graph makes this work (checked on every fixture family):
   row, and so does a batch with a single running sequence, so batched output is
   solo output bit for bit on every CPU the parity tests run on.
 * A slot that is free or still prefilling gets a filler row, which writes
-  one position its own next pass overwrites (or position 0 of a free slot):
-  a sequence leaves without moving anyone's cache.
+  one position its own next pass overwrites (or, in a free slot, the one after
+  the prompt positions it holds): a sequence leaves without moving anyone's cache.
 
 Memory: the block is ``max_batch * slot_tokens`` positions; a budget caps
 ``max_batch`` at construction (and says so), and a request that needs more
@@ -71,6 +77,15 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _QUEUED, _PREFILL, _DECODE, _DONE = "queued", "prefill", "decode", "done"
+#: A joining prompt's chunk while others decode. Each chunk is a pass the running sequences wait
+#: for, so its size is their longest gap between tokens; the joiner pays one decode pass of theirs
+#: per extra chunk (~0.1 s for 3 rows on a 2-vCPU AVX-512 box, against seconds per 512-token
+#: chunk). Measured there (docs/engine.md, "Capped chunks"): longest gap 9.8 s -> 2.7-3.4 s,
+#: the joiner's first token within noise of before.
+JOIN_CHUNK_TOKENS = 128
+#: A one-slot buffer is allocated in multiples of this many positions (committed only as written),
+#: so that it can be kept for a next job a few tokens longer (``Batcher.close``).
+_KEPT_ROUNDING = 256
 
 
 class BatchJob:
@@ -148,14 +163,24 @@ class Batcher:
         # A lone sequence decodes beside a filler row where one-row passes round differently;
         # that slot only ever has position 0 written. Pages are committed as positions are written.
         filler = 1 if engine.two_row_decode and self.max_batch == 1 else 0
-        self._cache = KVCache(
-            layers=graph.layers,
-            kv_heads=graph.kv_heads,
-            head_size=graph.head_size,
-            capacity=self.slot_tokens,
-            dtype=graph.kv_dtype,
-            slots=self.max_batch + filler,
-        )
+        # The positions each slot holds for a prompt: ``(tokens, n)``, the KV of ``tokens[:n]``.
+        self._held: list[tuple[list[int], int]] = [([], 0)] * self.max_batch
+        kept = engine.take_kept(self.max_batch + filler, self.slot_tokens)  # an unfit one is freed here
+        if kept is not None:
+            self._cache, tokens = kept
+            self._held[0] = (tokens, len(tokens))
+        else:
+            capacity = self.slot_tokens
+            if self.max_batch == 1:  # a little room, so that the next run's slightly longer job fits it
+                capacity = min(-(-capacity // _KEPT_ROUNDING) * _KEPT_ROUNDING, engine.context_length)
+            self._cache = KVCache(
+                layers=graph.layers,
+                kv_heads=graph.kv_heads,
+                head_size=graph.head_size,
+                capacity=max(capacity, self.slot_tokens),
+                dtype=graph.kv_dtype,
+                slots=self.max_batch + filler,
+            )
         self._rows = DecodeRows(engine.session, graph, self._cache)
         self._chunk_logits = np.empty((1, 0, graph.vocab), dtype=graph.logits_dtype)
         self._slots: list[BatchJob | None] = [None] * self.max_batch
@@ -223,10 +248,13 @@ class Batcher:
         self._admit(finished)
         prefilling = [job for job in self._slots if job is not None and job.state == _PREFILL]
         decoding = any(job is not None and job.state == _DECODE for job in self._slots)
+        # While others decode, a joining prompt's chunk is capped: each chunk is a pass the running
+        # sequences wait for (the GQA kernel cannot take it beside their rows). Alone: the configured size.
+        chunk = min(self.prefill_chunk, JOIN_CHUNK_TOKENS) if decoding else self.prefill_chunk
         for job in prefilling:
             # With nobody decoding, nobody waits: prefill whole prompts back to back.
             while job.state == _PREFILL:
-                self._prefill_chunk(job, finished)
+                self._prefill_chunk(job, finished, chunk)
                 if decoding:
                     break
             if decoding:
@@ -234,6 +262,16 @@ class Batcher:
         if any(job is not None and job.state == _DECODE for job in self._slots):
             self._decode(finished)
         return finished
+
+    def close(self, *, keep: bool = True) -> None:
+        """Done with this scheduler: a one-slot one leaves its buffer and prompt positions to the engine.
+
+        The next one-slot run reuses them in place when its prompt starts the same way
+        (``Engine.keep_slot``); ``keep=False`` (after a model fault) lets them go.
+        """
+        if keep and self.max_batch == 1 and self.idle:
+            tokens, n = self._held[0]
+            self.engine.keep_slot(self._cache, tokens[:n])
 
     def run(self) -> None:
         """Step until every submitted sequence is done."""
@@ -251,7 +289,7 @@ class Batcher:
     def _admit(self, finished: list[BatchJob]) -> None:
         while self._queue:
             job = self._queue[0]
-            free = next((i for i, s in enumerate(self._slots) if s is None), None)
+            free, common = self._free_slot(job.prompt_ids)
             alone = job.seq.capacity > self.slot_tokens  # runs alone once the batch has drained
             if free is None or (alone and self.active):
                 if job.seq.canceled():  # canceled while it waits (polled only then, as the solo loop does)
@@ -268,11 +306,33 @@ class Batcher:
             self._slots[free] = job
             job.slot, job.state = free, _PREFILL
             job.prefilled = job.seq.cached_tokens = self.engine.restore_prefix(
-                job.prompt_ids, self._cache, free
+                job.prompt_ids, self._cache, free, in_place=common
             )
+            self._held[free] = (job.prompt_ids, job.prefilled)
             job.prefill_progress()
             if self.speculate:
                 job.spec = self._speculator(job)
+
+    def _free_slot(self, ids: list[int]) -> tuple[int | None, int]:
+        """The free slot holding the longest prefix of ``ids``, and how many positions of it are usable.
+
+        Usable: the common tokens, leaving two positions to compute (as a prefix cache hit does);
+        none with the prefix cache off (every run cold).
+        """
+        best: tuple[int | None, int] = (None, -1)
+        for slot, job in enumerate(self._slots):
+            if job is None and self.engine.prefix_cache is None:
+                return slot, 0
+            if job is None:
+                tokens, n = self._held[slot]
+                common = 0
+                for a, b in zip(tokens[: min(n, len(ids) - 2)], ids, strict=False):
+                    if a != b:
+                        break
+                    common += 1
+                if common > best[1]:
+                    best = (slot, common)
+        return best[0], max(best[1], 0)
 
     def _run_alone(self, job: BatchJob, finished: list[BatchJob]) -> None:
         try:
@@ -284,10 +344,10 @@ class Batcher:
         job.state = _DONE
         finished.append(job)
 
-    def _prefill_chunk(self, job: BatchJob, finished: list[BatchJob]) -> None:
+    def _prefill_chunk(self, job: BatchJob, finished: list[BatchJob], size: int) -> None:
         engine, graph, seq = self.engine, self.engine.graph, job.seq
         ids = job.prompt_ids
-        begin, end = plan_chunks(job.prefilled, len(ids), self.prefill_chunk)[0]
+        begin, end = plan_chunks(job.prefilled, len(ids), size)[0]
         if begin > seq.cached_tokens and seq.canceled():  # between chunks, as the solo loop
             return self._finish(job, finished, "canceled")
         chunk = np.asarray([ids[begin:end]], dtype=np.int64)
@@ -300,6 +360,8 @@ class Batcher:
         engine.bind_chunk(binding, chunk, past=begin, logits=logits)
         engine.session.run_with_iobinding(binding)
         job.prefilled = end
+        if end - begin > 1:  # a one-row chunk (a one-token prompt) rounds otherwise: never reused
+            self._held[job.slot] = (ids, end)
         job.prefill_progress()
         if end < len(ids):
             return None
@@ -341,8 +403,10 @@ class Batcher:
                 # Filler: writes the position its token in hand takes next (a verify pass ran this step).
                 self._rows.set_filler(slot, job.seq.length - 1)
             else:
-                # Filler: writes one position that is free or about to be overwritten by a chunk.
-                self._rows.set_filler(slot, job.prefilled if job is not None else 0)
+                # Filler: writes one position that is free or about to be overwritten by a chunk
+                # (in a free slot, the one after the prompt positions it holds).
+                held = self._held[slot][1] if slot < self.max_batch else 0
+                self._rows.set_filler(slot, job.prefilled if job is not None else held)
         started = time.perf_counter()
         logits = self._rows.run(rows)
         self.decode_seconds += time.perf_counter() - started

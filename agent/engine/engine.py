@@ -102,6 +102,9 @@ class Engine:
         # x86: see agent.engine.rows), every decode pass gets a second, filler row: a sequence's
         # tokens are then the same alone and beside others.
         self.two_row_decode = not one_row_matches_many(self.session, self._io)
+        # The last one-slot run's key/value buffer and the prompt tokens whose positions it holds
+        # (``keep_slot``): the next run reuses them in place when its prompt starts the same way.
+        self._kept: tuple[KVCache, list[int]] | None = None
 
     @property
     def graph(self) -> _GraphIO:
@@ -282,25 +285,59 @@ class Engine:
         batcher = Batcher(self, max_batch=1, slot_tokens=seq.capacity, speculate=speculate)
         job = batcher.submit_sequence(seq, on_text=None, should_stop=seq.canceled, on_prefill=on_prefill)
         batcher.run()
+        batcher.close()
         if job.error is not None:
             raise job.error
         assert job.completion is not None  # a slot sized to the sequence never sends it elsewhere
         return job.completion
 
-    def restore_prefix(self, ids: list[int], cache: KVCache, slot: int = 0) -> int:
-        """Copy the longest usable cached prefix of ``ids`` into ``cache``'s ``slot``; returns its length."""
+    def restore_prefix(self, ids: list[int], cache: KVCache, slot: int = 0, *, in_place: int = 0) -> int:
+        """Copy the longest usable cached prefix of ``ids`` into ``cache``'s ``slot``; returns its length.
+
+        ``in_place``: positions the slot already holds for ``ids`` (a kept run's); nothing is copied
+        unless the prefix cache has a longer prefix, and blocks within those positions never are.
+        """
         if self.prefix_cache is None:
-            return 0
+            return in_place
         size = self.prefix_cache.block_tokens
         # At least two positions are left to compute: the last one's logits pick the first token,
         # and a one-row pass would take kernels that round differently (see ``prefill``).
         found = self.prefix_cache.match(ids, max_tokens=len(ids) - 2)
+        if found.tokens(size) <= in_place:
+            return in_place
         for i, block in enumerate(found.blocks):
-            cache.block[:, :, slot, :, i * size : (i + 1) * size, :] = block.kv
+            if (i + 1) * size > in_place:
+                cache.block[:, :, slot, :, i * size : (i + 1) * size, :] = block.kv
         if found.tail is not None:
             start, n = len(found.blocks) * size, found.tail_tokens
             cache.block[:, :, slot, :, start : start + n, :] = found.tail.kv[:, :, :, :n, :]
         return found.tokens(size)
+
+    # -- the kept slot (llama.cpp's server keeps a slot's ``cache_tokens`` alike) -----------------
+
+    def keep_slot(self, cache: KVCache, tokens: list[int]) -> None:
+        """Hold ``cache`` (a one-slot run's, done) whose slot 0 holds the positions of ``tokens``.
+
+        A buffer held between runs is within the memory a running one takes (``memory_plan``
+        budgets a full context per slot); ``release_kept`` frees it. With the prefix cache off
+        (``prefix_cache_mb = 0``) nothing is reused, in place or not: every run is cold.
+        """
+        self._kept = (cache, tokens) if tokens and self.prefix_cache is not None else None
+
+    def take_kept(self, slots: int, capacity: int) -> tuple[KVCache, list[int]] | None:
+        """The kept buffer, if it has ``slots`` slots of ``capacity`` positions at least; it is the caller's now.
+
+        Either way the engine lets go of it (an unfit one is freed before the caller allocates).
+        """
+        kept, self._kept = self._kept, None
+        if kept is None or kept[0].slots != slots or kept[0].capacity < capacity:
+            return None
+        return kept
+
+    def release_kept(self) -> int:
+        """Free the kept buffer (a model swap, memory pressure); returns the bytes it could hold."""
+        kept, self._kept = self._kept, None
+        return kept[0].nbytes if kept is not None else 0
 
     def bind_chunk(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]

@@ -17,7 +17,7 @@ import random
 import pytest
 
 from agent import Engine, SamplingParams
-from agent.engine.batch import Batcher
+from agent.engine.batch import JOIN_CHUNK_TOKENS, Batcher
 from agent.engine.engine import Completion
 from agent.engine.options import EngineOptions
 from agent.engine.speculate import DraftPolicy, Speculator
@@ -115,6 +115,30 @@ def test_speculating_sequences_batched_give_their_solo_speculating_output(
         assert sum(c.drafted_tokens for c in got) > 0
     else:
         assert batcher.occupancy * batcher.max_batch > 1.5, "resting rows share one-token passes"
+
+
+@pytest.mark.parametrize("name", ["llama-int4", "qwen3-int4", "phi3-int8"])
+def test_a_long_prompt_joining_running_sequences_gives_its_solo_tokens(name: str) -> None:
+    # While others decode, a joining prompt prefills in chunks of JOIN_CHUNK_TOKENS, alone in
+    # chunks of prefill_chunk_tokens (512): chunk boundaries must not change a token.
+    engine = Engine(fixture_path(name), EngineOptions(prefix_cache_mb=0))
+    requests = _requests(engine, seed=len(name))[:3]
+    long_prompt = (engine.prompt_ids("Once upon a time, far away") * 60)[:200]  # the context is 256
+    requests.append((long_prompt, SamplingParams(max_tokens=12, ignore_eos=True)))
+    solo = [engine.generate(ids, params) for ids, params in requests]
+    batcher = Batcher(engine, max_batch=4, slot_tokens=256)
+    assert batcher.prefill_chunk == 512 > JOIN_CHUNK_TOKENS
+    jobs = [batcher.submit(ids, params) for ids, params in requests[:3]]
+    for _ in range(3):
+        batcher.step()  # the three run
+    progress: list[int] = []
+    seq = engine.sequence(*requests[3])
+    jobs.append(batcher.submit_sequence(seq, on_prefill=lambda done, _total: progress.append(done)))
+    batcher.run()
+    for i, (job, want) in enumerate(zip(jobs, solo, strict=True)):
+        assert job.completion is not None and job.completion.token_ids == want.token_ids, f"request {i}"
+    # Positive control: the joiner's chunks were capped while others decoded.
+    assert progress == [0, JOIN_CHUNK_TOKENS, len(long_prompt)], progress
 
 
 def test_a_canceled_sequence_leaves_without_disturbing_the_others() -> None:

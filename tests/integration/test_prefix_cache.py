@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import Engine, SamplingParams
-from agent.engine.engine import EngineOptions
+from agent.engine.engine import Completion, EngineOptions
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, fixture_path
 
@@ -45,6 +45,7 @@ def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
             prompt = instruction + ids_of(5 + salt, salt + 1)
             cold = Engine(fixture_path(name), SMALL.model_copy(update={"prefix_cache_mb": 0}))
             reference = cold.generate(prompt, params)
+            engine.release_kept()  # the prefix cache's copy, not the last run's buffer in place
             warm = engine.generate(prompt, params)
             assert warm.token_ids == reference.token_ids, f"{name} salt {salt}"
             # The first prompt fills the cache; every later one reuses the instruction to its last
@@ -53,6 +54,40 @@ def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
         again = engine.generate(prompt, params)  # the whole prompt is cached but two positions
         assert again.token_ids == reference.token_ids
         assert again.cached_tokens == len(prompt) - 2
+
+
+@pytest.mark.parametrize("name", [*ALL_FIXTURES, "phi3-int4-pruned"])
+def test_the_last_runs_buffer_reused_in_place_gives_the_cold_runs_tokens(name: str) -> None:
+    # The prefix cache is emptied before each run: whatever is reused comes from the last run's
+    # buffer, in place.
+    assert cpu.family() in cpu.PREFIX_EXACT, f"the prefix cache claims no exactness on {cpu.family()}"
+    options = SMALL.model_copy(update={"prefix_cache_mb": 0})  # the cold references
+    engine = Engine(fixture_path(name), SMALL)
+    cache = engine.prefix_cache
+    assert cache is not None
+
+    def generate(prompt: list[int], params: SamplingParams) -> Completion:
+        cache.clear()
+        return engine.generate(prompt, params)
+
+    instruction = ids_of(90)
+    for params in (GREEDY, SEEDED):
+        engine.release_kept()
+        for salt in range(3):
+            prompt = instruction + ids_of(5 + salt, salt + 1)
+            reference = Engine(fixture_path(name), options).generate(prompt, params)
+            warm = generate(prompt, params)
+            assert warm.token_ids == reference.token_ids, f"{name} salt {salt}"
+            assert warm.cached_tokens == (0 if salt == 0 else len(instruction))  # to the token
+        again = generate(prompt, params)  # the whole prompt is held but two positions
+        assert (again.token_ids, again.cached_tokens) == (reference.token_ids, len(prompt) - 2)
+        # The next turn of a chat: the positions decoding wrote are never reused, only the prompt's.
+        follow = prompt + again.token_ids + ids_of(4, 9)
+        turn = generate(follow, params)
+        assert turn.token_ids == Engine(fixture_path(name), options).generate(follow, params).token_ids
+        assert turn.cached_tokens == len(prompt)
+    engine.release_kept()  # a model swap or memory pressure: nothing held, nothing reused
+    assert generate(prompt, params).cached_tokens == 0
 
 
 def test_chat_turns_reuse_the_previous_prompt(phi3_dir: Path) -> None:
