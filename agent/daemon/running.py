@@ -34,7 +34,8 @@ from edge_contract.errors import (
 from edge_contract.protocol import ErrorInfo, JobErrorCode, JobRequest, JobStatus, Result, Usage
 
 if TYPE_CHECKING:
-    from agent.engine.batch import Batcher, BatchJob
+    from agent.engine.batch import Batcher
+    from agent.engine.batch_job import BatchJob
     from agent.engine.engine import Completion
     from agent.jobs.store import StoredJob
 

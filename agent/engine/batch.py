@@ -3,50 +3,19 @@
 Decode is memory-bound: a pass reads every weight once whether it carries one
 sequence's next token or eight.  :class:`Batcher` keeps up to ``max_batch``
 sequences in one :class:`~agent.engine.kv_cache.KVCache` of that many slots;
-each sequence (:class:`~agent.engine.sequence.Sequence`: its sampler, stop
-rules, streaming and completion, the same as the solo loop's) owns one slot.
-One :meth:`Batcher.step` admits waiting sequences, prefills one chunk, and
-runs one decode pass for every running sequence.
-
-How the exported graph makes this work (checked on every fixture family):
-
-* GroupQueryAttention takes each row's past length from the attention mask
-  (``seqlens_k`` = ones in the row - 1) and places rotary positions from it, so
-  rows of different lengths share a pass (``agent.engine.rows``).
-* At admission a sequence takes the free slot holding the longest prefix of
-  its prompt (a previous prompt's positions, reused in place; a one-slot
-  scheduler starts with the buffer the engine kept from the last one-slot run:
-  :meth:`Batcher.close`), and the prefix cache is looked up (its hit copied
-  into the slot where it is longer; ``cached_tokens`` reported either way); the
-  rest of the prompt is prefilled straight into its slot in chunks planned as
-  the solo engine plans them (``agent.engine.prefill``: never a one-row chunk),
-  one chunk between decode steps, so running sequences stall for one chunk at
-  most: of ``JOIN_CHUNK_TOKENS`` at most while others decode, of
-  ``prefill_chunk_tokens`` alone; the prompt's blocks go into the prefix cache
-  once it is prefilled.  Only prompt positions are ever reused, never those
-  decoding wrote.
-* Each row of a batched one-token pass is computed exactly as a solo decode
-  step: the matrix kernels compute each row of a pass of two or more rows alike,
-  attention runs per row.  Where a one-row pass rounds differently (int4 on
-  AVX2-only x86: ``Engine.two_row_decode``) the solo loop decodes with a filler
-  row, and so does a batch with a single running sequence, so batched output is
-  solo output bit for bit on every CPU the parity tests run on.
-* A slot that is free or still prefilling gets a filler row, which writes
-  one position its own next pass overwrites (or, in a free slot, the one after
-  the prompt positions it holds): a sequence leaves without moving anyone's cache.
+each sequence (:class:`~agent.engine.sequence.Sequence`) owns one slot.  One
+:meth:`Batcher.step` admits waiting sequences (the free slot holding the
+longest prefix of the prompt, then the prefix cache), prefills one chunk, and
+runs one decode pass for every running sequence; a speculating sequence
+verifies in a pass of its own.  ``docs/engine.md`` ("One loop", "What one pass
+can hold", "Exactness, per CPU family") says how the exported graph makes rows
+of different lengths share a pass, why a chunk or a verify pass cannot share
+one with decode rows (onnxruntime's GroupQueryAttention), and why filler rows
+keep batched output equal to solo output bit for bit.
 
 Memory: the block is ``max_batch * slot_tokens`` positions; a budget caps
 ``max_batch`` at construction (and says so), and a request that needs more
 positions than a slot holds runs alone once the batch has drained.
-With ``speculate=True`` (what ``Engine.generate`` and the daemon run when
-``[engine] speculate`` is on) every sequence carries a speculator: each step it
-drafts and runs its verify pass, in a pass of its own (onnxruntime's
-GroupQueryAttention takes several new tokens per row only in a batch of one,
-"batch_size must be 1 when sequence_length > 1 and past context is given"), so
-that pass is the one it runs alone; while it rests it takes a row of the
-batched one-token pass like any other sequence.  For the same reason a joining
-prompt's chunk runs in a pass of its own between decode passes, never beside
-decode rows.
 """
 
 from __future__ import annotations
@@ -60,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from agent.engine.batch_job import _DECODE, _DONE, _PREFILL, BatchJob
 from agent.engine.kv_cache import KVCache
 from agent.engine.prefill import plan_chunks
 from agent.engine.rows import DecodeRows
@@ -76,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_QUEUED, _PREFILL, _DECODE, _DONE = "queued", "prefill", "decode", "done"
 #: A joining prompt's chunk while others decode. Each chunk is a pass the running sequences wait
 #: for, so its size is their longest gap between tokens; the joiner pays one decode pass of theirs
 #: per extra chunk (~0.1 s for 3 rows on a 2-vCPU AVX-512 box, against seconds per 512-token
@@ -86,45 +55,6 @@ JOIN_CHUNK_TOKENS = 128
 #: A one-slot buffer is allocated in multiples of this many positions (committed only as written),
 #: so that it can be kept for a next job a few tokens longer (``Batcher.close``).
 _KEPT_ROUNDING = 256
-
-
-class BatchJob:
-    """One sequence's place in the batch; ``completion`` (or ``error``) is set when it is done."""
-
-    def __init__(
-        self,
-        seq: GenSequence,
-        on_text: Callable[[str], None] | None,
-        should_stop: Callable[[], bool] | None,
-        on_prefill: Callable[[int, int], None] | None = None,
-    ) -> None:
-        self.seq = seq
-        self.state = _QUEUED
-        self.completion: Completion | None = None
-        self.error: Exception | None = None  # a fault of this sequence alone (its sampler)
-        self.on_text = on_text
-        self.should_stop = should_stop
-        self.on_prefill = on_prefill
-        self.slot = -1
-        self.prefilled = 0  # prompt positions in the cache
-        self.token = 0  # chosen, not yet fed
-        self.spec: Speculator | None = None
-        self.forward: Callable[[Any, int, Any], None] | None = None  # its verify passes (speculating)
-
-    def prefill_progress(self) -> None:
-        """Report the prompt positions ready (``on_prefill``)."""
-        if self.on_prefill is not None:
-            self.on_prefill(self.prefilled, len(self.seq.prompt_ids))
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        """The prompt's token ids."""
-        return self.seq.prompt_ids
-
-    @property
-    def done(self) -> bool:
-        """True once the job has its completion (or its error)."""
-        return self.state == _DONE
 
 
 class Batcher:
