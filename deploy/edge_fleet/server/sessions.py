@@ -1,11 +1,6 @@
 """Browser sessions: a cookie made from an API token (``dashboard/session.py`` signs in); ``auth`` accepts either.
 
-The cookie (``efs_session``) is HttpOnly, ``SameSite=Strict``, ``Secure`` when the page was
-served over HTTPS, and lives 12 hours.  The database keeps only the SHA-256 of the cookie and
-of the token it was made from, so a revoked token ends its sessions at the next request.
-Every request that changes something (any method but GET, HEAD, OPTIONS) made with the cookie
-must carry the session's CSRF token in ``X-CSRF-Token`` (the page reads it from
-``GET /api/v1/session``); with a Bearer token no cookie is involved and none is needed.
+The cookie's rules (lifetime, flags, CSRF) are described in ``dashboard/session.py``.
 """
 
 from __future__ import annotations
