@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 _ORT_TYPES: dict[str, npt.DTypeLike] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,  # calibrated int8 cache (models.kv_quant)
 }
 
 

@@ -20,7 +20,8 @@ The estimate (docs/memory.md has the measurements behind every constant):
   scores (rows x context x heads, float32); plus the logits of every row when the
   export computes them (a pruned export returns one row).
 * **KV**: layers x 2 x KV heads x head size x the cache's element size, per
-  token (float32, or float16 when the graph declares it: ``models.kv_dtype``).
+  token (float32, float16 when the graph declares it: ``models.kv_dtype``, or int8 with
+  calibrated scales: ``models.kv_quant``, a quarter of float32's bytes).
 
 ``fit`` keeps what is needed (and the first load) within the box's memory (the mapped pages are
 reported beside it: doctor warns when they do not fit too), and turns it into budgets: what the operator set is kept (and

@@ -21,10 +21,10 @@ import pytest
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
 from agent.engine.memory_plan import model_shape
-from models import convert, embedding
+from models import embedding
 from tests.integration.test_parity import _reference
 from tests.integration.test_speculative_parity import NEAR_TIE
-from tests.support.models import fixture_path
+from tests.support.models import convert_fixture, fixture_path, rewritten_fixture
 
 FIXTURES = ["phi3-int4", "qwen2-int8", "llama-int4", "qwen3-int4"]
 PROMPTS = ["The quick brown fox", "Hello, world! 你好", "def main():\n    return"]
@@ -32,10 +32,7 @@ NEW_TOKENS = 24
 
 
 def _int8(name: str, tmp_path: Path) -> Path:
-    folder = tmp_path / f"{name}-q8"
-    shutil.copytree(fixture_path(name), folder)
-    assert embedding.quantize_embedding(folder) > 0
-    return folder
+    return rewritten_fixture(name, tmp_path, embedding.quantize_embedding, "q8")
 
 
 def _prompt_logits(model: og.Model, ids: list[int]) -> np.ndarray:
@@ -95,20 +92,7 @@ def test_rounding_is_what_the_operator_returns() -> None:
 def test_convert_writes_the_int8_table_unless_told(
     float_embedding: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The builder (a subprocess needing the "models" extra) is stood in for by its output: a fixture.
-    def build(hf_dir: Path, out_dir: Path, precision: str, options: object, *, quiet: bool) -> list[Path]:
-        shutil.copytree(fixture_path("phi3-int4"), out_dir, dirs_exist_ok=True)
-        return sorted(out_dir.iterdir())
-
-    monkeypatch.setattr(convert.builder, "build", build)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (hf / name).write_text("{}")
-    out = tmp_path / "out"
-    argv = [str(hf), str(out), "--precision", "int4"] + (["--float-embedding"] if float_embedding else [])
-    monkeypatch.setattr(convert.builder, "describe", lambda _out: "")
-    assert convert.main(argv) == 0
+    out = convert_fixture(tmp_path, monkeypatch, *(["--float-embedding"] if float_embedding else []))
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert ("GatherBlockQuantized" in ops) is not float_embedding
     engine = Engine(out)

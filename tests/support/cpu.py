@@ -14,6 +14,9 @@ The guarantees (``docs/engine.md`` says why each holds):
   bit; where it does not hold (aarch64) the near-tie bound is what is checked;
 * ``BATCH_DRAFT_EXACT`` -- a speculating sequence's tokens are the same alone and in a batch of
   speculating sequences (verify passes of its own, resting rows batched), bit for bit;
+* ``KV_INT8_EXACT`` -- with an int8 KV cache (``models.kv_quant``) a sequence's tokens do not
+  depend on the prefill chunk size or on a prefix-cache hit, bit for bit (measured on x86-64
+  AVX-512 VNNI only);
 * ``NEAR_TIE`` -- a speculating engine's token is plain decoding's arg-max or within
   ``NEAR_TIE`` logits of it (every family).
 """
@@ -56,6 +59,9 @@ PREFIX_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2})
 # A verify pass is the one run alone; resting rows are batched one-token rows (BATCH_EXACT).
 BATCH_DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
+# onnxruntime's CPU GroupQueryAttention reads every cache row through the int8 scales, the
+# current chunk's too; checked here on AVX-512 VNNI only (not under the emulated families).
+KV_INT8_EXACT = frozenset({X86_AVX512})
 # Where a one-row matrix pass rounds like a row of a many-row pass, per precision of the
 # fixtures (int4/int8 MatMulNBits, int8 activations): the engine measures it when it opens
 # (Engine.two_row_decode); this is what was measured, so a new onnxruntime that changes it

@@ -1,0 +1,194 @@
+"""Store a model's KV cache in int8 with static per-channel scales calibrated on the float model.
+
+    python -m models.kv_quant MODEL_DIR [--prompt-tokens 1024] [--chunk 256] [--margin 1.25]
+
+onnxruntime 1.32's CPU ``GroupQueryAttention`` keeps an int8 cache when its past and
+present tensors are declared int8 and it is given ``k_quant_type``/``v_quant_type``
+``PER_CHANNEL`` with ``k_scale``/``v_scale`` of shape ``[1, kv_heads, 1, head_size]``
+(``kv_cache_bit_width`` 8): it rounds each new key and value to ``round(x / scale)``,
+clamped to [-128, 127], and reads every row of the cache back through the scale,
+the rows of the current chunk included, so the result does not depend on how a
+prompt was chunked and a prefix-cache hit reads what a cold run wrote.  Unlike a
+float16 cache it does not widen the whole cache into float32 scratch (docs/memory.md).
+
+The scales are static, so they are calibrated here: the float graph is run on
+text from ``models.demo_corpus`` (``--prompt-tokens`` tokens in chunks of
+``--chunk``), each layer's largest ``|key|`` and ``|value|`` per head and channel
+(after the rotary embedding, as the kernel stores them) is kept, multiplied by
+``--margin`` and divided by 127.  A value beyond the calibrated range is clamped.
+The graph is rewritten in place (the scales are small initializers in
+``model.onnx``); the weights file is not touched.  Rounding moves each key and value
+by at most half a step, so logits move slightly and greedy tokens can differ where
+two candidates are nearly tied (measured bounds: docs/memory.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper, numpy_helper
+
+QMAX = 127
+K_SCALE_INPUT = 12  # GroupQueryAttention's k_scale and v_scale input slots
+V_SCALE_INPUT = 13
+MARGIN = 1.25
+
+
+def channel_scales(absmax: npt.NDArray[np.float32], margin: float = MARGIN) -> npt.NDArray[np.float32]:
+    """Per-channel int8 scales ``[1, kv_heads, 1, head_size]`` from the largest ``|x|`` ``[kv_heads, head_size]``.
+
+    A channel never seen away from zero gets the smallest positive step of its layer
+    (its values round to 0 and stay exact).
+    """
+    if margin < 1.0:
+        raise ValueError("margin must be at least 1")
+    wide = np.asarray(absmax, dtype=np.float64) * margin / QMAX
+    floor = max(float(wide.max()), 1.0) * 1e-6
+    return np.maximum(wide, floor).astype(np.float32)[None, :, None, :]
+
+
+def _decoder(model_dir: Path) -> dict[str, object]:
+    config = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    decoder: dict[str, object] = config["model"]["decoder"]
+    return decoder
+
+
+def _layer_names(decoder: dict[str, object], layer: int) -> tuple[str, str, str, str]:
+    inputs, outputs = decoder["inputs"], decoder["outputs"]
+    assert isinstance(inputs, dict) and isinstance(outputs, dict)
+    return (
+        inputs["past_key_names"] % layer,
+        inputs["past_value_names"] % layer,
+        outputs["present_key_names"] % layer,
+        outputs["present_value_names"] % layer,
+    )
+
+
+def observe(
+    model_dir: Path, token_ids: list[int], chunk: int = 256
+) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
+    """Each layer's largest ``|key|`` and ``|value|`` per head and channel over ``token_ids`` (float graph)."""
+    import onnxruntime as ort
+
+    decoder = _decoder(model_dir)
+    layers = int(str(decoder["num_hidden_layers"]))
+    kv_heads, head_size = int(str(decoder["num_key_value_heads"])), int(str(decoder["head_size"]))
+    inputs = decoder["inputs"]
+    assert isinstance(inputs, dict)
+    session = ort.InferenceSession(
+        str(model_dir / str(decoder["filename"])), providers=["CPUExecutionProvider"]
+    )
+    wanted = {i.name for i in session.get_inputs()}
+    names = [_layer_names(decoder, i) for i in range(layers)]
+    past = {n: np.zeros((1, kv_heads, 0, head_size), np.float32) for layer in names for n in layer[:2]}
+    for start in range(0, len(token_ids), chunk):
+        ids = np.asarray([token_ids[start : start + chunk]], dtype=np.int64)
+        end = start + ids.shape[1]
+        feed: dict[str, npt.NDArray[np.generic]] = {inputs["input_ids"]: ids, **past}
+        feed[inputs["attention_mask"]] = np.ones((1, end), np.int64)
+        if inputs.get("position_ids") in wanted:
+            feed[inputs["position_ids"]] = np.arange(start, end, dtype=np.int64)[None]
+        outputs = [n for layer in names for n in layer[2:]]
+        values = dict(zip(outputs, session.run(outputs, feed), strict=True))
+        past = {layer[j]: values[layer[j + 2]] for layer in names for j in (0, 1)}
+    return [
+        (np.abs(past[k][0]).max(axis=1).astype(np.float32), np.abs(past[v][0]).max(axis=1).astype(np.float32))
+        for k, v, _, _ in names
+    ]
+
+
+def quantize_kv(
+    model_dir: Path, scales: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+) -> int:
+    """Declare ``model_dir``'s cache int8 with per-layer (key, value) ``scales``; returns the layers rewritten."""
+    decoder = _decoder(model_dir)
+    graph_file = model_dir / str(decoder["filename"])
+    model = onnx.load(str(graph_file), load_external_data=False)
+    graph = model.graph
+    by_past = {n.input[3]: n for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 4}
+    io = {v.name: v for v in [*graph.input, *graph.output]}
+    if len(scales) != int(str(decoder["num_hidden_layers"])):
+        raise SystemExit(f"error: {len(scales)} layers of scales for {decoder['num_hidden_layers']} layers")
+    for layer, (k_scale, v_scale) in enumerate(scales):
+        past_k, past_v, present_k, present_v = _layer_names(decoder, layer)
+        node = by_past.get(past_k)
+        if node is None or node.input[4] != past_v:
+            raise SystemExit(
+                f"error: no GroupQueryAttention reads {past_k} and {past_v}: not a builder export"
+            )
+        if any(a.name == "k_quant_type" and a.s != b"NONE" for a in node.attribute):
+            raise SystemExit(f"error: {graph_file}'s cache is quantized already")
+        for name in (past_k, past_v, present_k, present_v):
+            io[name].type.tensor_type.elem_type = onnx.TensorProto.INT8
+        names = (f"{past_k}_scale", f"{past_v}_scale")
+        for name, value in zip(names, (k_scale, v_scale), strict=True):
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        while len(node.input) <= V_SCALE_INPUT:
+            node.input.append("")
+        node.input[K_SCALE_INPUT], node.input[V_SCALE_INPUT] = names
+        kept = [
+            a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
+        ]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend(
+            [
+                helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("kv_cache_bit_width", 8),
+            ]
+        )
+    onnx.save(model, str(graph_file))
+    return len(scales)
+
+
+def calibration_ids(model_dir: Path, tokens: int) -> list[int]:
+    """``tokens`` token ids of ``models.demo_corpus`` text for ``model_dir`` (at most its context)."""
+    from agent.engine.model_folder import ModelFolder
+    from agent.engine.tokenizer import Tokenizer
+    from models import demo_corpus
+
+    folder = ModelFolder(model_dir)
+    tokenizer = Tokenizer(folder)
+    tokens = min(tokens, folder.context_length)
+    with warnings.catch_warnings():  # importing some stdlib modules for their docstrings warns
+        warnings.simplefilter("ignore")
+        documents = demo_corpus.documents()
+    ids: list[int] = []
+    for text in documents:
+        ids += tokenizer.encode(text)
+        if len(ids) >= tokens:
+            break
+    return ids[:tokens]
+
+
+def calibrate(model_dir: Path, tokens: int = 1024, chunk: int = 256, margin: float = MARGIN) -> int:
+    """Calibrate ``model_dir``'s float cache on ``tokens`` of text and rewrite it int8; returns the layers."""
+    observed = observe(model_dir, calibration_ids(model_dir, tokens), chunk)
+    return quantize_kv(
+        model_dir, [(channel_scales(k, margin), channel_scales(v, margin)) for k, v in observed]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--margin", type=float, default=MARGIN)
+    args = parser.parse_args(argv)
+    layers = calibrate(args.model_dir, args.prompt_tokens, args.chunk, args.margin)
+    print(f"{args.model_dir}: KV cache int8 in {layers} layers (per-channel scales, margin {args.margin})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""An int8 KV cache (``models.kv_quant``, ``models.convert --int8-kv``): a quarter of the bytes, tokens within a bound.
+
+Checked on fixtures rewritten in a temporary folder (calibrated on their own float
+graph): the engine takes the int8 cache from the graph, the memory estimate counts
+1 byte per value, each greedy token is the float32-KV model's arg-max or within
+``KV_INT8_GAP`` logits of it (teacher-forced on the float model: rounding keys and
+values moves the logits, so tokens differ where candidates are close), and, on the
+CPU families of ``cpu.KV_INT8_EXACT``, the tokens do not depend on the prefill chunk
+size or on a prefix-cache hit (onnxruntime's kernel reads every row of the cache
+through the scales, the current chunk's too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime_genai as og
+import pytest
+
+from agent import Engine, SamplingParams
+from agent.engine.engine import EngineOptions
+from agent.engine.memory_plan import model_shape
+from models import kv_quant
+from tests.integration.test_int8_embedding import FIXTURES, NEW_TOKENS, PROMPTS, _prompt_logits
+from tests.support import cpu
+from tests.support.models import convert_fixture, fixture_path, rewritten_fixture
+
+# Logits; the largest teacher-forced gap seen on these fixtures was 0.66 (phi3-int4, margin
+# 1.25; docs/memory.md), random-weight models whose logits spread with a standard deviation of ~2.4.
+KV_INT8_GAP = 1.0
+
+
+def _int8_kv(name: str, tmp_path: Path) -> Path:
+    return rewritten_fixture(name, tmp_path, kv_quant.calibrate, "kv8")
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_the_cache_is_a_quarter_and_tokens_stay_within_the_bound(name: str, tmp_path: Path) -> None:
+    folder = _int8_kv(name, tmp_path)
+    assert model_shape(folder).kv_bytes_per_token * 4 == model_shape(fixture_path(name)).kv_bytes_per_token
+    engine = Engine(folder, EngineOptions(prefix_cache_mb=0))
+    assert np.dtype(engine._io.kv_dtype) == np.int8
+    float_model = og.Model(str(fixture_path(name)))
+    for prompt in PROMPTS:
+        ids = engine.prompt_ids(prompt)
+        ours = engine.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
+        assert ours
+        logits = _prompt_logits(float_model, ids + ours)[len(ids) - 1 : len(ids) - 1 + len(ours)]
+        gaps = logits.max(axis=-1) - logits[np.arange(len(ours)), ours]
+        assert float(gaps.max()) <= KV_INT8_GAP, (prompt, gaps.tolist())
+
+
+def test_tokens_do_not_depend_on_the_chunk_size_or_a_prefix_hit(tmp_path: Path) -> None:
+    folder = _int8_kv("phi3-int4", tmp_path)
+    whole = Engine(folder, EngineOptions(prefix_cache_mb=0))
+    chunked = Engine(folder, EngineOptions(prefix_cache_mb=0, prefill_chunk_tokens=3))
+    cached = Engine(folder, EngineOptions(prefix_cache_mb=16, prefix_block_tokens=2))
+    float_model = og.Model(str(fixture_path("phi3-int4")))
+    for prompt in PROMPTS:
+        ids = whole.prompt_ids(prompt + " and a little more text for the cache to keep")
+        expected = whole.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
+        cold = cached.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
+        runs = {
+            "chunked": chunked.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids,
+            "prefix hit": cached.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids,
+        }
+        assert cold == expected
+        for how, tokens in runs.items():
+            if cpu.family() in cpu.KV_INT8_EXACT:
+                assert tokens == expected, (how, prompt)
+            else:  # no exactness claimed: the bound against the float model still holds
+                logits = _prompt_logits(float_model, ids + tokens)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
+                gaps = logits.max(axis=-1) - logits[np.arange(len(tokens)), tokens]
+                assert float(gaps.max()) <= KV_INT8_GAP, (how, prompt)
+
+
+def test_scales_cover_the_calibrated_range_with_the_margin() -> None:
+    absmax = np.array([[2.0, 0.0, 12.7]], np.float32)
+    scales = kv_quant.channel_scales(absmax, margin=1.25)
+    assert scales.shape == (1, 1, 1, 3)
+    assert np.allclose(scales[0, 0, 0, [0, 2]], [2.0 * 1.25 / 127, 12.7 * 1.25 / 127])
+    assert scales[0, 0, 0, 1] > 0  # an unseen channel keeps a usable step
+    # Every calibrated value rounds within half a step, unclamped.
+    values = np.linspace(-12.7, 12.7, 101, dtype=np.float32)
+    steps = np.round(values / scales[0, 0, 0, 2])
+    assert np.abs(steps).max() <= 127
+    assert np.all(np.abs(steps * scales[0, 0, 0, 2] - values) <= scales[0, 0, 0, 2] / 2 + 1e-6)
+    with pytest.raises(ValueError):
+        kv_quant.channel_scales(absmax, margin=0.5)
+
+
+def test_a_quantized_cache_is_not_quantized_again(tmp_path: Path) -> None:
+    folder = _int8_kv("phi3-int4", tmp_path)
+    graph = (folder / "model.onnx").read_bytes()
+    with pytest.raises(SystemExit, match="quantized already"):
+        kv_quant.quantize_kv(folder, [(np.ones((1, 1, 1, 1), np.float32),) * 2] * len(_layers(folder)))
+    assert (folder / "model.onnx").read_bytes() == graph
+
+
+def _layers(folder: Path) -> list[onnx.NodeProto]:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("int8_kv", [False, True])
+def test_convert_writes_an_int8_cache_only_when_told(
+    int8_kv: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = convert_fixture(tmp_path, monkeypatch, *(["--int8-kv"] if int8_kv else []))
+    engine = Engine(out)
+    assert (np.dtype(engine._io.kv_dtype) == np.int8) is int8_kv
+    assert engine.generate(engine.prompt_ids("The edge agent"), SamplingParams(max_tokens=4)).token_ids
