@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +151,28 @@ def llama_child(gguf: Path, prompt: int, new: int, threads: int, *, repack: bool
 # -- the parent --------------------------------------------------------------------
 
 
-def measure(model: Path, options: dict[str, Any], prompt: int, new: int, limit_mb: int) -> dict[str, Any]:
-    """Run one child and return per-phase peaks and end values (MiB), plus its markers."""
+def measure(
+    model: Path,
+    options: dict[str, Any],
+    prompt: int,
+    new: int,
+    limit_mb: int,
+    *,
+    preexec: Callable[[], None] | None = None,
+    check: bool = True,
+) -> dict[str, Any]:
+    """Run one child and return per-phase peaks and end values (MiB), plus its markers.
+
+    ``preexec`` runs in the child before it starts (``memory_fit`` puts it in a cgroup);
+    ``check`` false: a failed child is reported (``exit``) instead of stopping the bench.
+    """
     if model.suffix == ".gguf":
         cmd = [sys.executable, __file__, "--llama-child", str(model), "--threads", str(options["threads"])]
         cmd += [] if options.get("repack", True) else ["--llama-no-repack"]
     else:
         cmd = [sys.executable, __file__, "--child", str(model), "--options", json.dumps(options)]
     cmd += ["--prompt", str(prompt), "--new", str(new)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=preexec)
     markers: list[dict[str, Any]] = []
 
     def read() -> None:
@@ -188,9 +202,9 @@ def measure(model: Path, options: dict[str, Any], prompt: int, new: int, limit_m
                 killed = True
         time.sleep(0.05)
     reader.join(timeout=5)
-    if proc.returncode != 0 or killed:
+    if (proc.returncode != 0 or killed) and check:
         raise SystemExit(f"{model} {options}: child failed (exit {proc.returncode}, killed={killed})")
-    out: dict[str, Any] = {"markers": markers}
+    out: dict[str, Any] = {"markers": markers, "exit": proc.returncode, "killed": killed}
     for phase in PHASES:
         out[phase] = {
             "peak_anon": peaks[phase]["RssAnon"] / _MiB,
@@ -247,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kv16", action="store_true", help="float16 KV (a copy rewritten by models.kv_dtype)"
     )
+    parser.add_argument(
+        "--kv8", action="store_true", help="calibrated int8 KV (a copy rewritten by models.kv_quant)"
+    )
     parser.add_argument("--accuracy", type=int, default=4, help="the builder's int4_accuracy_level")
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,... engine options")
     parser.add_argument("--prompt", type=int, default=512)
@@ -273,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         models = {
             n: memory_models.model(
-                n, args.precision, pruned=not args.full_logits, kv16=args.kv16, accuracy=args.accuracy
+                n,
+                args.precision,
+                pruned=not args.full_logits,
+                kv16=args.kv16,
+                kv8=args.kv8,
+                accuracy=args.accuracy,
             )
             for n in args.layers
         }

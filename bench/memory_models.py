@@ -53,36 +53,57 @@ def checkpoint(layers: int) -> Path:
     return hf_export.ensure_checkpoint(MODELS_DIR / name, config, SEED, half=half)
 
 
+def kv_variant(base: Path, kind: str) -> Path:
+    """A folder beside ``base`` whose graph keeps a ``kind`` ("kv16", "kv8") KV cache, sharing its weights.
+
+    kv16: float16 (``models.kv_dtype``); kv8: int8 calibrated on ``base`` (``models.kv_quant``).
+    The weights file is shared through hard links (onnxruntime refuses a symlink out of the folder).
+    """
+    out = base.with_name(base.name + "-" + kind)
+    if (out / "model.onnx").is_file() and out.stat().st_mtime >= base.stat().st_mtime:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for item in base.iterdir():
+        if item.name == "model.onnx":
+            shutil.copy(item, out / item.name)
+        else:
+            os.link(item, out / item.name)
+    if kind == "kv16":
+        from models import kv_dtype
+
+        kv_dtype.set_kv_dtype(out, "float16")
+    else:
+        from models import kv_quant
+
+        kv_quant.main([str(out)])
+    return out
+
+
 def model(
-    layers: int, precision: str = "int4", *, pruned: bool = True, kv16: bool = False, accuracy: int = 4
+    layers: int,
+    precision: str = "int4",
+    *,
+    pruned: bool = True,
+    kv16: bool = False,
+    kv8: bool = False,
+    accuracy: int = 4,
+    block: int = 32,
 ) -> Path:
     """The builder's export of ``checkpoint(layers)`` (pruned lm_head unless ``pruned`` is false).
 
-    ``kv16``: a folder beside it whose graph declares a float16 KV cache (``models.kv_dtype``),
-    sharing the weights file through hard links.
+    ``kv16``/``kv8``: the float16 / calibrated int8 KV variant of it (``kv_variant``);
+    ``block``: the int4 block size (the builder's and ``models.convert``'s default 32).
     """
     from models import builder, fixtures
 
-    if kv16:
-        base = model(layers, precision, pruned=pruned)
-        out = base.with_name(base.name + "-kv16")
-        if not (out / "model.onnx").is_file() or out.stat().st_mtime < base.stat().st_mtime:
-            from models import kv_dtype
-
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir()
-            for item in base.iterdir():
-                if item.name == "model.onnx":
-                    shutil.copy(item, out / item.name)
-                else:
-                    os.link(
-                        item, out / item.name
-                    )  # a hard link: onnxruntime refuses a symlink out of the folder
-            kv_dtype.set_kv_dtype(out, "float16")
-        return out
+    if kv16 or kv8:
+        base = model(layers, precision, pruned=pruned, block=block)
+        return kv_variant(base, "kv16" if kv16 else "kv8")
 
     source = checkpoint(layers)
     suffix = ("" if pruned else "-full") + ("" if accuracy == 4 else f"-acc{accuracy}")
+    suffix += "" if block == 32 else f"-b{block}"
     out = MODELS_DIR / f"phi3-mini-shape-{layers}l-{precision}{suffix}"
     if hf_export.fresh(out / "genai_config.json", source):
         return out
@@ -92,6 +113,8 @@ def model(
     options: dict[str, object] = {"prune_lm_head": True} if pruned else {}
     if accuracy != 4:
         options["int4_accuracy_level"] = accuracy
+    if block != 32:
+        options["block_size"] = block
     builder.build(source, partial, precision, options or None, quiet=True)
     builder.set_eos(partial, fixtures.EOS_IDS)
     shutil.rmtree(out, ignore_errors=True)
@@ -100,7 +123,16 @@ def model(
 
 
 if __name__ == "__main__":
-    for spec in sys.argv[1:]:  # e.g. 2:int4 4:int4 2:int4:full 2:int4:acc1
+    for spec in sys.argv[1:]:  # e.g. 2:int4 4:int4 2:int4:full 2:int4:acc1 4:int4:b128 4:int4:kv8
         layers, precision, *rest = spec.split(":")
-        accuracy = int(rest[0][3:]) if rest and rest[0].startswith("acc") else 4
-        print(model(int(layers), precision, pruned="full" not in rest, accuracy=accuracy), flush=True)
+        accuracy = next((int(r[3:]) for r in rest if r.startswith("acc")), 4)
+        block = next((int(r[1:]) for r in rest if r.startswith("b") and r[1:].isdigit()), 32)
+        built = model(
+            int(layers),
+            precision,
+            pruned="full" not in rest,
+            kv8="kv8" in rest,
+            accuracy=accuracy,
+            block=block,
+        )
+        print(built, flush=True)
