@@ -28,6 +28,8 @@ TESTS=(
   "tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens[llama-int4]"
   # The same for the last run's buffer reused in place.
   "tests/integration/test_prefix_cache.py::test_the_last_runs_buffer_reused_in_place_gives_the_cold_runs_tokens[llama-int4]"
+  # With an int8 KV cache, tokens do not depend on the chunk size or a prefix hit (KV_INT8_EXACT).
+  "tests/integration/test_kv_quant.py::test_tokens_do_not_depend_on_the_chunk_size_or_a_prefix_hit"
 )
 # Haswell without what qemu's TCG cannot emulate (TSX, PCID, x2APIC, TSC deadline, INVPCID:
 # none matters to user code), or it warns on every start.

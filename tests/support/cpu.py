@@ -15,8 +15,8 @@ The guarantees (``docs/engine.md`` says why each holds):
 * ``BATCH_DRAFT_EXACT`` -- a speculating sequence's tokens are the same alone and in a batch of
   speculating sequences (verify passes of its own, resting rows batched), bit for bit;
 * ``KV_INT8_EXACT`` -- with an int8 KV cache (``models.kv_quant``) a sequence's tokens do not
-  depend on the prefill chunk size or on a prefix-cache hit, bit for bit (measured on x86-64
-  AVX-512 VNNI only);
+  depend on the prefill chunk size or on a prefix-cache hit, bit for bit (x86-64: AVX-512 VNNI,
+  and AVX2 emulated; aarch64 not checked);
 * ``NEAR_TIE`` -- a speculating engine's token is plain decoding's arg-max or within
   ``NEAR_TIE`` logits of it (every family).
 """
@@ -60,8 +60,8 @@ DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2})
 # A verify pass is the one run alone; resting rows are batched one-token rows (BATCH_EXACT).
 BATCH_DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # onnxruntime's CPU GroupQueryAttention reads every cache row through the int8 scales, the
-# current chunk's too; checked here on AVX-512 VNNI only (not under the emulated families).
-KV_INT8_EXACT = frozenset({X86_AVX512})
+# current chunk's too. Checked on AVX-512 VNNI and emulated AVX2; not on aarch64 (no claim there).
+KV_INT8_EXACT = frozenset({X86_AVX512, X86_AVX2})
 # Where a one-row matrix pass rounds like a row of a many-row pass, per precision of the
 # fixtures (int4/int8 MatMulNBits, int8 activations): the engine measures it when it opens
 # (Engine.two_row_decode); this is what was measured, so a new onnxruntime that changes it
