@@ -3,7 +3,9 @@
 A test is ``e2e`` when it starts real processes (agents, brokers, the command line as a
 subprocess); it says so itself, with ``pytestmark = pytest.mark.e2e`` on its module or a
 mark on the test.  A test that uses a broker or agent fixture without the mark is refused
-at collection.  The rest is the fast, in-process tier: ``pytest -m "not e2e"``.
+at collection.  The rest is the fast, in-process tier: ``pytest -m "not e2e"``, less the
+``exhaustive`` cases: the rest of an exactness matrix beyond its representative cases
+(``tests/support/tiers.py``), in-process but run by the full tier only.
 """
 
 from __future__ import annotations
@@ -158,12 +160,17 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 _E2E_FIXTURES = frozenset({"broker", "tls_broker", "agents", "caller", "postgres"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: an exhaustive case must carry e2e by then
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse a test that starts real processes through a fixture but does not declare ``e2e``.
+    """Give ``exhaustive`` cases the ``e2e`` mark (the full tier only), and refuse a test that
+    starts real processes through a fixture but does not declare ``e2e``.
 
     The tier is declared where the test is (``pytestmark = pytest.mark.e2e`` on the module or a
     mark on the test), never derived from its path; this check keeps the declaration honest.
     """
+    for item in items:
+        if item.get_closest_marker("exhaustive") is not None:
+            item.add_marker(pytest.mark.e2e)
     undeclared = [
         item.nodeid
         for item in items
@@ -181,8 +188,9 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """Keep the fast tier in-process: a test without the ``e2e`` mark that starts a process fails.
 
     Recorded rather than only raised, so that code under test catching the error cannot hide it.
+    An ``exhaustive`` case is e2e for selection only: it stays in-process too.
     """
-    if item.get_closest_marker("e2e") is not None:
+    if item.get_closest_marker("e2e") is not None and item.get_closest_marker("exhaustive") is None:
         return (yield)
     started: list[str] = []
     original = subprocess.Popen.__init__

@@ -24,6 +24,7 @@ from agent.engine.speculate import DraftPolicy, Speculator
 from edge_contract.errors import AgentError, InvalidRequestError
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, fixture_path
+from tests.support.tiers import matrix
 
 
 def _requests(engine: Engine, seed: int) -> list[tuple[list[int], SamplingParams]]:
@@ -42,7 +43,7 @@ def _requests(engine: Engine, seed: int) -> list[tuple[list[int], SamplingParams
     return out
 
 
-@pytest.mark.parametrize("name", ALL_FIXTURES)
+@pytest.mark.parametrize("name", matrix(ALL_FIXTURES, fast=["qwen3-int4", "mistral-int8"]))
 def test_batched_output_is_solo_output(name: str) -> None:
     assert cpu.family() in cpu.BATCH_EXACT, f"batching claims no exactness on {cpu.family()}"
     _batched_is_solo(Engine(fixture_path(name)), name)
@@ -89,8 +90,17 @@ def _assert_batched_is_solo(
     return out
 
 
-@pytest.mark.parametrize("rests", ["never-rests", "rests-often"])
-@pytest.mark.parametrize("name", ["llama-int4", "qwen3-int4", "phi3-int8"])
+@pytest.mark.parametrize(
+    ("name", "rests"),
+    matrix(
+        [
+            (name, rests)
+            for rests in ("never-rests", "rests-often")
+            for name in ("llama-int4", "qwen3-int4", "phi3-int8")
+        ],
+        fast=[("llama-int4", "never-rests"), ("phi3-int8", "rests-often")],
+    ),
+)
 def test_speculating_sequences_batched_give_their_solo_speculating_output(
     name: str, rests: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

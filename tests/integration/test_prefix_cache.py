@@ -22,6 +22,7 @@ from agent import Engine, SamplingParams
 from agent.engine.engine import Completion, EngineOptions
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, fixture_path
+from tests.support.tiers import matrix
 
 # Small blocks and chunks so that a 100-token prompt crosses many of both.
 SMALL = EngineOptions(prefix_block_tokens=8, prefill_chunk_tokens=16)
@@ -34,7 +35,9 @@ def ids_of(n: int, salt: int = 0) -> list[int]:
     return [7 + (i * 37 + salt * 101) % 441 for i in range(n)]
 
 
-@pytest.mark.parametrize("name", [*ALL_FIXTURES, "phi3-int4-pruned"])
+@pytest.mark.parametrize(
+    "name", matrix([*ALL_FIXTURES, "phi3-int4-pruned"], fast=["phi3-int4", "qwen2-int8"])
+)
 def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
     assert cpu.family() in cpu.PREFIX_EXACT, f"the prefix cache claims no exactness on {cpu.family()}"
     engine = Engine(fixture_path(name), SMALL)
@@ -56,7 +59,9 @@ def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
         assert again.cached_tokens == len(prompt) - 2
 
 
-@pytest.mark.parametrize("name", [*ALL_FIXTURES, "phi3-int4-pruned"])
+@pytest.mark.parametrize(
+    "name", matrix([*ALL_FIXTURES, "phi3-int4-pruned"], fast=["llama-int8", "phi3-int4-pruned"])
+)
 def test_the_last_runs_buffer_reused_in_place_gives_the_cold_runs_tokens(name: str) -> None:
     # The prefix cache is emptied before each run: whatever is reused comes from the last run's
     # buffer, in place.

@@ -34,6 +34,7 @@ from agent.engine.engine import EngineOptions
 from agent.engine.speculate import DraftPolicy, Speculator
 from tests.support import cpu
 from tests.support.models import ALL_FIXTURES, PRECISIONS, ROOT, fixture_path
+from tests.support.tiers import matrix
 
 NEAR_TIE = 0.3  # logits; about twice the largest kernel-path difference seen on the fixtures
 # Guarantee DRAFT_EXACT (tests/support/cpu.py): on x86-64 (AVX2, AVX-512) rows of multi-row passes
@@ -77,8 +78,13 @@ def _drafting(mode: str) -> Callable[[DraftPolicy, int], int]:
     return choose
 
 
-@pytest.mark.parametrize("rests", ["never-rests", "rests-often"])
-@pytest.mark.parametrize("name", ALL_FIXTURES)
+@pytest.mark.parametrize(
+    ("name", "rests"),
+    matrix(
+        [(name, rests) for rests in ("never-rests", "rests-often") for name in ALL_FIXTURES],
+        fast=[("mistral-int4", "never-rests"), ("qwen3-int8", "rests-often")],
+    ),
+)
 def test_speculative_output_does_not_depend_on_the_drafts(
     name: str, rests: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

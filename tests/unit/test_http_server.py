@@ -89,6 +89,12 @@ class FakeIntake:
         self._cancels[job_id].set()
 
 
+@pytest.fixture(autouse=True)
+def _prompt_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test stops its server: waiting out the daemon's 0.2 s poll would only slow the tests."""
+    monkeypatch.setattr(HTTPServer, "POLL_S", 0.01)
+
+
 def _serve(keys: list[str], max_connections: int = 8) -> tuple[HTTPServer, FakeIntake]:
     fake = FakeIntake()
     server = HTTPServer(

@@ -47,6 +47,9 @@ __all__ = ["HTTPServer"]
 class HTTPServer:
     """The agent's HTTP API; see the module docstring."""
 
+    #: How often the serving thread looks for ``stop_accepting``: the longest that call waits.
+    POLL_S = 0.2
+
     def __init__(
         self,
         config: HTTPConfig,
@@ -80,7 +83,7 @@ class HTTPServer:
         self.watcher = Watcher()
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.2},
+            kwargs={"poll_interval": self.POLL_S},
             name="edge-agent-http",
             daemon=True,
         )
