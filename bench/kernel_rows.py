@@ -1,17 +1,19 @@
 """Which MatMulNBits settings round a row differently by pass size on this CPU (a probe, not a test).
 
-Builds single ``MatMulNBits`` nodes (random weights, symmetric, block 32) and
+Builds single ``MatMulNBits`` nodes (random weights, symmetric, block 32 or ``--block``) and
 compares each row of passes of 1..17 rows with the same row computed in a
 two-row pass.  ``=`` means bit-identical.  Run it natively and under emulation:
 
-    python bench/kernel_rows.py
+    python bench/kernel_rows.py [--block 32]
     QEMU_CPU=Haswell-noTSX qemu-x86_64-static .venv/bin/python bench/kernel_rows.py   # AVX2-only
 
 What it printed on onnxruntime 1.32 (docs/engine.md): on AVX-512 VNNI every row
 of every pass agrees for int4 and int8 at ``accuracy_level`` 4; on AVX2 the
 one-row pass of int4 differs (MLAS's M1 kernel, up to ~7e-6 at K = 3072) while
 passes of two or more rows agree whatever their size; with float activations
-(``accuracy_level`` 0/1) one row differs on both.  Needs ``onnx`` (the test extra).
+(``accuracy_level`` 0/1) one row differs on both.  At ``--block 64`` and up on AVX-512 VNNI
+(int4 and int8) rows are computed in pairs: a pass's unpaired row (the one row of a one-row pass,
+the last of an odd one) differs, up to ~2e-6 (int4) and ~5e-5 (int8) at K = 3072.  Needs ``onnx`` (the test extra).
 """
 
 from __future__ import annotations
@@ -56,7 +58,14 @@ def session(k: int, n: int, bits: int, accuracy: int, block: int = 32) -> ort.In
 
 
 def main() -> None:
-    print(f"onnxruntime {ort.__version__}")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--block", type=int, default=32, help="weights per scale (shapes it does not divide are skipped)"
+    )
+    block = parser.parse_args().block
+    print(f"onnxruntime {ort.__version__}, block {block}")
     for k, n, bits, accuracy in [
         (64, 128, 4, 4),
         (3072, 256, 4, 4),
@@ -64,7 +73,9 @@ def main() -> None:
         (3072, 256, 8, 4),
         (64, 128, 4, 0),
     ]:
-        run = session(k, n, bits, accuracy)
+        if k % block:
+            continue
+        run = session(k, n, bits, accuracy, block)
         rng = np.random.default_rng(1)
         x = rng.standard_normal((17, k), dtype=np.float32)
         partner = rng.standard_normal((1, k), dtype=np.float32)

@@ -1,7 +1,7 @@
 """Where a cold prefill's time goes: onnxruntime's profiler, totals per operator type.
 
 Run as ``python bench/prefill_profile.py MODEL_DIR [--tokens 1024] [--chunk 512] [--threads 2]
-[--config KEY=VALUE ...] [--no-spin]``.
+[--config KEY=VALUE ...] [--no-spin] [--by-node]``.
 
 The session is set up as the engine sets it up (``Engine._open_session``), plus
 ``enable_profiling`` and any ``--config`` session entries, and the prompt is
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", nargs="*", default=[], help="session config entries KEY=VALUE")
     parser.add_argument("--no-spin", action="store_true")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument(
+        "--by-node",
+        action="store_true",
+        help="also totals per node kind (layers merged: qkv_proj, lm_head, ...)",
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -71,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [e for e in events if e.get("name") == "model_run"]
     last_start = runs[-(len(range(0, args.tokens, args.chunk)))]["ts"] if runs else 0
     totals: collections.Counter[str] = collections.Counter()
+    nodes: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last_start:
             totals[e["args"].get("op_name", "?")] += e["dur"]
+            # "/model/layers.3/mlp/up_proj/MatMul_Q4_kernel_time" -> "mlp/up_proj/MatMul_Q4"
+            parts = e["name"].removesuffix("_kernel_time").strip("/").split("/")
+            nodes["/".join(p for p in parts if p != "model" and not p.startswith("layers."))] += e["dur"]
     whole = sum(totals.values())
     print(
         f"{args.tokens} tokens, chunk {args.chunk}, {args.threads} threads, config {extra or '-'}: "
@@ -81,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for op, us in totals.most_common(args.top):
         print(f"  {op:<28} {us / 1e6:8.3f} s  {100 * us / whole:5.1f} %")
+    if args.by_node:
+        print("  by node kind (all layers):")
+        for node, us in nodes.most_common(args.top):
+            print(f"    {node:<40} {us / 1e6:8.3f} s  {100 * us / whole:5.1f} %")
     Path(path).unlink(missing_ok=True)
     return 0
 

@@ -1,9 +1,11 @@
 """Warm time to first token, prefill and decode: the engine vs llama.cpp, same weights, one run.
 
-Run as ``python bench/ttft_bench.py [--threads 2] [--rounds 2] [--instruction 1000] [--input 10]``.
+Run as ``python bench/ttft_bench.py [--threads 2] [--rounds 2] [--instruction 1000] [--input 10]
+[--model DIR]``.
 
 Model: engine_bench's Phi-3-mini-shaped 4-layer checkpoint (random weights), ONNX int4
-against GGUF Q4_0 of the same checkpoint (``bench/models/``; build them with
+(engine_bench's export: full logits, block 32; ``--model`` another export of the same
+checkpoint, e.g. ``prefill_levers.py``'s) against GGUF Q4_0 of the same checkpoint (``bench/models/``; build them with
 ``batch_bench.py --llama-src``).  Arms alternate round by round in one process; each
 figure comes with the cores other processes kept busy meanwhile (``other_cores``).
 
@@ -59,10 +61,11 @@ def _job(instruction: list[int], n_input: int, run: int) -> list[int]:
 class Ours:
     """The engine, its prefix cache in memory and on disk (``cache_dir``)."""
 
-    def __init__(self, threads: int, cache_dir: Path) -> None:
+    def __init__(self, threads: int, cache_dir: Path, model: Path | None = None) -> None:
         from agent.engine.engine import Engine, EngineOptions
 
-        self.engine = Engine(model_dir("int4"), EngineOptions(threads=threads), prefix_cache_dir=cache_dir)
+        path = model or model_dir("int4")
+        self.engine = Engine(path, EngineOptions(threads=threads), prefix_cache_dir=cache_dir)
         self.split: dict[str, float] = {}
         restore = self.engine.restore_prefix
 
@@ -96,7 +99,7 @@ class Ours:
 class Llama:
     """llama.cpp on the GGUF: one sequence, prompt cache kept in its KV cache."""
 
-    def __init__(self, threads: int, ctx_tokens: int, no_extra_bufts: bool) -> None:
+    def __init__(self, threads: int, ctx_tokens: int, no_extra_bufts: bool, gguf: Path = GGUF) -> None:
         import llama_cpp as lc
 
         self.lc = lc
@@ -106,9 +109,9 @@ class Llama:
         params = lc.llama_model_default_params()
         if no_extra_bufts:
             params.use_extra_bufts = False
-        self.model = lc.llama_model_load_from_file(str(GGUF).encode(), params)
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), params)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {GGUF}")
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
         self.vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         cp = lc.llama_context_default_params()
         cp.n_ctx = ctx_tokens
@@ -172,12 +175,13 @@ class Llama:
         return prefill, (new - 1) / (time.perf_counter() - t1)
 
 
-def restarted(threads: int, cache_dir: Path, ids: list[int]) -> dict[str, Any]:
+def restarted(threads: int, cache_dir: Path, ids: list[int], model: Path | None) -> dict[str, Any]:
     """In a fresh process: the first job after a restart, warm from the disk cache."""
     code = (
         "import json,sys,time; sys.path.insert(0,'bench'); sys.path.append('.');"
         "from ttft_bench import Ours, _cpu_seconds, _other_cores;"
-        f"o=Ours({threads}, __import__('pathlib').Path({str(cache_dir)!r}));"
+        "from pathlib import Path;"
+        f"o=Ours({threads}, Path({str(cache_dir)!r}), {None if model is None else f'Path({str(model)!r})'});"
         "s=_cpu_seconds(); t0=time.perf_counter();"
         f"ms,cached,split=o.ttft({ids!r});"
         "print(json.dumps({'ms':ms,'cached':cached,'split':split,'other_cores':_other_cores(s,t0)}))"
@@ -196,11 +200,17 @@ def main() -> None:
     parser.add_argument("--warm-runs", type=int, default=5)
     parser.add_argument("--no-extra-bufts", action="store_true")
     parser.add_argument("--no-llama", action="store_true")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the engine's model folder (default: engine_bench's int4 export)",
+    )
     args = parser.parse_args()
     print(json.dumps(machine()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp)
-        ours = Ours(args.threads, cache_dir)
+        ours = Ours(args.threads, cache_dir, args.model)
         llama = None if args.no_llama else Llama(args.threads, 2048, args.no_extra_bufts)
         ours.ttft(prompt_ids(64))  # warm-up (allocations, prepacking)
         if llama is not None:
@@ -227,7 +237,7 @@ def main() -> None:
                 if name == "engine":
                     splits = [w[2] for w in warm]
                     row["warm_copy_ms"] = round(statistics.median(x.get("copy_ms", 0.0) for x in splits), 1)
-                    after = restarted(args.threads, cache_dir, _job(instruction, args.input, 77))
+                    after = restarted(args.threads, cache_dir, _job(instruction, args.input, 77), args.model)
                     row["restart_ms"] = round(after["ms"], 1)
                     row["restart_vs_cold"] = round(after["ms"] / cold, 4)
                     row["restart_copy_ms"] = round(after["split"].get("copy_ms", 0.0), 1)

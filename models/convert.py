@@ -101,7 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("hf_dir", type=Path, metavar="HF_CHECKPOINT_DIR")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     parser.add_argument("--precision", choices=builder.PRECISIONS, required=True)
-    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32)
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=32,
+        help=(
+            "weights per quantization scale (default 32). 128 prefills ~1.4x faster on AVX-512 VNNI, but "
+            "there a pass's unpaired row rounds otherwise: batched and prefix-cached runs are then exact "
+            "only to ~1e-6 (docs/engine.md, 'Prefill levers')"
+        ),
+    )
     parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=4)
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
     parser.add_argument(
