@@ -54,7 +54,7 @@ def test_batched_output_is_solo_output_with_filler_rows(name: str) -> None:
     # The path AVX2-only hosts take at int4 (a lone decoding sequence beside a filler row,
     # also while others prefill), forced here so that every CI host runs it.
     engine = Engine(fixture_path(name))
-    engine.two_row_decode = True
+    engine.even_rows = True
     _batched_is_solo(engine, name)
 
 
