@@ -76,4 +76,5 @@ ONE_ROW_MATCHES = {
     (AARCH64, "int8"): True,
     (X86_AVX512, "int4-b128"): False,  # rows computed in pairs: an odd pass's last row rounds otherwise
     (X86_AVX2, "int4-b128"): False,  # emulated Haswell: one row differs, as at block 32
+    (AARCH64, "int4-b128"): True,  # emulated Cortex-A76: every row agrees, as at block 32
 }
