@@ -26,7 +26,7 @@ tokens the last time they occurred are a good guess for what comes next.
 
 Every pass has at least two rows, and an even number of them where the model's
 kernels compute rows in pairs (``Engine.even_rows``: an odd pass feeds one more
-earlier token again, or near the start one draft fewer).  onnxruntime's attention takes a matrix-vector
+earlier token again).  onnxruntime's attention takes a matrix-vector
 path for a one-row pass whose float sums are ordered differently from the
 multi-row path, while rows of passes of two or more rows come out bit-identical
 whatever the pass boundaries (:mod:`agent.engine.prefill`).  So a step with
@@ -234,12 +234,9 @@ class Speculator:
         # rest, always (see the module docstring).
         again = 1 if (not draft or self._rested) and past >= 1 else 0
         if self._even and (n + again) % 2 == 1:
-            # An odd pass: one more earlier position, or (too close to the start) one draft fewer.
-            if past >= again + 1:
-                again += 1
-            else:
-                draft = draft[:-1]
-                n -= 1
+            # An odd pass feeds one more earlier token. There is one: ``past`` >= 1, and ``again`` is 1
+            # only without drafts (then the pass is even already) or after a rest (8+ steps in).
+            again += 1
         self._rested = False
         ids = self._ids[:, : n + again]
         ids[0, again:] = [token, *draft]
