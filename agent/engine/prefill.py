@@ -11,8 +11,8 @@ paths) and round differently, so the plan never makes a one-row chunk out of a
 longer prompt, and the engine leaves at least two positions to compute after a
 cache hit: the cold run and a run that resumes after a cached prefix then compute
 the same bits, and a hit never changes a token.  Where a row's bits depend on the
-parity of its pass's row count (``Engine.even_rows``: block-128 int4 on AVX-512
-VNNI) every chunk has an even number of rows: an odd chunk after a past recomputes
+parity of its pass's row count (``Engine.even_rows``: blocks of 64 and up on AVX-512
+VNNI, int4 on AVX2) every chunk has an even number of rows: an odd chunk after a past recomputes
 the position before it (its key/value rewritten with the same bits), a first odd
 chunk is split in two even ones that overlap by a position.
 """
