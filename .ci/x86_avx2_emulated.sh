@@ -24,6 +24,9 @@ TESTS=(
   tests/integration/test_kernel_rows.py
   # Batched output is solo output, bit for bit (the filler row makes it so on AVX2).
   tests/integration/test_batch_parity.py
+  # Even-row passes: logits bit for bit across chunk sizes, prefix hits, batching and drafts
+  # (llama-int4-b128, and llama-int4 with the even passes forced; about 100 s emulated).
+  tests/integration/test_even_rows.py
   # A prefix-cache hit gives the cold run's tokens (one int4 fixture: each costs ~25 s emulated).
   "tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens[llama-int4]"
   # The same for the last run's buffer reused in place.

@@ -46,10 +46,10 @@ def main() -> None:
     base = EngineOptions(threads=args.threads, prefix_cache_mb=0)
     one_row = Engine(path, base)
     filler = Engine(path, base)
-    filler.two_row_decode = True
-    one_row.two_row_decode = False
+    filler.even_rows = True
+    one_row.even_rows = False
     spec = Engine(path, base.model_copy(update={"speculate": True}))
-    spec.two_row_decode = False
+    spec.even_rows = False
     params = SamplingParams(max_tokens=args.new, ignore_eos=True)
     rest_after = Speculator.REST_AFTER
 

@@ -134,14 +134,27 @@ def build_long_fixture(out_root: Path, tok: tokenizer.Tokenizer) -> Path:
     with torch.no_grad():
         for eos in EOS_IDS:
             model.lm_head.weight[eos].zero_()
+    return _export(model, tok, out_dir, "int8", context=LONG_CONTEXT)
+
+
+def _export(
+    model: torch.nn.Module,
+    tok: tokenizer.Tokenizer,
+    out_dir: Path,
+    precision: str,
+    options: dict[str, object] | None = None,
+    *,
+    context: int = CONTEXT,
+) -> Path:
+    """Save ``model`` (greedy, the fixtures' eos ids) with ``tok`` and export it into ``out_dir``."""
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.BOS_ID, eos_token_id=EOS_IDS, pad_token_id=tokenizer.PAD_ID, do_sample=False
     )
-    with tempfile.TemporaryDirectory(prefix="fixture-long-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"fixture-{out_dir.name}-") as tmp:
         hf_dir = Path(tmp) / "hf"
         model.save_pretrained(str(hf_dir))
-        tokenizer.save(tok, hf_dir, LONG_CONTEXT)
-        builder.build(hf_dir, out_dir, "int8", quiet=True)
+        tokenizer.save(tok, hf_dir, context)
+        builder.build(hf_dir, out_dir, precision, options, quiet=True)
     builder.set_eos(out_dir, EOS_IDS)
     return out_dir
 
@@ -164,6 +177,27 @@ def build_pruned_fixture(out_root: Path, tok: tokenizer.Tokenizer) -> Path:
         builder.build(hf_dir, out_dir, "int4", {"prune_lm_head": True}, quiet=True)
     builder.set_eos(out_dir, EOS_IDS)
     return out_dir
+
+
+BLOCK128_NAME = "llama-int4-b128"
+
+
+def build_block128_fixture(out_root: Path, tok: tokenizer.Tokenizer) -> Path:
+    """Build ``llama-int4-b128``: int4 in blocks of 128, wide enough for them (hidden 256, MLP 512).
+
+    From block 64 up onnxruntime's int4 kernels compute rows in pairs on AVX-512 VNNI and round an
+    unpaired row otherwise (docs/engine.md, "Prefill levers"): the fixture the even-row passes
+    (``Engine.even_rows``) are tested on.  Full logits, so that speculation can verify on it.
+    """
+    out_dir = out_root / BLOCK128_NAME
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    config = make_config("llama", tokenizer.vocab_size_padded(tok))
+    config.hidden_size, config.intermediate_size = 4 * HIDDEN, 4 * INTERMEDIATE
+    config.head_dim = config.hidden_size // HEADS
+    torch.manual_seed(SEED + 200)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return _export(model, tok, out_dir, "int4", {"block_size": 128, "accuracy_level": 4})
 
 
 def smoke_test(model_dir: Path, prompt: str = "The edge agent", steps: int = 30) -> list[int]:
@@ -198,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pruned", action="store_true", help=f"build only {PRUNED_NAME} (last-position logits)"
     )
+    parser.add_argument(
+        "--block128", action="store_true", help=f"build only {BLOCK128_NAME} (int4 rows computed in pairs)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime-genai smoke test")
     args = parser.parse_args(argv)
 
@@ -205,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pruned:
         out_dir = build_pruned_fixture(args.out, tok)
+        print(f"{out_dir.name:<14} {sum(p.stat().st_size for p in out_dir.iterdir()) / 1024:7.1f} KiB")
+        return 0
+    if args.block128:
+        out_dir = build_block128_fixture(args.out, tok)
         print(f"{out_dir.name:<14} {sum(p.stat().st_size for p in out_dir.iterdir()) / 1024:7.1f} KiB")
         return 0
     if args.long:

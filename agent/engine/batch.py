@@ -90,9 +90,10 @@ class Batcher:
         self.max_batch = int(min(wanted, fits))
         self.speculate = speculate and graph.prefill_logits_rows(2) > 1  # last-position logits cannot verify
         self.prefill_chunk = max(2, prefill_chunk or engine.options.prefill_chunk_tokens)
-        # A lone sequence decodes beside a filler row where one-row passes round differently;
-        # that slot only ever has position 0 written. Pages are committed as positions are written.
-        filler = 1 if engine.two_row_decode and self.max_batch == 1 else 0
+        # Where a row's bits depend on its pass's row-count parity (``Engine.even_rows``), an odd pass
+        # gets a filler row: an odd ``max_batch`` needs a slot for it, which only ever has position 0
+        # written. Pages are committed as positions are written.
+        filler = 1 if engine.even_rows and self.max_batch % 2 == 1 else 0
         # The positions each slot holds for a prompt: ``(tokens, n)``, the KV of ``tokens[:n]``.
         self._held: list[tuple[list[int], int]] = [([], 0)] * self.max_batch
         kept = engine.take_kept(self.max_batch + filler, self.slot_tokens)  # an unfit one is freed here
@@ -277,8 +278,8 @@ class Batcher:
     def _prefill_chunk(self, job: BatchJob, finished: list[BatchJob], size: int) -> None:
         engine, graph, seq = self.engine, self.engine.graph, job.seq
         ids = job.prompt_ids
-        begin, end = plan_chunks(job.prefilled, len(ids), size)[0]
-        if begin > seq.cached_tokens and seq.canceled():  # between chunks, as the solo loop
+        begin, end = plan_chunks(job.prefilled, len(ids), size, even=engine.even_rows)[0]
+        if job.prefilled > seq.cached_tokens and seq.canceled():  # between chunks, as the solo loop
             return self._finish(job, finished, "canceled")
         chunk = np.asarray([ids[begin:end]], dtype=np.int64)
         rows = graph.prefill_logits_rows(end - begin)
@@ -323,8 +324,8 @@ class Batcher:
     def _plain(self, running: list[BatchJob], finished: list[BatchJob]) -> None:
         """One decode pass: one token for every sequence in ``running`` (fillers elsewhere)."""
         rows = 1 + max(job.slot for job in running)
-        if rows == 1 and self.engine.two_row_decode:
-            rows = 2  # never a one-row pass where it rounds differently (see the module docstring)
+        if rows % 2 == 1 and self.engine.even_rows:
+            rows += 1  # never an odd pass where its last row rounds differently (``agent.engine.rows``)
         for slot in range(rows):
             job = self._slots[slot] if slot < self.max_batch else None
             if job is not None and job in running:
@@ -382,6 +383,7 @@ class Batcher:
             forward,
             job.seq.sampler,
             job.prompt_ids,
+            even=engine.even_rows,
             vocab=graph.vocab,
             logits_dtype=graph.logits_dtype,
             max_k=engine.options.speculate_max_k,

@@ -31,7 +31,7 @@ from agent.engine.options import EngineOptions as EngineOptions
 from agent.engine.prefill import open_prefix_cache
 from agent.engine.prefix_cache import PrefixCacheStats
 from agent.engine.prepacked import prepacked_model
-from agent.engine.rows import one_row_matches_many
+from agent.engine.rows import rows_depend_on_parity
 from agent.engine.sampling import SamplingParams
 from agent.engine.sequence import Completion as Completion
 from agent.engine.sequence import ForcedSampler
@@ -99,10 +99,10 @@ class Engine:
             dtype=np.dtype(io.kv_dtype),
             threads=self.threads,
         )
-        # Where a one-row pass rounds differently from a row of a batched pass (int4 on AVX2-only
-        # x86: see agent.engine.rows), every decode pass gets a second, filler row: a sequence's
-        # tokens are then the same alone and beside others.
-        self.two_row_decode = not one_row_matches_many(self.session, self._io)
+        # Where a row's bits depend on its pass's row count (int4 on AVX2-only x86: one row; block 64
+        # and up on AVX-512 VNNI: any odd count; see agent.engine.rows), every pass gets an even number
+        # of rows: a sequence's bits are then the same alone or batched, cold or after a cache hit.
+        self.even_rows = rows_depend_on_parity(self.session, self._io)
         # The last one-slot run's key/value buffer and the prompt tokens whose positions it holds
         # (``keep_slot``): the next run reuses them in place when its prompt starts the same way.
         self._kept: tuple[KVCache, list[int]] | None = None
@@ -302,7 +302,8 @@ class Engine:
             return in_place
         size = self.prefix_cache.block_tokens
         # At least two positions are left to compute: the last one's logits pick the first token,
-        # and a one-row pass would take kernels that round differently (see ``prefill``).
+        # and a one-row pass would take kernels that round differently (see ``prefill``; an odd
+        # rest is prefilled from the position before it where ``even_rows``).
         found = self.prefix_cache.match(ids, max_tokens=len(ids) - 2)
         if found.tokens(size) <= in_place:
             return in_place

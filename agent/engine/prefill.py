@@ -10,7 +10,11 @@ whatever the chunk boundaries.  Single-row passes take other kernels (matrix-vec
 paths) and round differently, so the plan never makes a one-row chunk out of a
 longer prompt, and the engine leaves at least two positions to compute after a
 cache hit: the cold run and a run that resumes after a cached prefix then compute
-the same bits, and a hit never changes a token.
+the same bits, and a hit never changes a token.  Where a row's bits depend on the
+parity of its pass's row count (``Engine.even_rows``: blocks of 64 and up on AVX-512
+VNNI, int4 on AVX2) every chunk has an even number of rows: an odd chunk after a past recomputes
+the position before it (its key/value rewritten with the same bits), a first odd
+chunk is split in two even ones that overlap by a position.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from agent.engine.prefix_cache import PrefixCache
 from agent.engine.prefix_store import DiskBlockStore, model_identity
 
 
-def plan_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+def plan_chunks(start: int, end: int, chunk: int, *, even: bool = False) -> list[tuple[int, int]]:
     """``[start, end)`` as consecutive ``(begin, stop)`` chunks of at most ``chunk`` positions.
 
     No chunk has a single row unless the whole range is one position: a one-row
     tail borrows a row from the chunk before it (so with ``chunk == 2`` the last
-    chunk may have three rows).
+    chunk may have three rows).  ``even``: no chunk has an odd number of rows (but a
+    one-position prompt's): an odd one starts a position earlier, or at position 0
+    becomes ``(0, stop - 1), (stop - 2, stop)``; a chunk may then hold ``chunk + 1`` rows.
     """
     if chunk < 2:
         raise ValueError("the prefill chunk must be at least 2 tokens")
@@ -38,7 +44,17 @@ def plan_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
         (a, b), (_, d) = chunks[-2], chunks[-1]
         # Borrow a row from the chunk before; with 2-row chunks, merge into a 3-row one instead.
         chunks[-2:] = [(a, b - 1), (b - 1, d)] if b - a > 2 else [(a, d)]
-    return chunks
+    if not even:
+        return chunks
+    paired: list[tuple[int, int]] = []
+    for a, b in chunks:
+        if (b - a) % 2 == 0 or b == 1:
+            paired.append((a, b))
+        elif a > 0:
+            paired.append((a - 1, b))
+        else:
+            paired += [(0, b - 1), (b - 2, b)]
+    return paired
 
 
 def open_prefix_cache(

@@ -1,4 +1,4 @@
-"""Decode passes over the slots of a key/value block, and whether one-row passes round like the rest.
+"""Decode passes over the slots of a key/value block, and whether a row's bits depend on its pass's row count.
 
 A decode pass feeds one token per slot: slot ``b``'s row of the attention mask
 has ones for its own positions (GroupQueryAttention takes each row's past
@@ -6,17 +6,20 @@ length from it), so sequences of different lengths share a pass.  The pass is
 bound once per row count and reused; between passes only the token ids, the
 mask and the position ids change.
 
-Which kernels compute a row depends on the CPU.  onnxruntime's int4
-``MatMulNBits`` with int8 activations (``accuracy_level`` 4) on AVX2-only x86
-takes a matrix-vector kernel when the pass has one row (MLAS's ``M1`` kernel,
-``sqnbitgemm_m1_sym_kernel_avx2_int8_*``) and a matrix-matrix kernel from two
-rows up; the two order their float sums differently (about 1e-6 in a logit,
-measured), while every row of a pass of two or more rows gets the same bits
-whatever the row count and its place in the pass.  On AVX-512 VNNI (and at
-int8 on AVX2) one row and many agree.  :func:`one_row_matches_many` measures
-this on the model itself when an engine opens; where they disagree the engine
-gives every decode pass a second row (``filler``), so a sequence's tokens are
-the same whether it decodes alone or beside others.
+Which kernels compute a row depends on the CPU and the export.  onnxruntime's
+int4 ``MatMulNBits`` with int8 activations (``accuracy_level`` 4) on AVX2-only
+x86 takes a matrix-vector kernel when the pass has one row (MLAS's ``M1``
+kernel) and a matrix-matrix kernel from two rows up; they order their float
+sums differently (about 1e-6 in a logit).  On AVX-512 VNNI, from block 64 up,
+int4 and int8 compute rows in pairs and round an unpaired row (the only row of
+a one-row pass, the last of an odd pass) otherwise.  In both cases every row
+of a pass with an even number of rows gets the same bits whatever the row count
+and its place in the pass (measured).  :func:`rows_depend_on_parity` measures
+this on the model itself when an engine opens; where a row's bits depend on it
+the engine gives every pass an even number of rows (``Engine.even_rows``):
+decode passes a filler slot, prefill chunks and verify passes a recomputed
+position, so a sequence's bits are the same alone or beside others, cold or
+after a cache hit, whatever the chunk size or the drafts.
 """
 
 from __future__ import annotations
@@ -99,10 +102,11 @@ class DecodeRows:
         return binding
 
 
-def one_row_matches_many(session: ort.InferenceSession, graph: Graph) -> bool:
-    """Whether a one-row pass computes the bits a row of a two-row pass does, on this CPU and model.
+def rows_depend_on_parity(session: ort.InferenceSession, graph: Graph) -> bool:
+    """Whether a row of a pass with an odd number of rows can round otherwise than in an even pass.
 
-    Two passes from an empty cache: one token alone, then the same token in two slots.
+    One token in every slot from an empty cache, in passes of 1, 2, 3 and 4 rows: true unless
+    every row of every pass has the same bits.
     """
     cache = KVCache(
         layers=graph.layers,
@@ -110,12 +114,11 @@ def one_row_matches_many(session: ort.InferenceSession, graph: Graph) -> bool:
         head_size=graph.head_size,
         capacity=1,
         dtype=graph.kv_dtype,
-        slots=2,
+        slots=4,
     )
     rows = DecodeRows(session, graph, cache)
     token = min(1, graph.vocab - 1)
-    rows.set_row(0, token, 1)
-    rows.set_row(1, token, 1)
-    alone = rows.run(1)[0].copy()
-    pair = rows.run(2)
-    return bool(np.array_equal(alone, pair[0]) and np.array_equal(pair[0], pair[1]))
+    for slot in range(4):
+        rows.set_row(slot, token, 1)
+    first = rows.run(1)[0].copy()
+    return not all(np.array_equal(first, row) for n in (2, 3, 4) for row in rows.run(n))

@@ -24,7 +24,9 @@ tokens the last time they occurred are a good guess for what comes next.
   drafting (with a doubling back-off between probes) when speculation does not
   pay, so a job with nothing to copy runs at plain speed.
 
-Every pass has at least two rows.  onnxruntime's attention takes a matrix-vector
+Every pass has at least two rows, and an even number of them where the model's
+kernels compute rows in pairs (``Engine.even_rows``: an odd pass feeds one more
+earlier token again).  onnxruntime's attention takes a matrix-vector
 path for a one-row pass whose float sums are ordered differently from the
 multi-row path, while rows of passes of two or more rows come out bit-identical
 whatever the pass boundaries (:mod:`agent.engine.prefill`).  So a step with
@@ -188,6 +190,7 @@ class Speculator:
         vocab: int,
         logits_dtype: npt.DTypeLike,
         max_k: int,
+        even: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._forward = forward
@@ -195,8 +198,9 @@ class Speculator:
         self._sampler = sampler
         self.drafter = NgramDrafter(prompt_ids)
         self.policy = DraftPolicy(max_k)
-        self._ids = np.zeros((1, max_k + 2), dtype=np.int64)  # drafts, the token, the one before
-        self._logits = np.empty((1, max_k + 2, vocab), dtype=logits_dtype)
+        self._even = even  # every pass an even number of rows (``Engine.even_rows``)
+        self._ids = np.zeros((1, max_k + 3), dtype=np.int64)  # drafts, the token, up to two before
+        self._logits = np.empty((1, max_k + 3, vocab), dtype=logits_dtype)
         if max_k < 1:
             raise ValueError("max_k must be at least 1: a step feeds two rows")
         self.passes = 0
@@ -229,11 +233,15 @@ class Speculator:
         # Nothing to verify: feed the previous token again so that the pass still has two rows; after a
         # rest, always (see the module docstring).
         again = 1 if (not draft or self._rested) and past >= 1 else 0
+        if self._even and (n + again) % 2 == 1:
+            # An odd pass feeds one more earlier token. There is one: ``past`` >= 1, and ``again`` is 1
+            # only without drafts (then the pass is even already) or after a rest (8+ steps in).
+            again += 1
         self._rested = False
         ids = self._ids[:, : n + again]
         ids[0, again:] = [token, *draft]
         if again:
-            ids[0, 0] = self.drafter.tokens[-2]
+            ids[0, :again] = self.drafter.tokens[-1 - again : -1]
         logits = self._logits[:, : n + again]
         started = self._clock()
         self._forward(ids, past - again, logits)

@@ -43,7 +43,9 @@ def _requests(engine: Engine, seed: int) -> list[tuple[list[int], SamplingParams
     return out
 
 
-@pytest.mark.parametrize("name", matrix(ALL_FIXTURES, fast=["qwen3-int4", "mistral-int8"]))
+@pytest.mark.parametrize(
+    "name", matrix([*ALL_FIXTURES, "llama-int4-b128"], fast=["qwen3-int4", "mistral-int8"])
+)
 def test_batched_output_is_solo_output(name: str) -> None:
     assert cpu.family() in cpu.BATCH_EXACT, f"batching claims no exactness on {cpu.family()}"
     _batched_is_solo(Engine(fixture_path(name)), name)
@@ -54,7 +56,7 @@ def test_batched_output_is_solo_output_with_filler_rows(name: str) -> None:
     # The path AVX2-only hosts take at int4 (a lone decoding sequence beside a filler row,
     # also while others prefill), forced here so that every CI host runs it.
     engine = Engine(fixture_path(name))
-    engine.two_row_decode = True
+    engine.even_rows = True
     _batched_is_solo(engine, name)
 
 
@@ -96,7 +98,7 @@ def _assert_batched_is_solo(
         [
             (name, rests)
             for rests in ("never-rests", "rests-often")
-            for name in ("llama-int4", "qwen3-int4", "phi3-int8")
+            for name in ("llama-int4", "qwen3-int4", "phi3-int8", "llama-int4-b128")
         ],
         fast=[("llama-int4", "never-rests"), ("phi3-int8", "rests-often")],
     ),

@@ -36,7 +36,7 @@ def ids_of(n: int, salt: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "name", matrix([*ALL_FIXTURES, "phi3-int4-pruned"], fast=["phi3-int4", "qwen2-int8"])
+    "name", matrix([*ALL_FIXTURES, "phi3-int4-pruned", "llama-int4-b128"], fast=["phi3-int4", "qwen2-int8"])
 )
 def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
     assert cpu.family() in cpu.PREFIX_EXACT, f"the prefix cache claims no exactness on {cpu.family()}"
@@ -60,7 +60,8 @@ def test_a_hit_gives_the_cold_runs_tokens(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", matrix([*ALL_FIXTURES, "phi3-int4-pruned"], fast=["llama-int8", "phi3-int4-pruned"])
+    "name",
+    matrix([*ALL_FIXTURES, "phi3-int4-pruned", "llama-int4-b128"], fast=["llama-int8", "phi3-int4-pruned"]),
 )
 def test_the_last_runs_buffer_reused_in_place_gives_the_cold_runs_tokens(name: str) -> None:
     # The prefix cache is emptied before each run: whatever is reused comes from the last run's

@@ -81,7 +81,11 @@ def _drafting(mode: str) -> Callable[[DraftPolicy, int], int]:
 @pytest.mark.parametrize(
     ("name", "rests"),
     matrix(
-        [(name, rests) for rests in ("never-rests", "rests-often") for name in ALL_FIXTURES],
+        [
+            (name, rests)
+            for rests in ("never-rests", "rests-often")
+            for name in [*ALL_FIXTURES, "llama-int4-b128"]
+        ],
         fast=[("mistral-int4", "never-rests"), ("qwen3-int8", "rests-often")],
     ),
 )

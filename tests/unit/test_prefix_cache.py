@@ -52,6 +52,22 @@ def test_plan_covers_the_range_with_no_single_row_chunk(start: int, length: int,
         assert all(stop - begin >= 2 for begin, stop in plan)
 
 
+@given(st.integers(0, 300), st.integers(1, 300), st.integers(2, 64))
+def test_an_even_plan_computes_every_position_in_passes_of_even_rows(
+    start: int, length: int, chunk: int
+) -> None:
+    # Where the kernels pair rows (Engine.even_rows): every pass even, a recomputed position before
+    # it at most (its key/value rewritten alike), never a position past the end or a later one skipped.
+    end = start + length
+    plan = plan_chunks(start, end, chunk, even=True)
+    if end == 1:
+        assert plan == [(0, 1)]  # a one-token prompt has no other pass
+        return
+    assert all((stop - begin) % 2 == 0 and 0 < stop - begin <= max(chunk, 3) + 1 for begin, stop in plan)
+    assert plan[0][0] in (start, start - 1) and plan[-1][1] == end
+    assert all(b[0] in (a[1], a[1] - 1) for a, b in itertools.pairwise(plan))
+
+
 def test_plan_rejects_one_token_chunks() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         plan_chunks(0, 10, 1)

@@ -139,7 +139,9 @@ def _plain(prompt: list[int], params: SamplingParams, new: int) -> list[int]:
     return out
 
 
-def _speculative(prompt: list[int], params: SamplingParams, new: int) -> tuple[list[int], Speculator]:
+def _speculative(
+    prompt: list[int], params: SamplingParams, new: int, *, even: bool = False
+) -> tuple[list[int], Speculator]:
     model = _BigramModel(prompt)
     sampler = Sampler(params, VOCAB, prompt)
     ticks = iter(range(10**6))  # every pass "takes" one tick: the policy's choices are reproducible
@@ -150,6 +152,7 @@ def _speculative(prompt: list[int], params: SamplingParams, new: int) -> tuple[l
         vocab=VOCAB,
         logits_dtype=np.float32,
         max_k=6,
+        even=even,
         clock=lambda: next(ticks),
     )
     out = [sampler(model.logits(prompt))]
@@ -161,6 +164,8 @@ def _speculative(prompt: list[int], params: SamplingParams, new: int) -> tuple[l
         # Every pass of the speculator has two rows or more (a step without drafts feeds the previous
         # token again): onnxruntime's one-row attention path rounds differently from the multi-row one.
         assert all(rows >= 2 for rows in model.rows[passes:])
+        # Where the kernels pair rows (Engine.even_rows) every pass is even, the fed tokens still right.
+        assert not even or all(rows % 2 == 0 for rows in model.rows[passes:])
         if not chosen:  # resting: the caller's plain one-token step
             model.forward(np.asarray([[out[-1]]], dtype=np.int64), past, one)
             chosen = [sampler(one[0, 0])]
@@ -178,7 +183,8 @@ def _speculative(prompt: list[int], params: SamplingParams, new: int) -> tuple[l
     ],
     ids=["greedy", "sampled", "sampled-penalized"],
 )
-def test_speculative_output_is_plain_output(params: SamplingParams) -> None:
+@pytest.mark.parametrize("even", [False, True], ids=["any-rows", "even-rows"])
+def test_speculative_output_is_plain_output(params: SamplingParams, even: bool) -> None:
     rng = np.random.default_rng(0)
     drafted = accepted = passes = 0
     for trial in range(6):
@@ -186,7 +192,7 @@ def test_speculative_output_is_plain_output(params: SamplingParams) -> None:
         # Something to copy: the model's own greedy text, then its start again.
         prompt = [*start, *_plain(start, SamplingParams(), 40), *start]
         plain = _plain(prompt, params, 80)
-        spec, speculator = _speculative(prompt, params, 80)
+        spec, speculator = _speculative(prompt, params, 80, even=even)
         assert spec == plain, f"trial {trial}"
         drafted += speculator.drafted
         accepted += speculator.accepted
