@@ -33,7 +33,15 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
-from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, fit, model_shape, weights_on_disk
+from agent.engine.memory_plan import (
+    MIN_CONTEXT,
+    Budgets,
+    estimate,
+    fit,
+    model_shape,
+    shortened_context,
+    weights_on_disk,
+)
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
 from agent.link.presence import read_link, running_agent
@@ -221,11 +229,11 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
             detail=f"{detail}: the mapped model's pages do not fit beside it (they are read again from disk)",
         ), True
     if budgets.context_tokens < shape.context_length:
-        return Check(
-            name="memory",
-            status="warn",
-            detail=f"{detail}: the context is cut from the model's {shape.context_length} to fit",
-        ), True
+        cut = f"the context is cut from the model's {shape.context_length} to fit"
+        shortened = shortened_context(shape, config.engine, budgets.context_tokens)
+        if shortened is not None:
+            cut += "; " + shortened
+        return Check(name="memory", status="warn", detail=f"{detail}: {cut}"), True
     return Check(name="memory", status="ok", detail=detail), True
 
 

@@ -72,6 +72,9 @@ class ModelShape(BaseModel):
         description="Bytes of the token-embedding table (read from the mapped file, not repacked).",
     )
     kv_bytes_per_token: int = Field(ge=0, description="KV cache bytes per token of context.")
+    kv_element_bytes: float = Field(
+        4.0, gt=0, description="Bytes per cached value: 4 float32, 2 float16, 1 int8 (models.kv_quant)."
+    )
     hidden_size: int = Field(ge=1, description="Width of the residual stream.")
     attention_heads: int = Field(
         ge=1, description="Query heads (a prefill chunk scores rows x context per head)."
@@ -296,6 +299,24 @@ def sized_options(
     return sized, estimate(shape, chosen, weights_mapped=weights_on_disk(sized))
 
 
+def shortened_context(shape: ModelShape, configured: EngineOptions, sized_context: int) -> str | None:
+    """How to get back the context the box's sizing cut (its KV cache and the int8 copy), or None.
+
+    Only when ``configured`` left the context unset, the box sized it below the model's own,
+    and the KV cache is wider than int8 (an int8 cache holds four times float32's context).
+    """
+    if "context_tokens" in configured.model_fields_set or sized_context >= shape.context_length:
+        return None
+    if shape.kv_element_bytes <= 1:
+        return None
+    return (
+        f"its KV cache takes {shape.kv_bytes_per_token >> 10} KiB per token ({shape.kv_element_bytes:g} bytes "
+        "per value): a copy with an int8 cache (`python -m models.kv_quant MODEL_DIR`, or `models.convert "
+        f"--int8-kv`; docs/memory.md) holds about {min(shape.context_length, int(sized_context * shape.kv_element_bytes))} "
+        "tokens in the same memory"
+    )
+
+
 def release_need(memory_bytes: int, kv_bytes_per_token: int | None, options: EngineOptions) -> int:
     """The least a release needs on a box with ``options``: its measured memory, the runtime and a minimal context.
 
@@ -353,6 +374,7 @@ def model_shape(path: str | Path) -> ModelShape:
         file_bytes=sum(p.stat().st_size for p in files if p.is_file()),
         embedding_bytes=max(tables, default=0),
         kv_bytes_per_token=int(kv),
+        kv_element_bytes=float(element),
         hidden_size=hidden,
         attention_heads=decoder.num_attention_heads,
         vocab_size=vocab,

@@ -36,7 +36,7 @@ import psutil
 
 from agent import failpoints
 from agent.engine.engine import Engine
-from agent.engine.memory_plan import MIN_CONTEXT, release_need, sized_options
+from agent.engine.memory_plan import MIN_CONTEXT, model_shape, release_need, shortened_context, sized_options
 from agent.engine.options import EngineOptions
 from agent.health.options import HealthThresholds
 from agent.updates.install import download_and_install, files_on_disk, smoke_test
@@ -184,6 +184,16 @@ class Updater:
             options.prefix_cache_mb,
             options.prefill_chunk_tokens,
         )
+        shape = model_shape(path)
+        shortened = shortened_context(shape, self.config.engine, options.context_tokens or 0)
+        if shortened is not None:
+            log.warning(
+                "model %s: context sized to %d of the model's %d tokens to fit this box's memory; %s",
+                path.name,
+                options.context_tokens,
+                shape.context_length,
+                shortened,
+            )
         return options
 
     def _open(self, release: str | None) -> Serving:

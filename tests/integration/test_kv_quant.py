@@ -40,6 +40,7 @@ def _int8_kv(name: str, tmp_path: Path) -> Path:
 def test_the_cache_is_a_quarter_and_tokens_stay_within_the_bound(name: str, tmp_path: Path) -> None:
     folder = _int8_kv(name, tmp_path)
     assert model_shape(folder).kv_bytes_per_token * 4 == model_shape(fixture_path(name)).kv_bytes_per_token
+    assert (model_shape(folder).kv_element_bytes, model_shape(fixture_path(name)).kv_element_bytes) == (1, 4)
     engine = Engine(folder, EngineOptions(prefix_cache_mb=0))
     assert np.dtype(engine._io.kv_dtype) == np.int8
     float_model = og.Model(str(fixture_path(name)))

@@ -14,6 +14,7 @@ from agent.engine.memory_plan import (
     fit,
     model_shape,
     release_need,
+    shortened_context,
     weights_bytes,
 )
 from edge_contract.errors import MemoryFitError
@@ -164,3 +165,20 @@ def test_a_first_start_that_cannot_make_the_repacked_copy_repacks_in_memory_or_n
     assert fit(big, EngineOptions(prepacked_on_disk=False), room).context_tokens == MIN_CONTEXT
     # Positive control: with room for the first start, the copy is kept.
     assert fit(big, EngineOptions(), peak.first_load + 64 * MiB).prepacked_on_disk
+
+
+def test_a_context_cut_to_fit_names_the_int8_cache_that_would_hold_more() -> None:
+    small_box = fit(PHI3, EngineOptions(), 9 << 29)  # 4.5 GiB
+    assert small_box.context_tokens < PHI3.context_length  # the control: this box cuts the context
+    hint = shortened_context(PHI3, EngineOptions(), small_box.context_tokens)
+    assert hint is not None
+    assert "python -m models.kv_quant" in hint and "768 KiB per token" in hint
+    assert f"about {min(4096, small_box.context_tokens * 4)} tokens" in hint
+    # Nothing to say when the operator chose the context, when the model's whole context fits, or
+    # when the cache is already int8.
+    assert shortened_context(PHI3, EngineOptions(context_tokens=1024), 1024) is None
+    assert shortened_context(PHI3, EngineOptions(), 4096) is None
+    int8 = PHI3.model_copy(
+        update={"kv_bytes_per_token": PHI3.kv_bytes_per_token // 4, "kv_element_bytes": 1.0}
+    )
+    assert shortened_context(int8, EngineOptions(), 1024) is None
