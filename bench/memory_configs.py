@@ -5,9 +5,11 @@
 Every figure here is a projection: the estimator of ``agent.engine.memory_plan``
 (calibrated on Phi-3-mini-shaped int4 layers measured by ``memory_bench``) applied
 to model shapes computed from their published dimensions, as onnxruntime-genai's
-builder exports them for CPU and ``models.convert`` leaves them (block 32, float32
-scales, 4-bit zero points, a quantized lm_head, pruned logits, the embedding table
-in int8 blocks of 32 by ``models.embedding``).  No Pi ran these.
+builder exports them for CPU and ``models.convert`` leaves them (int4 in blocks of
+128, int8 in blocks of 32, float32 scales, zero points, a quantized lm_head, pruned
+logits, the embedding table in int8 blocks of 32 by ``models.embedding``), with a
+float32 KV cache (the default) or an int8 one (``models.convert --int8-kv``).  No Pi
+ran these.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from agent.engine.memory_plan import ModelShape, estimate, fit
 from edge_contract.errors import MemoryFitError
 
 _MiB = 1 << 20
-#: Bytes per weight of a MatMulNBits matrix, block 32: packed data, float32 scale, 4-bit or 8-bit zero point.
-BYTES_PER_WEIGHT = {"int4": 0.5 + 4 / 32 + 0.5 / 32, "int8": 1.0 + 4 / 32 + 1.0 / 32}
+#: MatMulNBits block size per precision (models.convert's defaults).
+BLOCK = {"int4": 128, "int8": 32}
+BITS = {"int4": 4, "int8": 8}
 #: What a Pi 5 leaves to the agent: RAM less the OS (an estimate: a lite OS takes a few hundred MB)
 #: and the agent's health margin (min_mem_available_mb, 200 MiB).
 BOXES = {"Pi 5, 4 GB": 3500 * 10**6 - 200 * _MiB, "Pi 5, 8 GB": 7500 * 10**6 - 200 * _MiB}
@@ -52,16 +55,22 @@ MODELS = [
 ]
 
 
-def shape(d: Dims, precision: str) -> ModelShape:
+def shape(d: Dims, precision: str, kv_value_bytes: int = 4) -> ModelShape:
     """The builder's CPU export of ``d`` at ``precision``, as the estimator sees it."""
     attention = d.hidden * d.heads * d.head_size * 2 + d.hidden * d.kv_heads * d.head_size * 2
     per_layer = attention + 3 * d.hidden * d.intermediate
-    quantized = (d.layers * per_layer + d.vocab * d.hidden) * BYTES_PER_WEIGHT[precision]  # + lm_head
+    weights = d.layers * per_layer + d.vocab * d.hidden  # + the lm_head
+    packed, block = BITS[precision] / 8, BLOCK[precision]
+    quantized = weights * (packed + 4 / block + packed / block)  # values, float32 scale, zero point
+    repacked = weights * (packed + 8 / block)  # agent.engine.memory_plan.repacked_matrix_bytes
     embedding = d.vocab * d.hidden * 9 // 8  # int8 values + a float32 scale per 32 (models.embedding)
     return ModelShape(
         file_bytes=int(quantized) + embedding,
         embedding_bytes=embedding,
-        kv_bytes_per_token=d.layers * 2 * d.kv_heads * d.head_size * 4,
+        quantized_bytes=int(quantized),
+        repacked_bytes=int(repacked),
+        kv_bytes_per_token=d.layers * 2 * d.kv_heads * d.head_size * kv_value_bytes,
+        kv_element_bytes=float(kv_value_bytes),
         hidden_size=d.hidden,
         attention_heads=d.heads,
         vocab_size=d.vocab,
@@ -72,15 +81,16 @@ def shape(d: Dims, precision: str) -> ModelShape:
 
 def main() -> int:
     print(
-        "| model | precision | file | box | context | prefix cache | prefill chunk | anonymous peak "
+        "| model | precision | KV | file | box | context | prefix cache | prefill chunk | anonymous peak "
         "| + repacked weights mapped | + rest of the mapped model | first start |"
     )
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for dims in MODELS:
-        for precision in ("int4", "int8"):
-            s = shape(dims, precision)
+        for precision, kv in (("int4", 4), ("int4", 1), ("int8", 4), ("int8", 1)):
+            s = shape(dims, precision, kv)
             for box, memory in BOXES.items():
-                cells = [dims.name, precision, f"{s.file_bytes / 1e9:.2f} GB", box]
+                kv_name = "float32" if kv == 4 else "int8"
+                cells = [dims.name, precision, kv_name, f"{s.file_bytes / 1e9:.2f} GB", box]
                 try:  # the daemon's defaults: the repacked weights mapped from disk when the first start fits
                     b = fit(s, EngineOptions(), memory)
                 except MemoryFitError:

@@ -72,6 +72,14 @@ class ModelShape(BaseModel):
         description="Bytes of the token-embedding table (read from the mapped file, not repacked).",
     )
     kv_bytes_per_token: int = Field(ge=0, description="KV cache bytes per token of context.")
+    quantized_bytes: int = Field(
+        0, ge=0, description="Bytes of the file in MatMulNBits matrices (packed values, scales, zero points)."
+    )
+    repacked_bytes: int = Field(
+        0,
+        ge=0,
+        description="Those matrices as onnxruntime repacks them (0: unknown, estimated from the file's size).",
+    )
     kv_element_bytes: float = Field(
         4.0, gt=0, description="Bytes per cached value: 4 float32, 2 float16, 1 int8 (models.kv_quant)."
     )
@@ -150,8 +158,25 @@ class PeakEstimate(BaseModel):
 
 
 def weights_bytes(shape: ModelShape) -> int:
-    """The repacked weights (anonymous): every matrix but the embedding table."""
-    return int((shape.file_bytes - min(shape.embedding_bytes, shape.file_bytes)) * WEIGHTS_FACTOR)
+    """The repacked weights: every matrix but the embedding table.
+
+    From the graph when it is known (``repacked_bytes``, plus the file's other weights as
+    they are), else from the file's size (``WEIGHTS_FACTOR``: a manifest's shape).
+    """
+    rest = shape.file_bytes - min(shape.embedding_bytes, shape.file_bytes)
+    if shape.repacked_bytes:
+        return shape.repacked_bytes + max(0, rest - shape.quantized_bytes)
+    return int(rest * WEIGHTS_FACTOR)
+
+
+def repacked_matrix_bytes(rows: int, blocks: int, blob: int) -> int:
+    """One MatMulNBits matrix repacked by onnxruntime's CPU kernels (int8 activations).
+
+    ``rows`` x ``blocks`` blocks of ``blob`` packed bytes each (the initializer's dims): the
+    packed values plus a float32 scale and a float32 block sum per block (measured on
+    onnxruntime 1.32 x86: 0.75 / 0.625 / 0.5625 bytes per int4 weight at blocks of 32 / 64 / 128).
+    """
+    return rows * blocks * (blob + 8)
 
 
 def mapped_bytes(shape: ModelShape) -> int:
@@ -264,14 +289,17 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
             f"{memory_bytes / _MiB:.0f} MiB for it: lower [engine] {setting}"
         )
     rows = floor.prefill_chunk_tokens
-    fixed = need(budgets(1, prefix_mb or 0, rows))
-    per_context_token = shape.kv_bytes_per_token * batch
+    # From the shortest context (a chunk of ``rows`` fills it whole), each token more costs its KV
+    # and a column of every chunk row's attention scores.
+    base = min(MIN_CONTEXT, model_ctx)
+    fixed = need(budgets(base, prefix_mb or 0, rows))
+    per_context_token = shape.kv_bytes_per_token * batch + max(2, rows) * shape.attention_heads * 4
     if context is None:  # the longest context that fits, leaving a quarter of the rest to the prefix cache
-        spare = memory_bytes - fixed.needed + per_context_token
+        spare = max(0, memory_bytes - fixed.needed)
         share = spare if prefix_mb is not None else spare * 3 // 4
-        context = min(model_ctx, max(MIN_CONTEXT, share // max(1, per_context_token)))
+        context = min(model_ctx, base + share // max(1, per_context_token))
         if context < model_ctx:
-            context = max(MIN_CONTEXT, context // CONTEXT_STEP * CONTEXT_STEP)
+            context = max(base, context // CONTEXT_STEP * CONTEXT_STEP)
     if prefix_mb is None:  # one context's worth of prompt prefixes (at least the usual 256 MiB) if it fits
         left = memory_bytes - need(budgets(context, 0, rows)).needed
         wanted = max(DEFAULT_PREFIX_CACHE_MB * _MiB, shape.kv_bytes_per_token * context)
@@ -370,10 +398,22 @@ def model_shape(path: str | Path) -> ModelShape:
         for name in node.inputs
     }
     tables = [sum(i.nbytes for i in graph.initializers if i.name in read_by_rows and i.dims[:1] == (vocab,))]
+    by_name = {i.name: i for i in graph.initializers}
+    quantized = repacked = 0
+    for node in graph.nodes:
+        packed = (
+            by_name.get(node.inputs[1]) if node.op_type == "MatMulNBits" and len(node.inputs) > 1 else None
+        )
+        if packed is None or len(packed.dims) != 3:
+            continue
+        quantized += sum(by_name[n].nbytes for n in node.inputs[1:4] if n in by_name)
+        repacked += repacked_matrix_bytes(*packed.dims)
     return ModelShape(
         file_bytes=sum(p.stat().st_size for p in files if p.is_file()),
         embedding_bytes=max(tables, default=0),
         kv_bytes_per_token=int(kv),
+        quantized_bytes=quantized,
+        repacked_bytes=repacked,
         kv_element_bytes=float(element),
         hidden_size=hidden,
         attention_heads=decoder.num_attention_heads,

@@ -21,7 +21,7 @@ import pytest
 
 from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
-from agent.engine.memory_plan import Budgets, estimate, fit, model_shape
+from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, fit, model_shape
 from models import kv_quant
 from tests.integration.test_int8_embedding import FIXTURES, NEW_TOKENS, PROMPTS, _prompt_logits
 from tests.support import cpu
@@ -122,15 +122,17 @@ def test_the_daemon_sizes_a_longer_context_for_an_int8_cache(tmp_path: Path) -> 
         context_tokens=512, max_batch=1, prefix_cache_mb=0, prefill_chunk_tokens=128, prepacked_on_disk=False
     )
     assert estimate(quantized, budgets).kv * 4 == estimate(floating, budgets).kv
-    # Room for 4,000 float32 positions beside the model at the daemon's defaults: about four times
-    # as many int8 ones (the sizing gives the context three quarters of what is left).
-    options = EngineOptions(prefix_cache_mb=0)
+    # Room for 4,000 more float32 positions beside the model at its shortest context: about four
+    # times as many int8 ones (the sizing gives the context three quarters of what is left).  Chunks
+    # of 2 rows: each context token also costs a column of every chunk row's attention scores,
+    # which at this tiny fixture's width would outweigh its KV at the default 512 rows.
+    options = EngineOptions(prefix_cache_mb=0, prefill_chunk_tokens=2)
     unlimited = {
         kind: shape.model_copy(update={"context_length": 1 << 20})
         for kind, shape in (("float", floating), ("int8", quantized))
     }
-    alone = budgets.model_copy(update={"context_tokens": 1, "prefill_chunk_tokens": 512})
+    alone = budgets.model_copy(update={"context_tokens": MIN_CONTEXT, "prefill_chunk_tokens": 2})
     room = estimate(unlimited["float"], alone, weights_mapped=True).needed
-    room += 4000 * floating.kv_bytes_per_token
+    room += 4000 * (floating.kv_bytes_per_token + 2 * floating.attention_heads * 4)
     sized = {kind: fit(shape, options, room).context_tokens for kind, shape in unlimited.items()}
     assert sized["float"] >= 2048 and sized["int8"] >= 3 * sized["float"], sized

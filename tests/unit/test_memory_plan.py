@@ -182,3 +182,24 @@ def test_a_context_cut_to_fit_names_the_int8_cache_that_would_hold_more() -> Non
         update={"kv_bytes_per_token": PHI3.kv_bytes_per_token // 4, "kv_element_bytes": 1.0}
     )
     assert shortened_context(int8, EngineOptions(), 1024) is None
+
+
+@pytest.mark.parametrize("kv_value_bytes", [4, 1])
+def test_what_the_box_sizes_fits_the_memory_it_was_sized_for(kv_value_bytes: int) -> None:
+    # An int8 cache makes a context token cheap, so its column of attention scores in every
+    # prefill chunk row weighs: the sizing counts both.
+    shape = PHI3.model_copy(
+        update={
+            "kv_bytes_per_token": PHI3.kv_bytes_per_token * kv_value_bytes // 4,
+            "kv_element_bytes": float(kv_value_bytes),
+        }
+    )
+    sized = 0
+    for memory_mib in range(3_200, 9_000, 97):
+        try:
+            budgets = fit(shape, EngineOptions(), memory_mib * MiB)
+        except MemoryFitError:
+            continue
+        sized += 1
+        assert estimate(shape, budgets, weights_mapped=budgets.prepacked_on_disk).needed <= memory_mib * MiB
+    assert sized > 40  # the control: most of these boxes fit the model
