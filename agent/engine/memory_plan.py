@@ -308,13 +308,12 @@ def fit(shape: ModelShape, options: EngineOptions, memory_bytes: int) -> Budgets
 
 
 def sized_options(
-    path: str | Path, options: EngineOptions, memory_bytes: int
+    shape: ModelShape, options: EngineOptions, memory_bytes: int
 ) -> tuple[EngineOptions, PeakEstimate]:
-    """``options`` with the unset budgets sized for the model at ``path`` in ``memory_bytes``, and the peak.
+    """``options`` with the unset budgets sized for a model of ``shape`` in ``memory_bytes``, and the peak.
 
     Raises ``MemoryFitError`` (naming the setting) when it cannot fit.
     """
-    shape = model_shape(path)
     chosen = fit(shape, options, memory_bytes)
     sized = options.model_copy(
         update={

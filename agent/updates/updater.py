@@ -175,7 +175,8 @@ class Updater:
         if beside:
             available += psutil.Process().memory_info().rss
         budget = available - self.config.health.min_mem_available_mb * 2**20
-        options, peak = sized_options(path, self.config.engine, budget)
+        shape = model_shape(path)
+        options, peak = sized_options(shape, self.config.engine, budget)
         log.info(
             "model %s: expected peak %s; context %d tokens, prefix cache %d MiB, prefill chunk %d",
             path.name,
@@ -184,7 +185,6 @@ class Updater:
             options.prefix_cache_mb,
             options.prefill_chunk_tokens,
         )
-        shape = model_shape(path)
         shortened = shortened_context(shape, self.config.engine, options.context_tokens or 0)
         if shortened is not None:
             log.warning(
