@@ -33,15 +33,9 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
-from agent.engine.memory_plan import (
-    MIN_CONTEXT,
-    Budgets,
-    estimate,
-    fit,
-    model_shape,
-    shortened_context,
-    weights_on_disk,
-)
+from agent.engine.kv_choice import choose
+from agent.engine.kv_variants import variant_shapes
+from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, weights_on_disk
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
 from agent.link.presence import read_link, running_agent
@@ -195,9 +189,10 @@ def check_memory(config: AgentConfig, reading: SystemReading, thresholds: Health
 def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> tuple[Check, bool]:
     """The memory check, and whether the model may be loaded (False only when it is known not to fit)."""
     try:
-        shape = model_shape(served_model(config))
+        shapes = variant_shapes(served_model(config))
     except AgentError as exc:
         return Check(name="memory", status="fail", detail=f"cannot size the model: {exc.message}"), True
+    shape = next(iter(shapes.values()))
     available = reading.memory.available_mb
     if available is None:
         smallest = Budgets(
@@ -212,15 +207,21 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
         ), True
     margin = thresholds.min_mem_available_mb
     try:
-        budgets = fit(shape, config.engine, (available - margin) * _MiB)
+        choice = choose(
+            shapes,
+            config.engine,
+            (available - margin) * _MiB,
+            machine=platform.machine(),
+            name=served_model(config).name,
+        )
     except MemoryFitError as exc:
         return Check(name="memory", status="fail", detail=f"{exc.message} ({available} MiB available)"), False
-    peak = estimate(
-        shape, budgets, weights_mapped=budgets.prepacked_on_disk and config.engine.prepack_weights
-    )
+    except AgentError as exc:  # a kv_cache the folder lacks
+        return Check(name="memory", status="fail", detail=exc.message), False
+    peak, sized = choice.peak, choice.options
     detail = (
-        f"model expects peak {peak.describe()} at a {budgets.context_tokens}-token context, "
-        f"prefix cache {budgets.prefix_cache_mb} MiB; {available} MiB available"
+        f"model expects peak {peak.describe()} at a {sized.context_tokens}-token context, "
+        f"prefix cache {sized.prefix_cache_mb} MiB, {choice.describe()}; {available} MiB available"
     )
     if peak.total > (available - margin) * _MiB:
         return Check(
@@ -228,11 +229,10 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
             status="warn",
             detail=f"{detail}: the mapped model's pages do not fit beside it (they are read again from disk)",
         ), True
-    if budgets.context_tokens < shape.context_length:
-        cut = f"the context is cut from the model's {shape.context_length} to fit"
-        shortened = shortened_context(shape, config.engine, budgets.context_tokens)
-        if shortened is not None:
-            cut += "; " + shortened
+    if choice.warning is not None:
+        return Check(name="memory", status="warn", detail=f"{detail}: {choice.warning}"), True
+    if (sized.context_tokens or 0) < choice.shape.context_length:
+        cut = f"the context is cut from the model's {choice.shape.context_length} to fit"
         return Check(name="memory", status="warn", detail=f"{detail}: {cut}"), True
     return Check(name="memory", status="ok", detail=detail), True
 

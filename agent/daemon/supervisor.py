@@ -191,7 +191,8 @@ class Supervisor:
             queued = "queue unreadable"
         running = self.worker.running  # the running jobs' ids, comma-separated (several when batching)
         busy = f"{len(running.split(', '))} running" if running else "idle"
-        line = f"serving {self.models.serving.ref.name}: {busy}, {queued}, health {health}, {link}"
+        engine = self.models.serving.engine
+        line = f"serving {self.models.serving.ref.name} ({engine.kv_cache} KV, {engine.context_length} tokens): {busy}, {queued}, health {health}, {link}"
         if self.faults.failing:
             line += "; JOB STORE FAILING (disk full?)"
         resets = corrupt_copies(self.store.path)
@@ -202,7 +203,8 @@ class Supervisor:
     # -- any thread ----------------------------------------------------------------------------------
 
     def publish_status(self) -> None:
-        """The retained presence message (online, with the model and health)."""
+        """The retained presence message (online, with the model, its KV cache and health)."""
+        engine = self.models.serving.engine
         status = Status(
             online=True,
             device_id=self.config.device_id,
@@ -210,10 +212,18 @@ class Supervisor:
             labels=self.labels,
             agent_version=__version__,
             model=self.models.serving.ref,
+            context_tokens=engine.context_length,
+            kv_cache=engine.kv_cache,
+            kv_cache_reason=_clip(engine.kv_reason, 400),
             capabilities=CAPABILITIES,
             health=self.health,
         )
         self.link.publish(self.topics.status, status.model_dump_json().encode(), retain=True)
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    """``text`` cut to ``limit`` characters (a telemetry field's bound)."""
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def offline_status(config: AgentConfig) -> bytes:
