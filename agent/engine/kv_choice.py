@@ -86,7 +86,8 @@ def choose(
             return alone
         cut = f"; the context is cut to {alone.options.context_tokens} of {alone.shape.context_length} tokens"
         return alone.model_copy(update={"reason": f"{alone.reason}{cut}: {hint}"})
-    default = caches[0]
+    # float32 first, whichever graph genai_config.json names (``models.convert --int8-kv``: the int8 one).
+    default: KvCache = "float32" if "float32" in shapes else caches[0]
     wanted = min(options.context_tokens or shapes[default].context_length, shapes[default].context_length)
     try:
         first = _sized(shapes, default, options, memory_bytes, "", None)

@@ -33,6 +33,13 @@ def test_a_box_that_holds_the_context_with_float32_keeps_float32() -> None:
     assert "4096-token context fits" in choice.reason and choice.warning is None
 
 
+def test_float32_is_preferred_even_where_the_folder_s_default_graph_is_int8() -> None:
+    int8_default = {"int8": PHI3_INT8, "float32": PHI3}  # models.convert --int8-kv
+    assert choose(int8_default, EngineOptions(), 12 * GiB, machine=X86).cache == "float32"
+    assert choose(int8_default, EngineOptions(), TIGHT, machine=X86).cache == "int8"  # the control
+    assert choose(int8_default, EngineOptions(), TIGHT, machine=ARM).cache == "float32"
+
+
 def test_where_float32_cuts_the_context_the_int8_cache_holds_more_on_x86() -> None:
     cut = fit(PHI3, EngineOptions(), TIGHT).context_tokens
     assert cut < PHI3.context_length  # the control: float32 cuts the context on this box
