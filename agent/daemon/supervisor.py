@@ -191,8 +191,9 @@ class Supervisor:
             queued = "queue unreadable"
         running = self.worker.running  # the running jobs' ids, comma-separated (several when batching)
         busy = f"{len(running.split(', '))} running" if running else "idle"
-        engine = self.models.serving.engine
-        line = f"serving {self.models.serving.ref.name} ({engine.kv_cache} KV, {engine.context_length} tokens): {busy}, {queued}, health {health}, {link}"
+        engine = getattr(self.models.serving, "engine", None)  # None while an update replaces it in place
+        shape = f" ({engine.kv_cache} KV, {engine.context_length} tokens)" if engine is not None else ""
+        line = f"serving {self.models.serving.ref.name}{shape}: {busy}, {queued}, health {health}, {link}"
         if self.faults.failing:
             line += "; JOB STORE FAILING (disk full?)"
         resets = corrupt_copies(self.store.path)
@@ -204,7 +205,8 @@ class Supervisor:
 
     def publish_status(self) -> None:
         """The retained presence message (online, with the model, its KV cache and health)."""
-        engine = self.models.serving.engine
+        # None while an update replaces the model in place (the old engine unloaded first).
+        engine = getattr(self.models.serving, "engine", None)
         status = Status(
             online=True,
             device_id=self.config.device_id,
@@ -212,9 +214,9 @@ class Supervisor:
             labels=self.labels,
             agent_version=__version__,
             model=self.models.serving.ref,
-            context_tokens=engine.context_length,
-            kv_cache=engine.kv_cache,
-            kv_cache_reason=_clip(engine.kv_reason, 400),
+            context_tokens=engine.context_length if engine is not None else None,
+            kv_cache=engine.kv_cache if engine is not None else None,
+            kv_cache_reason=_clip(engine.kv_reason, 400) if engine is not None else None,
             capabilities=CAPABILITIES,
             health=self.health,
         )
