@@ -31,7 +31,7 @@ from edge_contract.errors import MemoryFitError, ModelConfigError
 #: one token 3.2 logits off, docs/memory.md); add it here once that is fixed.
 INT8_KV_TRUSTED = frozenset({"x86_64", "amd64"})
 #: Where the aarch64 failure is tracked (named by the warning).
-INT8_KV_ISSUE = "issue 23: the int8 KV cache fails its accuracy bound on aarch64 (docs/memory.md)"
+INT8_KV_ISSUE = "issue 23: the int8 KV cache fails its accuracy bound on aarch64, docs/memory.md"
 
 
 def int8_kv_trusted(machine: str) -> bool:
