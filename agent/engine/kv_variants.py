@@ -58,7 +58,8 @@ class KvVariants(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     format: Literal[1] = Field(description="This module's FORMAT_VERSION.")
-    variants: dict[KvCache, KvVariant] = Field(min_length=1)
+    # The caches [engine] kv_cache can name (a float16 graph is served only as a folder's one graph).
+    variants: dict[Literal["float32", "int8"], KvVariant] = Field(min_length=1)
 
 
 def read_variants(folder: Path) -> KvVariants | None:

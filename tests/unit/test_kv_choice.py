@@ -138,6 +138,7 @@ def test_a_folder_offers_its_variants_and_an_old_one_its_graph(tmp_path: Path) -
         '{"format": 1, "variants": {"float32": {"graph": "model.onnx"}}, "extra": 1}',
         '{"format": 2, "variants": {"float32": {"graph": "model.onnx"}}}',
         '{"format": 1, "variants": {"int4": {"graph": "model.onnx"}}}',
+        '{"format": 1, "variants": {"float16": {"graph": "model.onnx"}}}',
     ):
         (folder / VARIANTS_FILE).write_text(bad)
         with pytest.raises(ModelConfigError, match="re-export the model"):
