@@ -25,7 +25,7 @@ import pytest
 
 from agent import SamplingParams
 from agent.config import AgentConfig
-from agent.doctor import check_memory
+from agent.doctor import _memory, check_memory, check_model
 from agent.engine.engine import Engine, EngineOptions
 from agent.engine.kv_choice import choose, int8_kv_trusted
 from agent.engine.kv_variants import VARIANTS_FILE, read_variants, variant_shapes
@@ -171,6 +171,13 @@ def test_doctor_reports_the_cache_it_would_choose_beside_the_box_s_memory(
         assert "int8 KV cache (float32 would cut" in detail
     else:
         assert status == "warn" and "float32 KV cache" in detail and "not trusted" in detail
+    # Its load check opens the graph the daemon would: the int8 one on x86-64.
+    _check, options = _memory(
+        config, SystemReading(memory=Memory(available_mb=tight_mb + MARGIN_MB)), thresholds
+    )
+    loaded = check_model(config, options)
+    assert loaded.status == "ok", loaded
+    assert ("int8 KV" in loaded.detail) is int8_kv_trusted(platform.machine()), loaded.detail
     status, detail = doctor(tight_mb + MARGIN_MB + 64)  # the positive control: room for float32
     assert status == "ok" and f"float32 KV cache (its {LONG_CONTEXT}-token context fits with it)" in detail
     # An explicit int8 on a folder without it: one line naming the fix.
