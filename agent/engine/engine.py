@@ -43,6 +43,9 @@ from edge_contract.protocol import Timings as Timings
 
 log = logging.getLogger(__name__)
 
+#: The graph input a row-keeping export takes (``models.logits_rows``; Hugging Face's name).
+LOGITS_TO_KEEP = "num_logits_to_keep"
+
 _ORT_TYPES: dict[str, npt.DTypeLike] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -88,6 +91,8 @@ class Engine:
         # A row of ones long enough for any request; each step binds a prefix of it.
         self._mask = np.ones(self.context_length, dtype=np.int64)
         self._positions = np.arange(self.context_length, dtype=np.int64)
+        # ``num_logits_to_keep`` values (``models.logits_rows``): a pass binds ``[n]`` from here.
+        self._counts = np.arange(self.context_length + 1, dtype=np.int64)
         opts, io = self.options, self._io
         self.prefix_cache = open_prefix_cache(
             self.folder.path,
@@ -344,10 +349,17 @@ class Engine:
     def bind_chunk(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]
     ) -> None:
-        """Bind the new tokens ``ids`` ``[1, n]`` after ``past`` positions of a one-slot cache, and ``logits``."""
+        """Bind the new tokens ``ids`` ``[1, n]`` after ``past`` positions of a one-slot cache, and ``logits``.
+
+        ``logits`` ``[1, rows, vocab]``: the last ``rows`` positions' where the export keeps rows
+        (``_GraphIO.keeps_rows``), else as many rows as the export returns (``prefill_logits_rows``).
+        """
         io = self._io
         binding.bind_input(io.input_ids, "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
         binding.bind_output(io.logits, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        if io.logits_to_keep is not None:
+            count = self._counts[logits.shape[1] :]
+            binding.bind_input(io.logits_to_keep, "cpu", 0, np.int64, (1,), count.ctypes.data)
         self._bind_mask(binding, past + ids.shape[1], positions_from=past)
 
     def _bind_mask(self, binding: ort.IOBinding, total: int, *, positions_from: int) -> None:
@@ -365,6 +377,7 @@ class _GraphIO:
     def __init__(self, folder: ModelFolder, session: ort.InferenceSession) -> None:
         decoder = folder.config.model.decoder
         inputs = {i.name: i for i in session.get_inputs()}
+        inputs.update({i.name: i for i in session.get_overridable_initializers()})
         outputs = {o.name: o for o in session.get_outputs()}
 
         def need(names: dict[str, Any], name: str, kind: str) -> str:
@@ -414,11 +427,30 @@ class _GraphIO:
         self.logits_dtype = _dtype(out.type, out.name)
         vocab = out.shape[-1]
         self.vocab = vocab if isinstance(vocab, int) else folder.config.model.vocab_size
-        # Some exports compute logits for the last position only ("pruned" lm_head).
-        self._pruned_logits = out.shape[1] == 1
+        # Three kinds of export: the lm_head takes the last ``num_logits_to_keep`` rows of a pass
+        # (``models.logits_rows``, ``models.convert``'s default), the last row only (onnxruntime-genai's
+        # ``prune_lm_head``), or every row.
+        self.logits_to_keep: str | None = LOGITS_TO_KEEP if LOGITS_TO_KEEP in inputs else None
+        self._pruned_logits = self.logits_to_keep is None and out.shape[1] == 1
 
-    def prefill_logits_rows(self, prompt_tokens: int) -> int:
-        """Rows of logits the prefill pass returns."""
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether a pass can ask for its last ``n`` rows' logits (``num_logits_to_keep``)."""
+        return self.logits_to_keep is not None
+
+    @property
+    def verifies(self) -> bool:
+        """Whether a pass can return every row's logits (speculation verifies drafts with them)."""
+        return not self._pruned_logits
+
+    def prefill_logits_rows(self, prompt_tokens: int, *, even: bool = False) -> int:
+        """Rows of logits a prefill chunk of ``prompt_tokens`` returns (its last is the next token's).
+
+        A row-keeping export computes one, or two where the engine pairs rows (``even``: the
+        lm_head's rows then round as in the full-logits export's even pass, ``agent.engine.rows``).
+        """
+        if self.keeps_rows:
+            return min(prompt_tokens, 2 if even else 1)
         return 1 if self._pruned_logits else prompt_tokens
 
 

@@ -67,7 +67,7 @@ def test_chat_prompt_matches_reference_template(name: str) -> None:
 
 
 def test_last_position_logits_export_gives_the_same_tokens() -> None:
-    # models.convert prunes the lm_head by default: the prompt pass returns one row of logits.
+    # models.convert --last-position-logits prunes the lm_head: the prompt pass returns one row of logits.
     pruned_path = fixture_path("phi3-int4-pruned")
     pruned, full = Engine(pruned_path), Engine(fixture_path("phi3-int4"))
     assert pruned.graph.prefill_logits_rows(50) == 1 and full.graph.prefill_logits_rows(50) == 50
