@@ -108,6 +108,13 @@ class Engine:
         # and up on AVX-512 VNNI: any odd count; see agent.engine.rows), every pass gets an even number
         # of rows: a sequence's bits are then the same alone or batched, cold or after a cache hit.
         self.even_rows = rows_depend_on_parity(self.session, self._io)
+        if self.options.speculate and not self._io.verifies:
+            log.warning(
+                "%s computes the last position's logits only (a pruned lm_head): speculative decoding is "
+                "off; re-export it with `python -m models.convert` (its default lm_head computes the rows "
+                "a pass asks for) to speculate",
+                self.folder.name,
+            )
         # The last one-slot run's key/value buffer and the prompt tokens whose positions it holds
         # (``keep_slot``): the next run reuses them in place when its prompt starts the same way.
         self._kept: tuple[KVCache, list[int]] | None = None

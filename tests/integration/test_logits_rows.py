@@ -27,7 +27,7 @@ from agent.engine.memory_plan import model_shape
 from agent.engine.speculate import DraftPolicy
 from models import logits_rows
 from tests.support import cpu
-from tests.support.logits import assert_batched_as_solo, assert_same, drafting, forced, speculating
+from tests.support.logits import Rows, assert_batched_as_solo, assert_same, drafting, forced, speculating
 from tests.support.models import fixture_path, rewritten_fixture
 
 PAIRED = "llama-int4-b128"
@@ -139,21 +139,24 @@ def test_three_sequences_batched_give_the_full_exports_solo_logits(
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_it_speculates_and_its_logits_do_not_depend_on_the_drafts(
+def test_it_speculates_with_the_full_exports_logits_whatever_it_drafts(
     name: str, kept_dir: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert cpu.family() in cpu.KEPT_ROWS_EXACT and cpu.family() in cpu.DRAFT_EXACT
+    assert cpu.family() in cpu.KEPT_ROWS_EXACT
     full = _engine(fixture_path(name), prefix_cache_mb=0, speculate_max_k=5)
     engine = _engine(kept_dir[name], prefix_cache_mb=0, speculate_max_k=5)
     prompt = engine.prompt_ids(TEXT * 2)
     tokens = engine.prompt_ids(TEXT)[:30]  # a copy of the prompt: drafts get accepted
-    monkeypatch.setattr(DraftPolicy, "choose", drafting("never"))
-    want = forced(full, prompt, tokens, speculate=True)
     drafted: dict[str, int] = {}
+    plain: Rows = []
     for mode in ("never", "always", "random"):
         monkeypatch.setattr(DraftPolicy, "choose", drafting(mode))
+        want, _ = speculating(full, prompt, tokens)
         rows, drafted[mode] = speculating(engine, prompt, tokens)
-        assert_same(rows, want, f"{name}, drafting {mode}")
+        assert_same(rows, want, f"{name}, drafting {mode}: the full export drafting alike")
+        plain = plain or rows
+        if cpu.family() in cpu.DRAFT_EXACT:  # and whatever was drafted (aarch64: near-ties may move)
+            assert_same(rows, plain, f"{name}, drafting {mode}: never drafting")
     assert drafted["never"] == 0 and drafted["always"] > 10 and drafted["random"] > 0  # positive control
 
 
