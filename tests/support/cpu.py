@@ -61,8 +61,8 @@ BATCH_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 PREFIX_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2})
 # The lm_head of the rows kept is the full export's where a pass asks for an even count of rows
-# wherever rows pair (Engine.even_rows): measured on AVX-512 VNNI (natively).
-KEPT_ROWS_EXACT = frozenset({X86_AVX512})
+# wherever rows pair (Engine.even_rows): AVX-512 VNNI natively, AVX2 and aarch64 under emulation.
+KEPT_ROWS_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # A verify pass is the one run alone; resting rows are batched one-token rows (BATCH_EXACT).
 BATCH_DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # onnxruntime's CPU GroupQueryAttention reads every cache row through the int8 scales, the
