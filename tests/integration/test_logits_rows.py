@@ -22,7 +22,8 @@ import pytest
 
 from agent import Engine, SamplingParams
 from agent.engine import prepacked
-from agent.engine.engine import LOGITS_TO_KEEP, EngineOptions
+from agent.engine.engine import EngineOptions
+from agent.engine.graph_io import LOGITS_TO_KEEP
 from agent.engine.memory_plan import model_shape
 from agent.engine.speculate import DraftPolicy
 from models import logits_rows
