@@ -33,15 +33,10 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from agent.config import AgentConfig, HealthThresholds, MQTTConfig, load_config
-from agent.engine.memory_plan import (
-    MIN_CONTEXT,
-    Budgets,
-    estimate,
-    fit,
-    model_shape,
-    shortened_context,
-    weights_on_disk,
-)
+from agent.engine.kv_choice import choose
+from agent.engine.kv_variants import variant_shapes
+from agent.engine.memory_plan import MIN_CONTEXT, Budgets, estimate, weights_on_disk
+from agent.engine.options import EngineOptions
 from agent.health.probe import SystemProbe
 from agent.link.login import try_login
 from agent.link.presence import read_link, running_agent
@@ -89,7 +84,7 @@ def run_checks(
         checks.append(Check(name="config", status="ok", detail="valid"))
     limits = thresholds or HealthThresholds()
     reading = SystemProbe(config.state_dir).measure()
-    memory, fits = _memory(config, reading, limits)
+    memory, options = _memory(config, reading, limits)
     checks += [memory, check_disk(config.state_dir, limits), check_job_store(config.state_dir)]
     checks += check_temperature(reading, limits)
     checks += check_tls(config.mqtt)
@@ -98,8 +93,8 @@ def run_checks(
     if broker.status != "fail":
         checks.append(check_login(config, timeout_s=max(broker_timeout_s, 5.0)))
     checks.append(check_updates(config))
-    if fits:
-        checks.append(check_model(config))
+    if options is not None:
+        checks.append(check_model(config, options))
     else:  # loading it could get the box's other processes killed
         checks.append(Check(name="model", status="fail", detail="not loaded: not enough memory"))
     return checks
@@ -192,12 +187,17 @@ def check_memory(config: AgentConfig, reading: SystemReading, thresholds: Health
     return _memory(config, reading, thresholds)[0]
 
 
-def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds) -> tuple[Check, bool]:
-    """The memory check, and whether the model may be loaded (False only when it is known not to fit)."""
+def _memory(
+    config: AgentConfig, reading: SystemReading, thresholds: HealthThresholds
+) -> tuple[Check, EngineOptions | None]:
+    """The memory check, and the options the daemon would load the model with (None: known not to fit)."""
     try:
-        shape = model_shape(served_model(config))
+        shapes = variant_shapes(served_model(config))
     except AgentError as exc:
-        return Check(name="memory", status="fail", detail=f"cannot size the model: {exc.message}"), True
+        return Check(
+            name="memory", status="fail", detail=f"cannot size the model: {exc.message}"
+        ), config.engine
+    shape = next(iter(shapes.values()))
     available = reading.memory.available_mb
     if available is None:
         smallest = Budgets(
@@ -209,32 +209,37 @@ def _memory(config: AgentConfig, reading: SystemReading, thresholds: HealthThres
         peak = estimate(shape, smallest, weights_mapped=weights_on_disk(config.engine))
         return Check(
             name="memory", status="warn", detail=f"model expects {peak.describe()}; available memory unknown"
-        ), True
+        ), config.engine
     margin = thresholds.min_mem_available_mb
     try:
-        budgets = fit(shape, config.engine, (available - margin) * _MiB)
+        choice = choose(
+            shapes,
+            config.engine,
+            (available - margin) * _MiB,
+            machine=platform.machine(),
+            name=served_model(config).name,
+        )
     except MemoryFitError as exc:
-        return Check(name="memory", status="fail", detail=f"{exc.message} ({available} MiB available)"), False
-    peak = estimate(
-        shape, budgets, weights_mapped=budgets.prepacked_on_disk and config.engine.prepack_weights
-    )
+        return Check(name="memory", status="fail", detail=f"{exc.message} ({available} MiB available)"), None
+    except AgentError as exc:  # a kv_cache the folder lacks: the load check says so too
+        return Check(name="memory", status="fail", detail=exc.message), config.engine
+    peak, sized = choice.peak, choice.options
     detail = (
-        f"model expects peak {peak.describe()} at a {budgets.context_tokens}-token context, "
-        f"prefix cache {budgets.prefix_cache_mb} MiB; {available} MiB available"
+        f"model expects peak {peak.describe()} at a {sized.context_tokens}-token context, "
+        f"prefix cache {sized.prefix_cache_mb} MiB, {choice.describe()}; {available} MiB available"
     )
     if peak.total > (available - margin) * _MiB:
         return Check(
             name="memory",
             status="warn",
             detail=f"{detail}: the mapped model's pages do not fit beside it (they are read again from disk)",
-        ), True
-    if budgets.context_tokens < shape.context_length:
-        cut = f"the context is cut from the model's {shape.context_length} to fit"
-        shortened = shortened_context(shape, config.engine, budgets.context_tokens)
-        if shortened is not None:
-            cut += "; " + shortened
-        return Check(name="memory", status="warn", detail=f"{detail}: {cut}"), True
-    return Check(name="memory", status="ok", detail=detail), True
+        ), sized
+    if choice.warning is not None:
+        return Check(name="memory", status="warn", detail=f"{detail}: {choice.warning}"), sized
+    if (sized.context_tokens or 0) < choice.shape.context_length:
+        cut = f"the context is cut from the model's {choice.shape.context_length} to fit"
+        return Check(name="memory", status="warn", detail=f"{detail}: {cut}"), sized
+    return Check(name="memory", status="ok", detail=detail), sized
 
 
 def check_disk(state_dir: Path, thresholds: HealthThresholds) -> Check:
@@ -521,14 +526,18 @@ def check_updates(config: AgentConfig) -> Check:
     return Check(name="updates", status="ok", detail=detail)
 
 
-def check_model(config: AgentConfig) -> Check:
-    """The model the agent would serve loads with the configured engine options and computes one token."""
+def check_model(config: AgentConfig, options: EngineOptions | None = None) -> Check:
+    """The model the agent would serve loads and computes one token.
+
+    ``options``: the engine options the daemon would take (its KV cache chosen and budgets sized,
+    ``_memory``); default: the configured ones.
+    """
     from agent.engine.engine import Engine
     from agent.engine.sampling import SamplingParams
 
     started = time.perf_counter()
     try:
-        engine = Engine(served_model(config), config.engine)
+        engine = Engine(served_model(config), options or config.engine)
         loaded = time.perf_counter()
         engine.generate(engine.prompt_ids("Hello"), SamplingParams(max_tokens=1))
     except AgentError as exc:
@@ -541,7 +550,7 @@ def check_model(config: AgentConfig) -> Check:
         status="ok",
         detail=(
             f"{engine.name} loaded in {loaded - started:.1f} s, first token in {first_ms:.0f} ms "
-            f"({engine.threads} threads, context {engine.context_length})"
+            f"({engine.threads} threads, context {engine.context_length}, {engine.kv_cache} KV)"
         ),
     )
 

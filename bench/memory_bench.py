@@ -15,6 +15,14 @@ model) the kernel can drop and read again.
 (``agent.engine.prepacked``); the first run makes the copy (its load is then the
 repacking and the writing), the next ones map it.
 
+Full size, the engine and llama.cpp on the same weights in one run (each ``--model`` is
+measured in turn; a ``.gguf`` file runs llama.cpp): ``memory_deepen`` and ``gguf_deepen``
+grow the 4-layer export and its Q4_0 GGUF to 32 layers (docs/memory.md, fifth round):
+
+    python bench/memory_bench.py --model /work/cache/phi3-mini-shape-32l-int4-b128 \
+        --model /work/cache/phi3-mini-shape-32l-q4_0.gguf \
+        --variant on-disk:prepacked_dir=/work/cache/prepacked,prefix_cache_mb=0
+
 Models are Phi-3-mini-shaped (full widths) with a few layers (``memory_models``);
 the report fits ``a + b * layers`` through the layer counts measured and
 extrapolates to 32 layers (every per-layer cost is linear in the layer count).
@@ -77,10 +85,10 @@ def child(model: Path, options: dict[str, Any], prompt: int, new: int) -> None:
     folder = ModelFolder(model)
     tokenizer = Tokenizer(folder)
     mark("tokenizer")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     prepacked = options.pop("prepacked_dir", None)  # the repacked copy's root (agent.engine.prepacked)
     engine = Engine(model, EngineOptions(**options), prepacked_dir=prepacked)
-    mark("load", seconds=time.perf_counter() - started)
+    mark("load", seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu)
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(7, engine._io.vocab, size=prompt)]
     del tokenizer
@@ -127,9 +135,9 @@ def llama_child(gguf: Path, prompt: int, new: int, threads: int, *, repack: bool
 
     mark("imports")
     mark("tokenizer")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     llm = Llama(model_path=str(gguf), n_ctx=prompt + new + 16, n_threads=threads, n_batch=512, verbose=False)
-    mark("load", seconds=time.perf_counter() - started)
+    mark("load", seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu)
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(7, llm.n_vocab(), size=prompt)]
     begun = time.perf_counter()
@@ -338,8 +346,9 @@ def summary(got: dict[str, Any]) -> str:
         )
     decode = got["markers"][-1]
     load = got["markers"][2].get("seconds", 0.0)
+    cpu = got["markers"][2].get("cpu_seconds", 0.0)  # less sensitive than wall time to a busy box
     parts.append(
-        f"load {load:.1f}s prefill {decode['prefill_tok_s']:.1f} tok/s decode {decode['decode_tok_s']:.1f} tok/s"
+        f"load {load:.1f}s ({cpu:.1f}s CPU) prefill {decode['prefill_tok_s']:.1f} tok/s decode {decode['decode_tok_s']:.1f} tok/s"
     )
     return "; ".join(parts)
 

@@ -8,7 +8,8 @@ to model shapes computed from their published dimensions, as onnxruntime-genai's
 builder exports them for CPU and ``models.convert`` leaves them (int4 in blocks of
 128, int8 in blocks of 32, float32 scales, zero points, a quantized lm_head, pruned
 logits, the embedding table in int8 blocks of 32 by ``models.embedding``), with a
-float32 KV cache (the default) or an int8 one (``models.convert --int8-kv``).  No Pi
+float32 KV cache (the default) or an int8 one (the graph ``models.convert`` writes beside it,
+which the daemon serves where float32 would cut the context: ``agent.engine.kv_choice``).  No Pi
 ran these.
 """
 

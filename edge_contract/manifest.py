@@ -159,6 +159,16 @@ class Manifest(_Signed):
             "from the JSON, and so from the signed form, when unknown: older manifests still verify."
         ),
     )
+    kv_int8_bytes_per_token: int | None = Field(
+        None,
+        ge=0,
+        le=1 << 30,
+        description=(
+            "The same with the folder's int8 KV cache, when it offers one beside its default graph "
+            "(models.convert writes both; agent.engine.kv_choice): a box that may serve it checks the "
+            "release against it too. Omitted from the JSON, and so from the signed form, when absent."
+        ),
+    )
     smoke_test: SmokeTest
     created_at: int = Field(ge=0, description="Unix time (seconds) of signing.")
     expires_at: int = Field(ge=0, description="Unix time after which boxes refuse to start installing it.")
@@ -176,6 +186,8 @@ class Manifest(_Signed):
             data.pop("replaces", None)
         if self.kv_bytes_per_token is None:
             data.pop("kv_bytes_per_token", None)
+        if self.kv_int8_bytes_per_token is None:
+            data.pop("kv_int8_bytes_per_token", None)
         return data
 
     @property

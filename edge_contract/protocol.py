@@ -248,6 +248,15 @@ class Status(_Wire):
     labels: dict[str, str] = Field(default_factory=dict)
     agent_version: str | None = None
     model: ModelRef | None = None
+    context_tokens: int | None = Field(
+        None, ge=1, description="The longest sequence served (sized to the box)."
+    )
+    kv_cache: str | None = Field(
+        None, max_length=16, description="The model's KV cache element type served: float32, float16 or int8."
+    )
+    kv_cache_reason: str | None = Field(
+        None, max_length=400, description="Why that cache ([engine] kv_cache, agent.engine.kv_choice)."
+    )
     capabilities: list[str] = Field(default_factory=list)
     health: Health | None = None
     since: float = Field(default_factory=time.time)

@@ -9,8 +9,11 @@ downloaded. The onnxruntime-genai builder writes ``genai_config.json``,
 then the token-embedding table, which the builder leaves in float32, is stored
 as int8 blocks (``models.embedding``; ``--float-embedding`` keeps it float32),
 and the lm_head computes logits for the rows a pass asks for (``models.logits_rows``).
-``--int8-kv`` also stores the KV cache in int8 with scales calibrated on the
-converted model (``models.kv_quant``: a quarter of float32's bytes per token).
+Beside the float32-KV graph it writes an int8-KV one sharing the weights file, with
+scales calibrated on the converted model (``models.kv_variants``, ``models.kv_quant``:
+a quarter of float32's bytes per token), listed in ``kv_variants.json``: the daemon
+chooses between them at start (``[engine] kv_cache``). ``--int8-kv`` makes the int8
+one the graph genai_config.json names (for runtimes that read one graph).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from models import builder, embedding, kv_quant, logits_rows
+from models import builder, embedding, kv_variants, logits_rows
 
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 # Weights per quantization scale unless asked: int4 in blocks of 128 prefills ~1.4x faster than 32 on
@@ -85,10 +88,13 @@ def convert(
     ~270 MiB); greedy tokens can change where the two best logits are nearly
     tied (docs/memory.md: within 0.26 logits on every fixture).
 
-    ``int8_kv`` declares the KV cache int8 with static per-channel scales calibrated
-    on the converted model (``models.kv_quant``): 1/4 of the float32 cache's bytes
-    (Phi-3-mini: 192 instead of 768 KiB per token); greedy tokens move within the
-    bound docs/memory.md gives.  Off by default.
+    Every export also gets an int8-KV graph beside the float32-KV one, sharing its
+    weights file (``models.kv_variants``): static per-channel scales calibrated on the
+    converted model, 1/4 of the float32 cache's bytes (Phi-3-mini: 192 instead of 768
+    KiB per token); greedy tokens move within the bound docs/memory.md gives.  The
+    daemon serves it when the float32 cache would cut the context (``[engine] kv_cache``).
+    ``int8_kv`` makes it the graph genai_config.json names (what onnxruntime-genai and
+    agents before ``kv_cache`` open).
     """
     if logits not in LOGITS:
         raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
@@ -107,10 +113,9 @@ def convert(
         raise SystemExit(f"error: {exc}") from exc
     if int8_embedding:
         embedding.quantize_embedding(out_dir)
-    if logits == "kept":
+    if logits == "kept":  # before the int8-KV graph is copied from it: both graphs keep rows
         logits_rows.keep_rows(out_dir)
-    if int8_kv:
-        kv_quant.calibrate(out_dir)
+    kv_variants.add_int8_variant(out_dir, default_int8=int8_kv)
     return sorted(p for p in out_dir.iterdir() if p.is_file())
 
 
@@ -155,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--int8-kv",
         action="store_true",
-        help="store the KV cache in int8, calibrated on the converted model (1/4 of float32's bytes)",
+        help=(
+            "make the int8-KV graph (written anyway, beside the float32-KV one) the graph genai_config.json "
+            "names, for runtimes that read one graph (onnxruntime-genai, agents before [engine] kv_cache)"
+        ),
     )
     args = parser.parse_args(argv)
 

@@ -191,7 +191,9 @@ class Supervisor:
             queued = "queue unreadable"
         running = self.worker.running  # the running jobs' ids, comma-separated (several when batching)
         busy = f"{len(running.split(', '))} running" if running else "idle"
-        line = f"serving {self.models.serving.ref.name}: {busy}, {queued}, health {health}, {link}"
+        engine = getattr(self.models.serving, "engine", None)  # None while an update replaces it in place
+        shape = f" ({engine.kv_cache} KV, {engine.context_length} tokens)" if engine is not None else ""
+        line = f"serving {self.models.serving.ref.name}{shape}: {busy}, {queued}, health {health}, {link}"
         if self.faults.failing:
             line += "; JOB STORE FAILING (disk full?)"
         resets = corrupt_copies(self.store.path)
@@ -202,7 +204,9 @@ class Supervisor:
     # -- any thread ----------------------------------------------------------------------------------
 
     def publish_status(self) -> None:
-        """The retained presence message (online, with the model and health)."""
+        """The retained presence message (online, with the model, its KV cache and health)."""
+        # None while an update replaces the model in place (the old engine unloaded first).
+        engine = getattr(self.models.serving, "engine", None)
         status = Status(
             online=True,
             device_id=self.config.device_id,
@@ -210,10 +214,18 @@ class Supervisor:
             labels=self.labels,
             agent_version=__version__,
             model=self.models.serving.ref,
+            context_tokens=engine.context_length if engine is not None else None,
+            kv_cache=engine.kv_cache if engine is not None else None,
+            kv_cache_reason=_clip(engine.kv_reason, 400) if engine is not None else None,
             capabilities=CAPABILITIES,
             health=self.health,
         )
         self.link.publish(self.topics.status, status.model_dump_json().encode(), retain=True)
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    """``text`` cut to ``limit`` characters (a telemetry field's bound)."""
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def offline_status(config: AgentConfig) -> bytes:

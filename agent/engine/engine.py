@@ -28,6 +28,7 @@ import onnxruntime as ort
 from agent.engine.graph_io import LOGITS_TO_KEEP as LOGITS_TO_KEEP
 from agent.engine.graph_io import GraphIO
 from agent.engine.kv_cache import KVCache
+from agent.engine.kv_variants import graph_for, served_files
 from agent.engine.model_folder import ModelFolder
 from agent.engine.options import EngineOptions as EngineOptions
 from agent.engine.prefill import open_prefix_cache
@@ -73,6 +74,10 @@ class Engine:
     ) -> None:
         self.options = options or EngineOptions()
         self.folder = ModelFolder(path)
+        # The graph of the KV cache asked for (agent.engine.kv_variants; the daemon resolves "auto").
+        self.graph_file = graph_for(self.folder, self.options.kv_cache)
+        #: Why this KV cache, when the daemon chose it (agent.engine.kv_choice); None otherwise.
+        self.kv_reason: str | None = None
         self.tokenizer = Tokenizer(self.folder)
         self.threads = self.options.threads or _default_threads()
         self.prepacked_dir = Path(prepacked_dir) if prepacked_dir is not None else None
@@ -89,6 +94,7 @@ class Engine:
         opts, io = self.options, self._io
         self.prefix_cache = open_prefix_cache(
             self.folder.path,
+            files=served_files(self.folder, self.graph_file),
             directory=None if prefix_cache_dir is None else Path(prefix_cache_dir),
             memory_mb=opts.prefix_cache_mb,
             disk_mb=opts.prefix_cache_disk_mb,
@@ -116,6 +122,11 @@ class Engine:
     def graph(self) -> GraphIO:
         """Names, shapes and types of the graph's inputs and outputs."""
         return self._io
+
+    @property
+    def kv_cache(self) -> str:
+        """The KV cache's element type: float32, float16 or int8 (the graph's)."""
+        return np.dtype(self._io.kv_dtype).name
 
     @property
     def name(self) -> str:
@@ -146,7 +157,7 @@ class Engine:
 
     def _graph_path(self) -> Path:
         """The graph to open: the model's, or its repacked copy for this CPU (``agent.engine.prepacked``)."""
-        source = self.folder.onnx_path
+        source = self.graph_file
         if self.prepacked_dir is None or not (
             self.options.prepack_weights and self.options.prepacked_on_disk
         ):
@@ -165,13 +176,13 @@ class Engine:
 
     def _open_session(self) -> ort.InferenceSession:
         graph = self._graph_path()
-        if graph != self.folder.onnx_path:
+        if graph != self.graph_file:
             try:
                 return self._session(graph, optimized=True)
             except ModelFileError as exc:
                 log.warning("%s; removing that copy and serving the model's own graph", exc.message)
                 shutil.rmtree(graph.parent, ignore_errors=True)
-        return self._session(self.folder.onnx_path)
+        return self._session(self.graph_file)
 
     def _session(self, graph: Path, *, optimized: bool = False) -> ort.InferenceSession:
         so = self._session_options()

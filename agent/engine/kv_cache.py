@@ -7,11 +7,19 @@ never copied or concatenated between steps.
 
 The buffer is sized to what the request can use (prompt + new tokens, capped
 at the context), not to the full context: on a 4 GB box the difference between
-the two is often the difference between fitting and not.  ``numpy.empty`` maps
-the pages lazily, so memory is committed only as positions are written.
+the two is often the difference between fitting and not.  The block is an
+anonymous mapping whose pages are committed only as positions are written: not
+``numpy.empty``, because numpy advises transparent huge pages for arrays of 4 MiB
+and more, and then the first position written in each head's rows commits 2 MiB
+at once (a head's rows of one slot are 0.3 MiB at Phi-3-mini's shape), so every
+slot was resident in full from its first token: a filler slot
+(``agent.engine.rows``) cost as much as a sequence (measured: docs/memory.md).
 """
 
 from __future__ import annotations
+
+import math
+import mmap
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +46,7 @@ class KVCache:
         self.capacity = capacity
         self.slots = slots
         self.dtype = np.dtype(dtype)
-        self._block = np.empty((layers, 2, slots, kv_heads, capacity, head_size), dtype=self.dtype)
+        self._block = lazy_zeros((layers, 2, slots, kv_heads, capacity, head_size), self.dtype)
         self.shape = (1, kv_heads, capacity, head_size)
 
     @property
@@ -70,3 +78,14 @@ class KVCache:
                 ptr = view.ctypes.data
                 binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
                 binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype[np.generic]) -> npt.NDArray[np.generic]:
+    """A zeroed array in a private anonymous mapping of its own, committed page by page as it is written.
+
+    Not advised for transparent huge pages (numpy advises them for its large arrays), so a
+    write commits 4 KiB, not 2 MiB.  The mapping is released with the last view of the array.
+    """
+    count = math.prod(shape)
+    region = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(region, dtype=dtype, count=count).reshape(shape)

@@ -338,8 +338,8 @@ def shortened_context(shape: ModelShape, configured: EngineOptions, sized_contex
         return None
     return (
         f"its KV cache takes {shape.kv_bytes_per_token >> 10} KiB per token ({shape.kv_element_bytes:g} bytes "
-        "per value): a copy with an int8 cache (`python -m models.kv_quant MODEL_DIR`, or `models.convert "
-        f"--int8-kv`; docs/memory.md) holds about {min(shape.context_length, int(sized_context * shape.kv_element_bytes))} "
+        "per value): re-exported with `python -m models.convert`, the folder offers an int8 cache beside it "
+        f"(docs/memory.md), which holds about {min(shape.context_length, int(sized_context * shape.kv_element_bytes))} "
         "tokens in the same memory"
     )
 
@@ -367,17 +367,21 @@ def _culprit(options: EngineOptions, context: int | None, prefix_mb: int | None)
     return "prefill_chunk_tokens"
 
 
-def model_shape(path: str | Path) -> ModelShape:
-    """The shape of the model folder at ``path`` (genai_config.json, the graph's KV type, file sizes)."""
+def model_shape(path: str | Path, graph_path: Path | None = None) -> ModelShape:
+    """The shape of the model folder at ``path`` (genai_config.json, the graph's KV type, file sizes).
+
+    ``graph_path``: one of the folder's graphs (``agent.engine.kv_variants``), else genai_config.json's.
+    """
     from agent.engine.model_folder import ModelFolder
     from agent.engine.onnx_graph import read_graph
 
     folder = ModelFolder(path)
     decoder = folder.config.model.decoder
-    graph = read_graph(folder.onnx_path)
+    onnx_path = graph_path or folder.onnx_path
+    graph = read_graph(onnx_path)
     past = decoder.inputs.past_key_names % 0
     element = graph.input_element_bytes(past) or 4.0
-    files = [folder.onnx_path, *sorted(folder.path.glob("*.data"))]
+    files = [onnx_path, *sorted(folder.path.glob("*.data"))]
     kv = 2 * decoder.num_hidden_layers * decoder.num_key_value_heads * decoder.head_size * element
     logits = graph.output_dims.get(decoder.outputs.logits, ())
     vocab, hidden = folder.config.model.vocab_size, decoder.hidden_size

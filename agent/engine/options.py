@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+#: ``[engine] kv_cache``: which KV cache the engine serves a model folder with (agent.engine.kv_choice).
+KvCacheSetting = Literal["auto", "float32", "int8"]
 
 
 class _Section(BaseModel):
@@ -64,6 +69,17 @@ class EngineOptions(_Section):
             "Longest prefill pass: a long prompt is prefilled in chunks this long, which bounds "
             "its memory and lets cancellation act between chunks. Unset, the daemon lowers it "
             "(to 64 at least) when the box's memory is tight."
+        ),
+    )
+    kv_cache: KvCacheSetting = Field(
+        "auto",
+        description=(
+            "The KV cache's element type, when the model folder offers both (models.convert writes a "
+            "float32-KV and an int8-KV graph). auto: float32 when the model's context (or the set "
+            "context_tokens) fits the box's memory with it, else int8 where its accuracy bound holds "
+            "(x86-64), else float32 with a shorter context; other commands than the daemon take the "
+            "folder's default graph. int8: a quarter of the bytes per token, tokens within 1 logit of "
+            "the float32 cache's arg-max (docs/memory.md); refused at start on a folder without it."
         ),
     )
     speculate: bool = Field(

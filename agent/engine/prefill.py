@@ -60,6 +60,7 @@ def plan_chunks(start: int, end: int, chunk: int, *, even: bool = False) -> list
 def open_prefix_cache(
     model_dir: Path,
     *,
+    files: list[Path] | None = None,
     directory: Path | None,
     memory_mb: int,
     disk_mb: int,
@@ -70,8 +71,8 @@ def open_prefix_cache(
 ) -> PrefixCache | None:
     """The engine's prefix cache (None when ``memory_mb`` is 0), on disk too when ``directory`` is given.
 
-    On disk, blocks are keyed by the model's identity: hashing the model's files
-    reads them once (they were just read to load the session, so mostly from the
+    On disk, blocks are keyed by the model's identity: hashing the model's files (``files``:
+    those it serves, not another KV cache's graph; default: the folder's) reads them once (they were just read to load the session, so mostly from the
     page cache).
     """
     if memory_mb <= 0:
@@ -79,7 +80,8 @@ def open_prefix_cache(
     store = None
     identity = f"memory:{model_dir.resolve()}"
     if directory is not None and disk_mb > 0:
-        identity = model_identity([p for p in model_dir.iterdir() if p.is_file()], threads)
+        served = files if files is not None else [p for p in model_dir.iterdir() if p.is_file()]
+        identity = model_identity(served, threads)
         store = DiskBlockStore(
             directory, identity, block_shape=block_shape, dtype=dtype, budget_bytes=disk_mb << 20
         )

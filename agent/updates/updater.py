@@ -24,6 +24,7 @@ import concurrent.futures
 import errno
 import gc
 import logging
+import platform
 import random
 import threading
 import time
@@ -36,7 +37,9 @@ import psutil
 
 from agent import failpoints
 from agent.engine.engine import Engine
-from agent.engine.memory_plan import MIN_CONTEXT, model_shape, release_need, shortened_context, sized_options
+from agent.engine.kv_choice import KvChoice, choose, release_kv_options
+from agent.engine.kv_variants import variant_shapes
+from agent.engine.memory_plan import MIN_CONTEXT, release_need
 from agent.engine.options import EngineOptions
 from agent.health.options import HealthThresholds
 from agent.updates.install import download_and_install, files_on_disk, smoke_test
@@ -164,10 +167,26 @@ class Updater:
             return serving
         raise AssertionError("unreachable: the configured model either loads or raises")
 
-    def _options(self, path: Path, *, beside: bool = False) -> EngineOptions:
-        """The engine options with the unset budgets sized to this box's memory (``memory_plan``).
+    def _engine(self, path: Path, *, beside: bool = False) -> Engine:
+        """The engine of the model at ``path``, its KV cache and budgets chosen for this box (``_choice``).
 
-        Raises ``MemoryFitError`` naming the setting to change when the model cannot fit.
+        ``beside``: an update under test (no prefix cache on disk; see ``_choice``).
+        """
+        choice = self._choice(path, beside=beside)
+        engine = Engine(
+            path,
+            choice.options,
+            prefix_cache_dir=None if beside else self.config.state_dir / "prefix_cache",
+            prepacked_dir=self.config.state_dir / "prepacked",
+        )
+        engine.kv_reason = choice.reason
+        return engine
+
+    def _choice(self, path: Path, *, beside: bool = False) -> KvChoice:
+        """The engine options with the KV cache chosen and the unset budgets sized to this box's memory.
+
+        ``kv_choice`` decides (``memory_plan`` sizes). Raises ``MemoryFitError`` naming the setting to
+        change when the model cannot fit, ``ModelConfigError`` for a ``kv_cache`` the folder lacks.
         ``beside``: another model is loaded in this process (an update under test), whose
         memory the budgets may count on, since it is unloaded first when both do not fit.
         """
@@ -175,46 +194,42 @@ class Updater:
         if beside:
             available += psutil.Process().memory_info().rss
         budget = available - self.config.health.min_mem_available_mb * 2**20
-        shape = model_shape(path)
-        options, peak = sized_options(shape, self.config.engine, budget)
+        choice = choose(
+            variant_shapes(path), self.config.engine, budget, machine=platform.machine(), name=path.name
+        )
+        options = choice.options
         log.info(
-            "model %s: expected peak %s; context %d tokens, prefix cache %d MiB, prefill chunk %d",
+            "model %s: %s; expected peak %s; context %d tokens, prefix cache %d MiB, prefill chunk %d",
             path.name,
-            peak.describe(),
+            choice.describe(),
+            choice.peak.describe(),
             options.context_tokens,
             options.prefix_cache_mb,
             options.prefill_chunk_tokens,
         )
-        shortened = shortened_context(shape, self.config.engine, options.context_tokens or 0)
-        if shortened is not None:
+        if choice.warning is not None:
+            log.warning("model %s: serving an %s", path.name, choice.warning)
+        if (options.context_tokens or 0) < choice.shape.context_length and (
+            "context_tokens" not in self.config.engine.model_fields_set
+        ):
             log.warning(
-                "model %s: context sized to %d of the model's %d tokens to fit this box's memory; %s",
+                "model %s: context sized to %d of the model's %d tokens to fit this box's memory (%s)",
                 path.name,
                 options.context_tokens,
-                shape.context_length,
-                shortened,
+                choice.shape.context_length,
+                choice.describe(),
             )
-        return options
+        return choice
 
     def _open(self, release: str | None) -> Serving:
         if release is None:
-            engine = Engine(
-                self.config.model.path,
-                self._options(self.config.model.path),
-                prefix_cache_dir=self.config.state_dir / "prefix_cache",
-                prepacked_dir=self.config.state_dir / "prepacked",
-            )
+            engine = self._engine(self.config.model.path)
             name = self.config.model.name or engine.name
             return Serving(engine, ModelRef(name=name, version=self.config.model.version), None)
         manifest = self.store.manifest(release)
         if manifest is None:
             raise ModelError(f"{release} is not installed")
-        engine = Engine(
-            self.store.path(release),
-            self._options(self.store.path(release)),
-            prefix_cache_dir=self.config.state_dir / "prefix_cache",
-            prepacked_dir=self.config.state_dir / "prepacked",
-        )
+        engine = self._engine(self.store.path(release))
         return Serving(
             engine, ModelRef(name=manifest.name, version=manifest.version), release, manifest.precision
         )
@@ -382,14 +397,18 @@ class Updater:
         running model is unloaded first when both do not fit), less the health margin.
         """
         options = self.config.engine
-        need = release_need(manifest.memory_bytes, manifest.kv_bytes_per_token, options)
+        caches = release_kv_options(
+            manifest.kv_bytes_per_token, manifest.kv_int8_bytes_per_token, options, machine=platform.machine()
+        )
+        need = min(release_need(manifest.memory_bytes, kv, options) for kv in caches.values())
         have = psutil.virtual_memory().available + psutil.Process().memory_info().rss
         have -= self.config.health.min_mem_available_mb * 2**20
         if need <= have:
             return None
         context = options.context_tokens or MIN_CONTEXT
+        kv = " even with its int8 KV cache" if "int8" in caches else ""
         return (
-            f"{manifest.release_id} needs ~{need >> 20} MiB (model {manifest.memory_bytes >> 20} MiB and "
+            f"{manifest.release_id} needs ~{need >> 20} MiB{kv} (model {manifest.memory_bytes >> 20} MiB and "
             f"a {context}-token context) and this box has ~{max(0, have) >> 20} MiB for it: release a "
             "smaller model (or int4) for this box, or lower [engine] budgets"
         )
@@ -465,9 +484,7 @@ class Updater:
 
     def _load_and_test(self, path: Path, manifest: Manifest) -> Engine:
         try:
-            engine = Engine(
-                path, self._options(path, beside=True), prepacked_dir=self.config.state_dir / "prepacked"
-            )
+            engine = self._engine(path, beside=True)
         except ModelError as exc:
             raise UpdateError(f"the new model does not load: {exc.message}", code="model_load") from exc
         try:

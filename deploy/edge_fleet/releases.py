@@ -235,6 +235,7 @@ def _build(
         files=entries,
         memory_bytes=memory,
         kv_bytes_per_token=_kv_bytes_per_token(out),
+        kv_int8_bytes_per_token=_kv_int8_bytes_per_token(out),
         smoke_test=smoke,
         created_at=now,
         expires_at=now + int(expires_days * 86400),
@@ -250,6 +251,14 @@ def _kv_bytes_per_token(folder: Path) -> int:
     from agent.engine.memory_plan import model_shape
 
     return model_shape(folder).kv_bytes_per_token
+
+
+def _kv_int8_bytes_per_token(folder: Path) -> int | None:
+    """The same with the folder's int8 KV cache when it offers one beside its default graph, else None."""
+    from agent.engine.kv_variants import variant_shapes
+
+    shapes = variant_shapes(folder)
+    return shapes["int8"].kv_bytes_per_token if len(shapes) > 1 and "int8" in shapes else None
 
 
 def _model_files(source: Path) -> list[str]:

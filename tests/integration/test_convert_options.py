@@ -40,6 +40,7 @@ def asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, obj
     monkeypatch.setattr(convert.builder, "build", build)
     monkeypatch.setattr(convert.embedding, "quantize_embedding", lambda _out: None)
     monkeypatch.setattr(convert.logits_rows, "keep_rows", lambda _out: calls.append({"kept": True}) or True)
+    monkeypatch.setattr(convert.kv_variants, "add_int8_variant", lambda _out, **_kw: _out)
     monkeypatch.setattr(convert.builder, "check_output", lambda _out: _CONFIG)
     monkeypatch.setattr(convert.builder, "describe", lambda _out: "")
     hf = tmp_path / "hf"

@@ -1,4 +1,4 @@
-"""An int8 KV cache (``models.kv_quant``, ``models.convert --int8-kv``): a quarter of the bytes, tokens within a bound.
+"""An int8 KV cache (``models.kv_quant``; ``models.convert`` writes one beside the float32 one): a quarter of the bytes, tokens within a bound.
 
 Checked on fixtures rewritten in a temporary folder (calibrated on their own float
 graph): the engine takes the int8 cache from the graph, the memory estimate counts
@@ -36,6 +36,12 @@ from tests.support.models import convert_fixture, fixture_path, rewritten_fixtur
 KV_INT8_GAP = 1.0
 
 
+def worst_gap(float_model: og.Model, ids: list[int], tokens: list[int]) -> float:
+    """The largest gap between the float model's arg-max and ``tokens``, teacher-forced after ``ids``, in logits."""
+    logits = _prompt_logits(float_model, ids + tokens)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
+    return float((logits.max(axis=-1) - logits[np.arange(len(tokens)), tokens]).max())
+
+
 def _int8_kv(name: str, tmp_path: Path) -> Path:
     return rewritten_fixture(name, tmp_path, kv_quant.calibrate, "kv8")
 
@@ -52,9 +58,7 @@ def test_the_cache_is_a_quarter_and_tokens_stay_within_the_bound(name: str, tmp_
         ids = engine.prompt_ids(prompt)
         ours = engine.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
         assert ours
-        logits = _prompt_logits(float_model, ids + ours)[len(ids) - 1 : len(ids) - 1 + len(ours)]
-        gaps = logits.max(axis=-1) - logits[np.arange(len(ours)), ours]
-        assert float(gaps.max()) <= KV_INT8_GAP, (prompt, gaps.tolist())
+        assert worst_gap(float_model, ids, ours) <= KV_INT8_GAP, prompt
 
 
 def test_tokens_do_not_depend_on_the_chunk_size_or_a_prefix_hit(tmp_path: Path) -> None:
@@ -76,9 +80,7 @@ def test_tokens_do_not_depend_on_the_chunk_size_or_a_prefix_hit(tmp_path: Path) 
             if cpu.family() in cpu.KV_INT8_EXACT:
                 assert tokens == expected, (how, prompt)
             else:  # no exactness claimed: the bound against the float model still holds
-                logits = _prompt_logits(float_model, ids + tokens)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
-                gaps = logits.max(axis=-1) - logits[np.arange(len(tokens)), tokens]
-                assert float(gaps.max()) <= KV_INT8_GAP, (how, prompt)
+                assert worst_gap(float_model, ids, tokens) <= KV_INT8_GAP, (how, prompt)
 
 
 def test_scales_cover_the_calibrated_range_with_the_margin() -> None:
@@ -110,7 +112,7 @@ def _layers(folder: Path) -> list[onnx.NodeProto]:
 
 
 @pytest.mark.parametrize("int8_kv", [False, True])
-def test_convert_writes_an_int8_cache_only_when_told(
+def test_convert_makes_the_int8_cache_the_default_graph_only_when_told(
     int8_kv: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = convert_fixture(tmp_path, monkeypatch, *(["--int8-kv"] if int8_kv else []))

@@ -203,3 +203,20 @@ def test_the_repacked_copy_on_disk_still_takes_the_input(kept_dir: dict[str, Pat
     mapped = Engine(folder, prepacked_dir=tmp_path, options=EngineOptions(speculate=True))  # maps it
     assert (prepacked.copy_dir(tmp_path, folder) / prepacked.DATA_FILE).is_file()  # positive control
     assert mapped.graph.keeps_rows and mapped.generate(prompt, params).token_ids == plain
+
+
+def test_a_converted_folder_keeps_rows_in_both_kv_graphs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support.models import convert_fixture
+
+    out = convert_fixture(tmp_path, monkeypatch)  # models.convert's defaults on phi3-int4's export
+    float32, int8 = (
+        Engine(out, EngineOptions(kv_cache="float32")),
+        Engine(out, EngineOptions(kv_cache="int8")),
+    )
+    assert (float32.kv_cache, int8.kv_cache) == ("float32", "int8")  # positive control: two graphs
+    assert float32.graph.keeps_rows and int8.graph.keeps_rows
+    (tmp_path / "full").mkdir()
+    full = convert_fixture(tmp_path / "full", monkeypatch, "--full-prefill-logits")
+    assert not Engine(full, EngineOptions(kv_cache="int8")).graph.keeps_rows

@@ -172,7 +172,7 @@ def test_a_context_cut_to_fit_names_the_int8_cache_that_would_hold_more() -> Non
     assert small_box.context_tokens < PHI3.context_length  # the control: this box cuts the context
     hint = shortened_context(PHI3, EngineOptions(), small_box.context_tokens)
     assert hint is not None
-    assert "python -m models.kv_quant" in hint and "768 KiB per token" in hint
+    assert "python -m models.convert" in hint and "768 KiB per token" in hint
     assert f"about {min(4096, small_box.context_tokens * 4)} tokens" in hint
     # Nothing to say when the operator chose the context, when the model's whole context fits, or
     # when the cache is already int8.
