@@ -27,6 +27,9 @@ TESTS=(
   # Even-row passes: logits bit for bit across chunk sizes, prefix hits, batching and drafts
   # (llama-int4-b128, and llama-int4 with the even passes forced; about 100 s emulated).
   tests/integration/test_even_rows.py
+  # The row-keeping export (models.convert's default) gives the full export's logits, bit for bit,
+  # chunked, resumed, batched and speculating (KEPT_ROWS_EXACT; about 60 s emulated).
+  tests/integration/test_logits_rows.py
   # A prefix-cache hit gives the cold run's tokens (one int4 fixture: each costs ~25 s emulated).
   "tests/integration/test_prefix_cache.py::test_a_hit_gives_the_cold_runs_tokens[llama-int4]"
   # The same for the last run's buffer reused in place.

@@ -1,12 +1,14 @@
 """Convert a local Hugging Face checkpoint folder into an edge-agent model folder.
 
 Run as ``python -m models.convert HF_CHECKPOINT_DIR OUT_DIR --precision int8|int4
-[--block-size 128|32] [--accuracy-level 4] [--float-embedding] [--int8-kv] [--force]``. The input folder must hold
+[--block-size 128|32] [--accuracy-level 4] [--full-prefill-logits | --last-position-logits]
+[--float-embedding] [--int8-kv] [--force]``. The input folder must hold
 ``config.json``, the safetensors weights and the tokenizer files; nothing is
 downloaded. The onnxruntime-genai builder writes ``genai_config.json``,
 ``model.onnx`` (+ ``model.onnx.data``) and the tokenizer files into ``OUT_DIR``;
 then the token-embedding table, which the builder leaves in float32, is stored
-as int8 blocks (``models.embedding``; ``--float-embedding`` keeps it float32).
+as int8 blocks (``models.embedding``; ``--float-embedding`` keeps it float32),
+and the lm_head computes logits for the rows a pass asks for (``models.logits_rows``).
 Beside the float32-KV graph it writes an int8-KV one sharing the weights file, with
 scales calibrated on the converted model (``models.kv_variants``, ``models.kv_quant``:
 a quarter of float32's bytes per token), listed in ``kv_variants.json``: the daemon
@@ -21,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from models import builder, embedding, kv_variants
+from models import builder, embedding, kv_variants, logits_rows
 
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 # Weights per quantization scale unless asked: int4 in blocks of 128 prefills ~1.4x faster than 32 on
@@ -30,6 +32,8 @@ BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 # 128 loses Q8_0's error and decodes slower: 32.
 DEFAULT_BLOCK_SIZE = {"int4": 128, "int8": 32}
 ACCURACY_LEVELS: tuple[int, ...] = (1, 2, 3, 4)
+# Which rows' logits a pass computes: those it asks for (``num_logits_to_keep``), every row, or the last.
+LOGITS: tuple[str, ...] = ("kept", "all", "last")
 
 
 def check_input(hf_dir: Path) -> None:
@@ -62,7 +66,7 @@ def convert(
     block_size: int | None = None,
     accuracy_level: int = 4,
     force: bool = False,
-    prune_lm_head: bool = True,
+    logits: str = "kept",
     int8_embedding: bool = True,
     int8_kv: bool = False,
 ) -> list[Path]:
@@ -70,9 +74,13 @@ def convert(
 
     ``block_size``: weights per quantization scale (default ``DEFAULT_BLOCK_SIZE[precision]``).
 
-    ``prune_lm_head`` makes the prompt pass compute logits for its last position
-    only: measured on a Phi-3-mini-shaped model at a 1,024-token prompt, +25 %
-    prefill speed and ~100 MB less peak memory, with identical tokens.
+    ``logits``: ``"kept"`` (the default) gives the graph an input ``num_logits_to_keep``
+    and its lm_head computes the last that many rows of a pass (``models.logits_rows``):
+    a prefill chunk pays the lm_head for one or two rows, a verify pass for the rows it
+    checks, so one export prefills at the pruned export's speed and speculates.  ``"last"``
+    is onnxruntime-genai's ``prune_lm_head`` (the last row only: no speculation);
+    ``"all"`` computes every row's (measured on a Phi-3-mini-shaped model at a 1,024-token
+    prompt, 0.76-0.80x their prefill rate, ~100 MB more peak memory).
 
     ``int8_embedding`` stores the float32 embedding table as int8 blocks of 32
     values (``models.embedding``): Phi-3-mini's 376 MiB table becomes 106 MiB
@@ -88,6 +96,8 @@ def convert(
     ``int8_kv`` makes it the graph genai_config.json names (what onnxruntime-genai and
     agents before ``kv_cache`` open).
     """
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
     check_input(hf_dir)
     prepare_output(out_dir, force)
     options: dict[str, object] = {
@@ -95,7 +105,7 @@ def convert(
         "accuracy_level": accuracy_level,
         "hf_remote": False,
     }
-    if prune_lm_head:
+    if logits == "last":
         options["prune_lm_head"] = True
     try:
         builder.build(hf_dir.resolve(), out_dir.resolve(), precision, options, quiet=True)
@@ -103,6 +113,8 @@ def convert(
         raise SystemExit(f"error: {exc}") from exc
     if int8_embedding:
         embedding.quantize_embedding(out_dir)
+    if logits == "kept":  # before the int8-KV graph is copied from it: both graphs keep rows
+        logits_rows.keep_rows(out_dir)
     kv_variants.add_int8_variant(out_dir, default_int8=int8_kv)
     return sorted(p for p in out_dir.iterdir() if p.is_file())
 
@@ -126,10 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=4)
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
-    parser.add_argument(
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument(
         "--full-prefill-logits",
         action="store_true",
-        help="keep logits for every prompt position (default: last position only, faster and leaner)",
+        help=(
+            "compute logits for every row of every pass (default: the rows a pass asks for, "
+            "input num_logits_to_keep: prefill pays the lm_head for one or two rows, speculation works)"
+        ),
+    )
+    rows.add_argument(
+        "--last-position-logits",
+        action="store_true",
+        help="onnxruntime-genai's pruned lm_head: the last row's logits only (no speculative decoding)",
     )
     parser.add_argument(
         "--float-embedding",
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         args.block_size,
         args.accuracy_level,
         args.force,
-        prune_lm_head=not args.full_prefill_logits,
+        logits="all" if args.full_prefill_logits else "last" if args.last_position_logits else "kept",
         int8_embedding=not args.float_embedding,
         int8_kv=args.int8_kv,
     )

@@ -70,7 +70,7 @@ class Batcher:
         prefill_chunk: int | None = None,
         speculate: bool = False,
     ) -> None:
-        """``speculate``: every sequence drafts and verifies (``agent.engine.speculate``); full-logits exports."""
+        """``speculate``: every sequence drafts and verifies (``agent.engine.speculate``); not on a pruned export."""
         graph = engine.graph
         self.engine = engine
         self.slot_tokens = min(slot_tokens or engine.context_length, engine.context_length)
@@ -88,7 +88,7 @@ class Batcher:
         if fits < wanted:
             log.warning("batch capped at %d sequences (of %d asked) by its memory budget", fits, wanted)
         self.max_batch = int(min(wanted, fits))
-        self.speculate = speculate and graph.prefill_logits_rows(2) > 1  # last-position logits cannot verify
+        self.speculate = speculate and graph.verifies  # last-position logits cannot verify
         self.prefill_chunk = max(2, prefill_chunk or engine.options.prefill_chunk_tokens)
         # Where a row's bits depend on its pass's row-count parity (``Engine.even_rows``), an odd pass
         # gets a filler row: an odd ``max_batch`` needs a slot for it, which only ever has position 0
@@ -282,7 +282,7 @@ class Batcher:
         if job.prefilled > seq.cached_tokens and seq.canceled():  # between chunks, as the solo loop
             return self._finish(job, finished, "canceled")
         chunk = np.asarray([ids[begin:end]], dtype=np.int64)
-        rows = graph.prefill_logits_rows(end - begin)
+        rows = graph.prefill_logits_rows(end - begin, even=engine.even_rows)
         if self._chunk_logits.shape[1] < rows:  # one buffer for every chunk: bounded by the chunk size
             self._chunk_logits = np.empty((1, rows, graph.vocab), dtype=graph.logits_dtype)
         logits = self._chunk_logits[:, :rows]
@@ -384,6 +384,7 @@ class Batcher:
             job.seq.sampler,
             job.prompt_ids,
             even=engine.even_rows,
+            keep_rows=graph.keeps_rows,
             vocab=graph.vocab,
             logits_dtype=graph.logits_dtype,
             max_k=engine.options.speculate_max_k,

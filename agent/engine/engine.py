@@ -25,6 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from agent.engine.graph_io import LOGITS_TO_KEEP as LOGITS_TO_KEEP
+from agent.engine.graph_io import GraphIO
 from agent.engine.kv_cache import KVCache
 from agent.engine.kv_variants import graph_for, served_files
 from agent.engine.model_folder import ModelFolder
@@ -38,17 +40,11 @@ from agent.engine.sequence import Completion as Completion
 from agent.engine.sequence import ForcedSampler
 from agent.engine.sequence import Sequence as GenSequence
 from agent.engine.tokenizer import Tokenizer
-from edge_contract.errors import ContextOverflowError, InvalidRequestError, ModelConfigError, ModelFileError
+from edge_contract.errors import ContextOverflowError, InvalidRequestError, ModelFileError
 from edge_contract.protocol import FinishReason as FinishReason
 from edge_contract.protocol import Timings as Timings
 
 log = logging.getLogger(__name__)
-
-_ORT_TYPES: dict[str, npt.DTypeLike] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8,  # calibrated int8 cache (models.kv_quant)
-}
 
 
 def _default_threads() -> int:
@@ -86,13 +82,15 @@ class Engine:
         self.threads = self.options.threads or _default_threads()
         self.prepacked_dir = Path(prepacked_dir) if prepacked_dir is not None else None
         self.session = self._open_session()
-        self._io = _GraphIO(self.folder, self.session)
+        self._io = GraphIO(self.folder, self.session)
         self.eos_ids = frozenset(self.folder.eos_token_ids)
         limit = self.options.context_tokens
         self.context_length = min(limit, self.folder.context_length) if limit else self.folder.context_length
         # A row of ones long enough for any request; each step binds a prefix of it.
         self._mask = np.ones(self.context_length, dtype=np.int64)
         self._positions = np.arange(self.context_length, dtype=np.int64)
+        # ``num_logits_to_keep`` values (``models.logits_rows``): a pass binds ``[n]`` from here.
+        self._counts = np.arange(self.context_length + 1, dtype=np.int64)
         opts, io = self.options, self._io
         self.prefix_cache = open_prefix_cache(
             self.folder.path,
@@ -109,12 +107,19 @@ class Engine:
         # and up on AVX-512 VNNI: any odd count; see agent.engine.rows), every pass gets an even number
         # of rows: a sequence's bits are then the same alone or batched, cold or after a cache hit.
         self.even_rows = rows_depend_on_parity(self.session, self._io)
+        if self.options.speculate and not self._io.verifies:
+            log.warning(
+                "%s computes the last position's logits only (a pruned lm_head): speculative decoding is "
+                "off; re-export it with `python -m models.convert` (its default lm_head computes the rows "
+                "a pass asks for) to speculate",
+                self.folder.name,
+            )
         # The last one-slot run's key/value buffer and the prompt tokens whose positions it holds
         # (``keep_slot``): the next run reuses them in place when its prompt starts the same way.
         self._kept: tuple[KVCache, list[int]] | None = None
 
     @property
-    def graph(self) -> _GraphIO:
+    def graph(self) -> GraphIO:
         """Names, shapes and types of the graph's inputs and outputs."""
         return self._io
 
@@ -355,10 +360,17 @@ class Engine:
     def bind_chunk(
         self, binding: ort.IOBinding, ids: npt.NDArray[np.int64], *, past: int, logits: npt.NDArray[Any]
     ) -> None:
-        """Bind the new tokens ``ids`` ``[1, n]`` after ``past`` positions of a one-slot cache, and ``logits``."""
+        """Bind the new tokens ``ids`` ``[1, n]`` after ``past`` positions of a one-slot cache, and ``logits``.
+
+        ``logits`` ``[1, rows, vocab]``: the last ``rows`` positions' where the export keeps rows
+        (``GraphIO.keeps_rows``), else as many rows as the export returns (``prefill_logits_rows``).
+        """
         io = self._io
         binding.bind_input(io.input_ids, "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
         binding.bind_output(io.logits, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        if io.logits_to_keep is not None:
+            count = self._counts[logits.shape[1] :]
+            binding.bind_input(io.logits_to_keep, "cpu", 0, np.int64, (1,), count.ctypes.data)
         self._bind_mask(binding, past + ids.shape[1], positions_from=past)
 
     def _bind_mask(self, binding: ort.IOBinding, total: int, *, positions_from: int) -> None:
@@ -368,75 +380,3 @@ class Engine:
             count = total - positions_from
             ptr = self._positions.ctypes.data + positions_from * self._positions.itemsize
             binding.bind_input(io.position_ids, "cpu", 0, np.int64, (1, count), ptr)
-
-
-class _GraphIO:
-    """Names, shapes and types of the graph's inputs and outputs, checked against the config."""
-
-    def __init__(self, folder: ModelFolder, session: ort.InferenceSession) -> None:
-        decoder = folder.config.model.decoder
-        inputs = {i.name: i for i in session.get_inputs()}
-        outputs = {o.name: o for o in session.get_outputs()}
-
-        def need(names: dict[str, Any], name: str, kind: str) -> str:
-            if name not in names:
-                raise ModelConfigError(
-                    f"{folder.path}: genai_config.json names {kind} {name!r}, which {folder.onnx_path.name} lacks"
-                )
-            return name
-
-        self.layers = decoder.num_hidden_layers
-        self.kv_heads = decoder.num_key_value_heads
-        self.head_size = decoder.head_size
-        self.input_ids = need(inputs, decoder.inputs.input_ids, "input")
-        self.attention_mask = need(inputs, decoder.inputs.attention_mask, "input")
-        self.position_ids = (
-            need(inputs, decoder.inputs.position_ids, "input")
-            if decoder.inputs.position_ids and decoder.inputs.position_ids in inputs
-            else None
-        )
-        self.logits = need(outputs, decoder.outputs.logits, "output")
-        self.past_names = [
-            (
-                need(inputs, decoder.inputs.past_key_names % i, "input"),
-                need(inputs, decoder.inputs.past_value_names % i, "input"),
-            )
-            for i in range(self.layers)
-        ]
-        self.present_names = [
-            (
-                need(outputs, decoder.outputs.present_key_names % i, "output"),
-                need(outputs, decoder.outputs.present_value_names % i, "output"),
-            )
-            for i in range(self.layers)
-        ]
-        past = inputs[self.past_names[0][0]]
-        self.kv_dtype = _dtype(past.type, past.name)
-        kv_shape = past.shape
-        if isinstance(kv_shape[1], int) and kv_shape[1] != self.kv_heads:
-            raise ModelConfigError(
-                f"{folder.path}: num_key_value_heads is {self.kv_heads} but {past.name} has {kv_shape[1]} heads"
-            )
-        if isinstance(kv_shape[3], int) and kv_shape[3] != self.head_size:
-            raise ModelConfigError(
-                f"{folder.path}: head_size is {self.head_size} but {past.name} has {kv_shape[3]}"
-            )
-        out = outputs[self.logits]
-        self.logits_dtype = _dtype(out.type, out.name)
-        vocab = out.shape[-1]
-        self.vocab = vocab if isinstance(vocab, int) else folder.config.model.vocab_size
-        # Some exports compute logits for the last position only ("pruned" lm_head).
-        self._pruned_logits = out.shape[1] == 1
-
-    def prefill_logits_rows(self, prompt_tokens: int) -> int:
-        """Rows of logits the prefill pass returns."""
-        return 1 if self._pruned_logits else prompt_tokens
-
-
-def _dtype(ort_type: str, name: str) -> npt.DTypeLike:
-    try:
-        return _ORT_TYPES[ort_type]
-    except KeyError:
-        raise ModelConfigError(
-            f"{name} has element type {ort_type}, which the engine does not support"
-        ) from None

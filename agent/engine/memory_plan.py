@@ -422,6 +422,7 @@ def model_shape(path: str | Path, graph_path: Path | None = None) -> ModelShape:
         attention_heads=decoder.num_attention_heads,
         vocab_size=vocab,
         context_length=folder.context_length,
-        # A pruned lm_head (the prompt pass returns the last position only) declares 1 row.
-        full_logits=len(logits) < 2 or logits[1] != 1,
+        # A pruned lm_head (the prompt pass returns the last position only) declares 1 row; a
+        # row-keeping one (``models.logits_rows``) returns the rows a chunk asks for: one or two.
+        full_logits=(len(logits) < 2 or logits[1] != 1) and "num_logits_to_keep" not in graph.input_types,
     )

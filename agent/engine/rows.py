@@ -44,6 +44,7 @@ class Graph(Protocol):
     attention_mask: str
     position_ids: str | None
     logits: str
+    logits_to_keep: str | None
     past_names: list[tuple[str, str]]
     present_names: list[tuple[str, str]]
     kv_dtype: npt.DTypeLike
@@ -62,6 +63,7 @@ class DecodeRows:
         self.mask = np.zeros((slots, cache.capacity), dtype=np.int64)
         self.positions = np.zeros((slots, 1), dtype=np.int64)
         self.logits = np.empty((slots, 1, graph.vocab), dtype=graph.logits_dtype)
+        self._one = np.ones(1, dtype=np.int64)  # ``num_logits_to_keep``: each slot's one row
         self._bindings: dict[int, ort.IOBinding] = {}
 
     def set_row(self, slot: int, token: int, length: int) -> None:
@@ -97,6 +99,8 @@ class DecodeRows:
         )
         if graph.position_ids is not None:
             binding.bind_input(graph.position_ids, "cpu", 0, np.int64, (rows, 1), self.positions.ctypes.data)
+        if graph.logits_to_keep is not None:
+            binding.bind_input(graph.logits_to_keep, "cpu", 0, np.int64, (1,), self._one.ctypes.data)
         logits = self.logits
         binding.bind_output(graph.logits, "cpu", 0, logits.dtype, (rows, 1, graph.vocab), logits.ctypes.data)
         return binding

@@ -191,6 +191,7 @@ class Speculator:
         logits_dtype: npt.DTypeLike,
         max_k: int,
         even: bool = False,
+        keep_rows: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._forward = forward
@@ -199,6 +200,7 @@ class Speculator:
         self.drafter = NgramDrafter(prompt_ids)
         self.policy = DraftPolicy(max_k)
         self._even = even  # every pass an even number of rows (``Engine.even_rows``)
+        self._keep_rows = keep_rows  # the export computes logits for the rows asked for only
         self._ids = np.zeros((1, max_k + 3), dtype=np.int64)  # drafts, the token, up to two before
         self._logits = np.empty((1, max_k + 3, vocab), dtype=logits_dtype)
         if max_k < 1:
@@ -242,13 +244,18 @@ class Speculator:
         ids[0, again:] = [token, *draft]
         if again:
             ids[0, :again] = self.drafter.tokens[-1 - again : -1]
-        logits = self._logits[:, : n + again]
+        # The rows verified are the last ``n``; a row-keeping export computes just those (an even
+        # count of them where rows pair: the pass is even, so they pair as in a full-logits pass).
+        rows = n + again
+        if self._keep_rows:
+            rows = min(n + n % 2 if self._even else n, n + again)
+        logits = self._logits[:, :rows]
         started = self._clock()
         self._forward(ids, past - again, logits)
         seconds = self._clock() - started
         chosen: list[int] = []
         for j in range(n):
-            pick = self._sampler(logits[0, again + j])
+            pick = self._sampler(logits[0, rows - n + j])
             chosen.append(pick)
             if j == len(draft) or pick != draft[j]:
                 break

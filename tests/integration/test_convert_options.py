@@ -1,4 +1,5 @@
-"""What ``models.convert`` asks the builder for: int4 in blocks of 128, int8 in blocks of 32, pruned, int8 activations.
+"""What ``models.convert`` asks the builder for (int4 in blocks of 128, int8 in blocks of 32, int8
+activations) and which lm_head it leaves: the rows a pass asks for by default (``models.logits_rows``).
 
 At block 128 onnxruntime's int4 kernels prefill ~1.4x faster on AVX-512 VNNI, and compute rows in
 pairs there, rounding an unpaired row otherwise; the engine gives every pass an even number of rows
@@ -38,6 +39,7 @@ def asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, obj
 
     monkeypatch.setattr(convert.builder, "build", build)
     monkeypatch.setattr(convert.embedding, "quantize_embedding", lambda _out: None)
+    monkeypatch.setattr(convert.logits_rows, "keep_rows", lambda _out: calls.append({"kept": True}) or True)
     monkeypatch.setattr(convert.kv_variants, "add_int8_variant", lambda _out, **_kw: _out)
     monkeypatch.setattr(convert.builder, "check_output", lambda _out: _CONFIG)
     monkeypatch.setattr(convert.builder, "describe", lambda _out: "")
@@ -49,15 +51,27 @@ def asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, obj
 
 
 @pytest.mark.parametrize(("precision", "block"), [("int4", 128), ("int8", 32)])
-def test_the_default_export_is_pruned_with_int8_activations_in_blocks_per_precision(
+def test_the_default_export_keeps_rows_with_int8_activations_in_blocks_per_precision(
     precision: str, block: int, asked: list[dict[str, object]], tmp_path: Path
 ) -> None:
     assert convert.main([str(tmp_path / "hf"), str(tmp_path / "out"), "--precision", precision]) == 0
-    assert asked[-1]["block_size"] == block
-    assert asked[-1]["prune_lm_head"] is True and asked[-1]["accuracy_level"] == 4
+    build, kept = asked
+    assert build["block_size"] == block and build["accuracy_level"] == 4
+    assert "prune_lm_head" not in build and kept == {"kept": True}
+
+
+@pytest.mark.parametrize(
+    ("flag", "pruned"), [("--full-prefill-logits", False), ("--last-position-logits", True)]
+)
+def test_the_other_lm_heads_are_asked_for_by_name(
+    flag: str, pruned: bool, asked: list[dict[str, object]], tmp_path: Path
+) -> None:
+    assert convert.main([str(tmp_path / "hf"), str(tmp_path / "out"), "--precision", "int4", flag]) == 0
+    assert len(asked) == 1  # no row-keeping rewrite
+    assert asked[0].get("prune_lm_head", False) is pruned
 
 
 def test_another_block_is_the_users_choice(asked: list[dict[str, object]], tmp_path: Path) -> None:
     argv = [str(tmp_path / "hf"), str(tmp_path / "out"), "--precision", "int4", "--block-size", "32"]
     assert convert.main(argv) == 0
-    assert asked[-1]["block_size"] == 32
+    assert asked[0]["block_size"] == 32

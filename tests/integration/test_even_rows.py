@@ -18,25 +18,20 @@ shown not to change a result where they are not needed.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import pytest
 
 from agent import Engine, SamplingParams
-from agent.engine.batch import Batcher
 from agent.engine.engine import EngineOptions
-from agent.engine.sequence import ForcedSampler
 from agent.engine.speculate import DraftPolicy
 from tests.support import cpu
+from tests.support.logits import Rows, assert_batched_as_solo, assert_same, drafting, forced, speculating
 from tests.support.models import fixture_path
 
 PAIRED = "llama-int4-b128"
 NAMES = [PAIRED, "llama-int4"]
 TEXT = "The quick brown fox jumps over the lazy dog; the dog sleeps, the fox runs on and on."
-Rows = list[npt.NDArray[Any]]
 
 
 def _engine(name: str, **options: Any) -> Engine:
@@ -44,23 +39,6 @@ def _engine(name: str, **options: Any) -> Engine:
     if name != PAIRED:
         engine.even_rows = True  # the even passes, forced where they are not needed
     return engine
-
-
-def _forced(engine: Engine, prompt: list[int], tokens: list[int], **batcher: Any) -> Rows:
-    """The logits each of ``tokens`` is chosen from after ``prompt``, one sequence in a one-slot batcher."""
-    seq = engine.sequence(prompt, SamplingParams(max_tokens=len(tokens), ignore_eos=True))
-    sampler = seq.sampler = ForcedSampler(tokens, engine.graph.vocab)
-    run = Batcher(engine, max_batch=1, slot_tokens=seq.capacity, **batcher)
-    run.submit_sequence(seq)
-    run.run()
-    run.close()
-    return sampler.rows
-
-
-def _assert_same(got: Rows, want: Rows, what: str) -> None:
-    assert len(got) == len(want), what
-    for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert np.array_equal(a, b), f"{what}: logits of token {step} differ by {np.abs(a - b).max():.3g}"
 
 
 def _prompt(engine: Engine, length: int) -> list[int]:
@@ -85,10 +63,10 @@ def test_logits_do_not_depend_on_the_prefill_chunk_size(name: str, length: int) 
     whole = _engine(name, prefix_cache_mb=0)
     prompt = _prompt(whole, length)
     tokens = _tokens(whole, prompt, 12)
-    want = _forced(whole, prompt, tokens)
+    want = forced(whole, prompt, tokens)
     for chunk in (2, 7, 8, 128):
         engine = _engine(name, prefix_cache_mb=0, prefill_chunk_tokens=chunk)
-        _assert_same(_forced(engine, prompt, tokens), want, f"{name}, {length} tokens in chunks of {chunk}")
+        assert_same(forced(engine, prompt, tokens), want, f"{name}, {length} tokens in chunks of {chunk}")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -98,51 +76,27 @@ def test_a_hit_at_an_odd_or_even_position_gives_the_cold_logits(name: str, in_pl
     cold = _engine(name, prefix_cache_mb=0, prefill_chunk_tokens=8)
     prompt = _prompt(cold, 40)
     tokens = _tokens(cold, prompt, 10)
-    want = _forced(cold, prompt, tokens)
+    want = forced(cold, prompt, tokens)
     for split in (13, 14, 21, 38):
         warm = _engine(name, prefill_chunk_tokens=8, prefix_block_tokens=4)
-        _forced(warm, prompt[:split], [prompt[split]])
+        forced(warm, prompt[:split], [prompt[split]])
         if not in_place:
             warm.release_kept()
         before = warm.prefix_cache_stats()
         assert before is not None
-        got = _forced(warm, prompt, tokens)
+        got = forced(warm, prompt, tokens)
         after = warm.prefix_cache_stats()
         assert after is not None
         if not in_place:  # positive control: the second run started from the cache
             assert after.cached_tokens - before.cached_tokens >= min(split, len(prompt) - 2) - 3
-        _assert_same(got, want, f"{name}, resumed after {split} of {len(prompt)} tokens")
+        assert_same(got, want, f"{name}, resumed after {split} of {len(prompt)} tokens")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_three_sequences_batched_give_their_solo_logits(name: str) -> None:
     assert cpu.family() in cpu.BATCH_EXACT
     engine = _engine(name, prefix_cache_mb=0)
-    prompts = [_prompt(engine, n) for n in (9, 14, 23)]
-    wanted = [_tokens(engine, p, n) for p, n in zip(prompts, (20, 13, 17), strict=True)]
-    solo = [_forced(engine, p, t) for p, t in zip(prompts, wanted, strict=True)]
-    batcher = Batcher(engine, max_batch=3, prefill_chunk=5, slot_tokens=64)
-    samplers = []
-    for prompt, tokens in zip(prompts, wanted, strict=True):
-        seq = engine.sequence(prompt, SamplingParams(max_tokens=len(tokens), ignore_eos=True))
-        sampler = seq.sampler = ForcedSampler(tokens, engine.graph.vocab)
-        samplers.append(sampler)
-        batcher.submit_sequence(seq)
-    batcher.run()
-    for i, (sampler, want) in enumerate(zip(samplers, solo, strict=True)):
-        _assert_same(sampler.rows, want, f"{name}, sequence {i} of 3 batched")
-    assert batcher.rows > batcher.passes * 2  # positive control: passes of three sequences ran
-
-
-def _drafting(mode: str) -> Any:
-    rng = random.Random(7)
-
-    def choose(self: DraftPolicy, limit: int) -> int:
-        if mode == "never":
-            return 0
-        return min(limit, self.max_k if mode == "always" else rng.randint(0, self.max_k))
-
-    return choose
+    assert_batched_as_solo(engine, engine, [_prompt(engine, n) for n in (9, 14, 23)], name)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -156,15 +110,8 @@ def test_a_speculating_engines_logits_do_not_depend_on_the_drafts(
     rows: dict[str, Rows] = {}
     drafted: dict[str, int] = {}
     for mode in ("never", "always", "random"):
-        monkeypatch.setattr(DraftPolicy, "choose", _drafting(mode))
-        seq = engine.sequence(prompt, SamplingParams(max_tokens=len(tokens), ignore_eos=True))
-        sampler = seq.sampler = ForcedSampler(tokens, engine.graph.vocab)
-        run = Batcher(engine, max_batch=1, slot_tokens=seq.capacity, speculate=True)
-        job = run.submit_sequence(seq)
-        run.run()
-        rows[mode] = sampler.rows
-        assert job.completion is not None
-        drafted[mode] = job.completion.drafted_tokens
+        monkeypatch.setattr(DraftPolicy, "choose", drafting(mode))
+        rows[mode], drafted[mode] = speculating(engine, prompt, tokens)
     for mode in ("always", "random"):
-        _assert_same(rows[mode], rows["never"], f"{name}, drafting {mode}")
+        assert_same(rows[mode], rows["never"], f"{name}, drafting {mode}")
     assert drafted["never"] == 0 and drafted["always"] > 10 and drafted["random"] > 0  # positive control

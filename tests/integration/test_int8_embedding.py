@@ -22,8 +22,8 @@ from agent import Engine, SamplingParams
 from agent.engine.engine import EngineOptions
 from agent.engine.memory_plan import model_shape
 from models import embedding
-from tests.integration.test_parity import _reference
 from tests.integration.test_speculative_parity import NEAR_TIE
+from tests.support.genai import genai_greedy
 from tests.support.models import convert_fixture, fixture_path, rewritten_fixture
 
 FIXTURES = ["phi3-int4", "qwen2-int8", "llama-int4", "qwen3-int4"]
@@ -64,7 +64,7 @@ def test_int8_table_is_served_like_onnxruntime_genai_within_the_near_tie_bound(
     for prompt in PROMPTS:
         ids = engine.prompt_ids(prompt)
         ours = engine.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
-        assert ours == _reference(reference, engine.eos_ids, ids, NEW_TOKENS)[: len(ours)] and ours
+        assert ours == genai_greedy(reference, engine.eos_ids, ids, NEW_TOKENS)[: len(ours)] and ours
         logits = _prompt_logits(float_model, ids + ours)[len(ids) - 1 : len(ids) - 1 + len(ours)]
         gaps = logits.max(axis=-1) - logits[np.arange(len(ours)), ours]
         assert float(gaps.max()) <= NEAR_TIE, (prompt, gaps.tolist())

@@ -10,23 +10,11 @@ import onnxruntime_genai as og
 import pytest
 
 from agent import Engine, SamplingParams
+from tests.support.genai import genai_greedy
 from tests.support.models import ALL_FIXTURES, fixture_path
 
 PROMPTS = ["The quick brown fox", "Grüße aus Köln 🎉 日本語", "a"]
 NEW_TOKENS = 48
-
-
-def _reference(model: og.Model, eos: frozenset[int], ids: list[int], new: int) -> list[int]:
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + new)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    while not generator.is_done():
-        generator.generate_next_token()
-    out = [int(t) for t in generator.get_sequence(0)][len(ids) :]
-    if out and out[-1] in eos:
-        out.pop()
-    return out
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)
@@ -40,7 +28,7 @@ def test_greedy_token_ids_match_onnxruntime_genai(name: str) -> None:
         ids = engine.prompt_ids(prompt)
         assert ids == [int(i) for i in ref_tokenizer.encode(prompt)], "tokenization differs"
         ours = engine.generate(ids, SamplingParams(max_tokens=NEW_TOKENS))
-        assert ours.token_ids == _reference(reference, engine.eos_ids, ids, NEW_TOKENS)
+        assert ours.token_ids == genai_greedy(reference, engine.eos_ids, ids, NEW_TOKENS)
         generated_any += len(ours.token_ids)
     # A fixture that stops at once would make this comparison vacuous.
     assert generated_any >= NEW_TOKENS
@@ -61,13 +49,13 @@ def test_chat_prompt_matches_reference_template(name: str) -> None:
 
     rendered = tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
     assert ids == [int(i) for i in tokenizer.encode(rendered)]
-    assert engine.generate(ids, SamplingParams(max_tokens=24)).token_ids == _reference(
+    assert engine.generate(ids, SamplingParams(max_tokens=24)).token_ids == genai_greedy(
         reference, engine.eos_ids, ids, 24
     )
 
 
 def test_last_position_logits_export_gives_the_same_tokens() -> None:
-    # models.convert prunes the lm_head by default: the prompt pass returns one row of logits.
+    # models.convert --last-position-logits prunes the lm_head: the prompt pass returns one row of logits.
     pruned_path = fixture_path("phi3-int4-pruned")
     pruned, full = Engine(pruned_path), Engine(fixture_path("phi3-int4"))
     assert pruned.graph.prefill_logits_rows(50) == 1 and full.graph.prefill_logits_rows(50) == 50
@@ -76,4 +64,4 @@ def test_last_position_logits_export_gives_the_same_tokens() -> None:
         ids = pruned.prompt_ids(prompt)
         ours = pruned.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
         assert ours == full.generate(ids, SamplingParams(max_tokens=NEW_TOKENS)).token_ids
-        assert ours == _reference(reference, pruned.eos_ids, ids, NEW_TOKENS)
+        assert ours == genai_greedy(reference, pruned.eos_ids, ids, NEW_TOKENS)

@@ -22,6 +22,7 @@ is checked exactly, with exact arithmetic, in tests/unit/test_speculate.py.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 
@@ -146,9 +147,11 @@ def test_speculative_output_does_not_depend_on_the_drafts(
     assert exact >= 0.95 * total
 
 
-def test_last_position_logits_exports_do_not_speculate() -> None:
+def test_last_position_logits_exports_do_not_speculate(caplog: pytest.LogCaptureFixture) -> None:
     path = fixture_path("phi3-int4-pruned")
-    spec = Engine(path, EngineOptions(speculate=True))
+    with caplog.at_level(logging.WARNING, logger="agent.engine.engine"):
+        spec = Engine(path, EngineOptions(speculate=True))
+    assert "speculative decoding is off; re-export it with `python -m models.convert`" in caplog.text
     ids = _copy_prompt(spec, "a b a b")
     out = spec.generate(ids, SamplingParams(max_tokens=30, ignore_eos=True))
     assert out.drafted_tokens == 0

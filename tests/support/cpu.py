@@ -17,6 +17,9 @@ The guarantees (``docs/engine.md`` says why each holds):
 * ``KV_INT8_EXACT`` -- with an int8 KV cache (``models.kv_quant``) a sequence's tokens do not
   depend on the prefill chunk size or on a prefix-cache hit, bit for bit (x86-64: AVX-512 VNNI,
   and AVX2 emulated; aarch64 not checked);
+* ``KEPT_ROWS_EXACT`` -- the row-keeping export (``models.logits_rows``) gives the engine the
+  full-logits export's logits for the rows it asks for, bit for bit (so every guarantee above
+  carries over to it);
 * ``NEAR_TIE`` -- a speculating engine's token is plain decoding's arg-max or within
   ``NEAR_TIE`` logits of it (every family).
 """
@@ -57,6 +60,9 @@ def family() -> str:
 BATCH_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 PREFIX_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2})
+# The lm_head of the rows kept is the full export's where a pass asks for an even count of rows
+# wherever rows pair (Engine.even_rows): AVX-512 VNNI natively, AVX2 and aarch64 under emulation.
+KEPT_ROWS_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # A verify pass is the one run alone; resting rows are batched one-token rows (BATCH_EXACT).
 BATCH_DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # onnxruntime's CPU GroupQueryAttention reads every cache row through the int8 scales, the

@@ -116,6 +116,7 @@ class _BigramModel:
     def __init__(self, prompt: list[int]) -> None:
         self.cache: list[int] = list(prompt)
         self.rows: list[int] = []  # rows fed per pass
+        self.kept: list[int] = []  # rows of logits returned per pass (a row-keeping export: the last ones)
 
     def logits(self, context: list[int]) -> npt.NDArray[np.float32]:
         seed = int.from_bytes(hashlib.sha256(bytes(str(context[-2:]), "ascii")).digest()[:8], "little")
@@ -124,10 +125,14 @@ class _BigramModel:
     def forward(self, ids: npt.NDArray[np.int64], past: int, out: npt.NDArray[np.float32]) -> None:
         assert past <= len(self.cache), "fed past the end of the cache"
         del self.cache[past:]  # rejected drafts are overwritten
-        self.rows.append(ids.shape[1])
+        n, kept = ids.shape[1], out.shape[1]
+        assert kept <= n
+        self.rows.append(n)
+        self.kept.append(kept)
         for j, token in enumerate(ids[0]):
             self.cache.append(int(token))
-            out[0, j] = self.logits(self.cache)
+            if j >= n - kept:
+                out[0, j - (n - kept)] = self.logits(self.cache)
 
 
 def _plain(prompt: list[int], params: SamplingParams, new: int) -> list[int]:
@@ -140,7 +145,7 @@ def _plain(prompt: list[int], params: SamplingParams, new: int) -> list[int]:
 
 
 def _speculative(
-    prompt: list[int], params: SamplingParams, new: int, *, even: bool = False
+    prompt: list[int], params: SamplingParams, new: int, *, even: bool = False, keep_rows: bool = False
 ) -> tuple[list[int], Speculator]:
     model = _BigramModel(prompt)
     sampler = Sampler(params, VOCAB, prompt)
@@ -153,10 +158,12 @@ def _speculative(
         logits_dtype=np.float32,
         max_k=6,
         even=even,
+        keep_rows=keep_rows,
         clock=lambda: next(ticks),
     )
     out = [sampler(model.logits(prompt))]
     one = np.empty((1, 1, VOCAB), dtype=np.float32)
+    drafted = 0
     while len(out) < new:
         past = len(prompt) + len(out) - 1
         passes = len(model.rows)
@@ -166,6 +173,13 @@ def _speculative(
         assert all(rows >= 2 for rows in model.rows[passes:])
         # Where the kernels pair rows (Engine.even_rows) every pass is even, the fed tokens still right.
         assert not even or all(rows % 2 == 0 for rows in model.rows[passes:])
+        # A row-keeping export returns the rows verified only (an even count of them where rows pair).
+        if chosen and keep_rows:
+            verified = spec.drafted - drafted + 1  # the token and its drafts
+            assert model.kept[passes:] == [verified + (verified % 2 if even else 0)]
+        elif chosen:
+            assert model.kept[passes:] == model.rows[passes:]
+        drafted = spec.drafted
         if not chosen:  # resting: the caller's plain one-token step
             model.forward(np.asarray([[out[-1]]], dtype=np.int64), past, one)
             chosen = [sampler(one[0, 0])]
@@ -184,7 +198,8 @@ def _speculative(
     ids=["greedy", "sampled", "sampled-penalized"],
 )
 @pytest.mark.parametrize("even", [False, True], ids=["any-rows", "even-rows"])
-def test_speculative_output_is_plain_output(params: SamplingParams, even: bool) -> None:
+@pytest.mark.parametrize("keep_rows", [False, True], ids=["every-row", "rows-kept"])
+def test_speculative_output_is_plain_output(params: SamplingParams, even: bool, keep_rows: bool) -> None:
     rng = np.random.default_rng(0)
     drafted = accepted = passes = 0
     for trial in range(6):
@@ -192,7 +207,7 @@ def test_speculative_output_is_plain_output(params: SamplingParams, even: bool) 
         # Something to copy: the model's own greedy text, then its start again.
         prompt = [*start, *_plain(start, SamplingParams(), 40), *start]
         plain = _plain(prompt, params, 80)
-        spec, speculator = _speculative(prompt, params, 80, even=even)
+        spec, speculator = _speculative(prompt, params, 80, even=even, keep_rows=keep_rows)
         assert spec == plain, f"trial {trial}"
         drafted += speculator.drafted
         accepted += speculator.accepted
