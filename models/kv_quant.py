@@ -30,7 +30,8 @@ values with the context: rarely, and by 1.1-1.2 times at most on the fixtures.  
 sweep costs a prefill of the vocabulary's size: 32,064 tokens for Phi-3-mini, about 21
 minutes at the 25 tok/s measured for the 32-layer float graph (2 threads, load 4-5).
 The graph is rewritten in place (the scales are small initializers in
-``model.onnx``); the weights file is not touched.  Rounding moves each key and value
+``model.onnx``, how they were made is in its metadata under ``CALIBRATION_KEY``; a graph
+without it predates the sweep); the weights file is not touched.  Rounding moves each key and value
 by at most half a step, so logits move slightly and greedy tokens can differ where
 two candidates are nearly tied (measured bounds: docs/memory.md).
 """
@@ -52,6 +53,7 @@ K_SCALE_INPUT = 12  # GroupQueryAttention's k_scale and v_scale input slots
 V_SCALE_INPUT = 13
 MARGIN = 1.25
 SWEEP = 256  # tokens per sequence of the vocabulary sweep (at most the context)
+CALIBRATION_KEY = "edge_agent.kv_int8_calibration"  # the graph's metadata: how the scales were made
 
 
 def channel_scales(absmax: npt.NDArray[np.float32], margin: float = MARGIN) -> npt.NDArray[np.float32]:
@@ -128,9 +130,16 @@ def observe(
 
 
 def quantize_kv(
-    model_dir: Path, scales: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+    model_dir: Path,
+    scales: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]],
+    calibration: str = "given scales",
 ) -> int:
-    """Declare ``model_dir``'s cache int8 with per-layer (key, value) ``scales``; returns the layers rewritten."""
+    """Declare ``model_dir``'s cache int8 with per-layer (key, value) ``scales``; returns the layers rewritten.
+
+    ``calibration`` (how the scales were made) goes into the graph's metadata under
+    ``CALIBRATION_KEY`` (onnxruntime: ``session.get_modelmeta().custom_metadata_map``), so a
+    reader can tell scales calibrated with the vocabulary sweep from older ones.
+    """
     decoder = _decoder(model_dir)
     graph_file = model_dir / str(decoder["filename"])
     model = onnx.load(str(graph_file), load_external_data=False)
@@ -168,6 +177,9 @@ def quantize_kv(
                 helper.make_attribute("kv_cache_bit_width", 8),
             ]
         )
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, CALIBRATION_KEY: calibration}
+    )
     onnx.save(model, str(graph_file))
     return len(scales)
 
@@ -213,8 +225,10 @@ def calibrate(
     if sweep:
         sequences += vocabulary_sweep(model_dir, sweep)
     observed = observe(model_dir, sequences, chunk)
+    how = f"per-channel, margin {margin}, {len(sequences[0])} tokens of text"
+    how += f", vocabulary sweep in sequences of {sweep}" if sweep else ", no vocabulary sweep"
     return quantize_kv(
-        model_dir, [(channel_scales(k, margin), channel_scales(v, margin)) for k, v in observed]
+        model_dir, [(channel_scales(k, margin), channel_scales(v, margin)) for k, v in observed], how
     )
 
 

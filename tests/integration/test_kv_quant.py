@@ -204,3 +204,17 @@ def test_the_first_layers_values_stay_in_range_for_every_token(tmp_path: Path) -
         clamped[sweep] = sum(int((np.abs(v) > scale * kv_quant.QMAX).sum()) for v in values)
     assert clamped[kv_quant.SWEEP] == 0, clamped
     assert clamped[0] > 0, clamped  # the positive control: the text alone lacks tokens
+
+
+def test_the_graph_says_how_its_scales_were_calibrated(tmp_path: Path) -> None:
+    for sweep, expected in (
+        (kv_quant.SWEEP, f"vocabulary sweep in sequences of {kv_quant.SWEEP}"),
+        (0, "no vocabulary sweep"),
+    ):
+        folder = _int8_kv("phi3-int4", tmp_path, sweep=sweep)
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert expected in session.get_modelmeta().custom_metadata_map[kv_quant.CALIBRATION_KEY]
+    float_graph = ort.InferenceSession(
+        str(fixture_path("phi3-int4") / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert kv_quant.CALIBRATION_KEY not in float_graph.get_modelmeta().custom_metadata_map
