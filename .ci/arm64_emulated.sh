@@ -17,13 +17,14 @@
 #             kernels run.
 #   site/     the runtime dependencies, installed by `pip install --target` from
 #             manylinux aarch64 wheels alone (deploy/check_wheels.py --target),
-#             plus pytest and onnxruntime-genai (the parity reference) from the
-#             test extra.
+#             plus pytest, onnxruntime-genai (the parity reference) and onnx (the
+#             int8 KV cache's calibration rewrites the graph) from the test extra.
 #
 # The default tests: every runtime dependency is installed and every agent module
 # imports; the engine's parity tests against onnxruntime-genai (both aarch64) on
-# every fixture family and precision; `edge-agent generate --json` and
-# `edge-agent bench --json`; and a daemon smoke test: `edge-agent run`,
+# every fixture family and precision; the int8 KV cache's accuracy bound and
+# exactness; `edge-agent generate --json` and `edge-agent bench --json`; and a
+# daemon smoke test: `edge-agent run`,
 # emulated, answering jobs through a mosquitto on the host.  No binfmt_misc is
 # needed: the CLI and daemon tests run on the host's pytest and start the
 # emulated programs with EDGE_AGENT_TEST_PYTHON (the emulator command).
@@ -40,7 +41,7 @@ HOST_PYTHON=${HOST_PYTHON:-.venv/bin/python}
 # What Debian's arm64 python3.11 needs besides its own dependencies: libstdc++ for
 # the C++ extension modules (onnxruntime, onnxruntime-genai, tokenizers).
 APT_PACKAGES=(python3.11 libstdc++6)
-TEST_EXTRAS=(pytest hypothesis onnxruntime-genai)
+TEST_EXTRAS=(pytest hypothesis onnxruntime-genai onnx)
 # Run by the emulated interpreter itself: everything in one process, no subprocess.
 EMULATED_TESTS=(
   tests/unit/test_dependencies.py
@@ -56,6 +57,8 @@ EMULATED_TESTS=(
   tests/integration/test_prefix_cache.py::test_chunk_size_does_not_change_tokens
   # The weights repacked for Arm's kernels, saved and mapped, give the in-memory session's tokens.
   tests/integration/test_prepacked.py::test_the_mapped_copy_gives_the_same_tokens
+  # The int8 KV cache: its accuracy bound, and its tokens independent of chunks and prefix hits.
+  tests/integration/test_kv_quant.py
 )
 # Run by the host's pytest, starting the emulated CLI and daemon through
 # EDGE_AGENT_TEST_PYTHON: qemu-user can deadlock when an emulated process with

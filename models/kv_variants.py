@@ -39,6 +39,7 @@ def add_int8_variant(
     chunk: int = 256,
     margin: float = kv_quant.MARGIN,
     *,
+    sweep: int = kv_quant.SWEEP,
     default_int8: bool = False,
 ) -> Path:
     """Write ``model_dir``'s int8-KV graph and ``kv_variants.json``; returns the int8 graph's path."""
@@ -46,20 +47,20 @@ def add_int8_variant(
     graph = folder.onnx_path
     if graph.name == INT8_GRAPH or (model_dir / VARIANTS_FILE).is_file():
         raise SystemExit(f"error: {model_dir} has KV variants already ({VARIANTS_FILE})")
-    ids = kv_quant.calibration_ids(model_dir, tokens)
-    observed = kv_quant.observe(model_dir, ids, chunk)
-    scales = [(kv_quant.channel_scales(k, margin), kv_quant.channel_scales(v, margin)) for k, v in observed]
+    scales, how = kv_quant.calibrated_scales(model_dir, tokens, chunk, margin, sweep)
     with tempfile.TemporaryDirectory(dir=model_dir, prefix=".kv-int8-") as scratch:
         work = Path(scratch)
         shutil.copy2(model_dir / CONFIG_FILE, work / CONFIG_FILE)
         shutil.copy2(graph, work / graph.name)
-        kv_quant.quantize_kv(work, scales)
+        kv_quant.quantize_kv(work, scales, how)
         os.replace(work / graph.name, model_dir / INT8_GRAPH)
     variants = KvVariants(
         format=1,
         variants={
             "float32": KvVariant(graph=graph.name),
-            "int8": KvVariant(graph=INT8_GRAPH, calibration_tokens=len(ids), margin=margin),
+            "int8": KvVariant(
+                graph=INT8_GRAPH, calibration_tokens=min(tokens, folder.context_length), margin=margin
+            ),
         },
     )
     (model_dir / VARIANTS_FILE).write_text(variants.model_dump_json(indent=1, exclude_none=True) + "\n")

@@ -58,6 +58,8 @@ CONTEXT_STEP = 256
 DEFAULT_PREFIX_CACHE_MB = 256
 #: Prefill chunks the sizing may fall back to when memory is tight (never below 64 rows).
 CHUNK_CHOICES = (512, 256, 128, 64)
+#: The graph metadata ``models.kv_quant`` writes: how an int8 cache's scales were calibrated.
+KV_CALIBRATION_KEY = "edge_agent.kv_int8_calibration"
 
 
 class ModelShape(BaseModel):
@@ -90,6 +92,10 @@ class ModelShape(BaseModel):
     vocab_size: int = Field(ge=1, description="Rows of logits per position.")
     context_length: int = Field(ge=1, description="The model's longest sequence.")
     full_logits: bool = Field(description="The prompt pass returns logits for every row (no pruned lm_head).")
+    kv_calibration: str = Field(
+        "",
+        description=f"How an int8 cache's scales were made (the graph's {KV_CALIBRATION_KEY}; '' if unrecorded).",
+    )
 
 
 class Budgets(BaseModel):
@@ -425,4 +431,5 @@ def model_shape(path: str | Path, graph_path: Path | None = None) -> ModelShape:
         # A pruned lm_head (the prompt pass returns the last position only) declares 1 row; a
         # row-keeping one (``models.logits_rows``) returns the rows a chunk asks for: one or two.
         full_logits=(len(logits) < 2 or logits[1] != 1) and "num_logits_to_keep" not in graph.input_types,
+        kv_calibration=graph.metadata.get(KV_CALIBRATION_KEY, ""),
     )

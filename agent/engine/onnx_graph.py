@@ -2,7 +2,8 @@
 
 onnxruntime does not expose initializer sizes, and the ``onnx`` package is no
 runtime dependency, so this reads the protobuf wire format directly — only the
-few fields it needs (ONNX's ``onnx.proto``: ModelProto.graph = 7;
+few fields it needs (ONNX's ``onnx.proto``: ModelProto.graph = 7, metadata_props = 14;
+StringStringEntryProto.key = 1, value = 2;
 GraphProto.node = 1, initializer = 5, input = 11, output = 12; NodeProto.input = 1, op_type = 4;
 TensorProto.dims = 1, data_type = 2, name = 8; ValueInfoProto.name = 1, type = 2;
 TypeProto.tensor_type = 1; TypeProto.Tensor.elem_type = 1, shape = 2;
@@ -76,6 +77,8 @@ class Graph:
     input_types: dict[str, int] = field(default_factory=dict)
     #: Each output's dims, -1 for a named (dynamic) one.
     output_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: The model's metadata (``metadata_props``: key -> value).
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def input_element_bytes(self, name: str) -> float | None:
         """Bytes per element of the graph input ``name`` (None when it is not a tensor input)."""
@@ -234,9 +237,14 @@ def _parse_model(view: memoryview) -> Graph:
         elif number == 12:
             name, _type, dims = _value_info(value)
             output_dims[name] = dims
+    metadata: dict[str, str] = {}
+    for entry in _messages(view, 14):
+        parts = {n: _text(v) for n, w, v in _fields(entry) if n in (1, 2) and w == _LEN}
+        metadata[parts.get(1, "")] = parts.get(2, "")
     return Graph(
         nodes=tuple(nodes),
         initializers=tuple(initializers),
         input_types=input_types,
         output_dims=output_dims,
+        metadata=metadata,
     )

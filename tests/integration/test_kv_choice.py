@@ -29,7 +29,7 @@ from agent.doctor import _memory, check_memory, check_model
 from agent.engine.engine import Engine, EngineOptions
 from agent.engine.kv_choice import choose, int8_kv_trusted
 from agent.engine.kv_variants import VARIANTS_FILE, read_variants, variant_shapes
-from agent.engine.memory_plan import Budgets, estimate, peak_need
+from agent.engine.memory_plan import KV_CALIBRATION_KEY, Budgets, estimate, peak_need
 from agent.engine.prepacked import read_manifest, source_key
 from agent.health.options import HealthThresholds
 from agent.updates.updater import Updater
@@ -137,8 +137,14 @@ def test_the_daemon_serves_the_int8_cache_where_float32_would_cut_the_context(
     ids = engine.prompt_ids(PROMPTS[0])
     assert engine.generate(ids, SamplingParams(max_tokens=4)).token_ids
 
-    # Positive controls: the same box on aarch64 (int8 not trusted) keeps float32 with the cut
-    # context; a roomy box keeps float32 with the whole context.
+    # On aarch64 the same: its scales carry the vocabulary sweep (models.convert's calibration).
+    arm = updater("aarch64", tight + MARGIN_MB * MiB).serving.engine
+    assert (arm.kv_cache, arm.context_length) == ("int8", LONG_CONTEXT)
+    # Positive controls: scales from text alone are not trusted on aarch64 (float32, the cut
+    # context); a roomy box keeps float32 with the whole context.
+    graph = onnx.load(str(folder / INT8_GRAPH), load_external_data=False)
+    onnx.helper.set_model_props(graph, {KV_CALIBRATION_KEY: "per-channel, margin 1.25, no vocabulary sweep"})
+    onnx.save(graph, str(folder / INT8_GRAPH))
     arm = updater("aarch64", tight + MARGIN_MB * MiB).serving.engine
     assert (arm.kv_cache, arm.context_length) == ("float32", float32.options.context_tokens)
     assert arm.kv_reason is not None and "not trusted on aarch64" in arm.kv_reason
@@ -166,18 +172,18 @@ def test_doctor_reports_the_cache_it_would_choose_beside_the_box_s_memory(
 
     status, detail = doctor(tight_mb + MARGIN_MB)
     assert "MiB available" in detail and "float32 would cut the context to" in detail, detail
-    if int8_kv_trusted(platform.machine()):  # x86-64: the int8 cache holds the whole context
-        assert status == "ok" and f"at a {LONG_CONTEXT}-token context" in detail
-        assert "int8 KV cache (float32 would cut" in detail
-    else:
-        assert status == "warn" and "float32 KV cache" in detail and "not trusted" in detail
-    # Its load check opens the graph the daemon would: the int8 one on x86-64.
+    # models.convert calibrates with the vocabulary sweep, trusted on every CPU family: the int8
+    # cache holds the whole context (x86-64 and aarch64 alike).
+    assert int8_kv_trusted(platform.machine(), variant_shapes(folder)["int8"].kv_calibration)
+    assert status == "ok" and f"at a {LONG_CONTEXT}-token context" in detail
+    assert "int8 KV cache (float32 would cut" in detail
+    # Its load check opens the graph the daemon would: the int8 one.
     _check, options = _memory(
         config, SystemReading(memory=Memory(available_mb=tight_mb + MARGIN_MB)), thresholds
     )
     loaded = check_model(config, options)
     assert loaded.status == "ok", loaded
-    assert ("int8 KV" in loaded.detail) is int8_kv_trusted(platform.machine()), loaded.detail
+    assert "int8 KV" in loaded.detail, loaded.detail
     status, detail = doctor(tight_mb + MARGIN_MB + 64)  # the positive control: room for float32
     assert status == "ok" and f"float32 KV cache (its {LONG_CONTEXT}-token context fits with it)" in detail
     # An explicit int8 on a folder without it: one line naming the fix.
@@ -206,9 +212,6 @@ def test_the_repacked_copy_follows_the_cache_in_use_and_only_one_is_kept(
         assert engine.generate(engine.prompt_ids("The edge agent"), SamplingParams(max_tokens=4)).token_ids
 
 
-@pytest.mark.skipif(
-    not int8_kv_trusted(platform.machine()), reason="the int8 cache's bound is claimed on x86-64 only"
-)
 def test_the_int8_variant_s_tokens_stay_within_the_bound_of_the_float32_variant_s(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,7 @@ The guarantees (``docs/engine.md`` says why each holds):
   speculating sequences (verify passes of its own, resting rows batched), bit for bit;
 * ``KV_INT8_EXACT`` -- with an int8 KV cache (``models.kv_quant``) a sequence's tokens do not
   depend on the prefill chunk size or on a prefix-cache hit, bit for bit (x86-64: AVX-512 VNNI,
-  and AVX2 emulated; aarch64 not checked);
+  and AVX2 emulated; aarch64 emulated, Cortex-A76);
 * ``KEPT_ROWS_EXACT`` -- the row-keeping export (``models.logits_rows``) gives the engine the
   full-logits export's logits for the rows it asks for, bit for bit (so every guarantee above
   carries over to it);
@@ -66,8 +66,11 @@ KEPT_ROWS_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # A verify pass is the one run alone; resting rows are batched one-token rows (BATCH_EXACT).
 BATCH_DRAFT_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # onnxruntime's CPU GroupQueryAttention reads every cache row through the int8 scales, the
-# current chunk's too. Checked on AVX-512 VNNI and emulated AVX2; not on aarch64 (no claim there).
-KV_INT8_EXACT = frozenset({X86_AVX512, X86_AVX2})
+# current chunk's too, and stores the same int8 bytes on x86-64 and aarch64
+# (bench/gqa_int8_arm_repro.py). Checked on AVX-512 VNNI, emulated AVX2 and emulated aarch64
+# (make test-arm64, onnxruntime 1.32). The accuracy bound (KV_INT8_GAP in
+# tests/integration/test_kv_quant.py) is checked on every family.
+KV_INT8_EXACT = frozenset({X86_AVX512, X86_AVX2, AARCH64})
 # Where every row of a pass rounds alike whatever the pass's row count (one row, an odd count), per
 # export of the fixtures (int4/int8 MatMulNBits in blocks of 32, int8 activations; int4-b128: blocks
 # of 128): the engine measures it when it opens (Engine.even_rows is its negation); this is what was

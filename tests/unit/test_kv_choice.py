@@ -9,7 +9,7 @@ import pytest
 
 from agent.engine.kv_choice import INT8_KV_TRUSTED, choose, int8_kv_trusted, release_kv_options
 from agent.engine.kv_variants import VARIANTS_FILE, KvVariants, offered, read_variants, variant_shapes
-from agent.engine.memory_plan import fit
+from agent.engine.memory_plan import KV_CALIBRATION_KEY, fit
 from agent.engine.model_folder import ModelFolder
 from agent.engine.options import EngineOptions
 from edge_contract.errors import MemoryFitError, ModelConfigError
@@ -22,6 +22,9 @@ PHI3_INT8 = PHI3.model_copy(
 )
 BOTH = {"float32": PHI3, "int8": PHI3_INT8}
 X86, ARM = "x86_64", "aarch64"
+#: What ``models.kv_quant.calibrate`` records in the graph, with and without the sweep.
+SWEPT_CALIBRATION = "per-channel, margin 1.25, 1024 tokens of text, vocabulary sweep in sequences of 256"
+TEXT_CALIBRATION = "per-channel, margin 1.25, 1024 tokens of text, no vocabulary sweep"
 #: A box where Phi-3-mini's float32 cache cuts the context (4.5 GiB; tests/unit/test_memory_plan.py).
 TIGHT = 9 << 29
 
@@ -53,7 +56,7 @@ def test_where_float32_cuts_the_context_the_int8_cache_holds_more_on_x86() -> No
     assert choice.warning is None
 
 
-def test_on_aarch64_auto_keeps_float32_with_the_cut_context_and_says_why() -> None:
+def test_on_aarch64_auto_keeps_float32_where_the_int8_scales_came_from_text_alone() -> None:
     choice = choose(BOTH, EngineOptions(), TIGHT, machine=ARM)
     assert choice.cache == "float32"
     assert choice.options.context_tokens == fit(PHI3, EngineOptions(), TIGHT).context_tokens
@@ -109,6 +112,25 @@ def test_the_cpu_families_trusted_with_int8_kv() -> None:
     assert int8_kv_trusted("x86_64") and int8_kv_trusted("AMD64")
     assert not int8_kv_trusted("aarch64") and not int8_kv_trusted("arm64")
     assert "aarch64" not in INT8_KV_TRUSTED
+    # Scales calibrated with the vocabulary sweep meet the bound on emulated aarch64 too (issue 23).
+    assert int8_kv_trusted("aarch64", SWEPT_CALIBRATION) and int8_kv_trusted("x86_64", SWEPT_CALIBRATION)
+    assert not int8_kv_trusted("aarch64", TEXT_CALIBRATION)
+
+
+def test_on_aarch64_auto_serves_an_int8_cache_whose_scales_carry_the_vocabulary_sweep() -> None:
+    swept = {"float32": PHI3, "int8": PHI3_INT8.model_copy(update={"kv_calibration": SWEPT_CALIBRATION})}
+    choice = choose(swept, EngineOptions(), TIGHT, machine=ARM)
+    assert choice.cache == "int8" and choice.warning is None
+    assert (choice.options.context_tokens or 0) > fit(PHI3, EngineOptions(), TIGHT).context_tokens
+    assert choose(swept, EngineOptions(kv_cache="int8"), 12 * GiB, machine=ARM).warning is None
+    text_only = {"float32": PHI3, "int8": PHI3_INT8.model_copy(update={"kv_calibration": TEXT_CALIBRATION})}
+    assert choose(text_only, EngineOptions(), TIGHT, machine=ARM).cache == "float32"  # the control
+
+
+def test_the_calibration_metadata_key_is_the_one_models_kv_quant_writes() -> None:
+    from models import kv_quant
+
+    assert kv_quant.CALIBRATION_KEY == KV_CALIBRATION_KEY
 
 
 def test_a_release_is_checked_with_the_caches_the_box_may_serve_it_with() -> None:
