@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=2016)
     parser.add_argument("--new", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument(
+        "--prefix-cache-mb", type=int, default=0, help="the prefix cache's budget (the daemon's default: 256)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-unlimited", action="store_true")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="a run still going then is killed")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     options: dict[str, Any] = {
         "threads": args.threads,
         "prefill_chunk_tokens": args.chunk,
-        "prefix_cache_mb": 0,
+        "prefix_cache_mb": args.prefix_cache_mb,
     }
     if args.prepacked_dir:
         options["prepacked_dir"] = str(args.prepacked_dir)
