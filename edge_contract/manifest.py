@@ -165,7 +165,8 @@ class Manifest(_Signed):
         le=1 << 30,
         description=(
             "The same with the folder's int8 KV cache, when it offers one beside its default graph "
-            "(models.convert writes both; agent.engine.kv_choice): a box that may serve it checks the "
+            "calibrated with the vocabulary sweep (models.convert writes both; agent.engine.kv_choice): "
+            "a box that may serve it checks the "
             "release against it too. Omitted from the JSON, and so from the signed form, when absent."
         ),
     )

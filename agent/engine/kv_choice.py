@@ -154,17 +154,17 @@ def release_kv_options(
     kv_bytes_per_token: int | None,
     kv_int8_bytes_per_token: int | None,
     options: EngineOptions,
-    *,
-    machine: str,
 ) -> dict[str, int | None]:
     """The KV bytes per token a release may be served with on this box, by cache (a manifest's figures).
 
     The default graph's always (``kv_bytes_per_token``), but for an explicit ``int8`` on a release
-    that offers it; its int8 cache's too when it offers one and ``auto`` may choose it here.
+    that offers it; its int8 cache's too when it offers one and ``auto`` may choose it. A manifest
+    names an int8 figure only for a graph calibrated with the vocabulary sweep (``edge-fleet
+    release``), which every CPU family trusts (``int8_kv_trusted``).
     """
     if kv_int8_bytes_per_token is not None and options.kv_cache == "int8":
         return {"int8": kv_int8_bytes_per_token}
     caches: dict[str, int | None] = {"default": kv_bytes_per_token}
-    if kv_int8_bytes_per_token is not None and options.kv_cache == "auto" and int8_kv_trusted(machine):
+    if kv_int8_bytes_per_token is not None and options.kv_cache == "auto":
         caches["int8"] = kv_int8_bytes_per_token
     return caches

@@ -397,9 +397,7 @@ class Updater:
         running model is unloaded first when both do not fit), less the health margin.
         """
         options = self.config.engine
-        caches = release_kv_options(
-            manifest.kv_bytes_per_token, manifest.kv_int8_bytes_per_token, options, machine=platform.machine()
-        )
+        caches = release_kv_options(manifest.kv_bytes_per_token, manifest.kv_int8_bytes_per_token, options)
         need = min(release_need(manifest.memory_bytes, kv, options) for kv in caches.values())
         have = psutil.virtual_memory().available + psutil.Process().memory_info().rss
         have -= self.config.health.min_mem_available_mb * 2**20

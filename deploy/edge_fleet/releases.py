@@ -254,11 +254,17 @@ def _kv_bytes_per_token(folder: Path) -> int:
 
 
 def _kv_int8_bytes_per_token(folder: Path) -> int | None:
-    """The same with the folder's int8 KV cache when it offers one beside its default graph, else None."""
+    """The same with the folder's int8 KV cache when it offers one beside its default graph, else None.
+
+    Only for scales calibrated with the vocabulary sweep, which every box trusts: a box takes this
+    figure for its pre-download check whatever its CPU (``agent.engine.kv_choice``).
+    """
+    from agent.engine.kv_choice import SWEPT
     from agent.engine.kv_variants import variant_shapes
 
     shapes = variant_shapes(folder)
-    return shapes["int8"].kv_bytes_per_token if len(shapes) > 1 and "int8" in shapes else None
+    int8 = shapes.get("int8") if len(shapes) > 1 else None
+    return int8.kv_bytes_per_token if int8 is not None and SWEPT in int8.kv_calibration else None
 
 
 def _model_files(source: Path) -> list[str]:

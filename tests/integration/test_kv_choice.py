@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -236,20 +237,25 @@ def test_an_update_is_checked_before_its_download_with_the_int8_cache_it_offers(
     offer = releases.resign(genuine, kv_bytes_per_token=1 << 30, kv_int8_bytes_per_token=1)
     engine = {"context_tokens": 1 << 20}
 
-    monkeypatch.setattr("agent.updates.updater.platform", SimpleNamespace(machine=lambda: "aarch64"))
-    updater, _states = _updater(tmp_path / "arm", releases, engine, version="1.0.0")
-    state = _offer(updater, payload(offer))
-    assert _code(state) == "insufficient_memory"  # int8 not trusted here: float32's figure decides
-    assert state.update is not None and state.update.error is not None
-    assert not [path for path, _range in releases.server.requests if path.startswith("assistant-2.0.0/")]
-
-    monkeypatch.setattr("agent.updates.updater.platform", SimpleNamespace(machine=lambda: "x86_64"))
-    updater, _states = _updater(tmp_path / "x86", releases, engine, version="1.0.0")
-    state = _offer(updater, payload(offer))
-    assert state.update is not None and state.update.phase == "active", state.update
-    # Positive control on the same box: without the int8 figure the release is refused.
-    updater, _states = _updater(tmp_path / "x86-old", releases, engine, version="1.0.0")
+    # The figure names a graph calibrated with the vocabulary sweep, trusted on every CPU family.
+    for machine in ("aarch64", "x86_64"):
+        monkeypatch.setattr("agent.updates.updater.platform", SimpleNamespace(machine=lambda m=machine: m))
+        updater, _states = _updater(tmp_path / machine, releases, engine, version="1.0.0")
+        state = _offer(updater, payload(offer))
+        assert state.update is not None and state.update.phase == "active", (machine, state.update)
+    # Positive control on the same box: without the int8 figure the release is refused before its download.
+    updater, _states = _updater(tmp_path / "arm-old", releases, engine, version="1.0.0")
     without = releases.resign(
         genuine, version="2.0.2", kv_bytes_per_token=1 << 30, kv_int8_bytes_per_token=None
     )
-    assert _code(_offer(updater, payload(without))) == "insufficient_memory"
+    state = _offer(updater, payload(without))
+    assert _code(state) == "insufficient_memory"
+    assert state.update is not None and state.update.error is not None
+    assert not [path for path, _range in releases.server.requests if path.startswith("assistant-2.0.2/")]
+    # Scales calibrated on text alone get no int8 figure: a box on aarch64 would not trust them.
+    text_only = tmp_path / "text-only"
+    shutil.copytree(folder, text_only)
+    graph = onnx.load(str(text_only / INT8_GRAPH), load_external_data=False)
+    onnx.helper.set_model_props(graph, {KV_CALIBRATION_KEY: "per-channel, margin 1.25, no vocabulary sweep"})
+    onnx.save(graph, str(text_only / INT8_GRAPH))
+    assert releases.make("2.0.3", source=text_only).kv_int8_bytes_per_token is None
