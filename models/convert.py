@@ -69,6 +69,7 @@ def convert(
     logits: str = "kept",
     int8_embedding: bool = True,
     int8_kv: bool = False,
+    int8_kv_graph: bool = True,
 ) -> list[Path]:
     """Convert ``hf_dir`` into ``out_dir`` and return the files written.
 
@@ -94,8 +95,12 @@ def convert(
     KiB per token); greedy tokens move within the bound docs/memory.md gives.  The
     daemon serves it when the float32 cache would cut the context (``[engine] kv_cache``).
     ``int8_kv`` makes it the graph genai_config.json names (what onnxruntime-genai and
-    agents before ``kv_cache`` open).
+    agents before ``kv_cache`` open).  ``int8_kv_graph`` false skips it (its calibration runs
+    every token of the vocabulary through the model: ~21 minutes for Phi-3-mini on 2 vCPUs);
+    ``python -m models.kv_variants OUT_DIR`` adds it later.
     """
+    if int8_kv and not int8_kv_graph:
+        raise ValueError("int8_kv needs the int8-KV graph")
     if logits not in LOGITS:
         raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
     check_input(hf_dir)
@@ -115,7 +120,8 @@ def convert(
         embedding.quantize_embedding(out_dir)
     if logits == "kept":  # before the int8-KV graph is copied from it: both graphs keep rows
         logits_rows.keep_rows(out_dir)
-    kv_variants.add_int8_variant(out_dir, default_int8=int8_kv)
+    if int8_kv_graph:
+        kv_variants.add_int8_variant(out_dir, default_int8=int8_kv)
     return sorted(p for p in out_dir.iterdir() if p.is_file())
 
 
@@ -157,7 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the builder's float32 embedding table (default: int8 blocks, 0.28x the bytes)",
     )
-    parser.add_argument(
+    kv = parser.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--no-int8-kv-graph",
+        action="store_true",
+        help=(
+            "write the float32-KV graph only: no calibration (it runs the whole vocabulary through the "
+            "model, ~21 min for Phi-3-mini on 2 vCPUs); the box then never serves an int8 cache "
+            "(add it later: python -m models.kv_variants OUT_DIR)"
+        ),
+    )
+    kv.add_argument(
         "--int8-kv",
         action="store_true",
         help=(
@@ -178,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         logits="all" if args.full_prefill_logits else "last" if args.last_position_logits else "kept",
         int8_embedding=not args.float_embedding,
         int8_kv=args.int8_kv,
+        int8_kv_graph=not args.no_int8_kv_graph,
     )
     cfg = builder.check_output(args.out_dir)
     model = cfg["model"]

@@ -65,6 +65,22 @@ def _tight_box(folder: Path) -> int:
     return (peak_need(estimate(shape, alone, weights_mapped=True)) // MiB + 16) * MiB
 
 
+def test_convert_without_the_int8_graph_offers_float32_and_the_graph_can_be_added_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models import kv_variants
+
+    out = convert_fixture(tmp_path, monkeypatch, "--no-int8-kv-graph")
+    assert read_variants(out) is None and not (out / INT8_GRAPH).exists()
+    assert list(variant_shapes(out)) == ["float32"]
+    kv_variants.main([str(out)])  # the positive control: the same folder with the graph added
+    assert list(variant_shapes(out)) == ["float32", "int8"]
+    both = tmp_path / "both"
+    both.mkdir()
+    with pytest.raises(SystemExit):  # the two flags contradict each other: argparse refuses them
+        convert_fixture(both, monkeypatch, "--no-int8-kv-graph", "--int8-kv")
+
+
 @pytest.mark.parametrize("int8_default", [False, True])
 def test_convert_writes_both_caches_over_one_weights_file(
     int8_default: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
