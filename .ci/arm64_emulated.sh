@@ -59,6 +59,8 @@ EMULATED_TESTS=(
   tests/integration/test_prepacked.py::test_the_mapped_copy_gives_the_same_tokens
   # The int8 KV cache: its accuracy bound, and its tokens independent of chunks and prefix hits.
   tests/integration/test_kv_quant.py
+  # The row-keeping lm_head gives the full export's logits for the rows a pass asks for.
+  tests/integration/test_logits_rows.py
 )
 # Run by the host's pytest, starting the emulated CLI and daemon through
 # EDGE_AGENT_TEST_PYTHON: qemu-user can deadlock when an emulated process with
