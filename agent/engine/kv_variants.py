@@ -16,6 +16,7 @@ folder's default graph.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,8 @@ from agent.engine.memory_plan import ModelShape, model_shape
 from agent.engine.model_folder import ModelFolder
 from agent.engine.onnx_graph import read_graph
 from edge_contract.errors import ModelConfigError, ModelFileError
+
+log = logging.getLogger(__name__)
 
 VARIANTS_FILE = "kv_variants.json"
 FORMAT_VERSION = 1
@@ -125,7 +128,23 @@ def missing_cache(name: str, setting: str, caches: list[str]) -> str:
 def variant_shapes(path: str | Path) -> dict[KvCache, ModelShape]:
     """The shape of the model at ``path`` with each cache it offers, the default first."""
     folder = ModelFolder(path)
-    shapes = {cache: model_shape(path, graph) for cache, graph in offered(folder).items()}
+    shapes: dict[KvCache, ModelShape] = {}
+    for number, (cache, graph) in enumerate(offered(folder).items()):
+        try:
+            shapes[cache] = model_shape(path, graph)
+        except ModelFileError as exc:
+            if number == 0:  # the default graph: the model cannot be served without it
+                raise
+            # Another cache's graph damaged after install: serve the others, and say how to mend it.
+            log.warning(
+                "%s; the %s KV cache is not offered: run `python -m models.kv_variants %s` again after "
+                "removing %s and %s, or re-export the model",
+                exc.message,
+                cache,
+                folder.path,
+                graph.name,
+                VARIANTS_FILE,
+            )
     for cache, shape in shapes.items():
         if _BY_BYTES.get(shape.kv_element_bytes) != cache:
             raise ModelConfigError(

@@ -34,6 +34,7 @@ from agent.engine.memory_plan import KV_CALIBRATION_KEY, Budgets, estimate, peak
 from agent.engine.prepacked import read_manifest, source_key
 from agent.health.options import HealthThresholds
 from agent.updates.updater import Updater
+from edge_contract.errors import ModelFileError
 from edge_contract.telemetry import Memory, SystemReading
 from models.kv_variants import INT8_GRAPH
 from tests.integration.test_int8_embedding import NEW_TOKENS, PROMPTS
@@ -79,6 +80,27 @@ def test_convert_without_the_int8_graph_offers_float32_and_the_graph_can_be_adde
     both.mkdir()
     with pytest.raises(SystemExit):  # the two flags contradict each other: argparse refuses them
         convert_fixture(both, monkeypatch, "--no-int8-kv-graph", "--int8-kv")
+
+
+def test_a_damaged_int8_graph_leaves_the_float32_cache_served_and_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = convert_fixture(tmp_path, monkeypatch)
+    assert list(variant_shapes(folder)) == ["float32", "int8"]  # the control: both intact
+    int8 = folder / INT8_GRAPH
+    int8.write_bytes(int8.read_bytes()[:1000])  # truncated after install (bad luck on the disk)
+    with caplog.at_level(logging.WARNING, logger="agent.engine.kv_variants"):
+        shapes = variant_shapes(folder)
+    assert list(shapes) == ["float32"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(str(int8) in w and "python -m models.kv_variants" in w for w in warned), warned
+    choice = choose(shapes, EngineOptions(), 64 << 30, machine=platform.machine())
+    assert choice.cache == "float32"
+    # The default graph damaged is still a refusal naming the file: nothing else can be served.
+    graph = folder / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match=r"model\.onnx: not a readable ONNX model"):
+        variant_shapes(folder)
 
 
 @pytest.mark.parametrize("int8_default", [False, True])
