@@ -7,7 +7,6 @@ device on the broker with ``identity``, and the inventory records it.
 from __future__ import annotations
 
 import argparse
-import secrets
 from pathlib import Path
 
 from edge_contract.names import TLS_PORT, parse_endpoint
@@ -27,6 +26,7 @@ from .pki import (
     read_public_key,
     refuse_overwrite,
 )
+from .setup import new_password
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -134,7 +134,7 @@ def provision_command(args: argparse.Namespace) -> int:
         keys = [read_public_key(path) for path in args.trusted_key or []]
         if args.login and not args.live:
             raise FleetError("--login needs --live: the password is registered on the running broker")
-        login = secrets.token_urlsafe(24) if args.login else None
+        login = new_password() if args.login else None
         written = provision(name, args.ca, args.out, kind="device", days=args.days, force=args.force)
         # With a login the file holds a secret: readable by its owner only, from the start.
         toml.touch(mode=0o600 if login else 0o644)

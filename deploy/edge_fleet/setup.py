@@ -232,7 +232,7 @@ def init(
         passwords: dict[str, str] = {}
         if device_logins:
             for name in operators:
-                passwords[name] = secrets.token_urlsafe(24)
+                passwords[name] = new_password()
                 secret = out / f"operator-{name}.password"
                 fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as f:
@@ -396,3 +396,15 @@ def ownership_problems(out: Path) -> list[str]:
         f"user (it then stays this user), or run `broker init` as root so the user {MOSQUITTO_USER} "
         "can read it when mosquitto is started as root"
     ]
+
+
+def new_password() -> str:
+    """A random password for a broker login that never starts with "-".
+
+    Operators pass it on command lines (``--password VALUE``), where a leading dash reads as
+    an option: ``token_urlsafe`` begins with one once in 64 draws.
+    """
+    while True:
+        password = secrets.token_urlsafe(24)
+        if not password.startswith("-"):
+            return password

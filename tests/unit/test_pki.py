@@ -217,3 +217,13 @@ def test_the_link_loads_a_renewal_and_keeps_its_identity_when_the_new_files_are_
     # A half-copied key (bad luck during the copy to the box): the working pair stays in use.
     (out / "box-t.key").write_text("-----BEGIN PRIVATE KEY-----\ntruncated")
     assert files.reloaded() is None
+
+
+def test_generated_broker_passwords_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An operator passes it as `--password VALUE`, where a leading "-" reads as an option (a CI run
+    # here failed that way); token_urlsafe begins with one once in 64 draws.
+    from edge_fleet import setup
+
+    draws = iter(["-AbC", "xYz-"])
+    monkeypatch.setattr(setup.secrets, "token_urlsafe", lambda _n: next(draws))
+    assert setup.new_password() == "xYz-"
