@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,15 @@ class Engine:
             dtype=np.dtype(io.kv_dtype),
             threads=self.threads,
         )
+        if self.prefix_cache is not None:
+            started = time.monotonic()
+            if blocks := self.prefix_cache.preload():
+                log.info(
+                    "prefix cache: %d blocks (%d MiB) read back from disk in %.2f s",
+                    blocks,
+                    self.prefix_cache.stats().bytes >> 20,
+                    time.monotonic() - started,
+                )
         # Where a row's bits depend on its pass's row count (int4 on AVX2-only x86: one row; block 64
         # and up on AVX-512 VNNI: any odd count; see agent.engine.rows), every pass gets an even number
         # of rows: a sequence's bits are then the same alone or batched, cold or after a cache hit.

@@ -71,9 +71,9 @@ def open_prefix_cache(
 ) -> PrefixCache | None:
     """The engine's prefix cache (None when ``memory_mb`` is 0), on disk too when ``directory`` is given.
 
-    On disk, blocks are keyed by the model's identity: hashing the model's files (``files``:
-    those it serves, not another KV cache's graph; default: the folder's) reads them once (they were just read to load the session, so mostly from the
-    page cache).
+    On disk, blocks are keyed by the model's identity (``prefix_store.model_identity`` of
+    ``files``: those it serves, not another KV cache's graph; default: the folder's): the small
+    files are hashed, the weights named by inode, size and times, never read.
     """
     if memory_mb <= 0:
         return None

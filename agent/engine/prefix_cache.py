@@ -91,6 +91,9 @@ class BlockStore(Protocol):
     def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
         """(key, tokens) of the stored blocks whose parent is ``parent``."""
 
+    def recent(self) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
+        """(key, parent, tokens) of the stored blocks, most recently used first."""
+
 
 @dataclass(frozen=True)
 class Match:
@@ -195,6 +198,34 @@ class PrefixCache:
             self._evict()
             # A block evicted just now (the budget shrank below one chain) is still valid to use.
             return Match(found, tail, tail_tokens)
+
+    def preload(self) -> int:
+        """Read back the most recently used stored blocks that fit the memory budget; returns how many.
+
+        Called at start, so the first job after a restart finds its prefix in memory: reading and
+        authenticating the files (about 1 ms per MiB here) happens before the box says it is ready,
+        not while a caller waits.  A root is used after its descendants, so roots come back first
+        and a budget that runs out leaves whole prefixes, never orphans.
+        """
+        if self._store is None or self.budget_bytes <= 0:
+            return 0
+        with self._lock:
+            loaded: list[Block] = []
+            room = self.budget_bytes - self._bytes
+            for key, parent, tokens in self._store.recent():
+                if key in self._blocks:
+                    continue
+                block = self._store.load(key, parent, tokens)
+                if block is None:
+                    continue
+                if block.nbytes > room:
+                    break
+                room -= block.nbytes
+                loaded.append(block)
+            for block in reversed(loaded):  # the least recent first, as the LRU order keeps them
+                self._add(block)
+            self._disk_loads += len(loaded)
+            return len(loaded)
 
     def _best_child(self, parent: bytes, want: tuple[int, ...]) -> tuple[Block | None, int]:
         """The block under ``parent`` sharing the most leading tokens with ``want``, and how many."""

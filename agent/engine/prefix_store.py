@@ -1,8 +1,8 @@
 """Prefix-cache blocks on disk, so a restart does not forget a long instruction.
 
 Layout: ``{root}/{identity}/{key}.kv``, one file per block, where ``identity``
-names the model (its files' hashes, the onnxruntime version and the CPU's
-features: keys and values computed by other kernels could change a token) and
+names the model (its files, the onnxruntime version and the CPU's features:
+keys and values computed by other kernels could change a token) and
 ``key`` is the block's chained hash.  Opening the store for one identity
 removes the directories of every other: a model update drops the old cache.
 
@@ -51,6 +51,10 @@ _DIGEST = 32
 KEY_BYTES = 32
 _SUFFIX = ".kv"
 _HASH_CHUNK = 1 << 20
+# Files up to this size (graph, tokenizer, configs) are hashed whole; larger ones (the weights,
+# gigabytes at Phi-3-mini's size) are named by inode, size and times: hashing them took as long
+# as opening the session at every start, and read the whole file from an SD card at each boot.
+HASHED_BYTES = 16 << 20
 _MAX_HEADER = 1 << 16
 
 
@@ -102,9 +106,29 @@ def _executable_features() -> str:
     return " ".join(sorted(name for name, on in features.items() if on))
 
 
+def files_fingerprint(paths: Iterable[Path]) -> str:
+    """Names the contents of ``paths`` without reading the large ones.
+
+    A file up to ``HASHED_BYTES`` counts by its SHA-256; a larger one by its inode, size,
+    modification and change times.  Rewriting a file in place moves its change time (which no
+    user can set back without moving the clock), replacing it gives another inode, so changed
+    weights never keep a name; copying or restoring an unchanged file gives a new name, which
+    costs one cold cache.
+    """
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        stat = path.stat()
+        h.update(path.name.encode() + b"\0")
+        if stat.st_size <= HASHED_BYTES:
+            h.update(file_digest([path]).encode())
+        else:
+            h.update(f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}".encode())
+    return h.hexdigest()
+
+
 def model_identity(model_files: Iterable[Path], threads: int) -> str:
-    """The name of a model's cache: its files' hash combined with the runtime's fingerprint."""
-    combined = f"{file_digest(model_files)}:{runtime_fingerprint(threads)}"
+    """The name of a model's cache: its files' fingerprint combined with the runtime's."""
+    combined = f"{files_fingerprint(model_files)}:{runtime_fingerprint(threads)}"
     return hashlib.sha256(combined.encode()).hexdigest()[:32]
 
 
@@ -243,6 +267,21 @@ class DiskBlockStore:
                 if entry is not None:
                     self._indexed(*entry)
         return list(self._index.get(parent, {}).items())
+
+    def recent(self) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
+        """(key, parent, tokens) of the files here, most recently used first (unchecked: ``load`` checks)."""
+        self._open()
+        try:
+            paths = [p for p in self.dir.iterdir() if p.suffix == _SUFFIX]
+            dated = sorted(((p.stat().st_mtime_ns, p) for p in paths), key=lambda item: item[0], reverse=True)
+        except OSError:
+            return []
+        out = []
+        for _, path in dated:
+            entry = _read_header(path)
+            if entry is not None and entry[0].hex() == path.stem:
+                out.append(entry)
+        return out
 
     def _indexed(self, key: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:
         if self._index is not None:

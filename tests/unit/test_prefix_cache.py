@@ -173,6 +173,29 @@ def test_blocks_survive_a_new_process(tmp_path: Path) -> None:
     assert c2.stats().disk_loads == 4
 
 
+def test_a_restart_reads_back_the_most_recent_prefixes_that_fit_roots_first(tmp_path: Path) -> None:
+    older, newer = list(range(200, 216)), list(range(300, 316))  # 4 blocks each
+    c1 = cache(store=disk(tmp_path))
+    c1.insert(older, kv_for(older), 16)
+    c1.insert(newer, kv_for(newer), 16)
+    # A budget of 6 blocks: the newer chain whole, the older one's first 2 blocks (roots come first).
+    restarted = cache(budget_blocks=6, store=disk(tmp_path))
+    assert restarted.preload() == 6
+    assert restarted.stats().disk_loads == 6 and restarted.stats().entries == 6
+    assert positions(restarted.lookup(newer, max_tokens=16)) == newer
+    assert restarted.stats().disk_loads == 6  # served from memory: nothing more was read
+    assert positions(restarted.lookup(older, max_tokens=16)) == older  # the rest still comes from disk
+    assert restarted.stats().disk_loads == 8
+    # A damaged file is left out (and removed) at start, with the others read back.
+    victim = _files(tmp_path)[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    again = cache(store=disk(tmp_path))
+    assert again.preload() == 7 and not victim.exists()
+    # Without a disk store, or with no memory budget, nothing is read.
+    assert cache().preload() == 0 and cache(budget_blocks=0, store=disk(tmp_path)).preload() == 0
+
+
 def test_another_model_identity_drops_the_directory(tmp_path: Path) -> None:
     ids = list(range(8))
     cache(store=disk(tmp_path, "model-a")).insert(ids, kv_for(ids), 8)
