@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -91,8 +91,8 @@ class BlockStore(Protocol):
     def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
         """(key, tokens) of the stored blocks whose parent is ``parent``."""
 
-    def recent(self) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
-        """(key, parent, tokens) of the stored blocks, most recently used first."""
+    def recent(self) -> Iterator[tuple[bytes, bytes, tuple[int, ...]]]:
+        """(key, parent, tokens) of the stored blocks, most recently used first, lazily."""
 
 
 @dataclass(frozen=True)

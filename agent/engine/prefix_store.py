@@ -36,7 +36,7 @@ import secrets
 import shutil
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -268,20 +268,24 @@ class DiskBlockStore:
                     self._indexed(*entry)
         return list(self._index.get(parent, {}).items())
 
-    def recent(self) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
-        """(key, parent, tokens) of the files here, most recently used first (unchecked: ``load`` checks)."""
+    def recent(self) -> Iterator[tuple[bytes, bytes, tuple[int, ...]]]:
+        """(key, parent, tokens) of the files here, most recently used first (unchecked: ``load`` checks).
+
+        Lazily: a caller that stops at its budget reads no more headers (a small model's blocks
+        can number a hundred thousand in the disk budget).
+        """
         self._open()
-        try:
-            paths = [p for p in self.dir.iterdir() if p.suffix == _SUFFIX]
-            dated = sorted(((p.stat().st_mtime_ns, p) for p in paths), key=lambda item: item[0], reverse=True)
-        except OSError:
-            return []
-        out = []
+        dated: list[tuple[int, Path]] = []
+        with contextlib.suppress(OSError):
+            for path in self.dir.iterdir():
+                if path.suffix == _SUFFIX:
+                    with contextlib.suppress(OSError):  # removed meanwhile
+                        dated.append((path.stat().st_mtime_ns, path))
+        dated.sort(key=lambda item: item[0], reverse=True)
         for _, path in dated:
             entry = _read_header(path)
             if entry is not None and entry[0].hex() == path.stem:
-                out.append(entry)
-        return out
+                yield entry
 
     def _indexed(self, key: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:
         if self._index is not None:
