@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from agent.engine.kv_variants import graph_for, served_files
 from agent.engine.model_folder import ModelFolder
 from agent.engine.options import EngineOptions as EngineOptions
 from agent.engine.prefill import open_prefix_cache
-from agent.engine.prefix_cache import PrefixCacheStats
+from agent.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from agent.engine.prepacked import prepacked_model
 from agent.engine.rows import rows_depend_on_parity
 from agent.engine.sampling import SamplingParams
@@ -104,15 +105,13 @@ class Engine:
             dtype=np.dtype(io.kv_dtype),
             threads=self.threads,
         )
-        if self.prefix_cache is not None:
-            started = time.monotonic()
-            if blocks := self.prefix_cache.preload():
-                log.info(
-                    "prefix cache: %d blocks (%d MiB) read back from disk in %.2f s",
-                    blocks,
-                    self.prefix_cache.stats().bytes >> 20,
-                    time.monotonic() - started,
-                )
+        #: Reads the prefix cache's files back into memory at start (None without a disk copy).
+        self.prefix_read_back: threading.Thread | None = None
+        if self.prefix_cache is not None and prefix_cache_dir is not None:
+            self.prefix_read_back = threading.Thread(
+                target=_read_back, args=(self.prefix_cache,), name="prefix-cache-read-back", daemon=True
+            )
+            self.prefix_read_back.start()
         # Where a row's bits depend on its pass's row count (int4 on AVX2-only x86: one row; block 64
         # and up on AVX-512 VNNI: any odd count; see agent.engine.rows), every pass gets an even number
         # of rows: a sequence's bits are then the same alone or batched, cold or after a cache hit.
@@ -390,3 +389,22 @@ class Engine:
             count = total - positions_from
             ptr = self._positions.ctypes.data + positions_from * self._positions.itemsize
             binding.bind_input(io.position_ids, "cpu", 0, np.int64, (1, count), ptr)
+
+
+def _read_back(cache: PrefixCache) -> None:
+    """``cache.preload()`` on its own thread: logged, and never fatal (the disk copy is an optimisation)."""
+    started = time.monotonic()
+    try:
+        blocks = cache.preload()
+    except Exception:  # the thread ends either way; serving goes on without the read-back
+        log.warning(
+            "prefix cache: reading the disk copy back failed; it is read as jobs need it", exc_info=True
+        )
+        return
+    if blocks:
+        log.info(
+            "prefix cache: %d blocks (%d MiB) read back from disk in %.2f s",
+            blocks,
+            cache.stats().bytes >> 20,
+            time.monotonic() - started,
+        )

@@ -38,8 +38,9 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -91,8 +92,11 @@ class BlockStore(Protocol):
     def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
         """(key, tokens) of the stored blocks whose parent is ``parent``."""
 
-    def recent(self) -> Iterator[tuple[bytes, bytes, tuple[int, ...]]]:
-        """(key, parent, tokens) of the stored blocks, most recently used first, lazily."""
+    def recent(self) -> list[Path]:
+        """The stored blocks' files, most recently used first."""
+
+    def read_back(self, path: Path) -> Block | None:
+        """The block in ``path`` (one of ``recent``) if it is sound, else None."""
 
 
 @dataclass(frozen=True)
@@ -202,30 +206,32 @@ class PrefixCache:
     def preload(self) -> int:
         """Read back the most recently used stored blocks that fit the memory budget; returns how many.
 
-        Called at start, so the first job after a restart finds its prefix in memory: reading and
-        authenticating the files (about 1 ms per MiB here) happens before the box says it is ready,
-        not while a caller waits.  A root is used after its descendants, so roots come back first
-        and a budget that runs out leaves whole prefixes, never orphans.
+        Run at start beside serving (``Engine`` starts it on a thread), so the first job after a
+        restart finds its prefix in memory. Each file is read and authenticated outside the cache's
+        lock (a lookup meanwhile loads what it needs itself); blocks go in as the least recently
+        used, so the running jobs' blocks stay ahead of them. A root is used after its descendants,
+        so roots come back first and a budget that runs out leaves whole prefixes, never orphans.
         """
         if self._store is None or self.budget_bytes <= 0:
             return 0
-        with self._lock:
-            loaded: list[Block] = []
-            room = self.budget_bytes - self._bytes
-            for key, parent, tokens in self._store.recent():
-                if key in self._blocks:
-                    continue
-                block = self._store.load(key, parent, tokens)
-                if block is None:
-                    continue
-                if block.nbytes > room:
+        loaded = 0
+        for path in self._store.recent():
+            with self._lock:
+                if self._bytes >= self.budget_bytes:
                     break
-                room -= block.nbytes
-                loaded.append(block)
-            for block in reversed(loaded):  # the least recent first, as the LRU order keeps them
+            block = self._store.read_back(path)
+            if block is None:
+                continue
+            with self._lock:
+                if block.key in self._blocks:
+                    continue
+                if self._bytes + block.nbytes > self.budget_bytes:
+                    break
                 self._add(block)
-            self._disk_loads += len(loaded)
-            return len(loaded)
+                self._blocks.move_to_end(block.key, last=False)
+                self._disk_loads += 1
+                loaded += 1
+        return loaded
 
     def _best_child(self, parent: bytes, want: tuple[int, ...]) -> tuple[Block | None, int]:
         """The block under ``parent`` sharing the most leading tokens with ``want``, and how many."""

@@ -35,9 +35,11 @@ import platform
 import secrets
 import shutil
 import struct
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -161,6 +163,22 @@ def box_key(path: Path) -> bytes:
     return key
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(
+    method: Callable[Concatenate[DiskBlockStore, P], R],
+) -> Callable[Concatenate[DiskBlockStore, P], R]:
+    """Run ``method`` under the store's lock."""
+
+    def locked(store: DiskBlockStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with store._lock:
+            return method(store, *args, **kwargs)
+
+    return locked
+
+
 class DiskBlockStore:
     """Blocks of one model identity under ``root`` (see the module docstring)."""
 
@@ -186,6 +204,8 @@ class DiskBlockStore:
         self._warned_write = False
         # parent key -> {key: tokens} of the files here, read from their headers on first need.
         self._index: dict[bytes, dict[bytes, tuple[int, ...]]] | None = None
+        # The engine's thread and the read-back at start (PrefixCache.preload) share the files.
+        self._lock = threading.RLock()
 
     # -- lazily, on first use ------------------------------------------------------------
 
@@ -226,6 +246,7 @@ class DiskBlockStore:
 
     # -- reading ------------------------------------------------------------------------
 
+    @_locked
     def load(self, key: bytes, parent: bytes, tokens: Sequence[int]) -> Block | None:
         """The block stored under ``key``, or None if absent or unsound (then it is removed)."""
         self._open()
@@ -253,6 +274,7 @@ class DiskBlockStore:
             return None
         return block
 
+    @_locked
     def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
         """(key, tokens) of the files whose parent is ``parent`` (unchecked: ``load`` checks a file)."""
         self._open()
@@ -268,12 +290,9 @@ class DiskBlockStore:
                     self._indexed(*entry)
         return list(self._index.get(parent, {}).items())
 
-    def recent(self) -> Iterator[tuple[bytes, bytes, tuple[int, ...]]]:
-        """(key, parent, tokens) of the files here, most recently used first (unchecked: ``load`` checks).
-
-        Lazily: a caller that stops at its budget reads no more headers (a small model's blocks
-        can number a hundred thousand in the disk budget).
-        """
+    @_locked
+    def recent(self) -> list[Path]:
+        """The block files here, most recently used first (only their times are read)."""
         self._open()
         dated: list[tuple[int, Path]] = []
         with contextlib.suppress(OSError):
@@ -282,10 +301,15 @@ class DiskBlockStore:
                     with contextlib.suppress(OSError):  # removed meanwhile
                         dated.append((path.stat().st_mtime_ns, path))
         dated.sort(key=lambda item: item[0], reverse=True)
-        for _, path in dated:
-            entry = _read_header(path)
-            if entry is not None and entry[0].hex() == path.stem:
-                yield entry
+        return [path for _, path in dated]
+
+    @_locked
+    def read_back(self, path: Path) -> Block | None:
+        """The block in ``path`` (one of ``recent``), checked as ``load`` checks it; None if unsound or gone."""
+        entry = _read_header(path)
+        if entry is None or entry[0].hex() != path.stem:
+            return None
+        return self.load(*entry)
 
     def _indexed(self, key: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:
         if self._index is not None:
@@ -332,6 +356,7 @@ class DiskBlockStore:
 
     # -- writing ------------------------------------------------------------------------
 
+    @_locked
     def save(self, blocks: Sequence[Block], chain: Sequence[bytes]) -> None:
         """Write the new ``blocks`` of ``chain`` (its keys, root first), then trim to the budget.
 
@@ -380,6 +405,7 @@ class DiskBlockStore:
         assert self._key is not None  # checked by every caller
         return hmac.new(self._key, body, hashlib.sha256).digest()
 
+    @_locked
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark a chain (root first) as just used; its root becomes the newest file, its leaf the oldest.
 
@@ -425,6 +451,7 @@ class DiskBlockStore:
                         children.pop(key, None)
 
     @property
+    @_locked
     def used_bytes(self) -> int:
         """Bytes of block files in the directory (as this process has counted them)."""
         self._open()

@@ -151,7 +151,9 @@ def test_a_restarted_engine_loads_the_prefix_from_disk(tmp_path: Path) -> None:
     cold = first.generate(prompt, GREEDY)
     assert cold.cached_tokens == 0
     restarted = Engine(fixture_path("qwen2-int8"), SMALL, prefix_cache_dir=tmp_path / "pc")
-    # Read back at start (10 whole blocks and the tail), so the first job waits for no disk.
+    # Read back at start (10 whole blocks and the tail) beside serving, so the first job waits for no disk.
+    assert restarted.prefix_read_back is not None
+    restarted.prefix_read_back.join(60)
     at_start = restarted.prefix_cache_stats()
     assert at_start is not None and at_start.disk_loads == 11 and at_start.hits == 0
     warm = restarted.generate(prompt, GREEDY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,37 @@ def test_a_restart_reads_back_the_most_recent_prefixes_that_fit_roots_first(tmp_
     assert again.preload() == 7 and not victim.exists()
     # Without a disk store, or with no memory budget, nothing is read.
     assert cache().preload() == 0 and cache(budget_blocks=0, store=disk(tmp_path)).preload() == 0
+
+
+def test_a_lookup_during_the_read_back_is_served_and_nothing_is_held_twice(tmp_path: Path) -> None:
+    older, newer = list(range(200, 216)), list(range(300, 316))
+    c1 = cache(store=disk(tmp_path))
+    c1.insert(older, kv_for(older), 16)
+    c1.insert(newer, kv_for(newer), 16)
+    store = disk(tmp_path)
+    restarted = cache(store=store)
+    reading, go_on = threading.Event(), threading.Event()
+    real = store.read_back
+
+    def slow(path: Path) -> Block | None:  # the read-back stops after its first block until told
+        block = real(path)
+        reading.set()
+        assert go_on.wait(10)
+        return block
+
+    store.read_back = slow  # type: ignore[method-assign]
+    loaded: list[int] = []
+    thread = threading.Thread(target=lambda: loaded.append(restarted.preload()))
+    thread.start()
+    assert reading.wait(10)
+    # Meanwhile a job looks both prefixes up: served whole, from disk where the read-back is not yet.
+    assert positions(restarted.lookup(newer, max_tokens=16)) == newer
+    assert positions(restarted.lookup(older, max_tokens=16)) == older
+    go_on.set()
+    thread.join(10)
+    assert restarted.stats().entries == 8  # every block once
+    assert restarted.stats().bytes == c1.stats().bytes
+    assert loaded == [0]  # the job had read them all; the read-back added none twice
 
 
 def test_another_model_identity_drops_the_directory(tmp_path: Path) -> None:
