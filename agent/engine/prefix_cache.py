@@ -125,14 +125,14 @@ class PrefixCacheStats(BaseModel):
     hits: int = Field(description="Lookups that reused at least one block.")
     hit_rate: float | None = Field(description="hits / lookups; null before the first lookup.")
     cached_tokens: int = Field(description="Prompt tokens served from the cache since the engine started.")
-    disk_loads: int = Field(description="Blocks read back from disk.")
+    disk_loads: int = Field(description="Blocks read back from disk (at start and by lookups).")
 
 
 class PrefixCache:
     """Blocks of prompt keys and values under an LRU byte budget.
 
-    Thread-safe (a lock per call): the engine's thread uses it, telemetry reads
-    its statistics.
+    Thread-safe (a lock per call): the engine's thread uses it, the read-back at
+    start (``preload``) fills it, telemetry reads its statistics.
     """
 
     def __init__(
