@@ -8,6 +8,7 @@ counted by the kernel (``/proc/self/io``, ``rchar``).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from agent.engine.prefix_store import HASHED_BYTES, files_fingerprint, model_identity
@@ -46,6 +47,9 @@ def test_weights_rewritten_in_place_with_size_and_times_kept_get_another_name(tm
     first = files_fingerprint([graph, weights])
     assert files_fingerprint([graph, weights]) == first  # unchanged files keep their name
     kept = weights.stat()
+    # The kernel stamps change times from a coarse clock (a tick of a few ms): let one pass, as any
+    # real rewrite of gigabytes would, so the change time can move at all.
+    time.sleep(0.05)
     with weights.open("r+b") as f:  # one byte changed, in place: same inode, same size
         f.seek(12345)
         byte = f.read(1)
