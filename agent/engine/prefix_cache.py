@@ -40,7 +40,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -92,11 +91,11 @@ class BlockStore(Protocol):
     def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
         """(key, tokens) of the stored blocks whose parent is ``parent``."""
 
-    def recent(self) -> list[Path]:
-        """The stored blocks' files, most recently used first."""
+    def recent(self) -> list[bytes]:
+        """Keys of the stored blocks, most recently used first."""
 
-    def read_back(self, path: Path) -> Block | None:
-        """The block in ``path`` (one of ``recent``) if it is sound, else None."""
+    def read_back(self, key: bytes) -> Block | None:
+        """The block stored under ``key`` (one of ``recent``) if it is sound, else None."""
 
 
 @dataclass(frozen=True)
@@ -207,28 +206,28 @@ class PrefixCache:
         """Read back the most recently used stored blocks that fit the memory budget; returns how many.
 
         Run at start beside serving (``Engine`` starts it on a thread), so the first job after a
-        restart finds its prefix in memory. Each file is read and authenticated outside the cache's
-        lock (a lookup meanwhile loads what it needs itself); blocks go in as the least recently
+        restart finds its prefix in memory. One block at a time under the cache's lock: a lookup
+        that comes first loads what it needs itself (reading a file twice at once only made both
+        slower) and the read-back skips what is already here. Blocks go in as the least recently
         used, so the running jobs' blocks stay ahead of them. A root is used after its descendants,
         so roots come back first and a budget that runs out leaves whole prefixes, never orphans.
         """
         if self._store is None or self.budget_bytes <= 0:
             return 0
         loaded = 0
-        for path in self._store.recent():
+        for key in self._store.recent():
             with self._lock:
                 if self._bytes >= self.budget_bytes:
                     break
-            block = self._store.read_back(path)
-            if block is None:
-                continue
-            with self._lock:
-                if block.key in self._blocks:
+                if key in self._blocks:
+                    continue
+                block = self._store.read_back(key)
+                if block is None:
                     continue
                 if self._bytes + block.nbytes > self.budget_bytes:
                     break
                 self._add(block)
-                self._blocks.move_to_end(block.key, last=False)
+                self._blocks.move_to_end(key, last=False)
                 self._disk_loads += 1
                 loaded += 1
         return loaded

@@ -291,23 +291,23 @@ class DiskBlockStore:
         return list(self._index.get(parent, {}).items())
 
     @_locked
-    def recent(self) -> list[Path]:
-        """The block files here, most recently used first (only their times are read)."""
+    def recent(self) -> list[bytes]:
+        """Keys of the blocks here, most recently used first (only the files' times are read)."""
         self._open()
-        dated: list[tuple[int, Path]] = []
+        dated: list[tuple[int, bytes]] = []
         with contextlib.suppress(OSError):
             for path in self.dir.iterdir():
                 if path.suffix == _SUFFIX:
-                    with contextlib.suppress(OSError):  # removed meanwhile
-                        dated.append((path.stat().st_mtime_ns, path))
+                    with contextlib.suppress(OSError, ValueError):  # removed meanwhile; not a key's name
+                        dated.append((path.stat().st_mtime_ns, bytes.fromhex(path.stem)))
         dated.sort(key=lambda item: item[0], reverse=True)
-        return [path for _, path in dated]
+        return [key for _, key in dated]
 
     @_locked
-    def read_back(self, path: Path) -> Block | None:
-        """The block in ``path`` (one of ``recent``), checked as ``load`` checks it; None if unsound or gone."""
-        entry = _read_header(path)
-        if entry is None or entry[0].hex() != path.stem:
+    def read_back(self, key: bytes) -> Block | None:
+        """The block stored under ``key`` (one of ``recent``), checked as ``load`` checks it; None if unsound or gone."""
+        entry = _read_header(self._path(key))
+        if entry is None or entry[0] != key:
             return None
         return self.load(*entry)
 

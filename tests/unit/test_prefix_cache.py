@@ -197,35 +197,33 @@ def test_a_restart_reads_back_the_most_recent_prefixes_that_fit_roots_first(tmp_
     assert cache().preload() == 0 and cache(budget_blocks=0, store=disk(tmp_path)).preload() == 0
 
 
-def test_a_lookup_during_the_read_back_is_served_and_nothing_is_held_twice(tmp_path: Path) -> None:
+def test_the_read_back_skips_what_a_first_job_already_read(tmp_path: Path) -> None:
     older, newer = list(range(200, 216)), list(range(300, 316))
     c1 = cache(store=disk(tmp_path))
     c1.insert(older, kv_for(older), 16)
     c1.insert(newer, kv_for(newer), 16)
-    store = disk(tmp_path)
-    restarted = cache(store=store)
-    reading, go_on = threading.Event(), threading.Event()
-    real = store.read_back
+    restarted = cache(store=disk(tmp_path))
+    assert positions(restarted.lookup(newer, max_tokens=16)) == newer  # a job came before the read-back
+    assert restarted.stats().disk_loads == 4
+    assert restarted.preload() == 4  # only the other prefix's blocks: none of the job's read again
+    assert restarted.stats().disk_loads == 8 and restarted.stats().entries == 8
 
-    def slow(path: Path) -> Block | None:  # the read-back stops after its first block until told
-        block = real(path)
-        reading.set()
-        assert go_on.wait(10)
-        return block
 
-    store.read_back = slow  # type: ignore[method-assign]
-    loaded: list[int] = []
-    thread = threading.Thread(target=lambda: loaded.append(restarted.preload()))
-    thread.start()
-    assert reading.wait(10)
-    # Meanwhile a job looks both prefixes up: served whole, from disk where the read-back is not yet.
-    assert positions(restarted.lookup(newer, max_tokens=16)) == newer
-    assert positions(restarted.lookup(older, max_tokens=16)) == older
-    go_on.set()
-    thread.join(10)
-    assert restarted.stats().entries == 8  # every block once
-    assert restarted.stats().bytes == c1.stats().bytes
-    assert loaded == [0]  # the job had read them all; the read-back added none twice
+def test_lookups_beside_a_running_read_back_are_served_whole_and_nothing_is_held_twice(tmp_path: Path) -> None:
+    prompts = [list(range(100 * i, 100 * i + 16)) for i in range(1, 7)]  # 6 prefixes of 4 blocks
+    first = cache(store=disk(tmp_path))
+    for ids in prompts:
+        first.insert(ids, kv_for(ids), 16)
+    for _ in range(5):  # real threads, whatever order they take
+        restarted = cache(store=disk(tmp_path))
+        thread = threading.Thread(target=restarted.preload)
+        thread.start()
+        for ids in reversed(prompts):
+            assert positions(restarted.lookup(ids, max_tokens=16)) == ids
+        thread.join(10)
+        assert not thread.is_alive()
+        assert restarted.stats().entries == 24 and restarted.stats().bytes == first.stats().bytes
+        assert restarted.stats().disk_loads == 24  # each block read once, by the job or by the read-back
 
 
 def test_another_model_identity_drops_the_directory(tmp_path: Path) -> None:
