@@ -31,6 +31,9 @@ from edge_contract.errors import StorageError
 from edge_contract.protocol import ModelState, Topics
 
 log = logging.getLogger("agent.daemon")
+# At a clean stop, how long queued prefix-cache blocks may take to reach the disk: systemd's 30 s
+# TimeoutStopSec also covers the running job's grace period (20 s by default) and the last messages.
+PREFIX_FLUSH_S = 3.0
 
 #: Builds the model source: ``(config, publish=..., between_jobs=...)``; tests inject their own.
 UpdaterFactory = Callable[..., Updater]
@@ -209,12 +212,23 @@ class Agent:
         if self.http is not None:
             self.http.stop_accepting()
         self.worker.join(timeout=self.config.jobs.shutdown_grace_s + 5)
+        self._flush_prefix_cache()
         if self.http is not None:
             self.http.close()  # requests still waiting (their jobs stay queued) get a 503
         self._drain_acks(timeout=3.0)
         self.link.stop(final=(self.topics.status, offline_status(self.config)))
         self.store.close()
         self.lock.release()
+
+    def _flush_prefix_cache(self) -> None:
+        """Let the prompts' blocks still queued for the disk reach it, so the next start finds them warm."""
+        cache = self.updater.serving.engine.prefix_cache
+        if cache is not None and not cache.flush(timeout=PREFIX_FLUSH_S):
+            log.warning(
+                "prefix cache: blocks still queued for the disk after %.0f s were dropped; "
+                "the next start computes those prefixes again",
+                PREFIX_FLUSH_S,
+            )
 
     def apply_membership(self, payload: bytes) -> None:
         """The fleet's membership message (intake thread): switch group without a restart."""

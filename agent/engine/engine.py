@@ -14,6 +14,7 @@ is prefilled.  ``token_ranks`` is a forced sequence through the same loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -393,6 +394,8 @@ class Engine:
 
 def _read_back(cache: PrefixCache) -> None:
     """``cache.preload()`` on its own thread: logged, and never fatal (the disk copy is an optimisation)."""
+    with contextlib.suppress(OSError, AttributeError):  # the lowest CPU priority: jobs come first
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     started = time.monotonic()
     try:
         blocks = cache.preload()

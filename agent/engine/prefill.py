@@ -26,6 +26,7 @@ import numpy as np
 
 from agent.engine.prefix_cache import PrefixCache
 from agent.engine.prefix_store import DiskBlockStore, model_identity
+from agent.engine.prefix_writes import WriteBehind
 
 
 def plan_chunks(start: int, end: int, chunk: int, *, even: bool = False) -> list[tuple[int, int]]:
@@ -73,7 +74,8 @@ def open_prefix_cache(
 
     On disk, blocks are keyed by the model's identity (``prefix_store.model_identity`` of
     ``files``: those it serves, not another KV cache's graph; default: the folder's): the small
-    files are hashed, the weights named by inode, size and times, never read.
+    files are hashed, the weights named by inode, size and times, never read. Blocks reach the
+    disk on a thread of their own (``prefix_writes``): no job waits for the disk.
     """
     if memory_mb <= 0:
         return None
@@ -85,6 +87,11 @@ def open_prefix_cache(
         store = DiskBlockStore(
             directory, identity, block_shape=block_shape, dtype=dtype, budget_bytes=disk_mb << 20
         )
+    budget = memory_mb << 20
     return PrefixCache(
-        identity=identity, block_tokens=block_tokens, budget_bytes=memory_mb << 20, store=store
+        identity=identity,
+        block_tokens=block_tokens,
+        budget_bytes=budget,
+        store=store,
+        write_behind=None if store is None else WriteBehind(store, max_pending_bytes=budget),
     )

@@ -40,11 +40,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from agent.engine.prefix_writes import WriteBehind
 
 #: Bytes of a block key (BLAKE2b digest): collisions are out of reach at 128 bits.
 KEY_BYTES = 16
@@ -141,6 +144,7 @@ class PrefixCache:
         block_tokens: int,
         budget_bytes: int,
         store: BlockStore | None = None,
+        write_behind: WriteBehind | None = None,
     ) -> None:
         if block_tokens < 2:
             raise ValueError("block_tokens must be at least 2")
@@ -149,10 +153,17 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.root = root_key(identity)
         self._store = store
+        # Where saves and use marks go: the store itself, or a queue in front of it (the engine's).
+        self._write_behind = write_behind
+        self._writes: BlockStore | WriteBehind | None = write_behind or store
         self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recent first
         self._children: dict[bytes, set[bytes]] = {}  # parent key -> keys held in memory
         self._bytes = 0
         self._lock = threading.Lock()
+        # Lookups waiting for the lock: the read-back at start gives way to them (a lock is not
+        # fair, and a read-back that takes it back block after block kept a first job out of it).
+        self._lookups_waiting = 0
+        self._gate = threading.Condition()
         self._lookups = self._hits = self._cached_tokens = self._disk_loads = 0
 
     def keys(self, ids: Sequence[int], blocks: int) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
@@ -172,6 +183,16 @@ class PrefixCache:
 
     def match(self, ids: Sequence[int], *, max_tokens: int, partial: bool = True) -> Match:
         """The longest cached prefix of ``ids`` of at most ``max_tokens``: whole blocks, then (``partial``) a tail."""
+        with self._gate:
+            self._lookups_waiting += 1
+        try:
+            return self._match(ids, max_tokens, partial)
+        finally:
+            with self._gate:
+                self._lookups_waiting -= 1
+                self._gate.notify_all()
+
+    def _match(self, ids: Sequence[int], max_tokens: int, partial: bool) -> Match:
         with self._lock:
             self._lookups += 1
             found: list[Block] = []
@@ -192,8 +213,8 @@ class PrefixCache:
                 tail, tail_tokens = self._best_child(found[-1].key if found else self.root, want)
             chain = found + ([tail] if tail is not None else [])
             self._touch(chain)
-            if chain and self._store is not None:
-                self._store.touch([b.key for b in chain])
+            if chain and self._writes is not None:
+                self._writes.touch([b.key for b in chain])
             covered = len(found) * self.block_tokens + tail_tokens
             if covered:
                 self._hits += 1
@@ -206,9 +227,9 @@ class PrefixCache:
         """Read back the most recently used stored blocks that fit the memory budget; returns how many.
 
         Run at start beside serving (``Engine`` starts it on a thread), so the first job after a
-        restart finds its prefix in memory. One block at a time under the cache's lock: a lookup
-        that comes first loads what it needs itself (reading a file twice at once only made both
-        slower) and the read-back skips what is already here. Blocks go in as the least recently
+        restart finds its prefix in memory. One block at a time under the cache's lock, giving way
+        to any lookup that waits for it: a job that comes first loads what it needs itself (reading
+        a file twice at once only made both slower) and the read-back skips what is already here. Blocks go in as the least recently
         used, so the running jobs' blocks stay ahead of them. A root is used after its descendants,
         so roots come back first and a budget that runs out leaves whole prefixes, never orphans.
         """
@@ -216,6 +237,8 @@ class PrefixCache:
             return 0
         loaded = 0
         for key in self._store.recent():
+            with self._gate:
+                self._gate.wait_for(lambda: self._lookups_waiting == 0)
             with self._lock:
                 if self._bytes >= self.budget_bytes:
                     break
@@ -291,9 +314,13 @@ class PrefixCache:
                 chain.append(block)
             self._touch(chain)
             self._evict()
-        if self._store is not None and chain:
-            self._store.save(new, [b.key for b in chain])
+        if self._writes is not None and chain:
+            self._writes.save(new, [b.key for b in chain])
         return len(new)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the blocks queued for the disk are written; False if ``timeout`` ran out first."""
+        return True if self._write_behind is None else self._write_behind.flush(timeout)
 
     def stats(self) -> PrefixCacheStats:
         """A snapshot of the cache's size and use."""

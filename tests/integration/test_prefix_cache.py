@@ -150,6 +150,7 @@ def test_a_restarted_engine_loads_the_prefix_from_disk(tmp_path: Path) -> None:
     first = Engine(fixture_path("qwen2-int8"), SMALL, prefix_cache_dir=tmp_path / "pc")
     cold = first.generate(prompt, GREEDY)
     assert cold.cached_tokens == 0
+    assert first.prefix_cache is not None and first.prefix_cache.flush(30)  # written behind the job
     restarted = Engine(fixture_path("qwen2-int8"), SMALL, prefix_cache_dir=tmp_path / "pc")
     # Read back at start (10 whole blocks and the tail) beside serving, so the first job waits for no disk.
     assert restarted.prefix_read_back is not None
@@ -163,13 +164,20 @@ def test_a_restarted_engine_loads_the_prefix_from_disk(tmp_path: Path) -> None:
     assert stats is not None and stats.disk_loads == 11 and stats.hits == 1
 
 
+def _flushed(engine: Engine, prompt: list[int]) -> Completion:
+    """``engine``'s answer to ``prompt``, once the blocks written behind it are on disk."""
+    out = engine.generate(prompt, GREEDY)
+    assert engine.prefix_cache is not None and engine.prefix_cache.flush(30)
+    return out
+
+
 def test_a_model_update_invalidates_the_cache(tmp_path: Path) -> None:
     """The same folder path, new weights: nothing of the old cache may be used."""
     folder = tmp_path / "model"
     shutil.copytree(fixture_path("llama-int4"), folder)
     prompt = ids_of(64) + ids_of(4, 9)
-    Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc").generate(prompt, GREEDY)
-    control = Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc").generate(prompt, GREEDY)
+    _flushed(Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc"), prompt)
+    control = _flushed(Engine(folder, SMALL, prefix_cache_dir=tmp_path / "pc"), prompt)
     assert control.cached_tokens == len(prompt) - 2  # positive control: the same model hits
     shutil.rmtree(folder)
     shutil.copytree(fixture_path("mistral-int4"), folder)  # the "update": same shapes, other weights
@@ -185,7 +193,7 @@ def test_a_corrupt_cache_file_is_ignored_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     prompt = ids_of(40) + ids_of(4, 2)
-    cold = Engine(fixture_path("phi3-int4"), SMALL, prefix_cache_dir=tmp_path).generate(prompt, GREEDY)
+    cold = _flushed(Engine(fixture_path("phi3-int4"), SMALL, prefix_cache_dir=tmp_path), prompt)
     files = sorted(tmp_path.glob("*/*.kv"))
     assert len(files) == 6  # 5 whole blocks of 8 and the 4-token tail
     for f in files:  # flip one byte in the middle of each block's keys and values

@@ -209,7 +209,9 @@ def test_the_read_back_skips_what_a_first_job_already_read(tmp_path: Path) -> No
     assert restarted.stats().disk_loads == 8 and restarted.stats().entries == 8
 
 
-def test_lookups_beside_a_running_read_back_are_served_whole_and_nothing_is_held_twice(tmp_path: Path) -> None:
+def test_lookups_beside_a_running_read_back_are_served_whole_and_nothing_is_held_twice(
+    tmp_path: Path,
+) -> None:
     prompts = [list(range(100 * i, 100 * i + 16)) for i in range(1, 7)]  # 6 prefixes of 4 blocks
     first = cache(store=disk(tmp_path))
     for ids in prompts:
