@@ -35,10 +35,11 @@ looked up there lazily, during the walk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -160,9 +161,9 @@ class PrefixCache:
         self._children: dict[bytes, set[bytes]] = {}  # parent key -> keys held in memory
         self._bytes = 0
         self._lock = threading.Lock()
-        # Lookups waiting for the lock: the read-back at start gives way to them (a lock is not
-        # fair, and a read-back that takes it back block after block kept a first job out of it).
-        self._lookups_waiting = 0
+        # Lookups and inserts in progress: the read-back at start gives way to them (a lock is not
+        # fair, and a read-back that took it back block after block kept a first job out of it).
+        self._engine_calls = 0
         self._gate = threading.Condition()
         self._lookups = self._hits = self._cached_tokens = self._disk_loads = 0
 
@@ -183,13 +184,19 @@ class PrefixCache:
 
     def match(self, ids: Sequence[int], *, max_tokens: int, partial: bool = True) -> Match:
         """The longest cached prefix of ``ids`` of at most ``max_tokens``: whole blocks, then (``partial``) a tail."""
-        with self._gate:
-            self._lookups_waiting += 1
-        try:
+        with self._engine_call():
             return self._match(ids, max_tokens, partial)
+
+    @contextlib.contextmanager
+    def _engine_call(self) -> Iterator[None]:
+        """A lookup or insert: the read-back waits until none is in progress."""
+        with self._gate:
+            self._engine_calls += 1
+        try:
+            yield
         finally:
             with self._gate:
-                self._lookups_waiting -= 1
+                self._engine_calls -= 1
                 self._gate.notify_all()
 
     def _match(self, ids: Sequence[int], max_tokens: int, partial: bool) -> Match:
@@ -228,8 +235,8 @@ class PrefixCache:
 
         Run at start beside serving (``Engine`` starts it on a thread), so the first job after a
         restart finds its prefix in memory. One block at a time under the cache's lock, giving way
-        to any lookup that waits for it: a job that comes first loads what it needs itself (reading
-        a file twice at once only made both slower) and the read-back skips what is already here. Blocks go in as the least recently
+        to any lookup or insert in progress: a job that comes first loads what it needs itself
+        (reading a file twice at once only made both slower) and the read-back skips what is here. Blocks go in as the least recently
         used, so the running jobs' blocks stay ahead of them. A root is used after its descendants,
         so roots come back first and a budget that runs out leaves whole prefixes, never orphans.
         """
@@ -238,7 +245,7 @@ class PrefixCache:
         loaded = 0
         for key in self._store.recent():
             with self._gate:
-                self._gate.wait_for(lambda: self._lookups_waiting == 0)
+                self._gate.wait_for(lambda: self._engine_calls == 0)
             with self._lock:
                 if self._bytes >= self.budget_bytes:
                     break
@@ -291,6 +298,10 @@ class PrefixCache:
         """
         if self.budget_bytes <= 0:
             return 0
+        with self._engine_call():
+            return self._insert(ids, kv, rows, tail)
+
+    def _insert(self, ids: Sequence[int], kv: npt.NDArray[np.generic], rows: int, tail: bool) -> int:
         new: list[Block] = []
         chain: list[Block] = []
         with self._lock:

@@ -204,7 +204,8 @@ class DiskBlockStore:
         self._warned_write = False
         # parent key -> {key: tokens} of the files here, read from their headers on first need.
         self._index: dict[bytes, dict[bytes, tuple[int, ...]]] | None = None
-        # The engine's thread and the read-back at start (PrefixCache.preload) share the files.
+        # The engine's thread, the read-back at start and the writer (prefix_writes) share this
+        # state (index, bytes used, key); file reads and writes themselves run outside the lock.
         self._lock = threading.RLock()
 
     # -- lazily, on first use ------------------------------------------------------------
@@ -212,7 +213,14 @@ class DiskBlockStore:
     def _open(self) -> None:
         if self._opened:
             return
-        self._opened = True
+        with self._lock:
+            if not self._opened:
+                try:
+                    self._open_locked()
+                finally:  # only now: another thread seeing it set must find the key read
+                    self._opened = True
+
+    def _open_locked(self) -> None:
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)
             self._key = box_key(self.key_file)
@@ -246,7 +254,6 @@ class DiskBlockStore:
 
     # -- reading ------------------------------------------------------------------------
 
-    @_locked
     def load(self, key: bytes, parent: bytes, tokens: Sequence[int]) -> Block | None:
         """The block stored under ``key``, or None if absent or unsound (then it is removed)."""
         self._open()
@@ -290,7 +297,6 @@ class DiskBlockStore:
                     self._indexed(*entry)
         return list(self._index.get(parent, {}).items())
 
-    @_locked
     def recent(self) -> list[bytes]:
         """Keys of the blocks here, most recently used first (only the files' times are read)."""
         self._open()
@@ -303,7 +309,6 @@ class DiskBlockStore:
         dated.sort(key=lambda item: item[0], reverse=True)
         return [key for _, key in dated]
 
-    @_locked
     def read_back(self, key: bytes) -> Block | None:
         """The block stored under ``key`` (one of ``recent``), checked as ``load`` checks it; None if unsound or gone."""
         entry = _read_header(self._path(key))
@@ -356,7 +361,6 @@ class DiskBlockStore:
 
     # -- writing ------------------------------------------------------------------------
 
-    @_locked
     def save(self, blocks: Sequence[Block], chain: Sequence[bytes]) -> None:
         """Write the new ``blocks`` of ``chain`` (its keys, root first), then trim to the budget.
 
@@ -388,8 +392,9 @@ class DiskBlockStore:
                 previous = path.stat().st_size if path.exists() else 0
                 tmp.write_bytes(data)
                 tmp.replace(path)
-                self._used += len(data) - previous
-                self._indexed(block.key, block.parent, block.tokens)
+                with self._lock:
+                    self._used += len(data) - previous
+                    self._indexed(block.key, block.parent, block.tokens)
             except OSError as exc:
                 self._remove(tmp)
                 if not self._warned_write:
@@ -405,7 +410,6 @@ class DiskBlockStore:
         assert self._key is not None  # checked by every caller
         return hmac.new(self._key, body, hashlib.sha256).digest()
 
-    @_locked
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark a chain (root first) as just used; its root becomes the newest file, its leaf the oldest.
 
@@ -421,6 +425,7 @@ class DiskBlockStore:
             with contextlib.suppress(OSError):
                 os.utime(self._path(key), ns=(stamp, stamp))
 
+    @_locked
     def _trim(self) -> None:
         if self._used <= self.budget_bytes:
             return
@@ -436,6 +441,7 @@ class DiskBlockStore:
                 break
             self._remove(path)
 
+    @_locked
     def _remove(self, path: Path) -> None:
         try:
             size = path.stat().st_size
