@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from agent.engine.prefix_cache import Block, BlockStore
 
 log = logging.getLogger(__name__)
+IDLE_EXIT_S = 30.0  # an idle writer ends (an engine replaced by a model update leaves no thread behind)
 
 
 class WriteBehind:
@@ -71,7 +72,14 @@ class WriteBehind:
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
-            blocks, chain = self._queue.get()
+            try:
+                blocks, chain = self._queue.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self._state:
+                    if self._pending == 0:  # idle: end; the next save starts another thread
+                        self._thread = None
+                        return
+                continue
             try:
                 if blocks:
                     self._store.save(blocks, chain)

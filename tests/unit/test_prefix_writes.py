@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from agent.engine import prefix_writes
 from agent.engine.prefix_cache import Block, PrefixCache
 from agent.engine.prefix_store import DiskBlockStore
 from agent.engine.prefix_writes import WriteBehind
@@ -95,3 +97,24 @@ def test_a_failed_write_is_logged_and_the_writer_goes_on(
     restarted = cache(store=disk(tmp_path))
     assert positions(restarted.lookup(second, max_tokens=16)) == second  # the next write went through
     assert restarted.lookup(first, max_tokens=16) == []  # the failed one is simply not there
+
+
+def test_an_idle_writer_ends_and_a_later_write_starts_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prefix_writes, "IDLE_EXIT_S", 0.5)
+    store = _Gated(tmp_path)
+    store.gate.set()
+    c = _behind(store)
+    first, second = list(range(16)), list(range(100, 116))
+    before = set(threading.enumerate())  # other tests' writers may still be idling
+    c.insert(first, kv_for(first), 16)
+    assert c.flush(10)
+    writers = [t for t in set(threading.enumerate()) - before if t.name == "prefix-cache-writer"]
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in writers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writers and not any(t.is_alive() for t in writers)  # it was there, and it ended
+    c.insert(second, kv_for(second), 16)
+    assert c.flush(10)
+    assert len(_files(tmp_path)) == 8  # the later blocks were written by a new thread
