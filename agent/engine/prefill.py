@@ -26,7 +26,6 @@ import numpy as np
 
 from agent.engine.prefix_cache import PrefixCache
 from agent.engine.prefix_store import DiskBlockStore, model_identity
-from agent.engine.prefix_writes import WriteBehind
 
 
 def plan_chunks(start: int, end: int, chunk: int, *, even: bool = False) -> list[tuple[int, int]]:
@@ -87,11 +86,10 @@ def open_prefix_cache(
         store = DiskBlockStore(
             directory, identity, block_shape=block_shape, dtype=dtype, budget_bytes=disk_mb << 20
         )
-    budget = memory_mb << 20
     return PrefixCache(
         identity=identity,
         block_tokens=block_tokens,
-        budget_bytes=budget,
+        budget_bytes=memory_mb << 20,
         store=store,
-        write_behind=None if store is None else WriteBehind(store, max_pending_bytes=budget),
+        write_behind=True,
     )

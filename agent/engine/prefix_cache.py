@@ -41,14 +41,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:
-    from agent.engine.prefix_writes import WriteBehind
+from agent.engine.prefix_writes import WriteBehind
 
 #: Bytes of a block key (BLAKE2b digest): collisions are out of reach at 128 bits.
 KEY_BYTES = 16
@@ -145,7 +144,7 @@ class PrefixCache:
         block_tokens: int,
         budget_bytes: int,
         store: BlockStore | None = None,
-        write_behind: WriteBehind | None = None,
+        write_behind: bool = False,
     ) -> None:
         if block_tokens < 2:
             raise ValueError("block_tokens must be at least 2")
@@ -154,9 +153,10 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.root = root_key(identity)
         self._store = store
-        # Where saves and use marks go: the store itself, or a queue in front of it (the engine's).
-        self._write_behind = write_behind
-        self._writes: BlockStore | WriteBehind | None = write_behind or store
+        # Where saves and use marks go: the store itself, or (``write_behind``, the engine's) a
+        # writer thread in front of it that no job waits for (``prefix_writes``).
+        self._write_behind = WriteBehind(store, self._cached) if write_behind and store is not None else None
+        self._writes: BlockStore | WriteBehind | None = self._write_behind or store
         self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recent first
         self._children: dict[bytes, set[bytes]] = {}  # parent key -> keys held in memory
         self._bytes = 0
@@ -328,6 +328,10 @@ class PrefixCache:
         if self._writes is not None and chain:
             self._writes.save(new, [b.key for b in chain])
         return len(new)
+
+    def _cached(self, key: bytes) -> Block | None:
+        with self._lock:
+            return self._blocks.get(key)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the blocks queued for the disk are written; False if ``timeout`` ran out first."""

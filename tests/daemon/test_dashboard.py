@@ -31,6 +31,7 @@ from tests.support.browser import chromium, sign_in
 from tests.support.fleet import SimulatedFleet
 from tests.support.fleet_server import FleetServer
 from tests.support.models import fixture_path
+from tests.support.mqtt_client import close_client
 from tests.support.releases import placeholder_release
 from tests.support.wait import wait_until
 
@@ -309,8 +310,7 @@ def test_hostile_device_names_and_labels_stay_text(stack: Stack, browser: Any) -
     assert page.locator("#fleet img, #fleet script, #xss-group").count() == 0
     assert page.evaluate("window.__xss") is None and dialogs == []
     client.publish(f"edge/{hostile}/status", b"", qos=1, retain=True).wait_for_publish(10)
-    client.loop_stop()
-    client.disconnect()
+    close_client(client)
     page.context.close()
 
 

@@ -34,6 +34,7 @@ from edge_fleet.cli import main as fleet_cli
 from edge_fleet.submit import Submitter
 from tests.support.agent import run_doctor
 from tests.support.broker import Broker
+from tests.support.mqtt_client import close_client
 from tests.support.pki import Fleet, Identity
 
 pytestmark = pytest.mark.e2e
@@ -138,8 +139,7 @@ class Probe:
 
     def close(self) -> None:
         """Disconnect."""
-        self.client.disconnect()
-        self.client.loop_stop()
+        close_client(self.client)
 
 
 def test_a_device_reads_and_writes_only_its_own_topics(tls_broker: Broker, fleet: Fleet) -> None:

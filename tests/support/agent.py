@@ -18,6 +18,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.broker import Broker
+from tests.support.mqtt_client import close_client
 from tests.support.pki import Identity
 from tests.support.wait import wait_until
 
@@ -213,5 +214,4 @@ class _StatusWatcher:
             ) from None
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        close_client(self.client)

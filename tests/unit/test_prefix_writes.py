@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +15,6 @@ import pytest
 from agent.engine import prefix_writes
 from agent.engine.prefix_cache import Block, PrefixCache
 from agent.engine.prefix_store import DiskBlockStore
-from agent.engine.prefix_writes import WriteBehind
 from tests.unit.test_prefix_cache import BLOCK, _files, cache, disk, kv_for, positions
 
 
@@ -40,14 +41,14 @@ class _Gated(DiskBlockStore):
         super().save(blocks, chain)
 
 
-def _behind(store: DiskBlockStore, max_blocks: int = 100) -> PrefixCache:
+def _behind(store: DiskBlockStore, budget_blocks: int = 100) -> PrefixCache:
     per_block = cache().budget_bytes // 100
     return PrefixCache(
         identity="m",
         block_tokens=BLOCK,
-        budget_bytes=100 * per_block,
+        budget_bytes=budget_blocks * per_block,
         store=store,
-        write_behind=WriteBehind(store, max_pending_bytes=max_blocks * per_block),
+        write_behind=True,
     )
 
 
@@ -66,12 +67,13 @@ def test_an_insert_returns_before_the_disk_and_flush_waits_for_it(tmp_path: Path
 
 
 def test_past_the_bound_new_blocks_stay_in_memory_with_one_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(prefix_writes, "MAX_PENDING", 1)
     store = _Gated(tmp_path)
-    c = _behind(store, max_blocks=4)
+    c = _behind(store)
     first, second = list(range(16)), list(range(100, 116))
-    c.insert(first, kv_for(first), 16)  # 4 blocks waiting: the bound
+    c.insert(first, kv_for(first), 16)  # one write waiting: the bound
     with caplog.at_level(logging.WARNING):
         c.insert(second, kv_for(second), 16)
     assert "the disk falls behind" in caplog.text
@@ -79,6 +81,23 @@ def test_past_the_bound_new_blocks_stay_in_memory_with_one_warning(
     store.gate.set()
     assert c.flush(10)
     assert len(_files(tmp_path)) == 4  # the first prompt's blocks only
+
+
+def test_a_block_evicted_before_its_turn_is_not_written_nor_kept(tmp_path: Path) -> None:
+    store = _Gated(tmp_path)
+    c = _behind(store, budget_blocks=4)  # room for one prompt
+    first, second = list(range(16)), list(range(100, 116))
+    c.insert(first, kv_for(first), 16)
+    evicted = weakref.ref(c.lookup(first, max_tokens=16)[0].kv)
+    c.insert(second, kv_for(second), 16)  # evicts the first prompt's blocks from memory
+    assert c.lookup(first, max_tokens=16) == []
+    gc.collect()
+    assert evicted() is None  # the queued write did not keep its keys and values alive
+    store.gate.set()
+    assert c.flush(10)
+    restarted = cache(store=disk(tmp_path))
+    assert positions(restarted.lookup(second, max_tokens=16)) == second  # positive control: written
+    assert restarted.lookup(first, max_tokens=16) == []
 
 
 def test_a_failed_write_is_logged_and_the_writer_goes_on(
