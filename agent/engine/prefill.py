@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.engine.model_identity import model_identity
 from agent.engine.prefix_cache import PrefixCache
-from agent.engine.prefix_store import DiskBlockStore, model_identity
+from agent.engine.prefix_store import DiskBlockStore
 
 
 def plan_chunks(start: int, end: int, chunk: int, *, even: bool = False) -> list[tuple[int, int]]:
@@ -71,7 +72,7 @@ def open_prefix_cache(
 ) -> PrefixCache | None:
     """The engine's prefix cache (None when ``memory_mb`` is 0), on disk too when ``directory`` is given.
 
-    On disk, blocks are keyed by the model's identity (``prefix_store.model_identity`` of
+    On disk, blocks are keyed by the model's identity (``model_identity.model_identity`` of
     ``files``: those it serves, not another KV cache's graph; default: the folder's): the small
     files are hashed, the weights named by inode, size and times, never read. Blocks reach the
     disk on a thread of their own (``prefix_writes``): no job waits for the disk.

@@ -29,7 +29,9 @@ prompt's last, partial block is stored too (``insert(..., tail=True)``): the
 next prompt with the same instruction and another input reuses the instruction
 to its last token, as llama.cpp's prompt cache does, not to a block boundary.
 
-Blocks can also live on disk (``prefix_store``); a block missing in memory is
+Blocks can also live on disk (``prefix_store``): written behind the jobs by a
+thread of their own (``prefix_writes``), read back into memory at start
+(``preload``, on a thread the engine starts), and a block missing in memory is
 looked up there lazily, during the walk.
 """
 
@@ -236,9 +238,10 @@ class PrefixCache:
         Run at start beside serving (``Engine`` starts it on a thread), so the first job after a
         restart finds its prefix in memory. One block at a time under the cache's lock, giving way
         to any lookup or insert in progress: a job that comes first loads what it needs itself
-        (reading a file twice at once only made both slower) and the read-back skips what is here. Blocks go in as the least recently
-        used, so the running jobs' blocks stay ahead of them. A root is used after its descendants,
-        so roots come back first and a budget that runs out leaves whole prefixes, never orphans.
+        (reading a file twice at once only made both slower) and the read-back skips what is
+        here. Blocks go in as the least recently used, so the running jobs' blocks stay ahead of
+        them. A root is used after its descendants, so roots come back first and a budget that
+        runs out leaves whole prefixes, never orphans.
         """
         if self._store is None or self.budget_bytes <= 0:
             return 0

@@ -33,7 +33,7 @@ from pathlib import Path
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.engine.prefix_store import file_digest, runtime_fingerprint
+from agent.engine.model_identity import file_digest, runtime_fingerprint
 
 log = logging.getLogger(__name__)
 

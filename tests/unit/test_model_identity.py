@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from agent.engine.prefix_store import HASHED_BYTES, files_fingerprint, model_identity
+from agent.engine.model_identity import HASHED_BYTES, files_fingerprint, model_identity
 
 BIG = HASHED_BYTES + (4 << 20)
 
