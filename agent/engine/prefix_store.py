@@ -36,9 +36,8 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -81,22 +80,6 @@ def box_key(path: Path) -> bytes:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return key
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _locked(
-    method: Callable[Concatenate[DiskBlockStore, P], R],
-) -> Callable[Concatenate[DiskBlockStore, P], R]:
-    """Run ``method`` under the store's lock."""
-
-    def locked(store: DiskBlockStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with store._lock:
-            return method(store, *args, **kwargs)
-
-    return locked
 
 
 class DiskBlockStore:
@@ -201,21 +184,21 @@ class DiskBlockStore:
             return None
         return block
 
-    @_locked
     def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
         """(key, tokens) of the files whose parent is ``parent`` (unchecked: ``load`` checks a file)."""
-        self._open()
-        if self._index is None:
-            self._index = {}
-            try:
-                paths = [p for p in self.dir.iterdir() if p.suffix == _SUFFIX]
-            except OSError:
-                paths = []
-            for path in paths:
-                entry = _read_header(path)
-                if entry is not None:
-                    self._indexed(*entry)
-        return list(self._index.get(parent, {}).items())
+        with self._lock:
+            self._open()
+            if self._index is None:
+                self._index = {}
+                try:
+                    paths = [p for p in self.dir.iterdir() if p.suffix == _SUFFIX]
+                except OSError:
+                    paths = []
+                for path in paths:
+                    entry = _read_header(path)
+                    if entry is not None:
+                        self._indexed(*entry)
+            return list(self._index.get(parent, {}).items())
 
     def recent(self) -> list[bytes]:
         """Keys of the blocks here, most recently used first (only the files' times are read)."""
@@ -345,43 +328,43 @@ class DiskBlockStore:
             with contextlib.suppress(OSError):
                 os.utime(self._path(key), ns=(stamp, stamp))
 
-    @_locked
     def _trim(self) -> None:
-        if self._used <= self.budget_bytes:
-            return
-        try:
-            files = sorted(
-                ((p.stat().st_mtime_ns, p) for p in self.dir.iterdir() if p.suffix == _SUFFIX),
-                key=lambda item: item[0],
-            )
-        except OSError:
-            return
-        for _, path in files:
+        with self._lock:
             if self._used <= self.budget_bytes:
-                break
-            self._remove(path)
+                return
+            try:
+                files = sorted(
+                    ((p.stat().st_mtime_ns, p) for p in self.dir.iterdir() if p.suffix == _SUFFIX),
+                    key=lambda item: item[0],
+                )
+            except OSError:
+                return
+            for _, path in files:
+                if self._used <= self.budget_bytes:
+                    break
+                self._remove(path)
 
-    @_locked
     def _remove(self, path: Path) -> None:
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except OSError:
-            return
-        if path.suffix == _SUFFIX:
-            self._used -= size
-            if self._index is not None:
-                with contextlib.suppress(ValueError):
-                    key = bytes.fromhex(path.stem)
-                    for children in self._index.values():
-                        children.pop(key, None)
+        with self._lock:
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except OSError:
+                return
+            if path.suffix == _SUFFIX:
+                self._used -= size
+                if self._index is not None:
+                    with contextlib.suppress(ValueError):
+                        key = bytes.fromhex(path.stem)
+                        for children in self._index.values():
+                            children.pop(key, None)
 
     @property
-    @_locked
     def used_bytes(self) -> int:
         """Bytes of block files in the directory (as this process has counted them)."""
-        self._open()
-        return self._used
+        with self._lock:
+            self._open()
+            return self._used
 
 
 def _read_header(path: Path) -> tuple[bytes, bytes, tuple[int, ...]] | None:
