@@ -102,27 +102,56 @@ class NatsCluster:
         if not Path(binary).exists():
             pytest.fail("nats-server is not installed (CI installs it: apt-get install nats-server)")
         self.binary = binary
+        self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.nodes = [NatsNode(f"n{i + 1}", workdir) for i in range(3)]
-        for node in self.nodes:
-            node.write_config([n.cluster_port for n in self.nodes if n is not node])
+        self.nodes = self._new_nodes(self.workdir)
+
+    @staticmethod
+    def _new_nodes(workdir: Path) -> list[NatsNode]:
+        workdir.mkdir(parents=True, exist_ok=True)
+        nodes = [NatsNode(f"n{i + 1}", workdir) for i in range(3)]
+        for node in nodes:
+            node.write_config([n.cluster_port for n in nodes if n is not node])
+        return nodes
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start every node and wait until JetStream is ready on all (MQTT works only then)."""
+        """Start every node and wait until JetStream is ready on all (MQTT works only then).
+
+        A port found free can be taken before its node binds it (the other nodes' outgoing route
+        connections draw local ports from the same range): then the cluster starts again on new
+        ports, up to three times. Whatever fails, no node is left running.
+        """
+        for attempt in range(3):
+            try:
+                taken = self._start_once(timeout)
+            except BaseException:
+                self.stop()
+                raise
+            if taken is None:
+                return
+            self.stop()
+            if attempt == 2:
+                pytest.fail(f"nats-server could not bind its ports three times; last: {taken}")
+            self.nodes = self._new_nodes(self.workdir / f"retry-{attempt + 1}")  # fresh logs and stores
+
+    def _start_once(self, timeout: float) -> str | None:
+        """Start and wait; the log line of a port already in use, or None once ready."""
         for node in self.nodes:
             node.start(self.binary)
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             while not self._ready(node):
                 if node.proc is not None and node.proc.poll() is not None:
-                    pytest.fail(
-                        f"nats-server {node.name} exited: {node.log.read_text() if node.log.exists() else ''}"
-                    )
+                    log = node.log.read_text() if node.log.exists() else ""
+                    if "address already in use" in log:
+                        return next(line for line in log.splitlines() if "address already in use" in line)
+                    pytest.fail(f"nats-server {node.name} exited: {log}")
                 if time.monotonic() > deadline:
                     pytest.fail(
                         f"the NATS cluster was not ready within {timeout} s; {node.name}'s log:\n{node.log.read_text()}"
                     )
                 time.sleep(0.2)
+        return None
 
     @staticmethod
     def _ready(node: NatsNode) -> bool:
